@@ -1,0 +1,140 @@
+"""create_app(settings): the aiohttp application and the Gateway that plugins see."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Literal
+
+import jinja2
+import pluggy
+import structlog
+from aiohttp import web
+
+from . import scheduler
+from .clock import Clock, SystemClock
+from .config import Settings
+from .delivery import StepRunner
+from .errors import ConfigError, StorageUnavailable
+from .ingest import GATEWAY_KEY, GroupCommitter, handle_hook, json_error_middleware_factory
+from .plugins import Registry, collect, get_plugin_manager, notify_event_received
+from .router import Router
+from .sinks import Sink
+from .sources import Deployment, Source
+from .store import Database
+from .templating import make_environment
+from .worker import Worker, make_worker_id
+
+log = structlog.get_logger("declic.app")
+Role = Literal["web", "worker", "all"]
+
+
+@dataclass
+class Gateway:
+    """One running deployment: what plugins get in `startup` and `register_routes`."""
+
+    settings: Settings
+    pm: pluggy.PluginManager
+    clock: Clock
+    db: Database
+    sources: dict[str, Source]
+    sinks: dict[str, Sink]
+    env: jinja2.Environment
+    router: Router
+    committer: GroupCommitter
+    worker: Worker
+    role: Role = "all"
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+def build_gateway(settings: Settings, *, pm: pluggy.PluginManager | None = None,
+                  clock: Clock | None = None, role: Role = "all") -> Gateway:
+    pm = pm or get_plugin_manager()
+    clock = clock or SystemClock()
+    deployment = Deployment(settings.public_url, settings.timezone, clock)
+    sources = {key: cls(key, cfg, deployment) for key, (cls, cfg) in settings.source_plugins.items()}
+    sinks = {key: cls(key, cfg, deployment) for key, (cls, cfg) in settings.sink_plugins.items()}
+    env = make_environment(settings.templates_dir, pm)
+    router = Router(settings.rules, env)
+    db = Database(settings.database_url, settings.storage.busy_timeout)
+    steps = StepRunner(router, sinks, env, settings.policies, settings.worker, clock, make_worker_id())
+    worker = Worker(db, settings.worker, sources, router, steps, partial(notify_event_received, pm))
+    committer = GroupCommitter(db, on_commit=worker.wake)
+    return Gateway(settings, pm, clock, db, sources, sinks, env, router, committer, worker, role)
+
+
+def create_app(settings: Settings, *, pm: pluggy.PluginManager | None = None, clock: Clock | None = None,
+               role: Role = "all") -> web.Application:
+    gateway = build_gateway(settings, pm=pm, clock=clock, role=role)
+    app = web.Application(client_max_size=settings.limits.max_body_bytes,
+                          middlewares=[json_error_middleware_factory()])
+    app[GATEWAY_KEY] = gateway
+    if role != "worker":
+        app.router.add_post("/hooks/{source}", handle_hook)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    for routes in gateway.pm.hook.register_routes(gateway=gateway):
+        for method, path, handler in routes or ():
+            app.router.add_route(method, path, handler)
+    app.cleanup_ctx.append(_lifecycle)
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    gateway = app[GATEWAY_KEY]
+    db = gateway.db
+    loop = asyncio.get_running_loop()
+    if db.is_sqlite:
+        await loop.run_in_executor(None, db.upgrade)  # embedded database: keep it current ourselves
+        released = await db.run(scheduler.release_orphans, gateway.clock.now())
+        if released:
+            log.info("released jobs left running by a previous process", jobs=released)
+    elif not await loop.run_in_executor(None, db.is_current):
+        raise ConfigError(["the database schema is not current: run `declic db upgrade --config FILE` first"])
+    for sink in gateway.sinks.values():
+        await sink.start()
+    gateway.tasks.append(asyncio.create_task(gateway.committer.run(), name="declic-committer"))
+    if gateway.role != "web":
+        gateway.tasks.append(asyncio.create_task(gateway.worker.run(), name="declic-worker"))
+    for result in gateway.pm.hook.startup(gateway=gateway):
+        if inspect.isawaitable(result):
+            await result
+    log.info("gateway started", role=gateway.role, sources=sorted(gateway.sources), sinks=sorted(gateway.sinks),
+             rules=len(gateway.router.rules))
+    try:
+        yield
+    finally:
+        for task in gateway.tasks:
+            task.cancel()
+        await asyncio.gather(*gateway.tasks, return_exceptions=True)
+        for sink in gateway.sinks.values():
+            await sink.close()
+        db.close()
+
+
+async def healthz(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    db = request.app[GATEWAY_KEY].db
+    loop = asyncio.get_running_loop()
+    try:
+        current = await loop.run_in_executor(None, db.is_current)
+    except Exception as exc:
+        error = str(StorageUnavailable(str(exc).splitlines()[0]))
+        return web.json_response({"status": "unavailable", "database": error}, status=503)
+    if not current:
+        return web.json_response({"status": "unavailable", "database": "migrations pending"}, status=503)
+    return web.json_response({"status": "ok", "database": "ok"})
+
+
+def load(config_path: str, pm: pluggy.PluginManager | None = None) -> tuple[Settings, pluggy.PluginManager, Registry]:
+    from .config import load_config
+
+    pm = pm or get_plugin_manager()
+    registry = collect(pm)
+    return load_config(config_path, registry, pm), pm, registry

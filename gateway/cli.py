@@ -1,0 +1,162 @@
+"""The `declic` command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import UTC, datetime
+
+import click
+import sqlalchemy as sa
+
+from . import inbound, logs, scheduler
+from .errors import ConfigError
+from .plugins import collect, describe, get_plugin_manager
+from .store import Database, InboxCall, Job
+
+CONFIG_OPTION = click.option(
+    "--config", "config_path", envvar="DECLIC_CONFIG", default="config/declic.yaml", show_default=True,
+    type=click.Path(dir_okay=False), help="Deployment config file (env: DECLIC_CONFIG).",
+)
+
+
+def _load(config_path: str):  # type: ignore[no-untyped-def]
+    from .app import load
+
+    try:
+        return load(config_path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(problem, err=True)
+        raise SystemExit(2) from None
+
+
+@click.group()
+@click.version_option(package_name="declic")
+def cli() -> None:
+    """Declic: a self-hosted trigger-marketing gateway."""
+
+
+@cli.command()
+@CONFIG_OPTION
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--role", type=click.Choice(["all", "web", "worker"]), default="all", show_default=True,
+              help="web: HTTP only; worker: jobs only; all: both.")
+def serve(config_path: str, host: str, port: int, role: str) -> None:
+    """Serve webhooks and run the workers."""
+    from aiohttp import web
+
+    from .app import create_app
+
+    settings, pm, _ = _load(config_path)
+    logs.configure(settings.logging.level, settings.logging.redact)
+    try:
+        web.run_app(create_app(settings, pm=pm, role=role), host=host, port=port,  # type: ignore[arg-type]
+                    access_log=None, print=lambda text: click.echo(text, err=True))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(problem, err=True)
+        raise SystemExit(2) from None
+
+
+@cli.command()
+@CONFIG_OPTION
+def check(config_path: str) -> None:
+    """Validate a config: `ok` and a summary, or every error as file:line:col: path: message."""
+    settings, _, _ = _load(config_path)
+    click.echo(f"ok: {config_path}")
+    for title, table in (("sources", settings.source_plugins), ("sinks", settings.sink_plugins)):
+        click.echo(f"{title}: " + (", ".join(f"{k} ({cls.name})" for k, (cls, _) in table.items()) or "none"))
+    click.echo("rules: " + (", ".join(f"{r.name} (on {r.when}, {len(r.steps)} step{'s' * (len(r.steps) > 1)})"
+                                      for r in settings.rules) or "none"))
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def plugins(ctx: click.Context) -> None:
+    """List loaded plugins (default), or install one."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(plugins_list)
+
+
+@plugins.command("list")
+def plugins_list() -> None:
+    """Every loaded plugin, its version, what it registers and the hooks it implements."""
+    pm = get_plugin_manager()
+    registry = collect(pm)
+    for info in describe(pm):
+        provides = [k for k, origin in registry.origin.items() if origin == info.name]
+        click.echo(f"{info.name} {info.version or '(no version)'}"
+                   f"{'  [' + info.distribution + ']' if info.distribution else ''}")
+        click.echo(f"  hooks: {', '.join(info.hooks) or 'none'}")
+        if provides:
+            click.echo(f"  provides: {', '.join(sorted(provides))}")
+
+
+@plugins.command("install")
+@click.argument("names", nargs=-1, required=True)
+def plugins_install(names: tuple[str, ...]) -> None:
+    """pip-install plugins into the environment Declic runs in."""
+    raise SystemExit(subprocess.call([sys.executable, "-m", "pip", "install", *names]))
+
+
+@cli.group()
+def db() -> None:
+    """Database maintenance."""
+
+
+@db.command("upgrade")
+@CONFIG_OPTION
+def db_upgrade(config_path: str) -> None:
+    """Apply pending migrations (serve does this itself for embedded SQLite)."""
+    settings, _, _ = _load(config_path)
+    database = Database(settings.database_url)
+    database.upgrade()
+    database.close()
+    click.echo("database is current")
+
+
+@cli.command()
+@CONFIG_OPTION
+@click.option("--failed", is_flag=True, help="Work on inbox calls that failed to normalise.")
+@click.option("--all", "replay_all", is_flag=True, help="Replay every listed item.")
+@click.argument("ids", nargs=-1, type=int)
+def replay(config_path: str, failed: bool, replay_all: bool, ids: tuple[int, ...]) -> None:
+    """List dead-lettered jobs (or --failed calls); with IDS or --all, queue them again."""
+    settings, _, _ = _load(config_path)
+    database = Database(settings.database_url)
+    try:
+        if not ids and not replay_all:
+            _list_dead(database, failed)
+            return
+        now = datetime.now(UTC)
+        chosen = None if replay_all else list(ids)
+        if failed:
+            count = len(database.transaction(inbound.replay_failed, chosen, now))
+        else:
+            count = database.transaction(scheduler.requeue, chosen, now)
+        click.echo(f"queued {count} {'call' if failed else 'job'}{'s' * (count != 1)} again")
+    finally:
+        database.close()
+
+
+def _list_dead(database: Database, failed: bool) -> None:
+    if failed:
+        table = InboxCall.__table__
+        query = sa.select(table.c.id, table.c.source, table.c.received_at, table.c.error).where(
+            table.c.status == "failed").order_by(table.c.id)
+    else:
+        table = Job.__table__
+        query = sa.select(table.c.id, table.c.kind, table.c.updated_at, table.c.last_error).where(
+            table.c.status == "dead").order_by(table.c.id)
+    rows = database.transaction(lambda conn: conn.execute(query).all())
+    if not rows:
+        click.echo("nothing failed" if failed else "dead letter is empty")
+    for row in rows:
+        click.echo(f"{row[0]}\t{row[1]}\t{row[2]:%Y-%m-%d %H:%M:%S}\t{logs.redact_text(row[3] or '')}")
+
+
+def main() -> None:
+    get_plugin_manager().hook.register_commands(cli=cli)
+    cli()

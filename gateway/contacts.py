@@ -1,0 +1,103 @@
+"""Contacts: resolve who an event is about, then update what we know of them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from . import jsoncodec
+from .events import ContactRef
+from .store import Contact, Identity
+
+C = Contact.__table__.c
+I = Identity.__table__.c  # noqa: E741
+_FIELDS = ("email", "phone", "first_name", "last_name", "locale", "timezone")
+
+
+def identities(ref: ContactRef) -> list[tuple[str, str]]:
+    """The ways to recognise this contact, strongest first: the source's own ids, then channels."""
+    keys = [(kind, str(value)) for kind, value in sorted(ref.external_ids.items())]
+    if ref.email:
+        keys.append(("email", ref.email.strip().lower()))
+    if ref.phone:
+        keys.append(("phone", ref.phone.strip()))
+    return keys
+
+
+def upsert(conn: Connection, ref: ContactRef, source: str, now: datetime) -> dict[str, Any]:
+    """Find or create the contact, record new identities, merge attributes and consent."""
+    keys = identities(ref)
+    known = _lookup(conn, keys)
+    contact_id = next((known[k] for k in keys if k in known), None)
+    if contact_id is None:
+        contact_id = conn.execute(
+            sa.insert(Contact.__table__).values(created_at=now, updated_at=now, attributes="{}", consent="{}",
+                                                email_status="ok").returning(C.id)
+        ).scalar_one()
+        won = _claim(conn, keys, contact_id)
+        if keys and keys[0] not in won:
+            contact_id = _adopt(conn, contact_id, _lookup(conn, keys[:1])[keys[0]])
+    else:
+        # An identity already held by another contact stays theirs: merging people is a human call.
+        _claim(conn, [k for k in keys if k not in known], contact_id)
+    row = conn.execute(sa.select(Contact.__table__).where(C.id == contact_id)).one()
+    changes: dict[str, Any] = {f: getattr(ref, f) for f in _FIELDS if getattr(ref, f)}
+    if ref.email:
+        changes["email"] = ref.email.strip().lower()
+    if ref.attributes:
+        changes["attributes"] = jsoncodec.dumps({**jsoncodec.loads(row.attributes), **ref.attributes})
+    if ref.consent:
+        consent = jsoncodec.loads(row.consent)
+        for channel, state in ref.consent.items():
+            consent[channel] = {"state": state, "source": source, "at": now.isoformat()}
+        changes["consent"] = jsoncodec.dumps(consent)
+    if changes:
+        conn.execute(sa.update(Contact.__table__).where(C.id == contact_id).values(**changes, updated_at=now))
+    return load(conn, contact_id)
+
+
+def _lookup(conn: Connection, keys: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    if not keys:
+        return {}
+    rows = conn.execute(sa.select(I.kind, I.value, I.contact_id).where(sa.tuple_(I.kind, I.value).in_(keys)))
+    return {(r.kind, r.value): r.contact_id for r in rows}
+
+
+def _claim(conn: Connection, keys: list[tuple[str, str]], contact_id: int) -> set[tuple[str, str]]:
+    """Link identities to the contact unless another contact holds them; return those linked."""
+    if not keys:
+        return set()
+    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(Identity.__table__)
+    rows = conn.execute(
+        insert.values([{"kind": k, "value": v, "contact_id": contact_id} for k, v in keys])
+        .on_conflict_do_nothing(index_elements=["kind", "value"]).returning(I.kind, I.value)
+    )
+    return {(r.kind, r.value) for r in rows}
+
+
+def _adopt(conn: Connection, ours: int, theirs: int) -> int:
+    """A concurrent transaction created the same person first: keep theirs, fold ours into it."""
+    conn.execute(sa.update(Identity.__table__).where(I.contact_id == ours).values(contact_id=theirs))
+    conn.execute(sa.delete(Contact.__table__).where(C.id == ours))
+    return theirs
+
+
+def load(conn: Connection, contact_id: int) -> dict[str, Any]:
+    """The contact as rules and templates see it."""
+    row = conn.execute(sa.select(Contact.__table__).where(C.id == contact_id)).one()
+    consent = jsoncodec.loads(row.consent)
+    return {
+        "id": row.id,
+        **{f: getattr(row, f) for f in _FIELDS},
+        "attributes": jsoncodec.loads(row.attributes),
+        "consent": {channel: entry["state"] for channel, entry in consent.items()},
+        "email_status": row.email_status,
+    }
+
+
+def mark_email_bouncing(conn: Connection, contact_id: int, now: datetime) -> None:
+    conn.execute(sa.update(Contact.__table__).where(C.id == contact_id).values(email_status="bouncing", updated_at=now))

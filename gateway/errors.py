@@ -1,0 +1,49 @@
+"""Every error Declic raises on purpose, in one tree."""
+
+from __future__ import annotations
+
+
+class DeclicError(Exception):
+    """Base of every error Declic raises on purpose."""
+
+
+class ConfigError(DeclicError):
+    """The deployment config is invalid; `problems` holds every `file:line:col: path: message`."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class RejectedRequest(DeclicError):
+    """A webhook call refused before anything is stored; carries the HTTP status."""
+
+    status = 400
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason)
+
+
+class BadRequest(RejectedRequest):
+    """The call cannot be a webhook of this source (missing header, empty body)."""
+
+    status = 400
+
+
+class SignatureError(RejectedRequest):
+    """The call is not signed by whom the source trusts."""
+
+    status = 401
+
+
+class MalformedPayload(DeclicError):
+    """A stored call whose body is not what its topic promises; the row is marked failed."""
+
+
+class StorageUnavailable(DeclicError):
+    """The database did not accept a write in time; callers answer 503."""
+
+
+class TemplateProblem(DeclicError):
+    """A template is missing or fails to render."""

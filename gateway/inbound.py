@@ -1,0 +1,89 @@
+"""From a stored call to events: normalise, resolve contacts, store events, route."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.engine import Connection
+
+from . import contacts, jsoncodec, scheduler
+from .errors import MalformedPayload
+from .events import Event
+from .router import Router
+from .sources import RawCall, Source
+from .store import InboxCall, StoredEvent
+
+log = structlog.get_logger("declic.inbound")
+IN = InboxCall.__table__.c
+
+
+def process_call(conn: Connection, inbox_id: int, sources: dict[str, Source], router: Router,
+                 now: datetime) -> list[Event]:
+    """Turn one inbox row into routed events, in the caller's transaction; idempotent per row."""
+    row = conn.execute(sa.select(InboxCall.__table__).where(IN.id == inbox_id)).one_or_none()
+    if row is None or row.status != "received":
+        return []
+    source = sources.get(row.source)
+    if source is None:
+        _mark(conn, inbox_id, "failed", now, f"source {row.source!r} is no longer in the config")
+        return []
+    raw = RawCall(row.id, row.source, row.received_at, json.loads(row.headers), row.body)
+    try:
+        events = source.normalize(raw)
+    except MalformedPayload as exc:
+        return _fail(conn, inbox_id, now, str(exc))
+    except Exception as exc:  # a plugin bug must not stop the queue; the row stays replayable
+        log.exception("normalize crashed", source=row.source, inbox_id=inbox_id)
+        return _fail(conn, inbox_id, now, f"{type(source).__name__}.normalize crashed: {exc!r}")
+    stored = []
+    for index, event in enumerate(events):
+        event = event.model_copy(update={"id": f"{inbox_id}.{index}", "source": row.source, "raw_ref": inbox_id})
+        contact = contacts.upsert(conn, event.contact, row.source, now)
+        store_event(conn, event, contact["id"])
+        with structlog.contextvars.bound_contextvars(event_id=event.id, source=row.source):
+            router.route(conn, event, contact, row.received_at)
+        stored.append(event)
+    _mark(conn, inbox_id, "processed", now)
+    return stored
+
+
+def store_event(conn: Connection, event: Event, contact_id: int) -> None:
+    conn.execute(sa.insert(StoredEvent.__table__).values(
+        id=event.id, inbox_id=event.raw_ref, source=event.source, type=event.type,
+        occurred_at=event.occurred_at, contact_id=contact_id,
+        correlation=jsoncodec.dumps(event.correlation), properties=jsoncodec.dumps(event.properties),
+    ))
+
+
+def load_event(conn: Connection, event_id: str) -> dict[str, object]:
+    row = conn.execute(sa.select(StoredEvent.__table__).where(StoredEvent.__table__.c.id == event_id)).one()
+    return {
+        "id": row.id, "source": row.source, "type": row.type, "occurred_at": row.occurred_at,
+        "correlation": jsoncodec.loads(row.correlation), "properties": jsoncodec.loads(row.properties),
+    }
+
+
+def _fail(conn: Connection, inbox_id: int, now: datetime, reason: str) -> list[Event]:
+    log.warning("call failed to normalise", inbox_id=inbox_id, reason=reason)
+    _mark(conn, inbox_id, "failed", now, reason)
+    return []
+
+
+def _mark(conn: Connection, inbox_id: int, status: str, now: datetime, error: str | None = None) -> None:
+    conn.execute(sa.update(InboxCall.__table__).where(IN.id == inbox_id)
+                 .values(status=status, error=error, processed_at=now))
+
+
+def replay_failed(conn: Connection, inbox_ids: list[int] | None, now: datetime) -> list[int]:
+    """Send failed calls through normalisation again, e.g. after a plugin fix."""
+    where = IN.status == "failed"
+    if inbox_ids is not None:
+        where = sa.and_(where, IN.id.in_(inbox_ids))
+    ids = list(conn.execute(sa.update(InboxCall.__table__).where(where)
+                            .values(status="received", error=None).returning(IN.id)).scalars())
+    if ids:
+        scheduler.add_inbox_jobs(conn, ids, now)
+    return ids

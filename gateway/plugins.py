@@ -1,0 +1,100 @@
+"""Plugin loading: blocked list -> `declic` entry points -> checks -> registries."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from importlib import metadata
+
+import pluggy
+import structlog
+
+from . import hookspecs
+from .events import Event
+from .sinks import Sink
+from .sources import Source
+
+ENTRY_POINT_GROUP = "declic"
+#: Comma-separated plugin names not to load, e.g. to rule out a broken community plugin.
+BLOCK_ENV = "DECLIC_BLOCK_PLUGINS"
+
+
+def get_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
+    pm.add_hookspecs(hookspecs)
+    for name in filter(None, (n.strip() for n in os.environ.get(BLOCK_ENV, "").split(","))):
+        pm.set_blocked(name)
+    if load_entry_points:
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    pm.check_pending()
+    return pm
+
+
+@dataclass
+class Registry:
+    """Which plugin provides each source and sink name."""
+
+    sources: dict[str, type[Source]] = field(default_factory=dict)
+    sinks: dict[str, type[Sink]] = field(default_factory=dict)
+    origin: dict[str, str] = field(default_factory=dict)
+
+
+def collect(pm: pluggy.PluginManager) -> Registry:
+    """Call each plugin's register_* hook with a callback that records who registered what."""
+    registry = Registry()
+
+    def registrar(plugin_name: str, kind: str, base: type, table: dict) -> object:
+        def register(cls: type) -> None:
+            if not (isinstance(cls, type) and issubclass(cls, base)):
+                raise TypeError(f"plugin {plugin_name} registered {cls!r}, not a {base.__name__}")
+            if cls.name in table:
+                raise ValueError(
+                    f"{kind} {cls.name!r} registered by {plugin_name} "
+                    f"and by {registry.origin[f'{kind}:{cls.name}']}"
+                )
+            table[cls.name] = cls
+            registry.origin[f"{kind}:{cls.name}"] = plugin_name
+
+        return register
+
+    for impl in pm.hook.register_sources.get_hookimpls():
+        impl.function(register=registrar(impl.plugin_name, "source", Source, registry.sources))
+    for impl in pm.hook.register_sinks.get_hookimpls():
+        impl.function(register=registrar(impl.plugin_name, "sink", Sink, registry.sinks))
+    return registry
+
+
+def notify_event_received(pm: pluggy.PluginManager, event: Event) -> None:
+    """Tell observers about an event; an observer that fails never stops the flow."""
+    try:
+        pm.hook.event_received(event=event)
+    except Exception:
+        structlog.get_logger("declic.plugins").exception("event_received hook failed", event_id=event.id)
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    name: str
+    version: str | None
+    distribution: str | None
+    hooks: list[str]
+
+
+def describe(pm: pluggy.PluginManager) -> list[PluginInfo]:
+    """Every loaded plugin with its distribution, version and implemented hooks."""
+    dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
+    infos = []
+    for name, plugin in pm.list_name_plugin():
+        if plugin is None:
+            continue
+        dist: metadata.Distribution | None = dists.get(id(plugin))
+        hooks = sorted(c.name for c in pm.get_hookcallers(plugin) or [])
+        infos.append(
+            PluginInfo(
+                name=name,
+                version=dist.version if dist else None,
+                distribution=dist.metadata["Name"] if dist else None,
+                hooks=hooks,
+            )
+        )
+    return sorted(infos, key=lambda info: info.name)

@@ -1,0 +1,90 @@
+"""The Sink contract: send one rendered message and say what happened, never raise."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .sources import Deployment, PluginConfig
+
+
+class Outcome(enum.StrEnum):
+    SENT = "sent"
+    RETRY = "retry"
+    PERMANENT = "permanent"
+    ADDRESS_INVALID = "address_invalid"
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    outcome: Outcome
+    provider_id: str | None = None
+    retry_after: float | None = None
+    error: str | None = None
+
+    @classmethod
+    def sent(cls, provider_id: str | None = None) -> DeliveryResult:
+        return cls(Outcome.SENT, provider_id=provider_id)
+
+    @classmethod
+    def retry(cls, error: str, after: float | None = None) -> DeliveryResult:
+        return cls(Outcome.RETRY, retry_after=after, error=error)
+
+    @classmethod
+    def permanent(cls, error: str) -> DeliveryResult:
+        return cls(Outcome.PERMANENT, error=error)
+
+    @classmethod
+    def address_invalid(cls, error: str) -> DeliveryResult:
+        return cls(Outcome.ADDRESS_INVALID, error=error)
+
+
+@dataclass(frozen=True)
+class Message:
+    """A rendered message, ready for a sink."""
+
+    to: str
+    text: str
+    subject: str | None = None
+    html: str | None = None
+    #: Stable across retries of one (rule, contact, step, occurrence): pass it on where
+    #: the provider accepts one, so a retried call cannot act twice.
+    idempotency_key: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SendContext:
+    rule: str
+    step: int
+    kind: str
+    contact: dict[str, Any]
+    event: dict[str, Any]
+
+
+class Sink:
+    """A channel Declic acts through. Subclass, set `name`, `channel` and `Config`, register."""
+
+    name: ClassVar[str]
+    #: The consent channel this sink needs: "email", "sms", "push", "crm", "webhook".
+    channel: ClassVar[str]
+    Config: ClassVar[type[PluginConfig]] = PluginConfig
+
+    def __init__(self, key: str, config: Any, deployment: Deployment):
+        self.key = key
+        self.config = config
+        self.deployment = deployment
+
+    def address(self, contact: dict[str, Any]) -> str | None:
+        """Where this channel reaches the contact, or None when it cannot."""
+        return None
+
+    async def start(self) -> None:
+        """Open connections; called once before the first send."""
+
+    async def close(self) -> None:
+        """Release connections; called once at shutdown."""
+
+    async def send(self, message: Message, ctx: SendContext) -> DeliveryResult:
+        raise NotImplementedError

@@ -1,0 +1,78 @@
+"""The Source contract: verify a webhook call, then turn its stored bytes into Events."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from .clock import Clock
+from .events import Event
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+
+class PluginConfig(BaseModel):
+    """Base for every plugin's `Config`: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What a plugin may know about the deployment it runs in."""
+
+    public_url: str | None
+    timezone: str
+    clock: Clock
+
+
+@dataclass(frozen=True)
+class RawCall:
+    """A stored webhook call, as the inbox keeps it."""
+
+    id: int
+    source: str
+    received_at: datetime
+    headers: dict[str, str]
+    body: bytes
+    #: Lower-cased header names, so lookups need not care about HTTP/2 spelling.
+    lower_headers: dict[str, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lower_headers", {k.lower(): v for k, v in self.headers.items()})
+
+    def header(self, *names: str) -> str | None:
+        for name in names:
+            if (value := self.lower_headers.get(name.lower())) is not None:
+                return value
+        return None
+
+
+class Source:
+    """A provider that calls Declic's webhooks. Subclass, set `name` and `Config`, register."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[PluginConfig]] = PluginConfig
+    #: Event types this source emits beyond the canonical ones.
+    event_types: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, key: str, config: Any, deployment: Deployment):
+        self.key = key  # the name under `sources:`, which is also the URL path segment
+        self.config = config
+        self.deployment = deployment
+
+    async def verify(self, request: web.Request, body: bytes) -> None:
+        """Raise SignatureError (401) or BadRequest (400); return to accept the call."""
+
+    def dedupe_key(self, request: web.Request, body: bytes) -> str:
+        """The provider's own id for this delivery; redeliveries must give the same key."""
+        return "sha256:" + hashlib.sha256(body).hexdigest()
+
+    def normalize(self, raw: RawCall) -> list[Event]:
+        """Turn a stored call into events; raise MalformedPayload when the body is wrong."""
+        raise NotImplementedError

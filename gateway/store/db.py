@@ -1,0 +1,111 @@
+"""The database handle: one engine, a thread to run blocking work on, and migrations."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection, Engine
+
+from ..errors import StorageUnavailable
+
+__all__ = ["Database", "StorageUnavailable", "make_engine", "normalize_url"]
+
+T = TypeVar("T")
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def normalize_url(url: str) -> str:
+    """Let users write postgresql:// and still get the psycopg 3 driver Declic ships with."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def make_engine(url: str, busy_timeout: timedelta = timedelta(seconds=2)) -> Engine:
+    url = normalize_url(url)
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(
+            url, connect_args={"timeout": busy_timeout.total_seconds(), "check_same_thread": False}
+        )
+        sa.event.listen(engine, "connect", _sqlite_on_connect)
+        # Take the write lock up front: a transaction never fails half-way on a lock upgrade.
+        sa.event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        return engine
+    timeout_ms = int(busy_timeout.total_seconds() * 1000)
+    return sa.create_engine(
+        url,
+        pool_size=8,
+        pool_pre_ping=True,
+        connect_args={"connect_timeout": 5, "options": f"-c lock_timeout={timeout_ms}"},
+    )
+
+
+def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
+    dbapi_conn.isolation_level = None  # SQLAlchemy's begin event issues BEGIN itself
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    # FULL: a 2xx means the call survives a power cut, not only a process crash.
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+class Database:
+    """Runs blocking SQLAlchemy work off the event loop, one transaction per call."""
+
+    def __init__(self, url: str, busy_timeout: timedelta = timedelta(seconds=2)):
+        self.engine = make_engine(url, busy_timeout)
+        self.is_sqlite = self.engine.dialect.name == "sqlite"
+        # SQLite has one writer; a single thread serialises writes instead of contending.
+        self._executor = ThreadPoolExecutor(max_workers=1 if self.is_sqlite else 8, thread_name_prefix="declic-db")
+
+    def transaction(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(conn, *args) in one transaction, in the calling thread."""
+        try:
+            with self.engine.begin() as conn:
+                return fn(conn, *args)
+        except sa.exc.OperationalError as exc:
+            raise StorageUnavailable(str(exc.orig or exc).splitlines()[0]) from exc
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(conn, *args) in one transaction on the database thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.transaction, fn, *args)
+
+    def upgrade(self) -> None:
+        with self.engine.begin() as conn:
+            config = _alembic_config()
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+
+    def is_current(self) -> bool:
+        with self.engine.connect() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+        return current == ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self.engine.dispose()
+
+
+def _alembic_config() -> AlembicConfig:
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return config
+
+

@@ -1,0 +1,127 @@
+"""The tables. Datetimes are naive UTC; JSON columns are text written by gateway.jsoncodec."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import Column, Index, LargeBinary, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+class InboxCall(SQLModel, table=True):
+    """Every accepted webhook call, byte for byte, before anything interprets it."""
+
+    __tablename__ = "inbox"
+    __table_args__ = (UniqueConstraint("source", "dedupe_key", name="uq_inbox_dedupe"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    source: str = Field(max_length=100)
+    dedupe_key: str = Field(max_length=300)
+    received_at: datetime
+    headers: str = Field(sa_column=Column(Text, nullable=False))
+    body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    status: str = Field(default="received", max_length=20, index=True)  # received|processed|failed
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    processed_at: datetime | None = None
+
+
+class Job(SQLModel, table=True):
+    """A unit of durable work: normalise an inbox call, or run one journey step."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_claim", "status", "due_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=20)  # inbox | step
+    inbox_id: int | None = Field(default=None, index=True)
+    enrolment_id: int | None = Field(default=None, index=True)
+    step: int = 0
+    due_at: datetime
+    status: str = Field(default="pending", max_length=20)  # pending|running|done|cancelled|dead
+    attempts: int = 0
+    locked_until: datetime | None = None
+    locked_by: str | None = Field(default=None, max_length=100)
+    last_error: str | None = Field(default=None, sa_column=Column(Text))
+    created_at: datetime
+    updated_at: datetime
+
+
+class Contact(SQLModel, table=True):
+    __tablename__ = "contacts"
+
+    id: int | None = Field(default=None, primary_key=True)
+    email: str | None = Field(default=None, max_length=320)
+    phone: str | None = Field(default=None, max_length=40)
+    first_name: str | None = Field(default=None, max_length=200)
+    last_name: str | None = Field(default=None, max_length=200)
+    locale: str | None = Field(default=None, max_length=35)
+    timezone: str | None = Field(default=None, max_length=64)
+    attributes: str = Field(default="{}", sa_column=Column(Text, nullable=False))
+    consent: str = Field(default="{}", sa_column=Column(Text, nullable=False))
+    email_status: str = Field(default="ok", max_length=20)  # ok | bouncing
+    created_at: datetime
+    updated_at: datetime
+
+
+class Identity(SQLModel, table=True):
+    """One way to recognise a contact: ("email", "a@b.c"), ("shopify", "207119551")..."""
+
+    __tablename__ = "identities"
+
+    kind: str = Field(primary_key=True, max_length=50)
+    value: str = Field(primary_key=True, max_length=320)
+    contact_id: int = Field(index=True)
+
+
+class StoredEvent(SQLModel, table=True):
+    __tablename__ = "events"
+
+    id: str = Field(primary_key=True, max_length=60)
+    inbox_id: int | None = Field(default=None, index=True)
+    source: str = Field(max_length=100)
+    type: str = Field(max_length=100, index=True)
+    occurred_at: datetime
+    contact_id: int = Field(index=True)
+    correlation: str = Field(default="[]", sa_column=Column(Text, nullable=False))
+    properties: str = Field(default="{}", sa_column=Column(Text, nullable=False))
+
+
+class Enrolment(SQLModel, table=True):
+    """A contact's run through one rule, once per occurrence (its correlation key)."""
+
+    __tablename__ = "enrolments"
+    __table_args__ = (
+        UniqueConstraint("rule", "contact_id", "occurrence", name="uq_enrolment_occurrence"),
+        Index("ix_enrolments_exit", "rule", "status", "correlation"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    rule: str = Field(max_length=100)
+    contact_id: int = Field(index=True)
+    event_id: str = Field(max_length=60)
+    occurrence: str = Field(max_length=300)
+    correlation: str | None = Field(default=None, max_length=300)
+    status: str = Field(default="active", max_length=20)  # active|completed|exited|failed
+    ended_by: str | None = Field(default=None, max_length=60)
+    created_at: datetime
+    ended_at: datetime | None = None
+
+
+class Delivery(SQLModel, table=True):
+    """What happened to one (rule, contact, step, occurrence): at most one row, at most one send."""
+
+    __tablename__ = "deliveries"
+
+    id: int | None = Field(default=None, primary_key=True)
+    idempotency_key: str = Field(max_length=400, unique=True)
+    enrolment_id: int = Field(index=True)
+    rule: str = Field(max_length=100)
+    step: int
+    contact_id: int = Field(index=True)
+    sink: str = Field(max_length=100)
+    status: str = Field(max_length=20)  # sent|suppressed|failed|address_invalid
+    reason: str | None = Field(default=None, sa_column=Column(Text))
+    attempts: int = 0
+    provider_id: str | None = Field(default=None, max_length=300)
+    created_at: datetime
+    updated_at: datetime

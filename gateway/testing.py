@@ -1,0 +1,95 @@
+"""Helpers for tests of Declic and of plugins: configs on disk, signed calls, a real SMTP catcher."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import socket
+import textwrap
+from dataclasses import dataclass, field
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+from .clock import FakeClock
+
+__all__ = ["FakeClock", "SmtpCatcher", "free_port", "shopify_headers", "write_deployment"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_deployment(folder: Path, config: str, templates: dict[str, str] | None = None) -> Path:
+    """Write `declic.yaml` and its templates into folder; return the config path."""
+    (folder / "templates").mkdir(parents=True, exist_ok=True)
+    for name, text in (templates or {}).items():
+        (folder / "templates" / name).write_text(text, encoding="utf-8")
+    path = folder / "declic.yaml"
+    path.write_text(textwrap.dedent(config), encoding="utf-8")
+    return path
+
+
+def shopify_headers(body: bytes, secret: str, topic: str, webhook_id: str,
+                    shop: str = "demo.myshopify.com") -> dict[str, str]:
+    digest = base64.b64encode(hmac.new(secret.encode(), body, hashlib.sha256).digest()).decode()
+    return {
+        "Content-Type": "application/json",
+        "X-Shopify-Topic": topic,
+        "X-Shopify-Hmac-Sha256": digest,
+        "X-Shopify-Shop-Domain": shop,
+        "X-Shopify-API-Version": "2026-07",
+        "X-Shopify-Webhook-Id": webhook_id,
+    }
+
+
+@dataclass
+class SmtpCatcher:
+    """A real SMTP server (aiosmtpd) on 127.0.0.1 that keeps what it receives.
+
+    `replies` queues SMTP replies to give instead of accepting, e.g. ["451 try later"];
+    `refuse` maps recipients to the reply given at RCPT TO.
+    """
+
+    port: int = field(default_factory=free_port)
+    messages: list[EmailMessage] = field(default_factory=list)
+    envelopes: list[tuple[str, list[str]]] = field(default_factory=list)
+    replies: list[str] = field(default_factory=list)
+    refuse: dict[str, str] = field(default_factory=dict)
+    tls_context: Any = None
+    _controller: Any = None
+
+    def start(self) -> SmtpCatcher:
+        from aiosmtpd.controller import Controller
+
+        kwargs: dict[str, Any] = {}
+        if self.tls_context is not None:
+            kwargs = {"tls_context": self.tls_context, "require_starttls": True}
+        self._controller = Controller(self, hostname="127.0.0.1", port=self.port, **kwargs)
+        self._controller.start()
+        return self
+
+    def stop(self) -> None:
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
+        if address in self.refuse:
+            return self.refuse[address]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.replies:
+            return self.replies.pop(0)
+        self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
+        self.messages.append(message_from_bytes(envelope.content, policy=policy.default))  # type: ignore[arg-type]
+        return "250 Message accepted for delivery"
+
+    def to(self, address: str) -> list[EmailMessage]:
+        return [m for m in self.messages if m["To"] == address]

@@ -1,0 +1,146 @@
+"""The worker: claims due jobs and runs them, a bounded number at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import Callable
+
+import structlog
+
+from . import inbound, scheduler
+from .config import WorkerSpec
+from .delivery import StepRunner, call_sink
+from .errors import StorageUnavailable
+from .events import Event
+from .router import Router
+from .scheduler import ClaimedJob
+from .sources import Source
+from .store import Database
+
+log = structlog.get_logger("declic.worker")
+
+
+def make_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class Worker:
+    def __init__(self, db: Database, spec: WorkerSpec, sources: dict[str, Source], router: Router,
+                 steps: StepRunner, on_event: Callable[[Event], None]):
+        self.db, self.spec, self.sources, self.router, self.steps = db, spec, sources, router, steps
+        self.clock = steps.clock
+        self.id = steps.worker_id
+        self._on_event = on_event
+        self._wake = asyncio.Event()
+        self._running: dict[int, asyncio.Task[None]] = {}
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        heartbeat = asyncio.create_task(self._renew_leases())
+        try:
+            while True:
+                claimed = await self._claim_some()
+                if claimed and len(self._running) < self.spec.concurrency:
+                    continue  # more may be due right now
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.spec.poll_interval.total_seconds())
+                except TimeoutError:
+                    pass
+                self._wake.clear()
+        finally:
+            heartbeat.cancel()
+            for task in list(self._running.values()):
+                task.cancel()
+            await asyncio.gather(*self._running.values(), heartbeat, return_exceptions=True)
+
+    async def drain(self) -> int:
+        """Run every job due now, and those they make due now, then return how many ran."""
+        ran = 0
+        while True:
+            jobs = await self.db.run(scheduler.claim, self.id, self.clock.now(), self.spec.lease, self.spec.batch_size)
+            if not jobs:
+                return ran
+            await asyncio.gather(*(self.run_job(job) for job in jobs))
+            ran += len(jobs)
+
+    async def _claim_some(self) -> int:
+        free = self.spec.concurrency - len(self._running)
+        if free <= 0:
+            return 0
+        try:
+            jobs = await self.db.run(scheduler.claim, self.id, self.clock.now(), self.spec.lease,
+                                     min(free, self.spec.batch_size))
+        except StorageUnavailable as exc:
+            log.warning("cannot claim jobs", error=str(exc))
+            return 0
+        for job in jobs:
+            task = asyncio.create_task(self.run_job(job))
+            self._running[job.id] = task
+            task.add_done_callback(lambda _t, job_id=job.id: self._done(job_id))
+        return len(jobs)
+
+    def _done(self, job_id: int) -> None:
+        self._running.pop(job_id, None)
+        self._wake.set()
+
+    async def run_job(self, job: ClaimedJob) -> None:
+        try:
+            if job.kind == "inbox":
+                await self._process_inbox(job)
+            else:
+                await self._run_step(job)
+        except Exception as exc:  # keep the job, try again later; never lose it
+            log.exception("job failed", job_id=job.id, kind=job.kind)
+            await self._retry_later(job, f"{type(exc).__name__}: {exc}")
+
+    async def _process_inbox(self, job: ClaimedJob) -> None:
+        def work(conn):  # type: ignore[no-untyped-def]
+            now = self.clock.now()
+            events = inbound.process_call(conn, job.inbox_id, self.sources, self.router, now)
+            scheduler.finish(conn, job, self.id, now)
+            return events
+
+        for event in await self.db.run(work):
+            self._on_event(event)
+        self.wake()  # steps due now were just created
+
+    async def _run_step(self, job: ClaimedJob) -> None:
+        send = await self.db.run(self.steps.prepare, job)
+        if send is None:
+            self.wake()
+            return
+        with structlog.contextvars.bound_contextvars(
+            event_id=send.context.event["id"], rule=send.rule.name, sink=send.sink.key, step=job.step + 1
+        ):
+            result = await call_sink(send)
+            log.info("step " + result.outcome.value, provider_id=result.provider_id, error=result.error)
+            await self.db.run(self.steps.record, send, result)
+        self.wake()
+
+    async def _retry_later(self, job: ClaimedJob, error: str) -> None:
+        now = self.clock.now()
+        if job.attempts >= self.spec.max_attempts:
+            work = lambda conn: scheduler.finish(conn, job, self.id, now, "dead", error)  # noqa: E731
+        else:
+            due = now + scheduler.retry_delay(job.attempts, self.spec.retry_base, self.spec.retry_max)
+            work = lambda conn: scheduler.reschedule(conn, job, self.id, due, now, error)  # noqa: E731
+        try:
+            await self.db.run(work)
+        except StorageUnavailable:
+            log.warning("could not reschedule; the lease will expire and the job run again", job_id=job.id)
+
+    async def _renew_leases(self) -> None:
+        interval = self.spec.lease.total_seconds() / 3
+        while True:
+            await asyncio.sleep(interval)
+            if self._running:
+                until = self.clock.now() + self.spec.lease
+                try:
+                    await self.db.run(scheduler.renew, list(self._running), self.id, until)
+                except StorageUnavailable as exc:
+                    log.warning("cannot renew leases", error=str(exc))

@@ -1,0 +1,138 @@
+"""E-mail over SMTP (aiosmtplib): multipart text + HTML, pooled connections, classified failures."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+from email.message import EmailMessage
+from email.policy import SMTP as SMTP_POLICY
+from email.utils import formatdate, parseaddr
+from typing import Any, Literal
+
+import aiosmtplib
+from pydantic import Field, SecretStr, field_validator
+
+from gateway import DeliveryResult, Message, PluginConfig, SendContext, Sink, hookimpl
+
+DEFAULT_PORTS = {"implicit": 465, "starttls": 587, "none": 25}
+
+
+class SmtpConfig(PluginConfig):
+    host: str = Field("localhost", description="SMTP server host name.")
+    port: int | None = Field(None, description="Default: 587 for starttls, 465 for implicit, 25 for none.")
+    tls: Literal["starttls", "implicit", "none"] = Field(
+        "starttls", description="starttls is required when set: a server without it fails, never downgrades."
+    )
+    username: str | None = None
+    password: SecretStr | None = None
+    sender: str = Field(description='From header, e.g. "Boutique <bonjour@example.com>".')
+    return_path: str | None = Field(None, description="Envelope sender (bounce mailbox). Default: the From address.")
+    connections: int = Field(4, ge=1, le=64, description="Connections kept open and reused.")
+    timeout: float = Field(30.0, gt=0, description="Seconds for connect and each SMTP command.")
+    validate_certs: bool = True
+    local_hostname: str = Field("declic.localdomain", description="Name sent in EHLO (saves a DNS lookup).")
+
+    @field_validator("sender")
+    @classmethod
+    def _has_address(cls, value: str) -> str:
+        if "@" not in parseaddr(value)[1]:
+            raise ValueError(f"not an e-mail address: {value!r}")
+        return value
+
+
+class SmtpSink(Sink):
+    name = "smtp"
+    channel = "email"
+    Config = SmtpConfig
+
+    def __init__(self, key: str, config: SmtpConfig, deployment: Any):
+        super().__init__(key, config, deployment)
+        self._from_address = parseaddr(config.sender)[1]
+        self._domain = self._from_address.rpartition("@")[2]
+        self._idle: list[aiosmtplib.SMTP] = []
+        self._slots = asyncio.Semaphore(config.connections)
+
+    def address(self, contact: dict[str, Any]) -> str | None:
+        return contact.get("email") or None
+
+    def build(self, message: Message) -> bytes:
+        """Serialise once; the same bytes go to every attempt, with a Message-ID stable across them."""
+        mail = EmailMessage()
+        mail["From"] = self.config.sender
+        mail["To"] = message.to
+        mail["Subject"] = message.subject or ""
+        mail["Date"] = formatdate(usegmt=True)
+        mail["Message-ID"] = f"<{message.idempotency_key}@{self._domain}>"
+        for name, value in message.headers.items():
+            mail[name] = value
+        mail.set_content(message.text)
+        if message.html:
+            mail.add_alternative(message.html, subtype="html")
+        return mail.as_bytes(policy=SMTP_POLICY)
+
+    async def send(self, message: Message, ctx: SendContext) -> DeliveryResult:
+        data = self.build(message)
+        async with self._slots:
+            try:
+                client = await self._acquire()
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                return _classify(exc)
+            try:
+                await client.sendmail(self.config.return_path or self._from_address, [message.to], data)
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                client.close()
+                return _classify(exc)
+            self._idle.append(client)
+        return DeliveryResult.sent(f"<{message.idempotency_key}@{self._domain}>")
+
+    async def _acquire(self) -> aiosmtplib.SMTP:
+        while self._idle:
+            client = self._idle.pop()
+            if client.is_connected:
+                return client
+        cfg = self.config
+        client = aiosmtplib.SMTP(
+            hostname=cfg.host, port=cfg.port or DEFAULT_PORTS[cfg.tls], timeout=cfg.timeout,
+            use_tls=cfg.tls == "implicit", start_tls=True if cfg.tls == "starttls" else False,
+            validate_certs=cfg.validate_certs, local_hostname=cfg.local_hostname,
+            tls_context=None if cfg.validate_certs else _insecure_context(),
+        )
+        await client.connect()
+        if cfg.username:
+            await client.login(cfg.username, cfg.password.get_secret_value() if cfg.password else "")
+        return client
+
+    async def close(self) -> None:
+        while self._idle:
+            client = self._idle.pop()
+            try:
+                await client.quit()
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                client.close()
+
+
+def _insecure_context() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _classify(exc: BaseException) -> DeliveryResult:
+    """4xx and network trouble: retry. A refused recipient: address invalid. Other 5xx: permanent."""
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused) and exc.recipients:
+        exc = exc.recipients[0]
+    if isinstance(exc, aiosmtplib.SMTPResponseException) and not isinstance(exc, aiosmtplib.SMTPServerDisconnected):
+        text = f"SMTP {exc.code} {exc.message}".strip()
+        if 500 <= exc.code < 600:
+            if isinstance(exc, aiosmtplib.SMTPRecipientRefused):
+                return DeliveryResult.address_invalid(text)
+            return DeliveryResult.permanent(text)
+        return DeliveryResult.retry(text)
+    return DeliveryResult.retry(f"{type(exc).__name__}: {exc}")
+
+
+@hookimpl
+def register_sinks(register: Callable[[type[Sink]], None]) -> None:
+    register(SmtpSink)

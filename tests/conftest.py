@@ -1,0 +1,183 @@
+"""Shared fixtures: a database per test (SQLite, and PostgreSQL when enabled), a real SMTP server,
+and a deployment factory that serves the real app over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from aiohttp.test_utils import TestClient
+
+from gateway.app import Gateway, create_app, load
+from gateway.ingest import GATEWAY_KEY
+from gateway.store import Database
+from gateway.testing import FakeClock, SmtpCatcher, shopify_headers, write_deployment
+
+POSTGRES_ENV = "DECLIC_TEST_POSTGRES_URL"
+FIXTURES = Path(__file__).parent / "fixtures"
+SHARED_PAYLOADS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "payloads"
+SECRET = "test-shopify-secret"
+
+TEMPLATES = {
+    "cart-reminder.subject.j2": "Your cart, {{ contact.first_name }}",
+    "cart-reminder.txt.j2": "Total {{ event.properties.total_price }} {{ event.properties.currency }}: "
+                            "{{ event.properties.recovery_url }}",
+    "cart-reminder.html.j2": "<p>Hello {{ contact.first_name }}, {{ event.properties.line_items[0].title }}</p>",
+    "cart-sms.txt.j2": "Still there? {{ event.properties.recovery_url }}",
+    "welcome.subject.j2": "Welcome {{ contact.first_name }}",
+    "welcome.txt.j2": "Hello {{ contact.first_name }}",
+    "order-confirmation.subject.j2": "Order {{ event.properties.name }}",
+    "order-confirmation.txt.j2": "Thanks for order {{ event.properties.name }}",
+}
+
+BASE_CONFIG = """\
+public_url: https://hooks.example.com
+timezone: Europe/Paris
+storage:
+  url: {db_url}
+  busy_timeout: 1s
+sources:
+  shop:
+    plugin: shopify
+    secret: {secret}
+sinks:
+  email:
+    plugin: smtp
+    host: 127.0.0.1
+    port: {smtp_port}
+    tls: none
+    sender: "Boutique <shop@example.com>"
+    timeout: 5
+worker:
+  retry_base: 10s
+  max_attempts: {max_attempts}
+policies:
+  consent: {{email: required}}
+rules:
+{rules}
+"""
+
+DEFAULT_RULES = """\
+  - name: abandoned-cart
+    when: checkout.started
+    if: "event.properties.total_price > 20"
+    exit_on: [order.placed]
+    steps:
+      - wait: 1h
+        send: {via: email, template: cart-reminder}
+      - wait: 1d
+        send: {via: email, template: cart-reminder}
+  - name: welcome
+    when: customer.created
+    send: {via: email, template: welcome}
+  - name: order-confirmation
+    when: order.placed
+    kind: transactional
+    send: {via: email, template: order-confirmation}
+"""
+
+
+def fixture_bytes(name: str) -> bytes:
+    return (FIXTURES / name).read_bytes()
+
+
+def fixture_json(name: str) -> dict[str, Any]:
+    return json.loads(fixture_bytes(name))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/declic.db"
+        return
+    yield from postgres_database()
+
+
+def postgres_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, migrated, dropped afterwards."""
+    base = os.environ.get(POSTGRES_ENV)
+    if not base:
+        pytest.skip(f"PostgreSQL tests run when {POSTGRES_ENV} is set, "
+                    "e.g. postgresql://postgres@127.0.0.1:5432/test")
+    name = f"declic_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(sa.make_url(base).set(drivername="postgresql+psycopg"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = sa.make_url(base).set(database=name).render_as_string(hide_password=False)
+    database = Database(url)
+    database.upgrade()
+    database.close()
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def smtp() -> Iterator[SmtpCatcher]:
+    catcher = SmtpCatcher().start()
+    yield catcher
+    catcher.stop()
+
+
+@dataclass
+class Deployment:
+    """A running deployment under a fake clock, and the means to drive it."""
+
+    client: TestClient
+    gateway: Gateway
+    clock: FakeClock
+    path: Path
+
+    async def post_shopify(self, topic: str, body: bytes, webhook_id: str | None = None,
+                           secret: str = SECRET, source: str = "shop", **extra: str) -> Any:
+        headers = shopify_headers(body, secret, topic, webhook_id or uuid.uuid4().hex)
+        headers.update(extra)
+        return await self.client.post(f"/hooks/{source}", data=body, headers=headers)
+
+    async def advance(self, **delta: float) -> int:
+        """Move the clock, then run every job that became due; return how many ran."""
+        from datetime import timedelta
+
+        self.clock.advance(timedelta(**delta))
+        return await self.gateway.worker.drain()
+
+    def rows(self, query: str, **params: Any) -> list[Any]:
+        with self.gateway.db.engine.connect() as conn:
+            return list(conn.execute(sa.text(query), params))
+
+    def scalar(self, query: str, **params: Any) -> Any:
+        with self.gateway.db.engine.connect() as conn:
+            return conn.execute(sa.text(query), params).scalar()
+
+
+Factory = Callable[..., Awaitable[Deployment]]
+
+
+@pytest.fixture
+async def deploy(aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCatcher) -> AsyncIterator[Factory]:
+    """Start the real app (role web: tests run the worker explicitly with `advance`)."""
+
+    async def start(rules: str = DEFAULT_RULES, *, templates: dict[str, str] | None = None,
+                    extra: str = "", max_attempts: int = 5, role: str = "web",
+                    smtp_port: int | None = None) -> Deployment:
+        text = BASE_CONFIG.format(db_url=db_url, secret=SECRET, smtp_port=smtp_port or smtp.port,
+                                  rules=rules, max_attempts=max_attempts) + extra
+        path = write_deployment(tmp_path, text, templates or TEMPLATES)
+        settings, pm, _ = load(str(path))
+        clock = FakeClock(datetime(2026, 3, 14, 8, 0, tzinfo=UTC))
+        app = create_app(settings, pm=pm, clock=clock, role=role)  # type: ignore[arg-type]
+        client = await aiohttp_client(app)
+        return Deployment(client, app[GATEWAY_KEY], clock, path)
+
+    yield start
