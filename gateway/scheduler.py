@@ -33,12 +33,19 @@ def add_step(conn: Connection, enrolment_id: int, step: int, due_at: datetime, n
 
 
 def claim(conn: Connection, worker: str, now: datetime, lease: timedelta, limit: int) -> list[ClaimedJob]:
-    """Take up to `limit` due jobs, and jobs whose holder's lease ran out, for this worker."""
+    """Take up to `limit` due jobs, and jobs whose holder's lease ran out, for this worker.
+
+    A step never overtakes a call received before it was due: while such a call waits to be
+    normalised, the step waits too, so an unsubscribe or an order always lands first.
+    """
     due = sa.or_(
         sa.and_(J.status == "pending", J.due_at <= now),
         sa.and_(J.status == "running", J.locked_until < now),
     )
-    candidates = sa.select(J.id).where(due).order_by(J.due_at).limit(limit)
+    backlog = sa.select(sa.func.min(J.created_at)).where(
+        J.kind == "inbox", J.status.in_(("pending", "running"))).scalar_subquery()
+    in_order = sa.or_(J.kind == "inbox", backlog.is_(None), J.due_at < backlog)
+    candidates = sa.select(J.id).where(due, in_order).order_by(J.due_at).limit(limit)
     if conn.dialect.name == "postgresql":
         # Two replicas never claim the same row, and neither waits for the other's locks.
         candidates = candidates.with_for_update(skip_locked=True)

@@ -29,7 +29,10 @@ class Job(SQLModel, table=True):
     """A unit of durable work: normalise an inbox call, or run one journey step."""
 
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_claim", "status", "due_at"),)
+    __table_args__ = (
+        Index("ix_jobs_claim", "status", "due_at"),
+        Index("ix_jobs_backlog", "kind", "status", "created_at"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     kind: str = Field(max_length=20)  # inbox | step

@@ -130,6 +130,7 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id')
     )
     with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.create_index('ix_jobs_backlog', ['kind', 'status', 'created_at'], unique=False)
         batch_op.create_index('ix_jobs_claim', ['status', 'due_at'], unique=False)
         batch_op.create_index(batch_op.f('ix_jobs_enrolment_id'), ['enrolment_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_jobs_inbox_id'), ['inbox_id'], unique=False)
@@ -141,6 +142,7 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_jobs_inbox_id'))
         batch_op.drop_index(batch_op.f('ix_jobs_enrolment_id'))
         batch_op.drop_index('ix_jobs_claim')
+        batch_op.drop_index('ix_jobs_backlog')
 
     op.drop_table('jobs')
     with op.batch_alter_table('inbox', schema=None) as batch_op:

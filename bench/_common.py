@@ -1,0 +1,137 @@
+"""Shared pieces of the benchmarks: payloads, child processes, percentiles.
+
+Not a test module: nothing here asserts on timings.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import hmac
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = Path(__file__).resolve().parent
+ORDER_FIXTURE = ROOT / "tests" / "fixtures" / "shopify" / "order.json"
+SECRET = "bench-shopify-secret"
+SHOP = "bench.myshopify.com"
+DECLIC = Path(sys.executable).with_name("declic")
+
+_ADDRESS = {
+    "first_name": "Camille", "last_name": "Durand", "company": None,
+    "address1": "12 rue des Tanneurs", "address2": "Bâtiment B, 3e étage", "city": "Lyon",
+    "province": None, "country": "France", "zip": "69001", "phone": "+33612345678",
+    "country_code": "FR", "province_code": None, "latitude": 45.7676, "longitude": 4.8344,
+}
+
+
+def order_body(i: int, email: str | None = None, name: str | None = None) -> bytes:
+    """A realistic orders/create body of about 3 KB: the test fixture plus the usual Shopify fields."""
+    order: dict[str, Any] = json.loads(ORDER_FIXTURE.read_bytes())
+    order["id"] = 7_000_000_000 + i
+    order["order_number"] = 100_000 + i
+    order["name"] = name or f"#{100_000 + i}"
+    order["checkout_token"] = hashlib.md5(f"checkout-{i}".encode()).hexdigest()
+    if email:
+        order["email"] = email
+        order["customer"]["email"] = email
+    order["customer"]["id"] = 5_000_000 + i
+    order["order_status_url"] = f"https://boutique.example/orders/{order['id']}/authenticate?key=k{i}"
+    extra_items = [
+        {"title": "Bol à thé", "quantity": 4, "price": "9.50", "sku": "BOL-THE", "product_id": 333,
+         "variant_id": 3333, "vendor": "Atelier Terre", "requires_shipping": True, "taxable": True,
+         "grams": 350, "fulfillment_service": "manual", "properties": [], "tax_lines": [
+             {"title": "TVA", "price": "7.60", "rate": 0.2}]},
+        {"title": "Plateau en chêne", "quantity": 1, "price": "32.00", "sku": "PLATEAU-CHENE",
+         "product_id": 444, "variant_id": 4444, "vendor": "Atelier Bois", "requires_shipping": True,
+         "taxable": True, "grams": 900, "fulfillment_service": "manual", "properties": [], "tax_lines": [
+             {"title": "TVA", "price": "6.40", "rate": 0.2}]},
+    ]
+    order["line_items"] = order["line_items"] + extra_items
+    order.update({
+        "admin_graphql_api_id": f"gid://shopify/Order/{order['id']}",
+        "browser_ip": "203.0.113.17", "buyer_accepts_marketing": True, "confirmed": True,
+        "source_name": "web", "tags": "bench, repeat-customer", "taxes_included": True, "test": False,
+        "total_discounts": "0.00", "total_tax": "9.98", "total_weight": 2850,
+        "landing_site": "/collections/ceramique?utm_source=newsletter&utm_medium=email",
+        "referring_site": "https://www.example.net/",
+        "billing_address": copy.deepcopy(_ADDRESS), "shipping_address": copy.deepcopy(_ADDRESS),
+        "shipping_lines": [{"title": "Colissimo", "price": "5.90", "code": "colissimo", "source": "shopify"}],
+        "payment_gateway_names": ["shopify_payments"],
+        "note_attributes": [{"name": "gift", "value": "no"}],
+        "client_details": {"accept_language": "fr-FR,fr;q=0.9", "browser_height": 900, "browser_width": 1440,
+                           "user_agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like "
+                                         "Gecko) Chrome/126.0 Safari/537.36"},
+    })
+    return json.dumps(order, ensure_ascii=False, indent=1).encode()
+
+
+def sign(body: bytes, secret: str = SECRET) -> str:
+    return base64.b64encode(hmac.new(secret.encode(), body, hashlib.sha256).digest()).decode()
+
+
+def webhook_headers(digest: str, webhook_id: str, topic: str = "orders/create") -> dict[str, str]:
+    """The same headers as gateway.testing.shopify_headers, with the HMAC computed once per body."""
+    return {
+        "Content-Type": "application/json",
+        "X-Shopify-Topic": topic,
+        "X-Shopify-Hmac-Sha256": digest,
+        "X-Shopify-Shop-Domain": SHOP,
+        "X-Shopify-API-Version": "2026-07",
+        "X-Shopify-Webhook-Id": webhook_id,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[Any], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process {proc.pid} exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def stop(proc: subprocess.Popen[Any] | None, timeout: float = 15.0) -> None:
+    """Stop one child we started, by its PID: SIGINT (graceful for aiohttp), then SIGKILL."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.kill(proc.pid, signal.SIGINT)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an already sorted list (q in 0..100)."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(1, min(len(sorted_values), round(q / 100 * len(sorted_values) + 0.5)))
+    return sorted_values[rank - 1]
+
+
+def machine() -> str:
+    return (f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
+            f"{os.uname().sysname} {os.uname().release}")

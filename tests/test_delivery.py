@@ -1,0 +1,115 @@
+"""Send-time outcomes against a real SMTP server: retries, dead letter, replay, outages, bounces."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from click.testing import CliRunner
+
+from conftest import Factory, fixture_bytes
+from gateway.cli import cli
+from gateway.testing import SmtpCatcher
+
+ORDER = fixture_bytes("shopify/order.json")
+CUSTOMER = fixture_bytes("shopify/customer.json")
+CAMILLE = "camille.durand@example.org"
+
+
+def declic(*args: str) -> str:
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+async def test_a_4xx_reply_is_retried_with_backoff_and_sent_once(deploy: Factory, smtp: SmtpCatcher) -> None:
+    smtp.replies = ["451 4.3.0 try again later"]
+    d = await deploy()
+    await d.post_shopify("orders/create", ORDER)
+    await d.advance(seconds=1)
+    assert smtp.messages == []
+    [(status, reason, attempts)] = d.rows("SELECT status, reason, attempts FROM deliveries")
+    assert (status, attempts) == ("retrying", 1) and "451" in reason
+    due = d.scalar("SELECT due_at FROM jobs WHERE kind = 'step'")
+    assert due is not None
+    await d.advance(seconds=4)  # backoff is 5..10 s for the first retry (retry_base: 10s)
+    assert smtp.messages == []
+    await d.advance(seconds=6)
+    assert len(smtp.to(CAMILLE)) == 1
+    assert d.rows("SELECT status, attempts FROM deliveries") == [("sent", 2)]
+    await d.advance(hours=2)
+    assert len(smtp.messages) == 1
+
+
+async def test_a_permanent_5xx_goes_to_the_dead_letter_and_replay_sends_it(deploy: Factory, smtp: SmtpCatcher) -> None:
+    smtp.replies = ["554 5.7.1 message refused"]
+    d = await deploy()
+    await d.post_shopify("orders/create", ORDER)
+    await d.advance(seconds=1)
+    assert d.scalar("SELECT status FROM jobs WHERE kind = 'step'") == "dead"
+    [(status, reason)] = d.rows("SELECT status, reason FROM deliveries")
+    assert status == "failed" and "554" in reason
+    listing = declic("replay", "--config", str(d.path))
+    assert "554 5.7.1 message refused" in listing
+    job_id = listing.split()[0]
+    assert declic("replay", "--config", str(d.path), job_id) == "queued 1 job again\n"
+    d.clock.set(datetime.now(UTC))  # the command line queues at the real time
+    await d.advance(seconds=1)
+    assert len(smtp.to(CAMILLE)) == 1
+    assert declic("replay", "--config", str(d.path)) == "dead letter is empty\n"
+
+
+async def test_attempts_run_out_into_the_dead_letter(deploy: Factory, smtp: SmtpCatcher) -> None:
+    smtp.replies = ["421 4.7.0 busy"] * 3
+    d = await deploy(max_attempts=3)
+    await d.post_shopify("orders/create", ORDER)
+    for _ in range(4):
+        await d.advance(minutes=5)
+    assert smtp.messages == []
+    [(status, reason)] = d.rows("SELECT status, reason FROM deliveries")
+    assert status == "failed" and reason.startswith("gave up after 3 attempts: SMTP 421")
+    assert d.scalar("SELECT status FROM jobs WHERE kind = 'step'") == "dead"
+
+
+async def test_smtp_down_for_an_hour_every_mail_goes_out_once_it_is_back(deploy: Factory, smtp: SmtpCatcher) -> None:
+    smtp.stop()
+    d = await deploy(max_attempts=12)
+    await d.post_shopify("orders/create", ORDER)
+    await d.post_shopify("customers/create", CUSTOMER)
+    for _ in range(12):
+        await d.advance(minutes=5)
+    assert smtp.messages == []
+    assert d.scalar("SELECT count(*) FROM deliveries WHERE status = 'retrying'") == 2
+    smtp.start()
+    for _ in range(8):
+        await d.advance(minutes=10)
+    assert sorted(m["To"] for m in smtp.messages) == [CAMILLE, "noah.martin@example.org"]
+    assert d.scalar("SELECT count(*) FROM deliveries WHERE status = 'sent'") == 2
+
+
+async def test_a_refused_recipient_marks_the_address_and_later_mail_is_suppressed(deploy: Factory,
+                                                                                   smtp: SmtpCatcher) -> None:
+    smtp.refuse[CAMILLE] = "550 5.1.1 no such user"
+    d = await deploy()
+    await d.post_shopify("orders/create", ORDER)
+    await d.advance(seconds=1)
+    [(status, reason)] = d.rows("SELECT status, reason FROM deliveries")
+    assert status == "address_invalid" and "550 5.1.1" in reason
+    assert d.scalar("SELECT email_status FROM contacts") == "bouncing"
+    second = ORDER.replace(b"7001002003", b"7001002004")
+    await d.post_shopify("orders/create", second)
+    await d.advance(seconds=1)
+    assert d.rows("SELECT status, reason FROM deliveries ORDER BY id")[1] == ("suppressed", "email address is bouncing")
+
+
+async def test_unsubscribe_between_steps_suppresses_the_next_step(deploy: Factory, smtp: SmtpCatcher) -> None:
+    d = await deploy()
+    await d.post_shopify("checkouts/create", fixture_bytes("shopify/checkout.json"))
+    await d.advance(hours=1)
+    assert len(smtp.messages) == 1
+    unsubscribe = (b'{"customer_id": 5550001, "email_address": "camille.durand@example.org",'
+                   b' "email_marketing_consent": {"state": "unsubscribed", "consent_updated_at": null}}')
+    await d.post_shopify("customers_email_marketing_consent/update", unsubscribe)
+    await d.advance(days=1)
+    assert len(smtp.messages) == 1
+    assert d.rows("SELECT step, status, reason FROM deliveries ORDER BY step") == [
+        (1, "sent", None), (2, "suppressed", "no email consent (state: withdrawn)")]

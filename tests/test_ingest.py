@@ -1,0 +1,115 @@
+"""POST /hooks: every status code of the HTTP contract, and nothing stored when refused."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import sqlite3
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+
+from conftest import SECRET, Deployment, Factory, fixture_bytes
+from gateway.store.db import normalize_url
+from gateway.testing import shopify_headers
+
+ORDER = fixture_bytes("shopify/order.json")
+
+
+def signed(body: bytes = ORDER, secret: str = SECRET, topic: str = "orders/create") -> dict[str, str]:
+    return shopify_headers(body, secret, topic, "wh-42")
+
+
+CASES = [
+    # (case, path, headers, body, status, error substring)
+    ("accepted", "/hooks/shop", signed(), ORDER, 200, None),
+    ("unknown source", "/hooks/nope", signed(), ORDER, 404, "no source named 'nope'"),
+    ("bad signature", "/hooks/shop", signed(secret="wrong"), ORDER, 401, "does not match the body"),
+    ("no signature", "/hooks/shop", {"X-Shopify-Topic": "orders/create"}, ORDER, 401, "missing X-Shopify-Hmac"),
+    ("tampered", "/hooks/shop", signed(), ORDER.replace(b"59.90", b"0.01"), 401, "does not match"),
+    ("no topic", "/hooks/shop", {k: v for k, v in signed().items() if k != "X-Shopify-Topic"}, ORDER, 400,
+     "missing X-Shopify-Topic"),
+    ("too large", "/hooks/shop", signed(b"x" * (1024 * 1024 + 1)), b"x" * (1024 * 1024 + 1), 413, None),
+]
+
+
+@pytest.mark.parametrize(("case", "path", "headers", "body", "status", "error"), CASES, ids=[c[0] for c in CASES])
+async def test_status_codes(deploy: Factory, case: str, path: str, headers: dict[str, str], body: bytes,
+                            status: int, error: str | None) -> None:
+    d = await deploy()
+    response = await d.client.post(path, data=io.BytesIO(body), headers=headers)
+    assert response.status == status
+    payload = await response.json()
+    if error:
+        assert error in payload["error"]
+    assert d.scalar("SELECT count(*) FROM inbox") == (1 if status == 200 else 0)
+
+
+async def test_get_on_a_hook_is_405_with_json(deploy: Factory) -> None:
+    d = await deploy()
+    response = await d.client.get("/hooks/shop")
+    assert response.status == 405
+    assert "error" in await response.json()
+
+
+async def test_body_that_is_not_what_the_topic_promises_is_stored_failed_and_replayable(deploy: Factory) -> None:
+    d = await deploy()
+    body = b'{"this": "is not an order"}'
+    response = await d.client.post("/hooks/shop", data=body, headers=signed(body))
+    assert response.status == 200
+    await d.advance(seconds=1)
+    [(status, error)] = d.rows("SELECT status, error FROM inbox")
+    assert status == "failed" and "KeyError" in error and "'id'" in error
+
+
+async def test_database_locked_past_the_timeout_answers_503_with_retry_after(deploy: Factory, db_url: str) -> None:
+    d = await deploy()
+    with locked_inbox(db_url):
+        response = await d.client.post("/hooks/shop", data=ORDER, headers=signed())
+        assert response.status == 503
+        assert response.headers["Retry-After"] == "5"
+        assert "storage unavailable" in (await response.json())["error"]
+    again = await d.client.post("/hooks/shop", data=ORDER, headers=signed())
+    assert again.status == 200 and (await again.json())["status"] == "accepted"
+
+
+@contextlib.contextmanager
+def locked_inbox(db_url: str) -> Iterator[None]:
+    """Hold a lock on the inbox from another connection for longer than the 1s busy timeout."""
+    if db_url.startswith("sqlite"):
+        locker = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            yield
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        return
+    engine = sa.create_engine(normalize_url(db_url))
+    with engine.connect() as conn, conn.begin():
+        conn.execute(sa.text("LOCK TABLE inbox IN ACCESS EXCLUSIVE MODE"))
+        yield
+    engine.dispose()
+
+
+async def test_concurrent_posts_are_all_durable(deploy: Factory) -> None:
+    import asyncio
+    import json
+
+    d: Deployment = await deploy()
+    bodies = [json.dumps({"id": i, "email": f"c{i}@example.com"}).encode() for i in range(50)]
+    responses = await asyncio.gather(*(
+        d.client.post("/hooks/shop", data=b, headers=shopify_headers(b, SECRET, "customers/update", f"w{i}"))
+        for i, b in enumerate(bodies)
+    ))
+    assert [r.status for r in responses] == [200] * 50
+    assert d.scalar("SELECT count(*) FROM inbox") == 50
+    assert d.scalar("SELECT count(*) FROM jobs WHERE kind = 'inbox'") == 50
+
+
+async def test_healthz_and_readyz(deploy: Factory) -> None:
+    d = await deploy()
+    assert (await d.client.get("/healthz")).status == 200
+    ready = await d.client.get("/readyz")
+    assert ready.status == 200 and (await ready.json())["database"] == "ok"

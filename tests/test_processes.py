@@ -1,0 +1,394 @@
+"""Real `declic serve` processes, real HTTP, a real SMTP server and real time.
+
+These tests check what only separate processes can show: an acknowledged webhook survives
+SIGKILL, a restart sends each pending step once, and two workers sharing one PostgreSQL
+database never send the same step twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from conftest import SECRET, postgres_database
+from gateway.testing import SmtpCatcher, free_port, shopify_headers, write_deployment
+
+TEMPLATES = {
+    "followup.subject.j2": "Order {{ event.properties.name }}",
+    "followup.txt.j2": "Thanks {{ contact.first_name }} for order {{ event.properties.name }}",
+}
+
+CONFIG = """\
+public_url: https://hooks.example.com
+timezone: Europe/Paris
+storage:
+  url: {db_url}
+  busy_timeout: 2s
+sources:
+  shop:
+    plugin: shopify
+    secret: {secret}
+sinks:
+  email:
+    plugin: smtp
+    host: 127.0.0.1
+    port: {smtp_port}
+    tls: none
+    sender: "Boutique <shop@example.com>"
+    timeout: 5
+worker:
+  poll_interval: 200ms
+  lease: 30s
+  batch_size: {batch_size}
+  concurrency: {concurrency}
+  retry_base: {retry_base}
+  retry_max: {retry_max}
+  max_attempts: {max_attempts}
+rules:
+  - name: order-followup
+    when: order.placed
+    kind: transactional
+    steps:
+      - wait: {wait}
+        send: {{via: email, template: followup}}
+"""
+
+
+def make_config(db_url: str, smtp_port: int, *, wait: str, batch_size: int = 50, concurrency: int = 20,
+                retry_base: str = "1s", retry_max: str = "1h", max_attempts: int = 5) -> str:
+    return CONFIG.format(db_url=db_url, secret=SECRET, smtp_port=smtp_port, wait=wait, batch_size=batch_size,
+                         concurrency=concurrency, retry_base=retry_base, retry_max=retry_max,
+                         max_attempts=max_attempts)
+
+
+def declic_command() -> list[str]:
+    script = Path(sys.executable).parent / "declic"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("declic")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "from gateway.cli import main; main()"]
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """One `declic serve` subprocess; stderr and stdout go to a file in tmp_path."""
+
+    name: str
+    config: Path
+    port: int
+    role: str
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> Server:
+        env = dict(os.environ)
+        env.pop("DECLIC_DATABASE_URL", None)  # the config's storage.url is the one under test
+        env.pop("DECLIC_CONFIG", None)
+        env["PYTHONUNBUFFERED"] = "1"
+        with open(self.log_path, "ab") as log:
+            log.write(f"----- start {self.name} on port {self.port} -----\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                [*declic_command(), "serve", "--config", str(self.config), "--host", "127.0.0.1",
+                 "--port", str(self.port), "--role", self.role],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                cwd=self.config.parent,
+            )
+        return self
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {self.proc.returncode} before it was ready")
+            try:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"{self.name} not ready on port {self.port} after {timeout}s")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def sigkill(self) -> None:
+        """SIGKILL the process we started (by its pid), and reap it."""
+        assert self.proc is not None and self.proc.poll() is None, f"{self.name} is not running"
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM (aiohttp shuts down gracefully), then SIGKILL if it hangs; return the exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+            raise AssertionError(f"{self.name} did not stop within {timeout}s of SIGTERM") from None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+@dataclass
+class Servers:
+    tmp_path: Path
+    all: list[Server] = field(default_factory=list)
+
+    def start(self, config: Path, *, name: str = "declic", port: int | None = None, role: str = "all") -> Server:
+        server = Server(name, config, port or free_port(), role, self.tmp_path / f"{name}.log")
+        self.all.append(server)
+        server.start().wait_ready()
+        return server
+
+    def dump(self) -> None:
+        for server in self.all:
+            code = None if server.proc is None else server.proc.poll()
+            print(f"===== {server.name} (port {server.port}, pid {server.proc and server.proc.pid}, "
+                  f"exit {code}) log: {server.log_path} =====")
+            print(server.log_text()[-20000:])
+
+    @contextmanager
+    def logs_on_failure(self) -> Iterator[None]:
+        """Print every process's log when the test body fails (pytest shows it with the failure)."""
+        try:
+            yield
+        except BaseException:
+            self.dump()
+            raise
+
+    def stop_all(self) -> None:
+        for server in self.all:
+            if server.proc is None or server.proc.poll() is not None:
+                continue
+            try:
+                server.stop()
+            except AssertionError:
+                pass  # killed by pid in stop(); teardown must go on
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[Servers]:
+    pool = Servers(tmp_path)
+    try:
+        yield pool
+    finally:
+        pool.stop_all()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    yield from postgres_database()
+
+
+# --- webhooks, waiting, the database ---------------------------------------------------------------
+
+
+def buyer(i: int) -> str:
+    return f"buyer{i:04d}@example.org"
+
+
+def order_body(i: int) -> bytes:
+    return json.dumps({
+        "id": 8_100_000 + i,
+        "name": f"#{5000 + i}",
+        "order_number": 5000 + i,
+        "email": buyer(i),
+        "currency": "EUR",
+        "total_price": "42.00",
+        "subtotal_price": "40.00",
+        "financial_status": "paid",
+        "line_items": [{"title": "Tasse", "quantity": 1, "price": "40.00", "sku": "T", "product_id": 1,
+                        "variant_id": 1}],
+        "customer": {"id": 6_100_000 + i, "email": buyer(i), "first_name": f"Buyer{i}",
+                     "email_marketing_consent": {"state": "subscribed"}},
+    }).encode()
+
+
+def post_order(base_url: str, i: int) -> tuple[int, dict[str, Any]]:
+    body = order_body(i)
+    headers = shopify_headers(body, SECRET, "orders/create", f"wh-{i}-{uuid.uuid4().hex}")
+    request = urllib.request.Request(base_url + "/hooks/shop", data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=15) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, {"error": exc.read().decode(errors="replace")}
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll until predicate() holds; return the seconds it took."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def sqlite_rows(path: Path, query: str) -> list[tuple[Any, ...]]:
+    with closing(sqlite3.connect(path, timeout=5)) as conn:
+        return conn.execute(query).fetchall()
+
+
+def recipients(smtp: SmtpCatcher) -> Counter[str]:
+    return Counter(str(m["To"]) for m in list(smtp.messages))
+
+
+# --- tests -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_sigkill_with_steps_pending_each_email_goes_out_exactly_once(
+        tmp_path: Path, smtp: SmtpCatcher, servers: Servers) -> None:
+    n, wait = 20, 3.0
+    database = tmp_path / "declic.db"
+    config = write_deployment(tmp_path, make_config(f"sqlite:///{database}", smtp.port, wait="3s"), TEMPLATES)
+    with servers.logs_on_failure():
+        first = servers.start(config, name="first")
+        started = time.monotonic()
+        answers = [post_order(first.url, i) for i in range(n)]
+        assert [status for status, _ in answers] == [200] * n, answers
+        assert {body["status"] for _, body in answers} == {"accepted"}
+        first.sigkill()
+        killed_after = time.monotonic() - started
+        assert killed_after < wait, f"too slow to test a kill before the steps are due ({killed_after:.2f}s)"
+        assert first.proc is not None and first.proc.returncode == -signal.SIGKILL
+
+        assert smtp.messages == []
+        # Every acknowledged call is on disk, whatever the killed process had time to do with it.
+        assert sqlite_rows(database, "SELECT count(*) FROM inbox") == [(n,)]
+
+        second = servers.start(config, name="second")
+        took = wait_until(lambda: len(smtp.messages) >= n, 20, f"{n} mails after the restart")
+        time.sleep(1.5)  # several poll intervals: a duplicate would have gone out by now
+        assert second.alive()
+
+        got = recipients(smtp)
+        assert sum(got.values()) == n, got
+        assert got == Counter(buyer(i) for i in range(n))
+        assert len({m["Message-ID"] for m in smtp.messages}) == n
+        assert sqlite_rows(database, "SELECT status, count(*) FROM deliveries GROUP BY status") == [("sent", n)]
+        assert sqlite_rows(database, "SELECT kind, status, count(*) FROM jobs GROUP BY kind, status "
+                                     "ORDER BY kind") == [("inbox", "done", n), ("step", "done", n)]
+        print(f"killed {killed_after:.2f}s after the first post; {n} mails {took:.2f}s after the restart")
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(90)
+def test_two_processes_on_one_postgresql_never_send_a_step_twice(
+        tmp_path: Path, smtp: SmtpCatcher, pg_url: str, servers: Servers) -> None:
+    n = 200
+    # batch_size 5 and every step due about the same second: both workers must take a share.
+    text = make_config(pg_url, smtp.port, wait="1s", batch_size=5, concurrency=10)
+    config = write_deployment(tmp_path, text, TEMPLATES)
+    engine = sa.create_engine(sa.make_url(pg_url).set(drivername="postgresql+psycopg"))
+    try:
+        with servers.logs_on_failure():
+            a = servers.start(config, name="a")
+            b = servers.start(config, name="b")
+            urls = [a.url, b.url]
+            with ThreadPoolExecutor(max_workers=16) as pool:
+                answers = list(pool.map(lambda i: post_order(urls[i % 2], i), range(n)))
+            assert Counter(status for status, _ in answers) == Counter({200: n}), answers
+            assert {body["status"] for _, body in answers} == {"accepted"}
+
+            took = wait_until(lambda: len(smtp.messages) >= n, 45, f"{n} mails")
+            time.sleep(1.5)  # several poll intervals: a duplicate would have gone out by now
+            assert a.alive() and b.alive()
+
+            got = recipients(smtp)
+            duplicates = {to: count for to, count in got.items() if count > 1}
+            assert not duplicates, f"sent more than once: {duplicates}"
+            assert got == Counter(buyer(i) for i in range(n))
+
+            with engine.connect() as conn:
+                deliveries = conn.execute(sa.text(
+                    "SELECT status, count(*), count(DISTINCT enrolment_id) FROM deliveries GROUP BY status"
+                )).all()
+                enrolments = conn.execute(sa.text("SELECT count(*) FROM enrolments")).scalar()
+                jobs = conn.execute(sa.text(
+                    "SELECT kind, status, count(*) FROM jobs GROUP BY kind, status ORDER BY kind")).all()
+                workers = dict(conn.execute(sa.text(
+                    "SELECT locked_by, count(*) FROM jobs WHERE kind = 'step' GROUP BY locked_by")).all())
+            assert [tuple(row) for row in deliveries] == [("sent", n, n)]
+            assert enrolments == n
+            assert [tuple(row) for row in jobs] == [("inbox", "done", n), ("step", "done", n)]
+            # Worker ids are host:pid:random; both processes must have run steps for this to prove anything.
+            pids = {int(worker.rsplit(":", 2)[1]): count for worker, count in workers.items()}
+            assert set(pids) == {a.pid, b.pid}, workers
+            print(f"{n} mails {took:.2f}s after the posts; steps per process: {pids}")
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.timeout(60)
+def test_webhook_taken_while_smtp_is_down_goes_out_once_after_a_restart(
+        tmp_path: Path, servers: Servers) -> None:
+    database = tmp_path / "declic.db"
+    smtp_port = free_port()  # nothing listens there yet: every send is refused and retried
+    text = make_config(f"sqlite:///{database}", smtp_port, wait="0s", retry_base="500ms", retry_max="1s",
+                       max_attempts=50)
+    config = write_deployment(tmp_path, text, TEMPLATES)
+    smtp = SmtpCatcher(port=smtp_port)
+    try:
+        with servers.logs_on_failure():
+            first = servers.start(config, name="first")
+            status, body = post_order(first.url, 1)
+            assert (status, body["status"]) == (200, "accepted")
+            wait_until(lambda: sqlite_rows(database, "SELECT status FROM deliveries") == [("retrying",)], 15,
+                       "a failed attempt recorded as retrying")
+            assert first.stop() == 0
+
+            smtp.start()
+            second = servers.start(config, name="second")
+            wait_until(lambda: len(smtp.messages) >= 1, 15, "the mail after SMTP came back")
+            time.sleep(1.5)
+            assert second.alive()
+            assert recipients(smtp) == Counter({buyer(1): 1})
+            [(status, attempts)] = sqlite_rows(database, "SELECT status, attempts FROM deliveries")
+            assert status == "sent" and attempts >= 2
+    finally:
+        smtp.stop()
