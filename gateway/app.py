@@ -85,6 +85,18 @@ def create_app(settings: Settings, *, pm: pluggy.PluginManager | None = None, cl
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     gateway = app[GATEWAY_KEY]
+    try:
+        await _start(gateway)
+    except BaseException:
+        await _stop(gateway)
+        raise
+    try:
+        yield
+    finally:
+        await _stop(gateway)
+
+
+async def _start(gateway: Gateway) -> None:
     db = gateway.db
     loop = asyncio.get_running_loop()
     if db.is_sqlite:
@@ -104,15 +116,15 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             await result
     log.info("gateway started", role=gateway.role, sources=sorted(gateway.sources), sinks=sorted(gateway.sinks),
              rules=len(gateway.router.rules))
-    try:
-        yield
-    finally:
-        for task in gateway.tasks:
-            task.cancel()
-        await asyncio.gather(*gateway.tasks, return_exceptions=True)
-        for sink in gateway.sinks.values():
-            await sink.close()
-        db.close()
+
+
+async def _stop(gateway: Gateway) -> None:
+    for task in gateway.tasks:
+        task.cancel()
+    await asyncio.gather(*gateway.tasks, return_exceptions=True)
+    for sink in gateway.sinks.values():
+        await sink.close()
+    gateway.db.close()
 
 
 async def healthz(_request: web.Request) -> web.Response:

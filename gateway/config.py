@@ -252,8 +252,8 @@ def _check_rules(settings: Settings, registry: Registry, pm: pluggy.PluginManage
             step_where = (*where, "steps", k) if (*where, "steps") in report.marks else where
             _check_expression(env, step.if_, (*step_where, "if"), report)
             send_where = (*step_where, "send")
-            if step.send.via not in settings._sinks:
-                sinks = ", ".join(sorted(settings._sinks)) or "none configured"
+            if step.send.via not in settings.sinks:
+                sinks = ", ".join(sorted(settings.sinks)) or "none configured"
                 report.add((*send_where, "via"), f"no sink named {step.send.via!r} under `sinks:` (configured: {sinks})")
             if "txt" not in template_files(templates_dir, step.send.template):
                 report.add((*send_where, "template"),
@@ -293,7 +293,9 @@ class _Report:
     def add_validation(self, exc: ValidationError, prefix: yamlmarks.Path) -> None:
         for err in exc.errors():
             loc = tuple(part for part in err["loc"] if not (isinstance(part, str) and "[" in part))
-            self.add((*prefix, *loc), _message(err))
+            where = (*prefix, *loc)
+            key_mark = self.marks.get((*where, yamlmarks.KEY)) if err["type"] == "extra_forbidden" else None
+            self.add(where, _message(err), key_mark)
 
     def format_at(self, mark: yamlmarks.Mark, where: yamlmarks.Path, message: str) -> str:
         dotted = format_path(where)

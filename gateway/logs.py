@@ -44,7 +44,8 @@ def _redact_field(key: str, value: Any) -> Any:
     if _SECRET_KEYS.search(key) and value is not None:
         return "***"
     if _PERSONAL_KEYS.match(key) and isinstance(value, str) and value:
-        return _tag(key.lower(), value)
+        kind = "email" if "@" in value else "phone" if value.lstrip("+").replace(" ", "").isdigit() else "pii"
+        return _tag(kind, value)
     return _redact(value)
 
 
@@ -67,6 +68,7 @@ def configure(level: str = "info", redact: bool = True, as_json: bool | None = N
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        # Looked up at each logger creation, so a replaced sys.stderr (tests, daemons) is honoured.
+        logger_factory=lambda *_args: structlog.PrintLogger(sys.stderr),
         cache_logger_on_first_use=False,
     )

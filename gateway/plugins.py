@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
 
@@ -19,14 +20,17 @@ ENTRY_POINT_GROUP = "declic"
 BLOCK_ENV = "DECLIC_BLOCK_PLUGINS"
 
 
-def get_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginManager:
+def get_plugin_manager(*, load_entry_points: bool = True, extra: Iterable[object] = ()) -> pluggy.PluginManager:
+    """Blocked names first, then installed plugins, then `extra` (tests, embedding), then checks."""
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
     for name in filter(None, (n.strip() for n in os.environ.get(BLOCK_ENV, "").split(","))):
         pm.set_blocked(name)
     if load_entry_points:
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-    pm.check_pending()
+    for plugin in extra:
+        pm.register(plugin)
+    pm.check_pending()  # a misspelt hook implementation fails here, not silently later
     return pm
 
 

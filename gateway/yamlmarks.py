@@ -12,6 +12,8 @@ import yaml
 Path = tuple[str | int, ...]
 Mark = tuple[int, int]
 
+KEY = "\0key"  # path suffix under which a mapping key's own position is kept
+
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -22,7 +24,10 @@ class YamlProblem(Exception):
 
 
 def load(text: str, env: Mapping[str, str] | None = None) -> tuple[Any, dict[Path, Mark], list[YamlProblem]]:
-    """Parse YAML into plain data, a path -> (line, column) map, and the ${VAR} problems."""
+    """Parse YAML into plain data, a path -> (line, column) map, and the ${VAR} problems.
+
+    A path maps to where its value starts; `(*path, KEY)` maps to where its key is written.
+    """
     env = os.environ if env is None else env
     loader = yaml.SafeLoader(text)
     try:
@@ -44,8 +49,9 @@ def load(text: str, env: Mapping[str, str] | None = None) -> tuple[Any, dict[Pat
             result: dict[Any, Any] = {}
             for key_node, value_node in node.value:
                 key = loader.construct_object(key_node, deep=True)
+                where = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+                marks[(*path, key, KEY)] = where
                 if key in result:
-                    where = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
                     problems.append(YamlProblem(where, (*path, key), "duplicate key"))
                 result[key] = build(value_node, (*path, key))
             return result

@@ -30,7 +30,8 @@ class SmtpConfig(PluginConfig):
     return_path: str | None = Field(None, description="Envelope sender (bounce mailbox). Default: the From address.")
     connections: int = Field(4, ge=1, le=64, description="Connections kept open and reused.")
     timeout: float = Field(30.0, gt=0, description="Seconds for connect and each SMTP command.")
-    validate_certs: bool = True
+    validate_certs: bool = Field(True, description="Check the server's certificate; leave on in production.")
+    ca_file: str | None = Field(None, description="PEM file of the CA that signs the server's certificate.")
     local_hostname: str = Field("declic.localdomain", description="Name sent in EHLO (saves a DNS lookup).")
 
     @field_validator("sender")
@@ -96,7 +97,7 @@ class SmtpSink(Sink):
             hostname=cfg.host, port=cfg.port or DEFAULT_PORTS[cfg.tls], timeout=cfg.timeout,
             use_tls=cfg.tls == "implicit", start_tls=True if cfg.tls == "starttls" else False,
             validate_certs=cfg.validate_certs, local_hostname=cfg.local_hostname,
-            tls_context=None if cfg.validate_certs else _insecure_context(),
+            tls_context=_tls_context(cfg),
         )
         await client.connect()
         if cfg.username:
@@ -112,10 +113,13 @@ class SmtpSink(Sink):
                 client.close()
 
 
-def _insecure_context() -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
+def _tls_context(cfg: SmtpConfig) -> ssl.SSLContext | None:
+    if cfg.tls == "none":
+        return None
+    context = ssl.create_default_context(cafile=cfg.ca_file)
+    if not cfg.validate_certs:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
     return context
 
 

@@ -1,0 +1,140 @@
+"""SMTP sink against a real aiosmtpd server: each reply class maps to one outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from declic_plugins.smtp import SmtpConfig, SmtpSink
+from gateway import Message, Outcome, SendContext
+from gateway.clock import FakeClock
+from gateway.sources import Deployment
+from gateway.testing import SmtpCatcher, free_port
+
+CTX = SendContext(rule="r", step=1, kind="transactional", contact={"email": "to@example.org"}, event={})
+MESSAGE = Message(to="to@example.org", text="plain body", subject="Hello", html="<p>html body</p>",
+                  idempotency_key="dcl-abc123")
+
+
+def sink(port: int, **options: Any) -> SmtpSink:
+    config = SmtpConfig.model_validate({"host": "127.0.0.1", "port": port, "tls": "none",
+                                        "sender": "Shop <shop@example.com>", "timeout": 2, **options})
+    return SmtpSink("email", config, Deployment(None, "UTC", FakeClock()))
+
+
+@pytest.fixture
+def server() -> Iterator[SmtpCatcher]:
+    catcher = SmtpCatcher().start()
+    yield catcher
+    catcher.stop()
+
+
+# (case, set-up of the server, expected outcome, text in the error)
+REPLIES = [
+    ("accepted", {}, Outcome.SENT, None),
+    ("4xx at DATA", {"replies": ["451 4.3.0 local error"]}, Outcome.RETRY, "SMTP 451"),
+    ("5xx at DATA", {"replies": ["554 5.7.1 rejected as spam"]}, Outcome.PERMANENT, "SMTP 554"),
+    ("5xx at RCPT", {"refuse": {"to@example.org": "550 5.1.1 unknown user"}}, Outcome.ADDRESS_INVALID, "SMTP 550"),
+    ("4xx at RCPT", {"refuse": {"to@example.org": "452 4.2.2 mailbox full"}}, Outcome.RETRY, "SMTP 452"),
+]
+
+
+@pytest.mark.parametrize(("case", "setup", "outcome", "error"), REPLIES, ids=[r[0] for r in REPLIES])
+async def test_reply_classes(server: SmtpCatcher, case: str, setup: dict[str, Any], outcome: Outcome,
+                             error: str | None) -> None:
+    for key, value in setup.items():
+        setattr(server, key, value)
+    smtp = sink(server.port)
+    result = await smtp.send(MESSAGE, CTX)
+    await smtp.close()
+    assert result.outcome is outcome
+    assert (error or "") in (result.error or "")
+    assert len(server.messages) == (1 if outcome is Outcome.SENT else 0)
+
+
+async def test_multipart_with_message_id_date_and_envelope(server: SmtpCatcher) -> None:
+    smtp = sink(server.port, return_path="bounces@example.com")
+    result = await smtp.send(MESSAGE, CTX)
+    await smtp.close()
+    [mail] = server.messages
+    assert result.provider_id == "<dcl-abc123@example.com>" == mail["Message-ID"]
+    assert mail["From"] == "Shop <shop@example.com>" and mail["Subject"] == "Hello" and mail["Date"]
+    assert mail.get_content_type() == "multipart/alternative"
+    assert mail.get_body(("plain",)).get_content().strip() == "plain body"
+    assert mail.get_body(("html",)).get_content().strip() == "<p>html body</p>"
+    assert server.envelopes == [("bounces@example.com", ["to@example.org"])]
+
+
+async def test_connections_are_reused(server: SmtpCatcher) -> None:
+    smtp = sink(server.port, connections=2)
+    results = await asyncio.gather(*(smtp.send(MESSAGE, CTX) for _ in range(10)))
+    assert {r.outcome for r in results} == {Outcome.SENT}
+    assert len(smtp._idle) <= 2
+    await smtp.close()
+    assert len(server.messages) == 10
+
+
+async def test_connection_refused_is_retried() -> None:
+    result = await sink(free_port()).send(MESSAGE, CTX)
+    assert result.outcome is Outcome.RETRY and "SMTPConnectError" in (result.error or "")
+
+
+async def test_a_server_that_never_answers_is_a_timeout_to_retry() -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    try:
+        result = await sink(listener.getsockname()[1], timeout=0.5).send(MESSAGE, CTX)
+    finally:
+        listener.close()
+    assert result.outcome is Outcome.RETRY and "Timeout" in (result.error or "")
+
+
+@pytest.fixture
+def tls() -> tuple[trustme.CA, ssl.SSLContext]:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    return ca, server_context
+
+
+async def test_starttls_sends_over_tls_to_a_server_our_ca_vouches_for(
+        tls: tuple[trustme.CA, ssl.SSLContext], tmp_path: Path) -> None:
+    ca, server_context = tls
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    server = SmtpCatcher(tls_context=server_context).start()
+    try:
+        smtp = sink(server.port, tls="starttls", ca_file=str(tmp_path / "ca.pem"))
+        result = await smtp.send(MESSAGE, CTX)
+        await smtp.close()
+    finally:
+        server.stop()
+    assert result.outcome is Outcome.SENT and len(server.messages) == 1
+
+
+async def test_starttls_refuses_a_certificate_nobody_vouches_for(tls: tuple[trustme.CA, ssl.SSLContext]) -> None:
+    server = SmtpCatcher(tls_context=tls[1]).start()
+    try:
+        result = await sink(server.port, tls="starttls").send(MESSAGE, CTX)
+    finally:
+        server.stop()
+    assert result.outcome is Outcome.RETRY and "CERTIFICATE_VERIFY_FAILED" in (result.error or "")
+    assert server.messages == []
+
+
+async def test_starttls_is_required_never_a_silent_downgrade(server: SmtpCatcher) -> None:
+    result = await sink(server.port, tls="starttls").send(MESSAGE, CTX)
+    assert result.outcome is Outcome.RETRY and "STARTTLS" in (result.error or "")
+    assert server.messages == []
+
+
+def test_secrets_do_not_show_in_the_config_repr() -> None:
+    config = SmtpConfig.model_validate({"sender": "a@example.com", "username": "u", "password": "hunter2"})
+    assert "hunter2" not in repr(config) and "hunter2" not in str(config.model_dump())

@@ -1,0 +1,64 @@
+"""Storage: migrations match the tables, `declic db upgrade` works, and serve refuses a stale schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from aiohttp.test_utils import TestServer
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from click.testing import CliRunner
+from sqlmodel import SQLModel
+
+from gateway.app import create_app, load
+from gateway.cli import cli
+from gateway.errors import ConfigError
+from gateway.store import Database
+from gateway.testing import write_deployment
+
+
+def test_migrations_produce_exactly_the_tables_the_code_declares(db_url: str) -> None:
+    database = Database(db_url)
+    database.upgrade()
+    with database.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), SQLModel.metadata)
+    database.close()
+    assert diff == []
+
+
+def test_db_upgrade_command_then_current(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/x.db"
+    path = write_deployment(tmp_path, f"storage: {{url: '{url}'}}\n")
+    result = CliRunner().invoke(cli, ["db", "upgrade", "--config", str(path)], env={"DECLIC_DATABASE_URL": ""})
+    assert result.exit_code == 0 and result.output == "database is current\n"
+    database = Database(url)
+    assert database.is_current()
+    database.close()
+
+
+@pytest.mark.postgres
+async def test_serve_refuses_a_postgresql_database_that_is_not_migrated(tmp_path: Path) -> None:
+    import os
+    import uuid
+
+    base = os.environ.get("DECLIC_TEST_POSTGRES_URL")
+    if not base:
+        pytest.skip("PostgreSQL tests run when DECLIC_TEST_POSTGRES_URL is set")
+    name = f"declic_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(sa.make_url(base).set(drivername="postgresql+psycopg"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        url = sa.make_url(base).set(database=name).render_as_string(hide_password=False)
+        path = write_deployment(tmp_path, f"storage: {{url: '{url}'}}\n")
+        settings, pm, _ = load(str(path))
+        server = TestServer(create_app(settings, pm=pm))
+        with pytest.raises(ConfigError, match="run `declic db upgrade"):
+            await server.start_server()
+        await server.close()
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
