@@ -12,7 +12,21 @@ from .sources import Deployment, PluginConfig, RawCall, Source
 hookimpl = pluggy.HookimplMarker("declic")
 
 __all__ = [
-    "BadRequest", "ConfigError", "ContactRef", "DeclicError", "DeliveryResult", "Deployment", "Event",
-    "MalformedPayload", "Message", "Outcome", "PluginConfig", "RawCall", "SendContext", "SignatureError",
-    "Sink", "Source", "hookimpl",
+    "BadRequest",
+    "ConfigError",
+    "ContactRef",
+    "DeclicError",
+    "DeliveryResult",
+    "Deployment",
+    "Event",
+    "MalformedPayload",
+    "Message",
+    "Outcome",
+    "PluginConfig",
+    "RawCall",
+    "SendContext",
+    "SignatureError",
+    "Sink",
+    "Source",
+    "hookimpl",
 ]

@@ -50,8 +50,9 @@ class Gateway:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
-def build_gateway(settings: Settings, *, pm: pluggy.PluginManager | None = None,
-                  clock: Clock | None = None, role: Role = "all") -> Gateway:
+def build_gateway(
+    settings: Settings, *, pm: pluggy.PluginManager | None = None, clock: Clock | None = None, role: Role = "all"
+) -> Gateway:
     pm = pm or get_plugin_manager()
     clock = clock or SystemClock()
     deployment = Deployment(settings.public_url, settings.timezone, clock)
@@ -66,11 +67,11 @@ def build_gateway(settings: Settings, *, pm: pluggy.PluginManager | None = None,
     return Gateway(settings, pm, clock, db, sources, sinks, env, router, committer, worker, role)
 
 
-def create_app(settings: Settings, *, pm: pluggy.PluginManager | None = None, clock: Clock | None = None,
-               role: Role = "all") -> web.Application:
+def create_app(
+    settings: Settings, *, pm: pluggy.PluginManager | None = None, clock: Clock | None = None, role: Role = "all"
+) -> web.Application:
     gateway = build_gateway(settings, pm=pm, clock=clock, role=role)
-    app = web.Application(client_max_size=settings.limits.max_body_bytes,
-                          middlewares=[json_error_middleware_factory()])
+    app = web.Application(client_max_size=settings.limits.max_body_bytes, middlewares=[json_error_middleware_factory()])
     app[GATEWAY_KEY] = gateway
     if role != "worker":
         app.router.add_post("/hooks/{source}", handle_hook)
@@ -114,8 +115,13 @@ async def _start(gateway: Gateway) -> None:
     for result in gateway.pm.hook.startup(gateway=gateway):
         if inspect.isawaitable(result):
             await result
-    log.info("gateway started", role=gateway.role, sources=sorted(gateway.sources), sinks=sorted(gateway.sinks),
-             rules=len(gateway.router.rules))
+    log.info(
+        "gateway started",
+        role=gateway.role,
+        sources=sorted(gateway.sources),
+        sinks=sorted(gateway.sinks),
+        rules=len(gateway.router.rules),
+    )
 
 
 async def _stop(gateway: Gateway) -> None:

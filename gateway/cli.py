@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from datetime import UTC, datetime
+from typing import cast
 
 import click
 import sqlalchemy as sa
@@ -12,11 +13,16 @@ import sqlalchemy as sa
 from . import inbound, logs, scheduler
 from .errors import ConfigError
 from .plugins import collect, describe, get_plugin_manager
-from .store import Database, InboxCall, Job
+from .store import INBOX, JOBS, Database
 
 CONFIG_OPTION = click.option(
-    "--config", "config_path", envvar="DECLIC_CONFIG", default="config/declic.yaml", show_default=True,
-    type=click.Path(dir_okay=False), help="Deployment config file (env: DECLIC_CONFIG).",
+    "--config",
+    "config_path",
+    envvar="DECLIC_CONFIG",
+    default="config/declic.yaml",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Deployment config file (env: DECLIC_CONFIG).",
 )
 
 
@@ -41,19 +47,29 @@ def cli() -> None:
 @CONFIG_OPTION
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int)
-@click.option("--role", type=click.Choice(["all", "web", "worker"]), default="all", show_default=True,
-              help="web: HTTP only; worker: jobs only; all: both.")
+@click.option(
+    "--role",
+    type=click.Choice(["all", "web", "worker"]),
+    default="all",
+    show_default=True,
+    help="web: HTTP only; worker: jobs only; all: both.",
+)
 def serve(config_path: str, host: str, port: int, role: str) -> None:
     """Serve webhooks and run the workers."""
     from aiohttp import web
 
-    from .app import create_app
+    from .app import Role, create_app
 
     settings, pm, _ = _load(config_path)
     logs.configure(settings.logging.level, settings.logging.redact)
     try:
-        web.run_app(create_app(settings, pm=pm, role=role), host=host, port=port,  # type: ignore[arg-type]
-                    access_log=None, print=lambda text: click.echo(text, err=True))
+        web.run_app(
+            create_app(settings, pm=pm, role=cast(Role, role)),
+            host=host,
+            port=port,
+            access_log=None,
+            print=lambda text: click.echo(text, err=True),
+        )
     except ConfigError as exc:
         for problem in exc.problems:
             click.echo(problem, err=True)
@@ -68,8 +84,13 @@ def check(config_path: str) -> None:
     click.echo(f"ok: {config_path}")
     for title, table in (("sources", settings.source_plugins), ("sinks", settings.sink_plugins)):
         click.echo(f"{title}: " + (", ".join(f"{k} ({cls.name})" for k, (cls, _) in table.items()) or "none"))
-    click.echo("rules: " + (", ".join(f"{r.name} (on {r.when}, {len(r.steps)} step{'s' * (len(r.steps) > 1)})"
-                                      for r in settings.rules) or "none"))
+    click.echo(
+        "rules: "
+        + (
+            ", ".join(f"{r.name} (on {r.when}, {len(r.steps)} step{'s' * (len(r.steps) > 1)})" for r in settings.rules)
+            or "none"
+        )
+    )
 
 
 @cli.group(invoke_without_command=True)
@@ -87,8 +108,10 @@ def plugins_list() -> None:
     registry = collect(pm)
     for info in describe(pm):
         provides = [k for k, origin in registry.origin.items() if origin == info.name]
-        click.echo(f"{info.name} {info.version or '(no version)'}"
-                   f"{'  [' + info.distribution + ']' if info.distribution else ''}")
+        click.echo(
+            f"{info.name} {info.version or '(no version)'}"
+            f"{'  [' + info.distribution + ']' if info.distribution else ''}"
+        )
         click.echo(f"  hooks: {', '.join(info.hooks) or 'none'}")
         if provides:
             click.echo(f"  provides: {', '.join(sorted(provides))}")
@@ -143,13 +166,19 @@ def replay(config_path: str, failed: bool, replay_all: bool, ids: tuple[int, ...
 
 def _list_dead(database: Database, failed: bool) -> None:
     if failed:
-        table = InboxCall.__table__
-        query = sa.select(table.c.id, table.c.source, table.c.received_at, table.c.error).where(
-            table.c.status == "failed").order_by(table.c.id)
+        table = INBOX
+        query = (
+            sa.select(table.c.id, table.c.source, table.c.received_at, table.c.error)
+            .where(table.c.status == "failed")
+            .order_by(table.c.id)
+        )
     else:
-        table = Job.__table__
-        query = sa.select(table.c.id, table.c.kind, table.c.updated_at, table.c.last_error).where(
-            table.c.status == "dead").order_by(table.c.id)
+        table = JOBS
+        query = (
+            sa.select(table.c.id, table.c.kind, table.c.updated_at, table.c.last_error)
+            .where(table.c.status == "dead")
+            .order_by(table.c.id)
+        )
     rows = database.transaction(lambda conn: conn.execute(query).all())
     if not rows:
         click.echo("nothing failed" if failed else "dead letter is empty")

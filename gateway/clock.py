@@ -31,4 +31,3 @@ class FakeClock:
 
     def set(self, moment: datetime) -> None:
         self._now = moment
-

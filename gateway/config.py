@@ -178,8 +178,9 @@ class Settings(_Strict):
         return self._sinks
 
 
-def load_config(path: str | Path, registry: Registry, pm: pluggy.PluginManager | None = None,
-                env: dict[str, str] | None = None) -> Settings:
+def load_config(
+    path: str | Path, registry: Registry, pm: pluggy.PluginManager | None = None, env: dict[str, str] | None = None
+) -> Settings:
     """Read, validate and cross-check a deployment config; raise ConfigError with every problem."""
     path = Path(path)
     try:
@@ -201,7 +202,7 @@ def load_config(path: str | Path, registry: Registry, pm: pluggy.PluginManager |
     except ValidationError as exc:
         report.add_validation(exc, ())
         report.raise_if_any()
-        raise AssertionError("unreachable")  # pragma: no cover
+        raise  # pragma: no cover  (a validation error always adds a problem)
     settings._path = path.resolve()
     _resolve_plugins(settings, data, registry, report)
     _check_rules(settings, registry, pm, report)
@@ -210,8 +211,11 @@ def load_config(path: str | Path, registry: Registry, pm: pluggy.PluginManager |
 
 
 def _resolve_plugins(settings: Settings, data: dict[str, Any], registry: Registry, report: _Report) -> None:
-    for section, table, known in (("sources", settings._sources, registry.sources),
-                                  ("sinks", settings._sinks, registry.sinks)):
+    sections: tuple[tuple[str, dict[str, Any], dict[str, Any]], ...] = (
+        ("sources", settings._sources, registry.sources),
+        ("sinks", settings._sinks, registry.sinks),
+    )
+    for section, table, known in sections:
         for key, options in (data.get(section) or {}).items():
             where: yamlmarks.Path = (section, key)
             if not isinstance(options, dict):
@@ -221,9 +225,12 @@ def _resolve_plugins(settings: Settings, data: dict[str, Any], registry: Registr
             plugin = options.pop("plugin", None)
             if plugin not in known:
                 available = ", ".join(sorted(known)) or "none installed"
-                report.add((*where, "plugin") if plugin else where,
-                           f"unknown plugin {plugin!r} (available: {available}; see `declic plugins`)"
-                           if plugin else "missing `plugin` key")
+                report.add(
+                    (*where, "plugin") if plugin else where,
+                    f"unknown plugin {plugin!r} (available: {available}; see `declic plugins`)"
+                    if plugin
+                    else "missing `plugin` key",
+                )
                 continue
             cls = known[plugin]
             try:
@@ -254,10 +261,13 @@ def _check_rules(settings: Settings, registry: Registry, pm: pluggy.PluginManage
             send_where = (*step_where, "send")
             if step.send.via not in settings.sinks:
                 sinks = ", ".join(sorted(settings.sinks)) or "none configured"
-                report.add((*send_where, "via"), f"no sink named {step.send.via!r} under `sinks:` (configured: {sinks})")
+                report.add(
+                    (*send_where, "via"), f"no sink named {step.send.via!r} under `sinks:` (configured: {sinks})"
+                )
             if "txt" not in template_files(templates_dir, step.send.template):
-                report.add((*send_where, "template"),
-                           f"template {step.send.template}.txt.j2 not found in {templates_dir}")
+                report.add(
+                    (*send_where, "template"), f"template {step.send.template}.txt.j2 not found in {templates_dir}"
+                )
 
 
 def _check_expression(env: jinja2.Environment, expression: str | None, where: yamlmarks.Path, report: _Report) -> None:

@@ -11,10 +11,10 @@ from sqlalchemy.engine import Connection
 
 from . import jsoncodec
 from .events import ContactRef
-from .store import Contact, Identity
+from .store import CONTACTS, IDENTITIES
 
-C = Contact.__table__.c
-I = Identity.__table__.c  # noqa: E741
+C = CONTACTS.c
+I = IDENTITIES.c  # noqa: E741
 _FIELDS = ("email", "phone", "first_name", "last_name", "locale", "timezone")
 
 
@@ -35,8 +35,9 @@ def upsert(conn: Connection, ref: ContactRef, source: str, now: datetime) -> dic
     contact_id = next((known[k] for k in keys if k in known), None)
     if contact_id is None:
         contact_id = conn.execute(
-            sa.insert(Contact.__table__).values(created_at=now, updated_at=now, attributes="{}", consent="{}",
-                                                email_status="ok").returning(C.id)
+            sa.insert(CONTACTS)
+            .values(created_at=now, updated_at=now, attributes="{}", consent="{}", email_status="ok")
+            .returning(C.id)
         ).scalar_one()
         won = _claim(conn, keys, contact_id)
         if keys and keys[0] not in won:
@@ -44,7 +45,7 @@ def upsert(conn: Connection, ref: ContactRef, source: str, now: datetime) -> dic
     else:
         # An identity already held by another contact stays theirs: merging people is a human call.
         _claim(conn, [k for k in keys if k not in known], contact_id)
-    row = conn.execute(sa.select(Contact.__table__).where(C.id == contact_id)).one()
+    row = conn.execute(sa.select(CONTACTS).where(C.id == contact_id)).one()
     changes: dict[str, Any] = {f: getattr(ref, f) for f in _FIELDS if getattr(ref, f)}
     if ref.email:
         changes["email"] = ref.email.strip().lower()
@@ -56,7 +57,7 @@ def upsert(conn: Connection, ref: ContactRef, source: str, now: datetime) -> dic
             consent[channel] = {"state": state, "source": source, "at": now.isoformat()}
         changes["consent"] = jsoncodec.dumps(consent)
     if changes:
-        conn.execute(sa.update(Contact.__table__).where(C.id == contact_id).values(**changes, updated_at=now))
+        conn.execute(sa.update(CONTACTS).where(C.id == contact_id).values(**changes, updated_at=now))
     return load(conn, contact_id)
 
 
@@ -71,24 +72,25 @@ def _claim(conn: Connection, keys: list[tuple[str, str]], contact_id: int) -> se
     """Link identities to the contact unless another contact holds them; return those linked."""
     if not keys:
         return set()
-    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(Identity.__table__)
+    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(IDENTITIES)
     rows = conn.execute(
         insert.values([{"kind": k, "value": v, "contact_id": contact_id} for k, v in keys])
-        .on_conflict_do_nothing(index_elements=["kind", "value"]).returning(I.kind, I.value)
+        .on_conflict_do_nothing(index_elements=["kind", "value"])
+        .returning(I.kind, I.value)
     )
     return {(r.kind, r.value) for r in rows}
 
 
 def _adopt(conn: Connection, ours: int, theirs: int) -> int:
     """A concurrent transaction created the same person first: keep theirs, fold ours into it."""
-    conn.execute(sa.update(Identity.__table__).where(I.contact_id == ours).values(contact_id=theirs))
-    conn.execute(sa.delete(Contact.__table__).where(C.id == ours))
+    conn.execute(sa.update(IDENTITIES).where(I.contact_id == ours).values(contact_id=theirs))
+    conn.execute(sa.delete(CONTACTS).where(C.id == ours))
     return theirs
 
 
 def load(conn: Connection, contact_id: int) -> dict[str, Any]:
     """The contact as rules and templates see it."""
-    row = conn.execute(sa.select(Contact.__table__).where(C.id == contact_id)).one()
+    row = conn.execute(sa.select(CONTACTS).where(C.id == contact_id)).one()
     consent = jsoncodec.loads(row.consent)
     return {
         "id": row.id,
@@ -100,4 +102,4 @@ def load(conn: Connection, contact_id: int) -> dict[str, Any]:
 
 
 def mark_email_bouncing(conn: Connection, contact_id: int, now: datetime) -> None:
-    conn.execute(sa.update(Contact.__table__).where(C.id == contact_id).values(email_status="bouncing", updated_at=now))
+    conn.execute(sa.update(CONTACTS).where(C.id == contact_id).values(email_status="bouncing", updated_at=now))

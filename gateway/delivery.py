@@ -19,15 +19,15 @@ from .inbound import load_event
 from .router import CompiledRule, Router
 from .scheduler import ClaimedJob
 from .sinks import DeliveryResult, Message, Outcome, SendContext, Sink
-from .store import Delivery, Enrolment
+from .store import DELIVERIES, ENROLMENTS
 from .templating import render_message
 
 if TYPE_CHECKING:
     from .clock import Clock
 
 log = structlog.get_logger("declic.delivery")
-D = Delivery.__table__.c
-E = Enrolment.__table__.c
+D = DELIVERIES.c
+E = ENROLMENTS.c
 
 
 @dataclass(frozen=True)
@@ -56,11 +56,11 @@ class StepRunner:
     def prepare(self, conn: Connection, job: ClaimedJob) -> Send | None:
         """Decide what to send, or close the job here when nothing should be sent."""
         now = self.clock.now()
-        enrolment = conn.execute(sa.select(Enrolment.__table__).where(E.id == job.enrolment_id)).one()
+        enrolment = conn.execute(sa.select(ENROLMENTS).where(E.id == job.enrolment_id)).one()
         rule = self.router.rules.get(enrolment.rule)
         if enrolment.status != "active" or rule is None or job.step >= len(rule.spec.steps):
-            reason = "rule no longer in the config" if rule is None else f"journey {enrolment.status}"
-            scheduler.finish(conn, job, self.worker_id, now, "cancelled", reason)
+            why = "rule no longer in the config" if rule is None else f"journey {enrolment.status}"
+            scheduler.finish(conn, job, self.worker_id, now, "cancelled", why)
             return None
         key = idempotency_key(enrolment.rule, enrolment.contact_id, enrolment.occurrence, job.step)
         done = conn.execute(sa.select(D.status).where(D.idempotency_key == key)).scalar_one_or_none()
@@ -85,13 +85,19 @@ class StepRunner:
             scheduler.finish(conn, job, self.worker_id, now, "dead", str(exc))
             log.error("template failed", rule=rule.name, step=job.step + 1, error=str(exc))
             return None
-        message = Message(to=sink.address(contact) or "", text=parts["txt"], subject=parts.get("subject"),
-                          html=parts.get("html"), idempotency_key=key)
+        message = Message(
+            to=sink.address(contact) or "",
+            text=parts["txt"],
+            subject=parts.get("subject"),
+            html=parts.get("html"),
+            idempotency_key=key,
+        )
         send_context = SendContext(rule.name, job.step + 1, rule.spec.kind, contact, event)
         return Send(job, rule, enrolment.id, contact["id"], sink, message, send_context)
 
-    def _suppression(self, rule: CompiledRule, step: int, sink: Sink, contact: dict[str, Any],
-                     context: dict[str, Any]) -> str | None:
+    def _suppression(
+        self, rule: CompiledRule, step: int, sink: Sink, contact: dict[str, Any], context: dict[str, Any]
+    ) -> str | None:
         condition = rule.step_conditions[step]
         if condition is not None:
             try:
@@ -124,8 +130,9 @@ class StepRunner:
             self._advance(conn, job, rule, send.enrolment_id, now)
         elif result.outcome is Outcome.RETRY and job.attempts < self.worker_spec.max_attempts:
             self._record(*args, "retrying", result.error, now)
-            delay = scheduler.retry_delay(job.attempts, self.worker_spec.retry_base, self.worker_spec.retry_max,
-                                          result.retry_after)
+            delay = scheduler.retry_delay(
+                job.attempts, self.worker_spec.retry_base, self.worker_spec.retry_max, result.retry_after
+            )
             scheduler.reschedule(conn, job, self.worker_id, now + delay, now, result.error or "retry")
         else:
             reason = result.error or "failed"
@@ -134,26 +141,53 @@ class StepRunner:
             self._record(*args, "failed", reason, now)
             scheduler.finish(conn, job, self.worker_id, now, "dead", reason)
 
-    def _advance(self, conn: Connection, job: ClaimedJob, rule: CompiledRule, enrolment_id: int,
-                 now: datetime) -> None:
+    def _advance(self, conn: Connection, job: ClaimedJob, rule: CompiledRule, enrolment_id: int, now: datetime) -> None:
         scheduler.finish(conn, job, self.worker_id, now)
         following = job.step + 1
         if following < len(rule.spec.steps):
             scheduler.add_step(conn, enrolment_id, following, now + rule.spec.steps[following].wait, now)
         else:
-            conn.execute(sa.update(Enrolment.__table__).where(E.id == enrolment_id, E.status == "active")
-                         .values(status="completed", ended_at=now))
+            conn.execute(
+                sa.update(ENROLMENTS)
+                .where(E.id == enrolment_id, E.status == "active")
+                .values(status="completed", ended_at=now)
+            )
 
-    def _record(self, conn: Connection, job: ClaimedJob, rule: CompiledRule, enrolment_id: int, contact_id: int,
-                key: str, sink: Sink, status: str, reason: str | None, now: datetime,
-                provider_id: str | None = None) -> None:
-        values = {"status": status, "reason": reason, "attempts": job.attempts, "provider_id": provider_id,
-                  "updated_at": now}
-        updated = conn.execute(sa.update(Delivery.__table__).where(D.idempotency_key == key).values(**values))
+    def _record(
+        self,
+        conn: Connection,
+        job: ClaimedJob,
+        rule: CompiledRule,
+        enrolment_id: int,
+        contact_id: int,
+        key: str,
+        sink: Sink,
+        status: str,
+        reason: str | None,
+        now: datetime,
+        provider_id: str | None = None,
+    ) -> None:
+        values = {
+            "status": status,
+            "reason": reason,
+            "attempts": job.attempts,
+            "provider_id": provider_id,
+            "updated_at": now,
+        }
+        updated = conn.execute(sa.update(DELIVERIES).where(D.idempotency_key == key).values(**values))
         if updated.rowcount == 0:
-            conn.execute(sa.insert(Delivery.__table__).values(
-                idempotency_key=key, enrolment_id=enrolment_id, rule=rule.name, step=job.step + 1,
-                contact_id=contact_id, sink=sink.key, created_at=now, **values))
+            conn.execute(
+                sa.insert(DELIVERIES).values(
+                    idempotency_key=key,
+                    enrolment_id=enrolment_id,
+                    rule=rule.name,
+                    step=job.step + 1,
+                    contact_id=contact_id,
+                    sink=sink.key,
+                    created_at=now,
+                    **values,
+                )
+            )
 
 
 def idempotency_key(rule: str, contact_id: int, occurrence: str, step: int) -> str:

@@ -14,16 +14,17 @@ from .errors import MalformedPayload
 from .events import Event
 from .router import Router
 from .sources import RawCall, Source
-from .store import InboxCall, StoredEvent
+from .store import EVENTS, INBOX
 
 log = structlog.get_logger("declic.inbound")
-IN = InboxCall.__table__.c
+IN = INBOX.c
 
 
-def process_call(conn: Connection, inbox_id: int, sources: dict[str, Source], router: Router,
-                 now: datetime) -> list[Event]:
+def process_call(
+    conn: Connection, inbox_id: int, sources: dict[str, Source], router: Router, now: datetime
+) -> list[Event]:
     """Turn one inbox row into routed events, in the caller's transaction; idempotent per row."""
-    row = conn.execute(sa.select(InboxCall.__table__).where(IN.id == inbox_id)).one_or_none()
+    row = conn.execute(sa.select(INBOX).where(IN.id == inbox_id)).one_or_none()
     if row is None or row.status != "received":
         return []
     source = sources.get(row.source)
@@ -51,18 +52,29 @@ def process_call(conn: Connection, inbox_id: int, sources: dict[str, Source], ro
 
 
 def store_event(conn: Connection, event: Event, contact_id: int) -> None:
-    conn.execute(sa.insert(StoredEvent.__table__).values(
-        id=event.id, inbox_id=event.raw_ref, source=event.source, type=event.type,
-        occurred_at=event.occurred_at, contact_id=contact_id,
-        correlation=jsoncodec.dumps(event.correlation), properties=jsoncodec.dumps(event.properties),
-    ))
+    conn.execute(
+        sa.insert(EVENTS).values(
+            id=event.id,
+            inbox_id=event.raw_ref,
+            source=event.source,
+            type=event.type,
+            occurred_at=event.occurred_at,
+            contact_id=contact_id,
+            correlation=jsoncodec.dumps(event.correlation),
+            properties=jsoncodec.dumps(event.properties),
+        )
+    )
 
 
 def load_event(conn: Connection, event_id: str) -> dict[str, object]:
-    row = conn.execute(sa.select(StoredEvent.__table__).where(StoredEvent.__table__.c.id == event_id)).one()
+    row = conn.execute(sa.select(EVENTS).where(EVENTS.c.id == event_id)).one()
     return {
-        "id": row.id, "source": row.source, "type": row.type, "occurred_at": row.occurred_at,
-        "correlation": jsoncodec.loads(row.correlation), "properties": jsoncodec.loads(row.properties),
+        "id": row.id,
+        "source": row.source,
+        "type": row.type,
+        "occurred_at": row.occurred_at,
+        "correlation": jsoncodec.loads(row.correlation),
+        "properties": jsoncodec.loads(row.properties),
     }
 
 
@@ -73,8 +85,7 @@ def _fail(conn: Connection, inbox_id: int, now: datetime, reason: str) -> list[E
 
 
 def _mark(conn: Connection, inbox_id: int, status: str, now: datetime, error: str | None = None) -> None:
-    conn.execute(sa.update(InboxCall.__table__).where(IN.id == inbox_id)
-                 .values(status=status, error=error, processed_at=now))
+    conn.execute(sa.update(INBOX).where(IN.id == inbox_id).values(status=status, error=error, processed_at=now))
 
 
 def replay_failed(conn: Connection, inbox_ids: list[int] | None, now: datetime) -> list[int]:
@@ -82,8 +93,9 @@ def replay_failed(conn: Connection, inbox_ids: list[int] | None, now: datetime) 
     where = IN.status == "failed"
     if inbox_ids is not None:
         where = sa.and_(where, IN.id.in_(inbox_ids))
-    ids = list(conn.execute(sa.update(InboxCall.__table__).where(where)
-                            .values(status="received", error=None).returning(IN.id)).scalars())
+    ids = list(
+        conn.execute(sa.update(INBOX).where(where).values(status="received", error=None).returning(IN.id)).scalars()
+    )
     if ids:
         scheduler.add_inbox_jobs(conn, ids, now)
     return ids

@@ -14,9 +14,9 @@ from aiohttp import web
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from .errors import RejectedRequest, StorageUnavailable
 from . import scheduler
-from .store import Database, InboxCall
+from .errors import RejectedRequest, StorageUnavailable
+from .store import INBOX, Database
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -85,14 +85,20 @@ def commit_calls(conn: Connection, calls: list[NewCall]) -> list[Accepted]:
     for i, call in enumerate(calls):
         first.setdefault((call.source, call.dedupe_key), i)
     fresh = [calls[i] for i in sorted(first.values())]
-    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(InboxCall.__table__)
+    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(INBOX)
     rows = [
-        {"source": c.source, "dedupe_key": c.dedupe_key, "received_at": c.received_at,
-         "headers": json.dumps(c.headers), "body": c.body, "status": "received"}
+        {
+            "source": c.source,
+            "dedupe_key": c.dedupe_key,
+            "received_at": c.received_at,
+            "headers": json.dumps(c.headers),
+            "body": c.body,
+            "status": "received",
+        }
         for c in fresh
     ]
     statement = insert.on_conflict_do_nothing(index_elements=["source", "dedupe_key"]).returning(
-        InboxCall.__table__.c.id, InboxCall.__table__.c.source, InboxCall.__table__.c.dedupe_key
+        INBOX.c.id, INBOX.c.source, INBOX.c.dedupe_key
     )
     inserted = {(r.source, r.dedupe_key): r.id for r in conn.execute(statement, rows)} if rows else {}
     if inserted:
@@ -147,4 +153,3 @@ def json_error_middleware_factory() -> Any:
             return _problem(exc.status, exc.reason, {k: v for k, v in exc.headers.items() if k == "Allow"})
 
     return middleware
-

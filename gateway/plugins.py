@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from importlib import metadata
+from typing import Any
 
 import pluggy
 import structlog
@@ -47,17 +47,17 @@ def collect(pm: pluggy.PluginManager) -> Registry:
     """Call each plugin's register_* hook with a callback that records who registered what."""
     registry = Registry()
 
-    def registrar(plugin_name: str, kind: str, base: type, table: dict) -> object:
-        def register(cls: type) -> None:
+    def registrar(plugin_name: str, kind: str, base: type, table: dict[str, Any]) -> Callable[[Any], None]:
+        def register(cls: Any) -> None:
             if not (isinstance(cls, type) and issubclass(cls, base)):
                 raise TypeError(f"plugin {plugin_name} registered {cls!r}, not a {base.__name__}")
-            if cls.name in table:
+            name: str = getattr(cls, "name", "")
+            if name in table:
                 raise ValueError(
-                    f"{kind} {cls.name!r} registered by {plugin_name} "
-                    f"and by {registry.origin[f'{kind}:{cls.name}']}"
+                    f"{kind} {name!r} registered by {plugin_name} and by {registry.origin[f'{kind}:{name}']}"
                 )
-            table[cls.name] = cls
-            registry.origin[f"{kind}:{cls.name}"] = plugin_name
+            table[name] = cls
+            registry.origin[f"{kind}:{name}"] = plugin_name
 
         return register
 
@@ -91,7 +91,7 @@ def describe(pm: pluggy.PluginManager) -> list[PluginInfo]:
     for name, plugin in pm.list_name_plugin():
         if plugin is None:
             continue
-        dist: metadata.Distribution | None = dists.get(id(plugin))
+        dist: Any = dists.get(id(plugin))
         hooks = sorted(c.name for c in pm.get_hookcallers(plugin) or [])
         infos.append(
             PluginInfo(

@@ -16,11 +16,11 @@ from sqlalchemy.engine import Connection
 from . import scheduler
 from .config import RuleSpec
 from .events import Event
-from .store import Enrolment
+from .store import ENROLMENTS
 from .templating import compile_condition
 
 log = structlog.get_logger("declic.router")
-E = Enrolment.__table__.c
+E = ENROLMENTS.c
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,7 @@ class Router:
 
 def event_context(event: Event) -> dict[str, Any]:
     """The event as `if:` and templates see it, the same at enrolment and at send time."""
-    return event.model_dump(mode="python", include={"id", "source", "type", "occurred_at", "correlation",
-                                                    "properties"})
+    return event.model_dump(mode="python", include={"id", "source", "type", "occurred_at", "correlation", "properties"})
 
 
 def _truthy(rule: CompiledRule, condition: Any, context: dict[str, Any]) -> bool:
@@ -78,13 +77,19 @@ def _truthy(rule: CompiledRule, condition: Any, context: dict[str, Any]) -> bool
 def enrol(conn: Connection, rule: CompiledRule, event: Event, contact_id: int, base: datetime) -> int | None:
     """One enrolment per (rule, contact, occurrence): a redelivered event enrols nobody twice."""
     correlation = event.correlation[0] if event.correlation else None
-    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(Enrolment.__table__)
+    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(ENROLMENTS)
     enrolment_id = conn.execute(
         insert.values(
-            rule=rule.name, contact_id=contact_id, event_id=event.id,
-            occurrence=correlation or f"event:{event.id}", correlation=correlation,
-            status="active", created_at=base,
-        ).on_conflict_do_nothing(index_elements=["rule", "contact_id", "occurrence"]).returning(E.id)
+            rule=rule.name,
+            contact_id=contact_id,
+            event_id=event.id,
+            occurrence=correlation or f"event:{event.id}",
+            correlation=correlation,
+            status="active",
+            created_at=base,
+        )
+        .on_conflict_do_nothing(index_elements=["rule", "contact_id", "occurrence"])
+        .returning(E.id)
     ).scalar_one_or_none()
     if enrolment_id is None:
         return None
@@ -97,12 +102,14 @@ def exit_journeys(conn: Connection, rule: str, event: Event, contact_id: int, no
     """End the rule's active journeys that share a correlation key with the event (else its contact)."""
     same_story = E.correlation.in_(event.correlation) if event.correlation else sa.false()
     same_contact = sa.and_(E.correlation.is_(None), E.contact_id == contact_id)
-    ended = list(conn.execute(
-        sa.update(Enrolment.__table__)
-        .where(E.rule == rule, E.status == "active", sa.or_(same_story, same_contact))
-        .values(status="exited", ended_by=event.id, ended_at=now)
-        .returning(E.id)
-    ).scalars())
+    ended = list(
+        conn.execute(
+            sa.update(ENROLMENTS)
+            .where(E.rule == rule, E.status == "active", sa.or_(same_story, same_contact))
+            .values(status="exited", ended_by=event.id, ended_at=now)
+            .returning(E.id)
+        ).scalars()
+    )
     if ended:
         scheduler.cancel_pending(conn, ended, now)
         log.info("journeys exited", rule=rule, event_id=event.id, enrolments=len(ended))

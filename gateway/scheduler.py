@@ -9,9 +9,9 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from .store import Job
+from .store import JOBS
 
-J = Job.__table__.c
+J = JOBS.c
 
 
 @dataclass(frozen=True)
@@ -26,10 +26,18 @@ class ClaimedJob:
 
 
 def add_step(conn: Connection, enrolment_id: int, step: int, due_at: datetime, now: datetime) -> None:
-    conn.execute(sa.insert(Job.__table__).values(
-        kind="step", enrolment_id=enrolment_id, step=step, due_at=due_at, status="pending",
-        attempts=0, created_at=now, updated_at=now,
-    ))
+    conn.execute(
+        sa.insert(JOBS).values(
+            kind="step",
+            enrolment_id=enrolment_id,
+            step=step,
+            due_at=due_at,
+            status="pending",
+            attempts=0,
+            created_at=now,
+            updated_at=now,
+        )
+    )
 
 
 def claim(conn: Connection, worker: str, now: datetime, lease: timedelta, limit: int) -> list[ClaimedJob]:
@@ -42,33 +50,39 @@ def claim(conn: Connection, worker: str, now: datetime, lease: timedelta, limit:
         sa.and_(J.status == "pending", J.due_at <= now),
         sa.and_(J.status == "running", J.locked_until < now),
     )
-    backlog = sa.select(sa.func.min(J.created_at)).where(
-        J.kind == "inbox", J.status.in_(("pending", "running"))).scalar_subquery()
+    backlog = (
+        sa.select(sa.func.min(J.created_at))
+        .where(J.kind == "inbox", J.status.in_(("pending", "running")))
+        .scalar_subquery()
+    )
     in_order = sa.or_(J.kind == "inbox", backlog.is_(None), J.due_at < backlog)
     candidates = sa.select(J.id).where(due, in_order).order_by(J.due_at).limit(limit)
     if conn.dialect.name == "postgresql":
         # Two replicas never claim the same row, and neither waits for the other's locks.
         candidates = candidates.with_for_update(skip_locked=True)
     rows = conn.execute(
-        sa.update(Job.__table__)
+        sa.update(JOBS)
         .where(J.id.in_(candidates.scalar_subquery()))
-        .values(status="running", locked_by=worker, locked_until=now + lease,
-                attempts=J.attempts + 1, updated_at=now)
+        .values(status="running", locked_by=worker, locked_until=now + lease, attempts=J.attempts + 1, updated_at=now)
         .returning(J.id, J.kind, J.inbox_id, J.enrolment_id, J.step, J.due_at, J.attempts)
     )
     return sorted((ClaimedJob(*row) for row in rows), key=lambda job: (job.due_at, job.id))
 
 
 def renew(conn: Connection, job_ids: list[int], worker: str, until: datetime) -> None:
-    conn.execute(sa.update(Job.__table__).where(J.id.in_(job_ids), J.locked_by == worker, J.status == "running")
-                 .values(locked_until=until))
+    conn.execute(
+        sa.update(JOBS)
+        .where(J.id.in_(job_ids), J.locked_by == worker, J.status == "running")
+        .values(locked_until=until)
+    )
 
 
-def finish(conn: Connection, job: ClaimedJob, worker: str, now: datetime, status: str = "done",
-           error: str | None = None) -> bool:
+def finish(
+    conn: Connection, job: ClaimedJob, worker: str, now: datetime, status: str = "done", error: str | None = None
+) -> bool:
     """Close a claimed job; False when this worker no longer held it (its lease was taken over)."""
     result = conn.execute(
-        sa.update(Job.__table__)
+        sa.update(JOBS)
         .where(J.id == job.id, J.locked_by == worker, J.status == "running")
         .values(status=status, locked_until=None, last_error=error, updated_at=now)
     )
@@ -77,21 +91,24 @@ def finish(conn: Connection, job: ClaimedJob, worker: str, now: datetime, status
 
 def reschedule(conn: Connection, job: ClaimedJob, worker: str, due_at: datetime, now: datetime, error: str) -> bool:
     result = conn.execute(
-        sa.update(Job.__table__)
+        sa.update(JOBS)
         .where(J.id == job.id, J.locked_by == worker, J.status == "running")
-        .values(status="pending", due_at=due_at, locked_until=None, locked_by=None, last_error=error,
-                updated_at=now)
+        .values(status="pending", due_at=due_at, locked_until=None, locked_by=None, last_error=error, updated_at=now)
     )
     return result.rowcount == 1
 
 
 def cancel_pending(conn: Connection, enrolment_ids: list[int], now: datetime) -> None:
-    conn.execute(sa.update(Job.__table__).where(J.enrolment_id.in_(enrolment_ids), J.status == "pending")
-                 .values(status="cancelled", updated_at=now))
+    conn.execute(
+        sa.update(JOBS)
+        .where(J.enrolment_id.in_(enrolment_ids), J.status == "pending")
+        .values(status="cancelled", updated_at=now)
+    )
 
 
-def retry_delay(attempt: int, base: timedelta, cap: timedelta, retry_after: float | None = None,
-                rng: random.Random | None = None) -> timedelta:
+def retry_delay(
+    attempt: int, base: timedelta, cap: timedelta, retry_after: float | None = None, rng: random.Random | None = None
+) -> timedelta:
     """Exponential backoff with jitter; a provider's Retry-After wins when it asks for longer."""
     ceiling = min(cap.total_seconds(), base.total_seconds() * 2 ** max(attempt - 1, 0))
     delay = ceiling * (rng or random).uniform(0.5, 1.0)
@@ -103,21 +120,38 @@ def requeue(conn: Connection, job_ids: list[int] | None, now: datetime) -> int:
     where = J.status == "dead"
     if job_ids is not None:
         where = sa.and_(where, J.id.in_(job_ids))
-    result = conn.execute(sa.update(Job.__table__).where(where).values(
-        status="pending", attempts=0, due_at=now, locked_by=None, locked_until=None, updated_at=now))
+    result = conn.execute(
+        sa.update(JOBS)
+        .where(where)
+        .values(status="pending", attempts=0, due_at=now, locked_by=None, locked_until=None, updated_at=now)
+    )
     return result.rowcount
 
 
 def add_inbox_jobs(conn: Connection, inbox_ids: list[int], now: datetime) -> None:
-    conn.execute(sa.insert(Job.__table__), [
-        {"kind": "inbox", "inbox_id": inbox_id, "step": 0, "due_at": now, "status": "pending",
-         "attempts": 0, "created_at": now, "updated_at": now}
-        for inbox_id in inbox_ids
-    ])
+    conn.execute(
+        sa.insert(JOBS),
+        [
+            {
+                "kind": "inbox",
+                "inbox_id": inbox_id,
+                "step": 0,
+                "due_at": now,
+                "status": "pending",
+                "attempts": 0,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for inbox_id in inbox_ids
+        ],
+    )
 
 
 def release_orphans(conn: Connection, now: datetime) -> int:
     """On a single-process SQLite deployment, a job still `running` at start-up lost its worker."""
-    result = conn.execute(sa.update(Job.__table__).where(J.status == "running")
-                          .values(status="pending", locked_by=None, locked_until=None, updated_at=now))
+    result = conn.execute(
+        sa.update(JOBS)
+        .where(J.status == "running")
+        .values(status="pending", locked_by=None, locked_until=None, updated_at=now)
+    )
     return result.rowcount

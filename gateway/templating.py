@@ -33,7 +33,9 @@ def compile_condition(env: jinja2.Environment, expression: str) -> Any:
 
 
 def template_files(templates_dir: Path, name: str) -> dict[str, Path]:
-    return {part: templates_dir / f"{name}.{part}.j2" for part in PARTS if (templates_dir / f"{name}.{part}.j2").is_file()}
+    return {
+        part: templates_dir / f"{name}.{part}.j2" for part in PARTS if (templates_dir / f"{name}.{part}.j2").is_file()
+    }
 
 
 def render_message(env: jinja2.Environment, name: str, context: dict[str, Any]) -> dict[str, str]:

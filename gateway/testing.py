@@ -34,8 +34,9 @@ def write_deployment(folder: Path, config: str, templates: dict[str, str] | None
     return path
 
 
-def shopify_headers(body: bytes, secret: str, topic: str, webhook_id: str,
-                    shop: str = "demo.myshopify.com") -> dict[str, str]:
+def shopify_headers(
+    body: bytes, secret: str, topic: str, webhook_id: str, shop: str = "demo.myshopify.com"
+) -> dict[str, str]:
     digest = base64.b64encode(hmac.new(secret.encode(), body, hashlib.sha256).digest()).decode()
     return {
         "Content-Type": "application/json",
@@ -88,7 +89,7 @@ class SmtpCatcher:
         if self.replies:
             return self.replies.pop(0)
         self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
-        self.messages.append(message_from_bytes(envelope.content, policy=policy.default))  # type: ignore[arg-type]
+        self.messages.append(message_from_bytes(envelope.content, policy=policy.default))
         return "250 Message accepted for delivery"
 
     def to(self, address: str) -> list[EmailMessage]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import uuid
 from collections.abc import Callable
 
 import structlog
+from sqlalchemy.engine import Connection
 
 from . import inbound, scheduler
 from .config import WorkerSpec
@@ -28,8 +30,15 @@ def make_worker_id() -> str:
 
 
 class Worker:
-    def __init__(self, db: Database, spec: WorkerSpec, sources: dict[str, Source], router: Router,
-                 steps: StepRunner, on_event: Callable[[Event], None]):
+    def __init__(
+        self,
+        db: Database,
+        spec: WorkerSpec,
+        sources: dict[str, Source],
+        router: Router,
+        steps: StepRunner,
+        on_event: Callable[[Event], None],
+    ):
         self.db, self.spec, self.sources, self.router, self.steps = db, spec, sources, router, steps
         self.clock = steps.clock
         self.id = steps.worker_id
@@ -47,10 +56,8 @@ class Worker:
                 claimed = await self._claim_some()
                 if claimed and len(self._running) < self.spec.concurrency:
                     continue  # more may be due right now
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.spec.poll_interval.total_seconds())
-                except TimeoutError:
-                    pass
                 self._wake.clear()
         finally:
             heartbeat.cancel()
@@ -73,19 +80,22 @@ class Worker:
         if free <= 0:
             return 0
         try:
-            jobs = await self.db.run(scheduler.claim, self.id, self.clock.now(), self.spec.lease,
-                                     min(free, self.spec.batch_size))
+            jobs = await self.db.run(
+                scheduler.claim, self.id, self.clock.now(), self.spec.lease, min(free, self.spec.batch_size)
+            )
         except StorageUnavailable as exc:
             log.warning("cannot claim jobs", error=str(exc))
             return 0
         for job in jobs:
             task = asyncio.create_task(self.run_job(job))
             self._running[job.id] = task
-            task.add_done_callback(lambda _t, job_id=job.id: self._done(job_id))
+            task.add_done_callback(self._done)
         return len(jobs)
 
-    def _done(self, job_id: int) -> None:
-        self._running.pop(job_id, None)
+    def _done(self, task: asyncio.Task[None]) -> None:
+        for job_id, running in list(self._running.items()):
+            if running is task:
+                del self._running[job_id]
         self._wake.set()
 
     async def run_job(self, job: ClaimedJob) -> None:
@@ -99,8 +109,9 @@ class Worker:
             await self._retry_later(job, f"{type(exc).__name__}: {exc}")
 
     async def _process_inbox(self, job: ClaimedJob) -> None:
-        def work(conn):  # type: ignore[no-untyped-def]
+        def work(conn: Connection) -> list[Event]:
             now = self.clock.now()
+            assert job.inbox_id is not None
             events = inbound.process_call(conn, job.inbox_id, self.sources, self.router, now)
             scheduler.finish(conn, job, self.id, now)
             return events
@@ -124,11 +135,13 @@ class Worker:
 
     async def _retry_later(self, job: ClaimedJob, error: str) -> None:
         now = self.clock.now()
-        if job.attempts >= self.spec.max_attempts:
-            work = lambda conn: scheduler.finish(conn, job, self.id, now, "dead", error)  # noqa: E731
-        else:
-            due = now + scheduler.retry_delay(job.attempts, self.spec.retry_base, self.spec.retry_max)
-            work = lambda conn: scheduler.reschedule(conn, job, self.id, due, now, error)  # noqa: E731
+        due = now + scheduler.retry_delay(job.attempts, self.spec.retry_base, self.spec.retry_max)
+
+        def work(conn: Connection) -> bool:
+            if job.attempts >= self.spec.max_attempts:
+                return scheduler.finish(conn, job, self.id, now, "dead", error)
+            return scheduler.reschedule(conn, job, self.id, due, now, error)
+
         try:
             await self.db.run(work)
         except StorageUnavailable:

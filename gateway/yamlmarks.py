@@ -70,7 +70,9 @@ def substitute(value: str, env: Mapping[str, str], mark: Mark, path: Path, probl
             return env[name]
         if default is not None:
             return default
-        problems.append(YamlProblem(mark, path, f"environment variable {name} is not set (or write ${{{name}:-default}})"))
+        problems.append(
+            YamlProblem(mark, path, f"environment variable {name} is not set (or write ${{{name}:-default}})")
+        )
         return ""
 
     return _VAR.sub(replace, value)

@@ -28,8 +28,13 @@ from gateway import (
 )
 
 #: Shopify consent states -> Declic consent states.
-CONSENT = {"subscribed": "granted", "unsubscribed": "withdrawn", "redacted": "withdrawn",
-           "not_subscribed": "none", "pending": "pending"}
+CONSENT = {
+    "subscribed": "granted",
+    "unsubscribed": "withdrawn",
+    "redacted": "withdrawn",
+    "not_subscribed": "none",
+    "pending": "pending",
+}
 
 
 class ShopifyConfig(PluginConfig):
@@ -117,37 +122,65 @@ def _contact(customer: dict[str, Any], order: dict[str, Any]) -> ContactRef:
 
 def _lines(body: dict[str, Any]) -> list[dict[str, Any]]:
     return [
-        {"title": item.get("title"), "quantity": item.get("quantity"), "price": _money(item.get("price")),
-         "sku": item.get("sku"), "product_id": item.get("product_id"), "variant_id": item.get("variant_id")}
+        {
+            "title": item.get("title"),
+            "quantity": item.get("quantity"),
+            "price": _money(item.get("price")),
+            "sku": item.get("sku"),
+            "product_id": item.get("product_id"),
+            "variant_id": item.get("variant_id"),
+        }
         for item in body.get("line_items") or []
     ]
 
 
 def customer_event(topic: str, body: dict[str, Any], raw: RawCall) -> list[Event]:
     kind = "customer.created" if topic == "customers/create" else "customer.updated"
-    return [Event(
-        type=kind, occurred_at=_when(body, raw, "updated_at", "created_at"), contact=_contact(body, {}),
-        correlation=[f"customer:{body['id']}"],
-        properties={"customer_id": body["id"], "orders_count": body.get("orders_count"),
-                    "total_spent": _money(body.get("total_spent")), "currency": body.get("currency"),
-                    "tags": body.get("tags"), "state": body.get("state")},
-    )]
+    return [
+        Event(
+            type=kind,
+            occurred_at=_when(body, raw, "updated_at", "created_at"),
+            contact=_contact(body, {}),
+            correlation=[f"customer:{body['id']}"],
+            properties={
+                "customer_id": body["id"],
+                "orders_count": body.get("orders_count"),
+                "total_spent": _money(body.get("total_spent")),
+                "currency": body.get("currency"),
+                "tags": body.get("tags"),
+                "state": body.get("state"),
+            },
+        )
+    ]
 
 
 def checkout_event(topic: str, body: dict[str, Any], raw: RawCall) -> list[Event]:
     kind = "checkout.started" if topic == "checkouts/create" else "checkout.updated"
-    return [Event(
-        type=kind, occurred_at=_when(body, raw, "updated_at", "created_at"), contact=_contact(body.get("customer") or {}, body),
-        correlation=[f"checkout:{body['token']}"],
-        properties={"token": body["token"], "total_price": _money(body.get("total_price")),
-                    "subtotal_price": _money(body.get("subtotal_price")), "currency": body.get("currency"),
-                    "recovery_url": body.get("abandoned_checkout_url"), "completed_at": body.get("completed_at"),
-                    "line_items": _lines(body)},
-    )]
+    return [
+        Event(
+            type=kind,
+            occurred_at=_when(body, raw, "updated_at", "created_at"),
+            contact=_contact(body.get("customer") or {}, body),
+            correlation=[f"checkout:{body['token']}"],
+            properties={
+                "token": body["token"],
+                "total_price": _money(body.get("total_price")),
+                "subtotal_price": _money(body.get("subtotal_price")),
+                "currency": body.get("currency"),
+                "recovery_url": body.get("abandoned_checkout_url"),
+                "completed_at": body.get("completed_at"),
+                "line_items": _lines(body),
+            },
+        )
+    ]
 
 
-ORDER_TYPES = {"orders/create": "order.placed", "orders/paid": "order.paid",
-               "orders/fulfilled": "order.fulfilled", "orders/cancelled": "order.cancelled"}
+ORDER_TYPES = {
+    "orders/create": "order.placed",
+    "orders/paid": "order.paid",
+    "orders/fulfilled": "order.fulfilled",
+    "orders/cancelled": "order.cancelled",
+}
 
 
 def order_event(topic: str, body: dict[str, Any], raw: RawCall) -> list[Event]:
@@ -155,18 +188,28 @@ def order_event(topic: str, body: dict[str, Any], raw: RawCall) -> list[Event]:
     if body.get("checkout_token"):
         correlation.append(f"checkout:{body['checkout_token']}")  # ends the checkout's cart reminders
     when = {"orders/cancelled": ("cancelled_at",), "orders/create": ("created_at",)}.get(topic, ("updated_at",))
-    return [Event(
-        type=ORDER_TYPES[topic], occurred_at=_when(body, raw, *when, "updated_at"),
-        contact=_contact(body.get("customer") or {}, body),
-        correlation=correlation,
-        properties={"order_id": body["id"], "name": body.get("name"), "order_number": body.get("order_number"),
-                    "total_price": _money(body.get("total_price")),
-                    "subtotal_price": _money(body.get("subtotal_price")), "currency": body.get("currency"),
-                    "financial_status": body.get("financial_status"),
-                    "fulfillment_status": body.get("fulfillment_status"),
-                    "cancel_reason": body.get("cancel_reason"), "order_status_url": body.get("order_status_url"),
-                    "checkout_token": body.get("checkout_token"), "line_items": _lines(body)},
-    )]
+    return [
+        Event(
+            type=ORDER_TYPES[topic],
+            occurred_at=_when(body, raw, *when, "updated_at"),
+            contact=_contact(body.get("customer") or {}, body),
+            correlation=correlation,
+            properties={
+                "order_id": body["id"],
+                "name": body.get("name"),
+                "order_number": body.get("order_number"),
+                "total_price": _money(body.get("total_price")),
+                "subtotal_price": _money(body.get("subtotal_price")),
+                "currency": body.get("currency"),
+                "financial_status": body.get("financial_status"),
+                "fulfillment_status": body.get("fulfillment_status"),
+                "cancel_reason": body.get("cancel_reason"),
+                "order_status_url": body.get("order_status_url"),
+                "checkout_token": body.get("checkout_token"),
+                "line_items": _lines(body),
+            },
+        )
+    ]
 
 
 def consent_event(topic: str, body: dict[str, Any], raw: RawCall) -> list[Event]:
@@ -176,17 +219,33 @@ def consent_event(topic: str, body: dict[str, Any], raw: RawCall) -> list[Event]
     if state is None:
         raise MalformedPayload(f"{topic}: no {key}.state in the body")
     customer_id = body.get("customer_id") or body["id"]
-    kind = {("email", "granted"): "email.subscribed", ("email", "withdrawn"): "email.unsubscribed",
-            ("sms", "withdrawn"): "sms.opted_out"}.get((channel, state), "profile.updated")
-    contact = ContactRef(email=body.get("email_address"), phone=body.get("phone"),
-                         external_ids={"shopify": str(customer_id)}, consent={channel: state})
-    return [Event(type=kind, occurred_at=_when(body[key], raw, "consent_updated_at"), contact=contact,
-                  correlation=[f"customer:{customer_id}"], properties={"channel": channel, "consent": state})]
+    kind = {
+        ("email", "granted"): "email.subscribed",
+        ("email", "withdrawn"): "email.unsubscribed",
+        ("sms", "withdrawn"): "sms.opted_out",
+    }.get((channel, state), "profile.updated")
+    contact = ContactRef(
+        email=body.get("email_address"),
+        phone=body.get("phone"),
+        external_ids={"shopify": str(customer_id)},
+        consent={channel: state},
+    )
+    return [
+        Event(
+            type=kind,
+            occurred_at=_when(body[key], raw, "consent_updated_at"),
+            contact=contact,
+            correlation=[f"customer:{customer_id}"],
+            properties={"channel": channel, "consent": state},
+        )
+    ]
 
 
 TOPICS: dict[str, Callable[[str, dict[str, Any], RawCall], list[Event]]] = {
-    "customers/create": customer_event, "customers/update": customer_event,
-    "checkouts/create": checkout_event, "checkouts/update": checkout_event,
+    "customers/create": customer_event,
+    "customers/update": customer_event,
+    "checkouts/create": checkout_event,
+    "checkouts/update": checkout_event,
     **dict.fromkeys(ORDER_TYPES, order_event),
     "customers/marketing_consent/update": consent_event,
     "customers_email_marketing_consent/update": consent_event,

@@ -94,9 +94,13 @@ class SmtpSink(Sink):
                 return client
         cfg = self.config
         client = aiosmtplib.SMTP(
-            hostname=cfg.host, port=cfg.port or DEFAULT_PORTS[cfg.tls], timeout=cfg.timeout,
-            use_tls=cfg.tls == "implicit", start_tls=True if cfg.tls == "starttls" else False,
-            validate_certs=cfg.validate_certs, local_hostname=cfg.local_hostname,
+            hostname=cfg.host,
+            port=cfg.port or DEFAULT_PORTS[cfg.tls],
+            timeout=cfg.timeout,
+            use_tls=cfg.tls == "implicit",
+            start_tls=cfg.tls == "starttls",  # required, never "if offered"
+            validate_certs=cfg.validate_certs,
+            local_hostname=cfg.local_hostname,
             tls_context=_tls_context(cfg),
         )
         await client.connect()

@@ -29,7 +29,7 @@ SECRET = "test-shopify-secret"
 TEMPLATES = {
     "cart-reminder.subject.j2": "Your cart, {{ contact.first_name }}",
     "cart-reminder.txt.j2": "Total {{ event.properties.total_price }} {{ event.properties.currency }}: "
-                            "{{ event.properties.recovery_url }}",
+    "{{ event.properties.recovery_url }}",
     "cart-reminder.html.j2": "<p>Hello {{ contact.first_name }}, {{ event.properties.line_items[0].title }}</p>",
     "cart-sms.txt.j2": "Still there? {{ event.properties.recovery_url }}",
     "welcome.subject.j2": "Welcome {{ contact.first_name }}",
@@ -105,8 +105,7 @@ def postgres_database() -> Iterator[str]:
     """A fresh PostgreSQL database for one test, migrated, dropped afterwards."""
     base = os.environ.get(POSTGRES_ENV)
     if not base:
-        pytest.skip(f"PostgreSQL tests run when {POSTGRES_ENV} is set, "
-                    "e.g. postgresql://postgres@127.0.0.1:5432/test")
+        pytest.skip(f"PostgreSQL tests run when {POSTGRES_ENV} is set, e.g. postgresql://postgres@127.0.0.1:5432/test")
     name = f"declic_test_{uuid.uuid4().hex[:12]}"
     admin = sa.create_engine(sa.make_url(base).set(drivername="postgresql+psycopg"), isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
@@ -139,8 +138,15 @@ class Deployment:
     clock: FakeClock
     path: Path
 
-    async def post_shopify(self, topic: str, body: bytes, webhook_id: str | None = None,
-                           secret: str = SECRET, source: str = "shop", **extra: str) -> Any:
+    async def post_shopify(
+        self,
+        topic: str,
+        body: bytes,
+        webhook_id: str | None = None,
+        secret: str = SECRET,
+        source: str = "shop",
+        **extra: str,
+    ) -> Any:
         headers = shopify_headers(body, secret, topic, webhook_id or uuid.uuid4().hex)
         headers.update(extra)
         return await self.client.post(f"/hooks/{source}", data=body, headers=headers)
@@ -168,11 +174,21 @@ Factory = Callable[..., Awaitable[Deployment]]
 async def deploy(aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCatcher) -> AsyncIterator[Factory]:
     """Start the real app (role web: tests run the worker explicitly with `advance`)."""
 
-    async def start(rules: str = DEFAULT_RULES, *, templates: dict[str, str] | None = None,
-                    extra: str = "", max_attempts: int = 5, role: str = "web",
-                    smtp_port: int | None = None) -> Deployment:
-        text = BASE_CONFIG.format(db_url=db_url, secret=SECRET, smtp_port=smtp_port or smtp.port,
-                                  rules=rules, max_attempts=max_attempts) + extra
+    async def start(
+        rules: str = DEFAULT_RULES,
+        *,
+        templates: dict[str, str] | None = None,
+        extra: str = "",
+        max_attempts: int = 5,
+        role: str = "web",
+        smtp_port: int | None = None,
+    ) -> Deployment:
+        text = (
+            BASE_CONFIG.format(
+                db_url=db_url, secret=SECRET, smtp_port=smtp_port or smtp.port, rules=rules, max_attempts=max_attempts
+            )
+            + extra
+        )
         path = write_deployment(tmp_path, text, templates or TEMPLATES)
         settings, pm, _ = load(str(path))
         clock = FakeClock(datetime(2026, 3, 14, 8, 0, tzinfo=UTC))

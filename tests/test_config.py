@@ -95,41 +95,90 @@ def edit(old: str, new: str) -> str:
 
 # (case, config text, the exact error line after "declic.yaml:")
 ERRORS = [
-    ("missing env var", VALID, "8:13: sources.shop.secret: environment variable SHOP_SECRET is not set "
-                               "(or write ${SHOP_SECRET:-default})"),
-    ("bad duration", edit("wait: 3d", "wait: 3 days"),
-     "28:15: rules[1].steps[1].wait: invalid duration '3 days': write a number and a unit, "
-     "as 90s, 5m, 1h, 3d or 2w (or 250ms)"),
-    ("unknown sink", edit("send: {via: email, template: welcome}\n  - name: cart",
-                          "send: {via: sms, template: welcome}\n  - name: cart"),
-     "20:17: rules[0].send.via: no sink named 'sms' under `sinks:` (configured: email)"),
-    ("unknown plugin", edit("plugin: shopify", "plugin: shopifi"),
-     "7:13: sources.shop.plugin: unknown plugin 'shopifi' (available: shopify; see `declic plugins`)"),
-    ("plugin option typo", edit("    host: ${SMTP_HOST", "    hots: ${SMTP_HOST"),
-     "12:5: sinks.email.hots: unknown key"),
-    ("plugin option missing", edit('    sender: "Shop <shop@example.com>"\n', ""),
-     "11:5: sinks.email.sender: required key is missing"),
+    (
+        "missing env var",
+        VALID,
+        "8:13: sources.shop.secret: environment variable SHOP_SECRET is not set (or write ${SHOP_SECRET:-default})",
+    ),
+    (
+        "bad duration",
+        edit("wait: 3d", "wait: 3 days"),
+        "28:15: rules[1].steps[1].wait: invalid duration '3 days': write a number and a unit, "
+        "as 90s, 5m, 1h, 3d or 2w (or 250ms)",
+    ),
+    (
+        "unknown sink",
+        edit(
+            "send: {via: email, template: welcome}\n  - name: cart",
+            "send: {via: sms, template: welcome}\n  - name: cart",
+        ),
+        "20:17: rules[0].send.via: no sink named 'sms' under `sinks:` (configured: email)",
+    ),
+    (
+        "unknown plugin",
+        edit("plugin: shopify", "plugin: shopifi"),
+        "7:13: sources.shop.plugin: unknown plugin 'shopifi' (available: shopify; see `declic plugins`)",
+    ),
+    (
+        "plugin option typo",
+        edit("    host: ${SMTP_HOST", "    hots: ${SMTP_HOST"),
+        "12:5: sinks.email.hots: unknown key",
+    ),
+    (
+        "plugin option missing",
+        edit('    sender: "Shop <shop@example.com>"\n', ""),
+        "11:5: sinks.email.sender: required key is missing",
+    ),
     ("bad sender", edit("Shop <shop@example.com>", "Shop"), "14:13: sinks.email.sender: not an e-mail address: 'Shop'"),
-    ("event type typo", edit("when: customer.created", "when: customer.create"),
-     "19:11: rules[0].when: unknown event type 'customer.create' (did you mean 'customer.created'?)"),
-    ("exit_on typo", edit("exit_on: [order.placed]", "exit_on: [order.place]"),
-     "24:15: rules[1].exit_on[0]: unknown event type 'order.place' (did you mean 'order.placed'?)"),
-    ("bad expression", edit('"event.properties.total_price > 20"', '"event.properties.total_price >"'),
-     "23:9: rules[1].if: invalid expression: unexpected 'end of template'"),
-    ("missing template", edit("template: welcome}\n  - name", "template: hello}\n  - name"),
-     "20:34: rules[0].send.template: template hello.txt.j2 not found in {templates}"),
-    ("send and steps", edit("    exit_on: [order.placed]\n", "    exit_on: [order.placed]\n    send: {via: email, template: welcome}\n"),
-     "21:5: rules[1]: a rule needs exactly one of `send` or `steps`"),
+    (
+        "event type typo",
+        edit("when: customer.created", "when: customer.create"),
+        "19:11: rules[0].when: unknown event type 'customer.create' (did you mean 'customer.created'?)",
+    ),
+    (
+        "exit_on typo",
+        edit("exit_on: [order.placed]", "exit_on: [order.place]"),
+        "24:15: rules[1].exit_on[0]: unknown event type 'order.place' (did you mean 'order.placed'?)",
+    ),
+    (
+        "bad expression",
+        edit('"event.properties.total_price > 20"', '"event.properties.total_price >"'),
+        "23:9: rules[1].if: invalid expression: unexpected 'end of template'",
+    ),
+    (
+        "missing template",
+        edit("template: welcome}\n  - name", "template: hello}\n  - name"),
+        "20:34: rules[0].send.template: template hello.txt.j2 not found in {templates}",
+    ),
+    (
+        "send and steps",
+        edit(
+            "    exit_on: [order.placed]\n", "    exit_on: [order.placed]\n    send: {via: email, template: welcome}\n"
+        ),
+        "21:5: rules[1]: a rule needs exactly one of `send` or `steps`",
+    ),
     ("duplicate rule", edit("name: cart", "name: welcome"), "21:11: rules[1].name: duplicate rule name 'welcome'"),
-    ("bad kind", edit("    when: customer.created\n", "    when: customer.created\n    kind: promo\n"),
-     "20:11: rules[0].kind: Input should be 'marketing' or 'transactional'"),
-    ("bad timezone", edit("Europe/Paris", "Europe/Pariss"),
-     "2:11: timezone: unknown time zone 'Europe/Pariss' (use an IANA name such as Europe/Paris)"),
+    (
+        "bad kind",
+        edit("    when: customer.created\n", "    when: customer.created\n    kind: promo\n"),
+        "20:11: rules[0].kind: Input should be 'marketing' or 'transactional'",
+    ),
+    (
+        "bad timezone",
+        edit("Europe/Paris", "Europe/Pariss"),
+        "2:11: timezone: unknown time zone 'Europe/Pariss' (use an IANA name such as Europe/Paris)",
+    ),
     ("unknown top-level key", VALID + "sink: {}\n", "31:1: sink: unknown key"),
-    ("duplicate key", edit("timezone: Europe/Paris\n", "timezone: Europe/Paris\ntimezone: UTC\n"),
-     "3:1: timezone: duplicate key"),
-    ("not yet supported", edit("    when: customer.created\n", "    when: customer.created\n    on_date: contact.birthday\n"),
-     "18:5: rules[0]: on_date: date rules are not supported by this version of Declic yet"),
+    (
+        "duplicate key",
+        edit("timezone: Europe/Paris\n", "timezone: Europe/Paris\ntimezone: UTC\n"),
+        "3:1: timezone: duplicate key",
+    ),
+    (
+        "not yet supported",
+        edit("    when: customer.created\n", "    when: customer.created\n    on_date: contact.birthday\n"),
+        "18:5: rules[0]: on_date: date rules are not supported by this version of Declic yet",
+    ),
     ("invalid yaml", "rules: [\n", "2:1: invalid YAML: expected the node content, but found '<stream end>'"),
 ]
 

@@ -86,8 +86,9 @@ async def test_smtp_down_for_an_hour_every_mail_goes_out_once_it_is_back(deploy:
     assert d.scalar("SELECT count(*) FROM deliveries WHERE status = 'sent'") == 2
 
 
-async def test_a_refused_recipient_marks_the_address_and_later_mail_is_suppressed(deploy: Factory,
-                                                                                   smtp: SmtpCatcher) -> None:
+async def test_a_refused_recipient_marks_the_address_and_later_mail_is_suppressed(
+    deploy: Factory, smtp: SmtpCatcher
+) -> None:
     smtp.refuse[CAMILLE] = "550 5.1.1 no such user"
     d = await deploy()
     await d.post_shopify("orders/create", ORDER)
@@ -106,10 +107,14 @@ async def test_unsubscribe_between_steps_suppresses_the_next_step(deploy: Factor
     await d.post_shopify("checkouts/create", fixture_bytes("shopify/checkout.json"))
     await d.advance(hours=1)
     assert len(smtp.messages) == 1
-    unsubscribe = (b'{"customer_id": 5550001, "email_address": "camille.durand@example.org",'
-                   b' "email_marketing_consent": {"state": "unsubscribed", "consent_updated_at": null}}')
+    unsubscribe = (
+        b'{"customer_id": 5550001, "email_address": "camille.durand@example.org",'
+        b' "email_marketing_consent": {"state": "unsubscribed", "consent_updated_at": null}}'
+    )
     await d.post_shopify("customers_email_marketing_consent/update", unsubscribe)
     await d.advance(days=1)
     assert len(smtp.messages) == 1
     assert d.rows("SELECT step, status, reason FROM deliveries ORDER BY step") == [
-        (1, "sent", None), (2, "suppressed", "no email consent (state: withdrawn)")]
+        (1, "sent", None),
+        (2, "suppressed", "no email consent (state: withdrawn)"),
+    ]

@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 import jinja2
@@ -57,14 +57,20 @@ class Echo(Source):
 
     def normalize(self, raw: RawCall) -> list[Event]:
         data = json.loads(raw.body)
-        return [Event(type="track.echo", occurred_at=raw.received_at, contact=ContactRef(email=data["email"]),
-                      properties={"name": data["name"]})]
+        return [
+            Event(
+                type="track.echo",
+                occurred_at=raw.received_at,
+                contact=ContactRef(email=data["email"]),
+                properties={"name": data["name"]},
+            )
+        ]
 
 
 class Recorder(Sink):
     name = "recorder"
     channel = "email"
-    sent: list[tuple[Message, SendContext]] = []
+    sent: ClassVar[list[tuple[Message, SendContext]]] = []
 
     def address(self, contact: dict[str, Any]) -> str | None:
         return contact.get("email")
@@ -146,22 +152,23 @@ def pm(plugin: EveryHook) -> pluggy.PluginManager:
     return get_plugin_manager(extra=[plugin])
 
 
-async def test_sources_sinks_startup_routes_jinja_and_events(aiohttp_client: Any, tmp_path: Path,
-                                                             plugin: EveryHook, pm: pluggy.PluginManager) -> None:
+async def test_sources_sinks_startup_routes_jinja_and_events(
+    aiohttp_client: Any, tmp_path: Path, plugin: EveryHook, pm: pluggy.PluginManager
+) -> None:
     path = write_deployment(tmp_path, CONFIG, {"greet.txt.j2": "{{ event.properties.name | shout }}"})
     settings = load_config(path, collect(pm), pm)
     app = create_app(settings, pm=pm, clock=FakeClock(datetime(2026, 1, 1, tzinfo=UTC)), role="web")
     client = await aiohttp_client(app)
     gateway = app[GATEWAY_KEY]
-    assert plugin.started == [gateway]                                       # startup (awaitable)
+    assert plugin.started == [gateway]  # startup (awaitable)
     assert await (await client.get("/hello")).json() == {"rules": ["greet"]}  # register_routes
-    refused = await client.post("/hooks/site", data=b'{}', headers={"X-Token": "nope"})
-    assert refused.status == 401                                              # register_sources: verify
+    refused = await client.post("/hooks/site", data=b"{}", headers={"X-Token": "nope"})
+    assert refused.status == 401  # register_sources: verify
     body = json.dumps({"email": "ada@example.com", "name": "ada"}).encode()
     assert (await client.post("/hooks/site", data=body, headers={"X-Token": "t0ken"})).status == 200
     await gateway.worker.drain()
-    assert [e.type for e in plugin.events] == ["track.echo"]                  # event_received
-    [(message, ctx)] = Recorder.sent                                          # register_sinks
+    assert [e.type for e in plugin.events] == ["track.echo"]  # event_received
+    [(message, ctx)] = Recorder.sent  # register_sinks
     assert (message.to, message.text, ctx.rule) == ("ada@example.com", "ADA!", "greet")  # jinja filter
 
 

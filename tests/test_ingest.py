@@ -28,15 +28,22 @@ CASES = [
     ("bad signature", "/hooks/shop", signed(secret="wrong"), ORDER, 401, "does not match the body"),
     ("no signature", "/hooks/shop", {"X-Shopify-Topic": "orders/create"}, ORDER, 401, "missing X-Shopify-Hmac"),
     ("tampered", "/hooks/shop", signed(), ORDER.replace(b"59.90", b"0.01"), 401, "does not match"),
-    ("no topic", "/hooks/shop", {k: v for k, v in signed().items() if k != "X-Shopify-Topic"}, ORDER, 400,
-     "missing X-Shopify-Topic"),
+    (
+        "no topic",
+        "/hooks/shop",
+        {k: v for k, v in signed().items() if k != "X-Shopify-Topic"},
+        ORDER,
+        400,
+        "missing X-Shopify-Topic",
+    ),
     ("too large", "/hooks/shop", signed(b"x" * (1024 * 1024 + 1)), b"x" * (1024 * 1024 + 1), 413, None),
 ]
 
 
 @pytest.mark.parametrize(("case", "path", "headers", "body", "status", "error"), CASES, ids=[c[0] for c in CASES])
-async def test_status_codes(deploy: Factory, case: str, path: str, headers: dict[str, str], body: bytes,
-                            status: int, error: str | None) -> None:
+async def test_status_codes(
+    deploy: Factory, case: str, path: str, headers: dict[str, str], body: bytes, status: int, error: str | None
+) -> None:
     d = await deploy()
     response = await d.client.post(path, data=io.BytesIO(body), headers=headers)
     assert response.status == status
@@ -99,10 +106,12 @@ async def test_concurrent_posts_are_all_durable(deploy: Factory) -> None:
 
     d: Deployment = await deploy()
     bodies = [json.dumps({"id": i, "email": f"c{i}@example.com"}).encode() for i in range(50)]
-    responses = await asyncio.gather(*(
-        d.client.post("/hooks/shop", data=b, headers=shopify_headers(b, SECRET, "customers/update", f"w{i}"))
-        for i, b in enumerate(bodies)
-    ))
+    responses = await asyncio.gather(
+        *(
+            d.client.post("/hooks/shop", data=b, headers=shopify_headers(b, SECRET, "customers/update", f"w{i}"))
+            for i, b in enumerate(bodies)
+        )
+    )
     assert [r.status for r in responses] == [200] * 50
     assert d.scalar("SELECT count(*) FROM inbox") == 50
     assert d.scalar("SELECT count(*) FROM jobs WHERE kind = 'inbox'") == 50

@@ -25,8 +25,14 @@ def json_logs(capsys: pytest.CaptureFixture[str]) -> Any:
 
 
 def test_emails_phones_and_secrets_are_redacted(json_logs: Any) -> None:
-    structlog.get_logger().info("sent to ada@example.com", phone="+33 6 12 34 56 78", api_token="s3cr3t",
-                                host="127.0.0.1", order=7001002003, to="ada@example.com")
+    structlog.get_logger().info(
+        "sent to ada@example.com",
+        phone="+33 6 12 34 56 78",
+        api_token="s3cr3t",
+        host="127.0.0.1",
+        order=7001002003,
+        to="ada@example.com",
+    )
     [line] = json_logs()
     text = json.dumps(line)
     assert "ada@example.com" not in text and "12 34 56" not in text and "s3cr3t" not in text
@@ -45,15 +51,20 @@ def test_redaction_can_be_turned_off(capsys: pytest.CaptureFixture[str]) -> None
         structlog.reset_defaults()
 
 
-async def test_each_line_of_the_flow_carries_event_source_rule_and_sink(deploy: Factory, smtp: SmtpCatcher,
-                                                                         json_logs: Any) -> None:
+async def test_each_line_of_the_flow_carries_event_source_rule_and_sink(
+    deploy: Factory, smtp: SmtpCatcher, json_logs: Any
+) -> None:
     d = await deploy()
     await d.post_shopify("orders/create", fixture_bytes("shopify/order.json"))
     await d.advance(seconds=1)
     lines = json_logs()
     [sent] = [line for line in lines if line["event"] == "step sent"]
     assert {k: sent[k] for k in ("event_id", "rule", "sink", "step")} == {
-        "event_id": "1.0", "rule": "order-confirmation", "sink": "email", "step": 1}
+        "event_id": "1.0",
+        "rule": "order-confirmation",
+        "sink": "email",
+        "step": 1,
+    }
     [enrolled] = [line for line in lines if line["event"] == "enrolled"]
     assert enrolled["source"] == "shop" and enrolled["event_id"] == "1.0"
     assert "camille" not in json.dumps(lines)

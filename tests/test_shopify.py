@@ -45,8 +45,13 @@ def sign(secret: str, body: bytes) -> str:
 
 
 def headers(hmac_value: str, prefix: str = "X-Shopify-", **drop: bool) -> dict[str, str]:
-    values = {"Hmac-Sha256": hmac_value, "Topic": "orders/create", "Shop-Domain": "s.myshopify.com",
-              "Webhook-Id": "wh-1", "API-Version": "2026-07"}
+    values = {
+        "Hmac-Sha256": hmac_value,
+        "Topic": "orders/create",
+        "Shop-Domain": "s.myshopify.com",
+        "Webhook-Id": "wh-1",
+        "API-Version": "2026-07",
+    }
     return {prefix + k: v for k, v in values.items() if not drop.get(k.replace("-", "_").lower())}
 
 
@@ -70,8 +75,13 @@ REJECTIONS: list[tuple[str, dict[str, str], bytes, type[Exception], str]] = [
     ("wrong secret", headers(sign("other", BODY)), BODY, SignatureError, "does not match"),
     ("tampered body", headers(GOOD), BODY.replace(b"1", b"2"), SignatureError, "does not match"),
     ("not base64", headers("%%%not-base64%%%"), BODY, SignatureError, "not base64"),
-    ("hex instead of base64", headers(hmac.new(b"s3cret", BODY, hashlib.sha256).hexdigest()), BODY,
-     SignatureError, "does not match"),
+    (
+        "hex instead of base64",
+        headers(hmac.new(b"s3cret", BODY, hashlib.sha256).hexdigest()),
+        BODY,
+        SignatureError,
+        "does not match",
+    ),
     ("missing topic", headers(GOOD, topic=True), BODY, BadRequest, "missing X-Shopify-Topic"),
     ("missing webhook id", headers(GOOD, webhook_id=True), BODY, BadRequest, "missing X-Shopify-Webhook-Id"),
     ("missing shop", headers(GOOD, shop_domain=True), BODY, BadRequest, "missing X-Shopify-Shop-Domain"),
@@ -115,32 +125,64 @@ def load(name: str) -> bytes:
 
 
 NORMALIZE: list[tuple[str, str, dict[str, Any]]] = [
-    ("checkouts/create", "checkout.json", {
-        "type": "checkout.started", "correlation": ["checkout:c0ffee5ca7e1d2b3a4f5e6d7c8b9a0f1"],
-        "total_price": Decimal("59.90"), "currency": "EUR", "email": "camille.durand@example.org",
-        "consent": {"email": "granted", "sms": "none"}, "external_ids": {"shopify": "5550001"},
-    }),
+    (
+        "checkouts/create",
+        "checkout.json",
+        {
+            "type": "checkout.started",
+            "correlation": ["checkout:c0ffee5ca7e1d2b3a4f5e6d7c8b9a0f1"],
+            "total_price": Decimal("59.90"),
+            "currency": "EUR",
+            "email": "camille.durand@example.org",
+            "consent": {"email": "granted", "sms": "none"},
+            "external_ids": {"shopify": "5550001"},
+        },
+    ),
     ("checkouts/update", "checkout.json", {"type": "checkout.updated"}),
-    ("orders/create", "order.json", {
-        "type": "order.placed", "total_price": Decimal("59.90"),
-        "correlation": ["order:7001002003", "checkout:c0ffee5ca7e1d2b3a4f5e6d7c8b9a0f1"],
-        "occurred_at": datetime.fromisoformat("2026-03-14T09:40:02+01:00"),
-    }),
+    (
+        "orders/create",
+        "order.json",
+        {
+            "type": "order.placed",
+            "total_price": Decimal("59.90"),
+            "correlation": ["order:7001002003", "checkout:c0ffee5ca7e1d2b3a4f5e6d7c8b9a0f1"],
+            "occurred_at": datetime.fromisoformat("2026-03-14T09:40:02+01:00"),
+        },
+    ),
     ("orders/paid", "order.json", {"type": "order.paid"}),
     ("orders/fulfilled", "order.json", {"type": "order.fulfilled"}),
     ("orders/cancelled", "order.json", {"type": "order.cancelled"}),
-    ("customers/create", "customer.json", {
-        "type": "customer.created", "correlation": ["customer:5550002"], "first_name": "Noah",
-        "consent": {"email": "granted", "sms": "none"}, "phone": "+33698765432",
-    }),
+    (
+        "customers/create",
+        "customer.json",
+        {
+            "type": "customer.created",
+            "correlation": ["customer:5550002"],
+            "first_name": "Noah",
+            "consent": {"email": "granted", "sms": "none"},
+            "phone": "+33698765432",
+        },
+    ),
     ("customers/update", "customer.json", {"type": "customer.updated"}),
-    ("customers_email_marketing_consent/update", "email_consent_update.json", {
-        "type": "email.unsubscribed", "consent": {"email": "withdrawn"}, "email": "noah.martin@example.org",
-        "external_ids": {"shopify": "5550002"},
-    }),
-    ("customers/marketing_consent/update", "sms_consent_update.json", {
-        "type": "profile.updated", "consent": {"sms": "granted"}, "phone": "+33698765432",
-    }),
+    (
+        "customers_email_marketing_consent/update",
+        "email_consent_update.json",
+        {
+            "type": "email.unsubscribed",
+            "consent": {"email": "withdrawn"},
+            "email": "noah.martin@example.org",
+            "external_ids": {"shopify": "5550002"},
+        },
+    ),
+    (
+        "customers/marketing_consent/update",
+        "sms_consent_update.json",
+        {
+            "type": "profile.updated",
+            "consent": {"sms": "granted"},
+            "phone": "+33698765432",
+        },
+    ),
 ]
 
 
@@ -148,10 +190,16 @@ NORMALIZE: list[tuple[str, str, dict[str, Any]]] = [
 def test_topics_become_canonical_events(topic: str, fixture: str, expected: dict[str, Any]) -> None:
     [event] = source().normalize(raw(topic, load(fixture)))
     seen = {
-        "type": event.type, "correlation": event.correlation, "occurred_at": event.occurred_at,
-        "total_price": event.properties.get("total_price"), "currency": event.properties.get("currency"),
-        "email": event.contact.email, "phone": event.contact.phone, "first_name": event.contact.first_name,
-        "consent": event.contact.consent, "external_ids": event.contact.external_ids,
+        "type": event.type,
+        "correlation": event.correlation,
+        "occurred_at": event.occurred_at,
+        "total_price": event.properties.get("total_price"),
+        "currency": event.properties.get("currency"),
+        "email": event.contact.email,
+        "phone": event.contact.phone,
+        "first_name": event.contact.first_name,
+        "consent": event.contact.consent,
+        "external_ids": event.contact.external_ids,
     }
     assert {k: seen[k] for k in expected} == expected
 
@@ -166,13 +214,16 @@ def test_unused_topic_is_acknowledged_without_events() -> None:
     assert source().normalize(raw("products/update", b'{"id": 1}')) == []
 
 
-@pytest.mark.parametrize(("topic", "body", "reason"), [
-    ("orders/create", b"not json", "body is not JSON"),
-    ("orders/create", b"[1, 2]", "expected a JSON object"),
-    ("orders/create", b'{"email": "a@b.c"}', "KeyError"),
-    ("checkouts/create", b'{"token": "t", "total_price": "12,50"}', "InvalidOperation"),
-    ("customers_email_marketing_consent/update", b'{"customer_id": 1}', "no email_marketing_consent.state"),
-])
+@pytest.mark.parametrize(
+    ("topic", "body", "reason"),
+    [
+        ("orders/create", b"not json", "body is not JSON"),
+        ("orders/create", b"[1, 2]", "expected a JSON object"),
+        ("orders/create", b'{"email": "a@b.c"}', "KeyError"),
+        ("checkouts/create", b'{"token": "t", "total_price": "12,50"}', "InvalidOperation"),
+        ("customers_email_marketing_consent/update", b'{"customer_id": 1}', "no email_marketing_consent.state"),
+    ],
+)
 def test_malformed_bodies_say_why(topic: str, body: bytes, reason: str) -> None:
     with pytest.raises(MalformedPayload, match=reason):
         source().normalize(raw(topic, body))
@@ -182,11 +233,14 @@ SHARED = SHARED_PAYLOADS / "shopify"
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="shared sample payloads not present")
-@pytest.mark.parametrize(("topic", "name", "kind"), [
-    ("orders/create", "order.json", "order.placed"),
-    ("checkouts/create", "abandoned_checkout.json", "checkout.started"),
-    ("customers/create", "customer.json", "customer.created"),
-])
+@pytest.mark.parametrize(
+    ("topic", "name", "kind"),
+    [
+        ("orders/create", "order.json", "order.placed"),
+        ("checkouts/create", "abandoned_checkout.json", "checkout.started"),
+        ("customers/create", "customer.json", "customer.created"),
+    ],
+)
 def test_official_sdk_fixtures_normalise(topic: str, name: str, kind: str) -> None:
     body = (SHARED / name).read_bytes()
     [event] = source().normalize(raw(topic, body))
@@ -196,4 +250,3 @@ def test_official_sdk_fixtures_normalise(topic: str, name: str, kind: str) -> No
     if "total_price" in data:
         assert event.properties["total_price"] == Decimal(data["total_price"])
         assert event.properties["currency"] == data["currency"]
-

@@ -19,13 +19,15 @@ from gateway.sources import Deployment
 from gateway.testing import SmtpCatcher, free_port
 
 CTX = SendContext(rule="r", step=1, kind="transactional", contact={"email": "to@example.org"}, event={})
-MESSAGE = Message(to="to@example.org", text="plain body", subject="Hello", html="<p>html body</p>",
-                  idempotency_key="dcl-abc123")
+MESSAGE = Message(
+    to="to@example.org", text="plain body", subject="Hello", html="<p>html body</p>", idempotency_key="dcl-abc123"
+)
 
 
 def sink(port: int, **options: Any) -> SmtpSink:
-    config = SmtpConfig.model_validate({"host": "127.0.0.1", "port": port, "tls": "none",
-                                        "sender": "Shop <shop@example.com>", "timeout": 2, **options})
+    config = SmtpConfig.model_validate(
+        {"host": "127.0.0.1", "port": port, "tls": "none", "sender": "Shop <shop@example.com>", "timeout": 2, **options}
+    )
     return SmtpSink("email", config, Deployment(None, "UTC", FakeClock()))
 
 
@@ -47,8 +49,9 @@ REPLIES = [
 
 
 @pytest.mark.parametrize(("case", "setup", "outcome", "error"), REPLIES, ids=[r[0] for r in REPLIES])
-async def test_reply_classes(server: SmtpCatcher, case: str, setup: dict[str, Any], outcome: Outcome,
-                             error: str | None) -> None:
+async def test_reply_classes(
+    server: SmtpCatcher, case: str, setup: dict[str, Any], outcome: Outcome, error: str | None
+) -> None:
     for key, value in setup.items():
         setattr(server, key, value)
     smtp = sink(server.port)
@@ -106,7 +109,8 @@ def tls() -> tuple[trustme.CA, ssl.SSLContext]:
 
 
 async def test_starttls_sends_over_tls_to_a_server_our_ca_vouches_for(
-        tls: tuple[trustme.CA, ssl.SSLContext], tmp_path: Path) -> None:
+    tls: tuple[trustme.CA, ssl.SSLContext], tmp_path: Path
+) -> None:
     ca, server_context = tls
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     server = SmtpCatcher(tls_context=server_context).start()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Column, Index, LargeBinary, Text, UniqueConstraint
+from sqlalchemy import Column, Index, LargeBinary, Table, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -128,3 +128,17 @@ class Delivery(SQLModel, table=True):
     provider_id: str | None = Field(default=None, max_length=300)
     created_at: datetime
     updated_at: datetime
+
+
+def _table(model: type[SQLModel]) -> Table:
+    return model.__table__  # type: ignore[attr-defined]
+
+
+# The same tables as SQLAlchemy Core objects, for the set-based queries of the hot paths.
+INBOX = _table(InboxCall)
+JOBS = _table(Job)
+CONTACTS = _table(Contact)
+IDENTITIES = _table(Identity)
+EVENTS = _table(StoredEvent)
+ENROLMENTS = _table(Enrolment)
+DELIVERIES = _table(Delivery)
