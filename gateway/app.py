@@ -30,6 +30,8 @@ from .worker import Worker, make_worker_id
 
 log = structlog.get_logger("declic.app")
 Role = Literal["web", "worker", "all"]
+#: On shutdown, sends in flight get this long to finish before they are cancelled.
+STOP_GRACE_SECONDS = 10.0
 
 
 @dataclass
@@ -101,7 +103,9 @@ async def _start(gateway: Gateway) -> None:
     db = gateway.db
     loop = asyncio.get_running_loop()
     if db.is_sqlite:
+        db.lock_sqlite_file()
         await loop.run_in_executor(None, db.upgrade)  # embedded database: keep it current ourselves
+        # Holding the file's lock, this is the only process: a job still `running` lost its worker.
         released = await db.run(scheduler.release_orphans, gateway.clock.now())
         if released:
             log.info("released jobs left running by a previous process", jobs=released)
@@ -125,6 +129,7 @@ async def _start(gateway: Gateway) -> None:
 
 
 async def _stop(gateway: Gateway) -> None:
+    await gateway.worker.stop(grace=STOP_GRACE_SECONDS)
     for task in gateway.tasks:
         task.cancel()
     await asyncio.gather(*gateway.tasks, return_exceptions=True)

@@ -93,6 +93,14 @@ def check(config_path: str) -> None:
     )
 
 
+@cli.command()
+def reference() -> None:
+    """Print the config reference (Markdown), generated from the installed plugins' models."""
+    from .reference import render
+
+    click.echo(render(collect(get_plugin_manager())), nl=False)
+
+
 @cli.group(invoke_without_command=True)
 @click.pass_context
 def plugins(ctx: click.Context) -> None:

@@ -17,7 +17,6 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
-    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -43,7 +42,8 @@ NOT_YET = {
     "on_date": "date rules", "at": "date rules", "offset": "date rules",
     "inactive_for": "inactivity rules", "of": "inactivity rules",
     "score_reaches": "lead-score rules", "goal": "journey goals", "reenter": "re-entry policies",
-    "quiet_hours": "quiet hours", "pressure": "marketing pressure caps",
+    "quiet_hours": "quiet hours", "pressure": "marketing pressure caps", "scoring": "lead scoring",
+    "admin": "the admin API",
 }  # fmt: skip
 
 
@@ -61,6 +61,8 @@ class _Strict(BaseModel):
 
 
 class SendSpec(_Strict):
+    """Which sink sends which template."""
+
     via: str = Field(description="Name of a sink under `sinks:`.")
     template: str = Field(description="Template name: <name>.subject.j2, .txt.j2, .html.j2.")
 
@@ -68,17 +70,21 @@ class SendSpec(_Strict):
 class StepSpec(_Strict):
     wait: Duration = Field(timedelta(0), description="Delay after the previous step (or the trigger).")
     if_: str | None = Field(None, alias="if", description="Jinja2 expression re-checked at send time.")
-    send: SendSpec
+    send: SendSpec = Field(description="What to send.")
 
 
 class RuleSpec(_Strict):
-    name: Name
+    name: Name = Field(description="Unique name: lower case, digits, - and _.")
     when: str = Field(description="Event type that enrols a contact.")
     if_: str | None = Field(None, alias="if", description="Jinja2 expression on event and contact.")
-    kind: Literal["marketing", "transactional"] = "marketing"
-    exit_on: list[str] = Field(default_factory=list, description="Event types that end the journey.")
-    send: SendSpec | None = None
-    steps: list[StepSpec] = Field(default_factory=list)
+    kind: Literal["marketing", "transactional"] = Field(
+        "marketing", description="Marketing messages need consent where `policies.consent` says so."
+    )
+    exit_on: list[str] = Field(
+        default_factory=list, description="Event types that end the journey (same correlation key, else contact)."
+    )
+    send: SendSpec | None = Field(None, description="One message, sent at once: short for one step.")
+    steps: list[StepSpec] = Field(default_factory=list, description="Messages sent one after the other.")
 
     @model_validator(mode="after")
     def _one_of_send_or_steps(self) -> RuleSpec:
@@ -91,50 +97,57 @@ class RuleSpec(_Strict):
 
 
 class StorageSpec(_Strict):
-    url: str = "sqlite:///declic.db"
+    url: str = Field(
+        "sqlite:///declic.db",
+        description="sqlite:///FILE (relative to the config) or postgresql://user@host/db. "
+        "Env DECLIC_DATABASE_URL wins.",
+    )
     busy_timeout: Duration = Field(timedelta(seconds=2), description="Wait for a locked database before 503.")
 
 
-class AdminSpec(_Strict):
-    token: SecretStr | None = None
-
-
 class PoliciesSpec(_Strict):
-    consent: dict[str, Literal["required", "optional"]] = Field(default_factory=dict)
+    consent: dict[str, Literal["required", "optional"]] = Field(
+        default_factory=dict, description="Per channel (email, sms...): required = marketing needs granted consent."
+    )
 
 
 class WorkerSpec(_Strict):
-    poll_interval: Duration = timedelta(seconds=1)
-    batch_size: int = Field(50, ge=1, le=1000)
-    concurrency: int = Field(20, ge=1, le=500)
-    lease: Duration = timedelta(minutes=5)
-    max_attempts: int = Field(12, ge=1)
-    retry_base: Duration = timedelta(seconds=30)
-    retry_max: Duration = timedelta(hours=1)
+    poll_interval: Duration = Field(timedelta(seconds=1), description="Look for due jobs at least this often.")
+    batch_size: int = Field(50, ge=1, le=1000, description="Jobs claimed per query.")
+    concurrency: int = Field(20, ge=1, le=500, description="Jobs run at once per process.")
+    lease: Duration = Field(
+        timedelta(minutes=5), description="A claimed job returns to the queue if its worker is silent this long."
+    )
+    max_attempts: int = Field(12, ge=1, description="Attempts before a step goes to the dead letter.")
+    retry_base: Duration = Field(timedelta(seconds=30), description="First retry delay; doubles each attempt.")
+    retry_max: Duration = Field(timedelta(hours=1), description="Longest retry delay.")
 
 
 class LimitsSpec(_Strict):
-    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Larger webhook bodies get 413.")
 
 
 class LoggingSpec(_Strict):
     redact: bool = Field(True, description="Redact e-mail addresses and phone numbers in logs.")
-    level: Literal["debug", "info", "warning", "error"] = "info"
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="Least severe level logged.")
 
 
 class Settings(_Strict):
-    public_url: str | None = None
-    timezone: str = "UTC"
-    storage: StorageSpec = Field(default_factory=StorageSpec)
-    admin: AdminSpec = Field(default_factory=AdminSpec)
-    templates: str = "templates"
-    sources: dict[Name, dict[str, Any]] = Field(default_factory=dict)
-    sinks: dict[Name, dict[str, Any]] = Field(default_factory=dict)
-    policies: PoliciesSpec = Field(default_factory=PoliciesSpec)
-    rules: list[RuleSpec] = Field(default_factory=list)
-    worker: WorkerSpec = Field(default_factory=WorkerSpec)
-    limits: LimitsSpec = Field(default_factory=LimitsSpec)
-    logging: LoggingSpec = Field(default_factory=LoggingSpec)
+    public_url: str | None = Field(None, description="This deployment's URL as providers see it (some sign it).")
+    timezone: str = Field("UTC", description="IANA time zone used when a contact has none.")
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="Where state is kept.")
+    templates: str = Field("templates", description="Template folder, relative to the config file.")
+    sources: dict[Name, dict[str, Any]] = Field(
+        default_factory=dict, description="NAME: {plugin: ..., options}; served at POST /hooks/NAME."
+    )
+    sinks: dict[Name, dict[str, Any]] = Field(
+        default_factory=dict, description="NAME: {plugin: ..., options}; rules send `via: NAME`."
+    )
+    policies: PoliciesSpec = Field(default_factory=PoliciesSpec, description="Checked at send time.")
+    rules: list[RuleSpec] = Field(default_factory=list, description="Trigger rules, see the README.")
+    worker: WorkerSpec = Field(default_factory=WorkerSpec, description="Job queue tuning.")
+    limits: LimitsSpec = Field(default_factory=LimitsSpec, description="Request limits.")
+    logging: LoggingSpec = Field(default_factory=LoggingSpec, description="Log output.")
 
     _path: Path = PrivateAttr(default=Path("declic.yaml"))
     _sources: dict[str, tuple[type[Source], PluginConfig]] = PrivateAttr(default_factory=dict)

@@ -45,6 +45,7 @@ class Worker:
         self._on_event = on_event
         self._wake = asyncio.Event()
         self._running: dict[int, asyncio.Task[None]] = {}
+        self._stopping = False
 
     def wake(self) -> None:
         self._wake.set()
@@ -52,18 +53,27 @@ class Worker:
     async def run(self) -> None:
         heartbeat = asyncio.create_task(self._renew_leases())
         try:
-            while True:
+            while not self._stopping:
                 claimed = await self._claim_some()
                 if claimed and len(self._running) < self.spec.concurrency:
                     continue  # more may be due right now
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.spec.poll_interval.total_seconds())
                 self._wake.clear()
+            # Stopping: jobs in flight finish (stop() bounds the wait by cancelling this task).
+            await asyncio.gather(*self._running.values(), return_exceptions=True)
         finally:
             heartbeat.cancel()
             for task in list(self._running.values()):
                 task.cancel()
             await asyncio.gather(*self._running.values(), heartbeat, return_exceptions=True)
+
+    async def stop(self, grace: float) -> None:
+        """Claim nothing more and let jobs in flight finish, for up to `grace` seconds."""
+        self._stopping = True
+        self._wake.set()
+        if self._running:
+            await asyncio.wait(list(self._running.values()), timeout=grace)
 
     async def drain(self) -> int:
         """Run every job due now, and those they make due now, then return how many ran."""

@@ -24,8 +24,8 @@ class SmtpConfig(PluginConfig):
     tls: Literal["starttls", "implicit", "none"] = Field(
         "starttls", description="starttls is required when set: a server without it fails, never downgrades."
     )
-    username: str | None = None
-    password: SecretStr | None = None
+    username: str | None = Field(None, description="Log in with this user (after TLS).")
+    password: SecretStr | None = Field(None, description="Password for `username`.")
     sender: str = Field(description='From header, e.g. "Boutique <bonjour@example.com>".')
     return_path: str | None = Field(None, description="Envelope sender (bounce mailbox). Default: the From address.")
     connections: int = Field(4, ge=1, le=64, description="Connections kept open and reused.")

@@ -85,6 +85,23 @@ DEFAULT_RULES = """\
 """
 
 
+_SKIPPED_POSTGRES: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and "postgres" in report.keywords:
+        _SKIPPED_POSTGRES.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """In CI the PostgreSQL half of the suite must run: a skip there is a failure."""
+    if os.environ.get("CI") and _SKIPPED_POSTGRES:
+        print(f"\nCI: {len(_SKIPPED_POSTGRES)} PostgreSQL tests were skipped (is {POSTGRES_ENV} set?):")
+        for nodeid in _SKIPPED_POSTGRES[:10]:
+            print(f"  {nodeid}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def fixture_bytes(name: str) -> bytes:
     return (FIXTURES / name).read_bytes()
 

@@ -219,3 +219,16 @@ def test_the_shipped_demo_config_is_valid() -> None:
     demo = Path(__file__).resolve().parents[1] / "config" / "declic.yaml"
     result = CliRunner().invoke(cli, ["check", "--config", str(demo)], env={"DECLIC_DATABASE_URL": ""})
     assert result.exit_code == 0, result.output
+
+
+def test_config_reference_is_current() -> None:
+    """docs/config-reference.md is generated: regenerate it with `declic reference > docs/config-reference.md`."""
+    result = CliRunner().invoke(cli, ["reference"])
+    documented = (Path(__file__).resolve().parents[1] / "docs" / "config-reference.md").read_text()
+    assert result.output == documented
+
+
+def test_every_config_key_is_described() -> None:
+    output = CliRunner().invoke(cli, ["reference"]).output
+    undocumented = [line for line in output.splitlines() if line.startswith("| `") and line.endswith("|  |")]
+    assert undocumented == []

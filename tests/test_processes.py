@@ -7,6 +7,7 @@ database never send the same step twice.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -73,11 +74,28 @@ rules:
 """
 
 
-def make_config(db_url: str, smtp_port: int, *, wait: str, batch_size: int = 50, concurrency: int = 20,
-                retry_base: str = "1s", retry_max: str = "1h", max_attempts: int = 5) -> str:
-    return CONFIG.format(db_url=db_url, secret=SECRET, smtp_port=smtp_port, wait=wait, batch_size=batch_size,
-                         concurrency=concurrency, retry_base=retry_base, retry_max=retry_max,
-                         max_attempts=max_attempts)
+def make_config(
+    db_url: str,
+    smtp_port: int,
+    *,
+    wait: str,
+    batch_size: int = 50,
+    concurrency: int = 20,
+    retry_base: str = "1s",
+    retry_max: str = "1h",
+    max_attempts: int = 5,
+) -> str:
+    return CONFIG.format(
+        db_url=db_url,
+        secret=SECRET,
+        smtp_port=smtp_port,
+        wait=wait,
+        batch_size=batch_size,
+        concurrency=concurrency,
+        retry_base=retry_base,
+        retry_max=retry_max,
+        max_attempts=max_attempts,
+    )
 
 
 def declic_command() -> list[str]:
@@ -122,9 +140,22 @@ class Server:
             log.write(f"----- start {self.name} on port {self.port} -----\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
-                [*declic_command(), "serve", "--config", str(self.config), "--host", "127.0.0.1",
-                 "--port", str(self.port), "--role", self.role],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                [
+                    *declic_command(),
+                    "serve",
+                    "--config",
+                    str(self.config),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--role",
+                    self.role,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
                 cwd=self.config.parent,
             )
         return self
@@ -185,8 +216,10 @@ class Servers:
     def dump(self) -> None:
         for server in self.all:
             code = None if server.proc is None else server.proc.poll()
-            print(f"===== {server.name} (port {server.port}, pid {server.proc and server.proc.pid}, "
-                  f"exit {code}) log: {server.log_path} =====")
+            print(
+                f"===== {server.name} (port {server.port}, pid {server.proc and server.proc.pid}, "
+                f"exit {code}) log: {server.log_path} ====="
+            )
             print(server.log_text()[-20000:])
 
     @contextmanager
@@ -202,10 +235,8 @@ class Servers:
         for server in self.all:
             if server.proc is None or server.proc.poll() is not None:
                 continue
-            try:
+            with contextlib.suppress(AssertionError):  # killed by pid in stop(); teardown must go on
                 server.stop()
-            except AssertionError:
-                pass  # killed by pid in stop(); teardown must go on
 
 
 @pytest.fixture
@@ -230,20 +261,27 @@ def buyer(i: int) -> str:
 
 
 def order_body(i: int) -> bytes:
-    return json.dumps({
-        "id": 8_100_000 + i,
-        "name": f"#{5000 + i}",
-        "order_number": 5000 + i,
-        "email": buyer(i),
-        "currency": "EUR",
-        "total_price": "42.00",
-        "subtotal_price": "40.00",
-        "financial_status": "paid",
-        "line_items": [{"title": "Tasse", "quantity": 1, "price": "40.00", "sku": "T", "product_id": 1,
-                        "variant_id": 1}],
-        "customer": {"id": 6_100_000 + i, "email": buyer(i), "first_name": f"Buyer{i}",
-                     "email_marketing_consent": {"state": "subscribed"}},
-    }).encode()
+    return json.dumps(
+        {
+            "id": 8_100_000 + i,
+            "name": f"#{5000 + i}",
+            "order_number": 5000 + i,
+            "email": buyer(i),
+            "currency": "EUR",
+            "total_price": "42.00",
+            "subtotal_price": "40.00",
+            "financial_status": "paid",
+            "line_items": [
+                {"title": "Tasse", "quantity": 1, "price": "40.00", "sku": "T", "product_id": 1, "variant_id": 1}
+            ],
+            "customer": {
+                "id": 6_100_000 + i,
+                "email": buyer(i),
+                "first_name": f"Buyer{i}",
+                "email_marketing_consent": {"state": "subscribed"},
+            },
+        }
+    ).encode()
 
 
 def post_order(base_url: str, i: int) -> tuple[int, dict[str, Any]]:
@@ -282,7 +320,8 @@ def recipients(smtp: SmtpCatcher) -> Counter[str]:
 
 @pytest.mark.timeout(60)
 def test_sigkill_with_steps_pending_each_email_goes_out_exactly_once(
-        tmp_path: Path, smtp: SmtpCatcher, servers: Servers) -> None:
+    tmp_path: Path, smtp: SmtpCatcher, servers: Servers
+) -> None:
     n, wait = 20, 3.0
     database = tmp_path / "declic.db"
     config = write_deployment(tmp_path, make_config(f"sqlite:///{database}", smtp.port, wait="3s"), TEMPLATES)
@@ -311,15 +350,18 @@ def test_sigkill_with_steps_pending_each_email_goes_out_exactly_once(
         assert got == Counter(buyer(i) for i in range(n))
         assert len({m["Message-ID"] for m in smtp.messages}) == n
         assert sqlite_rows(database, "SELECT status, count(*) FROM deliveries GROUP BY status") == [("sent", n)]
-        assert sqlite_rows(database, "SELECT kind, status, count(*) FROM jobs GROUP BY kind, status "
-                                     "ORDER BY kind") == [("inbox", "done", n), ("step", "done", n)]
+        assert sqlite_rows(database, "SELECT kind, status, count(*) FROM jobs GROUP BY kind, status ORDER BY kind") == [
+            ("inbox", "done", n),
+            ("step", "done", n),
+        ]
         print(f"killed {killed_after:.2f}s after the first post; {n} mails {took:.2f}s after the restart")
 
 
 @pytest.mark.postgres
 @pytest.mark.timeout(90)
 def test_two_processes_on_one_postgresql_never_send_a_step_twice(
-        tmp_path: Path, smtp: SmtpCatcher, pg_url: str, servers: Servers) -> None:
+    tmp_path: Path, smtp: SmtpCatcher, pg_url: str, servers: Servers
+) -> None:
     n = 200
     # batch_size 5 and every step due about the same second: both workers must take a share.
     text = make_config(pg_url, smtp.port, wait="1s", batch_size=5, concurrency=10)
@@ -345,14 +387,18 @@ def test_two_processes_on_one_postgresql_never_send_a_step_twice(
             assert got == Counter(buyer(i) for i in range(n))
 
             with engine.connect() as conn:
-                deliveries = conn.execute(sa.text(
-                    "SELECT status, count(*), count(DISTINCT enrolment_id) FROM deliveries GROUP BY status"
-                )).all()
+                deliveries = conn.execute(
+                    sa.text("SELECT status, count(*), count(DISTINCT enrolment_id) FROM deliveries GROUP BY status")
+                ).all()
                 enrolments = conn.execute(sa.text("SELECT count(*) FROM enrolments")).scalar()
-                jobs = conn.execute(sa.text(
-                    "SELECT kind, status, count(*) FROM jobs GROUP BY kind, status ORDER BY kind")).all()
-                workers = dict(conn.execute(sa.text(
-                    "SELECT locked_by, count(*) FROM jobs WHERE kind = 'step' GROUP BY locked_by")).all())
+                jobs = conn.execute(
+                    sa.text("SELECT kind, status, count(*) FROM jobs GROUP BY kind, status ORDER BY kind")
+                ).all()
+                workers = dict(
+                    conn.execute(
+                        sa.text("SELECT locked_by, count(*) FROM jobs WHERE kind = 'step' GROUP BY locked_by")
+                    ).all()
+                )
             assert [tuple(row) for row in deliveries] == [("sent", n, n)]
             assert enrolments == n
             assert [tuple(row) for row in jobs] == [("inbox", "done", n), ("step", "done", n)]
@@ -365,12 +411,12 @@ def test_two_processes_on_one_postgresql_never_send_a_step_twice(
 
 
 @pytest.mark.timeout(60)
-def test_webhook_taken_while_smtp_is_down_goes_out_once_after_a_restart(
-        tmp_path: Path, servers: Servers) -> None:
+def test_webhook_taken_while_smtp_is_down_goes_out_once_after_a_restart(tmp_path: Path, servers: Servers) -> None:
     database = tmp_path / "declic.db"
     smtp_port = free_port()  # nothing listens there yet: every send is refused and retried
-    text = make_config(f"sqlite:///{database}", smtp_port, wait="0s", retry_base="500ms", retry_max="1s",
-                       max_attempts=50)
+    text = make_config(
+        f"sqlite:///{database}", smtp_port, wait="0s", retry_base="500ms", retry_max="1s", max_attempts=50
+    )
     config = write_deployment(tmp_path, text, TEMPLATES)
     smtp = SmtpCatcher(port=smtp_port)
     try:
@@ -378,8 +424,11 @@ def test_webhook_taken_while_smtp_is_down_goes_out_once_after_a_restart(
             first = servers.start(config, name="first")
             status, body = post_order(first.url, 1)
             assert (status, body["status"]) == (200, "accepted")
-            wait_until(lambda: sqlite_rows(database, "SELECT status FROM deliveries") == [("retrying",)], 15,
-                       "a failed attempt recorded as retrying")
+            wait_until(
+                lambda: sqlite_rows(database, "SELECT status FROM deliveries") == [("retrying",)],
+                15,
+                "a failed attempt recorded as retrying",
+            )
             assert first.stop() == 0
 
             smtp.start()

@@ -62,3 +62,20 @@ async def test_serve_refuses_a_postgresql_database_that_is_not_migrated(tmp_path
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+async def test_a_second_process_on_one_sqlite_file_refuses_to_start(tmp_path: Path) -> None:
+    path = write_deployment(tmp_path, f"storage: {{url: 'sqlite:///{tmp_path}/one.db'}}\n")
+    settings, pm, _ = load(str(path))
+    first = TestServer(create_app(settings, pm=pm))
+    await first.start_server()
+    try:
+        second = TestServer(create_app(settings, pm=pm))
+        with pytest.raises(ConfigError, match="in use by another declic process: SQLite serves one process"):
+            await second.start_server()
+        await second.close()
+    finally:
+        await first.close()
+    again = TestServer(create_app(settings, pm=pm))  # the lock went with the first process's shutdown
+    await again.start_server()
+    await again.close()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import sqlalchemy as sa
 from alembic import command
@@ -16,7 +17,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
-from ..errors import StorageUnavailable
+from ..errors import ConfigError, StorageUnavailable
 
 __all__ = ["Database", "StorageUnavailable", "make_engine", "normalize_url"]
 
@@ -68,6 +69,7 @@ class Database:
         self.engine = make_engine(url, busy_timeout)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         # SQLite has one writer; a single thread serialises writes instead of contending.
+        self._lock: IO[str] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1 if self.is_sqlite else 8, thread_name_prefix="declic-db")
 
     def transaction(self, fn: Callable[..., T], *args: Any) -> T:
@@ -82,6 +84,27 @@ class Database:
         """Run fn(conn, *args) in one transaction on the database thread."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.transaction, fn, *args)
+
+    def lock_sqlite_file(self) -> None:
+        """SQLite serves one process: a second `declic serve` on the same file refuses to start.
+
+        The lock is the kernel's (flock), so a killed process never leaves it behind.
+        """
+        database = self.engine.url.database
+        if not self.is_sqlite or not database or database == ":memory:":
+            return
+        handle = open(f"{database}.lock", "a+")  # noqa: SIM115  (held for the process's life)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise ConfigError(
+                [
+                    f"{database} is in use by another declic process: SQLite serves one process "
+                    "(use PostgreSQL to run several)"
+                ]
+            ) from None
+        self._lock = handle
 
     def upgrade(self) -> None:
         with self.engine.begin() as conn:
@@ -101,6 +124,9 @@ class Database:
     def close(self) -> None:
         self._executor.shutdown(wait=True)
         self.engine.dispose()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
 
 def _alembic_config() -> AlembicConfig:
