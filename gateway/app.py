@@ -19,7 +19,7 @@ from .clock import Clock, SystemClock
 from .config import Settings
 from .delivery import StepRunner
 from .errors import ConfigError, StorageUnavailable
-from .ingest import GATEWAY_KEY, GroupCommitter, handle_hook, json_error_middleware_factory
+from .ingest import GATEWAY_KEY, GroupCommitter, handle_hook, handle_ping, json_error_middleware_factory
 from .plugins import Registry, collect, get_plugin_manager, notify_event_received
 from .router import Router
 from .sinks import Sink
@@ -51,6 +51,10 @@ class Gateway:
     role: Role = "all"
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
+    def plugins(self) -> list[Source | Sink]:
+        """The configured source and sink instances."""
+        return [*self.sources.values(), *self.sinks.values()]
+
 
 def build_gateway(
     settings: Settings, *, pm: pluggy.PluginManager | None = None, clock: Clock | None = None, role: Role = "all"
@@ -76,7 +80,9 @@ def create_app(
     app = web.Application(client_max_size=settings.limits.max_body_bytes, middlewares=[json_error_middleware_factory()])
     app[GATEWAY_KEY] = gateway
     if role != "worker":
-        app.router.add_post("/hooks/{source}", handle_hook)
+        for path in ("/hooks/{source}", "/hooks/{source}/{token}"):
+            app.router.add_post(path, handle_hook)
+            app.router.add_get(path, handle_ping)  # and HEAD
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     for routes in gateway.pm.hook.register_routes(gateway=gateway):
@@ -111,8 +117,8 @@ async def _start(gateway: Gateway) -> None:
             log.info("released jobs left running by a previous process", jobs=released)
     elif not await loop.run_in_executor(None, db.is_current):
         raise ConfigError(["the database schema is not current: run `declic db upgrade --config FILE` first"])
-    for sink in gateway.sinks.values():
-        await sink.start()
+    for plugin in gateway.plugins():
+        await plugin.start()
     gateway.tasks.append(asyncio.create_task(gateway.committer.run(), name="declic-committer"))
     if gateway.role != "web":
         gateway.tasks.append(asyncio.create_task(gateway.worker.run(), name="declic-worker"))
@@ -133,8 +139,8 @@ async def _stop(gateway: Gateway) -> None:
     for task in gateway.tasks:
         task.cancel()
     await asyncio.gather(*gateway.tasks, return_exceptions=True)
-    for sink in gateway.sinks.values():
-        await sink.close()
+    for plugin in gateway.plugins():
+        await plugin.close()
     gateway.db.close()
 
 

@@ -41,6 +41,15 @@ class MalformedPayload(DeclicError):
     """A stored call whose body is not what its topic promises; the row is marked failed."""
 
 
+class RetryLater(DeclicError):
+    """A provider call that normalisation needs failed for now; the call is retried with backoff."""
+
+    def __init__(self, reason: str, after: float | None = None):
+        self.reason = reason
+        self.after = after
+        super().__init__(reason)
+
+
 class StorageUnavailable(DeclicError):
     """The database did not accept a write in time; callers answer 503."""
 

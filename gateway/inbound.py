@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from datetime import datetime
 
@@ -10,7 +11,7 @@ import structlog
 from sqlalchemy.engine import Connection
 
 from . import contacts, jsoncodec, scheduler
-from .errors import MalformedPayload
+from .errors import MalformedPayload, RetryLater
 from .events import Event
 from .router import Router
 from .sources import RawCall, Source
@@ -20,35 +21,49 @@ log = structlog.get_logger("declic.inbound")
 IN = INBOX.c
 
 
-def process_call(
-    conn: Connection, inbox_id: int, sources: dict[str, Source], router: Router, now: datetime
-) -> list[Event]:
-    """Turn one inbox row into routed events, in the caller's transaction; idempotent per row."""
+def load_call(conn: Connection, inbox_id: int) -> RawCall | None:
+    """The stored call, or None once it was processed or failed (a job run twice does nothing)."""
     row = conn.execute(sa.select(INBOX).where(IN.id == inbox_id)).one_or_none()
     if row is None or row.status != "received":
-        return []
-    source = sources.get(row.source)
+        return None
+    return RawCall(row.id, row.source, row.received_at, json.loads(row.headers), row.body)
+
+
+async def normalize(source: Source | None, raw: RawCall) -> list[Event]:
+    """Run the plugin's normalize (plain or async). Raises Unprocessable or RetryLater."""
     if source is None:
-        _mark(conn, inbox_id, "failed", now, f"source {row.source!r} is no longer in the config")
-        return []
-    raw = RawCall(row.id, row.source, row.received_at, json.loads(row.headers), row.body)
+        raise Unprocessable(f"source {raw.source!r} is no longer in the config")
     try:
-        events = source.normalize(raw)
-    except MalformedPayload as exc:
-        return _fail(conn, inbox_id, now, str(exc))
-    except Exception as exc:  # a plugin bug must not stop the queue; the row stays replayable
-        log.exception("normalize crashed", source=row.source, inbox_id=inbox_id)
-        return _fail(conn, inbox_id, now, f"{type(source).__name__}.normalize crashed: {exc!r}")
+        result = source.normalize(raw)
+        return await result if inspect.isawaitable(result) else result
+    except (MalformedPayload, RetryLater):
+        raise
+    except Exception as exc:  # a plugin bug must not stop the queue; the call stays replayable
+        log.exception("normalize crashed", source=raw.source, inbox_id=raw.id)
+        raise Unprocessable(f"{type(source).__name__}.normalize crashed: {exc!r}") from exc
+
+
+class Unprocessable(MalformedPayload):
+    """Normalisation cannot succeed as things are: the call is marked failed, replayable after a fix."""
+
+
+def apply_events(conn: Connection, raw: RawCall, events: list[Event], router: Router, now: datetime) -> list[Event]:
+    """Resolve contacts, store and route each event, and close the call, in one transaction."""
     stored = []
     for index, event in enumerate(events):
-        event = event.model_copy(update={"id": f"{inbox_id}.{index}", "source": row.source, "raw_ref": inbox_id})
-        contact = contacts.upsert(conn, event.contact, row.source, now)
+        event = event.model_copy(update={"id": f"{raw.id}.{index}", "source": raw.source, "raw_ref": raw.id})
+        contact = contacts.upsert(conn, event.contact, raw.source, now)
         store_event(conn, event, contact["id"])
-        with structlog.contextvars.bound_contextvars(event_id=event.id, source=row.source):
-            router.route(conn, event, contact, row.received_at)
+        with structlog.contextvars.bound_contextvars(event_id=event.id, source=raw.source):
+            router.route(conn, event, contact, raw.received_at)
         stored.append(event)
-    _mark(conn, inbox_id, "processed", now)
+    _mark(conn, raw.id, "processed", now)
     return stored
+
+
+def fail_call(conn: Connection, inbox_id: int, now: datetime, reason: str) -> None:
+    log.warning("call failed to normalise", inbox_id=inbox_id, reason=reason)
+    _mark(conn, inbox_id, "failed", now, reason)
 
 
 def store_event(conn: Connection, event: Event, contact_id: int) -> None:
@@ -76,12 +91,6 @@ def load_event(conn: Connection, event_id: str) -> dict[str, object]:
         "correlation": jsoncodec.loads(row.correlation),
         "properties": jsoncodec.loads(row.properties),
     }
-
-
-def _fail(conn: Connection, inbox_id: int, now: datetime, reason: str) -> list[Event]:
-    log.warning("call failed to normalise", inbox_id=inbox_id, reason=reason)
-    _mark(conn, inbox_id, "failed", now, reason)
-    return []
 
 
 def _mark(conn: Connection, inbox_id: int, status: str, now: datetime, error: str | None = None) -> None:

@@ -16,6 +16,7 @@ from sqlalchemy.engine import Connection
 
 from . import scheduler
 from .errors import RejectedRequest, StorageUnavailable
+from .sources import Source
 from .store import INBOX, Database
 
 if TYPE_CHECKING:
@@ -111,12 +112,30 @@ def commit_calls(conn: Connection, calls: list[NewCall]) -> list[Accepted]:
     return results
 
 
+def _source(request: web.Request) -> Source | web.Response:
+    """The source the path names, or a 404 that does not tell a wrong token from a wrong name."""
+    name = request.match_info["source"]
+    source = request.app[GATEWAY_KEY].sources.get(name)
+    if source is None or not source.url_token_matches(request.match_info.get("token")):
+        return _problem(404, f"no source named {name!r} in this deployment")
+    return source
+
+
+async def handle_ping(request: web.Request) -> web.StreamResponse:
+    """GET/HEAD on a hook: the validation request some providers send before the first call."""
+    source = _source(request)
+    if isinstance(source, web.Response):
+        return source
+    answer = await source.ping(request)
+    return answer if answer is not None else _problem(405, "this source only takes POST", {"Allow": "POST"})
+
+
 async def handle_hook(request: web.Request) -> web.StreamResponse:
     gateway: Gateway = request.app[GATEWAY_KEY]
-    name = request.match_info["source"]
-    source = gateway.sources.get(name)
-    if source is None:
-        return _problem(404, f"no source named {name!r} in this deployment")
+    source = _source(request)
+    if isinstance(source, web.Response):
+        return source
+    name = source.key
     body = await request.read()  # raises 413 past the app's client_max_size
     try:
         await source.verify(request, body)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -60,11 +62,30 @@ class Source:
     Config: ClassVar[type[PluginConfig]] = PluginConfig
     #: Event types this source emits beyond the canonical ones.
     event_types: ClassVar[frozenset[str]] = frozenset()
+    #: A provider that signs nothing is served at /hooks/NAME/TOKEN instead, its Config
+    #: having a `url_token` secret; a wrong or missing token answers 404, like an unknown source.
+    needs_url_token: ClassVar[bool] = False
 
     def __init__(self, key: str, config: Any, deployment: Deployment):
         self.key = key  # the name under `sources:`, which is also the URL path segment
         self.config = config
         self.deployment = deployment
+
+    def url_token_matches(self, token: str | None) -> bool:
+        if not self.needs_url_token:
+            return token is None
+        expected = self.config.url_token.get_secret_value()
+        return token is not None and hmac.compare_digest(token.encode(), expected.encode())
+
+    async def ping(self, request: web.Request) -> web.StreamResponse | None:
+        """Answer a provider's GET or HEAD validation request; None means 405."""
+        return None
+
+    async def start(self) -> None:
+        """Open what the source needs (an HTTP session for enrichment calls)."""
+
+    async def close(self) -> None:
+        """Release what start() opened."""
 
     async def verify(self, request: web.Request, body: bytes) -> None:
         """Raise SignatureError (401) or BadRequest (400); return to accept the call."""
@@ -73,6 +94,11 @@ class Source:
         """The provider's own id for this delivery; redeliveries must give the same key."""
         return "sha256:" + hashlib.sha256(body).hexdigest()
 
-    def normalize(self, raw: RawCall) -> list[Event]:
-        """Turn a stored call into events; raise MalformedPayload when the body is wrong."""
+    def normalize(self, raw: RawCall) -> list[Event] | Awaitable[list[Event]]:
+        """Turn a stored call into events, after the acknowledgement; may be `async def`.
+
+        Raise MalformedPayload when the body is wrong (the call is marked failed, replayable),
+        RetryLater when a provider call it needs fails for now (retried with backoff, then
+        dead-lettered with the provider's error).
+        """
         raise NotImplementedError

@@ -8,6 +8,8 @@ import os
 import socket
 import uuid
 from collections.abc import Callable
+from datetime import datetime
+from typing import TypeVar
 
 import structlog
 from sqlalchemy.engine import Connection
@@ -15,7 +17,7 @@ from sqlalchemy.engine import Connection
 from . import inbound, scheduler
 from .config import WorkerSpec
 from .delivery import StepRunner, call_sink
-from .errors import StorageUnavailable
+from .errors import MalformedPayload, RetryLater, StorageUnavailable
 from .events import Event
 from .router import Router
 from .scheduler import ClaimedJob
@@ -23,6 +25,7 @@ from .sources import Source
 from .store import Database
 
 log = structlog.get_logger("declic.worker")
+T = TypeVar("T")
 
 
 def make_worker_id() -> str:
@@ -119,16 +122,32 @@ class Worker:
             await self._retry_later(job, f"{type(exc).__name__}: {exc}")
 
     async def _process_inbox(self, job: ClaimedJob) -> None:
-        def work(conn: Connection) -> list[Event]:
-            now = self.clock.now()
-            assert job.inbox_id is not None
-            events = inbound.process_call(conn, job.inbox_id, self.sources, self.router, now)
-            scheduler.finish(conn, job, self.id, now)
-            return events
-
-        for event in await self.db.run(work):
+        assert job.inbox_id is not None
+        raw = await self.db.run(inbound.load_call, job.inbox_id)
+        if raw is None:
+            await self.db.run(scheduler.finish, job, self.id, self.clock.now())
+            return
+        try:
+            events = await inbound.normalize(self.sources.get(raw.source), raw)
+        except RetryLater as exc:  # the provider will answer later: back off, never drop the call
+            await self._retry_later(job, exc.reason, exc.after)
+            return
+        except MalformedPayload as exc:
+            reason = str(exc)
+            await self.db.run(self._close_call, job, lambda conn, now: inbound.fail_call(conn, raw.id, now, reason))
+            return
+        stored = await self.db.run(
+            self._close_call, job, lambda conn, now: inbound.apply_events(conn, raw, events, self.router, now)
+        )
+        for event in stored or ():
             self._on_event(event)
         self.wake()  # steps due now were just created
+
+    def _close_call(self, conn: Connection, job: ClaimedJob, work: Callable[[Connection, datetime], T]) -> T:
+        now = self.clock.now()
+        result = work(conn, now)
+        scheduler.finish(conn, job, self.id, now)
+        return result
 
     async def _run_step(self, job: ClaimedJob) -> None:
         send = await self.db.run(self.steps.prepare, job)
@@ -143,9 +162,9 @@ class Worker:
             await self.db.run(self.steps.record, send, result)
         self.wake()
 
-    async def _retry_later(self, job: ClaimedJob, error: str) -> None:
+    async def _retry_later(self, job: ClaimedJob, error: str, after: float | None = None) -> None:
         now = self.clock.now()
-        due = now + scheduler.retry_delay(job.attempts, self.spec.retry_base, self.spec.retry_max)
+        due = now + scheduler.retry_delay(job.attempts, self.spec.retry_base, self.spec.retry_max, after)
 
         def work(conn: Connection) -> bool:
             if job.attempts >= self.spec.max_attempts:
