@@ -20,7 +20,7 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import order_body, sign, webhook_headers  # noqa: E402
+from _common import order_body, sign, webhook_headers
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
@@ -56,7 +56,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                     async with session.post(args.url, data=bodies[k], headers=headers) as response:
                         await response.read()
                         status = response.status
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, aiohttp.ClientError) as exc:
                     errors[type(exc).__name__] += 1
                     continue
                 t1 = time.perf_counter()

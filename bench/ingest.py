@@ -25,11 +25,19 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
-    BENCH, DECLIC, SECRET, free_port, machine, order_body, percentile, stop, wait_for_port,
+from _common import (
+    BENCH,
+    DECLIC,
+    SECRET,
+    free_port,
+    machine,
+    order_body,
+    percentile,
+    stop,
+    wait_for_port,
 )
 
-from gateway.testing import write_deployment  # noqa: E402
+from gateway.testing import write_deployment
 
 CONFIG = """\
 public_url: http://127.0.0.1:{port}

@@ -122,7 +122,7 @@ sources:
 async def test_url_token_guards_unsigned_sources(
     aiohttp_client: Any, tmp_path: Path, method: str, path: str, status: int
 ) -> None:
-    client, gateway, _ = await start(aiohttp_client, tmp_path)
+    client, _, _ = await start(aiohttp_client, tmp_path)
     response = await client.request(method, path, data=b'{"email": "a@example.com"}')
     assert response.status == status
     if status == 404 and method != "HEAD":
