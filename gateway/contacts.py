@@ -9,9 +9,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from . import jsoncodec
+from . import jsoncodec, scheduler
 from .events import ContactRef
-from .store import CONTACTS, IDENTITIES
+from .store import CONTACTS, DELIVERIES, ENROLMENTS, EVENTS, IDENTITIES, INBOX
 
 C = CONTACTS.c
 I = IDENTITIES.c  # noqa: E741
@@ -21,6 +21,8 @@ _FIELDS = ("email", "phone", "first_name", "last_name", "locale", "timezone")
 def identities(ref: ContactRef) -> list[tuple[str, str]]:
     """The ways to recognise this contact, strongest first: the source's own ids, then channels."""
     keys = [(kind, str(value)) for kind, value in sorted(ref.external_ids.items())]
+    if ref.previous_email:
+        keys.append(("email", ref.previous_email.strip().lower()))
     if ref.email:
         keys.append(("email", ref.email.strip().lower()))
     if ref.phone:
@@ -99,6 +101,41 @@ def load(conn: Connection, contact_id: int) -> dict[str, Any]:
         "consent": {channel: entry["state"] for channel, entry in consent.items()},
         "email_status": row.email_status,
     }
+
+
+def erase(conn: Connection, contact_id: int, now: datetime) -> None:
+    """Forget who the contact is: personal fields, channel identities, stored bodies and events.
+
+    The row and the provider's own ids stay, so a later call about the same person is
+    recognised as erased rather than re-creating them; active journeys end.
+    """
+    conn.execute(
+        sa.update(CONTACTS)
+        .where(C.id == contact_id)
+        .values(**dict.fromkeys(_FIELDS), attributes="{}", consent="{}", email_status="erased", updated_at=now)
+    )
+    conn.execute(sa.delete(IDENTITIES).where(I.contact_id == contact_id, I.kind.in_(("email", "phone"))))
+    inbox_ids = sa.select(EVENTS.c.inbox_id).where(EVENTS.c.contact_id == contact_id).scalar_subquery()
+    conn.execute(sa.update(INBOX).where(INBOX.c.id.in_(inbox_ids)).values(body=b"", headers="{}", status="erased"))
+    conn.execute(sa.update(EVENTS).where(EVENTS.c.contact_id == contact_id).values(properties="{}", correlation="[]"))
+    ended = list(
+        conn.execute(
+            sa.update(ENROLMENTS)
+            .where(ENROLMENTS.c.contact_id == contact_id, ENROLMENTS.c.status == "active")
+            .values(status="exited", ended_at=now)
+            .returning(ENROLMENTS.c.id)
+        ).scalars()
+    )
+    if ended:
+        scheduler.cancel_pending(conn, ended, now)
+
+
+def record_feedback(conn: Connection, provider_id: str, feedback: str, now: datetime) -> int:
+    """What the provider later said about a sent message (delivered, bounced, opened...)."""
+    result = conn.execute(
+        sa.update(DELIVERIES).where(DELIVERIES.c.provider_id == provider_id).values(feedback=feedback, feedback_at=now)
+    )
+    return result.rowcount
 
 
 def mark_email_bouncing(conn: Connection, contact_id: int, now: datetime) -> None:

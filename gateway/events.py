@@ -18,8 +18,19 @@ CANONICAL_TYPES = frozenset(
         "profile.updated", "ticket.ordered", "attendee.updated", "attendee.checked_in",
         "contact.created", "contact.property_changed", "deal.created", "deal.stage_changed",
         "page.viewed", "sms.delivered", "sms.failed", "sms.opted_out",
+        "contact.deleted", "contact.merged", "contact.erased",
     }
 )  # fmt: skip
+
+#: Event types the core acts on itself, beyond routing:
+#: `contact.erased` erases the contact's personal data (a privacy deletion request), and
+#: delivery feedback (FEEDBACK_TYPES) whose `properties.provider_message_id` names a delivery.
+ERASE_TYPE = "contact.erased"
+FEEDBACK_TYPES = {
+    "sms.delivered": "delivered", "sms.failed": "failed", "email.bounced": "bounced",
+    "email.complained": "complained", "email.opened": "opened", "email.clicked": "clicked",
+    "email.unsubscribed": "unsubscribed",
+}  # fmt: skip
 
 #: Consent states a contact can hold per channel.
 CONSENT_STATES = ("granted", "withdrawn", "pending", "none")
@@ -31,6 +42,8 @@ class ContactRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     email: str | None = None
+    #: The address the contact had before (an e-mail change): used to find them.
+    previous_email: str | None = None
     phone: str | None = None
     external_ids: dict[str, str] = Field(default_factory=dict)
     first_name: str | None = None

@@ -12,7 +12,7 @@ from sqlalchemy.engine import Connection
 
 from . import contacts, jsoncodec, scheduler
 from .errors import MalformedPayload, RetryLater
-from .events import Event
+from .events import ERASE_TYPE, FEEDBACK_TYPES, Event
 from .router import Router
 from .sources import RawCall, Source
 from .store import EVENTS, INBOX
@@ -53,6 +53,15 @@ def apply_events(conn: Connection, raw: RawCall, events: list[Event], router: Ro
     for index, event in enumerate(events):
         event = event.model_copy(update={"id": f"{raw.id}.{index}", "source": raw.source, "raw_ref": raw.id})
         contact = contacts.upsert(conn, event.contact, raw.source, now)
+        if event.type == ERASE_TYPE:
+            contacts.erase(conn, contact["id"], now)
+            event = event.model_copy(update={"properties": {}, "correlation": []})
+        elif event.type in FEEDBACK_TYPES and event.properties.get("provider_message_id"):
+            contacts.record_feedback(
+                conn, str(event.properties["provider_message_id"]), FEEDBACK_TYPES[event.type], now
+            )
+        if event.type == "email.bounced" and event.properties.get("bounce") == "hard":
+            contacts.mark_email_bouncing(conn, contact["id"], now)
         store_event(conn, event, contact["id"])
         with structlog.contextvars.bound_contextvars(event_id=event.id, source=raw.source):
             router.route(conn, event, contact, raw.received_at)

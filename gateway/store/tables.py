@@ -61,7 +61,7 @@ class Contact(SQLModel, table=True):
     timezone: str | None = Field(default=None, max_length=64)
     attributes: str = Field(default="{}", sa_column=Column(Text, nullable=False))
     consent: str = Field(default="{}", sa_column=Column(Text, nullable=False))
-    email_status: str = Field(default="ok", max_length=20)  # ok | bouncing
+    email_status: str = Field(default="ok", max_length=20)  # ok | bouncing | erased
     created_at: datetime
     updated_at: datetime
 
@@ -125,7 +125,10 @@ class Delivery(SQLModel, table=True):
     status: str = Field(max_length=20)  # sent|suppressed|failed|address_invalid
     reason: str | None = Field(default=None, sa_column=Column(Text))
     attempts: int = 0
-    provider_id: str | None = Field(default=None, max_length=300)
+    provider_id: str | None = Field(default=None, max_length=300, index=True)
+    #: The provider's later word on it: delivered, failed, bounced, opened, clicked...
+    feedback: str | None = Field(default=None, max_length=20)
+    feedback_at: datetime | None = None
     created_at: datetime
     updated_at: datetime
 

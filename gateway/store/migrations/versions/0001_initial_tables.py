@@ -47,6 +47,8 @@ def upgrade() -> None:
         sa.Column("reason", sa.Text(), nullable=True),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("provider_id", sqlmodel.sql.sqltypes.AutoString(length=300), nullable=True),
+        sa.Column("feedback", sqlmodel.sql.sqltypes.AutoString(length=20), nullable=True),
+        sa.Column("feedback_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
         sa.Column("created_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
         sa.Column("updated_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
@@ -55,6 +57,7 @@ def upgrade() -> None:
     with op.batch_alter_table("deliveries", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_deliveries_contact_id"), ["contact_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_deliveries_enrolment_id"), ["enrolment_id"], unique=False)
+        batch_op.create_index(batch_op.f("ix_deliveries_provider_id"), ["provider_id"], unique=False)
 
     op.create_table(
         "enrolments",
@@ -171,6 +174,7 @@ def downgrade() -> None:
 
     op.drop_table("enrolments")
     with op.batch_alter_table("deliveries", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_deliveries_provider_id"))
         batch_op.drop_index(batch_op.f("ix_deliveries_enrolment_id"))
         batch_op.drop_index(batch_op.f("ix_deliveries_contact_id"))
 

@@ -1,0 +1,141 @@
+"""What the core does with contacts: identity, e-mail change, erasure, delivery feedback."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from gateway import ContactRef, Event, PluginConfig, RawCall, Source, hookimpl
+from gateway.app import create_app
+from gateway.config import load_config
+from gateway.ingest import GATEWAY_KEY
+from gateway.plugins import collect, get_plugin_manager
+from gateway.testing import FakeClock, SmtpCatcher, write_deployment
+
+
+class ScriptedConfig(PluginConfig):
+    url_token: SecretStr
+
+
+class Scripted(Source):
+    """Test-only: the body is the list of events to emit."""
+
+    name = "scripted"
+    Config = ScriptedConfig
+    needs_url_token = True
+
+    def normalize(self, raw: RawCall) -> list[Event]:
+        return [Event(occurred_at=raw.received_at, **item) for item in json.loads(raw.body)]
+
+
+class Plugin:
+    @hookimpl
+    def register_sources(self, register: Callable[[type[Source]], None]) -> None:
+        register(Scripted)
+
+
+class Deployment:
+    def __init__(self, client: Any, app: Any, clock: FakeClock):
+        self.client, self.gateway, self.clock = client, app[GATEWAY_KEY], clock
+
+    async def emit(self, *events: dict[str, Any]) -> None:
+        response = await self.client.post("/hooks/in/tok", data=json.dumps(events).encode())
+        assert response.status == 200
+        await self.gateway.worker.drain()
+
+    async def advance(self, **delta: float) -> None:
+        self.clock.advance(timedelta(**delta))
+        await self.gateway.worker.drain()
+
+    def rows(self, sql: str) -> list[Any]:
+        with self.gateway.db.engine.connect() as conn:
+            return list(conn.exec_driver_sql(sql))
+
+
+@pytest.fixture
+async def d(aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCatcher) -> Deployment:
+    pm = get_plugin_manager(extra=[Plugin()])
+    config = f"""\
+storage: {{url: '{db_url}'}}
+sources:
+  in: {{plugin: scripted, url_token: tok}}
+sinks:
+  email: {{plugin: smtp, host: 127.0.0.1, port: {smtp.port}, tls: none, sender: shop@example.com}}
+rules:
+  - name: nurture
+    when: track.signed_up
+    kind: transactional
+    steps:
+      - send: {{via: email, template: hello}}
+      - wait: 1d
+        send: {{via: email, template: hello}}
+"""
+    path = write_deployment(tmp_path, config, {"hello.txt.j2": "Hello", "hello.subject.j2": "Hi"})
+    settings = load_config(path, collect(pm), pm)
+    clock = FakeClock(datetime(2026, 6, 1, tzinfo=UTC))
+    app = create_app(settings, pm=pm, clock=clock, role="web")
+    return Deployment(await aiohttp_client(app), app, clock)
+
+
+def signed_up(email: str, **contact: Any) -> dict[str, Any]:
+    return {"type": "track.signed_up", "contact": {"email": email, **contact}, "correlation": [f"signup:{email}"]}
+
+
+async def test_one_person_across_sources_is_one_contact(d: Deployment) -> None:
+    await d.emit(
+        {"type": "customer.created", "contact": {"external_ids": {"shopify": "1"}, "email": "Ada@Example.com"}}
+    )
+    await d.emit({"type": "page.viewed", "contact": {"email": "ada@example.com", "phone": "+33612345678"}})
+    await d.emit({"type": "customer.updated", "contact": {"external_ids": {"shopify": "1"}, "first_name": "Ada"}})
+    assert d.rows("SELECT id, email, phone, first_name FROM contacts") == [
+        (1, "ada@example.com", "+33612345678", "Ada")
+    ]
+
+
+async def test_an_email_change_keeps_the_contact_and_mails_the_new_address(d: Deployment, smtp: SmtpCatcher) -> None:
+    await d.emit(signed_up("old@example.com"))
+    await d.emit(
+        {"type": "profile.updated", "contact": {"previous_email": "old@example.com", "email": "new@example.com"}}
+    )
+    await d.advance(days=1)
+    assert [m["To"] for m in smtp.messages] == ["old@example.com", "new@example.com"]
+    assert d.rows("SELECT count(*) FROM contacts") == [(1,)]
+
+
+async def test_erasure_forgets_the_person_and_ends_their_journeys(d: Deployment, smtp: SmtpCatcher) -> None:
+    await d.emit(signed_up("ada@example.com", first_name="Ada", external_ids={"crm": "77"}))
+    await d.emit({"type": "contact.erased", "contact": {"external_ids": {"crm": "77"}}})
+    await d.advance(days=2)
+    assert len(smtp.messages) == 1  # the first step went out before the request; the second never does
+    assert d.rows("SELECT email, first_name, email_status FROM contacts") == [(None, None, "erased")]
+    assert d.rows("SELECT kind FROM identities") == [("crm",)]
+    bodies = d.rows("SELECT status, body FROM inbox ORDER BY id")
+    assert bodies[0] == ("erased", b"")
+    assert d.rows("SELECT status FROM enrolments") == [("exited",)]
+    assert "ada" not in json.dumps([list(r) for r in d.rows("SELECT properties, correlation FROM events")])
+
+
+async def test_provider_feedback_lands_on_the_delivery(d: Deployment, smtp: SmtpCatcher) -> None:
+    await d.emit(signed_up("ada@example.com"))
+    [(provider_id,)] = d.rows("SELECT provider_id FROM deliveries")
+    await d.emit(
+        {
+            "type": "email.bounced",
+            "contact": {"email": "ada@example.com"},
+            "properties": {"provider_message_id": provider_id, "bounce": "hard"},
+        }
+    )
+    assert d.rows("SELECT feedback FROM deliveries") == [("bounced",)]
+    assert d.rows("SELECT email_status FROM contacts") == [("bouncing",)]
+    await d.advance(days=1)
+    assert d.rows("SELECT step, status, reason FROM deliveries ORDER BY step")[1] == (
+        2,
+        "suppressed",
+        "email address is bouncing",
+    )
