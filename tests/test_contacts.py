@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from gateway import ContactRef, Event, PluginConfig, RawCall, Source, hookimpl
+from gateway import Event, PluginConfig, RawCall, Source, hookimpl
 from gateway.app import create_app
 from gateway.config import load_config
 from gateway.ingest import GATEWAY_KEY
