@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal
@@ -57,17 +57,30 @@ class Gateway:
 
 
 def build_gateway(
-    settings: Settings, *, pm: pluggy.PluginManager | None = None, clock: Clock | None = None, role: Role = "all"
+    settings: Settings,
+    *,
+    pm: pluggy.PluginManager | None = None,
+    clock: Clock | None = None,
+    role: Role = "all",
+    database_url: str | None = None,
+    wrap_sink: Callable[[Sink], Sink] | None = None,
+    extra_sources: Callable[[Deployment], dict[str, Source]] | None = None,
 ) -> Gateway:
+    """The running parts of a deployment; `declic simulate` swaps the database and the sinks."""
     pm = pm or get_plugin_manager()
     clock = clock or SystemClock()
     deployment = Deployment(settings.public_url, settings.timezone, clock)
     sources = {key: cls(key, cfg, deployment) for key, (cls, cfg) in settings.source_plugins.items()}
+    sources.update(extra_sources(deployment) if extra_sources else {})
     sinks = {key: cls(key, cfg, deployment) for key, (cls, cfg) in settings.sink_plugins.items()}
+    if wrap_sink is not None:
+        sinks = {key: wrap_sink(sink) for key, sink in sinks.items()}
     env = make_environment(settings.templates_dir, pm)
-    router = Router(settings.rules, env)
-    db = Database(settings.database_url, settings.storage.busy_timeout)
-    steps = StepRunner(router, sinks, env, settings.policies, settings.worker, clock, make_worker_id())
+    router = Router(settings.rules, env, settings.scoring, settings.timezone)
+    db = Database(database_url or settings.database_url, settings.storage.busy_timeout)
+    steps = StepRunner(
+        router, sinks, env, settings.policies, settings.worker, clock, make_worker_id(), settings.timezone
+    )
     worker = Worker(db, settings.worker, sources, router, steps, partial(notify_event_received, pm))
     committer = GroupCommitter(db, on_commit=worker.wake)
     return Gateway(settings, pm, clock, db, sources, sinks, env, router, committer, worker, role)
@@ -117,6 +130,8 @@ async def _start(gateway: Gateway) -> None:
             log.info("released jobs left running by a previous process", jobs=released)
     elif not await loop.run_in_executor(None, db.is_current):
         raise ConfigError(["the database schema is not current: run `declic db upgrade --config FILE` first"])
+    # Date and inactivity triggers a config change added get scheduled once, by one replica.
+    await db.run(scheduler.add_tick, "reconcile", gateway.clock.now())
     for plugin in gateway.plugins():
         await plugin.start()
     gateway.tasks.append(asyncio.create_task(gateway.committer.run(), name="declic-committer"))

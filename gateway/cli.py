@@ -94,6 +94,32 @@ def check(config_path: str) -> None:
 
 
 @cli.command()
+@CONFIG_OPTION
+@click.argument("timeline", type=click.Path(exists=True, dir_okay=False))
+def simulate(config_path: str, timeline: str) -> None:
+    """Run a timeline (YAML list or JSON lines) under a fake clock; print each decision as JSON.
+
+    Nothing is sent and the deployment's database is not touched.
+    """
+    import asyncio
+    import json
+    from pathlib import Path
+
+    from .simulate import TimelineError, load_timeline
+    from .simulate import simulate as run
+
+    settings, pm, _ = _load(config_path)
+    logs.configure("warning", settings.logging.redact)
+    try:
+        items = load_timeline(Path(timeline), settings.timezone)
+    except TimelineError as exc:
+        click.echo(str(exc), err=True)
+        raise SystemExit(2) from None
+    for decision in asyncio.run(run(settings, pm, items)):
+        click.echo(json.dumps(decision, ensure_ascii=False))
+
+
+@cli.command()
 def reference() -> None:
     """Print the config reference (Markdown), generated from the installed plugins' models."""
     from .reference import render

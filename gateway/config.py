@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from datetime import timedelta
+from datetime import time, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from . import yamlmarks
-from .durations import parse_duration
+from .durations import parse_duration, parse_local_time, parse_signed_duration
 from .errors import ConfigError
 from .events import is_known_type
 from .plugins import Registry
@@ -34,17 +34,13 @@ from .templating import compile_condition, make_environment, template_files
 DATABASE_URL_ENV = "DECLIC_DATABASE_URL"
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+SignedDuration = Annotated[timedelta, BeforeValidator(parse_signed_duration)]
+LocalTime = Annotated[time, BeforeValidator(parse_local_time)]
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")]
 
-#: Rule and policy keys of the target design that this version does not run yet.
-#: Rejecting them beats accepting a rule that would silently never fire.
-NOT_YET = {
-    "on_date": "date rules", "at": "date rules", "offset": "date rules",
-    "inactive_for": "inactivity rules", "of": "inactivity rules",
-    "score_reaches": "lead-score rules", "goal": "journey goals", "reenter": "re-entry policies",
-    "quiet_hours": "quiet hours", "pressure": "marketing pressure caps", "scoring": "lead scoring",
-    "admin": "the admin API",
-}  # fmt: skip
+#: Keys of the target design that this version does not run yet.
+#: Rejecting them beats accepting a key that would silently do nothing.
+NOT_YET = {"admin": "the admin API"}
 
 
 class _Strict(BaseModel):
@@ -56,7 +52,7 @@ class _Strict(BaseModel):
         if isinstance(data, dict):
             for key in data:
                 if key in NOT_YET and key not in cls.model_fields:
-                    raise ValueError(f"{key}: {NOT_YET[key]} are not supported by this version of Declic yet")
+                    raise ValueError(f"{key}: {NOT_YET[key]} is not in this version of Declic yet")
         return data
 
 
@@ -73,9 +69,27 @@ class StepSpec(_Strict):
     send: SendSpec = Field(description="What to send.")
 
 
+class ReenterAfter(_Strict):
+    after: Duration = Field(description="Enrol again only this long after the previous enrolment.")
+
+
 class RuleSpec(_Strict):
     name: Name = Field(description="Unique name: lower case, digits, - and _.")
-    when: str = Field(description="Event type that enrols a contact.")
+    when: str | None = Field(None, description="Trigger: the event type that enrols a contact.")
+    on_date: str | None = Field(
+        None, description="Trigger: a contact date, `contact.birthday` or `contact.attributes.NAME`."
+    )
+    inactive_for: Duration | None = Field(None, description="Trigger: no event of `of` for this long.")
+    score_reaches: float | None = Field(None, description="Trigger: the lead score crosses this value upward.")
+    at: LocalTime = Field(time(9, 0), description="Date rules: local time of day to fire (contact's time zone).")
+    offset: SignedDuration = Field(timedelta(0), description="Date rules: shift from the date, e.g. -5d or +1y.")
+    repeat: Literal["yearly", "never"] | None = Field(
+        None, description="Date rules: yearly (default for contact.birthday) or never (default otherwise)."
+    )
+    catch_up: Duration = Field(
+        timedelta(days=1), description="Date rules: after downtime, fire what was missed within this, skip older."
+    )
+    of: list[str] = Field(default_factory=list, description="Inactivity rules: the event types that count as activity.")
     if_: str | None = Field(None, alias="if", description="Jinja2 expression on event and contact.")
     kind: Literal["marketing", "transactional"] = Field(
         "marketing", description="Marketing messages need consent where `policies.consent` says so."
@@ -83,17 +97,54 @@ class RuleSpec(_Strict):
     exit_on: list[str] = Field(
         default_factory=list, description="Event types that end the journey (same correlation key, else contact)."
     )
+    goal: list[str] = Field(
+        default_factory=list, description="Event types that end the journey as a conversion (counted)."
+    )
+    reenter: Literal["always", "never"] | ReenterAfter = Field(
+        "always", description="always (once per occurrence), never (once per contact), or {after: 30d}."
+    )
+    priority: int = Field(0, description="Higher goes first when steps compete for the pressure cap.")
     send: SendSpec | None = Field(None, description="One message, sent at once: short for one step.")
     steps: list[StepSpec] = Field(default_factory=list, description="Messages sent one after the other.")
 
+    @field_validator("goal", "exit_on", "of", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
     @model_validator(mode="after")
-    def _one_of_send_or_steps(self) -> RuleSpec:
+    def _shape(self) -> RuleSpec:
+        triggers = [k for k in ("when", "on_date", "inactive_for", "score_reaches") if getattr(self, k) is not None]
+        if len(triggers) != 1:
+            raise ValueError("a rule needs exactly one trigger: when, on_date, inactive_for or score_reaches")
+        if self.inactive_for is not None and not self.of:
+            raise ValueError("an inactive_for rule needs `of`: the event types that count as activity")
+        if self.on_date is not None and not re.fullmatch(
+            r"contact\.(attributes\.)?[A-Za-z_][A-Za-z0-9_]*", self.on_date
+        ):
+            raise ValueError(
+                f"on_date must name a contact date, as contact.birthday or contact.attributes.NAME, "
+                f"not {self.on_date!r}"
+            )
         if bool(self.send) == bool(self.steps):
             raise ValueError("a rule needs exactly one of `send` or `steps`")
         if self.send:
             self.steps = [StepSpec(send=self.send)]
             self.send = None
         return self
+
+    @property
+    def trigger(self) -> str:
+        return next(k for k in ("when", "on_date", "inactive_for", "score_reaches") if getattr(self, k) is not None)
+
+    @property
+    def date_attribute(self) -> str:
+        """`contact.birthday` and `contact.attributes.birthday` both name attributes["birthday"]."""
+        return (self.on_date or "").rsplit(".", 1)[-1]
+
+    @property
+    def yearly(self) -> bool:
+        return self.repeat == "yearly" or (self.repeat is None and self.date_attribute == "birthday")
 
 
 class StorageSpec(_Strict):
@@ -105,10 +156,56 @@ class StorageSpec(_Strict):
     busy_timeout: Duration = Field(timedelta(seconds=2), description="Wait for a locked database before 503.")
 
 
+class QuietHoursSpec(_Strict):
+    start: LocalTime = Field(description="Local time the quiet window starts, e.g. 21:00.")
+    end: LocalTime = Field(description="Local time it ends, e.g. 08:30 (the next morning when before start).")
+
+
+class PressureSpec(_Strict):
+    max: int = Field(ge=1, description="Messages per contact, all channels together...")
+    per: Duration = Field(description="...within this sliding window.")
+    exempt: list[Literal["marketing", "transactional"]] = Field(
+        ["transactional"], description="Rule kinds neither counted nor capped."
+    )
+    max_delay: Duration | None = Field(
+        None, description="Drop a step deferred this long past its due time (reason recorded); default: never."
+    )
+
+
 class PoliciesSpec(_Strict):
     consent: dict[str, Literal["required", "optional"]] = Field(
         default_factory=dict, description="Per channel (email, sms...): required = marketing needs granted consent."
     )
+    quiet_hours: dict[str, QuietHoursSpec] = Field(
+        default_factory=dict,
+        description="Marketing is deferred, never dropped, to the window's end in the contact's local time. "
+        "{start, end} for every channel, or per channel: {sms: {start, end}}.",
+    )
+    pressure: PressureSpec | None = Field(None, description="A cross-channel cap on marketing per contact.")
+
+    @field_validator("quiet_hours", mode="before")
+    @classmethod
+    def _all_channels(cls, value: Any) -> Any:
+        return {"*": value} if isinstance(value, dict) and "start" in value else value
+
+
+class ScoreSpec(_Strict):
+    points: float = Field(description="Points added (or removed, when negative).")
+    if_: str | None = Field(None, alias="if", description="Jinja2 expression: count the event only when true.")
+
+
+class ScoringSpec(_Strict):
+    half_life: Duration | None = Field(None, description="The score halves over this time; default: no decay.")
+    points: dict[str, ScoreSpec] = Field(default_factory=dict, description="Event type -> points.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat(cls, data: Any) -> Any:
+        """`scoring: {email.opened: 1, page.viewed: {points: 2, if: ...}, half_life: 30d}`."""
+        if not isinstance(data, dict) or "points" in data:
+            return data
+        points = {k: v if isinstance(v, dict) else {"points": v} for k, v in data.items() if k != "half_life"}
+        return {"half_life": data.get("half_life"), "points": points}
 
 
 class WorkerSpec(_Strict):
@@ -144,6 +241,7 @@ class Settings(_Strict):
         default_factory=dict, description="NAME: {plugin: ..., options}; rules send `via: NAME`."
     )
     policies: PoliciesSpec = Field(default_factory=PoliciesSpec, description="Checked at send time.")
+    scoring: ScoringSpec = Field(default_factory=ScoringSpec, description="Lead score points per event type.")
     rules: list[RuleSpec] = Field(default_factory=list, description="Trigger rules, see the README.")
     worker: WorkerSpec = Field(default_factory=WorkerSpec, description="Job queue tuning.")
     limits: LimitsSpec = Field(default_factory=LimitsSpec, description="Request limits.")
@@ -262,7 +360,13 @@ def _check_rules(settings: Settings, registry: Registry, pm: pluggy.PluginManage
         if rule.name in seen:
             report.add((*where, "name"), f"duplicate rule name {rule.name!r}")
         seen.add(rule.name)
-        for key, types in (("when", [rule.when]), ("exit_on", rule.exit_on)):
+        named = (
+            ("when", [rule.when] if rule.when else []),
+            ("exit_on", rule.exit_on),
+            ("goal", rule.goal),
+            ("of", rule.of),
+        )
+        for key, types in named:
             for j, event_type in enumerate(types):
                 if not is_known_type(event_type, extra_types):
                     sub = (*where, key) if key == "when" else (*where, key, j)

@@ -10,8 +10,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from . import jsoncodec, scheduler
-from .events import ContactRef
-from .store import CONTACTS, DELIVERIES, ENROLMENTS, EVENTS, IDENTITIES, INBOX
+from .events import ContactRef, Event
+from .store import CONSENTS, CONTACTS, DELIVERIES, ENROLMENTS, EVENTS, IDENTITIES, INBOX
 
 C = CONTACTS.c
 I = IDENTITIES.c  # noqa: E741
@@ -30,7 +30,7 @@ def identities(ref: ContactRef) -> list[tuple[str, str]]:
     return keys
 
 
-def upsert(conn: Connection, ref: ContactRef, source: str, now: datetime) -> dict[str, Any]:
+def upsert(conn: Connection, ref: ContactRef, source: str, now: datetime, event: Event | None = None) -> dict[str, Any]:
     """Find or create the contact, record new identities, merge attributes and consent."""
     keys = identities(ref)
     known = _lookup(conn, keys)
@@ -56,11 +56,41 @@ def upsert(conn: Connection, ref: ContactRef, source: str, now: datetime) -> dic
     if ref.consent:
         consent = jsoncodec.loads(row.consent)
         for channel, state in ref.consent.items():
+            if consent.get(channel, {}).get("state") != state:
+                record_consent(conn, contact_id, channel, state, source, now, event)
             consent[channel] = {"state": state, "source": source, "at": now.isoformat()}
         changes["consent"] = jsoncodec.dumps(consent)
     if changes:
         conn.execute(sa.update(CONTACTS).where(C.id == contact_id).values(**changes, updated_at=now))
     return load(conn, contact_id)
+
+
+def record_consent(
+    conn: Connection,
+    contact_id: int,
+    channel: str,
+    state: str,
+    source: str,
+    now: datetime,
+    event: Event | None = None,
+    evidence: str | None = None,
+) -> None:
+    """The consent ledger: one row per change, with where it came from and what showed it."""
+    if evidence is None and event is not None:
+        evidence = jsoncodec.dumps(
+            {"event": event.type, "occurred_at": event.occurred_at, "correlation": event.correlation}
+        )
+    conn.execute(
+        sa.insert(CONSENTS).values(
+            contact_id=contact_id,
+            channel=channel,
+            state=state,
+            source=source,
+            event_id=event.id if event else None,
+            evidence=evidence,
+            recorded_at=now,
+        )
+    )
 
 
 def _lookup(conn: Connection, keys: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
@@ -131,11 +161,44 @@ def erase(conn: Connection, contact_id: int, now: datetime) -> None:
 
 
 def record_feedback(conn: Connection, provider_id: str, feedback: str, now: datetime) -> int:
-    """What the provider later said about a sent message (delivered, bounced, opened...)."""
-    result = conn.execute(
-        sa.update(DELIVERIES).where(DELIVERIES.c.provider_id == provider_id).values(feedback=feedback, feedback_at=now)
+    """What the provider later said about a sent message: a set, as "delivered,opened,clicked"."""
+    rows = conn.execute(
+        sa.select(DELIVERIES.c.id, DELIVERIES.c.feedback).where(DELIVERIES.c.provider_id == provider_id)
+    ).all()
+    for row in rows:
+        merged = ",".join(sorted({*filter(None, (row.feedback or "").split(",")), feedback}))
+        conn.execute(sa.update(DELIVERIES).where(DELIVERIES.c.id == row.id).values(feedback=merged, feedback_at=now))
+    return len(rows)
+
+
+class ContactView(dict[str, Any]):
+    """The contact as `if:` and templates see it, with what it did with earlier messages.
+
+    `contact.opened(rule='abandoned-cart', step=1)`, `contact.clicked(...)`: true when the
+    provider reported it for a message of that rule (and step, when given).
+    """
+
+    def __init__(self, fields: dict[str, Any], feedback: list[tuple[str, int, str]]):
+        super().__init__(fields)
+        self._feedback = feedback
+
+    def _did(self, what: str, rule: str | None, step: int | None) -> bool:
+        return any(what in seen.split(",") and rule in (None, r) and step in (None, s) for r, s, seen in self._feedback)
+
+    def opened(self, rule: str | None = None, step: int | None = None) -> bool:
+        return self._did("opened", rule, step) or self._did("clicked", rule, step)
+
+    def clicked(self, rule: str | None = None, step: int | None = None) -> bool:
+        return self._did("clicked", rule, step)
+
+
+def view(conn: Connection, contact_id: int) -> ContactView:
+    rows = conn.execute(
+        sa.select(DELIVERIES.c.rule, DELIVERIES.c.step, DELIVERIES.c.feedback).where(
+            DELIVERIES.c.contact_id == contact_id, DELIVERIES.c.feedback.is_not(None)
+        )
     )
-    return result.rowcount
+    return ContactView(load(conn, contact_id), [(r.rule, r.step, r.feedback) for r in rows])
 
 
 def mark_email_bouncing(conn: Connection, contact_id: int, now: datetime) -> None:

@@ -1,4 +1,4 @@
-"""One journey step at send time: re-check, render, call the sink, record the outcome."""
+"""One journey step at send time: re-check, apply guard rails, render, call the sink, record the outcome."""
 
 from __future__ import annotations
 
@@ -12,15 +12,17 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Connection
 
-from . import contacts, scheduler
+from . import contacts, journal, scheduler
 from .config import PoliciesSpec, WorkerSpec
 from .errors import TemplateProblem
 from .inbound import load_event
+from .policies import Deferral, pressure_until, quiet_until
 from .router import CompiledRule, Router
 from .scheduler import ClaimedJob
 from .sinks import DeliveryResult, Message, Outcome, SendContext, Sink
-from .store import DELIVERIES, ENROLMENTS
+from .store import CONTACTS, DELIVERIES, ENROLMENTS
 from .templating import render_message
+from .triggers import zone_of
 
 if TYPE_CHECKING:
     from .clock import Clock
@@ -28,11 +30,13 @@ if TYPE_CHECKING:
 log = structlog.get_logger("declic.delivery")
 D = DELIVERIES.c
 E = ENROLMENTS.c
+#: Outcomes after which a step is over, whatever happens to its job afterwards.
+FINAL = ("sent", "suppressed", "address_invalid")
 
 
 @dataclass(frozen=True)
 class Send:
-    """Everything decided before the sink is called, computed in one read transaction."""
+    """Everything decided before the sink is called, computed in one transaction."""
 
     job: ClaimedJob
     rule: CompiledRule
@@ -41,6 +45,18 @@ class Send:
     sink: Sink
     message: Message
     context: SendContext
+
+
+@dataclass(frozen=True)
+class Step:
+    """The step as prepare() sees it: its job, rule, enrolment, contact and sink."""
+
+    job: ClaimedJob
+    rule: CompiledRule
+    enrolment_id: int
+    contact_id: int
+    key: str
+    sink: Sink
 
 
 @dataclass
@@ -52,9 +68,10 @@ class StepRunner:
     worker_spec: WorkerSpec
     clock: Clock
     worker_id: str
+    timezone: str = "UTC"
 
     def prepare(self, conn: Connection, job: ClaimedJob) -> Send | None:
-        """Decide what to send, or close the job here when nothing should be sent."""
+        """Decide what to send, or close (or defer) the job here when nothing should be sent now."""
         now = self.clock.now()
         enrolment = conn.execute(sa.select(ENROLMENTS).where(E.id == job.enrolment_id)).one()
         rule = self.router.rules.get(enrolment.rule)
@@ -62,38 +79,51 @@ class StepRunner:
             why = "rule no longer in the config" if rule is None else f"journey {enrolment.status}"
             scheduler.finish(conn, job, self.worker_id, now, "cancelled", why)
             return None
+        spec = rule.spec.steps[job.step]
         key = idempotency_key(enrolment.rule, enrolment.contact_id, enrolment.occurrence, job.step)
-        done = conn.execute(sa.select(D.status).where(D.idempotency_key == key)).scalar_one_or_none()
-        if done in ("sent", "suppressed", "address_invalid"):
-            self._advance(conn, job, rule, enrolment.id, now)  # the outcome was recorded, the job was not
+        step = Step(job, rule, enrolment.id, enrolment.contact_id, key, self.sinks[spec.send.via])
+        if conn.execute(sa.select(D.status).where(D.idempotency_key == key)).scalar_one_or_none() in FINAL:
+            self._advance(conn, step, now)  # the outcome was recorded, the job was not
             return None
-        step = rule.spec.steps[job.step]
-        sink = self.sinks[step.send.via]
-        contact = contacts.load(conn, enrolment.contact_id)
+        if self._capped(rule) and conn.dialect.name == "postgresql":
+            # Serialise one contact's capped sends across workers, so two cannot both take the last slot.
+            conn.execute(sa.select(CONTACTS.c.id).where(CONTACTS.c.id == enrolment.contact_id).with_for_update())
+        contact = contacts.view(conn, enrolment.contact_id)
         event = load_event(conn, enrolment.event_id)
         context = {"event": event, "contact": contact, "rule": rule.name, "step": job.step + 1}
-        reason = self._suppression(rule, job.step, sink, contact, context)
+        reason = self._suppression(rule, job.step, step.sink, contact, context)
         if reason:
-            self._record(conn, job, rule, enrolment.id, contact["id"], key, sink, "suppressed", reason, now)
-            self._advance(conn, job, rule, enrolment.id, now)
-            log.info("step suppressed", rule=rule.name, step=job.step + 1, sink=sink.key, reason=reason)
+            self._suppress(conn, step, reason, now)
+            return None
+        deferral = self._deferral(conn, rule, step.sink, contact, now)
+        if deferral is not None:
+            self._defer(conn, step, deferral, now)
             return None
         try:
-            parts = render_message(self.env, step.send.template, context)
+            parts = render_message(self.env, spec.send.template, context)
         except TemplateProblem as exc:
-            self._record(conn, job, rule, enrolment.id, contact["id"], key, sink, "failed", str(exc), now)
+            self._record(conn, step, "failed", str(exc), now)
             scheduler.finish(conn, job, self.worker_id, now, "dead", str(exc))
+            journal.record(
+                conn, now, rule.name, step.contact_id, "failed", step=job.step + 1, via=step.sink.key, reason=str(exc)
+            )
             log.error("template failed", rule=rule.name, step=job.step + 1, error=str(exc))
             return None
+        if self._capped(rule):
+            self._record(conn, step, "sending", None, now, sent_at=now)  # holds its slot under the cap
         message = Message(
-            to=sink.address(contact) or "",
+            to=step.sink.address(contact) or "",
             text=parts["txt"],
             subject=parts.get("subject"),
             html=parts.get("html"),
             idempotency_key=key,
         )
-        send_context = SendContext(rule.name, job.step + 1, rule.spec.kind, contact, event)
-        return Send(job, rule, enrolment.id, contact["id"], sink, message, send_context)
+        send_context = SendContext(rule.name, job.step + 1, rule.spec.kind, dict(contact), event)
+        return Send(job, rule, enrolment.id, step.contact_id, step.sink, message, send_context)
+
+    def _capped(self, rule: CompiledRule) -> bool:
+        cap = self.policies.pressure
+        return cap is not None and rule.spec.kind not in cap.exempt
 
     def _suppression(
         self, rule: CompiledRule, step: int, sink: Sink, contact: dict[str, Any], context: dict[str, Any]
@@ -107,29 +137,86 @@ class StepRunner:
                 return f"step condition failed: {exc}"
         if sink.address(contact) is None:
             return f"contact has no {sink.channel} address"
-        if sink.channel == "email" and contact["email_status"] == "bouncing":
-            return "email address is bouncing"
+        if sink.channel == "email" and contact["email_status"] in ("bouncing", "erased"):
+            return f"email address is {contact['email_status']}"
         if rule.spec.kind == "marketing" and self.policies.consent.get(sink.channel) == "required":
             state = contact["consent"].get(sink.channel, "none")
             if state != "granted":
                 return f"no {sink.channel} consent (state: {state})"
         return None
 
+    def _deferral(
+        self, conn: Connection, rule: CompiledRule, sink: Sink, contact: dict[str, Any], now: datetime
+    ) -> Deferral | None:
+        """Marketing waits out quiet hours and the pressure cap; transactional messages never wait."""
+        if rule.spec.kind != "marketing":
+            return None
+        quiet = quiet_until(self.policies, sink.channel, zone_of(contact, self.timezone), now)
+        pressure = pressure_until(conn, self.policies, contact["id"], rule.spec.kind, now)
+        found = [d for d in (quiet, pressure) if d is not None]
+        return max(found, key=lambda d: d.until) if found else None
+
+    def _suppress(self, conn: Connection, step: Step, reason: str, now: datetime) -> None:
+        self._record(conn, step, "suppressed", reason, now)
+        journal.record(
+            conn,
+            now,
+            step.rule.name,
+            step.contact_id,
+            "suppressed",
+            step=step.job.step + 1,
+            via=step.sink.key,
+            reason=reason,
+        )
+        self._advance(conn, step, now)
+        log.info("step suppressed", rule=step.rule.name, step=step.job.step + 1, sink=step.sink.key, reason=reason)
+
+    def _defer(self, conn: Connection, step: Step, deferral: Deferral, now: datetime) -> None:
+        cap = self.policies.pressure
+        first_due = step.job.first_due_at or step.job.due_at
+        if cap is not None and cap.max_delay is not None and deferral.until - first_due > cap.max_delay:
+            self._suppress(conn, step, f"{deferral.reason}; dropped: would wait past max_delay", now)
+            return
+        scheduler.defer(conn, step.job, self.worker_id, deferral.until, now, deferral.reason)
+        journal.record(
+            conn,
+            now,
+            step.rule.name,
+            step.contact_id,
+            "deferred",
+            step=step.job.step + 1,
+            via=step.sink.key,
+            reason=f"{deferral.reason} (until {deferral.until:%Y-%m-%d %H:%M} UTC)",
+        )
+        log.info("step deferred", rule=step.rule.name, step=step.job.step + 1, reason=deferral.reason)
+
     def record(self, conn: Connection, send: Send, result: DeliveryResult) -> None:
         """Store the sink's answer and move the journey on, in one transaction."""
         now = self.clock.now()
-        job, rule, key = send.job, send.rule, send.message.idempotency_key
-        args = (conn, job, rule, send.enrolment_id, send.contact_id, key, send.sink)
+        job, rule = send.job, send.rule
+        step = Step(job, rule, send.enrolment_id, send.contact_id, send.message.idempotency_key, send.sink)
+        number, via = job.step + 1, send.sink.key
         if result.outcome is Outcome.SENT:
-            self._record(*args, "sent", None, now, result.provider_id)
-            self._advance(conn, job, rule, send.enrolment_id, now)
+            self._record(conn, step, "sent", None, now, result.provider_id, sent_at=now)
+            journal.record(conn, now, rule.name, send.contact_id, "send", step=number, via=via)
+            self._advance(conn, step, now)
         elif result.outcome is Outcome.ADDRESS_INVALID:
-            self._record(*args, "address_invalid", result.error, now)
+            self._record(conn, step, "address_invalid", result.error, now)
+            journal.record(
+                conn,
+                now,
+                rule.name,
+                send.contact_id,
+                "failed",
+                step=number,
+                via=via,
+                reason=f"address invalid: {result.error}",
+            )
             if send.sink.channel == "email":
                 contacts.mark_email_bouncing(conn, send.contact_id, now)
-            self._advance(conn, job, rule, send.enrolment_id, now)
+            self._advance(conn, step, now)
         elif result.outcome is Outcome.RETRY and job.attempts < self.worker_spec.max_attempts:
-            self._record(*args, "retrying", result.error, now)
+            self._record(conn, step, "retrying", result.error, now)
             delay = scheduler.retry_delay(
                 job.attempts, self.worker_spec.retry_base, self.worker_spec.retry_max, result.retry_after
             )
@@ -138,52 +225,51 @@ class StepRunner:
             reason = result.error or "failed"
             if result.outcome is Outcome.RETRY:
                 reason = f"gave up after {job.attempts} attempts: {reason}"
-            self._record(*args, "failed", reason, now)
+            self._record(conn, step, "failed", reason, now)
+            journal.record(conn, now, rule.name, send.contact_id, "failed", step=number, via=via, reason=reason)
             scheduler.finish(conn, job, self.worker_id, now, "dead", reason)
 
-    def _advance(self, conn: Connection, job: ClaimedJob, rule: CompiledRule, enrolment_id: int, now: datetime) -> None:
-        scheduler.finish(conn, job, self.worker_id, now)
-        following = job.step + 1
-        if following < len(rule.spec.steps):
-            scheduler.add_step(conn, enrolment_id, following, now + rule.spec.steps[following].wait, now)
+    def _advance(self, conn: Connection, step: Step, now: datetime) -> None:
+        scheduler.finish(conn, step.job, self.worker_id, now)
+        following = step.job.step + 1
+        steps = step.rule.spec.steps
+        if following < len(steps):
+            scheduler.add_step(
+                conn, step.enrolment_id, following, now + steps[following].wait, now, step.rule.spec.priority
+            )
         else:
             conn.execute(
                 sa.update(ENROLMENTS)
-                .where(E.id == enrolment_id, E.status == "active")
+                .where(E.id == step.enrolment_id, E.status == "active")
                 .values(status="completed", ended_at=now)
             )
 
     def _record(
         self,
         conn: Connection,
-        job: ClaimedJob,
-        rule: CompiledRule,
-        enrolment_id: int,
-        contact_id: int,
-        key: str,
-        sink: Sink,
+        step: Step,
         status: str,
         reason: str | None,
         now: datetime,
         provider_id: str | None = None,
+        sent_at: datetime | None = None,
     ) -> None:
-        values = {
-            "status": status,
-            "reason": reason,
-            "attempts": job.attempts,
-            "provider_id": provider_id,
-            "updated_at": now,
-        }
-        updated = conn.execute(sa.update(DELIVERIES).where(D.idempotency_key == key).values(**values))
+        values: dict[str, Any] = {"status": status, "reason": reason, "attempts": step.job.attempts, "updated_at": now}
+        if provider_id is not None:
+            values["provider_id"] = provider_id
+        if sent_at is not None:
+            values["sent_at"] = sent_at
+        updated = conn.execute(sa.update(DELIVERIES).where(D.idempotency_key == step.key).values(**values))
         if updated.rowcount == 0:
             conn.execute(
                 sa.insert(DELIVERIES).values(
-                    idempotency_key=key,
-                    enrolment_id=enrolment_id,
-                    rule=rule.name,
-                    step=job.step + 1,
-                    contact_id=contact_id,
-                    sink=sink.key,
+                    idempotency_key=step.key,
+                    enrolment_id=step.enrolment_id,
+                    rule=step.rule.name,
+                    step=step.job.step + 1,
+                    contact_id=step.contact_id,
+                    sink=step.sink.key,
+                    kind=step.rule.spec.kind,
                     created_at=now,
                     **values,
                 )

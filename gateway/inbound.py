@@ -52,7 +52,7 @@ def apply_events(conn: Connection, raw: RawCall, events: list[Event], router: Ro
     stored = []
     for index, event in enumerate(events):
         event = event.model_copy(update={"id": f"{raw.id}.{index}", "source": raw.source, "raw_ref": raw.id})
-        contact = contacts.upsert(conn, event.contact, raw.source, now)
+        contact = contacts.upsert(conn, event.contact, raw.source, now, event)
         if event.type == ERASE_TYPE:
             contacts.erase(conn, contact["id"], now)
             event = event.model_copy(update={"properties": {}, "correlation": []})

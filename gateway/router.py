@@ -1,4 +1,8 @@
-"""The router: rules indexed by event type turn events into enrolments and cancellations."""
+"""The router: rules indexed by event type turn events into enrolments, exits and goals.
+
+Also the non-event triggers' entry points: scoring crossings, inactivity re-arming, date
+rescheduling when a contact's date or time zone changes, and firing a due trigger job.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +17,9 @@ import structlog
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from . import scheduler
-from .config import RuleSpec
-from .events import Event
+from . import contacts, journal, scheduler, triggers
+from .config import ReenterAfter, RuleSpec, ScoringSpec
+from .events import ContactRef, Event
 from .store import ENROLMENTS
 from .templating import compile_condition
 
@@ -35,10 +39,20 @@ class CompiledRule:
 
 
 class Router:
-    def __init__(self, rules: list[RuleSpec], env: jinja2.Environment):
+    def __init__(
+        self, rules: list[RuleSpec], env: jinja2.Environment, scoring: ScoringSpec | None = None, timezone: str = "UTC"
+    ):
         self.rules: dict[str, CompiledRule] = {}
-        self._enrol: dict[str, list[CompiledRule]] = defaultdict(list)
-        self._exit: dict[str, list[CompiledRule]] = defaultdict(list)
+        self.timezone = timezone
+        self.scoring = scoring or ScoringSpec()
+        self._points = {
+            t: (s.points, compile_condition(env, s.if_) if s.if_ else None) for t, s in self.scoring.points.items()
+        }
+        self._by: dict[str, defaultdict[str, list[CompiledRule]]] = {
+            kind: defaultdict(list) for kind in ("when", "exit_on", "goal", "of")
+        }
+        self.date_rules: list[CompiledRule] = []
+        self.score_rules: list[CompiledRule] = []
         for spec in rules:
             rule = CompiledRule(
                 spec,
@@ -46,19 +60,123 @@ class Router:
                 tuple(compile_condition(env, s.if_) if s.if_ else None for s in spec.steps),
             )
             self.rules[spec.name] = rule
-            self._enrol[spec.when].append(rule)
-            for event_type in spec.exit_on:
-                self._exit[event_type].append(rule)
+            for kind, index in self._by.items():
+                types = getattr(spec, kind)
+                for event_type in [types] if isinstance(types, str) else types or ():
+                    index[event_type].append(rule)
+            if spec.on_date:
+                self.date_rules.append(rule)
+            if spec.score_reaches is not None:
+                self.score_rules.append(rule)
 
     def route(self, conn: Connection, event: Event, contact: dict[str, Any], base: datetime) -> None:
-        """Exits first, so an event that both ends and starts a journey leaves the new one alone."""
-        for rule in self._exit.get(event.type, ()):
-            exit_journeys(conn, rule.name, event, contact["id"], base)
+        """Exits and goals first, so an event that both ends and starts a journey leaves the new one alone."""
+        for rule in self._by["exit_on"].get(event.type, ()):
+            end_journeys(conn, rule, event, contact["id"], base, "exited", f"exit_on {event.type}")
+        for rule in self._by["goal"].get(event.type, ()):
+            end_journeys(conn, rule, event, contact["id"], base, "goal", f"goal {event.type}")
+        for rule in self._by["of"].get(event.type, ()):
+            triggers.arm_inactivity(conn, rule.spec, contact["id"], event.id, base, base)
         context = {"event": event_context(event), "contact": contact}
-        for rule in self._enrol.get(event.type, ()):
-            if rule.condition is not None and not _truthy(rule, rule.condition, context):
+        self._score(conn, event, contact, context, base)
+        for rule in self._by["when"].get(event.type, ()):
+            if rule.condition is None or _truthy(rule, rule.condition, context):
+                enrol(conn, rule, contact["id"], event.id, _occurrence(event), _first(event.correlation), base)
+        self.reschedule_dates(conn, contact, event.contact, base)
+
+    def reschedule_dates(
+        self, conn: Connection, contact: dict[str, Any], ref: ContactRef | None, now: datetime
+    ) -> None:
+        """A date rule's next firing moves when the contact's date or time zone changes."""
+        for rule in self.date_rules:
+            if ref is None or rule.spec.date_attribute in ref.attributes or ref.timezone:
+                triggers.schedule_date(conn, rule.spec, contact, self.timezone, now)
+
+    def _score(
+        self, conn: Connection, event: Event, contact: dict[str, Any], context: dict[str, Any], base: datetime
+    ) -> None:
+        points, condition = self._points.get(event.type, (0.0, None))
+        if not points or (condition is not None and not _truthy(None, condition, context)):
+            return
+        before, after = triggers.add_points(conn, contact["id"], points, self.scoring.half_life, base)
+        for rule in self.score_rules:
+            threshold = rule.spec.score_reaches
+            assert threshold is not None
+            if before < threshold <= after:  # crossing upward; staying above fires nothing
+                enrol(conn, rule, contact["id"], event.id, f"score:{threshold:g}:{event.id}", None, base)
+
+    def fire(
+        self,
+        conn: Connection,
+        rule_name: str,
+        contact_id: int,
+        occurrence: str,
+        due: datetime,
+        now: datetime,
+        trigger_id: int,
+    ) -> None:
+        """A due date or inactivity trigger: enrol, then schedule the next yearly firing."""
+        rule = self.rules.get(rule_name)
+        if rule is None:
+            return
+        contact = contacts.load(conn, contact_id)
+        spec = rule.spec
+        if spec.on_date and now - due > spec.catch_up:
+            journal.record(
+                conn,
+                now,
+                rule.name,
+                contact_id,
+                "suppressed",
+                step=1,
+                reason=f"missed: due {due:%Y-%m-%d %H:%M} UTC, more than catch_up ago",
+            )
+        else:
+            event = self._synthetic_event(conn, rule, contact, occurrence, due, trigger_id)
+            enrol(conn, rule, contact_id, event.id, occurrence, None, now)
+        if spec.on_date:
+            triggers.schedule_date(conn, spec, contact, self.timezone, now)
+
+    def _synthetic_event(
+        self,
+        conn: Connection,
+        rule: CompiledRule,
+        contact: dict[str, Any],
+        occurrence: str,
+        due: datetime,
+        trigger_id: int,
+    ) -> Event:
+        from .inbound import store_event  # the router sits below inbound in the flow
+
+        if rule.spec.on_date:
+            kind, properties = "date.reached", {"rule": rule.name, "date": occurrence.removeprefix("date:")}
+        else:
+            kind, properties = "contact.inactive", {"rule": rule.name, "since": occurrence}
+        event = Event(
+            id=f"t{trigger_id}",
+            source="declic",
+            type=kind,
+            occurred_at=due,
+            contact=ContactRef(),
+            properties=properties,
+        )
+        store_event(conn, event, contact["id"])
+        return event
+
+    def reconcile(self, conn: Connection, now: datetime) -> int:
+        """Schedule the date and inactivity triggers a config change added; idempotent."""
+        scheduled = 0
+        for rule in self.date_rules:
+            for contact in triggers.contacts_with(conn, rule.spec.date_attribute):
+                triggers.schedule_date(conn, rule.spec, contact, self.timezone, now)
+                scheduled += 1
+        for rule in self.rules.values():
+            if rule.spec.inactive_for is None:
                 continue
-            enrol(conn, rule, event, contact["id"], base)
+            for contact_id, event_id, at in triggers.last_activity(conn, rule.spec.of):
+                triggers.arm_inactivity(conn, rule.spec, contact_id, event_id, at, now)
+                scheduled += 1
+        return scheduled
 
 
 def event_context(event: Event) -> dict[str, Any]:
@@ -66,24 +184,46 @@ def event_context(event: Event) -> dict[str, Any]:
     return event.model_dump(mode="python", include={"id", "source", "type", "occurred_at", "correlation", "properties"})
 
 
-def _truthy(rule: CompiledRule, condition: Any, context: dict[str, Any]) -> bool:
+def _first(keys: list[str]) -> str | None:
+    return keys[0] if keys else None
+
+
+def _occurrence(event: Event) -> str:
+    return _first(event.correlation) or f"event:{event.id}"
+
+
+def _truthy(rule: CompiledRule | None, condition: Any, context: dict[str, Any]) -> bool:
     try:
         return bool(condition(**context))
     except Exception as exc:  # a bad expression on odd data skips the rule, loudly
-        log.warning("rule condition failed", rule=rule.name, error=str(exc))
+        log.warning("condition failed", rule=rule.name if rule else "scoring", error=str(exc))
         return False
 
 
-def enrol(conn: Connection, rule: CompiledRule, event: Event, contact_id: int, base: datetime) -> int | None:
-    """One enrolment per (rule, contact, occurrence): a redelivered event enrols nobody twice."""
-    correlation = event.correlation[0] if event.correlation else None
+def enrol(
+    conn: Connection,
+    rule: CompiledRule,
+    contact_id: int,
+    event_id: str,
+    occurrence: str,
+    correlation: str | None,
+    base: datetime,
+) -> int | None:
+    """One enrolment per (rule, contact, occurrence), within the rule's re-entry policy."""
+    reenter = rule.spec.reenter
+    if reenter != "always":
+        earlier = sa.select(E.id).where(E.rule == rule.name, E.contact_id == contact_id)
+        if isinstance(reenter, ReenterAfter):
+            earlier = earlier.where(E.created_at > base - reenter.after)
+        if conn.execute(earlier.limit(1)).first() is not None:
+            return None
     insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(ENROLMENTS)
     enrolment_id = conn.execute(
         insert.values(
             rule=rule.name,
             contact_id=contact_id,
-            event_id=event.id,
-            occurrence=correlation or f"event:{event.id}",
+            event_id=event_id,
+            occurrence=occurrence,
             correlation=correlation,
             status="active",
             created_at=base,
@@ -93,24 +233,48 @@ def enrol(conn: Connection, rule: CompiledRule, event: Event, contact_id: int, b
     ).scalar_one_or_none()
     if enrolment_id is None:
         return None
-    scheduler.add_step(conn, enrolment_id, 0, base + rule.spec.steps[0].wait, base)
-    log.info("enrolled", rule=rule.name, event_id=event.id, contact_id=contact_id)
+    scheduler.add_step(conn, enrolment_id, 0, base + rule.spec.steps[0].wait, base, rule.spec.priority)
+    log.info("enrolled", rule=rule.name, event_id=event_id, contact_id=contact_id)
     return enrolment_id
 
 
-def exit_journeys(conn: Connection, rule: str, event: Event, contact_id: int, now: datetime) -> list[int]:
-    """End the rule's active journeys that share a correlation key with the event (else its contact)."""
+def end_journeys(
+    conn: Connection, rule: CompiledRule, event: Event, contact_id: int, now: datetime, how: str, reason: str
+) -> list[int]:
+    """End the rule's journeys that this event concerns.
+
+    A journey keyed `checkout:abc` ends on an event carrying `checkout:abc`. When the event
+    carries no key of that kind (an order placed without a checkout, a sign-up journey and an
+    order), the journey of the same contact ends. `exited` ends active journeys; a `goal` also
+    counts journeys that already sent their last step.
+    """
+    kinds = sorted({key.split(":", 1)[0] for key in event.correlation})
     same_story = E.correlation.in_(event.correlation) if event.correlation else sa.false()
-    same_contact = sa.and_(E.correlation.is_(None), E.contact_id == contact_id)
-    ended = list(
-        conn.execute(
-            sa.update(ENROLMENTS)
-            .where(E.rule == rule, E.status == "active", sa.or_(same_story, same_contact))
-            .values(status="exited", ended_by=event.id, ended_at=now)
-            .returning(E.id)
-        ).scalars()
-    )
-    if ended:
-        scheduler.cancel_pending(conn, ended, now)
-        log.info("journeys exited", rule=rule, event_id=event.id, enrolments=len(ended))
-    return ended
+    story_unknown: sa.ColumnElement[bool] = sa.true()
+    if kinds:
+        story_unknown = sa.or_(E.correlation.is_(None), sa.and_(*[~E.correlation.startswith(f"{k}:") for k in kinds]))
+    same_contact = sa.and_(E.contact_id == contact_id, story_unknown)
+    statuses = ("active",) if how == "exited" else ("active", "completed")
+    ended = conn.execute(
+        sa.update(ENROLMENTS)
+        .where(E.rule == rule.name, E.status.in_(statuses), sa.or_(same_story, same_contact))
+        .values(status="exited" if how == "exited" else "converted", ended_by=event.id, ended_at=now)
+        .returning(E.id, E.contact_id)
+    ).all()
+    if not ended:
+        return []
+    pending = dict(scheduler.cancel_pending(conn, [row.id for row in ended], now))
+    for row in ended:
+        step = pending.get(row.id)
+        journal.record(
+            conn,
+            now,
+            rule.name,
+            row.contact_id,
+            how,
+            step=None if step is None else step + 1,
+            reason=reason,
+            event_id=event.id,
+        )
+    log.info("journeys " + how, rule=rule.name, event_id=event.id, enrolments=len(ended))
+    return [row.id for row in ended]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from .store import JOBS
@@ -23,15 +24,23 @@ class ClaimedJob:
     step: int
     due_at: datetime
     attempts: int
+    rule: str | None = None
+    contact_id: int | None = None
+    occurrence: str | None = None
+    first_due_at: datetime | None = None
 
 
-def add_step(conn: Connection, enrolment_id: int, step: int, due_at: datetime, now: datetime) -> None:
+def add_step(
+    conn: Connection, enrolment_id: int, step: int, due_at: datetime, now: datetime, priority: int = 0
+) -> None:
     conn.execute(
         sa.insert(JOBS).values(
             kind="step",
             enrolment_id=enrolment_id,
             step=step,
             due_at=due_at,
+            first_due_at=due_at,
+            priority=priority,
             status="pending",
             attempts=0,
             created_at=now,
@@ -56,7 +65,8 @@ def claim(conn: Connection, worker: str, now: datetime, lease: timedelta, limit:
         .scalar_subquery()
     )
     in_order = sa.or_(J.kind == "inbox", backlog.is_(None), J.due_at < backlog)
-    candidates = sa.select(J.id).where(due, in_order).order_by(J.due_at).limit(limit)
+    # Among steps due at the same moment (freed by the pressure cap), the rule's priority decides.
+    candidates = sa.select(J.id).where(due, in_order).order_by(J.due_at, J.priority.desc()).limit(limit)
     if conn.dialect.name == "postgresql":
         # Two replicas never claim the same row, and neither waits for the other's locks.
         candidates = candidates.with_for_update(skip_locked=True)
@@ -64,9 +74,23 @@ def claim(conn: Connection, worker: str, now: datetime, lease: timedelta, limit:
         sa.update(JOBS)
         .where(J.id.in_(candidates.scalar_subquery()))
         .values(status="running", locked_by=worker, locked_until=now + lease, attempts=J.attempts + 1, updated_at=now)
-        .returning(J.id, J.kind, J.inbox_id, J.enrolment_id, J.step, J.due_at, J.attempts)
+        .returning(
+            J.id,
+            J.kind,
+            J.inbox_id,
+            J.enrolment_id,
+            J.step,
+            J.due_at,
+            J.attempts,
+            J.rule,
+            J.contact_id,
+            J.occurrence,
+            J.first_due_at,
+            J.priority,
+        )
     )
-    return sorted((ClaimedJob(*row) for row in rows), key=lambda job: (job.due_at, job.id))
+    claimed = sorted(rows, key=lambda row: (row.due_at, -row.priority, row.id))
+    return [ClaimedJob(*row[:-1]) for row in claimed]
 
 
 def renew(conn: Connection, job_ids: list[int], worker: str, until: datetime) -> None:
@@ -98,12 +122,33 @@ def reschedule(conn: Connection, job: ClaimedJob, worker: str, due_at: datetime,
     return result.rowcount == 1
 
 
-def cancel_pending(conn: Connection, enrolment_ids: list[int], now: datetime) -> None:
-    conn.execute(
+def cancel_pending(conn: Connection, enrolment_ids: list[int], now: datetime) -> list[tuple[int, int]]:
+    """Cancel the journeys' pending steps; return (enrolment id, step) for each."""
+    rows = conn.execute(
         sa.update(JOBS)
         .where(J.enrolment_id.in_(enrolment_ids), J.status == "pending")
         .values(status="cancelled", updated_at=now)
+        .returning(J.enrolment_id, J.step)
     )
+    return [(row.enrolment_id, row.step) for row in rows]
+
+
+def defer(conn: Connection, job: ClaimedJob, worker: str, until: datetime, now: datetime, reason: str) -> bool:
+    """Put a step back until `until` without spending an attempt: waiting is not failing."""
+    result = conn.execute(
+        sa.update(JOBS)
+        .where(J.id == job.id, J.locked_by == worker, J.status == "running")
+        .values(
+            status="pending",
+            due_at=until,
+            attempts=J.attempts - 1,
+            locked_until=None,
+            locked_by=None,
+            last_error=reason,
+            updated_at=now,
+        )
+    )
+    return result.rowcount == 1
 
 
 def retry_delay(
@@ -144,6 +189,24 @@ def add_inbox_jobs(conn: Connection, inbox_ids: list[int], now: datetime) -> Non
             }
             for inbox_id in inbox_ids
         ],
+    )
+
+
+def add_tick(conn: Connection, name: str, now: datetime) -> None:
+    """A one-off maintenance job (e.g. `reconcile`), queued at most once whatever the replicas."""
+    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(JOBS)
+    conn.execute(
+        insert.values(
+            kind="tick",
+            key=f"tick:{name}",
+            occurrence=name,
+            step=0,
+            due_at=now,
+            status="pending",
+            attempts=0,
+            created_at=now,
+            updated_at=now,
+        ).on_conflict_do_nothing(index_elements=["key"], index_where=J.status == "pending")
     )
 
 

@@ -115,8 +115,11 @@ class Worker:
         try:
             if job.kind == "inbox":
                 await self._process_inbox(job)
-            else:
+            elif job.kind == "step":
                 await self._run_step(job)
+            else:
+                await self.db.run(self._close_call, job, self._trigger_work(job))
+                self.wake()
         except Exception as exc:  # keep the job, try again later; never lose it
             log.exception("job failed", job_id=job.id, kind=job.kind)
             await self._retry_later(job, f"{type(exc).__name__}: {exc}")
@@ -142,6 +145,14 @@ class Worker:
         for event in stored or ():
             self._on_event(event)
         self.wake()  # steps due now were just created
+
+    def _trigger_work(self, job: ClaimedJob) -> Callable[[Connection, datetime], object]:
+        """A due date or inactivity trigger fires; a tick runs maintenance."""
+        if job.kind == "tick":
+            return lambda conn, now: self.router.reconcile(conn, now)
+        rule, contact_id, occurrence = job.rule, job.contact_id, job.occurrence
+        assert rule is not None and contact_id is not None and occurrence is not None
+        return lambda conn, now: self.router.fire(conn, rule, contact_id, occurrence, job.due_at, now, job.id)
 
     def _close_call(self, conn: Connection, job: ClaimedJob, work: Callable[[Connection, datetime], T]) -> T:
         now = self.clock.now()

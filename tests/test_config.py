@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from gateway.app import load
 from gateway.cli import cli
 from gateway.errors import ConfigError
+from gateway.plugins import collect, get_plugin_manager
 from gateway.testing import write_deployment
 
 TEMPLATES = {"welcome.txt.j2": "Hello", "welcome.subject.j2": "Hi"}
@@ -117,7 +118,7 @@ ERRORS = [
     (
         "unknown plugin",
         edit("plugin: shopify", "plugin: shopifi"),
-        "7:13: sources.shop.plugin: unknown plugin 'shopifi' (available: shopify; see `declic plugins`)",
+        "7:13: sources.shop.plugin: unknown plugin 'shopifi' (available: {available}; see `declic plugins`)",
     ),
     (
         "plugin option typo",
@@ -176,8 +177,23 @@ ERRORS = [
     ),
     (
         "not yet supported",
+        VALID + "admin: {token: x}\n",
+        "1:1: admin: the admin API is not in this version of Declic yet",
+    ),
+    (
+        "two triggers",
         edit("    when: customer.created\n", "    when: customer.created\n    on_date: contact.birthday\n"),
-        "18:5: rules[0]: on_date: date rules are not supported by this version of Declic yet",
+        "18:5: rules[0]: a rule needs exactly one trigger: when, on_date, inactive_for or score_reaches",
+    ),
+    (
+        "bad time of day",
+        edit("    when: customer.created\n", "    on_date: contact.birthday\n    at: '25:00'\n"),
+        "20:9: rules[0].at: invalid time of day '25:00': write HH:MM, as 10:00 or 21:30",
+    ),
+    (
+        "inactivity without of",
+        edit("    when: customer.created\n", "    inactive_for: 90d\n"),
+        "18:5: rules[0]: an inactive_for rule needs `of`: the event types that count as activity",
     ),
     ("invalid yaml", "rules: [\n", "2:1: invalid YAML: expected the node content, but found '<stream end>'"),
 ]
@@ -189,6 +205,7 @@ def test_errors_name_file_line_column_path(tmp_path: Path, case: str, text: str,
     code, output = check(tmp_path, text, env)
     assert code == 2
     expected = expected.replace("{templates}", str(tmp_path / "templates"))
+    expected = expected.replace("{available}", ", ".join(sorted(collect(get_plugin_manager()).sources)))
     assert f"{tmp_path / 'declic.yaml'}:{expected}" in output.splitlines(), output
 
 

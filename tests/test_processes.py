@@ -350,7 +350,10 @@ def test_sigkill_with_steps_pending_each_email_goes_out_exactly_once(
         assert got == Counter(buyer(i) for i in range(n))
         assert len({m["Message-ID"] for m in smtp.messages}) == n
         assert sqlite_rows(database, "SELECT status, count(*) FROM deliveries GROUP BY status") == [("sent", n)]
-        assert sqlite_rows(database, "SELECT kind, status, count(*) FROM jobs GROUP BY kind, status ORDER BY kind") == [
+        assert sqlite_rows(
+            database,
+            "SELECT kind, status, count(*) FROM jobs WHERE kind IN ('inbox', 'step') GROUP BY kind, status ORDER BY kind",
+        ) == [
             ("inbox", "done", n),
             ("step", "done", n),
         ]
@@ -392,7 +395,9 @@ def test_two_processes_on_one_postgresql_never_send_a_step_twice(
                 ).all()
                 enrolments = conn.execute(sa.text("SELECT count(*) FROM enrolments")).scalar()
                 jobs = conn.execute(
-                    sa.text("SELECT kind, status, count(*) FROM jobs GROUP BY kind, status ORDER BY kind")
+                    sa.text(
+                        "SELECT kind, status, count(*) FROM jobs WHERE kind IN ('inbox', 'step') GROUP BY kind, status ORDER BY kind"
+                    )
                 ).all()
                 workers = dict(
                     conn.execute(

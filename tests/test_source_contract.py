@@ -142,7 +142,7 @@ async def test_enrichment_retries_on_provider_errors_then_succeeds(aiohttp_clien
         assert (await client.post("/hooks/crm/t0k", data=b'{"id": 7}')).status == 200
         await gateway.worker.drain()
         with gateway.db.engine.connect() as conn:
-            [(status, error)] = conn.exec_driver_sql("SELECT status, last_error FROM jobs").all()
+            [(status, error)] = conn.exec_driver_sql("SELECT status, last_error FROM jobs WHERE kind = 'inbox'").all()
         assert status == "pending" and error == "provider answered 503: down"
         clock.advance(timedelta(seconds=11))
         await gateway.worker.drain()
@@ -172,7 +172,7 @@ async def test_enrichment_that_keeps_failing_ends_in_the_dead_letter_with_the_ca
             await gateway.worker.drain()
             clock.advance(timedelta(minutes=5))
         with gateway.db.engine.connect() as conn:
-            assert conn.exec_driver_sql("SELECT status, last_error FROM jobs").one() == (
+            assert conn.exec_driver_sql("SELECT status, last_error FROM jobs WHERE kind = 'inbox'").one() == (
                 "dead",
                 "provider answered 500: internal error",
             )

@@ -2,14 +2,18 @@
 
 from .db import Database, StorageUnavailable
 from .tables import (
+    CONSENTS,
     CONTACTS,
+    DECISIONS,
     DELIVERIES,
     ENROLMENTS,
     EVENTS,
     IDENTITIES,
     INBOX,
     JOBS,
+    ConsentRecord,
     Contact,
+    Decision,
     Delivery,
     Enrolment,
     Identity,
@@ -19,15 +23,19 @@ from .tables import (
 )
 
 __all__ = [
+    "CONSENTS",
     "CONTACTS",
+    "DECISIONS",
     "DELIVERIES",
     "ENROLMENTS",
     "EVENTS",
     "IDENTITIES",
     "INBOX",
     "JOBS",
+    "ConsentRecord",
     "Contact",
     "Database",
+    "Decision",
     "Delivery",
     "Enrolment",
     "Identity",

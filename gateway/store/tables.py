@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Column, Index, LargeBinary, Table, Text, UniqueConstraint
+from sqlalchemy import Column, Index, LargeBinary, Table, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 
@@ -26,19 +26,35 @@ class InboxCall(SQLModel, table=True):
 
 
 class Job(SQLModel, table=True):
-    """A unit of durable work: normalise an inbox call, or run one journey step."""
+    """A unit of durable work: normalise an inbox call, run a journey step, or fire a trigger."""
 
     __tablename__ = "jobs"
     __table_args__ = (
         Index("ix_jobs_claim", "status", "due_at"),
         Index("ix_jobs_backlog", "kind", "status", "created_at"),
+        # One pending job per trigger key: scheduling a date or inactivity trigger twice is a no-op.
+        Index(
+            "uq_jobs_pending_key",
+            "key",
+            unique=True,
+            sqlite_where=text("status = 'pending'"),
+            postgresql_where=text("status = 'pending'"),
+        ),
     )
 
     id: int | None = Field(default=None, primary_key=True)
-    kind: str = Field(max_length=20)  # inbox | step
+    kind: str = Field(max_length=20)  # inbox | step | trigger | tick
     inbox_id: int | None = Field(default=None, index=True)
     enrolment_id: int | None = Field(default=None, index=True)
     step: int = 0
+    #: Trigger jobs: which rule fires for which contact, and the occurrence it stands for.
+    rule: str | None = Field(default=None, max_length=100)
+    contact_id: int | None = Field(default=None)
+    key: str | None = Field(default=None, max_length=300)
+    occurrence: str | None = Field(default=None, max_length=300)
+    priority: int = 0
+    #: When a step was first due, before quiet hours or pressure deferred it (for `max_delay`).
+    first_due_at: datetime | None = None
     due_at: datetime
     status: str = Field(default="pending", max_length=20)  # pending|running|done|cancelled|dead
     attempts: int = 0
@@ -62,6 +78,9 @@ class Contact(SQLModel, table=True):
     attributes: str = Field(default="{}", sa_column=Column(Text, nullable=False))
     consent: str = Field(default="{}", sa_column=Column(Text, nullable=False))
     email_status: str = Field(default="ok", max_length=20)  # ok | bouncing | erased
+    #: Lead score as of `score_at`; decays with the configured half-life.
+    score: float = 0.0
+    score_at: datetime | None = None
     created_at: datetime
     updated_at: datetime
 
@@ -74,6 +93,38 @@ class Identity(SQLModel, table=True):
     kind: str = Field(primary_key=True, max_length=50)
     value: str = Field(primary_key=True, max_length=320)
     contact_id: int = Field(index=True)
+
+
+class ConsentRecord(SQLModel, table=True):
+    """The consent ledger: every change of a contact's consent, where it came from and why."""
+
+    __tablename__ = "consents"
+
+    id: int | None = Field(default=None, primary_key=True)
+    contact_id: int = Field(index=True)
+    channel: str = Field(max_length=20)
+    state: str = Field(max_length=20)
+    source: str = Field(max_length=100)
+    event_id: str | None = Field(default=None, max_length=60)
+    evidence: str | None = Field(default=None, sa_column=Column(Text))
+    recorded_at: datetime
+
+
+class Decision(SQLModel, table=True):
+    """Append-only journal of what the engine decided: send, suppressed, deferred, exited, goal, failed."""
+
+    __tablename__ = "decisions"
+    __table_args__ = (Index("ix_decisions_rule_action", "rule", "action"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = Field(index=True)
+    rule: str = Field(max_length=100)
+    step: int | None = None
+    contact_id: int = Field(index=True)
+    action: str = Field(max_length=20)
+    via: str | None = Field(default=None, max_length=100)
+    reason: str | None = Field(default=None, sa_column=Column(Text))
+    event_id: str | None = Field(default=None, max_length=60)
 
 
 class StoredEvent(SQLModel, table=True):
@@ -122,7 +173,9 @@ class Delivery(SQLModel, table=True):
     step: int
     contact_id: int = Field(index=True)
     sink: str = Field(max_length=100)
-    status: str = Field(max_length=20)  # sent|suppressed|failed|address_invalid
+    kind: str = Field(default="marketing", max_length=20)  # the rule's kind, for pressure caps
+    status: str = Field(max_length=20)  # sending|retrying|sent|suppressed|failed|address_invalid
+    sent_at: datetime | None = Field(default=None, index=True)
     reason: str | None = Field(default=None, sa_column=Column(Text))
     attempts: int = 0
     provider_id: str | None = Field(default=None, max_length=300, index=True)
@@ -145,3 +198,5 @@ IDENTITIES = _table(Identity)
 EVENTS = _table(StoredEvent)
 ENROLMENTS = _table(Enrolment)
 DELIVERIES = _table(Delivery)
+CONSENTS = _table(ConsentRecord)
+DECISIONS = _table(Decision)

@@ -19,6 +19,21 @@ depends_on = None
 
 def upgrade() -> None:
     op.create_table(
+        "consents",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("contact_id", sa.Integer(), nullable=False),
+        sa.Column("channel", sqlmodel.sql.sqltypes.AutoString(length=20), nullable=False),
+        sa.Column("state", sqlmodel.sql.sqltypes.AutoString(length=20), nullable=False),
+        sa.Column("source", sqlmodel.sql.sqltypes.AutoString(length=100), nullable=False),
+        sa.Column("event_id", sqlmodel.sql.sqltypes.AutoString(length=60), nullable=True),
+        sa.Column("evidence", sa.Text(), nullable=True),
+        sa.Column("recorded_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    with op.batch_alter_table("consents", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_consents_contact_id"), ["contact_id"], unique=False)
+
+    op.create_table(
         "contacts",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("email", sqlmodel.sql.sqltypes.AutoString(length=320), nullable=True),
@@ -30,10 +45,30 @@ def upgrade() -> None:
         sa.Column("attributes", sa.Text(), nullable=False),
         sa.Column("consent", sa.Text(), nullable=False),
         sa.Column("email_status", sqlmodel.sql.sqltypes.AutoString(length=20), nullable=False),
+        sa.Column("score", sa.Float(), nullable=False),
+        sa.Column("score_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
         sa.Column("created_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
         sa.Column("updated_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )
+    op.create_table(
+        "decisions",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+        sa.Column("rule", sqlmodel.sql.sqltypes.AutoString(length=100), nullable=False),
+        sa.Column("step", sa.Integer(), nullable=True),
+        sa.Column("contact_id", sa.Integer(), nullable=False),
+        sa.Column("action", sqlmodel.sql.sqltypes.AutoString(length=20), nullable=False),
+        sa.Column("via", sqlmodel.sql.sqltypes.AutoString(length=100), nullable=True),
+        sa.Column("reason", sa.Text(), nullable=True),
+        sa.Column("event_id", sqlmodel.sql.sqltypes.AutoString(length=60), nullable=True),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    with op.batch_alter_table("decisions", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_decisions_at"), ["at"], unique=False)
+        batch_op.create_index(batch_op.f("ix_decisions_contact_id"), ["contact_id"], unique=False)
+        batch_op.create_index("ix_decisions_rule_action", ["rule", "action"], unique=False)
+
     op.create_table(
         "deliveries",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -43,7 +78,9 @@ def upgrade() -> None:
         sa.Column("step", sa.Integer(), nullable=False),
         sa.Column("contact_id", sa.Integer(), nullable=False),
         sa.Column("sink", sqlmodel.sql.sqltypes.AutoString(length=100), nullable=False),
+        sa.Column("kind", sqlmodel.sql.sqltypes.AutoString(length=20), nullable=False),
         sa.Column("status", sqlmodel.sql.sqltypes.AutoString(length=20), nullable=False),
+        sa.Column("sent_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
         sa.Column("reason", sa.Text(), nullable=True),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("provider_id", sqlmodel.sql.sqltypes.AutoString(length=300), nullable=True),
@@ -58,6 +95,7 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_deliveries_contact_id"), ["contact_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_deliveries_enrolment_id"), ["enrolment_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_deliveries_provider_id"), ["provider_id"], unique=False)
+        batch_op.create_index(batch_op.f("ix_deliveries_sent_at"), ["sent_at"], unique=False)
 
     op.create_table(
         "enrolments",
@@ -129,6 +167,12 @@ def upgrade() -> None:
         sa.Column("inbox_id", sa.Integer(), nullable=True),
         sa.Column("enrolment_id", sa.Integer(), nullable=True),
         sa.Column("step", sa.Integer(), nullable=False),
+        sa.Column("rule", sqlmodel.sql.sqltypes.AutoString(length=100), nullable=True),
+        sa.Column("contact_id", sa.Integer(), nullable=True),
+        sa.Column("key", sqlmodel.sql.sqltypes.AutoString(length=300), nullable=True),
+        sa.Column("occurrence", sqlmodel.sql.sqltypes.AutoString(length=300), nullable=True),
+        sa.Column("priority", sa.Integer(), nullable=False),
+        sa.Column("first_due_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
         sa.Column("due_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
         sa.Column("status", sqlmodel.sql.sqltypes.AutoString(length=20), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
@@ -144,10 +188,22 @@ def upgrade() -> None:
         batch_op.create_index("ix_jobs_claim", ["status", "due_at"], unique=False)
         batch_op.create_index(batch_op.f("ix_jobs_enrolment_id"), ["enrolment_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_jobs_inbox_id"), ["inbox_id"], unique=False)
+        batch_op.create_index(
+            "uq_jobs_pending_key",
+            ["key"],
+            unique=True,
+            sqlite_where=sa.text("status = 'pending'"),
+            postgresql_where=sa.text("status = 'pending'"),
+        )
 
 
 def downgrade() -> None:
     with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.drop_index(
+            "uq_jobs_pending_key",
+            sqlite_where=sa.text("status = 'pending'"),
+            postgresql_where=sa.text("status = 'pending'"),
+        )
         batch_op.drop_index(batch_op.f("ix_jobs_inbox_id"))
         batch_op.drop_index(batch_op.f("ix_jobs_enrolment_id"))
         batch_op.drop_index("ix_jobs_claim")
@@ -174,9 +230,20 @@ def downgrade() -> None:
 
     op.drop_table("enrolments")
     with op.batch_alter_table("deliveries", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_deliveries_sent_at"))
         batch_op.drop_index(batch_op.f("ix_deliveries_provider_id"))
         batch_op.drop_index(batch_op.f("ix_deliveries_enrolment_id"))
         batch_op.drop_index(batch_op.f("ix_deliveries_contact_id"))
 
     op.drop_table("deliveries")
+    with op.batch_alter_table("decisions", schema=None) as batch_op:
+        batch_op.drop_index("ix_decisions_rule_action")
+        batch_op.drop_index(batch_op.f("ix_decisions_contact_id"))
+        batch_op.drop_index(batch_op.f("ix_decisions_at"))
+
+    op.drop_table("decisions")
     op.drop_table("contacts")
+    with op.batch_alter_table("consents", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_consents_contact_id"))
+
+    op.drop_table("consents")

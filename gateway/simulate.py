@@ -1,0 +1,242 @@
+"""`declic simulate`: a timeline through the real router, scheduler and policies, under a fake clock.
+
+Nothing is sent (sinks are replaced by recorders) and the deployment's database is not
+touched (a throwaway SQLite file is used). The output is the decisions journal, one JSON
+object per line, sorted by time.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pluggy
+import sqlalchemy as sa
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sqlalchemy.engine import Connection
+
+from . import scheduler
+from .app import Gateway, build_gateway
+from .clock import FakeClock
+from .config import Settings
+from .errors import DeclicError
+from .events import ContactRef, Event
+from .ingest import NewCall, commit_calls
+from .sinks import DeliveryResult, Message, SendContext, Sink
+from .sources import Deployment, RawCall, Source
+from .store import CONTACTS, DECISIONS, JOBS
+
+#: The timeline's events enter through this source name, which no config can use (names are [a-z0-9_-]).
+TIMELINE_SOURCE = "~timeline"
+DEFAULT_TAIL = timedelta(days=30)
+
+
+class TimelineError(DeclicError):
+    """The timeline file is not a list of events."""
+
+
+class TimelineContact(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    email: str | None = None
+    phone: str | None = None
+    first_name: str | None = None
+    last_name: str | None = None
+    locale: str | None = None
+    timezone: str | None = None
+    birthday: str | None = None
+    external_ids: dict[str, str] = Field(default_factory=dict)
+    attributes: dict[str, Any] = Field(default_factory=dict)
+    consent: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("birthday", mode="before")
+    @classmethod
+    def _iso(cls, value: Any) -> Any:
+        return value.isoformat() if hasattr(value, "isoformat") else value
+
+    def ref(self) -> ContactRef:
+        attributes = dict(self.attributes)
+        if self.birthday:
+            attributes["birthday"] = self.birthday
+        fields = self.model_dump(exclude={"birthday", "attributes"})
+        return ContactRef(**fields, attributes=attributes)
+
+
+class TimelineItem(BaseModel):
+    """`{at, type, contact, properties, correlation}`, or `{at, end: true}` to run the clock to `at`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    at: datetime
+    type: str | None = None
+    contact: TimelineContact = Field(default_factory=TimelineContact)
+    properties: dict[str, Any] = Field(default_factory=dict)
+    correlation: list[str] = Field(default_factory=list)
+    end: bool = False
+
+    @field_validator("correlation", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+def load_timeline(path: Path, timezone: str) -> list[TimelineItem]:
+    """A YAML list, or JSON lines. Times without an offset are in the deployment's time zone."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix in (".jsonl", ".ndjson") or text.lstrip().startswith("{"):
+            raw = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            raw = yaml.safe_load(text) or []
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise TimelineError(f"{path}: not YAML or JSON lines: {exc}") from None
+    if not isinstance(raw, list):
+        raise TimelineError(f"{path}: expected a list of events")
+    items = []
+    for index, entry in enumerate(raw, 1):
+        try:
+            item = TimelineItem.model_validate(entry)
+        except ValidationError as exc:
+            problem = exc.errors()[0]
+            where = ".".join(str(part) for part in problem["loc"])
+            raise TimelineError(f"{path}: item {index}: {where}: {problem['msg']}") from None
+        if item.type is None and not item.end:
+            raise TimelineError(f"{path}: item {index}: needs `type` (an event) or `end: true`")
+        if item.at.tzinfo is None:
+            item.at = item.at.replace(tzinfo=ZoneInfo(timezone))
+        items.append(item)
+    return sorted(items, key=lambda item: item.at)
+
+
+class TimelineSource(Source):
+    """Reads back the timeline items the simulator stored; never served over HTTP."""
+
+    name = "~timeline"
+
+    def normalize(self, raw: RawCall) -> list[Event]:
+        item = TimelineItem.model_validate_json(raw.body)
+        assert item.type is not None
+        return [
+            Event(
+                type=item.type,
+                occurred_at=item.at,
+                contact=item.contact.ref(),
+                properties=item.properties,
+                correlation=item.correlation,
+            )
+        ]
+
+
+class RecordingSink(Sink):
+    """Stands in for a real sink: same channel and addresses, records instead of sending."""
+
+    def __init__(self, real: Sink):
+        super().__init__(real.key, real.config, real.deployment)
+        self.real = real
+        self.channel = real.channel  # type: ignore[misc]
+        self.name = real.name  # type: ignore[misc]
+        self.sent: list[tuple[Message, SendContext]] = []
+
+    def address(self, contact: dict[str, Any]) -> str | None:
+        return self.real.address(contact)
+
+    async def send(self, message: Message, ctx: SendContext) -> DeliveryResult:
+        self.sent.append((message, ctx))
+        return DeliveryResult.sent(f"simulated-{len(self.sent)}")
+
+
+Inject = Callable[[Gateway, TimelineItem, int], Awaitable[None]]
+
+
+async def inject_directly(gateway: Gateway, item: TimelineItem, index: int) -> None:
+    call = NewCall(TIMELINE_SOURCE, f"item-{index}", item.at, {}, item.model_dump_json().encode())
+    await gateway.db.run(commit_calls, [call])
+
+
+async def play(
+    gateway: Gateway,
+    clock: FakeClock,
+    items: list[TimelineItem],
+    inject: Inject = inject_directly,
+    tail: timedelta = DEFAULT_TAIL,
+) -> None:
+    """Step the clock through every due job and every timeline item, in time order."""
+    await gateway.db.run(scheduler.add_tick, "reconcile", clock.now())
+    for index, item in enumerate(items):
+        await run_until(gateway, clock, item.at)
+        if not item.end:
+            await inject(gateway, item, index)
+            await gateway.worker.drain()
+    events = [item.at for item in items if not item.end]
+    ends = [item.at for item in items if item.end]
+    await run_until(gateway, clock, max(ends) if ends else (max(events) + tail if events else clock.now()))
+
+
+async def run_until(gateway: Gateway, clock: FakeClock, moment: datetime) -> None:
+    while True:
+        due = await gateway.db.run(_next_due)
+        if due is None or due > moment:
+            break
+        clock.set(max(due, clock.now()))
+        if await gateway.worker.drain() == 0 and await gateway.db.run(_next_due) == due:
+            break  # due but not claimable (held by a lease): nothing more to do at this moment
+    clock.set(max(moment, clock.now()))
+
+
+def _next_due(conn: Connection) -> datetime | None:
+    value: datetime | None = conn.execute(
+        sa.select(sa.func.min(JOBS.c.due_at)).where(JOBS.c.status == "pending")
+    ).scalar()
+    return value
+
+
+def decisions(conn: Connection) -> list[dict[str, Any]]:
+    """The journal as `declic simulate` prints it; `contact` is the e-mail, else the phone, else the id."""
+    rows = conn.execute(
+        sa.select(DECISIONS, CONTACTS.c.email, CONTACTS.c.phone)
+        .join(CONTACTS, CONTACTS.c.id == DECISIONS.c.contact_id)
+        .order_by(DECISIONS.c.at, DECISIONS.c.id)
+    )
+    return [
+        {
+            "at": row.at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "rule": row.rule,
+            "step": row.step,
+            "contact": row.email or row.phone or str(row.contact_id),
+            "action": row.action,
+            "via": row.via,
+            "reason": row.reason,
+        }
+        for row in rows
+    ]
+
+
+async def simulate(settings: Settings, pm: pluggy.PluginManager, items: list[TimelineItem]) -> list[dict[str, Any]]:
+    start = items[0].at if items else datetime.now(ZoneInfo(settings.timezone))
+    clock = FakeClock(start)
+    with tempfile.TemporaryDirectory(prefix="declic-simulate-") as folder:
+        gateway = build_gateway(
+            settings,
+            pm=pm,
+            clock=clock,
+            role="worker",
+            database_url=f"sqlite:///{folder}/simulation.db",
+            wrap_sink=RecordingSink,
+            extra_sources=timeline_source,
+        )
+        try:
+            gateway.db.upgrade()
+            await play(gateway, clock, items)
+            return await gateway.db.run(decisions)
+        finally:
+            gateway.db.close()
+
+
+def timeline_source(deployment: Deployment) -> dict[str, Source]:
+    return {TIMELINE_SOURCE: TimelineSource(TIMELINE_SOURCE, None, deployment)}

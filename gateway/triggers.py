@@ -1,0 +1,197 @@
+"""Triggers that are not one event: contact dates, inactivity and lead-score thresholds.
+
+Each pending date or inactivity trigger is one row in `jobs` (kind `trigger`) due when it
+should fire, keyed so that it exists at most once per (rule, contact). Contacts' changes and
+activity move those rows; nothing scans all contacts every minute. A `reconcile` job at
+start-up schedules what a config change added (a new date rule, a new time zone).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from . import jsoncodec
+from .config import RuleSpec
+from .store import CONTACTS, ENROLMENTS, EVENTS, JOBS
+
+log = structlog.get_logger("declic.triggers")
+J = JOBS.c
+
+
+def zone_of(contact: dict[str, Any], default: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(contact.get("timezone") or default)
+    except (ZoneInfoNotFoundError, ValueError):
+        return ZoneInfo(default)
+
+
+def parse_date(value: Any) -> date | None:
+    """A contact date as sources send it: 1990-02-28, 1990-02-28T00:00:00Z, or a date."""
+    if isinstance(value, datetime):
+        return value.date()
+    if isinstance(value, date):
+        return value
+    try:
+        return date.fromisoformat(str(value)[:10])
+    except ValueError:
+        return None
+
+
+def in_year(day: date, year: int) -> date:
+    """The same day in another year; 29 February falls on the 28th when the year has none."""
+    try:
+        return day.replace(year=year)
+    except ValueError:
+        return day.replace(year=year, day=28)
+
+
+@dataclass(frozen=True)
+class Occurrence:
+    day: date  # the date the rule is about (the birthday of that year, the trial end)
+    fire_at: datetime  # UTC
+
+    @property
+    def key(self) -> str:
+        return f"date:{self.day.isoformat()}"
+
+
+def occurrences(rule: RuleSpec, value: date, zone: ZoneInfo, around: datetime) -> list[Occurrence]:
+    """Candidate firings near `around`: three years for yearly rules, the one date otherwise."""
+    days = [in_year(value, year) for year in range(around.year - 1, around.year + 2)] if rule.yearly else [value]
+    found = []
+    for day in days:
+        local = datetime.combine(day, rule.at, tzinfo=zone) + rule.offset
+        found.append(Occurrence(day, local.astimezone(UTC)))
+    return sorted(found, key=lambda o: o.fire_at)
+
+
+def next_occurrence(
+    conn: Connection, rule: RuleSpec, contact: dict[str, Any], default_zone: str, now: datetime
+) -> Occurrence | None:
+    """The first firing not older than `catch_up` and not already enrolled."""
+    value = parse_date(contact.get("attributes", {}).get(rule.date_attribute))
+    if value is None:
+        return None
+    done = set(
+        conn.execute(
+            sa.select(ENROLMENTS.c.occurrence).where(
+                ENROLMENTS.c.rule == rule.name, ENROLMENTS.c.contact_id == contact["id"]
+            )
+        ).scalars()
+    )
+    for occurrence in occurrences(rule, value, zone_of(contact, default_zone), now):
+        if occurrence.fire_at >= now - rule.catch_up and occurrence.key not in done:
+            return occurrence
+    return None
+
+
+def schedule_date(conn: Connection, rule: RuleSpec, contact: dict[str, Any], default_zone: str, now: datetime) -> None:
+    """Put the contact's next firing of a date rule in the queue, replacing an outdated one."""
+    occurrence = next_occurrence(conn, rule, contact, default_zone, now)
+    key = f"date:{rule.name}:{contact['id']}"
+    if occurrence is None:
+        _cancel(conn, key, now)
+        return
+    _put(conn, key, rule, contact["id"], occurrence.key, occurrence.fire_at, now)
+
+
+def arm_inactivity(
+    conn: Connection, rule: RuleSpec, contact_id: int, event_id: str, base: datetime, now: datetime
+) -> None:
+    """Each activity restarts the countdown: one firing per period of inactivity."""
+    assert rule.inactive_for is not None
+    key = f"inactive:{rule.name}:{contact_id}"
+    _put(conn, key, rule, contact_id, f"inactive-since:{event_id}", base + rule.inactive_for, now)
+
+
+def _put(
+    conn: Connection, key: str, rule: RuleSpec, contact_id: int, occurrence: str, due: datetime, now: datetime
+) -> None:
+    current = conn.execute(sa.select(J.id, J.due_at, J.occurrence).where(J.key == key, J.status == "pending")).first()
+    if current is not None:
+        if (current.due_at, current.occurrence) != (due, occurrence):
+            conn.execute(
+                sa.update(JOBS).where(J.id == current.id).values(due_at=due, occurrence=occurrence, updated_at=now)
+            )
+        return
+    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(JOBS)
+    conn.execute(
+        insert.values(
+            kind="trigger",
+            rule=rule.name,
+            contact_id=contact_id,
+            key=key,
+            occurrence=occurrence,
+            due_at=due,
+            status="pending",
+            attempts=0,
+            priority=rule.priority,
+            created_at=now,
+            updated_at=now,
+        ).on_conflict_do_nothing(index_elements=["key"], index_where=J.status == "pending")
+    )
+
+
+def _cancel(conn: Connection, key: str, now: datetime) -> None:
+    conn.execute(sa.update(JOBS).where(J.key == key, J.status == "pending").values(status="cancelled", updated_at=now))
+
+
+def decayed(score: float, since: datetime | None, now: datetime, half_life: timedelta | None) -> float:
+    if since is None or half_life is None or score == 0:
+        return score
+    return score * 0.5 ** ((now - since) / half_life)
+
+
+def add_points(
+    conn: Connection, contact_id: int, points: float, half_life: timedelta | None, now: datetime
+) -> tuple[float, float]:
+    """Decay the stored score to `now`, add the points; return (before, after)."""
+    row = conn.execute(sa.select(CONTACTS.c.score, CONTACTS.c.score_at).where(CONTACTS.c.id == contact_id)).one()
+    before = decayed(row.score, row.score_at, now, half_life)
+    after = before + points
+    conn.execute(sa.update(CONTACTS).where(CONTACTS.c.id == contact_id).values(score=after, score_at=now))
+    return before, after
+
+
+def contacts_with(conn: Connection, attribute: str) -> list[dict[str, Any]]:
+    """Contacts whose attributes mention `attribute` (a text pre-filter, checked after decoding)."""
+    rows = conn.execute(
+        sa.select(CONTACTS.c.id, CONTACTS.c.attributes, CONTACTS.c.timezone).where(
+            CONTACTS.c.attributes.contains(f'"{attribute}"')
+        )
+    )
+    found = []
+    for row in rows:
+        attributes = jsoncodec.loads(row.attributes)
+        if attribute in attributes:
+            found.append({"id": row.id, "attributes": attributes, "timezone": row.timezone})
+    return found
+
+
+def last_activity(conn: Connection, types: list[str]) -> list[tuple[int, str, datetime]]:
+    """Per contact, its latest event of these types: (contact_id, event_id, occurred_at)."""
+    latest = (
+        sa.select(EVENTS.c.contact_id, sa.func.max(EVENTS.c.occurred_at).label("at"))
+        .where(EVENTS.c.type.in_(types))
+        .group_by(EVENTS.c.contact_id)
+        .subquery()
+    )
+    rows = conn.execute(
+        sa.select(EVENTS.c.contact_id, sa.func.max(EVENTS.c.id), latest.c.at)
+        .join(latest, sa.and_(EVENTS.c.contact_id == latest.c.contact_id, EVENTS.c.occurred_at == latest.c.at))
+        .where(EVENTS.c.type.in_(types))
+        .group_by(EVENTS.c.contact_id, latest.c.at)
+    )
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+def as_time(value: time) -> str:
+    return value.strftime("%H:%M")
