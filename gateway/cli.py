@@ -87,7 +87,7 @@ def check(config_path: str) -> None:
     click.echo(
         "rules: "
         + (
-            ", ".join(f"{r.name} (on {r.when}, {len(r.steps)} step{'s' * (len(r.steps) > 1)})" for r in settings.rules)
+            ", ".join(f"{r.name} ({r.summary}, {len(r.steps)} step{'s' * (len(r.steps) > 1)})" for r in settings.rules)
             or "none"
         )
     )

@@ -138,6 +138,17 @@ class RuleSpec(_Strict):
         return next(k for k in ("when", "on_date", "inactive_for", "score_reaches") if getattr(self, k) is not None)
 
     @property
+    def summary(self) -> str:
+        """The trigger in a few words, for `declic check`."""
+        if self.on_date:
+            return f"on {self.on_date}, {'yearly' if self.yearly else 'once'}"
+        if self.inactive_for is not None:
+            return f"after {_days(self.inactive_for)} without {' or '.join(self.of)}"
+        if self.score_reaches is not None:
+            return f"when the score reaches {self.score_reaches:g}"
+        return f"on {self.when}"
+
+    @property
     def date_attribute(self) -> str:
         """`contact.birthday` and `contact.attributes.birthday` both name attributes["birthday"]."""
         return (self.on_date or "").rsplit(".", 1)[-1]
@@ -145,6 +156,10 @@ class RuleSpec(_Strict):
     @property
     def yearly(self) -> bool:
         return self.repeat == "yearly" or (self.repeat is None and self.date_attribute == "birthday")
+
+
+def _days(delta: timedelta) -> str:
+    return f"{delta.days}d" if delta.days and not delta.seconds else f"{int(delta.total_seconds())}s"
 
 
 class StorageSpec(_Strict):
