@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pluggy
 
-from .errors import BadRequest, ConfigError, DeclicError, MalformedPayload, SignatureError
+from .errors import BadRequest, ConfigError, DeclicError, MalformedPayload, RetryLater, SignatureError
 from .events import ContactRef, Event
-from .sinks import DeliveryResult, Message, Outcome, SendContext, Sink
+from .sinks import DeliveryResult, Message, Outcome, SendContext, Sink, SinkConfig
 from .sources import Deployment, PluginConfig, RawCall, Source
 
 hookimpl = pluggy.HookimplMarker("declic")
@@ -24,9 +24,11 @@ __all__ = [
     "Outcome",
     "PluginConfig",
     "RawCall",
+    "RetryLater",
     "SendContext",
     "SignatureError",
     "Sink",
+    "SinkConfig",
     "Source",
     "hookimpl",
 ]

@@ -14,7 +14,7 @@ import pluggy
 import structlog
 from aiohttp import web
 
-from . import scheduler
+from . import scheduler, unsubscribe
 from .clock import Clock, SystemClock
 from .config import Settings
 from .delivery import StepRunner
@@ -71,6 +71,7 @@ def build_gateway(
     clock = clock or SystemClock()
     deployment = Deployment(settings.public_url, settings.timezone, clock)
     sources = {key: cls(key, cfg, deployment) for key, (cls, cfg) in settings.source_plugins.items()}
+    sources[unsubscribe.SOURCE] = unsubscribe.UnsubscribeSource(unsubscribe.SOURCE, None, deployment)
     sources.update(extra_sources(deployment) if extra_sources else {})
     sinks = {key: cls(key, cfg, deployment) for key, (cls, cfg) in settings.sink_plugins.items()}
     if wrap_sink is not None:
@@ -79,7 +80,15 @@ def build_gateway(
     router = Router(settings.rules, env, settings.scoring, settings.timezone)
     db = Database(database_url or settings.database_url, settings.storage.busy_timeout)
     steps = StepRunner(
-        router, sinks, env, settings.policies, settings.worker, clock, make_worker_id(), settings.timezone
+        router,
+        sinks,
+        env,
+        settings.policies,
+        settings.worker,
+        clock,
+        make_worker_id(),
+        settings.timezone,
+        settings.public_url,
     )
     worker = Worker(db, settings.worker, sources, router, steps, partial(notify_event_received, pm))
     committer = GroupCommitter(db, on_commit=worker.wake)
@@ -96,6 +105,8 @@ def create_app(
         for path in ("/hooks/{source}", "/hooks/{source}/{token}"):
             app.router.add_post(path, handle_hook)
             app.router.add_get(path, handle_ping)  # and HEAD
+        app.router.add_route("GET", "/u/{token}", unsubscribe.handle)
+        app.router.add_route("POST", "/u/{token}", unsubscribe.handle)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     for routes in gateway.pm.hook.register_routes(gateway=gateway):

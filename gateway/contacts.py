@@ -11,7 +11,7 @@ from sqlalchemy.engine import Connection
 
 from . import jsoncodec, scheduler
 from .events import ContactRef, Event
-from .store import CONSENTS, CONTACTS, DELIVERIES, ENROLMENTS, EVENTS, IDENTITIES, INBOX
+from .store import CONSENTS, CONTACTS, DELIVERIES, ENROLMENTS, EVENTS, IDENTITIES, INBOX, PUSH_SUBSCRIPTIONS
 
 C = CONTACTS.c
 I = IDENTITIES.c  # noqa: E741
@@ -41,6 +41,8 @@ def upsert(conn: Connection, ref: ContactRef, source: str, now: datetime, event:
             .values(created_at=now, updated_at=now, attributes="{}", consent="{}", email_status="ok")
             .returning(C.id)
         ).scalar_one()
+        # Declic's own id for the contact, as unsubscribe links and the admin name them.
+        conn.execute(sa.insert(IDENTITIES).values(kind="declic", value=str(contact_id), contact_id=contact_id))
         won = _claim(conn, keys, contact_id)
         if keys and keys[0] not in won:
             contact_id = _adopt(conn, contact_id, _lookup(conn, keys[:1])[keys[0]])
@@ -48,6 +50,8 @@ def upsert(conn: Connection, ref: ContactRef, source: str, now: datetime, event:
         # An identity already held by another contact stays theirs: merging people is a human call.
         _claim(conn, [k for k in keys if k not in known], contact_id)
     row = conn.execute(sa.select(CONTACTS).where(C.id == contact_id)).one()
+    if row.email_status == "erased":
+        return load(conn, contact_id)  # an erasure is final: later events do not bring the person back
     changes: dict[str, Any] = {f: getattr(ref, f) for f in _FIELDS if getattr(ref, f)}
     if ref.email:
         changes["email"] = ref.email.strip().lower()
@@ -62,6 +66,8 @@ def upsert(conn: Connection, ref: ContactRef, source: str, now: datetime, event:
         changes["consent"] = jsoncodec.dumps(consent)
     if changes:
         conn.execute(sa.update(CONTACTS).where(C.id == contact_id).values(**changes, updated_at=now))
+    for device in ref.push_subscriptions:
+        add_push_subscription(conn, contact_id, device.kind, device.address, device.keys, now)
     return load(conn, contact_id)
 
 
@@ -91,6 +97,36 @@ def record_consent(
             recorded_at=now,
         )
     )
+
+
+def add_push_subscription(
+    conn: Connection, contact_id: int, kind: str, address: str, keys: dict[str, str], now: datetime
+) -> None:
+    """A device subscribes; if it belonged to someone else (a shared browser), it is theirs no more."""
+    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(PUSH_SUBSCRIPTIONS)
+    conn.execute(
+        insert.values(
+            contact_id=contact_id, kind=kind, address=address, keys=jsoncodec.dumps(keys), created_at=now
+        ).on_conflict_do_update(
+            index_elements=["kind", "address"], set_={"contact_id": contact_id, "keys": jsoncodec.dumps(keys)}
+        )
+    )
+
+
+def forget_addresses(
+    conn: Connection, contact_id: int, channel: str, addresses: tuple[str, ...], now: datetime
+) -> None:
+    """What a provider said no longer exists: push subscriptions go, a number or address is marked."""
+    if channel == "push":
+        conn.execute(
+            sa.delete(PUSH_SUBSCRIPTIONS).where(
+                PUSH_SUBSCRIPTIONS.c.contact_id == contact_id, PUSH_SUBSCRIPTIONS.c.address.in_(addresses)
+            )
+        )
+    elif channel == "sms":
+        conn.execute(sa.update(CONTACTS).where(C.id == contact_id).values(phone_status="invalid", updated_at=now))
+    elif channel == "email":
+        mark_email_bouncing(conn, contact_id, now)
 
 
 def _lookup(conn: Connection, keys: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
@@ -124,12 +160,21 @@ def load(conn: Connection, contact_id: int) -> dict[str, Any]:
     """The contact as rules and templates see it."""
     row = conn.execute(sa.select(CONTACTS).where(C.id == contact_id)).one()
     consent = jsoncodec.loads(row.consent)
+    devices = conn.execute(
+        sa.select(PUSH_SUBSCRIPTIONS.c.kind, PUSH_SUBSCRIPTIONS.c.address, PUSH_SUBSCRIPTIONS.c["keys"])
+        .where(PUSH_SUBSCRIPTIONS.c.contact_id == contact_id)
+        .order_by(PUSH_SUBSCRIPTIONS.c.id)
+    )
     return {
         "id": row.id,
         **{f: getattr(row, f) for f in _FIELDS},
         "attributes": jsoncodec.loads(row.attributes),
         "consent": {channel: entry["state"] for channel, entry in consent.items()},
         "email_status": row.email_status,
+        "phone_status": row.phone_status,
+        "push_subscriptions": [
+            {"kind": d.kind, "address": d.address, "keys": jsoncodec.loads(d.keys)} for d in devices
+        ],
     }
 
 
@@ -145,6 +190,7 @@ def erase(conn: Connection, contact_id: int, now: datetime) -> None:
         .values(**dict.fromkeys(_FIELDS), attributes="{}", consent="{}", email_status="erased", updated_at=now)
     )
     conn.execute(sa.delete(IDENTITIES).where(I.contact_id == contact_id, I.kind.in_(("email", "phone"))))
+    conn.execute(sa.delete(PUSH_SUBSCRIPTIONS).where(PUSH_SUBSCRIPTIONS.c.contact_id == contact_id))
     inbox_ids = sa.select(EVENTS.c.inbox_id).where(EVENTS.c.contact_id == contact_id).scalar_subquery()
     conn.execute(sa.update(INBOX).where(INBOX.c.id.in_(inbox_ids)).values(body=b"", headers="{}", status="erased"))
     conn.execute(sa.update(EVENTS).where(EVENTS.c.contact_id == contact_id).values(properties="{}", correlation="[]"))

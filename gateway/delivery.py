@@ -12,7 +12,7 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Connection
 
-from . import contacts, journal, scheduler
+from . import contacts, journal, scheduler, unsubscribe
 from .config import PoliciesSpec, WorkerSpec
 from .errors import TemplateProblem
 from .inbound import load_event
@@ -69,6 +69,8 @@ class StepRunner:
     clock: Clock
     worker_id: str
     timezone: str = "UTC"
+    public_url: str | None = None
+    _secret: bytes | None = None
 
     def prepare(self, conn: Connection, job: ClaimedJob) -> Send | None:
         """Decide what to send, or close (or defer) the job here when nothing should be sent now."""
@@ -90,7 +92,14 @@ class StepRunner:
             conn.execute(sa.select(CONTACTS.c.id).where(CONTACTS.c.id == enrolment.contact_id).with_for_update())
         contact = contacts.view(conn, enrolment.contact_id)
         event = load_event(conn, enrolment.event_id)
-        context = {"event": event, "contact": contact, "rule": rule.name, "step": job.step + 1}
+        headers, unsubscribe_url = self._unsubscribe(conn, rule, step.sink, enrolment.contact_id)
+        context = {
+            "event": event,
+            "contact": contact,
+            "rule": rule.name,
+            "step": job.step + 1,
+            "unsubscribe_url": unsubscribe_url,
+        }
         reason = self._suppression(rule, job.step, step.sink, contact, context)
         if reason:
             self._suppress(conn, step, reason, now)
@@ -117,9 +126,21 @@ class StepRunner:
             subject=parts.get("subject"),
             html=parts.get("html"),
             idempotency_key=key,
+            headers=headers,
         )
         send_context = SendContext(rule.name, job.step + 1, rule.spec.kind, dict(contact), event)
         return Send(job, rule, enrolment.id, step.contact_id, step.sink, message, send_context)
+
+    def _unsubscribe(
+        self, conn: Connection, rule: CompiledRule, sink: Sink, contact_id: int
+    ) -> tuple[dict[str, str], str | None]:
+        """Marketing e-mail carries a one-click unsubscribe link (RFC 8058) when the public URL is known."""
+        if rule.spec.kind != "marketing" or sink.channel != "email" or not self.public_url:
+            return {}, None
+        if self._secret is None:
+            self._secret = unsubscribe.link_secret(conn)
+        url = f"{self.public_url.rstrip('/')}/u/{unsubscribe.make_token(self._secret, contact_id, 'email')}"
+        return {"List-Unsubscribe": f"<{url}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}, url
 
     def _capped(self, rule: CompiledRule) -> bool:
         cap = self.policies.pressure
@@ -139,6 +160,8 @@ class StepRunner:
             return f"contact has no {sink.channel} address"
         if sink.channel == "email" and contact["email_status"] in ("bouncing", "erased"):
             return f"email address is {contact['email_status']}"
+        if sink.channel == "sms" and contact["phone_status"] != "ok":
+            return f"phone number is {contact['phone_status']}"
         if rule.spec.kind == "marketing" and self.policies.consent.get(sink.channel) == "required":
             state = contact["consent"].get(sink.channel, "none")
             if state != "granted":
@@ -196,6 +219,8 @@ class StepRunner:
         job, rule = send.job, send.rule
         step = Step(job, rule, send.enrolment_id, send.contact_id, send.message.idempotency_key, send.sink)
         number, via = job.step + 1, send.sink.key
+        if result.invalid_addresses and result.outcome is not Outcome.ADDRESS_INVALID:
+            contacts.forget_addresses(conn, send.contact_id, send.sink.channel, result.invalid_addresses, now)
         if result.outcome is Outcome.SENT:
             self._record(conn, step, "sent", None, now, result.provider_id, sent_at=now)
             journal.record(conn, now, rule.name, send.contact_id, "send", step=number, via=via)
@@ -212,8 +237,8 @@ class StepRunner:
                 via=via,
                 reason=f"address invalid: {result.error}",
             )
-            if send.sink.channel == "email":
-                contacts.mark_email_bouncing(conn, send.contact_id, now)
+            addresses = result.invalid_addresses or (send.message.to,)
+            contacts.forget_addresses(conn, send.contact_id, send.sink.channel, addresses, now)
             self._advance(conn, step, now)
         elif result.outcome is Outcome.RETRY and job.attempts < self.worker_spec.max_attempts:
             self._record(conn, step, "retrying", result.error, now)
@@ -285,7 +310,8 @@ def idempotency_key(rule: str, contact_id: int, occurrence: str, step: int) -> s
 async def call_sink(send: Send) -> DeliveryResult:
     """Sinks must not raise for remote failures; one that does is retried, not allowed to stop the worker."""
     try:
-        return await send.sink.send(send.message, send.context)
+        async with send.sink.limiter:
+            return await send.sink.send(send.message, send.context)
     except Exception as exc:
         log.exception("sink raised", sink=send.sink.key, rule=send.rule.name)
         return DeliveryResult.retry(f"{type(send.sink).__name__}.send raised {exc!r}")

@@ -36,6 +36,16 @@ FEEDBACK_TYPES = {
 CONSENT_STATES = ("granted", "withdrawn", "pending", "none")
 
 
+class PushRef(BaseModel):
+    """A device that takes push messages: a Web Push subscription or an FCM registration token."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str  # webpush | fcm
+    address: str  # the Web Push endpoint URL, or the FCM token
+    keys: dict[str, str] = Field(default_factory=dict)  # Web Push: p256dh and auth
+
+
 class ContactRef(BaseModel):
     """Who an event is about, as the source knows them."""
 
@@ -53,6 +63,8 @@ class ContactRef(BaseModel):
     attributes: dict[str, Any] = Field(default_factory=dict)
     #: channel ("email", "sms") -> one of CONSENT_STATES, only when the source states it.
     consent: dict[str, str] = Field(default_factory=dict)
+    #: Devices to add to the contact's push subscriptions.
+    push_subscriptions: list[PushRef] = Field(default_factory=list)
 
 
 class Event(BaseModel):

@@ -6,7 +6,25 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from pydantic import Field, field_validator
+
+from .limits import SendLimiter, parse_rate
 from .sources import Deployment, PluginConfig
+
+
+class SinkConfig(PluginConfig):
+    """Options every sink has: what it may ask of its provider at once and per period."""
+
+    concurrency: int = Field(10, ge=1, le=1000, description="Sends in flight at once through this sink.")
+    rate: str | None = Field(None, description="At most COUNT sends per DURATION, e.g. 100/10s; default: no limit.")
+    timeout: float = Field(30.0, gt=0, description="Seconds before a provider call counts as failed (and is retried).")
+
+    @field_validator("rate")
+    @classmethod
+    def _rate(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_rate(value)
+        return value
 
 
 class Outcome(enum.StrEnum):
@@ -22,10 +40,13 @@ class DeliveryResult:
     provider_id: str | None = None
     retry_after: float | None = None
     error: str | None = None
+    #: Addresses the provider said are gone (an expired push subscription, an invalid number):
+    #: the core removes or marks them on the contact, whatever the outcome.
+    invalid_addresses: tuple[str, ...] = ()
 
     @classmethod
-    def sent(cls, provider_id: str | None = None) -> DeliveryResult:
-        return cls(Outcome.SENT, provider_id=provider_id)
+    def sent(cls, provider_id: str | None = None, invalid_addresses: tuple[str, ...] = ()) -> DeliveryResult:
+        return cls(Outcome.SENT, provider_id=provider_id, invalid_addresses=invalid_addresses)
 
     @classmethod
     def retry(cls, error: str, after: float | None = None) -> DeliveryResult:
@@ -36,8 +57,8 @@ class DeliveryResult:
         return cls(Outcome.PERMANENT, error=error)
 
     @classmethod
-    def address_invalid(cls, error: str) -> DeliveryResult:
-        return cls(Outcome.ADDRESS_INVALID, error=error)
+    def address_invalid(cls, error: str, addresses: tuple[str, ...] = ()) -> DeliveryResult:
+        return cls(Outcome.ADDRESS_INVALID, error=error, invalid_addresses=addresses)
 
 
 @dataclass(frozen=True)
@@ -69,12 +90,13 @@ class Sink:
     name: ClassVar[str]
     #: The consent channel this sink needs: "email", "sms", "push", "crm", "webhook".
     channel: ClassVar[str]
-    Config: ClassVar[type[PluginConfig]] = PluginConfig
+    Config: ClassVar[type[PluginConfig]] = SinkConfig
 
     def __init__(self, key: str, config: Any, deployment: Deployment):
         self.key = key
         self.config = config
         self.deployment = deployment
+        self.limiter = SendLimiter(getattr(config, "concurrency", 10), getattr(config, "rate", None))
 
     def address(self, contact: dict[str, Any]) -> str | None:
         """Where this channel reaches the contact, or None when it cannot."""

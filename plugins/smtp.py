@@ -13,12 +13,12 @@ from typing import Any, Literal
 import aiosmtplib
 from pydantic import Field, SecretStr, field_validator
 
-from gateway import DeliveryResult, Message, PluginConfig, SendContext, Sink, hookimpl
+from gateway import DeliveryResult, Message, SendContext, Sink, SinkConfig, hookimpl
 
 DEFAULT_PORTS = {"implicit": 465, "starttls": 587, "none": 25}
 
 
-class SmtpConfig(PluginConfig):
+class SmtpConfig(SinkConfig):
     host: str = Field("localhost", description="SMTP server host name.")
     port: int | None = Field(None, description="Default: 587 for starttls, 465 for implicit, 25 for none.")
     tls: Literal["starttls", "implicit", "none"] = Field(
@@ -28,8 +28,10 @@ class SmtpConfig(PluginConfig):
     password: SecretStr | None = Field(None, description="Password for `username`.")
     sender: str = Field(description='From header, e.g. "Boutique <bonjour@example.com>".')
     return_path: str | None = Field(None, description="Envelope sender (bounce mailbox). Default: the From address.")
+    unsubscribe_mailto: str | None = Field(
+        None, description="Also offer unsubscribing by e-mail to this address (List-Unsubscribe mailto)."
+    )
     connections: int = Field(4, ge=1, le=64, description="Connections kept open and reused.")
-    timeout: float = Field(30.0, gt=0, description="Seconds for connect and each SMTP command.")
     validate_certs: bool = Field(True, description="Check the server's certificate; leave on in production.")
     ca_file: str | None = Field(None, description="PEM file of the CA that signs the server's certificate.")
     local_hostname: str = Field("declic.localdomain", description="Name sent in EHLO (saves a DNS lookup).")
@@ -65,7 +67,10 @@ class SmtpSink(Sink):
         mail["Subject"] = message.subject or ""
         mail["Date"] = formatdate(usegmt=True)
         mail["Message-ID"] = f"<{message.idempotency_key}@{self._domain}>"
-        for name, value in message.headers.items():
+        headers = dict(message.headers)
+        if "List-Unsubscribe" in headers and self.config.unsubscribe_mailto:
+            headers["List-Unsubscribe"] += f", <mailto:{self.config.unsubscribe_mailto}?subject=unsubscribe>"
+        for name, value in headers.items():
             mail[name] = value
         mail.set_content(message.text)
         if message.html:

@@ -114,7 +114,7 @@ async def test_erasure_forgets_the_person_and_ends_their_journeys(d: Deployment,
     await d.advance(days=2)
     assert len(smtp.messages) == 1  # the first step went out before the request; the second never does
     assert d.rows("SELECT email, first_name, email_status FROM contacts") == [(None, None, "erased")]
-    assert d.rows("SELECT kind FROM identities") == [("crm",)]
+    assert d.rows("SELECT kind FROM identities ORDER BY kind") == [("crm",), ("declic",)]
     bodies = d.rows("SELECT status, body FROM inbox ORDER BY id")
     assert bodies[0] == ("erased", b"")
     assert d.rows("SELECT status FROM enrolments") == [("exited",)]
@@ -139,3 +139,24 @@ async def test_provider_feedback_lands_on_the_delivery(d: Deployment, smtp: Smtp
         "suppressed",
         "email address is bouncing",
     )
+
+
+async def test_an_erased_contact_is_not_refilled_by_later_events(d: Deployment) -> None:
+    await d.emit(signed_up("ada@example.com", first_name="Ada", external_ids={"crm": "77"}))
+    await d.emit({"type": "contact.erased", "contact": {"external_ids": {"crm": "77"}}})
+    await d.emit(
+        {
+            "type": "customer.updated",
+            "contact": {"external_ids": {"crm": "77"}, "email": "ada@example.com", "first_name": "Ada"},
+        }
+    )
+    assert d.rows("SELECT email, first_name, email_status FROM contacts") == [(None, None, "erased")]
+
+
+async def test_push_subscriptions_are_kept_moved_and_forgotten(d: Deployment) -> None:
+    device = {"kind": "webpush", "address": "https://push.example.net/sub/1", "keys": {"p256dh": "k", "auth": "a"}}
+    await d.emit({"type": "profile.updated", "contact": {"email": "a@example.com", "push_subscriptions": [device]}})
+    await d.emit({"type": "profile.updated", "contact": {"email": "b@example.com", "push_subscriptions": [device]}})
+    assert d.rows("SELECT c.email FROM push_subscriptions p JOIN contacts c ON c.id = p.contact_id") == [
+        ("b@example.com",)
+    ]  # a shared browser now belongs to whoever subscribed last

@@ -78,6 +78,7 @@ class Contact(SQLModel, table=True):
     attributes: str = Field(default="{}", sa_column=Column(Text, nullable=False))
     consent: str = Field(default="{}", sa_column=Column(Text, nullable=False))
     email_status: str = Field(default="ok", max_length=20)  # ok | bouncing | erased
+    phone_status: str = Field(default="ok", max_length=20)  # ok | invalid
     #: Lead score as of `score_at`; decays with the configured half-life.
     score: float = 0.0
     score_at: datetime | None = None
@@ -93,6 +94,29 @@ class Identity(SQLModel, table=True):
     kind: str = Field(primary_key=True, max_length=50)
     value: str = Field(primary_key=True, max_length=320)
     contact_id: int = Field(index=True)
+
+
+class PushSubscription(SQLModel, table=True):
+    """Where a contact's devices receive push: a Web Push endpoint (with its keys) or an FCM token."""
+
+    __tablename__ = "push_subscriptions"
+    __table_args__ = (UniqueConstraint("kind", "address", name="uq_push_address"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    contact_id: int = Field(index=True)
+    kind: str = Field(max_length=20)  # webpush | fcm
+    address: str = Field(max_length=2000)
+    keys: str = Field(default="{}", sa_column=Column(Text, nullable=False))
+    created_at: datetime
+
+
+class Meta(SQLModel, table=True):
+    """Deployment-wide values Declic keeps for itself, e.g. the key that signs unsubscribe links."""
+
+    __tablename__ = "meta"
+
+    key: str = Field(primary_key=True, max_length=100)
+    value: str = Field(sa_column=Column(Text, nullable=False))
 
 
 class ConsentRecord(SQLModel, table=True):
@@ -200,3 +224,5 @@ ENROLMENTS = _table(Enrolment)
 DELIVERIES = _table(Delivery)
 CONSENTS = _table(ConsentRecord)
 DECISIONS = _table(Decision)
+PUSH_SUBSCRIPTIONS = _table(PushSubscription)
+META = _table(Meta)

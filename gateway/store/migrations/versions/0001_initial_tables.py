@@ -45,6 +45,7 @@ def upgrade() -> None:
         sa.Column("attributes", sa.Text(), nullable=False),
         sa.Column("consent", sa.Text(), nullable=False),
         sa.Column("email_status", sqlmodel.sql.sqltypes.AutoString(length=20), nullable=False),
+        sa.Column("phone_status", sqlmodel.sql.sqltypes.AutoString(length=20), nullable=False),
         sa.Column("score", sa.Float(), nullable=False),
         sa.Column("score_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
         sa.Column("created_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
@@ -196,8 +197,33 @@ def upgrade() -> None:
             postgresql_where=sa.text("status = 'pending'"),
         )
 
+    op.create_table(
+        "meta",
+        sa.Column("key", sqlmodel.sql.sqltypes.AutoString(length=100), nullable=False),
+        sa.Column("value", sa.Text(), nullable=False),
+        sa.PrimaryKeyConstraint("key"),
+    )
+    op.create_table(
+        "push_subscriptions",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("contact_id", sa.Integer(), nullable=False),
+        sa.Column("kind", sqlmodel.sql.sqltypes.AutoString(length=20), nullable=False),
+        sa.Column("address", sqlmodel.sql.sqltypes.AutoString(length=2000), nullable=False),
+        sa.Column("keys", sa.Text(), nullable=False),
+        sa.Column("created_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("kind", "address", name="uq_push_address"),
+    )
+    with op.batch_alter_table("push_subscriptions", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_push_subscriptions_contact_id"), ["contact_id"], unique=False)
+
 
 def downgrade() -> None:
+    with op.batch_alter_table("push_subscriptions", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_push_subscriptions_contact_id"))
+
+    op.drop_table("push_subscriptions")
+    op.drop_table("meta")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.drop_index(
             "uq_jobs_pending_key",

@@ -1,0 +1,54 @@
+"""Per-sink limits: how many sends at once, and how many per period (a token bucket)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from datetime import timedelta
+from types import TracebackType
+
+from .durations import parse_duration
+
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\S+)\s*$")
+
+
+def parse_rate(value: str) -> tuple[int, timedelta]:
+    """`100/10s` -> (100, 10 s); `5/1s`; `1000/1h`."""
+    match = _RATE.match(value)
+    if not match or int(match.group(1)) == 0:
+        raise ValueError(f"invalid rate {value!r}: write COUNT/DURATION, as 100/10s")
+    return int(match.group(1)), parse_duration(match.group(2))
+
+
+class SendLimiter:
+    """`async with limiter:` waits for a free slot and, when a rate is set, for a token."""
+
+    def __init__(self, concurrency: int, rate: str | None = None):
+        self._slots = asyncio.Semaphore(concurrency)
+        self._capacity, period = parse_rate(rate) if rate else (0, timedelta(seconds=1))
+        self._refill = self._capacity / period.total_seconds() if self._capacity else 0.0
+        self._tokens = float(self._capacity)
+        self._stamp = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    async def __aenter__(self) -> None:
+        await self._slots.acquire()
+        if self._capacity:
+            await self._take_token()
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._slots.release()
+
+    async def _take_token(self) -> None:
+        async with self._lock:  # one waiter at a time keeps the order fair
+            while True:
+                now = time.monotonic()
+                self._tokens = min(self._capacity, self._tokens + (now - self._stamp) * self._refill)
+                self._stamp = now
+                if self._tokens >= 1:
+                    self._tokens -= 1
+                    return
+                await asyncio.sleep((1 - self._tokens) / self._refill)

@@ -1,0 +1,133 @@
+"""Outbound HTTP to URLs that users configure, guarded against server-side request forgery.
+
+Every address a name resolves to is checked at connect time (so DNS rebinding cannot slip
+past a check made earlier), IP literals are checked before connecting, redirects are never
+followed, and only public unicast addresses are reached unless the config allow-lists more.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import Any
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
+from yarl import URL
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class ForbiddenAddress(aiohttp.ClientError):
+    """The URL points at an address Declic will not call (loopback, private, link-local...)."""
+
+
+class Allowance:
+    """What the config allow-lists: host names, and networks in CIDR form."""
+
+    def __init__(self, entries: list[str] | tuple[str, ...] = ()):
+        self.hosts = {e.lower() for e in entries if not _is_network(e)}
+        self.networks = [ipaddress.ip_network(e, strict=False) for e in entries if _is_network(e)]
+
+    def permits(self, host: str, address: IPAddress) -> bool:
+        if host.lower() in self.hosts:
+            return True
+        address = _unmapped(address)
+        if any(address in network for network in self.networks):
+            return True
+        return address.is_global and not address.is_multicast
+
+
+def _is_network(entry: str) -> bool:
+    try:
+        ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+def _unmapped(address: IPAddress) -> IPAddress:
+    """::ffff:127.0.0.1 is 127.0.0.1."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def check_url(url: str | URL, allowance: Allowance) -> URL:
+    """Refuse what no resolver check can catch: other schemes, credentials in the URL, IP literals."""
+    parsed = URL(url) if isinstance(url, str) else url
+    if parsed.scheme not in ("http", "https"):
+        raise ForbiddenAddress(f"only http and https URLs are called, not {parsed.scheme or 'none'!r}")
+    if parsed.user is not None or parsed.password is not None:
+        raise ForbiddenAddress("URLs with credentials are not called")
+    host = parsed.raw_host or ""
+    if not host:
+        raise ForbiddenAddress("the URL has no host")
+    literal = _ip_literal(host)
+    if literal is None:
+        return parsed  # a name: checked address by address when it is resolved
+    if not allowance.permits(host, literal):
+        raise ForbiddenAddress(f"{host} is not a public address (allow it under `allow:` to call it)")
+    return parsed.with_host(str(literal))
+
+
+def _ip_literal(host: str) -> IPAddress | None:
+    """An address however it is written: 127.0.0.1, [::1], and the old forms 2130706433, 0x7f.1, 0177.0.0.1."""
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        pass
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolves as usual, then refuses the whole name if any address it gives is not allowed."""
+
+    def __init__(self, allowance: Allowance):
+        self._allowance = allowance
+        self._inner = DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        for result in results:
+            address = ipaddress.ip_address(result["host"])
+            if not self._allowance.permits(host, address):
+                raise ForbiddenAddress(
+                    f"{host} resolves to {address}, not a public address (allow it under `allow:` to call it)"
+                )
+        return results
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+class GuardedClient:
+    """An aiohttp session for user-given URLs: addresses checked, no redirects, a total timeout."""
+
+    def __init__(self, allow: list[str] | tuple[str, ...] = (), timeout: float = 10.0):
+        self.allowance = Allowance(allow)
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(resolver=GuardedResolver(self.allowance), use_dns_cache=False)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+        return self._session
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Any:
+        """`async with client.request("POST", url, json=...) as response:`; never follows a redirect."""
+        target = check_url(url, self.allowance)
+        return self.session.request(method, target, allow_redirects=False, **kwargs)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

@@ -1,0 +1,59 @@
+"""RFC 8058 one-click unsubscribe: the headers on marketing e-mail and the endpoint they point at."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from conftest import Deployment, Factory, fixture_bytes
+from gateway.testing import SmtpCatcher
+
+CUSTOMER = fixture_bytes("shopify/customer.json")  # customers/create with email consent: welcome (marketing)
+ORDER = fixture_bytes("shopify/order.json")  # orders/create: order confirmation (transactional)
+
+
+async def welcome_link(deploy: Factory, smtp: SmtpCatcher) -> tuple[Deployment, str]:
+    d = await deploy()
+    await d.post_shopify("customers/create", CUSTOMER)
+    await d.advance(seconds=1)
+    [mail] = smtp.messages
+    header = str(mail["List-Unsubscribe"]).strip()  # folded after the colon: long lines are allowed to be
+    assert header.startswith("<https://hooks.example.com/u/") and header.endswith(">")
+    assert mail["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    return d, urlsplit(header[1:-1]).path
+
+
+async def test_marketing_mail_carries_one_click_headers_transactional_does_not(
+    deploy: Factory, smtp: SmtpCatcher
+) -> None:
+    d, _ = await welcome_link(deploy, smtp)
+    await d.post_shopify("orders/create", ORDER)
+    await d.advance(seconds=1)
+    assert smtp.messages[1]["List-Unsubscribe"] is None
+
+
+async def test_one_click_post_withdraws_consent_without_any_other_step(deploy: Factory, smtp: SmtpCatcher) -> None:
+    d, path = await welcome_link(deploy, smtp)
+    page = await d.client.get(path)
+    assert page.status == 200 and '<form method="post">' in await page.text()
+    assert d.scalar("SELECT consent FROM contacts").count("granted") == 1
+    response = await d.client.post(
+        path, data={"List-Unsubscribe": "One-Click"}, headers={"User-Agent": "Gmail one-click"}
+    )
+    assert response.status == 200 and "You are unsubscribed" in await response.text()
+    await d.advance(seconds=1)
+    assert d.rows("SELECT channel, state, source FROM consents ORDER BY id")[-1] == (
+        "email",
+        "withdrawn",
+        "~unsubscribe",
+    )
+    assert d.scalar("SELECT type FROM events WHERE source = '~unsubscribe'") == "email.unsubscribed"
+
+
+async def test_a_forged_or_damaged_token_is_refused(deploy: Factory, smtp: SmtpCatcher) -> None:
+    d, path = await welcome_link(deploy, smtp)
+    token = path.removeprefix("/u/")
+    payload, signature = token.split(".")
+    for forged in (f"{payload}.{signature[:-2]}AA", f"MjI.{signature}", "nonsense", f"{payload}"):
+        response = await d.client.post(f"/u/{forged}")
+        assert response.status == 404, forged
+    assert d.scalar("SELECT count(*) FROM inbox WHERE source = '~unsubscribe'") == 0
