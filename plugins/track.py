@@ -1,0 +1,393 @@
+"""Segment-compatible tracking endpoint for the deployment's own site: track, page, identify and batch.
+
+Authentication is Segment's: the write key as the HTTP Basic user (servers), or as `writeKey` in the
+body (browsers: analytics.js sends no Authorization header). Like the Tracking API, a call over the size
+limits or not JSON answers 400; so does a single message that cannot be an event (no `type`, no id, no
+event name). In a batch such a message is skipped and logged, as Segment drops it, and the rest is kept.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import re
+from collections.abc import Callable
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import structlog
+from aiohttp import web
+from pydantic import Field, SecretStr
+
+from gateway import (
+    BadRequest,
+    ContactRef,
+    Event,
+    MalformedPayload,
+    PluginConfig,
+    RawCall,
+    SignatureError,
+    Source,
+    hookimpl,
+)
+
+log = structlog.get_logger("declic.track")
+
+#: The Tracking API's limits: 32 KB per message, 500 KB per batch.
+MAX_MESSAGE_BYTES = 32 * 1024
+MAX_BATCH_BYTES = 500 * 1024
+MESSAGE_TYPES = frozenset({"track", "page", "identify", "screen", "group", "alias"})
+#: analytics.js posts each call to `<apiHost>/<first letter of its type>`, and batches to `<apiHost>/b`.
+ANALYTICS_JS_PATHS = frozenset("tipsgab")
+#: Column sizes of the contact store; a longer identifier is refused, a longer trait dropped.
+MAX_ID = 320
+MAX_EVENT_NAME = 90
+PUSH_TRAITS = ("webpush_subscription", "webpushSubscription")
+CONTACT_TRAITS = {"email", "phone", "firstName", "first_name", "lastName", "last_name", "birthday", "id", *PUSH_TRAITS}
+
+
+class TrackConfig(PluginConfig):
+    write_key: SecretStr = Field(
+        description="The write key senders present (Basic user or `writeKey`); public once used in a browser."
+    )
+
+
+class Track(Source):
+    name = "track"
+    Config = TrackConfig
+
+    def url_token_matches(self, token: str | None) -> bool:
+        """`/hooks/NAME` for any sender, and `/hooks/NAME/t`, `/p`, `/i`, `/b`... for analytics.js."""
+        return token is None or token in ANALYTICS_JS_PATHS
+
+    async def verify(self, request: web.Request, body: bytes) -> None:
+        basic_user = _basic_user(request.headers.get("Authorization", ""))
+        if basic_user is not None:
+            self._check_key(basic_user)
+        data = _load(body, BadRequest)
+        if basic_user is None:
+            self._check_key(data.get("writeKey"))
+        check_call(data, len(body))
+
+    def _check_key(self, given: object) -> None:
+        if not isinstance(given, str) or not given:
+            raise SignatureError("missing write key: send it as the HTTP Basic user or as `writeKey` in the body")
+        expected = self.config.write_key.get_secret_value().encode()
+        if not hmac.compare_digest(given.encode("utf-8", "replace"), expected):
+            raise SignatureError("wrong write key")
+
+    def dedupe_key(self, request: web.Request, body: bytes) -> str:
+        """The message's `messageId`; for a batch, a hash of its messageIds (events stay idempotent by id)."""
+        try:
+            data = _load(body, ValueError)
+            batch = data.get("batch")
+            ids = sorted(message_id(item) for item in batch) if isinstance(batch, list) else [message_id(data)]
+        except (ValueError, RecursionError):
+            return super().dedupe_key(request, body)
+        if isinstance(batch, list):
+            return "batch:" + hashlib.sha256("\n".join(ids).encode("utf-8", "replace")).hexdigest()
+        key = "message:" + ids[0]
+        if len(key) > 200 or not key.isprintable():
+            return "message-sha256:" + hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()
+        return key
+
+    def normalize(self, raw: RawCall) -> list[Event]:
+        data = _load(raw.body, MalformedPayload)
+        events = []
+        for index, message in enumerate(messages(data)):
+            try:
+                check_message(message, f"batch[{index}]." if "batch" in data else "")
+            except BadRequest as exc:
+                log.warning("message skipped", source=raw.source, inbox_id=raw.id, reason=exc.reason)
+                continue
+            handler = HANDLERS.get(message["type"])
+            if handler is None:
+                continue  # screen, group, alias: accepted, no canonical event
+            try:
+                events.append(handler(message, raw))
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise MalformedPayload(f"{message.get('type')}: {type(exc).__name__}: {exc}") from None
+        return events
+
+
+def _basic_user(header: str) -> str | None:
+    """The Basic user (Segment leaves the password empty), or None when the call uses no Basic auth."""
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        raise SignatureError("the Authorization header is not Basic base64") from None
+    return decoded.partition(":")[0]
+
+
+def _load(body: bytes, error: type[Exception]) -> dict[str, Any]:
+    try:
+        data = json.loads(body, parse_float=Decimal)  # money stays exact
+    except (ValueError, RecursionError) as exc:
+        raise error(f"body is not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise error(f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def messages(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The call's messages; a batch's own `context` and `sentAt` apply to each of its items."""
+    if "batch" not in data:
+        return [data]
+    if not isinstance(data["batch"], list):
+        raise MalformedPayload("`batch` is not a list")
+    shared = _object(data.get("context"))
+    return [
+        {"sentAt": data.get("sentAt"), **item, "context": {**shared, **_object(item.get("context"))}}
+        for item in data["batch"]
+        if isinstance(item, dict)
+    ]
+
+
+def message_id(message: Any) -> str:
+    """Segment's `messageId`, or a hash of the message when a sender left it out."""
+    if isinstance(message, dict) and isinstance(message.get("messageId"), str | int) and message["messageId"] != "":
+        return str(message["messageId"])
+    return "sha256:" + hashlib.sha256(json.dumps(message, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# --- Checks made before anything is stored -------------------------------------------------
+
+
+def check_call(data: dict[str, Any], size: int) -> None:
+    if "batch" not in data:
+        if size > MAX_MESSAGE_BYTES:
+            raise BadRequest(f"message is {size} bytes; the limit is {MAX_MESSAGE_BYTES} (32 KB)")
+        check_message(data, "")
+        return
+    if size > MAX_BATCH_BYTES:
+        raise BadRequest(f"batch is {size} bytes; the limit is {MAX_BATCH_BYTES} (500 KB)")
+    if not isinstance(data["batch"], list):
+        raise BadRequest("`batch` must be a list of messages")
+    if data.get("sentAt") is not None and _instant(data["sentAt"]) is None:
+        raise BadRequest("sentAt: not an ISO 8601 date-time")
+    for index, item in enumerate(data["batch"]):
+        if not isinstance(item, dict):
+            raise BadRequest(f"batch[{index}] is not an object")
+        if (item_size := _size(item)) > MAX_MESSAGE_BYTES:
+            raise BadRequest(f"batch[{index}] is {item_size} bytes; the limit is {MAX_MESSAGE_BYTES} (32 KB)")
+
+
+def _size(item: dict[str, Any]) -> int:
+    try:
+        return len(json.dumps(item, separators=(",", ":"), ensure_ascii=False, default=str).encode())
+    except RecursionError:
+        raise BadRequest("a message is nested too deeply") from None
+
+
+def check_message(message: dict[str, Any], where: str) -> None:
+    kind = message.get("type")
+    if not isinstance(kind, str) or kind not in MESSAGE_TYPES:
+        raise BadRequest(f"{where}type: expected one of {', '.join(sorted(MESSAGE_TYPES))}, got {kind!r}")
+    ids = [_ident(message.get(key)) for key in ("userId", "anonymousId")]
+    if not any(ids):
+        raise BadRequest(f"{where}userId/anonymousId: a message needs one (a string of at most {MAX_ID} characters)")
+    for key in ("properties", "traits", "context"):
+        if message.get(key) is not None and not isinstance(message[key], dict):
+            raise BadRequest(f"{where}{key}: expected an object")
+    for key in ("timestamp", "originalTimestamp", "sentAt"):
+        if message.get(key) is not None and _instant(message[key]) is None:
+            raise BadRequest(f"{where}{key}: not an ISO 8601 date-time")
+    if kind == "track" and not event_slug(message.get("event")):
+        raise BadRequest(f"{where}event: a track call needs an event name (at most {MAX_EVENT_NAME} characters)")
+    push = next((message["traits"][k] for k in PUSH_TRAITS if k in (message.get("traits") or {})), None)
+    if push is not None:
+        try:
+            push_subscription(push)
+        except ValueError as exc:
+            raise BadRequest(f"{where}traits.webpush_subscription: {exc}") from None
+
+
+def _ident(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return None
+    text = str(value)
+    return text if 0 < len(text) <= MAX_ID and "\x00" not in text else None
+
+
+def event_slug(name: Any) -> str | None:
+    """Lower case, with anything but letters and digits as `_`: `Order Completed` -> `order_completed`."""
+    if not isinstance(name, str):
+        return None
+    slug = re.sub(r"\W+", "_", name.strip().lower()).strip("_")
+    return slug if 0 < len(slug) <= MAX_EVENT_NAME else None
+
+
+def _instant(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _b64url(value: Any, size: int) -> bytes:
+    if not isinstance(value, str):
+        raise ValueError("keys.p256dh and keys.auth must be base64url strings")
+    try:
+        raw = base64.b64decode(value + "=" * (-len(value) % 4), altchars=b"-_", validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("keys.p256dh and keys.auth must be base64url strings") from None
+    if len(raw) != size:
+        raise ValueError(f"a key decodes to {len(raw)} bytes, expected {size}")
+    return raw
+
+
+def push_subscription(value: Any) -> dict[str, Any]:
+    """A browser PushSubscription (`subscription.toJSON()`, or that JSON as a string), checked."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ValueError("not a PushSubscription object") from None
+    if not isinstance(value, dict) or not isinstance(value.get("keys"), dict):
+        raise ValueError("expected {endpoint, keys: {p256dh, auth}}")
+    endpoint = value.get("endpoint")
+    try:
+        parts = urlsplit(endpoint) if isinstance(endpoint, str) else None
+        valid = parts is not None and parts.scheme == "https" and bool(parts.hostname)
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ValueError("endpoint must be an https URL")
+    if _b64url(value["keys"].get("p256dh"), 65)[0] != 4:
+        raise ValueError("keys.p256dh is not an uncompressed P-256 public key")
+    _b64url(value["keys"].get("auth"), 16)
+    keys = {"p256dh": value["keys"]["p256dh"], "auth": value["keys"]["auth"]}
+    return {"endpoint": endpoint, "keys": keys, "expirationTime": value.get("expirationTime")}
+
+
+# --- Messages -> events ---------------------------------------------------------------------
+
+
+def _when(message: dict[str, Any], raw: RawCall) -> datetime:
+    """When it happened by the sender's clock, never later than its arrival (browser clocks drift)."""
+    for key in ("timestamp", "originalTimestamp", "sentAt"):
+        if (moment := _instant(message.get(key))) is not None:
+            return min(moment, raw.received_at)
+    return raw.received_at
+
+
+def _object(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value: Any, limit: int) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return None
+    text = str(value).strip()
+    return text if 0 < len(text) <= limit and "\x00" not in text else None
+
+
+def _matching(text: str | None, pattern: str) -> str | None:
+    return text if text is not None and re.fullmatch(pattern, text) else None
+
+
+def _birthday(value: Any) -> str | None:
+    instant = _instant(value)
+    if instant is not None:
+        return instant.date().isoformat()
+    try:
+        return date.fromisoformat(str(value)[:10]).isoformat()
+    except ValueError:
+        return None
+
+
+def _timezone(value: Any) -> str | None:
+    if not isinstance(value, str) or not 0 < len(value) <= 64:
+        return None
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        return None
+    return value
+
+
+def _contact(message: dict[str, Any]) -> ContactRef:
+    """Who: the site's user id and the browser's anonymous id; what: identify's traits, or context.traits."""
+    context = _object(message.get("context"))
+    traits = {**_object(context.get("traits")), **_object(message.get("traits"))}
+    ids = {}
+    if user_id := _ident(message.get("userId")):
+        ids["site"] = user_id
+    if anonymous_id := _ident(message.get("anonymousId")):
+        ids["site_anonymous"] = anonymous_id  # sorts after "site": a known user wins over a shared browser
+    attributes = {k: v for k, v in traits.items() if k not in CONTACT_TRAITS}
+    if (birthday := _birthday(traits.get("birthday"))) is not None:
+        attributes["birthday"] = birthday
+    return ContactRef(
+        email=_matching(_text(traits.get("email"), 320), r"[^@\s]+@[^@\s]+"),
+        phone=_matching(_text(traits.get("phone"), 40), r"\+?[0-9][0-9 ().-]{5,}"),
+        first_name=_text(traits.get("firstName", traits.get("first_name")), 200),
+        last_name=_text(traits.get("lastName", traits.get("last_name")), 200),
+        locale=_text(context.get("locale"), 35),
+        timezone=_timezone(context.get("timezone")),
+        external_ids=ids,
+        attributes=attributes,
+    )
+
+
+def _event(kind: str, message: dict[str, Any], raw: RawCall, properties: dict[str, Any]) -> Event:
+    mid = message_id(message)
+    return Event(
+        type=kind,
+        occurred_at=_when(message, raw),
+        contact=_contact(message),
+        correlation=[f"track:{mid}"],
+        properties={**properties, "message_id": mid, "user_id": _ident(message.get("userId"))},
+    )
+
+
+def track_event(message: dict[str, Any], raw: RawCall) -> Event:
+    """Every named event is `track.<name>`, e-commerce names included: the shop's own webhooks, which
+    a browser cannot forge, stay the only source of order.* and checkout.* events."""
+    slug = event_slug(message.get("event"))
+    if slug is None:
+        raise ValueError("a track call needs an event name")
+    return _event(f"track.{slug}", message, raw, {"event": message["event"], **_object(message.get("properties"))})
+
+
+def page_event(message: dict[str, Any], raw: RawCall) -> Event:
+    properties = dict(_object(message.get("properties")))
+    page = _object(_object(message.get("context")).get("page"))
+    for key in ("url", "path", "title", "referrer", "search"):
+        properties[key] = properties.get(key, page.get(key))
+    properties["name"] = message.get("name", properties.get("name"))
+    properties["category"] = message.get("category", properties.get("category"))
+    return _event("page.viewed", message, raw, properties)
+
+
+def identify_event(message: dict[str, Any], raw: RawCall) -> Event:
+    traits = _object(message.get("traits"))
+    properties: dict[str, Any] = {}
+    push = next((traits[k] for k in PUSH_TRAITS if k in traits), None)
+    if push is not None:
+        properties["push_subscription"] = push_subscription(push)
+    return _event("profile.updated", message, raw, properties)
+
+
+HANDLERS: dict[str, Callable[[dict[str, Any], RawCall], Event]] = {
+    "track": track_event,
+    "page": page_event,
+    "identify": identify_event,
+}
+
+
+@hookimpl
+def register_sources(register: Callable[[type[Source]], None]) -> None:
+    register(Track)
