@@ -99,7 +99,8 @@ def create_app(
     settings: Settings, *, pm: pluggy.PluginManager | None = None, clock: Clock | None = None, role: Role = "all"
 ) -> web.Application:
     gateway = build_gateway(settings, pm=pm, clock=clock, role=role)
-    app = web.Application(client_max_size=settings.limits.max_body_bytes, middlewares=[json_error_middleware_factory()])
+    largest = max([settings.limits.max_body_bytes, *(s.max_body_bytes or 0 for s in gateway.sources.values())])
+    app = web.Application(client_max_size=largest, middlewares=[json_error_middleware_factory()])
     app[GATEWAY_KEY] = gateway
     if role != "worker":
         for path in ("/hooks/{source}", "/hooks/{source}/{token}"):

@@ -172,6 +172,13 @@ def load(conn: Connection, contact_id: int) -> dict[str, Any]:
         "consent": {channel: entry["state"] for channel, entry in consent.items()},
         "email_status": row.email_status,
         "phone_status": row.phone_status,
+        "external_ids": dict(
+            conn.execute(
+                sa.select(I.kind, I.value)
+                .where(I.contact_id == contact_id, I.kind.not_in(("email", "phone")))
+                .order_by(I.kind)
+            ).all()
+        ),
         "push_subscriptions": [
             {"kind": d.kind, "address": d.address, "keys": jsoncodec.loads(d.keys)} for d in devices
         ],

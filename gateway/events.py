@@ -79,6 +79,9 @@ class Event(BaseModel):
     #: Keys that tie events of one story together, e.g. ["order:1", "checkout:abc"].
     correlation: list[str] = Field(default_factory=list)
     raw_ref: int | None = None
+    #: The provider's own id for this one event, when a batch may repeat it in a later call:
+    #: an event whose (source, dedupe_key) was stored before is skipped (scores count it once).
+    dedupe_key: str | None = None
 
 
 def is_known_type(event_type: str, extra: frozenset[str] = frozenset()) -> bool:

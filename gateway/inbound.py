@@ -13,6 +13,7 @@ from sqlalchemy.engine import Connection
 from . import contacts, jsoncodec, scheduler
 from .errors import MalformedPayload, RetryLater
 from .events import ERASE_TYPE, FEEDBACK_TYPES, Event
+from .ingest import fit_key
 from .router import Router
 from .sources import RawCall, Source
 from .store import EVENTS, INBOX
@@ -51,7 +52,9 @@ def apply_events(conn: Connection, raw: RawCall, events: list[Event], router: Ro
     """Resolve contacts, store and route each event, and close the call, in one transaction."""
     stored = []
     for index, event in enumerate(events):
-        event = event.model_copy(update={"id": f"{raw.id}.{index}", "source": raw.source, "raw_ref": raw.id})
+        event = fit(event).model_copy(update={"id": f"{raw.id}.{index}", "source": raw.source, "raw_ref": raw.id})
+        if event.dedupe_key and seen_before(conn, raw.source, event.dedupe_key):
+            continue
         contact = contacts.upsert(conn, event.contact, raw.source, now, event)
         if event.type == ERASE_TYPE:
             contacts.erase(conn, contact["id"], now)
@@ -75,6 +78,42 @@ def fail_call(conn: Connection, inbox_id: int, now: datetime, reason: str) -> No
     _mark(conn, inbox_id, "failed", now, reason)
 
 
+def seen_before(conn: Connection, source: str, key: str) -> bool:
+    query = sa.select(EVENTS.c.id).where(EVENTS.c.source == source, EVENTS.c.dedupe_key == key)
+    return conn.execute(query.limit(1)).first() is not None
+
+
+#: Column sizes (gateway/store/tables.py): PostgreSQL refuses what does not fit, SQLite would keep it.
+_LIMITS = {"first_name": 200, "last_name": 200}
+_DROP_IF_LONGER = {"email": 320, "previous_email": 320, "phone": 40, "locale": 35, "timezone": 64}
+
+
+def fit(event: Event) -> Event:
+    """Make a plugin's event fit the tables: over-long keys hashed, over-long fields cut or dropped, no NUL."""
+    if len(event.type) > 100 or "\0" in event.type:
+        raise Unprocessable(f"event type {event.type[:40]!r}... is longer than 100 characters")
+    ref = event.contact
+    updates: dict[str, object] = {}
+    for name, limit in _DROP_IF_LONGER.items():
+        value = _clean(getattr(ref, name))
+        updates[name] = value if value is None or len(value) <= limit else None
+    for name, limit in _LIMITS.items():
+        value = _clean(getattr(ref, name))
+        updates[name] = value[:limit] if value else value
+    updates["external_ids"] = {_clean(k) or "": fit_key(_clean(str(v)) or "", 320) for k, v in ref.external_ids.items()}
+    return event.model_copy(
+        update={
+            "contact": ref.model_copy(update=updates),
+            "correlation": [fit_key(_clean(key) or "") for key in event.correlation],
+            "dedupe_key": fit_key(event.dedupe_key) if event.dedupe_key else None,
+        }
+    )
+
+
+def _clean(value: str | None) -> str | None:
+    return value.replace("\0", "") if isinstance(value, str) else value
+
+
 def store_event(conn: Connection, event: Event, contact_id: int) -> None:
     conn.execute(
         sa.insert(EVENTS).values(
@@ -86,6 +125,7 @@ def store_event(conn: Connection, event: Event, contact_id: int) -> None:
             contact_id=contact_id,
             correlation=jsoncodec.dumps(event.correlation),
             properties=jsoncodec.dumps(event.properties),
+            dedupe_key=event.dedupe_key,
         )
     )
 

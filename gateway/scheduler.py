@@ -13,6 +13,7 @@ from sqlalchemy.engine import Connection
 from .store import JOBS
 
 J = JOBS.c
+MAX_RETRY_AFTER = 86400.0
 
 
 @dataclass(frozen=True)
@@ -155,9 +156,10 @@ def retry_delay(
     attempt: int, base: timedelta, cap: timedelta, retry_after: float | None = None, rng: random.Random | None = None
 ) -> timedelta:
     """Exponential backoff with jitter; a provider's Retry-After wins when it asks for longer."""
-    ceiling = min(cap.total_seconds(), base.total_seconds() * 2 ** max(attempt - 1, 0))
+    ceiling = min(cap.total_seconds(), base.total_seconds() * 2 ** min(max(attempt - 1, 0), 30))
     delay = ceiling * (rng or random).uniform(0.5, 1.0)
-    return timedelta(seconds=max(delay, retry_after or 0.0))
+    # A provider's Retry-After wins when longer, up to a day: a typo'd header must not park a job for years.
+    return timedelta(seconds=max(delay, min(retry_after or 0.0, MAX_RETRY_AFTER)))
 
 
 def requeue(conn: Connection, job_ids: list[int] | None, now: datetime) -> int:

@@ -65,6 +65,8 @@ class Source:
     #: A provider that signs nothing is served at /hooks/NAME/TOKEN instead, its Config
     #: having a `url_token` secret; a wrong or missing token answers 404, like an unknown source.
     needs_url_token: ClassVar[bool] = False
+    #: A provider whose batches are larger than `limits.max_body_bytes` (Mandrill) raises the limit for itself.
+    max_body_bytes: ClassVar[int | None] = None
 
     def __init__(self, key: str, config: Any, deployment: Deployment):
         self.key = key  # the name under `sources:`, which is also the URL path segment
@@ -79,6 +81,10 @@ class Source:
 
     async def ping(self, request: web.Request) -> web.StreamResponse | None:
         """Answer a provider's GET or HEAD validation request; None means 405."""
+        return None
+
+    def acknowledge(self, status: str, inbox_id: int | None) -> web.StreamResponse | None:
+        """The 200 the provider gets once the call is stored ("accepted" or "duplicate"); None: Declic's JSON."""
         return None
 
     async def start(self) -> None:

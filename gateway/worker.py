@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import os
 import socket
@@ -49,6 +50,9 @@ class Worker:
         self._wake = asyncio.Event()
         self._running: dict[int, asyncio.Task[None]] = {}
         self._stopping = False
+        #: Claimed calls not yet applied, by inbox id: applied lowest first.
+        self._calls_in_order: list[int] = []
+        self._turn = asyncio.Condition()
 
     def wake(self) -> None:
         self._wake.set()
@@ -85,6 +89,7 @@ class Worker:
             jobs = await self.db.run(scheduler.claim, self.id, self.clock.now(), self.spec.lease, self.spec.batch_size)
             if not jobs:
                 return ran
+            self._queue_calls(jobs)
             await asyncio.gather(*(self.run_job(job) for job in jobs))
             ran += len(jobs)
 
@@ -99,6 +104,7 @@ class Worker:
         except StorageUnavailable as exc:
             log.warning("cannot claim jobs", error=str(exc))
             return 0
+        self._queue_calls(jobs)
         for job in jobs:
             task = asyncio.create_task(self.run_job(job))
             self._running[job.id] = task
@@ -124,27 +130,48 @@ class Worker:
             log.exception("job failed", job_id=job.id, kind=job.kind)
             await self._retry_later(job, f"{type(exc).__name__}: {exc}")
 
+    def _queue_calls(self, jobs: list[ClaimedJob]) -> None:
+        for job in jobs:
+            if job.inbox_id is not None:
+                bisect.insort(self._calls_in_order, job.inbox_id)
+
     async def _process_inbox(self, job: ClaimedJob) -> None:
+        """Normalise (maybe slowly, fetching from the provider), then apply in the order calls arrived."""
         assert job.inbox_id is not None
-        raw = await self.db.run(inbound.load_call, job.inbox_id)
-        if raw is None:
-            await self.db.run(scheduler.finish, job, self.id, self.clock.now())
-            return
         try:
-            events = await inbound.normalize(self.sources.get(raw.source), raw)
-        except RetryLater as exc:  # the provider will answer later: back off, never drop the call
-            await self._retry_later(job, exc.reason, exc.after)
-            return
-        except MalformedPayload as exc:
-            reason = str(exc)
-            await self.db.run(self._close_call, job, lambda conn, now: inbound.fail_call(conn, raw.id, now, reason))
-            return
-        stored = await self.db.run(
-            self._close_call, job, lambda conn, now: inbound.apply_events(conn, raw, events, self.router, now)
-        )
+            raw = await self.db.run(inbound.load_call, job.inbox_id)
+            if raw is None:
+                await self.db.run(scheduler.finish, job, self.id, self.clock.now())
+                return
+            try:
+                events = await inbound.normalize(self.sources.get(raw.source), raw)
+            except RetryLater as exc:  # the provider will answer later: back off, never drop the call
+                await self._retry_later(job, exc.reason, exc.after)
+                return
+            except MalformedPayload as exc:
+                reason = str(exc)
+                await self.db.run(self._close_call, job, lambda conn, now: inbound.fail_call(conn, raw.id, now, reason))
+                return
+            await self._my_turn(job.inbox_id)
+            stored = await self.db.run(
+                self._close_call, job, lambda conn, now: inbound.apply_events(conn, raw, events, self.router, now)
+            )
+        finally:
+            await self._done_with_call(job.inbox_id)
         for event in stored or ():
             self._on_event(event)
         self.wake()  # steps due now were just created
+
+    async def _my_turn(self, inbox_id: int) -> None:
+        """An unsubscribe received after a profile update is applied after it, even if normalised first."""
+        async with self._turn:
+            await self._turn.wait_for(lambda: not self._calls_in_order or self._calls_in_order[0] >= inbox_id)
+
+    async def _done_with_call(self, inbox_id: int) -> None:
+        async with self._turn:
+            if inbox_id in self._calls_in_order:
+                self._calls_in_order.remove(inbox_id)
+            self._turn.notify_all()
 
     def _trigger_work(self, job: ClaimedJob) -> Callable[[Connection, datetime], object]:
         """A due date or inactivity trigger fires; a tick runs maintenance."""

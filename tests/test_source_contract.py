@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -179,3 +181,111 @@ async def test_enrichment_that_keeps_failing_ends_in_the_dead_letter_with_the_ca
             assert conn.exec_driver_sql("SELECT status, body FROM inbox").one() == ("received", b'{"id": 7}')
     finally:
         await server.close()
+
+
+class Quirky(Source):
+    """Test-only: a large-batch provider with its own ack, a crashing verify, odd events, a slow normalize."""
+
+    name = "quirky"
+    Config = TokenConfig
+    needs_url_token = True
+    max_body_bytes = 4 * 1024 * 1024
+
+    async def verify(self, request: web.Request, body: bytes) -> None:
+        if body.startswith(b"crash"):
+            raise KeyError("plugin bug")
+
+    def acknowledge(self, status: str, inbox_id: int | None) -> web.StreamResponse | None:
+        return web.Response(text="<Response/>", content_type="text/xml")
+
+    async def normalize(self, raw: RawCall) -> list[Event]:  # type: ignore[override]
+        data = json.loads(raw.body)
+        await asyncio.sleep(data.get("sleep", 0))
+        return [Event(occurred_at=raw.received_at, **item) for item in data["events"]]
+
+
+class QuirkyPlugin:
+    @hookimpl
+    def register_sources(self, register: Callable[[type[Source]], None]) -> None:
+        register(Quirky)
+
+
+async def quirky(aiohttp_client: Any, tmp_path: Path) -> tuple[TestClient, Gateway]:
+    pm = get_plugin_manager(extra=[QuirkyPlugin()])
+    path = write_deployment(
+        tmp_path, f"storage: {{url: 'sqlite:///{tmp_path}/q.db'}}\nsources:\n  q: {{plugin: quirky, url_token: tok}}\n"
+    )
+    settings = load_config(path, collect(pm), pm)
+    app = create_app(settings, pm=pm, clock=FakeClock(datetime(2026, 5, 1, tzinfo=UTC)), role="web")
+    return await aiohttp_client(app), app[GATEWAY_KEY]
+
+
+def body(*events: dict[str, Any], sleep: float = 0) -> bytes:
+    return json.dumps({"events": list(events), "sleep": sleep}).encode()
+
+
+async def test_a_source_sets_its_own_body_limit_and_acknowledgement(aiohttp_client: Any, tmp_path: Path) -> None:
+    client, _ = await quirky(aiohttp_client, tmp_path)
+    big = body({"type": "track.big", "contact": {"email": "a@example.com"}, "properties": {"x": "y" * 2_000_000}})
+    response = await client.post("/hooks/q/tok", data=io.BytesIO(big))
+    assert (response.status, response.content_type, await response.text()) == (200, "text/xml", "<Response/>")
+    too_big = await client.post("/hooks/q/tok", data=io.BytesIO(b"x" * (4 * 1024 * 1024 + 1)))
+    assert too_big.status == 413
+
+
+async def test_a_crash_in_verify_is_a_400_not_a_500(aiohttp_client: Any, tmp_path: Path) -> None:
+    client, gateway = await quirky(aiohttp_client, tmp_path)
+    response = await client.post("/hooks/q/tok", data=b"crash please")
+    assert (response.status, await response.json()) == (400, {"error": "this call could not be read"})
+
+
+async def test_events_are_fitted_to_the_columns(aiohttp_client: Any, tmp_path: Path) -> None:
+    client, gateway = await quirky(aiohttp_client, tmp_path)
+    event = {
+        "type": "track.odd",
+        "correlation": ["k:" + "x" * 500],
+        "contact": {
+            "email": "e" * 330 + "@example.com",
+            "phone": "+3361234\x005678",
+            "first_name": "N" * 300,
+            "external_ids": {"crm": "9" * 400},
+        },
+    }
+    await client.post("/hooks/q/tok", data=body(event))
+    await gateway.worker.drain()
+    with gateway.db.engine.connect() as conn:
+        email, phone, first = conn.exec_driver_sql("SELECT email, phone, first_name FROM contacts").one()
+        correlation = conn.exec_driver_sql("SELECT correlation FROM events").scalar()
+        crm = conn.exec_driver_sql("SELECT value FROM identities WHERE kind = 'crm'").scalar()
+    assert (email, phone, len(first)) == (None, "+33612345678", 200)
+    assert json.loads(correlation)[0].startswith("sha256:") and crm.startswith("sha256:")
+
+
+async def test_an_event_repeated_in_a_later_batch_is_stored_once(aiohttp_client: Any, tmp_path: Path) -> None:
+    client, gateway = await quirky(aiohttp_client, tmp_path)
+    click = {"type": "email.clicked", "dedupe_key": "msg-1:click", "contact": {"email": "a@example.com"}}
+    other = {"type": "email.clicked", "dedupe_key": "msg-2:click", "contact": {"email": "a@example.com"}}
+    await client.post("/hooks/q/tok", data=body(click))
+    await client.post("/hooks/q/tok", data=body(click, other))
+    await gateway.worker.drain()
+    with gateway.db.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT dedupe_key FROM events ORDER BY dedupe_key").scalars().all() == [
+            "msg-1:click",
+            "msg-2:click",
+        ]
+
+
+async def test_calls_are_applied_in_the_order_they_arrived(aiohttp_client: Any, tmp_path: Path) -> None:
+    """The first call is slow to normalise (a provider fetch); the second must still land after it."""
+    client, gateway = await quirky(aiohttp_client, tmp_path)
+    await client.post(
+        "/hooks/q/tok",
+        data=body({"type": "profile.updated", "contact": {"email": "a@example.com", "first_name": "Old"}}, sleep=0.3),
+    )
+    await client.post(
+        "/hooks/q/tok",
+        data=body({"type": "profile.updated", "contact": {"email": "a@example.com", "first_name": "New"}}),
+    )
+    await gateway.worker.drain()
+    with gateway.db.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT first_name FROM contacts").scalar() == "New"

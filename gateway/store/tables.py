@@ -153,8 +153,19 @@ class Decision(SQLModel, table=True):
 
 class StoredEvent(SQLModel, table=True):
     __tablename__ = "events"
+    __table_args__ = (
+        Index(
+            "uq_events_dedupe",
+            "source",
+            "dedupe_key",
+            unique=True,
+            sqlite_where=text("dedupe_key IS NOT NULL"),
+            postgresql_where=text("dedupe_key IS NOT NULL"),
+        ),
+    )
 
     id: str = Field(primary_key=True, max_length=60)
+    dedupe_key: str | None = Field(default=None, max_length=300)
     inbox_id: int | None = Field(default=None, index=True)
     source: str = Field(max_length=100)
     type: str = Field(max_length=100, index=True)

@@ -120,6 +120,7 @@ def upgrade() -> None:
     op.create_table(
         "events",
         sa.Column("id", sqlmodel.sql.sqltypes.AutoString(length=60), nullable=False),
+        sa.Column("dedupe_key", sqlmodel.sql.sqltypes.AutoString(length=300), nullable=True),
         sa.Column("inbox_id", sa.Integer(), nullable=True),
         sa.Column("source", sqlmodel.sql.sqltypes.AutoString(length=100), nullable=False),
         sa.Column("type", sqlmodel.sql.sqltypes.AutoString(length=100), nullable=False),
@@ -133,6 +134,13 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_events_contact_id"), ["contact_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_events_inbox_id"), ["inbox_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_events_type"), ["type"], unique=False)
+        batch_op.create_index(
+            "uq_events_dedupe",
+            ["source", "dedupe_key"],
+            unique=True,
+            sqlite_where=sa.text("dedupe_key IS NOT NULL"),
+            postgresql_where=sa.text("dedupe_key IS NOT NULL"),
+        )
 
     op.create_table(
         "identities",
@@ -245,6 +253,11 @@ def downgrade() -> None:
 
     op.drop_table("identities")
     with op.batch_alter_table("events", schema=None) as batch_op:
+        batch_op.drop_index(
+            "uq_events_dedupe",
+            sqlite_where=sa.text("dedupe_key IS NOT NULL"),
+            postgresql_where=sa.text("dedupe_key IS NOT NULL"),
+        )
         batch_op.drop_index(batch_op.f("ix_events_type"))
         batch_op.drop_index(batch_op.f("ix_events_inbox_id"))
         batch_op.drop_index(batch_op.f("ix_events_contact_id"))
