@@ -234,7 +234,7 @@ async def test_a_source_sets_its_own_body_limit_and_acknowledgement(aiohttp_clie
 
 
 async def test_a_crash_in_verify_is_a_400_not_a_500(aiohttp_client: Any, tmp_path: Path) -> None:
-    client, gateway = await quirky(aiohttp_client, tmp_path)
+    client, _ = await quirky(aiohttp_client, tmp_path)
     response = await client.post("/hooks/q/tok", data=b"crash please")
     assert (response.status, await response.json()) == (400, {"error": "this call could not be read"})
 
