@@ -5,7 +5,8 @@ from __future__ import annotations
 import pluggy
 
 from .errors import BadRequest, ConfigError, DeclicError, MalformedPayload, RetryLater, SignatureError
-from .events import ContactRef, Event
+from .events import ContactRef, Event, PushRef
+from .polling import Fetched, PollingSource
 from .sinks import DeliveryResult, Message, Outcome, SendContext, Sink, SinkConfig
 from .sources import Deployment, PluginConfig, RawCall, Source
 
@@ -19,10 +20,13 @@ __all__ = [
     "DeliveryResult",
     "Deployment",
     "Event",
+    "Fetched",
     "MalformedPayload",
     "Message",
     "Outcome",
     "PluginConfig",
+    "PollingSource",
+    "PushRef",
     "RawCall",
     "RetryLater",
     "SendContext",

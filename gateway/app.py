@@ -14,7 +14,7 @@ import pluggy
 import structlog
 from aiohttp import web
 
-from . import scheduler, unsubscribe
+from . import polling, scheduler, unsubscribe
 from .clock import Clock, SystemClock
 from .config import Settings
 from .delivery import StepRunner
@@ -144,6 +144,8 @@ async def _start(gateway: Gateway) -> None:
         raise ConfigError(["the database schema is not current: run `declic db upgrade --config FILE` first"])
     # Date and inactivity triggers a config change added get scheduled once, by one replica.
     await db.run(scheduler.add_tick, "reconcile", gateway.clock.now())
+    for key in polling.pollers(gateway.sources):
+        await db.run(polling.schedule, key, gateway.clock.now(), gateway.clock.now())
     for plugin in gateway.plugins():
         await plugin.start()
     gateway.tasks.append(asyncio.create_task(gateway.committer.run(), name="declic-committer"))

@@ -15,7 +15,7 @@ from typing import TypeVar
 import structlog
 from sqlalchemy.engine import Connection
 
-from . import inbound, scheduler
+from . import inbound, polling, scheduler
 from .config import WorkerSpec
 from .delivery import StepRunner, call_sink
 from .errors import MalformedPayload, RetryLater, StorageUnavailable
@@ -123,12 +123,39 @@ class Worker:
                 await self._process_inbox(job)
             elif job.kind == "step":
                 await self._run_step(job)
+            elif job.kind == "poll":
+                await self._poll(job)
             else:
                 await self.db.run(self._close_call, job, self._trigger_work(job))
                 self.wake()
         except Exception as exc:  # keep the job, try again later; never lose it
             log.exception("job failed", job_id=job.id, kind=job.kind)
             await self._retry_later(job, f"{type(exc).__name__}: {exc}")
+
+    async def _poll(self, job: ClaimedJob) -> None:
+        """Ask the provider, store what it says, and schedule the next poll; a failing provider only delays it."""
+        source = polling.pollers(self.sources).get(job.occurrence or "")
+        if source is None:  # the source left the config: the chain of polls ends here
+            await self.db.run(scheduler.finish, job, self.id, self.clock.now(), "cancelled")
+            return
+        cursor = await self.db.run(polling.load_cursor, source.key)
+        now = self.clock.now()
+        try:
+            fetched = await source.poll(cursor, now)
+        except RetryLater as exc:
+            delay = scheduler.retry_delay(job.attempts, self.spec.retry_base, source.interval, exc.after)
+            await self.db.run(scheduler.defer, job, self.id, now + delay, now, exc.reason)
+            log.warning("poll failed, retrying", source=source.key, error=exc.reason, seconds=delay.total_seconds())
+            return
+
+        def store(conn: Connection, now: datetime) -> int:
+            stored = polling.store(conn, source.key, fetched, now)
+            polling.schedule(conn, source.key, now + source.interval, now)
+            return stored
+
+        stored = await self.db.run(self._close_call, job, store)
+        log.info("polled", source=source.key, items=len(fetched.items), new=stored)
+        self.wake()
 
     def _queue_calls(self, jobs: list[ClaimedJob]) -> None:
         for job in jobs:

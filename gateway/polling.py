@@ -1,0 +1,85 @@
+"""Sources Declic asks on a timer, for providers that never call (Mailchimp campaign reports).
+
+A poll is a job in the queue (kind `poll`, one pending per source), so it runs once across
+replicas and survives restarts. Each fetched item becomes an inbox call with the provider's
+id as its dedupe key: overlapping windows and retried polls never double an event. The
+cursor where the next poll resumes is kept in the database, saved with the items.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from .ingest import NewCall, commit_calls, fit_key
+from .sources import Source
+from .store import JOBS, META
+
+J = JOBS.c
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """What one poll brought: items as (provider id, JSON body), and where the next poll resumes."""
+
+    items: list[tuple[str, bytes]] = field(default_factory=list)
+    cursor: str | None = None
+
+
+class PollingSource(Source):
+    """Subclass, implement `poll`, and `normalize` each stored item like a webhook body.
+
+    `poll` raises `RetryLater` on 429 and 5xx: the poll is tried again after the delay,
+    and never stops for good.
+    """
+
+    #: How often to poll; plugins usually read it from their config.
+    interval: timedelta = timedelta(minutes=5)
+
+    async def poll(self, cursor: str | None, now: datetime) -> Fetched:
+        raise NotImplementedError
+
+
+def schedule(conn: Connection, source: str, due: datetime, now: datetime) -> None:
+    """Queue the source's next poll unless one is already pending."""
+    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(JOBS)
+    conn.execute(
+        insert.values(
+            kind="poll",
+            key=f"poll:{source}",
+            occurrence=source,
+            step=0,
+            due_at=due,
+            status="pending",
+            attempts=0,
+            created_at=now,
+            updated_at=now,
+        ).on_conflict_do_nothing(index_elements=["key"], index_where=J.status == "pending")
+    )
+
+
+def load_cursor(conn: Connection, source: str) -> str | None:
+    value: str | None = conn.execute(sa.select(META.c.value).where(META.c.key == f"cursor:{source}")).scalar()
+    return value
+
+
+def store(conn: Connection, source: str, fetched: Fetched, now: datetime) -> int:
+    """The items become inbox calls (duplicates skipped) and the cursor moves on, in one transaction."""
+    calls = [NewCall(source, fit_key(key), now, {}, body) for key, body in fetched.items]
+    accepted = commit_calls(conn, calls) if calls else []
+    if fetched.cursor is not None:
+        insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(META)
+        conn.execute(
+            insert.values(key=f"cursor:{source}", value=fetched.cursor).on_conflict_do_update(
+                index_elements=["key"], set_={"value": fetched.cursor}
+            )
+        )
+    return sum(not a.duplicate for a in accepted)
+
+
+def pollers(sources: dict[str, Source]) -> dict[str, PollingSource]:
+    return {key: s for key, s in sources.items() if isinstance(s, PollingSource)}
