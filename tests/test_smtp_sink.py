@@ -142,3 +142,36 @@ async def test_starttls_is_required_never_a_silent_downgrade(server: SmtpCatcher
 def test_secrets_do_not_show_in_the_config_repr() -> None:
     config = SmtpConfig.model_validate({"sender": "a@example.com", "username": "u", "password": "hunter2"})
     assert "hunter2" not in repr(config) and "hunter2" not in str(config.model_dump())
+
+
+async def test_dkim_signature_covers_the_unsubscribe_headers_and_verifies(server: SmtpCatcher) -> None:
+    import dkim
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    ).decode()
+    public = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    record = b"v=DKIM1; k=rsa; p=" + __import__("base64").b64encode(public)
+    smtp = sink(server.port, dkim={"domain": "example.com", "selector": "s1", "private_key": pem})
+    marketing = Message(
+        to="to@example.org",
+        text="hi",
+        subject="Offer",
+        idempotency_key="dcl-1",
+        headers={
+            "List-Unsubscribe": "<https://hooks.example.com/u/t>",
+            "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+        },
+    )
+    assert (await smtp.send(marketing, CTX)).outcome is Outcome.SENT
+    await smtp.close()
+    [mail] = server.messages
+    raw = mail.as_bytes()
+    signed = mail["DKIM-Signature"]
+    assert "list-unsubscribe:list-unsubscribe-post" in signed.lower().replace(" ", "")
+    assert dkim.verify(raw, dnsfunc=lambda name, timeout=5: record if name == b"s1._domainkey.example.com." else None)
+    tampered = raw.replace(b"List-Unsubscribe-Post: List-Unsubscribe=One-Click", b"List-Unsubscribe-Post: x")
+    assert not dkim.verify(tampered, dnsfunc=lambda name, timeout=5: record)
