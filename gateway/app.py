@@ -90,7 +90,9 @@ def build_gateway(
         settings.timezone,
         settings.public_url,
     )
-    worker = Worker(db, settings.worker, sources, router, steps, partial(notify_event_received, pm))
+    worker = Worker(
+        db, settings.worker, sources, router, steps, partial(notify_event_received, pm), settings.phone_region
+    )
     committer = GroupCommitter(db, on_commit=worker.wake)
     return Gateway(settings, pm, clock, db, sources, sinks, env, router, committer, worker, role)
 

@@ -247,6 +247,9 @@ class LoggingSpec(_Strict):
 class Settings(_Strict):
     public_url: str | None = Field(None, description="This deployment's URL as providers see it (some sign it).")
     timezone: str = Field("UTC", description="IANA time zone used when a contact has none.")
+    phone_region: str | None = Field(
+        None, description="ISO country (FR, US...) for phone numbers written without +: stored as E.164."
+    )
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Where state is kept.")
     templates: str = Field("templates", description="Template folder, relative to the config file.")
     sources: dict[Name, dict[str, Any]] = Field(
@@ -265,6 +268,15 @@ class Settings(_Strict):
     _path: Path = PrivateAttr(default=Path("declic.yaml"))
     _sources: dict[str, tuple[type[Source], PluginConfig]] = PrivateAttr(default_factory=dict)
     _sinks: dict[str, tuple[type[Sink], PluginConfig]] = PrivateAttr(default_factory=dict)
+
+    @field_validator("phone_region")
+    @classmethod
+    def _region(cls, value: str | None) -> str | None:
+        import phonenumbers
+
+        if value is not None and value.upper() not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"unknown region {value!r}: use an ISO 3166 code such as FR or US")
+        return value.upper() if value else value
 
     @field_validator("timezone")
     @classmethod

@@ -11,7 +11,7 @@ from sqlalchemy.engine import Connection
 
 from . import jsoncodec, scheduler
 from .events import ContactRef, Event
-from .store import CONSENTS, CONTACTS, DELIVERIES, ENROLMENTS, EVENTS, IDENTITIES, INBOX, PUSH_SUBSCRIPTIONS
+from .store import CONSENTS, CONTACTS, DECISIONS, DELIVERIES, ENROLMENTS, EVENTS, IDENTITIES, INBOX, PUSH_SUBSCRIPTIONS
 
 C = CONTACTS.c
 I = IDENTITIES.c  # noqa: E741
@@ -55,6 +55,8 @@ def upsert(conn: Connection, ref: ContactRef, source: str, now: datetime, event:
     changes: dict[str, Any] = {f: getattr(ref, f) for f in _FIELDS if getattr(ref, f)}
     if ref.email:
         changes["email"] = ref.email.strip().lower()
+    if ref.phone and ref.phone != row.phone:
+        changes["phone_status"] = "ok"  # a new number gets a fresh start
     if ref.attributes:
         changes["attributes"] = jsoncodec.dumps({**jsoncodec.loads(row.attributes), **ref.attributes})
     if ref.consent:
@@ -69,6 +71,16 @@ def upsert(conn: Connection, ref: ContactRef, source: str, now: datetime, event:
     for device in ref.push_subscriptions:
         add_push_subscription(conn, contact_id, device.kind, device.address, device.keys, now)
     return load(conn, contact_id)
+
+
+def withdraw(conn: Connection, contact_id: int, channel: str, source: str, now: datetime, evidence: str | None) -> None:
+    """A provider reported the recipient opted out: consent on the channel is withdrawn, in the ledger too."""
+    row = conn.execute(sa.select(CONTACTS.c.consent).where(C.id == contact_id)).one()
+    consent = jsoncodec.loads(row.consent)
+    if consent.get(channel, {}).get("state") != "withdrawn":
+        record_consent(conn, contact_id, channel, "withdrawn", source, now, evidence=evidence)
+    consent[channel] = {"state": "withdrawn", "source": source, "at": now.isoformat()}
+    conn.execute(sa.update(CONTACTS).where(C.id == contact_id).values(consent=jsoncodec.dumps(consent), updated_at=now))
 
 
 def record_consent(
@@ -201,6 +213,9 @@ def erase(conn: Connection, contact_id: int, now: datetime) -> None:
     inbox_ids = sa.select(EVENTS.c.inbox_id).where(EVENTS.c.contact_id == contact_id).scalar_subquery()
     conn.execute(sa.update(INBOX).where(INBOX.c.id.in_(inbox_ids)).values(body=b"", headers="{}", status="erased"))
     conn.execute(sa.update(EVENTS).where(EVENTS.c.contact_id == contact_id).values(properties="{}", correlation="[]"))
+    # Providers' error texts may quote the address ("550 no such user a@b.c", Twilio's 21211).
+    conn.execute(sa.update(DELIVERIES).where(DELIVERIES.c.contact_id == contact_id).values(reason=None))
+    conn.execute(sa.update(DECISIONS).where(DECISIONS.c.contact_id == contact_id).values(reason=None))
     ended = list(
         conn.execute(
             sa.update(ENROLMENTS)

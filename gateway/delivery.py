@@ -31,7 +31,7 @@ log = structlog.get_logger("declic.delivery")
 D = DELIVERIES.c
 E = ENROLMENTS.c
 #: Outcomes after which a step is over, whatever happens to its job afterwards.
-FINAL = ("sent", "suppressed", "address_invalid")
+FINAL = ("sent", "suppressed", "address_invalid", "opted_out")
 
 
 @dataclass(frozen=True)
@@ -224,6 +224,20 @@ class StepRunner:
         if result.outcome is Outcome.SENT:
             self._record(conn, step, "sent", None, now, result.provider_id, sent_at=now)
             journal.record(conn, now, rule.name, send.contact_id, "send", step=number, via=via)
+            self._advance(conn, step, now)
+        elif result.outcome is Outcome.OPTED_OUT:
+            self._record(conn, step, "opted_out", result.error, now)
+            journal.record(
+                conn,
+                now,
+                rule.name,
+                send.contact_id,
+                "suppressed",
+                step=number,
+                via=via,
+                reason=f"the recipient opted out: {result.error}",
+            )
+            contacts.withdraw(conn, send.contact_id, send.sink.channel, send.sink.key, now, result.error)
             self._advance(conn, step, now)
         elif result.outcome is Outcome.ADDRESS_INVALID:
             self._record(conn, step, "address_invalid", result.error, now)

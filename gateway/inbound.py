@@ -6,6 +6,7 @@ import inspect
 import json
 from datetime import datetime
 
+import phonenumbers
 import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Connection
@@ -48,11 +49,15 @@ class Unprocessable(MalformedPayload):
     """Normalisation cannot succeed as things are: the call is marked failed, replayable after a fix."""
 
 
-def apply_events(conn: Connection, raw: RawCall, events: list[Event], router: Router, now: datetime) -> list[Event]:
+def apply_events(
+    conn: Connection, raw: RawCall, events: list[Event], router: Router, now: datetime, phone_region: str | None = None
+) -> list[Event]:
     """Resolve contacts, store and route each event, and close the call, in one transaction."""
     stored = []
     for index, event in enumerate(events):
-        event = fit(event).model_copy(update={"id": f"{raw.id}.{index}", "source": raw.source, "raw_ref": raw.id})
+        event = fit(event, phone_region).model_copy(
+            update={"id": f"{raw.id}.{index}", "source": raw.source, "raw_ref": raw.id}
+        )
         if event.dedupe_key and seen_before(conn, raw.source, event.dedupe_key):
             continue
         contact = contacts.upsert(conn, event.contact, raw.source, now, event)
@@ -88,8 +93,9 @@ _LIMITS = {"first_name": 200, "last_name": 200}
 _DROP_IF_LONGER = {"email": 320, "previous_email": 320, "phone": 40, "locale": 35, "timezone": 64}
 
 
-def fit(event: Event) -> Event:
-    """Make a plugin's event fit the tables: over-long keys hashed, over-long fields cut or dropped, no NUL."""
+def fit(event: Event, phone_region: str | None = None) -> Event:
+    """Make a plugin's event fit the tables: over-long keys hashed, over-long fields cut or dropped, no NUL,
+    and phone numbers in E.164, so that "06 12 34 56 78" and Twilio's "+33612345678" are one person."""
     if len(event.type) > 100 or "\0" in event.type:
         raise Unprocessable(f"event type {event.type[:40]!r}... is longer than 100 characters")
     ref = event.contact
@@ -100,6 +106,9 @@ def fit(event: Event) -> Event:
     for name, limit in _LIMITS.items():
         value = _clean(getattr(ref, name))
         updates[name] = value[:limit] if value else value
+    country = ref.attributes.get("country")
+    region = country.upper() if isinstance(country, str) and len(country) == 2 else phone_region
+    updates["phone"] = e164(updates["phone"], region)  # type: ignore[arg-type]
     updates["external_ids"] = {_clean(k) or "": fit_key(_clean(str(v)) or "", 320) for k, v in ref.external_ids.items()}
     return event.model_copy(
         update={
@@ -108,6 +117,19 @@ def fit(event: Event) -> Event:
             "dedupe_key": fit_key(event.dedupe_key) if event.dedupe_key else None,
         }
     )
+
+
+def e164(phone: str | None, region: str | None) -> str | None:
+    """+33612345678 however it was written; a number that cannot be read is kept as written."""
+    if not phone:
+        return phone
+    try:
+        number = phonenumbers.parse(phone, None if phone.startswith("+") else region)
+    except phonenumbers.NumberParseException:
+        return phone
+    if not phonenumbers.is_possible_number(number):
+        return phone
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
 def _clean(value: str | None) -> str | None:

@@ -36,6 +36,8 @@ def render(registry: Registry) -> str:
             section = "sources.NAME" if title == "Sources" else "sinks.NAME"
             summary = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0]
             parts += [f"### `plugin: {plugin}`\n", summary + "\n", _table(cls.Config, section + ".")]
+            for name, model in _nested(cls.Config, section + "."):
+                parts += [f"#### `{name}`\n", _table(model, name + ".")]
     return "\n".join(parts)
 
 

@@ -32,6 +32,7 @@ class Outcome(enum.StrEnum):
     RETRY = "retry"
     PERMANENT = "permanent"
     ADDRESS_INVALID = "address_invalid"
+    OPTED_OUT = "opted_out"
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,11 @@ class DeliveryResult:
     @classmethod
     def permanent(cls, error: str) -> DeliveryResult:
         return cls(Outcome.PERMANENT, error=error)
+
+    @classmethod
+    def opted_out(cls, error: str) -> DeliveryResult:
+        """The recipient told the provider to stop (Twilio 21610): consent on this channel is withdrawn."""
+        return cls(Outcome.OPTED_OUT, error=error)
 
     @classmethod
     def address_invalid(cls, error: str, addresses: tuple[str, ...] = ()) -> DeliveryResult:

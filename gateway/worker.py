@@ -42,8 +42,10 @@ class Worker:
         router: Router,
         steps: StepRunner,
         on_event: Callable[[Event], None],
+        phone_region: str | None = None,
     ):
         self.db, self.spec, self.sources, self.router, self.steps = db, spec, sources, router, steps
+        self.phone_region = phone_region
         self.clock = steps.clock
         self.id = steps.worker_id
         self._on_event = on_event
@@ -181,7 +183,9 @@ class Worker:
                 return
             await self._my_turn(job.inbox_id)
             stored = await self.db.run(
-                self._close_call, job, lambda conn, now: inbound.apply_events(conn, raw, events, self.router, now)
+                self._close_call,
+                job,
+                lambda conn, now: inbound.apply_events(conn, raw, events, self.router, now, self.phone_region),
             )
         finally:
             await self._done_with_call(job.inbox_id)

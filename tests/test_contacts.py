@@ -160,3 +160,34 @@ async def test_push_subscriptions_are_kept_moved_and_forgotten(d: Deployment) ->
     assert d.rows("SELECT c.email FROM push_subscriptions p JOIN contacts c ON c.id = p.contact_id") == [
         ("b@example.com",)
     ]  # a shared browser now belongs to whoever subscribed last
+
+
+async def test_phones_are_stored_in_e164_so_a_stop_reply_finds_the_person(
+    aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCatcher
+) -> None:
+    pm = get_plugin_manager(extra=[Plugin()])
+    config = f"storage: {{url: '{db_url}'}}\nphone_region: FR\nsources:\n  in: {{plugin: scripted, url_token: tok}}\n"
+    settings = load_config(write_deployment(tmp_path, config), collect(pm), pm)
+    app = create_app(settings, pm=pm, clock=FakeClock(datetime(2026, 6, 1, tzinfo=UTC)), role="web")
+    d = Deployment(await aiohttp_client(app), app, FakeClock())
+    await d.emit({"type": "customer.created", "contact": {"email": "a@example.com", "phone": "06 12 34 56 78"}})
+    await d.emit(
+        {
+            "type": "customer.created",
+            "contact": {"email": "b@example.com", "phone": "(415) 555-0100", "attributes": {"country": "US"}},
+        }
+    )
+    await d.emit({"type": "sms.opted_out", "contact": {"phone": "+33612345678", "consent": {"sms": "withdrawn"}}})
+    rows = d.rows("SELECT email, phone, consent FROM contacts ORDER BY id")
+    assert [(email, phone, "withdrawn" in consent) for email, phone, consent in rows] == [
+        ("a@example.com", "+33612345678", True),
+        ("b@example.com", "+14155550100", False),
+    ]
+
+
+async def test_a_new_phone_number_clears_an_invalid_mark(d: Deployment) -> None:
+    await d.emit({"type": "customer.created", "contact": {"email": "a@example.com", "phone": "+33600000000"}})
+    with d.gateway.db.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE contacts SET phone_status = 'invalid'")
+    await d.emit({"type": "customer.updated", "contact": {"email": "a@example.com", "phone": "+33612345678"}})
+    assert d.rows("SELECT phone, phone_status FROM contacts") == [("+33612345678", "ok")]
