@@ -8,7 +8,10 @@ followed, and only public unicast addresses are reached unless the config allow-
 from __future__ import annotations
 
 import ipaddress
+import math
 import socket
+from datetime import datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
@@ -131,3 +134,18 @@ class GuardedClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def retry_after(value: str | None, now: datetime) -> float | None:
+    """A provider's Retry-After, in seconds or as an HTTP date (RFC 9110); None when absent or unreadable."""
+    value = (value or "").strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            return max((parsedate_to_datetime(value) - now).total_seconds(), 0.0)
+        except (TypeError, ValueError):
+            return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None

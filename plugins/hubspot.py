@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
@@ -41,6 +40,7 @@ from gateway import (
 )
 from gateway.clock import Clock
 from gateway.errors import RetryLater
+from gateway.net import retry_after
 
 log = structlog.get_logger("declic.hubspot")
 
@@ -321,7 +321,9 @@ class Crm:
         if status in (401, 403):
             raise RetryLater(f"HubSpot refused the app_token ({status}): {detail}; check the token and its scopes")
         if status in RETRIABLE or status >= 500:
-            raise RetryLater(f"HubSpot answered {status}: {detail}", after=_retry_after(headers, self.clock.now()))
+            raise RetryLater(
+                f"HubSpot answered {status}: {detail}", after=retry_after(headers.get("Retry-After"), self.clock.now())
+            )
         raise MalformedPayload(f"HubSpot answered {status} to GET {path}: {detail}")
 
     def _wait_for_window(self) -> None:
@@ -339,7 +341,7 @@ class Crm:
 
     def _throttle_delay(self, headers: Any, text: str) -> float | None:
         """Retry-After first; else the daily limit's pause; else the rolling window's length."""
-        if (after := _retry_after(headers, self.clock.now())) is not None:
+        if (after := retry_after(headers.get("Retry-After"), self.clock.now())) is not None:
             return after
         policy = _json_field(text, "policyName")
         if policy == "DAILY" or headers.get("X-HubSpot-RateLimit-Daily-Remaining") == "0":
@@ -350,21 +352,6 @@ class Crm:
 
 def _int(value: str | None) -> int | None:
     return int(value) if value and re.fullmatch(r"[0-9]{1,12}", value.strip()) else None
-
-
-def _retry_after(headers: Any, now: datetime) -> float | None:
-    """Retry-After in seconds or as an HTTP date."""
-    value = (headers.get("Retry-After") or "").strip()
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            return max((parsedate_to_datetime(value) - now).total_seconds(), 0.0)
-        except (TypeError, ValueError):
-            return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _json_object(text: str, path: str) -> dict[str, Any]:

@@ -13,11 +13,9 @@ from __future__ import annotations
 import contextlib
 import html
 import json
-import math
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
@@ -25,6 +23,7 @@ from pydantic import Field, SecretStr, field_validator
 
 from gateway import DeliveryResult, Deployment, Message, SendContext, Sink, SinkConfig, hookimpl
 from gateway.limits import SendLimiter
+from gateway.net import retry_after
 
 #: HubSpot-defined association type "note to contact" (notes guide, association type ids).
 NOTE_TO_CONTACT = 202
@@ -219,7 +218,7 @@ class HubSpotNote(Sink):
                 "crm.objects.contacts.read and crm.objects.contacts.write"
             )
         if status in RETRIABLE or status >= 500:
-            after = _retry_after(headers, self.deployment.clock.now())
+            after = retry_after(headers.get("Retry-After"), self.deployment.clock.now())
             if ambiguous:  # a 5xx may come after the note was stored
                 after = max(after or 0.0, SETTLE_SECONDS)
             return DeliveryResult.retry(f"HubSpot answered {status} to {what}: {detail}", after=after)
@@ -248,7 +247,7 @@ class HubSpotNote(Sink):
 
     def _throttle_delay(self, headers: Any, text: str) -> float | None:
         """Retry-After when HubSpot sends it (not guaranteed); else the daily pause; else the window's length."""
-        if (after := _retry_after(headers, self.deployment.clock.now())) is not None:
+        if (after := retry_after(headers.get("Retry-After"), self.deployment.clock.now())) is not None:
             return after
         policy = (_json(text) or {}).get("policyName")
         if policy == "DAILY" or headers.get("X-HubSpot-RateLimit-Daily-Remaining") == "0":
@@ -322,21 +321,6 @@ def _detail(text: str) -> str:
 
 def _int(value: str | None) -> int | None:
     return int(value) if value and re.fullmatch(r"[0-9]{1,12}", value.strip()) else None
-
-
-def _retry_after(headers: Any, now: datetime) -> float | None:
-    """Retry-After in seconds or as an HTTP date."""
-    value = (headers.get("Retry-After") or "").strip()
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            return max((parsedate_to_datetime(value) - now).total_seconds(), 0.0)
-        except (TypeError, ValueError):
-            return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 @hookimpl

@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
-from email.utils import parsedate_to_datetime
 from functools import cached_property
 from typing import Any
 
@@ -31,6 +28,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from yarl import URL
 
 from gateway import ConfigError, DeliveryResult, Message, SendContext, Sink, SinkConfig, hookimpl
+from gateway.net import retry_after
 
 log = structlog.get_logger("declic.twilio")
 
@@ -356,21 +354,6 @@ def _sid(body: bytes) -> str | None:
         return None
     sid = data.get("sid") if isinstance(data, dict) else None
     return sid if isinstance(sid, str) and re.fullmatch(r"[A-Za-z0-9]{2,64}", sid) else None
-
-
-def retry_after(value: str | None, now: datetime) -> float | None:
-    """Retry-After in seconds or as an HTTP date; None when absent or unreadable."""
-    value = (value or "").strip()
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            return max((parsedate_to_datetime(value) - now).total_seconds(), 0.0)
-        except (TypeError, ValueError):
-            return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 @hookimpl

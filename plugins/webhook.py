@@ -15,11 +15,9 @@ import binascii
 import hashlib
 import hmac
 import json
-import math
 from collections.abc import Callable
 from datetime import date, datetime
 from decimal import Decimal
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
@@ -27,7 +25,7 @@ from pydantic import Field, SecretStr, field_validator
 from yarl import URL
 
 from gateway import DeliveryResult, Deployment, Message, SendContext, Sink, SinkConfig, hookimpl
-from gateway.net import ForbiddenAddress, GuardedClient
+from gateway.net import ForbiddenAddress, GuardedClient, retry_after
 
 SECRET_PREFIX = "whsec_"
 #: How much of a receiver's answer goes into the delivery's error text.
@@ -140,7 +138,9 @@ class Webhook(Sink):
             where = headers.get("Location", "(no Location)")
             return DeliveryResult.permanent(f"redirects are not followed ({status} to {where}); fix `url`")
         if status in (408, 429) or status >= 500:
-            return DeliveryResult.retry(said, after=_retry_after(headers, self.deployment.clock.now()))
+            return DeliveryResult.retry(
+                said, after=retry_after(headers.get("Retry-After"), self.deployment.clock.now())
+            )
         if status == 410:
             return DeliveryResult.permanent(f"{said} (410 Gone: the receiver retired this endpoint)")
         return DeliveryResult.permanent(said)
@@ -193,21 +193,6 @@ def _provider_id(headers: Any, head: bytes) -> str | None:
     if isinstance(value, (str, int)) and not isinstance(value, bool) and 0 < len(str(value)) <= 200:
         return str(value)
     return next((headers[name][:200] for name in ID_HEADERS if headers.get(name)), None)
-
-
-def _retry_after(headers: Any, now: datetime) -> float | None:
-    """Retry-After in seconds or as an HTTP date."""
-    value = (headers.get("Retry-After") or "").strip()
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            return max((parsedate_to_datetime(value) - now).total_seconds(), 0.0)
-        except (TypeError, ValueError):
-            return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 @hookimpl

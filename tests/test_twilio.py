@@ -38,7 +38,6 @@ from declic_plugins.twilio import (
     TwilioSink,
     UnknownCountry,
     region_of,
-    retry_after,
     segments,
     to_e164,
 )
@@ -46,6 +45,7 @@ from gateway import ConfigError, Event, Message, Outcome, PluginConfig, RawCall,
 from gateway.app import create_app
 from gateway.config import load_config
 from gateway.ingest import GATEWAY_KEY
+from gateway.net import retry_after
 from gateway.plugins import collect, get_plugin_manager
 from gateway.sources import Deployment
 from gateway.testing import FakeClock, free_port, write_deployment
