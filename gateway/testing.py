@@ -5,17 +5,32 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import socket
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-from .clock import FakeClock
+from pydantic import SecretStr
 
-__all__ = ["FakeClock", "SmtpCatcher", "free_port", "shopify_headers", "write_deployment"]
+from . import hookimpl
+from .clock import FakeClock
+from .events import Event
+from .sources import PluginConfig, RawCall, Source
+
+__all__ = [
+    "FakeClock",
+    "ScriptedPlugin",
+    "ScriptedSource",
+    "SmtpCatcher",
+    "free_port",
+    "shopify_headers",
+    "write_deployment",
+]
 
 
 def free_port() -> int:
@@ -94,3 +109,28 @@ class SmtpCatcher:
 
     def to(self, address: str) -> list[EmailMessage]:
         return [m for m in self.messages if m["To"] == address]
+
+
+class ScriptedConfig(PluginConfig):
+    url_token: SecretStr
+
+
+class ScriptedSource(Source):
+    """Test-only source: the body is a JSON list of events to emit, as `Event` fields.
+
+    Never installed by an entry point: a test opts in with
+    `get_plugin_manager(extra=[ScriptedPlugin()])` and `sources: {in: {plugin: scripted, url_token: tok}}`.
+    """
+
+    name = "scripted"
+    Config = ScriptedConfig
+    needs_url_token = True
+
+    def normalize(self, raw: RawCall) -> list[Event]:
+        return [Event(occurred_at=raw.received_at, **item) for item in json.loads(raw.body)]
+
+
+class ScriptedPlugin:
+    @hookimpl
+    def register_sources(self, register: Callable[[type[Source]], None]) -> None:
+        register(ScriptedSource)

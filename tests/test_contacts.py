@@ -3,41 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
 
-from gateway import Event, PluginConfig, RawCall, Source, hookimpl
 from gateway.app import create_app
 from gateway.config import load_config
 from gateway.ingest import GATEWAY_KEY
 from gateway.plugins import collect, get_plugin_manager
-from gateway.testing import FakeClock, SmtpCatcher, write_deployment
-
-
-class ScriptedConfig(PluginConfig):
-    url_token: SecretStr
-
-
-class Scripted(Source):
-    """Test-only: the body is the list of events to emit."""
-
-    name = "scripted"
-    Config = ScriptedConfig
-    needs_url_token = True
-
-    def normalize(self, raw: RawCall) -> list[Event]:
-        return [Event(occurred_at=raw.received_at, **item) for item in json.loads(raw.body)]
-
-
-class Plugin:
-    @hookimpl
-    def register_sources(self, register: Callable[[type[Source]], None]) -> None:
-        register(Scripted)
+from gateway.testing import FakeClock, ScriptedPlugin, SmtpCatcher, write_deployment
 
 
 class Deployment:
@@ -60,7 +36,7 @@ class Deployment:
 
 @pytest.fixture
 async def d(aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCatcher) -> Deployment:
-    pm = get_plugin_manager(extra=[Plugin()])
+    pm = get_plugin_manager(extra=[ScriptedPlugin()])
     config = f"""\
 storage: {{url: '{db_url}'}}
 sources:
@@ -165,7 +141,7 @@ async def test_push_subscriptions_are_kept_moved_and_forgotten(d: Deployment) ->
 async def test_phones_are_stored_in_e164_so_a_stop_reply_finds_the_person(
     aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCatcher
 ) -> None:
-    pm = get_plugin_manager(extra=[Plugin()])
+    pm = get_plugin_manager(extra=[ScriptedPlugin()])
     config = f"storage: {{url: '{db_url}'}}\nphone_region: FR\nsources:\n  in: {{plugin: scripted, url_token: tok}}\n"
     settings = load_config(write_deployment(tmp_path, config), collect(pm), pm)
     app = create_app(settings, pm=pm, clock=FakeClock(datetime(2026, 6, 1, tzinfo=UTC)), role="web")

@@ -25,13 +25,13 @@ from aiohttp.test_utils import TestServer
 from pydantic import SecretStr, ValidationError
 
 from declic_plugins.hubspot_note import SETTLE_SECONDS, HubSpotNote, HubSpotNoteConfig, note_body
-from gateway import Event, Message, Outcome, PluginConfig, RawCall, SendContext, Source, hookimpl
+from gateway import Message, Outcome, SendContext
 from gateway.app import create_app
 from gateway.config import load_config
 from gateway.ingest import GATEWAY_KEY
 from gateway.plugins import collect, get_plugin_manager
 from gateway.sources import Deployment
-from gateway.testing import FakeClock, free_port, write_deployment
+from gateway.testing import FakeClock, ScriptedPlugin, free_port, write_deployment
 
 TOKEN = "pat-eu1-test-token"
 KEY_PROP = "declic_idempotency_key"
@@ -459,27 +459,6 @@ def test_config_validates_and_hides_the_token() -> None:
 
 
 # -- through the real app ----------------------------------------------------------------------------
-
-
-class ScriptedConfig(PluginConfig):
-    url_token: SecretStr
-
-
-class Scripted(Source):
-    """Test-only: the body is the list of events to emit."""
-
-    name = "scripted"
-    Config = ScriptedConfig
-    needs_url_token = True
-
-    def normalize(self, raw: RawCall) -> list[Event]:
-        return [Event(occurred_at=raw.received_at, **item) for item in json.loads(raw.body)]
-
-
-class ScriptedPlugin:
-    @hookimpl
-    def register_sources(self, register: Callable[[type[Source]], None]) -> None:
-        register(Scripted)
 
 
 async def test_a_rule_logs_one_note_through_the_app_despite_a_lost_answer(

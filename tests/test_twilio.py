@@ -41,14 +41,14 @@ from declic_plugins.twilio import (
     segments,
     to_e164,
 )
-from gateway import ConfigError, Event, Message, Outcome, PluginConfig, RawCall, SendContext, Source, hookimpl
+from gateway import ConfigError, Message, Outcome, SendContext
 from gateway.app import create_app
 from gateway.config import load_config
 from gateway.ingest import GATEWAY_KEY
 from gateway.net import retry_after
 from gateway.plugins import collect, get_plugin_manager
 from gateway.sources import Deployment
-from gateway.testing import FakeClock, free_port, write_deployment
+from gateway.testing import FakeClock, ScriptedPlugin, free_port, write_deployment
 
 ACCOUNT = "AC" + "a" * 32  # the shape twilio-python's own tests use ("ACaaaa...")
 TOKEN = "auth-token-for-tests"
@@ -461,27 +461,6 @@ def test_config_defaults_and_normalising() -> None:
 
 
 # --- end to end: a rule sends through the sink; Twilio's answers land on the delivery and the contact ---------
-
-
-class ScriptedConfig(PluginConfig):
-    url_token: SecretStr
-
-
-class Scripted(Source):
-    """Test-only: the body is the list of events to emit."""
-
-    name = "scripted"
-    Config = ScriptedConfig
-    needs_url_token = True
-
-    def normalize(self, raw: RawCall) -> list[Event]:
-        return [Event(occurred_at=raw.received_at, **item) for item in json.loads(raw.body)]
-
-
-class ScriptedPlugin:
-    @hookimpl
-    def register_sources(self, register: Callable[[type[Source]], None]) -> None:
-        register(Scripted)
 
 
 CONFIG = """\

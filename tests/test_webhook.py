@@ -20,13 +20,13 @@ from aiohttp.test_utils import TestServer
 from pydantic import SecretStr, ValidationError
 
 from declic_plugins.webhook import BODY_CAP, Webhook, WebhookConfig, sign
-from gateway import Event, Message, Outcome, PluginConfig, RawCall, SendContext, Source, hookimpl
+from gateway import Message, Outcome, SendContext
 from gateway.app import create_app
 from gateway.config import load_config
 from gateway.ingest import GATEWAY_KEY
 from gateway.plugins import collect, get_plugin_manager
 from gateway.sources import Deployment
-from gateway.testing import FakeClock, free_port, write_deployment
+from gateway.testing import FakeClock, ScriptedPlugin, free_port, write_deployment
 
 # The secret and vector of the reference library's own tests:
 # standard-webhooks libraries/python/tests/test_webhooks.py (test_sign_function).
@@ -328,27 +328,6 @@ def test_the_secret_stays_secret() -> None:
 
 
 # -- through the real app ----------------------------------------------------------------------------
-
-
-class ScriptedConfig(PluginConfig):
-    url_token: SecretStr
-
-
-class Scripted(Source):
-    """Test-only: the body is the list of events to emit."""
-
-    name = "scripted"
-    Config = ScriptedConfig
-    needs_url_token = True
-
-    def normalize(self, raw: RawCall) -> list[Event]:
-        return [Event(occurred_at=raw.received_at, **item) for item in json.loads(raw.body)]
-
-
-class ScriptedPlugin:
-    @hookimpl
-    def register_sources(self, register: Callable[[type[Source]], None]) -> None:
-        register(Scripted)
 
 
 async def test_a_rule_posts_through_the_app_and_records_the_delivery(
