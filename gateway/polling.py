@@ -40,6 +40,10 @@ class PollingSource(Source):
     #: How often to poll; plugins usually read it from their config.
     interval: timedelta = timedelta(minutes=5)
 
+    def url_token_matches(self, token: str | None) -> bool:
+        """Polled, never called: a POST to its hook answers 404, so nobody can inject forged activity."""
+        return False
+
     async def poll(self, cursor: str | None, now: datetime) -> Fetched:
         raise NotImplementedError
 

@@ -50,12 +50,33 @@ class DeliveryResult:
         return cls(Outcome.SENT, provider_id=provider_id, invalid_addresses=invalid_addresses)
 
     @classmethod
-    def retry(cls, error: str, after: float | None = None) -> DeliveryResult:
-        return cls(Outcome.RETRY, retry_after=after, error=error)
+    def retry(cls, error: str, after: float | None = None, invalid_addresses: tuple[str, ...] = ()) -> DeliveryResult:
+        return cls(Outcome.RETRY, retry_after=after, error=error, invalid_addresses=invalid_addresses)
 
     @classmethod
-    def permanent(cls, error: str) -> DeliveryResult:
-        return cls(Outcome.PERMANENT, error=error)
+    def permanent(cls, error: str, invalid_addresses: tuple[str, ...] = ()) -> DeliveryResult:
+        return cls(Outcome.PERMANENT, error=error, invalid_addresses=invalid_addresses)
+
+    @classmethod
+    def combine(cls, results: list[tuple[str, DeliveryResult]]) -> DeliveryResult:
+        """One outcome for a message sent to several devices; the dead ones are listed whatever the outcome.
+
+        Sent if any device took it; address invalid if every device is gone; else retry if any
+        failure was transient; else permanent.
+        """
+        dead = tuple(address for address, result in results if result.outcome is Outcome.ADDRESS_INVALID)
+        outcomes = [result for _, result in results]
+        error = "; ".join(sorted({r.error for r in outcomes if r.error}))
+        sent = [r for r in outcomes if r.outcome is Outcome.SENT]
+        if sent:
+            return cls.sent(",".join(r.provider_id for r in sent if r.provider_id) or None, dead)
+        if len(dead) == len(outcomes):
+            return cls.address_invalid(error, addresses=dead)
+        transient = [r for r in outcomes if r.outcome is Outcome.RETRY]
+        if transient:
+            after = max((r.retry_after for r in transient if r.retry_after is not None), default=None)
+            return cls.retry(error, after, dead)
+        return cls.permanent(error, dead)
 
     @classmethod
     def opted_out(cls, error: str) -> DeliveryResult:

@@ -145,8 +145,9 @@ class Worker:
         try:
             fetched = await source.poll(cursor, now)
         except RetryLater as exc:
+            # Attempts count on (backing off up to the interval) and never run out: a poll chain never dies.
             delay = scheduler.retry_delay(job.attempts, self.spec.retry_base, source.interval, exc.after)
-            await self.db.run(scheduler.defer, job, self.id, now + delay, now, exc.reason)
+            await self.db.run(scheduler.reschedule, job, self.id, now + delay, now, exc.reason)
             log.warning("poll failed, retrying", source=source.key, error=exc.reason, seconds=delay.total_seconds())
             return
 

@@ -33,13 +33,16 @@ class Feed(PollingSource):
     interval = timedelta(minutes=5)
 
     async def poll(self, cursor: str | None, now: datetime) -> Fetched:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(f"{self.config.api_base}/activity", params={"since": cursor or "0"}) as response,
-        ):
-            if response.status == 429:
-                raise RetryLater("429 from the feed", after=float(response.headers["Retry-After"]))
-            data = await response.json()
+        try:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"{self.config.api_base}/activity", params={"since": cursor or "0"}) as response,
+            ):
+                if response.status == 429:
+                    raise RetryLater("429 from the feed", after=float(response.headers["Retry-After"]))
+                data = await response.json()
+        except aiohttp.ClientConnectionError as exc:
+            raise RetryLater(f"feed unreachable: {exc}") from None
         items = [(item["id"], json.dumps(item).encode()) for item in data["items"]]
         return Fetched(items, cursor=str(data["last"]))
 
@@ -130,3 +133,32 @@ async def test_a_throttled_poll_waits_and_never_dies(
     state.items = [{"id": "o1", "n": 1, "email": "r1@example.com"}]
     await gateway.worker.drain()
     assert rows(gateway, "SELECT count(*) FROM inbox") == [(1,)]
+
+
+async def test_a_polling_source_takes_no_webhooks(
+    provider: tuple[Provider, TestServer], aiohttp_client: Any, tmp_path: Path
+) -> None:
+    _, server = provider
+    pm = get_plugin_manager(extra=[Plugin()])
+    base = str(server.make_url("")).rstrip("/")
+    path = write_deployment(
+        tmp_path,
+        f"storage: {{url: 'sqlite:///{tmp_path}/p.db'}}\nsources:\n  reports: {{plugin: feed, api_base: '{base}'}}\n",
+    )
+    settings = load_config(path, collect(pm), pm)
+    client = await aiohttp_client(create_app(settings, pm=pm, role="web"))
+    forged = json.dumps({"id": "x", "n": 1, "email": "victim@example.com"}).encode()
+    for url in ("/hooks/reports", "/hooks/reports/anything"):
+        assert (await client.post(url, data=forged)).status == 404
+
+
+async def test_a_failing_poll_backs_off_up_to_the_interval(aiohttp_client: Any, tmp_path: Path, db_url: str) -> None:
+    gateway, clock = await deployment(aiohttp_client, tmp_path, db_url, "http://127.0.0.1:1")  # refused
+    gaps = []
+    for _ in range(6):
+        await gateway.worker.drain()
+        [(due,)] = rows(gateway, "SELECT due_at FROM jobs WHERE kind = 'poll' AND status = 'pending'")
+        due = due if isinstance(due, datetime) else datetime.fromisoformat(str(due))
+        gaps.append((due.replace(tzinfo=UTC) - clock.now()).total_seconds())
+        clock.set(due.replace(tzinfo=UTC))
+    assert gaps[0] < gaps[2] < gaps[4] and max(gaps) <= Feed.interval.total_seconds()
