@@ -31,6 +31,7 @@ from gateway import (
     Event,
     MalformedPayload,
     PluginConfig,
+    PushRef,
     RawCall,
     SignatureError,
     Source,
@@ -373,12 +374,15 @@ def page_event(message: dict[str, Any], raw: RawCall) -> Event:
 
 
 def identify_event(message: dict[str, Any], raw: RawCall) -> Event:
+    """Traits update the contact; a browser's push subscription is added to the contact's devices."""
     traits = _object(message.get("traits"))
-    properties: dict[str, Any] = {}
+    event = _event("profile.updated", message, raw, {})
     push = next((traits[k] for k in PUSH_TRAITS if k in traits), None)
-    if push is not None:
-        properties["push_subscription"] = push_subscription(push)
-    return _event("profile.updated", message, raw, properties)
+    if push is None:
+        return event
+    device = push_subscription(push)
+    ref = PushRef(kind="webpush", address=device["endpoint"], keys=device["keys"])
+    return event.model_copy(update={"contact": event.contact.model_copy(update={"push_subscriptions": [ref]})})
 
 
 HANDLERS: dict[str, Callable[[dict[str, Any], RawCall], Event]] = {

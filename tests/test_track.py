@@ -202,8 +202,9 @@ def test_identify_updates_the_contact_and_carries_the_push_subscription() -> Non
         "plan": "fidélité",
         "address": {"city": "Lyon", "country": "FR"},
     }
-    assert event.properties["push_subscription"]["endpoint"].startswith("https://fcm.googleapis.com/")
-    assert set(event.properties["push_subscription"]["keys"]) == {"p256dh", "auth"}
+    [device] = contact.push_subscriptions  # the webpush sink reaches the contact through it
+    assert device.kind == "webpush" and device.address.startswith("https://fcm.googleapis.com/")
+    assert set(device.keys) == {"p256dh", "auth"}
 
 
 @pytest.mark.parametrize(
@@ -385,6 +386,8 @@ async def test_site_visitor_becomes_a_known_contact_end_to_end(
         ("site_anonymous", "5b7c3e1a-9d2f-4e6a-8c0b-1d3f5e7a9c2b"),
     ]
     assert all("authorization" not in h.lower() for (h,) in rows("SELECT headers FROM inbox"))
+    [(kind, endpoint)] = rows("SELECT kind, address FROM push_subscriptions")
+    assert kind == "webpush" and endpoint == SUBSCRIPTION["endpoint"]  # the webpush sink can now reach them
 
 
 # --- Property: whatever arrives, the answer is 2xx or 4xx -----------------------------------------
