@@ -18,7 +18,10 @@ def parse_rate(value: str) -> tuple[int, timedelta]:
     match = _RATE.match(value)
     if not match or int(match.group(1)) == 0:
         raise ValueError(f"invalid rate {value!r}: write COUNT/DURATION, as 100/10s")
-    return int(match.group(1)), parse_duration(match.group(2))
+    try:
+        return int(match.group(1)), parse_duration(match.group(2))
+    except ValueError:
+        raise ValueError(f"invalid rate {value!r}: write COUNT/DURATION, as 100/10s") from None
 
 
 class SendLimiter:

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import FIXTURES, SHARED_PAYLOADS
 from declic_plugins.shopify import Shopify, ShopifyConfig
@@ -250,3 +254,68 @@ def test_official_sdk_fixtures_normalise(topic: str, name: str, kind: str) -> No
     if "total_price" in data:
         assert event.properties["total_price"] == Decimal(data["total_price"])
         assert event.properties["currency"] == data["currency"]
+
+
+# --- Property: whatever arrives, the answer is 2xx or 4xx, and a signed body never crashes normalisation ----
+
+HEADER_TEXT = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=40)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)
+TOPICS = (
+    st.sampled_from(
+        [
+            "orders/create",
+            "checkouts/create",
+            "customers/create",
+            "customers_email_marketing_consent/update",
+            "customers/marketing_consent/update",
+            "products/update",
+        ]
+    )
+    | HEADER_TEXT
+)
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, tmp_path: Path) -> Any:
+    """One app for every example (fixtures run per test, not per example)."""
+    from gateway.app import create_app, load
+    from gateway.testing import write_deployment
+
+    path = write_deployment(
+        tmp_path,
+        f"storage: {{url: 'sqlite:///{tmp_path}/p.db'}}\nsources:\n  shop: {{plugin: shopify, secret: s3cret}}\n",
+    )
+    settings, pm, _ = load(str(path))
+    return await aiohttp_client(create_app(settings, pm=pm, role="web"))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    body=st.binary(max_size=200) | JSON_VALUES.map(lambda v: json.dumps(v).encode()),
+    topic=TOPICS,
+    signed=st.booleans(),
+    hmac_header=st.none() | HEADER_TEXT,
+    webhook_id=st.none() | HEADER_TEXT,
+)
+async def test_any_request_gets_2xx_or_4xx(
+    client: Any, body: bytes, topic: str, signed: bool, hmac_header: str | None, webhook_id: str | None
+) -> None:
+    headers = {"X-Shopify-Topic": topic, "X-Shopify-Shop-Domain": "s.myshopify.com"}
+    if webhook_id:
+        headers["X-Shopify-Webhook-Id"] = webhook_id
+    value = sign("s3cret", body) if signed else hmac_header
+    if value is not None:
+        headers["X-Shopify-Hmac-Sha256"] = value
+    response = await client.post("/hooks/shop", data=body, headers=headers)
+    assert 200 <= response.status < 500, await response.text()
+
+
+@settings(max_examples=200, deadline=None)
+@given(body=JSON_VALUES.map(lambda v: json.dumps(v).encode()) | st.binary(max_size=100), topic=TOPICS)
+def test_normalise_only_ever_raises_malformed_payload(body: bytes, topic: str) -> None:
+    with contextlib.suppress(MalformedPayload):  # anything else (KeyError, TypeError...) fails the test
+        source().normalize(raw(topic, body))
