@@ -240,7 +240,20 @@ async def test_no_subject_no_title_and_no_data(google: Google, make_sink: Callab
 
 # --- what each answer means ------------------------------------------------------------------------------------
 
-SDK_UNREGISTERED = json.loads((SHARED_PAYLOADS / "fcm" / "error_unregistered_from_sdk_test.json").read_text())
+SDK_SAMPLE = SHARED_PAYLOADS / "fcm" / "error_unregistered_from_sdk_test.json"
+# The firebase-admin-python sample is read where the shared samples exist (CI); an equivalent envelope elsewhere.
+SDK_UNREGISTERED = (
+    json.loads(SDK_SAMPLE.read_text())
+    if SDK_SAMPLE.is_file()
+    else {
+        "error": {
+            "code": 400,
+            "message": "test error",
+            "status": "INVALID_ARGUMENT",
+            "details": [{"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError", "errorCode": "UNREGISTERED"}],
+        }
+    }
+)
 
 # (case, FCM's reply, outcome, retry_after, text in the error, logged as an error)
 ANSWERS = [
