@@ -30,8 +30,14 @@ def identities(ref: ContactRef) -> list[tuple[str, str]]:
     return keys
 
 
-def upsert(conn: Connection, ref: ContactRef, source: str, now: datetime, event: Event | None = None) -> dict[str, Any]:
-    """Find or create the contact, record new identities, merge attributes and consent."""
+def upsert(
+    conn: Connection, ref: ContactRef, source: str, now: datetime, event: Event | None = None
+) -> tuple[dict[str, Any], frozenset[str]]:
+    """Find or create the contact, record new identities, merge attributes and consent.
+
+    Returns the contact and what changed: field names, and `attributes.NAME` for attributes,
+    so that date triggers are recomputed only when a date or a time zone really moved.
+    """
     keys = identities(ref)
     known = _lookup(conn, keys)
     contact_id = next((known[k] for k in keys if k in known), None)
@@ -51,14 +57,17 @@ def upsert(conn: Connection, ref: ContactRef, source: str, now: datetime, event:
         _claim(conn, [k for k in keys if k not in known], contact_id)
     row = conn.execute(sa.select(CONTACTS).where(C.id == contact_id)).one()
     if row.email_status == "erased":
-        return load(conn, contact_id)  # an erasure is final: later events do not bring the person back
+        return load(conn, contact_id), frozenset()  # an erasure is final: later events bring nobody back
     changes: dict[str, Any] = {f: getattr(ref, f) for f in _FIELDS if getattr(ref, f)}
     if ref.email:
         changes["email"] = ref.email.strip().lower()
     if ref.phone and ref.phone != row.phone:
         changes["phone_status"] = "ok"  # a new number gets a fresh start
+    moved = {f for f in _FIELDS if f in changes and changes[f] != getattr(row, f)}
     if ref.attributes:
-        changes["attributes"] = jsoncodec.dumps({**jsoncodec.loads(row.attributes), **ref.attributes})
+        before = jsoncodec.loads(row.attributes)
+        moved |= {f"attributes.{k}" for k, v in ref.attributes.items() if before.get(k) != v}
+        changes["attributes"] = jsoncodec.dumps({**before, **ref.attributes})
     if ref.consent:
         consent = jsoncodec.loads(row.consent)
         for channel, state in ref.consent.items():
@@ -70,7 +79,7 @@ def upsert(conn: Connection, ref: ContactRef, source: str, now: datetime, event:
         conn.execute(sa.update(CONTACTS).where(C.id == contact_id).values(**changes, updated_at=now))
     for device in ref.push_subscriptions:
         add_push_subscription(conn, contact_id, device.kind, device.address, device.keys, now)
-    return load(conn, contact_id)
+    return load(conn, contact_id), frozenset(moved)
 
 
 def withdraw(conn: Connection, contact_id: int, channel: str, source: str, now: datetime, evidence: str | None) -> None:

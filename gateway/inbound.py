@@ -60,7 +60,7 @@ def apply_events(
         )
         if event.dedupe_key and seen_before(conn, raw.source, event.dedupe_key):
             continue
-        contact = contacts.upsert(conn, event.contact, raw.source, now, event)
+        contact, changed = contacts.upsert(conn, event.contact, raw.source, now, event)
         if event.type == ERASE_TYPE:
             contacts.erase(conn, contact["id"], now)
             event = event.model_copy(update={"properties": {}, "correlation": []})
@@ -72,7 +72,7 @@ def apply_events(
             contacts.mark_email_bouncing(conn, contact["id"], now)
         store_event(conn, event, contact["id"])
         with structlog.contextvars.bound_contextvars(event_id=event.id, source=raw.source):
-            router.route(conn, event, contact, raw.received_at)
+            router.route(conn, event, contact, raw.received_at, changed)
         stored.append(event)
     _mark(conn, raw.id, "processed", now)
     return stored

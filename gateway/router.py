@@ -6,6 +6,8 @@ rescheduling when a contact's date or time zone changes, and firing a due trigge
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,7 +22,7 @@ from sqlalchemy.engine import Connection
 from . import contacts, journal, scheduler, triggers
 from .config import ReenterAfter, RuleSpec, ScoringSpec
 from .events import ContactRef, Event
-from .store import ENROLMENTS
+from .store import ENROLMENTS, META
 from .templating import compile_condition
 
 log = structlog.get_logger("declic.router")
@@ -69,7 +71,14 @@ class Router:
             if spec.score_reaches is not None:
                 self.score_rules.append(rule)
 
-    def route(self, conn: Connection, event: Event, contact: dict[str, Any], base: datetime) -> None:
+    def route(
+        self,
+        conn: Connection,
+        event: Event,
+        contact: dict[str, Any],
+        base: datetime,
+        changed: frozenset[str] = frozenset(),
+    ) -> None:
         """Exits and goals first, so an event that both ends and starts a journey leaves the new one alone."""
         for rule in self._by["exit_on"].get(event.type, ()):
             end_journeys(conn, rule, event, contact["id"], base, "exited", f"exit_on {event.type}")
@@ -82,14 +91,14 @@ class Router:
         for rule in self._by["when"].get(event.type, ()):
             if rule.condition is None or _truthy(rule, rule.condition, context):
                 enrol(conn, rule, contact["id"], event.id, _occurrence(event), _first(event.correlation), base)
-        self.reschedule_dates(conn, contact, event.contact, base)
+        self.reschedule_dates(conn, contact, changed, base)
 
     def reschedule_dates(
-        self, conn: Connection, contact: dict[str, Any], ref: ContactRef | None, now: datetime
+        self, conn: Connection, contact: dict[str, Any], changed: frozenset[str], now: datetime
     ) -> None:
-        """A date rule's next firing moves when the contact's date or time zone changes."""
+        """A date rule's next firing moves only when the contact's date or time zone really changed."""
         for rule in self.date_rules:
-            if ref is None or rule.spec.date_attribute in ref.attributes or ref.timezone:
+            if "timezone" in changed or f"attributes.{rule.spec.date_attribute}" in changed:
                 triggers.schedule_date(conn, rule.spec, contact, self.timezone, now)
 
     def _score(
@@ -164,7 +173,36 @@ class Router:
         return event
 
     def reconcile(self, conn: Connection, now: datetime) -> int:
-        """Schedule the date and inactivity triggers a config change added; idempotent."""
+        """Schedule the date and inactivity triggers a config change added; idempotent.
+
+        Skipped when those rules and the deployment's time zone are what the last run saw: a
+        restart then costs nothing (contacts' own changes reschedule their triggers as they come).
+        """
+        fingerprint = self._trigger_fingerprint()
+        key = "reconcile:fingerprint"
+        if conn.execute(sa.select(META.c.value).where(META.c.key == key)).scalar() == fingerprint:
+            return 0
+        scheduled = self._reconcile(conn, now)
+        insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(META)
+        conn.execute(
+            insert.values(key=key, value=fingerprint).on_conflict_do_update(
+                index_elements=["key"], set_={"value": fingerprint}
+            )
+        )
+        return scheduled
+
+    def _trigger_fingerprint(self) -> str:
+        rules = [
+            r.spec.model_dump(
+                mode="json", include={"name", "on_date", "at", "offset", "repeat", "catch_up", "inactive_for", "of"}
+            )
+            for r in self.rules.values()
+            if r.spec.on_date or r.spec.inactive_for
+        ]
+        text = json.dumps({"timezone": self.timezone, "rules": rules}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def _reconcile(self, conn: Connection, now: datetime) -> int:
         scheduled = 0
         for rule in self.date_rules:
             for contact in triggers.contacts_with(conn, rule.spec.date_attribute):

@@ -94,6 +94,12 @@ def claim(conn: Connection, worker: str, now: datetime, lease: timedelta, limit:
     return [ClaimedJob(*row[:-1]) for row in claimed]
 
 
+def next_due(conn: Connection) -> datetime | None:
+    """When the earliest pending job is due."""
+    due: datetime | None = conn.execute(sa.select(sa.func.min(J.due_at)).where(J.status == "pending")).scalar()
+    return due
+
+
 def renew(conn: Connection, job_ids: list[int], worker: str, until: datetime) -> None:
     conn.execute(
         sa.update(JOBS)

@@ -30,7 +30,7 @@ from .events import ContactRef, Event
 from .ingest import NewCall, commit_calls
 from .sinks import DeliveryResult, Message, SendContext, Sink
 from .sources import Deployment, RawCall, Source
-from .store import CONTACTS, DECISIONS, JOBS
+from .store import CONTACTS, DECISIONS
 
 #: The timeline's events enter through this source name, which no config can use (names are [a-z0-9_-]).
 TIMELINE_SOURCE = "~timeline"
@@ -180,20 +180,13 @@ async def play(
 
 async def run_until(gateway: Gateway, clock: FakeClock, moment: datetime) -> None:
     while True:
-        due = await gateway.db.run(_next_due)
+        due = await gateway.db.run(scheduler.next_due)
         if due is None or due > moment:
             break
         clock.set(max(due, clock.now()))
-        if await gateway.worker.drain() == 0 and await gateway.db.run(_next_due) == due:
+        if await gateway.worker.drain() == 0 and await gateway.db.run(scheduler.next_due) == due:
             break  # due but not claimable (held by a lease): nothing more to do at this moment
     clock.set(max(moment, clock.now()))
-
-
-def _next_due(conn: Connection) -> datetime | None:
-    value: datetime | None = conn.execute(
-        sa.select(sa.func.min(JOBS.c.due_at)).where(JOBS.c.status == "pending")
-    ).scalar()
-    return value
 
 
 def decisions(conn: Connection) -> list[dict[str, Any]]:

@@ -67,7 +67,7 @@ class Worker:
                 if claimed and len(self._running) < self.spec.concurrency:
                     continue  # more may be due right now
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.spec.poll_interval.total_seconds())
+                    await asyncio.wait_for(self._wake.wait(), await self._until_next_due())
                 self._wake.clear()
             # Stopping: jobs in flight finish (stop() bounds the wait by cancelling this task).
             await asyncio.gather(*self._running.values(), return_exceptions=True)
@@ -95,9 +95,22 @@ class Worker:
             await asyncio.gather(*(self.run_job(job) for job in jobs))
             ran += len(jobs)
 
+    async def _until_next_due(self) -> float:
+        """Sleep until the next job is due, or `poll_interval` at most (other replicas add jobs too)."""
+        ceiling = self.spec.poll_interval.total_seconds()
+        try:
+            due = await self.db.run(scheduler.next_due)
+        except StorageUnavailable:
+            return ceiling
+        if due is None:
+            return ceiling
+        return min(ceiling, max((due - self.clock.now()).total_seconds(), 0.005))
+
     async def _claim_some(self) -> int:
         free = self.spec.concurrency - len(self._running)
-        if free <= 0:
+        # With work in flight, wait for a batch's worth of free slots: one claim per finished job
+        # would cost a transaction per send.
+        if free <= 0 or (self._running and free < min(self.spec.batch_size, self.spec.concurrency) // 2):
             return 0
         try:
             jobs = await self.db.run(

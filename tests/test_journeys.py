@@ -18,10 +18,10 @@ from gateway import PluginConfig, Source, hookimpl
 from gateway.app import Gateway, create_app
 from gateway.cli import cli
 from gateway.config import load_config
-from gateway.ingest import GATEWAY_KEY
+from gateway.ingest import GATEWAY_KEY, NewCall
 from gateway.plugins import collect, get_plugin_manager
 from gateway.simulate import TimelineItem, TimelineSource, decisions, load_timeline, play
-from gateway.testing import FakeClock, SmtpCatcher, write_deployment
+from gateway.testing import FakeClock, ScriptedPlugin, SmtpCatcher, write_deployment
 
 Expected = tuple[str, str, int | None, str, str, str | None]  # at, rule, step, contact, action, reason prefix
 
@@ -407,3 +407,32 @@ async def test_downtime_catch_up(tmp_path: Path, db_url: str, smtp: SmtpCatcher,
     ]
     assert seen[1]["reason"].startswith("missed: due 2027-06-15 08:00 UTC")
     assert len(smtp.messages) == 1
+
+
+async def test_a_date_rule_added_later_reaches_existing_contacts_once(tmp_path: Path, aiohttp_client: Any) -> None:
+    pm = get_plugin_manager(extra=[ScriptedPlugin()])
+    base = f"storage: {{url: 'sqlite:///{tmp_path}/r.db'}}\nsources:\n  in: {{plugin: scripted, url_token: tok}}\n"
+    sinks = "sinks:\n  email: {plugin: smtp, host: 127.0.0.1, port: 1, tls: none, sender: s@example.com}\n"
+    rule = "rules:\n  - {name: birthday, on_date: contact.birthday, send: {via: email, template: t}}\n"
+    clock = FakeClock(datetime(2026, 6, 1, tzinfo=UTC))
+
+    async def start(text: str) -> Gateway:
+        settings = load_config(write_deployment(tmp_path, text, TEMPLATES), collect(pm), pm)
+        app = create_app(settings, pm=pm, clock=clock, role="web")
+        await aiohttp_client(app)
+        return app[GATEWAY_KEY]
+
+    first = await start(base + sinks)
+    contact = [
+        {"type": "profile.updated", "contact": {"email": "b@example.org", "attributes": {"birthday": "1990-07-14"}}}
+    ]
+    await first.committer.submit(NewCall("in", "1", clock.now(), {}, json.dumps(contact).encode()))
+    await first.worker.drain()
+    first.db.close()  # SQLite serves one process: let the second one in
+
+    second = await start(base + sinks + rule)
+    await second.worker.drain()  # the start-up reconcile schedules the new rule for the existing contact
+    with second.db.engine.connect() as conn:
+        [(key, due)] = conn.exec_driver_sql("SELECT key, due_at FROM jobs WHERE kind = 'trigger'").all()
+    assert key.startswith("date:birthday:") and str(due).startswith("2026-07-14 09:00")
+    assert await second.db.run(second.router.reconcile, clock.now()) == 0  # unchanged rules: nothing to redo
