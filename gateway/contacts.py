@@ -162,10 +162,10 @@ def _claim(conn: Connection, keys: list[tuple[str, str]], contact_id: int) -> se
     if not keys:
         return set()
     insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(IDENTITIES)
+    # executemany with RETURNING: one compiled statement whatever the number of identities.
     rows = conn.execute(
-        insert.values([{"kind": k, "value": v, "contact_id": contact_id} for k, v in keys])
-        .on_conflict_do_nothing(index_elements=["kind", "value"])
-        .returning(I.kind, I.value)
+        insert.on_conflict_do_nothing(index_elements=["kind", "value"]).returning(I.kind, I.value),
+        [{"kind": k, "value": v, "contact_id": contact_id} for k, v in keys],
     )
     return {(r.kind, r.value) for r in rows}
 

@@ -66,7 +66,7 @@ class GroupCommitter:
             while len(batch) < self._max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                results = await self._db.run(commit_calls, [call for call, _ in batch])
+                results = await self._db.run(commit_calls, [call for call, _ in batch], urgent=True)
             except Exception as exc:  # every waiter must hear back, whatever went wrong
                 error = exc if isinstance(exc, StorageUnavailable) else StorageUnavailable(repr(exc))
                 log.error("inbox commit failed", error=str(error), calls=len(batch))
@@ -160,7 +160,8 @@ async def handle_hook(request: web.Request) -> web.StreamResponse:
         log.error("webhook not stored", source=name, error=str(exc))
         return _problem(503, "storage unavailable, retry later", {"Retry-After": RETRY_AFTER_SECONDS})
     status = "duplicate" if accepted.duplicate else "accepted"
-    log.info("webhook " + status, source=name, inbox_id=accepted.inbox_id)
+    # Debug: one line per webhook costs ~8% of the ack path; rejections and failures stay at info.
+    log.debug("webhook " + status, source=name, inbox_id=accepted.inbox_id)
     return source.acknowledge(status, accepted.inbox_id) or web.json_response(
         {"status": status, "id": accepted.inbox_id}
     )

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import itertools
+import queue
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -70,7 +73,11 @@ class Database:
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         # SQLite has one writer; a single thread serialises writes instead of contending.
         self._lock: IO[str] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1 if self.is_sqlite else 8, thread_name_prefix="declic-db")
+        # SQLite has one writer: a single thread serialises writes instead of contending, and lets
+        # urgent work (acknowledging webhooks) go before the worker's backlog.
+        self._executor: Executor = (
+            PriorityLane() if self.is_sqlite else ThreadPoolExecutor(max_workers=8, thread_name_prefix="declic-db")
+        )
 
     def transaction(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(conn, *args) in one transaction, in the calling thread."""
@@ -80,8 +87,10 @@ class Database:
         except sa.exc.OperationalError as exc:
             raise StorageUnavailable(str(exc.orig or exc).splitlines()[0]) from exc
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run fn(conn, *args) in one transaction on the database thread."""
+    async def run(self, fn: Callable[..., T], *args: Any, urgent: bool = False) -> T:
+        """Run fn(conn, *args) in one transaction on the database thread; `urgent` work goes first."""
+        if isinstance(self._executor, PriorityLane):
+            return await asyncio.wrap_future(self._executor.submit_with(urgent, self.transaction, fn, *args))
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.transaction, fn, *args)
 
@@ -127,6 +136,43 @@ class Database:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+
+class PriorityLane(Executor):
+    """One thread, two queues in one: urgent work runs before everything queued behind it."""
+
+    def __init__(self) -> None:
+        self._queue: queue.PriorityQueue[tuple[int, int, Any]] = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._thread = threading.Thread(target=self._serve, name="declic-db", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        return self.submit_with(False, fn, *args, **kwargs)
+
+    def submit_with(self, urgent: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
+        future: Future[T] = Future()
+        self._queue.put((0 if urgent else 1, next(self._order), (future, fn, args, kwargs)))
+        return future
+
+    def _serve(self) -> None:
+        while True:
+            _, _, work = self._queue.get()
+            if work is None:
+                return
+            future, fn, args, kwargs = work
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        if self._thread.is_alive():
+            self._queue.put((2, next(self._order), None))  # after everything already queued
+            if wait:
+                self._thread.join()
 
 
 def _alembic_config() -> AlembicConfig:
