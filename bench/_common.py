@@ -27,10 +27,20 @@ SHOP = "bench.myshopify.com"
 DECLIC = Path(sys.executable).with_name("declic")
 
 _ADDRESS = {
-    "first_name": "Camille", "last_name": "Durand", "company": None,
-    "address1": "12 rue des Tanneurs", "address2": "Bâtiment B, 3e étage", "city": "Lyon",
-    "province": None, "country": "France", "zip": "69001", "phone": "+33612345678",
-    "country_code": "FR", "province_code": None, "latitude": 45.7676, "longitude": 4.8344,
+    "first_name": "Camille",
+    "last_name": "Durand",
+    "company": None,
+    "address1": "12 rue des Tanneurs",
+    "address2": "Bâtiment B, 3e étage",
+    "city": "Lyon",
+    "province": None,
+    "country": "France",
+    "zip": "69001",
+    "phone": "+33612345678",
+    "country_code": "FR",
+    "province_code": None,
+    "latitude": 45.7676,
+    "longitude": 4.8344,
 }
 
 
@@ -47,31 +57,67 @@ def order_body(i: int, email: str | None = None, name: str | None = None) -> byt
     order["customer"]["id"] = 5_000_000 + i
     order["order_status_url"] = f"https://boutique.example/orders/{order['id']}/authenticate?key=k{i}"
     extra_items = [
-        {"title": "Bol à thé", "quantity": 4, "price": "9.50", "sku": "BOL-THE", "product_id": 333,
-         "variant_id": 3333, "vendor": "Atelier Terre", "requires_shipping": True, "taxable": True,
-         "grams": 350, "fulfillment_service": "manual", "properties": [], "tax_lines": [
-             {"title": "TVA", "price": "7.60", "rate": 0.2}]},
-        {"title": "Plateau en chêne", "quantity": 1, "price": "32.00", "sku": "PLATEAU-CHENE",
-         "product_id": 444, "variant_id": 4444, "vendor": "Atelier Bois", "requires_shipping": True,
-         "taxable": True, "grams": 900, "fulfillment_service": "manual", "properties": [], "tax_lines": [
-             {"title": "TVA", "price": "6.40", "rate": 0.2}]},
+        {
+            "title": "Bol à thé",
+            "quantity": 4,
+            "price": "9.50",
+            "sku": "BOL-THE",
+            "product_id": 333,
+            "variant_id": 3333,
+            "vendor": "Atelier Terre",
+            "requires_shipping": True,
+            "taxable": True,
+            "grams": 350,
+            "fulfillment_service": "manual",
+            "properties": [],
+            "tax_lines": [{"title": "TVA", "price": "7.60", "rate": 0.2}],
+        },
+        {
+            "title": "Plateau en chêne",
+            "quantity": 1,
+            "price": "32.00",
+            "sku": "PLATEAU-CHENE",
+            "product_id": 444,
+            "variant_id": 4444,
+            "vendor": "Atelier Bois",
+            "requires_shipping": True,
+            "taxable": True,
+            "grams": 900,
+            "fulfillment_service": "manual",
+            "properties": [],
+            "tax_lines": [{"title": "TVA", "price": "6.40", "rate": 0.2}],
+        },
     ]
     order["line_items"] = order["line_items"] + extra_items
-    order.update({
-        "admin_graphql_api_id": f"gid://shopify/Order/{order['id']}",
-        "browser_ip": "203.0.113.17", "buyer_accepts_marketing": True, "confirmed": True,
-        "source_name": "web", "tags": "bench, repeat-customer", "taxes_included": True, "test": False,
-        "total_discounts": "0.00", "total_tax": "9.98", "total_weight": 2850,
-        "landing_site": "/collections/ceramique?utm_source=newsletter&utm_medium=email",
-        "referring_site": "https://www.example.net/",
-        "billing_address": copy.deepcopy(_ADDRESS), "shipping_address": copy.deepcopy(_ADDRESS),
-        "shipping_lines": [{"title": "Colissimo", "price": "5.90", "code": "colissimo", "source": "shopify"}],
-        "payment_gateway_names": ["shopify_payments"],
-        "note_attributes": [{"name": "gift", "value": "no"}],
-        "client_details": {"accept_language": "fr-FR,fr;q=0.9", "browser_height": 900, "browser_width": 1440,
-                           "user_agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like "
-                                         "Gecko) Chrome/126.0 Safari/537.36"},
-    })
+    order.update(
+        {
+            "admin_graphql_api_id": f"gid://shopify/Order/{order['id']}",
+            "browser_ip": "203.0.113.17",
+            "buyer_accepts_marketing": True,
+            "confirmed": True,
+            "source_name": "web",
+            "tags": "bench, repeat-customer",
+            "taxes_included": True,
+            "test": False,
+            "total_discounts": "0.00",
+            "total_tax": "9.98",
+            "total_weight": 2850,
+            "landing_site": "/collections/ceramique?utm_source=newsletter&utm_medium=email",
+            "referring_site": "https://www.example.net/",
+            "billing_address": copy.deepcopy(_ADDRESS),
+            "shipping_address": copy.deepcopy(_ADDRESS),
+            "shipping_lines": [{"title": "Colissimo", "price": "5.90", "code": "colissimo", "source": "shopify"}],
+            "payment_gateway_names": ["shopify_payments"],
+            "note_attributes": [{"name": "gift", "value": "no"}],
+            "client_details": {
+                "accept_language": "fr-FR,fr;q=0.9",
+                "browser_height": 900,
+                "browser_width": 1440,
+                "user_agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like "
+                "Gecko) Chrome/126.0 Safari/537.36",
+            },
+        }
+    )
     return json.dumps(order, ensure_ascii=False, indent=1).encode()
 
 
@@ -111,17 +157,37 @@ def wait_for_port(port: int, proc: subprocess.Popen[Any], timeout: float = 30.0)
 
 
 def stop(proc: subprocess.Popen[Any] | None, timeout: float = 15.0) -> None:
-    """Stop one child we started, by its PID: SIGINT (graceful for aiohttp), then SIGKILL."""
+    """Stop one child we started, by its PID: SIGTERM (graceful exit for aiohttp.web.run_app), then SIGKILL."""
     if proc is None or proc.poll() is not None:
         return
     try:
-        os.kill(proc.pid, signal.SIGINT)
+        os.kill(proc.pid, signal.SIGTERM)
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     except ProcessLookupError:
         pass
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_ticks() -> tuple[int, int, int]:
+    """(all, idle, steal) CPU ticks of the whole machine so far (Linux /proc/stat)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return sum(values[:8]), values[3] + values[4], values[7]
+
+
+def machine_usage(before: tuple[int, int, int], after: tuple[int, int, int]) -> str:
+    """How busy the machine was between two machine_ticks(), and how much the hypervisor took (steal)."""
+    total = max(1, after[0] - before[0])
+    idle, steal = after[1] - before[1], after[2] - before[2]
+    warning = "  <- the hypervisor took CPU: figures are low and noisy" if steal / total > 0.05 else ""
+    return f"machine CPU over the window: {1 - idle / total:.0%} busy, of which steal {steal / total:.0%}{warning}"
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -132,6 +198,28 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[rank - 1]
 
 
+def revision() -> str:
+    """The Declic commit measured, and whether the work tree differs from it."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "gateway", "plugins"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown revision"
+    return f"commit {head}" + (" with uncommitted changes under gateway/ or plugins/" if dirty else "")
+
+
 def machine() -> str:
-    return (f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
-            f"{os.uname().sysname} {os.uname().release}")
+    load1, load5, _ = os.getloadavg()
+    busy = "  <- other processes are busy: expect lower, noisier figures" if load1 > 0.5 else ""
+    return (
+        f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {os.uname().sysname} {os.uname().release}; "
+        f"load average before the run {load1:.2f} (1 min), {load5:.2f} (5 min){busy}\n"
+        f"declic: {revision()}"
+    )

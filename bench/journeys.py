@@ -1,9 +1,9 @@
 """Journeys benchmark: a million pending steps, due steps on time, the clock job, the router.
 
-    /work/venv/bin/python bench/journeys.py                          # all of it, full size (~5 min)
-    /work/venv/bin/python bench/journeys.py --phases router,clock    # in-process parts only (~1.5 min)
-    /work/venv/bin/python bench/journeys.py --pending 100000 --window 3 --burst 300   # a quick look
-    /work/venv/bin/python bench/journeys.py --phases serve --pending 0 --rates 1000 \
+    .venv/bin/python bench/journeys.py                          # all of it, full size (~5 min)
+    .venv/bin/python bench/journeys.py --phases router,clock    # in-process parts only (~1.5 min)
+    .venv/bin/python bench/journeys.py --pending 100000 --window 3 --burst 300   # a quick look
+    .venv/bin/python bench/journeys.py --phases serve --pending 0 --rates 1000 \
         --log-level warning --batch-size 200 --concurrency 100 --smtp-connections 8 --poll-interval 100ms
 
 A benchmark, not a test: it prints figures and asserts nothing about timings. Three parts:

@@ -1,0 +1,246 @@
+"""End-to-end benchmark: signed webhook -> rule -> e-mail received by a local SMTP server.
+
+    .venv/bin/python bench/e2e.py [--orders 2000] [--concurrency 64] [--timeout 120]
+
+`declic serve` (role all) runs in its own process on a fresh temporary SQLite database, with one
+Shopify source, one SMTP sink (`tls: none`) pointing at an aiosmtpd catcher (gateway.testing.SmtpCatcher,
+in this process), and one rule: `when: order.placed`, `kind: transactional`, send immediately.
+This process posts N orders/create webhooks (distinct order ids, names and e-mail addresses) at the
+given concurrency, and timestamps each e-mail as the catcher receives it; the order name is in the
+subject, so each e-mail is matched to its post. It prints e-mails/s from the first post to the last
+e-mail received and the end-to-end latency (post start -> e-mail received), p50 and p99.
+A benchmark, not a test: it reports and asserts nothing about timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (
+    DECLIC,
+    SECRET,
+    cpu_seconds,
+    free_port,
+    machine,
+    machine_ticks,
+    machine_usage,
+    order_body,
+    percentile,
+    sign,
+    stop,
+    wait_for_port,
+    webhook_headers,
+)
+
+from gateway.testing import SmtpCatcher, write_deployment
+
+CONFIG = """\
+public_url: http://127.0.0.1:{port}
+timezone: UTC
+storage:
+  url: sqlite:///{db}
+sources:
+  shop:
+    plugin: shopify
+    secret: {secret}
+sinks:
+  email:
+    plugin: smtp
+    host: 127.0.0.1
+    port: {smtp_port}
+    tls: none
+    sender: "Bench Boutique <bench@example.com>"
+{sink_extra}rules:
+  - name: order-confirmation
+    when: order.placed
+    kind: transactional
+    send: {{via: email, template: order-confirmation}}
+{worker}logging:
+  level: {log_level}
+"""
+
+TEMPLATES = {
+    "order-confirmation.subject.j2": "Order {{ event.properties.name }}",
+    "order-confirmation.txt.j2": "Hello {{ contact.first_name }}, thanks for order {{ event.properties.name }} "
+    "({{ event.properties.total_price }} {{ event.properties.currency }}).",
+    "order-confirmation.html.j2": "<p>Hello {{ contact.first_name }}, thanks for order "
+    "<b>{{ event.properties.name }}</b>.</p>",
+}
+
+
+class TimedCatcher(SmtpCatcher):
+    """SmtpCatcher that also notes when each message arrived, by subject."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrivals: list[tuple[float, str]] = []
+        self.everything = threading.Event()
+        self.expected = 0
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        answer = await super().handle_DATA(server, session, envelope)
+        arrived = time.perf_counter()
+        self.arrivals.append((arrived, str(self.messages[-1]["Subject"])))
+        if len(self.arrivals) >= self.expected:
+            self.everything.set()
+        return answer
+
+
+async def post_all(url: str, orders: list[tuple[str, bytes, str]], concurrency: int) -> dict[str, Any]:
+    posted: dict[str, float] = {}
+    acked: dict[str, float] = {}
+    statuses: dict[int, int] = {}
+    errors: dict[str, int] = {}
+    queue = iter(orders)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+
+        async def sender() -> None:
+            for name, body, digest in queue:
+                headers = webhook_headers(digest, f"e2e-{name}")
+                posted[name] = time.perf_counter()
+                try:
+                    async with session.post(url, data=body, headers=headers) as response:
+                        await response.read()
+                        statuses[response.status] = statuses.get(response.status, 0) + 1
+                except (TimeoutError, aiohttp.ClientError) as exc:
+                    errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                    continue
+                acked[name] = time.perf_counter()
+
+        await asyncio.gather(*(sender() for _ in range(concurrency)))
+    return {"posted": posted, "acked": acked, "statuses": statuses, "errors": errors}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--orders", type=int, default=2000, help="webhooks to post, one e-mail each (default 2000)")
+    parser.add_argument("--concurrency", type=int, default=64, help="posts in flight (default 64)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="give up waiting for e-mails after (s)")
+    parser.add_argument(
+        "--smtp-connections", type=int, default=None, help="the SMTP sink's `connections` (default: Declic's default)"
+    )
+    parser.add_argument(
+        "--worker-concurrency", type=int, default=None, help="worker.concurrency (default: Declic's default)"
+    )
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    args = parser.parse_args()
+
+    run = uuid.uuid4().hex[:6]
+    orders = []
+    for i in range(args.orders):
+        name = f"E2E-{run}-{i:06d}"
+        body = order_body(i, email=f"bench+{run}-{i}@example.com", name=name)
+        orders.append((name, body, sign(body)))
+    print(f"machine: {machine()}")
+    print(
+        f"load: {args.orders} orders/create webhooks of ~{len(orders[0][1]) / 1024:.1f} KB at concurrency "
+        f"{args.concurrency}; rule order.placed -> transactional e-mail via SMTP (tls none) to an aiosmtpd "
+        f"catcher in the bench process; log level {args.log_level}",
+        flush=True,
+    )
+
+    catcher = TimedCatcher()
+    catcher.expected = args.orders
+    server = None
+    with tempfile.TemporaryDirectory(prefix="declic-e2e-") as tmp:
+        folder = Path(tmp)
+        port = free_port()
+        db = folder / "declic.db"
+        sink_extra = f"    connections: {args.smtp_connections}\n" if args.smtp_connections else ""
+        worker = f"worker:\n  concurrency: {args.worker_concurrency}\n" if args.worker_concurrency else ""
+        try:
+            catcher.start()
+            config = write_deployment(
+                folder,
+                CONFIG.format(
+                    port=port,
+                    db=db,
+                    secret=SECRET,
+                    smtp_port=catcher.port,
+                    sink_extra=sink_extra,
+                    worker=worker,
+                    log_level=args.log_level,
+                ),
+                TEMPLATES,
+            )
+            with open(folder / "declic.log", "wb") as log:
+                server = subprocess.Popen(
+                    [str(DECLIC), "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)],
+                    stdout=log,
+                    stderr=log,
+                )
+                wait_for_port(port, server)
+                cpu_before, ticks_before = cpu_seconds(server.pid), machine_ticks()
+                result = asyncio.run(post_all(f"http://127.0.0.1:{port}/hooks/shop", orders, args.concurrency))
+                posts_done = time.perf_counter()
+                catcher.everything.wait(timeout=max(0.0, args.timeout - (posts_done - min(result["posted"].values()))))
+                waited = time.perf_counter()
+                server_cpu = cpu_seconds(server.pid) - cpu_before
+                usage = machine_usage(ticks_before, machine_ticks())
+        finally:
+            stop(server)
+            catcher.stop()
+        with sqlite3.connect(db) as conn:
+            sent = conn.execute("SELECT count(*) FROM deliveries WHERE status = 'sent'").fetchone()[0]
+        if len(catcher.arrivals) < args.orders:  # say why, before the temporary folder goes
+            problems = [
+                line
+                for line in (folder / "declic.log").read_text(errors="replace").splitlines()
+                if '"error"' in line or "Traceback" in line or "warning" in line
+            ]
+            print("declic log, last problems:", *problems[-10:], sep="\n  ")
+
+    posted, acked = result["posted"], result["acked"]
+    first_post = min(posted.values())
+    arrivals = {}
+    duplicates = 0
+    for arrived, subject in catcher.arrivals:
+        name = subject.removeprefix("Order ")
+        if name in arrivals:
+            duplicates += 1
+        else:
+            arrivals[name] = arrived
+    matched = [arrivals[n] - posted[n] for n in arrivals if n in posted]
+    e2e = sorted(matched)
+    acks = sorted(acked[n] - posted[n] for n in acked)
+    last_mail = max(arrivals.values()) if arrivals else waited
+    post_seconds = posts_done - first_post
+    print(
+        f"  posts: {len(acked)} acked in {post_seconds:.2f} s -> {len(acked) / post_seconds:.0f} "
+        f"req/s; ack latency p50 {percentile(acks, 50) * 1000:.1f} ms, p99 {percentile(acks, 99) * 1000:.1f} ms; "
+        f"statuses {result['statuses']}{', client errors ' + str(result['errors']) if result['errors'] else ''}"
+    )
+    print(
+        f" e-mail: {len(arrivals)}/{args.orders} received ({duplicates} duplicates) in {last_mail - first_post:.2f} s "
+        f"from the first post -> {len(arrivals) / (last_mail - first_post):.0f} e-mails/s"
+    )
+    print(
+        f"    e2e: post start -> e-mail received: p50 {percentile(e2e, 50) * 1000:.0f} ms, "
+        f"p99 {percentile(e2e, 99) * 1000:.0f} ms, max {e2e[-1] * 1000 if e2e else float('nan'):.0f} ms"
+    )
+    print(
+        f" ledger: {sent} deliveries recorded as sent; Declic used {server_cpu:.1f} s of CPU from the first post "
+        f"to the last e-mail, {server_cpu / max(1, len(arrivals)) * 1000:.1f} ms per e-mail "
+        f"({server_cpu / (waited - first_post):.0%} of a core)"
+    )
+    print(f"        {usage}")
+    if len(arrivals) < args.orders:
+        print(f"   NOTE: {args.orders - len(arrivals)} e-mails had not arrived after the {args.timeout:g} s timeout")
+
+
+if __name__ == "__main__":
+    main()
