@@ -26,6 +26,7 @@ from .store import ENROLMENTS, META
 from .templating import compile_condition
 
 log = structlog.get_logger("declic.router")
+_FINGERPRINT = "reconcile:fingerprint"
 E = ENROLMENTS.c
 
 
@@ -172,24 +173,50 @@ class Router:
         store_event(conn, event, contact["id"])
         return event
 
-    def reconcile(self, conn: Connection, now: datetime) -> int:
-        """Schedule the date and inactivity triggers a config change added; idempotent.
+    #: Contacts per reconcile transaction: acknowledgements wait for at most one chunk, not the whole run.
+    RECONCILE_CHUNK = 500
 
-        Skipped when those rules and the deployment's time zone are what the last run saw: a
-        restart then costs nothing (contacts' own changes reschedule their triggers as they come).
-        """
-        fingerprint = self._trigger_fingerprint()
-        key = "reconcile:fingerprint"
-        if conn.execute(sa.select(META.c.value).where(META.c.key == key)).scalar() == fingerprint:
+    def reconcile(self, conn: Connection, now: datetime) -> int:
+        """All of a reconcile in one transaction (tests, `declic simulate`); the worker runs it in chunks."""
+        if not self.reconcile_needed(conn):
             return 0
-        scheduled = self._reconcile(conn, now)
+        units = self.reconcile_units(conn)
+        self.reconcile_chunk(conn, units, now)
+        self.reconcile_done(conn)
+        return len(units)
+
+    def reconcile_needed(self, conn: Connection) -> bool:
+        """Schedule the date and inactivity triggers a config change added; nothing to do when those rules
+        and the deployment's time zone are what the last run saw (contacts' own changes reschedule theirs)."""
+        stored = conn.execute(sa.select(META.c.value).where(META.c.key == _FINGERPRINT)).scalar()
+        return stored != self._trigger_fingerprint()
+
+    def reconcile_units(self, conn: Connection) -> list[tuple[CompiledRule, Any]]:
+        """(rule, contact) for each date rule, (rule, last activity) for each inactivity rule."""
+        units: list[tuple[CompiledRule, Any]] = []
+        for rule in self.date_rules:
+            units += [(rule, contact) for contact in triggers.contacts_with(conn, rule.spec.date_attribute)]
+        for rule in self.rules.values():
+            if rule.spec.inactive_for is not None:
+                units += [(rule, activity) for activity in triggers.last_activity(conn, rule.spec.of)]
+        return units
+
+    def reconcile_chunk(self, conn: Connection, units: list[tuple[CompiledRule, Any]], now: datetime) -> None:
+        for rule, unit in units:
+            if rule.spec.on_date:
+                triggers.schedule_date(conn, rule.spec, unit, self.timezone, now)
+            else:
+                contact_id, event_id, at = unit
+                triggers.arm_inactivity(conn, rule.spec, contact_id, event_id, at, now)
+
+    def reconcile_done(self, conn: Connection) -> None:
+        fingerprint = self._trigger_fingerprint()
         insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(META)
         conn.execute(
-            insert.values(key=key, value=fingerprint).on_conflict_do_update(
+            insert.values(key=_FINGERPRINT, value=fingerprint).on_conflict_do_update(
                 index_elements=["key"], set_={"value": fingerprint}
             )
         )
-        return scheduled
 
     def _trigger_fingerprint(self) -> str:
         rules = [
@@ -201,20 +228,6 @@ class Router:
         ]
         text = json.dumps({"timezone": self.timezone, "rules": rules}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
-
-    def _reconcile(self, conn: Connection, now: datetime) -> int:
-        scheduled = 0
-        for rule in self.date_rules:
-            for contact in triggers.contacts_with(conn, rule.spec.date_attribute):
-                triggers.schedule_date(conn, rule.spec, contact, self.timezone, now)
-                scheduled += 1
-        for rule in self.rules.values():
-            if rule.spec.inactive_for is None:
-                continue
-            for contact_id, event_id, at in triggers.last_activity(conn, rule.spec.of):
-                triggers.arm_inactivity(conn, rule.spec, contact_id, event_id, at, now)
-                scheduled += 1
-        return scheduled
 
 
 def event_context(event: Event) -> dict[str, Any]:

@@ -140,6 +140,8 @@ class Worker:
                 await self._run_step(job)
             elif job.kind == "poll":
                 await self._poll(job)
+            elif job.kind == "tick":
+                await self._reconcile(job)
             else:
                 await self.db.run(self._close_call, job, self._trigger_work(job))
                 self.wake()
@@ -218,10 +220,18 @@ class Worker:
                 self._calls_in_order.remove(inbox_id)
             self._turn.notify_all()
 
+    async def _reconcile(self, job: ClaimedJob) -> None:
+        """Schedule the triggers a config change added, a chunk per transaction so webhooks keep flowing."""
+        if await self.db.run(self.router.reconcile_needed):
+            units = await self.db.run(self.router.reconcile_units)
+            for start in range(0, len(units), self.router.RECONCILE_CHUNK):
+                chunk = units[start : start + self.router.RECONCILE_CHUNK]
+                await self.db.run(self.router.reconcile_chunk, chunk, self.clock.now())
+            log.info("triggers reconciled", units=len(units))
+        await self.db.run(self._close_call, job, lambda conn, now: self.router.reconcile_done(conn))
+
     def _trigger_work(self, job: ClaimedJob) -> Callable[[Connection, datetime], object]:
-        """A due date or inactivity trigger fires; a tick runs maintenance."""
-        if job.kind == "tick":
-            return lambda conn, now: self.router.reconcile(conn, now)
+        """A due date or inactivity trigger fires."""
         rule, contact_id, occurrence = job.rule, job.contact_id, job.occurrence
         assert rule is not None and contact_id is not None and occurrence is not None
         return lambda conn, now: self.router.fire(conn, rule, contact_id, occurrence, job.due_at, now, job.id)
