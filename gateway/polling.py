@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
+from . import scheduler
 from .ingest import NewCall, commit_calls, fit_key
 from .sources import Source
 from .store import JOBS, META
@@ -50,20 +51,7 @@ class PollingSource(Source):
 
 def schedule(conn: Connection, source: str, due: datetime, now: datetime) -> None:
     """Queue the source's next poll unless one is already pending."""
-    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(JOBS)
-    conn.execute(
-        insert.values(
-            kind="poll",
-            key=f"poll:{source}",
-            occurrence=source,
-            step=0,
-            due_at=due,
-            status="pending",
-            attempts=0,
-            created_at=now,
-            updated_at=now,
-        ).on_conflict_do_nothing(index_elements=["key"], index_where=J.status == "pending")
-    )
+    scheduler.add_unique(conn, "poll", f"poll:{source}", source, due, now)
 
 
 def load_cursor(conn: Connection, source: str) -> str | None:

@@ -200,22 +200,27 @@ def add_inbox_jobs(conn: Connection, inbox_ids: list[int], now: datetime) -> Non
     )
 
 
-def add_tick(conn: Connection, name: str, now: datetime) -> None:
-    """A one-off maintenance job (e.g. `reconcile`), queued at most once whatever the replicas."""
+def add_unique(conn: Connection, kind: str, key: str, occurrence: str, due: datetime, now: datetime) -> None:
+    """Queue a job unless one with the same key is pending: once, whatever the replicas."""
     insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(JOBS)
     conn.execute(
         insert.values(
-            kind="tick",
-            key=f"tick:{name}",
-            occurrence=name,
+            kind=kind,
+            key=key,
+            occurrence=occurrence,
             step=0,
-            due_at=now,
+            due_at=due,
             status="pending",
             attempts=0,
             created_at=now,
             updated_at=now,
         ).on_conflict_do_nothing(index_elements=["key"], index_where=J.status == "pending")
     )
+
+
+def add_tick(conn: Connection, name: str, now: datetime) -> None:
+    """A one-off maintenance job (e.g. `reconcile`)."""
+    add_unique(conn, "tick", f"tick:{name}", name, now, now)
 
 
 def release_orphans(conn: Connection, now: datetime) -> int:

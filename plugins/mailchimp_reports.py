@@ -14,11 +14,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import math
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from email.utils import parsedate_to_datetime
 from typing import Annotated, Any
 
 import aiohttp
@@ -39,6 +37,7 @@ from gateway import (
     hookimpl,
 )
 from gateway.config import Duration
+from gateway.net import retry_after
 
 log = structlog.get_logger("declic.mailchimp_reports")
 
@@ -324,21 +323,6 @@ def format_time(when: datetime) -> str:
 def basic_auth(api_key: SecretStr) -> str:
     """Mailchimp takes any user name with the key as password."""
     return "Basic " + base64.b64encode(f"declic:{api_key.get_secret_value()}".encode()).decode()
-
-
-def retry_after(value: str | None, now: datetime) -> float | None:
-    """Retry-After in seconds or as an HTTP date; None when absent or unreadable."""
-    value = (value or "").strip()
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            return max((parsedate_to_datetime(value) - now).total_seconds(), 0.0)
-        except (TypeError, ValueError):
-            return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def problem(body: bytes) -> str:
