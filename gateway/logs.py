@@ -40,7 +40,13 @@ def _redact(value: Any) -> Any:
     return value
 
 
+#: Ids that merely look like addresses (a Message-ID is <id@sender-domain>): operators need them verbatim.
+_ID_KEYS = frozenset({"provider_id", "message_id", "idempotency_key"})
+
+
 def _redact_field(key: str, value: Any) -> Any:
+    if key in _ID_KEYS:
+        return value
     if _SECRET_KEYS.search(key) and value is not None:
         return "***"
     if _PERSONAL_KEYS.match(key) and isinstance(value, str) and value:

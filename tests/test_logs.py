@@ -68,3 +68,9 @@ async def test_each_line_of_the_flow_carries_event_source_rule_and_sink(
     [enrolled] = [line for line in lines if line["event"] == "enrolled"]
     assert enrolled["source"] == "shop" and enrolled["event_id"] == "1.0"
     assert "camille" not in json.dumps(lines)
+
+
+def test_message_ids_are_not_mistaken_for_addresses(json_logs: Any) -> None:
+    structlog.get_logger().info("step sent", provider_id="<dcl-0123abcd@example.com>", to="ada@example.com")
+    [line] = json_logs()
+    assert line["provider_id"] == "<dcl-0123abcd@example.com>" and line["to"].startswith("<email:")
