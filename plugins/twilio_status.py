@@ -38,6 +38,9 @@ DEFAULT_PORTS = {"https": "443", "http": "80"}
 _MAX_KEY = 200
 
 
+EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
+
+
 class TwilioStatusConfig(PluginConfig):
     auth_token: SecretStr = Field(
         description="The account's Auth Token (Console > Account info); Twilio signs every webhook with it."
@@ -80,6 +83,10 @@ class TwilioStatus(Source):
                 "X-Twilio-Signature does not match (check auth_token, and that public_url + this path "
                 "is exactly the URL set in Twilio)"
             )
+
+    def acknowledge(self, status: str, inbox_id: int | None) -> web.StreamResponse | None:
+        """Empty TwiML: no reply to the texter, and no warning 12300 ("Invalid Content-Type") at Twilio."""
+        return web.Response(text=EMPTY_TWIML, content_type="text/xml")
 
     def dedupe_key(self, request: web.Request, body: bytes) -> str:
         """Twilio sends no delivery id: a message's SID and the state it reports identify a callback."""
