@@ -45,7 +45,6 @@ import os
 import random
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -63,6 +62,9 @@ import sqlalchemy as sa
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _common import DECLIC, cpu_seconds, free_port, machine, percentile, stop, wait_for_port  # noqa: E402
 
 from gateway import jsoncodec, logs  # noqa: E402
 from gateway.config import RuleSpec  # noqa: E402
@@ -70,7 +72,6 @@ from gateway.events import ContactRef, Event  # noqa: E402
 from gateway.store import CONTACTS, ENROLMENTS, EVENTS, JOBS, Database  # noqa: E402
 from gateway.store.db import make_engine  # noqa: E402
 
-DECLIC = Path(sys.executable).with_name("declic")
 WRITE_KEY = "bench-write-key"
 ZONES = ("Europe/Paris", "America/New_York", "Asia/Tokyo", "UTC", "Australia/Sydney")
 BATCH = 50_000
@@ -130,47 +131,6 @@ SERVE_TEMPLATES = {
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an already sorted list (q in 0..100)."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(1, min(len(sorted_values), round(q / 100 * len(sorted_values) + 0.5)))
-    return sorted_values[rank - 1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, proc: subprocess.Popen[Any], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process {proc.pid} exited with {proc.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
-
-
-def stop(proc: subprocess.Popen[Any] | None, timeout: float = 20.0) -> None:
-    """Stop one child we started, by its PID: SIGTERM, then SIGKILL."""
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
-
-
 def proc_status(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM (peak RSS) in KiB."""
     found = {}
@@ -182,21 +142,8 @@ def proc_status(pid: int) -> dict[str, int]:
     return found
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def mib(kib: int) -> str:
     return f"{kib / 1024:.1f} MiB"
-
-
-def machine() -> str:
-    load1, load5, _ = os.getloadavg()
-    return (
-        f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, SQLite {sqlite3.sqlite_version}, "
-        f"load average before the run {load1:.2f} (1 min), {load5:.2f} (5 min)"
-    )
 
 
 def rule_spec(**fields: Any) -> RuleSpec:
