@@ -23,12 +23,14 @@ log = structlog.get_logger("declic.inbound")
 IN = INBOX.c
 
 
-def load_call(conn: Connection, inbox_id: int) -> RawCall | None:
-    """The stored call, or None once it was processed or failed (a job run twice does nothing)."""
-    row = conn.execute(sa.select(INBOX).where(IN.id == inbox_id)).one_or_none()
-    if row is None or row.status != "received":
-        return None
-    return RawCall(row.id, row.source, row.received_at, json.loads(row.headers), row.body)
+_LOAD_CALLS = sa.select(INBOX).where(IN.id.in_(sa.bindparam("ids", expanding=True)), IN.status == "received")
+
+
+def load_calls(conn: Connection, inbox_ids: list[int]) -> dict[int, RawCall]:
+    """The stored calls still to process, by id: one processed or failed already is left out,
+    so a job run twice does nothing."""
+    rows = conn.execute(_LOAD_CALLS, {"ids": inbox_ids})
+    return {row.id: RawCall(row.id, row.source, row.received_at, json.loads(row.headers), row.body) for row in rows}
 
 
 async def normalize(source: Source | None, raw: RawCall) -> list[Event]:

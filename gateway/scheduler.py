@@ -120,6 +120,15 @@ def finish(
     return result.rowcount == 1
 
 
+def finish_many(conn: Connection, jobs: list[ClaimedJob], worker: str, now: datetime) -> None:
+    """Close claimed jobs done together, in one statement."""
+    conn.execute(
+        sa.update(JOBS)
+        .where(J.id.in_([job.id for job in jobs]), J.locked_by == worker, J.status == "running")
+        .values(status="done", locked_until=None, last_error=None, updated_at=now)
+    )
+
+
 def reschedule(conn: Connection, job: ClaimedJob, worker: str, due_at: datetime, now: datetime, error: str) -> bool:
     result = conn.execute(
         sa.update(JOBS)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import dataclasses
 import os
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 from sqlalchemy.engine import Connection
@@ -22,7 +23,7 @@ from .errors import MalformedPayload, RetryLater, StorageUnavailable
 from .events import Event
 from .router import Router
 from .scheduler import ClaimedJob
-from .sources import Source
+from .sources import RawCall, Source
 from .store import Database
 
 log = structlog.get_logger("declic.worker")
@@ -31,6 +32,16 @@ T = TypeVar("T")
 
 def make_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """A claimed call, normalised: its events, or why it cannot be processed."""
+
+    job: ClaimedJob
+    raw: RawCall | None
+    events: list[Event] = dataclasses.field(default_factory=list)
+    failure: str | None = None
 
 
 class Worker:
@@ -92,7 +103,7 @@ class Worker:
             if not jobs:
                 return ran
             self._queue_calls(jobs)
-            await asyncio.gather(*(self.run_job(job) for job in jobs))
+            await asyncio.gather(*(work for _, work in self._units(jobs)))
             ran += len(jobs)
 
     async def _until_next_due(self) -> float:
@@ -120,11 +131,18 @@ class Worker:
             log.warning("cannot claim jobs", error=str(exc))
             return 0
         self._queue_calls(jobs)
-        for job in jobs:
-            task = asyncio.create_task(self.run_job(job))
-            self._running[job.id] = task
+        for unit, work in self._units(jobs):
+            task = asyncio.create_task(work)
+            for job in unit:
+                self._running[job.id] = task
             task.add_done_callback(self._done)
         return len(jobs)
+
+    def _units(self, jobs: list[ClaimedJob]) -> list[tuple[list[ClaimedJob], Coroutine[Any, Any, None]]]:
+        """The claimed calls go through together, in one transaction; every other job runs alone."""
+        calls = [job for job in jobs if job.kind == "inbox"]
+        units = [(calls, self._process_calls(calls))] if calls else []
+        return units + [([job], self.run_job(job)) for job in jobs if job.kind != "inbox"]
 
     def _done(self, task: asyncio.Task[None]) -> None:
         for job_id, running in list(self._running.items()):
@@ -135,7 +153,7 @@ class Worker:
     async def run_job(self, job: ClaimedJob) -> None:
         try:
             if job.kind == "inbox":
-                await self._process_inbox(job)
+                await self._process_calls([job])
             elif job.kind == "step":
                 await self._run_step(job)
             elif job.kind == "poll":
@@ -180,34 +198,66 @@ class Worker:
             if job.inbox_id is not None:
                 bisect.insort(self._calls_in_order, job.inbox_id)
 
-    async def _process_inbox(self, job: ClaimedJob) -> None:
-        """Normalise (maybe slowly, fetching from the provider), then apply in the order calls arrived."""
-        assert job.inbox_id is not None
+    async def _process_calls(self, jobs: list[ClaimedJob]) -> None:
+        """Normalise the calls side by side (maybe slowly, fetching from the provider), then apply them
+        in the order they arrived, in one transaction: one commit for the batch, not two per call."""
+        ids = sorted(job.inbox_id for job in jobs if job.inbox_id is not None)
+        stored: list[Event] = []
         try:
-            raw = await self.db.run(inbound.load_call, job.inbox_id)
-            if raw is None:
-                await self.db.run(scheduler.finish, job, self.id, self.clock.now())
+            raws = await self.db.run(inbound.load_calls, ids)
+            calls = await asyncio.gather(*(self._normalize(job, raws.get(job.inbox_id or 0)) for job in jobs))
+            ready = sorted((call for call in calls if call is not None), key=lambda call: call.job.inbox_id or 0)
+            if not ready:
                 return
+            await self._my_turn(ids[0])
             try:
-                events = await inbound.normalize(self.sources.get(raw.source), raw)
-            except RetryLater as exc:  # the provider will answer later: back off, never drop the call
-                await self._retry_later(job, exc.reason, exc.after)
-                return
-            except MalformedPayload as exc:
-                reason = str(exc)
-                await self.db.run(self._close_call, job, lambda conn, now: inbound.fail_call(conn, raw.id, now, reason))
-                return
-            await self._my_turn(job.inbox_id)
-            stored = await self.db.run(
-                self._close_call,
-                job,
-                lambda conn, now: inbound.apply_events(conn, raw, events, self.router, now, self.phone_region),
-            )
+                stored = await self.db.run(self._close_calls, ready)
+            except StorageUnavailable:
+                raise
+            except Exception:  # one call's failure must not hold the others back: one transaction each
+                for call in ready:
+                    try:
+                        stored += await self.db.run(self._close_calls, [call])
+                    except MalformedPayload as exc:  # e.g. an event type too long to store: replayable after a fix
+                        await self.db.run(self._close_calls, [dataclasses.replace(call, failure=str(exc))])
+                    except Exception as exc:
+                        log.exception("call failed", job_id=call.job.id, inbox_id=call.job.inbox_id)
+                        await self._retry_later(call.job, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # e.g. the database is locked: every call is tried again later
+            log.warning("calls not processed, retrying", calls=len(jobs), error=str(exc))
+            for job in jobs:
+                await self._retry_later(job, f"{type(exc).__name__}: {exc}")
         finally:
-            await self._done_with_call(job.inbox_id)
-        for event in stored or ():
+            for inbox_id in ids:
+                await self._done_with_call(inbox_id)
+        for event in stored:
             self._on_event(event)
         self.wake()  # steps due now were just created
+
+    async def _normalize(self, job: ClaimedJob, raw: RawCall | None) -> _Call | None:
+        """What to do with one call; None when it must wait (the provider said retry later)."""
+        if raw is None:  # processed already: only the job is left to close
+            return _Call(job, None)
+        try:
+            return _Call(job, raw, await inbound.normalize(self.sources.get(raw.source), raw))
+        except RetryLater as exc:  # the provider will answer later: back off, never drop the call
+            await self._retry_later(job, exc.reason, exc.after)
+            return None
+        except MalformedPayload as exc:
+            return _Call(job, raw, failure=str(exc))
+
+    def _close_calls(self, conn: Connection, calls: list[_Call]) -> list[Event]:
+        now = self.clock.now()
+        stored: list[Event] = []
+        for call in calls:
+            if call.raw is None:
+                continue
+            if call.failure is not None:
+                inbound.fail_call(conn, call.raw.id, now, call.failure)
+            else:
+                stored += inbound.apply_events(conn, call.raw, call.events, self.router, now, self.phone_region)
+        scheduler.finish_many(conn, [call.job for call in calls], self.id, now)
+        return stored
 
     async def _my_turn(self, inbox_id: int) -> None:
         """An unsubscribe received after a profile update is applied after it, even if normalised first."""
