@@ -42,44 +42,96 @@ def upsert(
     known = _lookup(conn, keys)
     contact_id = next((known[k] for k in keys if k in known), None)
     if contact_id is None:
-        contact_id = conn.execute(
-            sa.insert(CONTACTS)
-            .values(created_at=now, updated_at=now, attributes="{}", consent="{}", email_status="ok")
-            .returning(C.id)
-        ).scalar_one()
-        # Declic's own id for the contact, as unsubscribe links and the admin name them.
-        conn.execute(sa.insert(IDENTITIES).values(kind="declic", value=str(contact_id), contact_id=contact_id))
-        won = _claim(conn, keys, contact_id)
-        if keys and keys[0] not in won:
-            contact_id = _adopt(conn, contact_id, _lookup(conn, keys[:1])[keys[0]])
-    else:
-        # An identity already held by another contact stays theirs: merging people is a human call.
-        _claim(conn, [k for k in keys if k not in known], contact_id)
-    row = conn.execute(sa.select(CONTACTS).where(C.id == contact_id)).one()
-    if row.email_status == "erased":
-        return load(conn, contact_id), frozenset()  # an erasure is final: later events bring nobody back
-    changes: dict[str, Any] = {f: getattr(ref, f) for f in _FIELDS if getattr(ref, f)}
-    if ref.email:
-        changes["email"] = ref.email.strip().lower()
-    if ref.phone and ref.phone != row.phone:
+        return _create(conn, ref, keys, source, now, event)
+    # An identity already held by another contact stays theirs: merging people is a human call.
+    _claim(conn, [k for k in keys if k not in known], contact_id)
+    return _update(conn, contact_id, ref, source, now, event)
+
+
+_INSERT_CONTACT = sa.insert(CONTACTS).returning(C.id)
+_CONTACT = sa.select(CONTACTS).where(C.id == sa.bindparam("contact_id"))
+_WRITABLE = (*_FIELDS, "phone_status", "attributes", "consent", "updated_at")
+_UPDATE_CONTACT = (
+    sa.update(CONTACTS).where(C.id == sa.bindparam("contact_id")).values({f: sa.bindparam(f) for f in _WRITABLE})
+)
+
+
+def _create(
+    conn: Connection, ref: ContactRef, keys: list[tuple[str, str]], source: str, now: datetime, event: Event | None
+) -> tuple[dict[str, Any], frozenset[str]]:
+    """A new contact, written in one INSERT from what the event says: nothing to read back."""
+    fields = _given_fields(ref)
+    consent = {
+        channel: {"state": state, "source": source, "at": now.isoformat()} for channel, state in ref.consent.items()
+    }
+    row = {
+        **dict.fromkeys(_FIELDS),
+        **fields,
+        "attributes": jsoncodec.dumps(ref.attributes),
+        "consent": jsoncodec.dumps(consent),
+        "email_status": "ok",
+        "phone_status": "ok",
+        "score": 0.0,
+        "score_at": None,
+        "created_at": now,
+        "updated_at": now,
+    }
+    contact_id = conn.execute(_INSERT_CONTACT, row).scalar_one()
+    # Declic's own id for the contact, as unsubscribe links and the admin name them.
+    won = _claim(conn, [("declic", str(contact_id)), *keys], contact_id)
+    if keys and keys[0] not in won:  # a concurrent transaction created the same person first: join theirs
+        theirs = _adopt(conn, contact_id, _lookup(conn, keys[:1])[keys[0]])
+        return _update(conn, theirs, ref, source, now, event)
+    for channel, state in ref.consent.items():
+        record_consent(conn, contact_id, channel, state, source, now, event)
+    devices: dict[tuple[str, str], dict[str, Any]] = {}
+    for device in ref.push_subscriptions:
+        add_push_subscription(conn, contact_id, device.kind, device.address, device.keys, now)
+        devices[(device.kind, device.address)] = {"kind": device.kind, "address": device.address, "keys": device.keys}
+    contact = {
+        **_fields_of({**row, "id": contact_id}),
+        "external_ids": {kind: value for kind, value in sorted(won) if kind not in ("email", "phone")},
+        "push_subscriptions": list(devices.values()),
+    }
+    moved = set(fields) | {f"attributes.{name}" for name, value in ref.attributes.items() if value is not None}
+    return contact, frozenset(moved)
+
+
+def _update(
+    conn: Connection, contact_id: int, ref: ContactRef, source: str, now: datetime, event: Event | None
+) -> tuple[dict[str, Any], frozenset[str]]:
+    row = conn.execute(_CONTACT, {"contact_id": contact_id}).one()._asdict()
+    if row["email_status"] == "erased":
+        return _with_links(conn, row), frozenset()  # an erasure is final: later events bring nobody back
+    changes: dict[str, Any] = _given_fields(ref)
+    if ref.phone and ref.phone != row["phone"]:
         changes["phone_status"] = "ok"  # a new number gets a fresh start
-    moved = {f for f in _FIELDS if f in changes and changes[f] != getattr(row, f)}
+    moved = {f for f in _FIELDS if f in changes and changes[f] != row[f]}
     if ref.attributes:
-        before = jsoncodec.loads(row.attributes)
+        before = jsoncodec.loads(row["attributes"])
         moved |= {f"attributes.{k}" for k, v in ref.attributes.items() if before.get(k) != v}
         changes["attributes"] = jsoncodec.dumps({**before, **ref.attributes})
     if ref.consent:
-        consent = jsoncodec.loads(row.consent)
+        consent = jsoncodec.loads(row["consent"])
         for channel, state in ref.consent.items():
             if consent.get(channel, {}).get("state") != state:
                 record_consent(conn, contact_id, channel, state, source, now, event)
             consent[channel] = {"state": state, "source": source, "at": now.isoformat()}
         changes["consent"] = jsoncodec.dumps(consent)
     if changes:
-        conn.execute(sa.update(CONTACTS).where(C.id == contact_id).values(**changes, updated_at=now))
+        row.update(changes, updated_at=now)
+        conn.execute(_UPDATE_CONTACT, {"contact_id": contact_id, **{f: row[f] for f in _WRITABLE}})
     for device in ref.push_subscriptions:
         add_push_subscription(conn, contact_id, device.kind, device.address, device.keys, now)
-    return load(conn, contact_id), frozenset(moved)
+    return _with_links(conn, row), frozenset(moved)
+
+
+def _given_fields(ref: ContactRef) -> dict[str, Any]:
+    """The contact fields the event gives a value for, as stored."""
+    fields: dict[str, Any] = {f: getattr(ref, f) for f in _FIELDS if getattr(ref, f)}
+    if ref.email:
+        fields["email"] = ref.email.strip().lower()
+    return fields
 
 
 def withdraw(conn: Connection, contact_id: int, channel: str, source: str, now: datetime, evidence: str | None) -> None:
@@ -150,11 +202,19 @@ def forget_addresses(
         mark_email_bouncing(conn, contact_id, now)
 
 
+#: Two INs rather than `(kind, value) IN (...)`, which SQLite answers by scanning the whole table;
+#: the pairs that were not asked for are dropped below.
+_LOOKUP = sa.select(I.kind, I.value, I.contact_id).where(
+    I.kind.in_(sa.bindparam("kinds", expanding=True)), I.value.in_(sa.bindparam("values", expanding=True))
+)
+
+
 def _lookup(conn: Connection, keys: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
     if not keys:
         return {}
-    rows = conn.execute(sa.select(I.kind, I.value, I.contact_id).where(sa.tuple_(I.kind, I.value).in_(keys)))
-    return {(r.kind, r.value): r.contact_id for r in rows}
+    rows = conn.execute(_LOOKUP, {"kinds": sorted({k for k, _ in keys}), "values": sorted({v for _, v in keys})})
+    wanted = set(keys)
+    return {(r.kind, r.value): r.contact_id for r in rows if (r.kind, r.value) in wanted}
 
 
 def _claim(conn: Connection, keys: list[tuple[str, str]], contact_id: int) -> set[tuple[str, str]]:
@@ -177,32 +237,41 @@ def _adopt(conn: Connection, ours: int, theirs: int) -> int:
     return theirs
 
 
+P = PUSH_SUBSCRIPTIONS.c
+_DEVICES = sa.select(P.kind, P.address, P["keys"]).where(P.contact_id == sa.bindparam("contact_id")).order_by(P.id)
+#: Sorted by kind in Python: an ORDER BY could lead SQLite to walk the primary key instead of the contact index.
+_EXTERNAL_IDS = sa.select(I.kind, I.value).where(
+    I.contact_id == sa.bindparam("contact_id"), I.kind.not_in(("email", "phone"))
+)
+
+
 def load(conn: Connection, contact_id: int) -> dict[str, Any]:
     """The contact as rules and templates see it."""
-    row = conn.execute(sa.select(CONTACTS).where(C.id == contact_id)).one()
-    consent = jsoncodec.loads(row.consent)
-    devices = conn.execute(
-        sa.select(PUSH_SUBSCRIPTIONS.c.kind, PUSH_SUBSCRIPTIONS.c.address, PUSH_SUBSCRIPTIONS.c["keys"])
-        .where(PUSH_SUBSCRIPTIONS.c.contact_id == contact_id)
-        .order_by(PUSH_SUBSCRIPTIONS.c.id)
-    )
+    return _with_links(conn, conn.execute(_CONTACT, {"contact_id": contact_id}).one()._asdict())
+
+
+def _with_links(conn: Connection, row: dict[str, Any]) -> dict[str, Any]:
+    """The contact row with its external ids and push subscriptions."""
+    devices = conn.execute(_DEVICES, {"contact_id": row["id"]})
+    external = conn.execute(_EXTERNAL_IDS, {"contact_id": row["id"]})
     return {
-        "id": row.id,
-        **{f: getattr(row, f) for f in _FIELDS},
-        "attributes": jsoncodec.loads(row.attributes),
-        "consent": {channel: entry["state"] for channel, entry in consent.items()},
-        "email_status": row.email_status,
-        "phone_status": row.phone_status,
-        "external_ids": dict(
-            conn.execute(
-                sa.select(I.kind, I.value)
-                .where(I.contact_id == contact_id, I.kind.not_in(("email", "phone")))
-                .order_by(I.kind)
-            ).all()
-        ),
+        **_fields_of(row),
+        "external_ids": dict(sorted((r.kind, r.value) for r in external)),
         "push_subscriptions": [
             {"kind": d.kind, "address": d.address, "keys": jsoncodec.loads(d.keys)} for d in devices
         ],
+    }
+
+
+def _fields_of(row: dict[str, Any]) -> dict[str, Any]:
+    consent = jsoncodec.loads(row["consent"])
+    return {
+        "id": row["id"],
+        **{f: row[f] for f in _FIELDS},
+        "attributes": jsoncodec.loads(row["attributes"]),
+        "consent": {channel: entry["state"] for channel, entry in consent.items()},
+        "email_status": row["email_status"],
+        "phone_status": row["phone_status"],
     }
 
 

@@ -8,11 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
+from gateway import contacts
 from gateway.app import create_app
 from gateway.config import load_config
+from gateway.events import ContactRef, PushRef
 from gateway.ingest import GATEWAY_KEY
 from gateway.plugins import collect, get_plugin_manager
+from gateway.store import Database
 from gateway.testing import FakeClock, ScriptedPlugin, SmtpCatcher, write_deployment
 
 
@@ -167,3 +171,67 @@ async def test_a_new_phone_number_clears_an_invalid_mark(d: Deployment) -> None:
         conn.exec_driver_sql("UPDATE contacts SET phone_status = 'invalid'")
     await d.emit({"type": "customer.updated", "contact": {"email": "a@example.com", "phone": "+33612345678"}})
     assert d.rows("SELECT phone, phone_status FROM contacts") == [("+33612345678", "ok")]
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        None,
+        ContactRef(email="ADA@example.com", first_name="Ada", attributes={"plan": "pro"}),
+        ContactRef(
+            external_ids={"shopify": "1"},
+            phone="+33612345678",
+            consent={"email": "withdrawn", "sms": "granted"},
+            push_subscriptions=[PushRef(kind="fcm", address="token-2")],
+        ),
+    ],
+)
+def test_the_contact_upsert_returns_is_the_one_stored(db_url: str, second: ContactRef | None) -> None:
+    """Rules and templates see what upsert returns; it is built without reading back, so it must match."""
+    first = ContactRef(
+        email="ada@example.com",
+        external_ids={"shopify": "1", "hubspot": "77"},
+        first_name="Ada",
+        timezone="Europe/Paris",
+        attributes={"birthday": "1990-02-28", "nothing": None},
+        consent={"email": "granted"},
+        push_subscriptions=[PushRef(kind="webpush", address="https://push.example/1", keys={"auth": "a"})],
+    )
+    database = Database(db_url)
+    database.upgrade()
+    now = datetime(2026, 6, 1, tzinfo=UTC)
+    try:
+        for ref in [first] if second is None else [first, second]:
+            returned, _ = database.transaction(contacts.upsert, ref, "test", now)
+            assert returned == database.transaction(contacts.load, returned["id"])
+    finally:
+        database.close()
+
+
+async def test_processing_an_event_and_sending_never_scans_a_whole_table(d: Deployment, db_url: str) -> None:
+    """Each statement of the hot path finds its rows through an index: its cost must not grow with the tables."""
+    if not db_url.startswith("sqlite"):
+        pytest.skip("reads SQLite's query plans")
+    seen: list[tuple[str, Any]] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, many: bool) -> None:
+        if not many and statement.lstrip().upper().startswith(("SELECT", "UPDATE", "DELETE")):
+            seen.append((statement, parameters))
+
+    await d.emit(signed_up("ada@example.com", external_ids={"shopify": "1"}))  # a contact to find again
+    sa.event.listen(d.gateway.db.engine, "before_cursor_execute", capture)
+    try:
+        await d.emit(signed_up("ada@example.com", first_name="Ada"))
+        await d.emit(signed_up("bob@example.com", phone="+33612345678"))
+        await d.advance(days=1)
+    finally:
+        sa.event.remove(d.gateway.db.engine, "before_cursor_execute", capture)
+
+    scans = []
+    with d.gateway.db.engine.connect() as conn:
+        for statement, parameters in seen:
+            for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters):
+                if row[-1].startswith("SCAN ") and "CONSTANT ROW" not in row[-1]:
+                    scans.append(f"{row[-1]}: {statement}")
+    assert len(seen) > 20
+    assert sorted(set(scans)) == []
