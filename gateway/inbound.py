@@ -54,7 +54,7 @@ class Unprocessable(MalformedPayload):
 def apply_events(
     conn: Connection, raw: RawCall, events: list[Event], router: Router, now: datetime, phone_region: str | None = None
 ) -> list[Event]:
-    """Resolve contacts, store and route each event, and close the call, in one transaction."""
+    """Resolve contacts, store and route each event; the caller marks the call processed."""
     stored = []
     for index, event in enumerate(events):
         event = fit(event, phone_region).model_copy(
@@ -76,8 +76,18 @@ def apply_events(
         with structlog.contextvars.bound_contextvars(event_id=event.id, source=raw.source):
             router.route(conn, event, contact, raw.received_at, changed)
         stored.append(event)
-    _mark(conn, raw.id, "processed", now)
     return stored
+
+
+def mark_processed(conn: Connection, inbox_ids: list[int], now: datetime) -> None:
+    conn.execute(_MARK_PROCESSED, {"ids": inbox_ids, "processed_at": now})
+
+
+_MARK_PROCESSED = (
+    sa.update(INBOX)
+    .where(IN.id.in_(sa.bindparam("ids", expanding=True)))
+    .values(status="processed", error=None, processed_at=sa.bindparam("processed_at"))
+)
 
 
 def fail_call(conn: Connection, inbox_id: int, now: datetime, reason: str) -> None:
@@ -85,9 +95,15 @@ def fail_call(conn: Connection, inbox_id: int, now: datetime, reason: str) -> No
     _mark(conn, inbox_id, "failed", now, reason)
 
 
+_SEEN = (
+    sa.select(EVENTS.c.id)
+    .where(EVENTS.c.source == sa.bindparam("source"), EVENTS.c.dedupe_key == sa.bindparam("key"))
+    .limit(1)
+)
+
+
 def seen_before(conn: Connection, source: str, key: str) -> bool:
-    query = sa.select(EVENTS.c.id).where(EVENTS.c.source == source, EVENTS.c.dedupe_key == key)
-    return conn.execute(query.limit(1)).first() is not None
+    return conn.execute(_SEEN, {"source": source, "key": key}).first() is not None
 
 
 #: Column sizes (gateway/store/tables.py): PostgreSQL refuses what does not fit, SQLite would keep it.
@@ -138,19 +154,23 @@ def _clean(value: str | None) -> str | None:
     return value.replace("\0", "") if isinstance(value, str) else value
 
 
+_INSERT_EVENT = sa.insert(EVENTS)
+
+
 def store_event(conn: Connection, event: Event, contact_id: int) -> None:
     conn.execute(
-        sa.insert(EVENTS).values(
-            id=event.id,
-            inbox_id=event.raw_ref,
-            source=event.source,
-            type=event.type,
-            occurred_at=event.occurred_at,
-            contact_id=contact_id,
-            correlation=jsoncodec.dumps(event.correlation),
-            properties=jsoncodec.dumps(event.properties),
-            dedupe_key=event.dedupe_key,
-        )
+        _INSERT_EVENT,
+        {
+            "id": event.id,
+            "inbox_id": event.raw_ref,
+            "source": event.source,
+            "type": event.type,
+            "occurred_at": event.occurred_at,
+            "contact_id": contact_id,
+            "correlation": jsoncodec.dumps(event.correlation),
+            "properties": jsoncodec.dumps(event.properties),
+            "dedupe_key": event.dedupe_key,
+        },
     )
 
 

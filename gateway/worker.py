@@ -249,6 +249,7 @@ class Worker:
     def _close_calls(self, conn: Connection, calls: list[_Call]) -> list[Event]:
         now = self.clock.now()
         stored: list[Event] = []
+        processed = []
         for call in calls:
             if call.raw is None:
                 continue
@@ -256,6 +257,9 @@ class Worker:
                 inbound.fail_call(conn, call.raw.id, now, call.failure)
             else:
                 stored += inbound.apply_events(conn, call.raw, call.events, self.router, now, self.phone_region)
+                processed.append(call.raw.id)
+        if processed:
+            inbound.mark_processed(conn, processed, now)
         scheduler.finish_many(conn, [call.job for call in calls], self.id, now)
         return stored
 
