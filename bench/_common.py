@@ -51,9 +51,12 @@ def order_body(i: int, email: str | None = None, name: str | None = None) -> byt
     order["order_number"] = 100_000 + i
     order["name"] = name or f"#{100_000 + i}"
     order["checkout_token"] = hashlib.md5(f"checkout-{i}".encode()).hexdigest()
-    if email:
-        order["email"] = email
-        order["customer"]["email"] = email
+    # One customer per `i`: the fixture's e-mail and phone on every body would fold every order into one
+    # contact holding thousands of Shopify ids.
+    email = email or f"customer{i}@example.org"
+    order["email"] = email
+    order["customer"]["email"] = email
+    order["customer"]["phone"] = f"+336{10_000_000 + i:08d}"
     order["customer"]["id"] = 5_000_000 + i
     order["order_status_url"] = f"https://boutique.example/orders/{order['id']}/authenticate?key=k{i}"
     extra_items = [
