@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import re
+import secrets
 import ssl
 from collections.abc import Callable
-from email.message import EmailMessage
-from email.policy import SMTP as SMTP_POLICY
-from email.utils import formatdate, parseaddr
+from datetime import UTC, datetime
+from email.header import Header
+from email.utils import format_datetime, parseaddr
 from typing import Any, Literal
 
 import aiosmtplib
@@ -38,6 +41,12 @@ DKIM_HEADERS = (
     b"List-Unsubscribe",
     b"List-Unsubscribe-Post",
 )
+
+#: Set by build; a duplicate in `Message.headers` would make the message ambiguous.
+OWN_HEADERS = frozenset(
+    ("from", "to", "subject", "date", "message-id", "mime-version", "content-type", "content-transfer-encoding")
+)
+HEADER_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext: printable ASCII but ":"
 
 
 class SmtpConfig(SinkConfig):
@@ -76,6 +85,7 @@ class SmtpSink(Sink):
         super().__init__(key, config, deployment)
         self._from_address = parseaddr(config.sender)[1]
         self._domain = self._from_address.rpartition("@")[2]
+        self._from_header = _header("From", config.sender)
         self._idle: list[aiosmtplib.SMTP] = []
         self._slots = asyncio.Semaphore(config.connections)
 
@@ -83,28 +93,47 @@ class SmtpSink(Sink):
         return contact.get("email") or None
 
     def build(self, message: Message) -> bytes:
-        """Serialise once; the same bytes go to every attempt, with a Message-ID stable across them."""
-        mail = EmailMessage()
-        mail["From"] = self.config.sender
-        mail["To"] = message.to
-        mail["Subject"] = message.subject or ""
-        mail["Date"] = formatdate(usegmt=True)
-        mail["Message-ID"] = f"<{message.idempotency_key}@{self._domain}>"
+        """Serialise once; the same bytes go to every attempt, with a Message-ID stable across them.
+
+        Writes the bytes itself rather than through EmailMessage, whose header registry made building
+        13-18% of the CPU when sending: the structure is fixed, only headers and bodies need encoding.
+        """
         headers = dict(message.headers)
         if "List-Unsubscribe" in headers and self.config.unsubscribe_mailto:
             headers["List-Unsubscribe"] += f", <mailto:{self.config.unsubscribe_mailto}?subject=unsubscribe>"
+        lines = [
+            self._from_header,
+            _header("To", message.to),
+            _header("Subject", message.subject or ""),
+            _header("Date", format_datetime(datetime.now(UTC))),
+            _header("Message-ID", f"<{message.idempotency_key or secrets.token_hex(16)}@{self._domain}>"),
+        ]
         for name, value in headers.items():
-            mail[name] = value
-        mail.set_content(message.text)
-        if message.html:
-            mail.add_alternative(message.html, subtype="html")
-        data = mail.as_bytes(policy=SMTP_POLICY)
+            if not HEADER_NAME.fullmatch(name) or name.lower() in OWN_HEADERS:
+                raise ValueError(f"header name not allowed: {name!r}")
+            lines.append(_header(name, value))
+        lines.append("MIME-Version: 1.0\r\n")
+        head = "".join(lines).encode()
+        if not message.html:
+            return self._sign(head + _part("plain", message.text))
+        boundary = f"=_{secrets.token_hex(16)}"  # random, and "=_" never occurs in quoted-printable or base64
+        return self._sign(
+            head
+            + f'Content-Type: multipart/alternative; boundary="{boundary}"\r\n\r\n--{boundary}\r\n'.encode()
+            + _part("plain", message.text)
+            + f"\r\n--{boundary}\r\n".encode()
+            + _part("html", message.html)
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+
+    def _sign(self, data: bytes) -> bytes:
         return self._dkim_sign(data) if self.config.dkim else data
 
     def _dkim_sign(self, data: bytes) -> bytes:
         dkim_config = self.config.dkim
         assert dkim_config is not None
-        present = [h for h in DKIM_HEADERS if re.search(rb"^" + h + rb":", data, re.M | re.I)]
+        head = data[: data.index(b"\r\n\r\n") + 2]
+        present = [h for h in DKIM_HEADERS if re.search(rb"^" + h + rb":", head, re.M | re.I)]
         signature = dkim.sign(
             data,
             dkim_config.selector.encode(),
@@ -157,6 +186,39 @@ class SmtpSink(Sink):
                 await client.quit()
             except (aiosmtplib.SMTPException, OSError, TimeoutError):
                 client.close()
+
+
+def _header(name: str, value: str) -> str:
+    """One header line, CRLF-terminated; non-ASCII or over-long values become RFC 2047 encoded-words."""
+    if "\r" in value or "\n" in value:
+        raise ValueError(f"{name}: header values may not contain CR or LF")
+    if value.isascii() and len(name) + len(value) <= 996:
+        return f"{name}: {value}\r\n"
+    if name in ("From", "To"):
+        display_name, address = parseaddr(value)
+        if display_name and address.isascii():
+            words = Header(display_name, "utf-8", header_name=name).encode(linesep="\r\n")
+            return f"{name}: {words} <{address}>\r\n"
+    words = Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
+    return f"{name}: {words}\r\n"
+
+
+def _part(subtype: str, text: str) -> bytes:
+    """A UTF-8 text/SUBTYPE entity: 7bit when ASCII with short lines, else quoted-printable or base64, the shorter."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if not text.endswith("\n"):
+        text += "\n"
+    data = text.replace("\n", "\r\n").encode()  # canonical form: CRLF line breaks
+    if data.isascii() and max(map(len, text.split("\n"))) <= 78:
+        encoding, body = "7bit", data
+    else:
+        encoding, body = "quoted-printable", binascii.b2a_qp(data)
+        if len(body) > len(data) * 4 // 3:
+            encoding, body = "base64", base64.encodebytes(data).replace(b"\n", b"\r\n")
+    return (
+        f'Content-Type: text/{subtype}; charset="utf-8"\r\nContent-Transfer-Encoding: {encoding}\r\n\r\n'.encode()
+        + body
+    )
 
 
 def _tls_context(cfg: SmtpConfig) -> ssl.SSLContext | None:

@@ -6,6 +6,9 @@ import asyncio
 import socket
 import ssl
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from email import message_from_bytes, policy
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -175,3 +178,110 @@ async def test_dkim_signature_covers_the_unsubscribe_headers_and_verifies(server
     assert dkim.verify(raw, dnsfunc=lambda name, timeout=5: record if name == b"s1._domainkey.example.com." else None)
     tampered = raw.replace(b"List-Unsubscribe-Post: List-Unsubscribe=One-Click", b"List-Unsubscribe-Post: x")
     assert not dkim.verify(tampered, dnsfunc=lambda name, timeout=5: record)
+
+
+UNSUBSCRIBE = {
+    "List-Unsubscribe": "<https://hooks.example.com/u/t>",
+    "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+}
+
+
+def parse(data: bytes) -> EmailMessage:
+    """What a receiving client sees, after checking what every SMTP server accepts: 7-bit, CRLF, short lines."""
+    assert data.isascii(), "8-bit data needs 8BITMIME, which is not negotiated"
+    assert b"\r" not in data.replace(b"\r\n", b"") and b"\n" not in data.replace(b"\r\n", b""), "bare CR or LF"
+    assert max(len(line) for line in data.split(b"\r\n")) <= 998, "a line over RFC 5322's limit"
+    mail = message_from_bytes(data, policy=policy.default)
+    assert isinstance(mail, EmailMessage) and not [p.defects for p in mail.walk() if p.defects]
+    return mail
+
+
+def decoded(mail: EmailMessage, subtype: str) -> str:
+    part = mail.get_body((subtype,))
+    assert part is not None and part.get_content_charset() == "utf-8"
+    return str(part.get_content()).replace("\r\n", "\n")
+
+
+async def test_the_built_message_decodes_to_what_was_rendered() -> None:
+    smtp = sink(25, sender="Café Zoë <bonjour@example.com>", unsubscribe_mailto="unsubscribe@example.com")
+    text = "Bonjour Zoë,\n\n10 % de réduction — jusqu'à dimanche.  \nÀ bientôt 🙂\n"
+    html = '<p>Bonjour Zoë,</p>\n<p>10 % de réduction — <a href="https://shop.example.com/?a=1&b=2">voir</a></p>\n'
+    message = Message(
+        to="zoe@example.org",
+        text=text,
+        subject="Café Zoë — 10 % off",
+        html=html,
+        idempotency_key="dcl-42",
+        headers=UNSUBSCRIBE,
+    )
+    mail = parse(smtp.build(message))
+    [sender] = mail["From"].addresses
+    assert (sender.display_name, sender.addr_spec) == ("Café Zoë", "bonjour@example.com")
+    assert mail["To"] == "zoe@example.org" and mail["Subject"] == "Café Zoë — 10 % off"
+    assert mail["Message-ID"] == "<dcl-42@example.com>"
+    assert abs(mail["Date"].datetime - datetime.now(UTC)) < timedelta(minutes=1)
+    assert (
+        mail["List-Unsubscribe"]
+        == "<https://hooks.example.com/u/t>, <mailto:unsubscribe@example.com?subject=unsubscribe>"
+    )
+    assert mail["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert [p.get_content_type() for p in mail.iter_parts()] == ["text/plain", "text/html"]
+    assert decoded(mail, "plain") == text and decoded(mail, "html") == html
+
+
+# (case, rendered body, what a client decodes)
+BODIES = [
+    ("short ASCII lines", "Hello\nworld\n", "Hello\nworld\n"),
+    ("accents", "Café Zoë — 10 % off\n", "Café Zoë — 10 % off\n"),
+    ("mostly Cyrillic", "Привет, мир! " * 200, "Привет, мир! " * 200 + "\n"),
+    ("one 5,000-character ASCII line", "<p>" + "x" * 5000 + "</p>", "<p>" + "x" * 5000 + "</p>\n"),
+    ("one 3,000-character accented line", "é" * 3000, "é" * 3000 + "\n"),
+    ("trailing spaces and tabs", "a  \nb\t\n", "a  \nb\t\n"),
+    ("CRLF and lone CR", "a\r\nb\rc", "a\nb\nc\n"),
+    ("a lone dot and From at line starts", ".\nFrom here\n", ".\nFrom here\n"),
+    ("= signs", 'href="https://x.example/?a=1&b=2" =3D\n', 'href="https://x.example/?a=1&b=2" =3D\n'),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "expected"), BODIES, ids=[b[0] for b in BODIES])
+@pytest.mark.parametrize("with_html", [False, True], ids=["text only", "text and HTML"])
+def test_bodies_decode_exactly_from_a_wire_safe_encoding(case: str, body: str, expected: str, with_html: bool) -> None:
+    message = Message(to="to@example.org", text=body, subject="s", html=body if with_html else None)
+    mail = parse(sink(25).build(message))
+    assert mail.get_content_type() == ("multipart/alternative" if with_html else "text/plain")
+    assert decoded(mail, "plain") == expected
+    if with_html:
+        assert decoded(mail, "html") == expected
+
+
+SUBJECTS = ["Hello", "", "Café Zoë — 10 % off", " ".join(["Привет"] * 60), "x" * 1500, "é" * 600]
+
+
+@pytest.mark.parametrize("subject", SUBJECTS, ids=["ASCII", "empty", "accents", "long Cyrillic", "long word", "long é"])
+def test_subjects_decode_exactly(subject: str) -> None:
+    mail = parse(sink(25).build(Message(to="to@example.org", text="t", subject=subject)))
+    assert mail["Subject"] == subject
+
+
+# (case, fields of a message that would smuggle in a header)
+INJECTIONS = [
+    ("CRLF in the subject", {"subject": "Hello\r\nBcc: x@evil.example"}),
+    ("LF in the subject", {"subject": "Hello\nBcc: x@evil.example"}),
+    ("CRLF in the recipient", {"to": "to@example.org\r\nBcc: x@evil.example"}),
+    ("CRLF in a header value", {"headers": {"List-Unsubscribe": "<https://x.example>\r\nBcc: x@evil.example"}}),
+    ("CRLF in a header name", {"headers": {"X-Tag\r\nBcc": "x@evil.example"}}),
+    ("a second Subject", {"headers": {"subject": "Other"}}),
+]
+
+
+@pytest.mark.parametrize(("case", "fields"), INJECTIONS, ids=[i[0] for i in INJECTIONS])
+def test_a_message_that_would_inject_a_header_is_refused(case: str, fields: dict[str, Any]) -> None:
+    message = Message(**{"to": "to@example.org", "text": "t", "subject": "s", **fields})
+    with pytest.raises(ValueError):
+        sink(25).build(message)
+
+
+def test_a_message_without_an_idempotency_key_still_gets_a_unique_message_id() -> None:
+    smtp = sink(25)
+    ids = {parse(smtp.build(Message(to="to@example.org", text="t")))["Message-ID"] for _ in range(2)}
+    assert len(ids) == 2 and all(i.startswith("<") and i.endswith("@example.com>") and len(i) > 15 for i in ids)
