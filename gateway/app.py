@@ -93,7 +93,7 @@ def build_gateway(
     worker = Worker(
         db, settings.worker, sources, router, steps, partial(notify_event_received, pm), settings.phone_region
     )
-    committer = GroupCommitter(db, on_commit=worker.wake)
+    committer = GroupCommitter(db, on_commit=worker.calls_stored)
     return Gateway(settings, pm, clock, db, sources, sinks, env, router, committer, worker, role)
 
 

@@ -227,6 +227,13 @@ class WorkerSpec(_Strict):
     poll_interval: Duration = Field(timedelta(seconds=1), description="Look for due jobs at least this often.")
     batch_size: int = Field(50, ge=1, le=1000, description="Jobs claimed per query.")
     concurrency: int = Field(20, ge=1, le=500, description="Jobs run at once per process.")
+    processing_share: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="While webhooks arrive, the share of the process that processing stored calls may take; "
+        "acknowledging them gets the rest (1: no limit).",
+    )
     lease: Duration = Field(
         timedelta(minutes=5), description="A claimed job returns to the queue if its worker is silent this long."
     )

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable, Coroutine
 from datetime import datetime
@@ -66,9 +67,22 @@ class Worker:
         #: Claimed calls not yet applied, by inbox id: applied lowest first.
         self._calls_in_order: list[int] = []
         self._turn = asyncio.Condition()
+        self._stored_at = -1e9  # monotonic time of the last webhooks stored
 
     def wake(self) -> None:
         self._wake.set()
+
+    def calls_stored(self) -> None:
+        """Webhooks were just stored: there is work, and acknowledgements are flowing."""
+        self._stored_at = time.monotonic()
+        self._wake.set()
+
+    async def _yield_to_webhooks(self, spent: float) -> None:
+        """While webhooks arrive, acknowledging them goes first: the calls are durable and can wait,
+        the provider cannot. Processing keeps `processing_share` of the time, so it never stops."""
+        share = self.spec.processing_share
+        if share < 1 and time.monotonic() - self._stored_at < 1.0:
+            await asyncio.sleep(spent * (1 - share) / share)
 
     async def run(self) -> None:
         heartbeat = asyncio.create_task(self._renew_leases())
@@ -77,8 +91,10 @@ class Worker:
                 claimed = await self._claim_some()
                 if claimed and len(self._running) < self.spec.concurrency:
                     continue  # more may be due right now
+                # With no room for more jobs, only a finishing job (or stopping) matters: no query.
+                timeout = await self._until_next_due() if self._room() else self.spec.poll_interval.total_seconds()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), await self._until_next_due())
+                    await asyncio.wait_for(self._wake.wait(), timeout)
                 self._wake.clear()
             # Stopping: jobs in flight finish (stop() bounds the wait by cancelling this task).
             await asyncio.gather(*self._running.values(), return_exceptions=True)
@@ -117,16 +133,20 @@ class Worker:
             return ceiling
         return min(ceiling, max((due - self.clock.now()).total_seconds(), 0.005))
 
-    async def _claim_some(self) -> int:
+    def _room(self) -> int:
+        """How many jobs to claim now. With work in flight, wait for a batch's worth of free slots:
+        one claim per finished job would cost a transaction per send."""
         free = self.spec.concurrency - len(self._running)
-        # With work in flight, wait for a batch's worth of free slots: one claim per finished job
-        # would cost a transaction per send.
         if free <= 0 or (self._running and free < min(self.spec.batch_size, self.spec.concurrency) // 2):
             return 0
+        return min(free, self.spec.batch_size)
+
+    async def _claim_some(self) -> int:
+        room = self._room()
+        if not room:
+            return 0
         try:
-            jobs = await self.db.run(
-                scheduler.claim, self.id, self.clock.now(), self.spec.lease, min(free, self.spec.batch_size)
-            )
+            jobs = await self.db.run(scheduler.claim, self.id, self.clock.now(), self.spec.lease, room)
         except StorageUnavailable as exc:
             log.warning("cannot claim jobs", error=str(exc))
             return 0
@@ -203,6 +223,7 @@ class Worker:
         in the order they arrived, in one transaction: one commit for the batch, not two per call."""
         ids = sorted(job.inbox_id for job in jobs if job.inbox_id is not None)
         stored: list[Event] = []
+        started = time.monotonic()
         try:
             raws = await self.db.run(inbound.load_calls, ids)
             calls = await asyncio.gather(*(self._normalize(job, raws.get(job.inbox_id or 0)) for job in jobs))
@@ -233,6 +254,7 @@ class Worker:
         for event in stored:
             self._on_event(event)
         self.wake()  # steps due now were just created
+        await self._yield_to_webhooks(time.monotonic() - started)
 
     async def _normalize(self, job: ClaimedJob, raw: RawCall | None) -> _Call | None:
         """What to do with one call; None when it must wait (the provider said retry later)."""
