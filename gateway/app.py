@@ -91,9 +91,16 @@ def build_gateway(
         settings.public_url,
     )
     worker = Worker(
-        db, settings.worker, sources, router, steps, partial(notify_event_received, pm), settings.phone_region
+        db,
+        settings.worker,
+        sources,
+        router,
+        steps,
+        partial(notify_event_received, pm),
+        settings.phone_region,
+        acks_waiting=lambda: committer.waiting > 0,  # the committer is made next; asked only once running
     )
-    committer = GroupCommitter(db, on_commit=worker.calls_stored)
+    committer = GroupCommitter(db, on_commit=worker.wake)
     return Gateway(settings, pm, clock, db, sources, sinks, env, router, committer, worker, role)
 
 

@@ -231,8 +231,8 @@ class WorkerSpec(_Strict):
         0.25,
         gt=0,
         le=1,
-        description="While webhooks arrive, the share of the process that processing stored calls may take; "
-        "acknowledging them gets the rest (1: no limit).",
+        description="While webhooks wait for their acknowledgement, the share of the time that processing "
+        "stored calls may take; acknowledging gets the rest (1: no limit).",
     )
     lease: Duration = Field(
         timedelta(minutes=5), description="A claimed job returns to the queue if its worker is silent this long."

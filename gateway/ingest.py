@@ -54,11 +54,17 @@ class GroupCommitter:
         self._on_commit = on_commit
         self._max_batch = max_batch
         self._queue: asyncio.Queue[tuple[NewCall, asyncio.Future[Accepted]]] = asyncio.Queue()
+        #: Calls submitted and not yet answered: requests waiting for their acknowledgement.
+        self.waiting = 0
 
     async def submit(self, call: NewCall) -> Accepted:
         future: asyncio.Future[Accepted] = asyncio.get_running_loop().create_future()
-        await self._queue.put((call, future))
-        return await future
+        self.waiting += 1
+        try:
+            await self._queue.put((call, future))
+            return await future
+        finally:
+            self.waiting -= 1
 
     async def run(self) -> None:
         while True:

@@ -55,34 +55,32 @@ class Worker:
         steps: StepRunner,
         on_event: Callable[[Event], None],
         phone_region: str | None = None,
+        acks_waiting: Callable[[], bool] = lambda: False,
     ):
         self.db, self.spec, self.sources, self.router, self.steps = db, spec, sources, router, steps
         self.phone_region = phone_region
         self.clock = steps.clock
         self.id = steps.worker_id
         self._on_event = on_event
+        self._acks_waiting = acks_waiting
         self._wake = asyncio.Event()
         self._running: dict[int, asyncio.Task[None]] = {}
         self._stopping = False
         #: Claimed calls not yet applied, by inbox id: applied lowest first.
         self._calls_in_order: list[int] = []
         self._turn = asyncio.Condition()
-        self._stored_at = -1e9  # monotonic time of the last webhooks stored
 
     def wake(self) -> None:
         self._wake.set()
 
-    def calls_stored(self) -> None:
-        """Webhooks were just stored: there is work, and acknowledgements are flowing."""
-        self._stored_at = time.monotonic()
-        self._wake.set()
+    def pause_after(self, spent: float) -> float:
+        """Seconds to pause after processing calls for `spent` seconds.
 
-    async def _yield_to_webhooks(self, spent: float) -> None:
-        """While webhooks arrive, acknowledging them goes first: the calls are durable and can wait,
-        the provider cannot. Processing keeps `processing_share` of the time, so it never stops."""
+        While webhooks wait for their acknowledgement, those go first: stored calls are durable and can
+        wait, the provider cannot. Processing keeps `processing_share` of the time, so it never stops.
+        """
         share = self.spec.processing_share
-        if share < 1 and time.monotonic() - self._stored_at < 1.0:
-            await asyncio.sleep(spent * (1 - share) / share)
+        return spent * (1 - share) / share if share < 1 and self._acks_waiting() else 0.0
 
     async def run(self) -> None:
         heartbeat = asyncio.create_task(self._renew_leases())
@@ -254,7 +252,7 @@ class Worker:
         for event in stored:
             self._on_event(event)
         self.wake()  # steps due now were just created
-        await self._yield_to_webhooks(time.monotonic() - started)
+        await asyncio.sleep(self.pause_after(time.monotonic() - started))
 
     async def _normalize(self, job: ClaimedJob, raw: RawCall | None) -> _Call | None:
         """What to do with one call; None when it must wait (the provider said retry later)."""

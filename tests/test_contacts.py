@@ -40,6 +40,10 @@ class Deployment:
 
 @pytest.fixture
 async def d(aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCatcher) -> Deployment:
+    return await deployment(aiohttp_client, tmp_path, db_url, smtp)
+
+
+async def deployment(aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCatcher) -> Deployment:
     pm = get_plugin_manager(extra=[ScriptedPlugin()])
     config = f"""\
 storage: {{url: '{db_url}'}}
@@ -208,10 +212,12 @@ def test_the_contact_upsert_returns_is_the_one_stored(db_url: str, second: Conta
         database.close()
 
 
-async def test_processing_an_event_and_sending_never_scans_a_whole_table(d: Deployment, db_url: str) -> None:
-    """Each statement of the hot path finds its rows through an index: its cost must not grow with the tables."""
-    if not db_url.startswith("sqlite"):
-        pytest.skip("reads SQLite's query plans")
+async def test_processing_an_event_and_sending_never_scans_a_whole_table(
+    aiohttp_client: Any, tmp_path: Path, smtp: SmtpCatcher
+) -> None:
+    """Each statement of the hot path finds its rows through an index: its cost must not grow with the tables.
+    (SQLite's plans: PostgreSQL's planner rightly scans tables this small.)"""
+    d = await deployment(aiohttp_client, tmp_path, f"sqlite:///{tmp_path / 'plans.db'}", smtp)
     seen: list[tuple[str, Any]] = []
 
     def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, many: bool) -> None:

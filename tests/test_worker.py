@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from gateway.app import create_app
+from gateway.app import build_gateway, create_app
 from gateway.config import load_config
 from gateway.ingest import GATEWAY_KEY
 from gateway.plugins import collect, get_plugin_manager
@@ -52,3 +52,22 @@ async def test_calls_applied_together_keep_their_order_and_a_bad_one_fails_alone
     ]
     # Every job is closed: nothing is retried, nothing is left running.
     assert rows(gateway, "SELECT status, COUNT(*) FROM jobs WHERE kind = 'inbox' GROUP BY status") == [("done", 3)]
+
+
+@pytest.mark.parametrize(
+    ("share", "acks_waiting", "pause"),
+    [
+        (0.25, True, 0.3),  # processing had 0.1 s: acknowledgements get the next 0.3 s
+        (0.5, True, 0.1),
+        (0.25, False, 0.0),  # nobody waits for an acknowledgement: no reason to pause
+        (1.0, True, 0.0),  # no limit
+    ],
+)
+def test_processing_makes_way_for_waiting_acknowledgements(
+    tmp_path: Path, share: float, acks_waiting: bool, pause: float
+) -> None:
+    pm = get_plugin_manager()
+    path = write_deployment(tmp_path, f"worker: {{processing_share: {share}}}\n", {})
+    gateway = build_gateway(load_config(path, collect(pm), pm), pm=pm)
+    gateway.committer.waiting = 1 if acks_waiting else 0  # webhooks in the group commit's queue
+    assert gateway.worker.pause_after(0.1) == pytest.approx(pause)
