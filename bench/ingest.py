@@ -165,7 +165,7 @@ def run_declic(args: argparse.Namespace, folder: Path) -> tuple[dict[str, Any], 
             db=db,
             secret=SECRET,
             log_level=args.log_level,
-            worker=f"worker:\n  concurrency: {args.worker_concurrency}\n" if args.worker_concurrency else "",
+            worker=worker_section(args),
         ),
     )
     log_path = folder / "declic.log"
@@ -190,15 +190,42 @@ def run_declic(args: argparse.Namespace, folder: Path) -> tuple[dict[str, Any], 
             )
             wait_for_port(port, server)
             result = drive(f"http://127.0.0.1:{port}/hooks/shop", args, "declic", server.pid)
+            counts = {"processed_under_load": processed(db)}
+            if args.role == "all":
+                result["drain"] = drain(db, server.pid, args.drain_timeout)
     finally:
         stop(server)
     with sqlite3.connect(db) as conn:
-        counts = {
-            "inbox": conn.execute("SELECT count(*) FROM inbox").fetchone()[0],
-            "processed": conn.execute("SELECT count(*) FROM inbox WHERE status = 'processed'").fetchone()[0],
-            "events": conn.execute("SELECT count(*) FROM events").fetchone()[0],
-        }
+        counts["inbox"] = conn.execute("SELECT count(*) FROM inbox").fetchone()[0]
+        counts["processed"] = processed(db)
+        counts["events"] = conn.execute("SELECT count(*) FROM events").fetchone()[0]
     return result, counts
+
+
+def worker_section(args: argparse.Namespace) -> str:
+    settings = {"concurrency": args.worker_concurrency, "processing_share": args.processing_share}
+    lines = [f"  {key}: {value}\n" for key, value in settings.items() if value is not None]
+    return "worker:\n" + "".join(lines) if lines else ""
+
+
+def processed(db: Path) -> int:
+    with sqlite3.connect(db) as conn:
+        return int(conn.execute("SELECT count(*) FROM inbox WHERE status = 'processed'").fetchone()[0])
+
+
+def drain(db: Path, pid: int, timeout: float) -> dict[str, float]:
+    """After the load: how fast the worker processes the calls left in the inbox, with the process to itself."""
+    start, cpu_start, done_start = time.monotonic(), cpu_seconds(pid), processed(db)
+    with sqlite3.connect(db) as conn:
+        total = conn.execute("SELECT count(*) FROM inbox").fetchone()[0]
+    done = done_start
+    while done < total and time.monotonic() - start < timeout:
+        time.sleep(0.5)
+        done = processed(db)
+    elapsed, cpu = time.monotonic() - start, cpu_seconds(pid) - cpu_start
+    calls = done - done_start
+    per_call = cpu / calls * 1e6 if calls else 0.0
+    return {"calls": calls, "left": total - done, "seconds": elapsed, "cpu_us_per_call": per_call}
 
 
 def main() -> None:
@@ -224,6 +251,18 @@ def main() -> None:
         type=int,
         default=None,
         help="Declic's worker.concurrency (default: Declic's own default)",
+    )
+    parser.add_argument(
+        "--processing-share",
+        type=float,
+        default=None,
+        help="Declic's worker.processing_share (default: Declic's own default)",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=180.0,
+        help="after the load, wait this long at most for the worker to process the rest (role all)",
     )
     args = parser.parse_args()
 
@@ -258,6 +297,15 @@ def main() -> None:
         f"{'equal' if durable else 'MISMATCH'}; worker had processed {counts['processed']} of them "
         f"({counts['events']} events) when the server stopped"
     )
+    if "drain" in declic:
+        d = declic["drain"]
+        left = f", {d['left']:.0f} left at the timeout" if d["left"] else ""
+        print(
+            f" worker: processed {counts['processed_under_load']} calls during the load (processing_share "
+            f"{args.processing_share or 'default'}), then {d['calls']:.0f} in {d['seconds']:.1f} s after it: "
+            f"{d['calls'] / d['seconds']:.0f} calls/s, {d['cpu_us_per_call']:.0f} us of CPU per call"
+            f"{left}"
+        )
 
 
 if __name__ == "__main__":
