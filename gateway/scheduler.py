@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from .store import JOBS
+from .store import INBOX, JOBS
 
 J = JOBS.c
 MAX_RETRY_AFTER = 86400.0
@@ -191,22 +191,17 @@ def requeue(conn: Connection, job_ids: list[int] | None, now: datetime) -> int:
 
 
 def add_inbox_jobs(conn: Connection, inbox_ids: list[int], now: datetime) -> None:
-    conn.execute(
-        sa.insert(JOBS),
-        [
-            {
-                "kind": "inbox",
-                "inbox_id": inbox_id,
-                "step": 0,
-                "due_at": now,
-                "status": "pending",
-                "attempts": 0,
-                "created_at": now,
-                "updated_at": now,
-            }
-            for inbox_id in inbox_ids
-        ],
-    )
+    """One job per stored call, in one INSERT ... SELECT: the timestamps are bound once, not per row."""
+    conn.execute(_ADD_INBOX_JOBS, {"ids": inbox_ids, "now": now})
+
+
+_NOW = sa.bindparam("now", type_=J.due_at.type)
+_ADD_INBOX_JOBS = sa.insert(JOBS).from_select(
+    ["kind", "inbox_id", "step", "due_at", "status", "attempts", "created_at", "updated_at"],
+    sa.select(
+        sa.literal("inbox"), INBOX.c.id, sa.literal(0), _NOW, sa.literal("pending"), sa.literal(0), _NOW, _NOW
+    ).where(INBOX.c.id.in_(sa.bindparam("ids", expanding=True))),
+)
 
 
 def add_unique(conn: Connection, kind: str, key: str, occurrence: str, due: datetime, now: datetime) -> None:
