@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -324,11 +325,14 @@ class ContactView(dict[str, Any]):
     provider reported it for a message of that rule (and step, when given).
     """
 
-    def __init__(self, fields: dict[str, Any], feedback: list[tuple[str, int, str]]):
+    def __init__(self, fields: dict[str, Any], feedback: Callable[[], list[tuple[str, int, str]]]):
         super().__init__(fields)
-        self._feedback = feedback
+        self._load_feedback = feedback
+        self._feedback: list[tuple[str, int, str]] | None = None
 
     def _did(self, what: str, rule: str | None, step: int | None) -> bool:
+        if self._feedback is None:  # read when a condition first asks: most steps never do
+            self._feedback = self._load_feedback()
         return any(what in seen.split(",") and rule in (None, r) and step in (None, s) for r, s, seen in self._feedback)
 
     def opened(self, rule: str | None = None, step: int | None = None) -> bool:
@@ -339,12 +343,17 @@ class ContactView(dict[str, Any]):
 
 
 def view(conn: Connection, contact_id: int) -> ContactView:
-    rows = conn.execute(
-        sa.select(DELIVERIES.c.rule, DELIVERIES.c.step, DELIVERIES.c.feedback).where(
-            DELIVERIES.c.contact_id == contact_id, DELIVERIES.c.feedback.is_not(None)
-        )
-    )
-    return ContactView(load(conn, contact_id), [(r.rule, r.step, r.feedback) for r in rows])
+    """The contact for a step being prepared: valid only within that transaction."""
+
+    def feedback() -> list[tuple[str, int, str]]:
+        return [(r.rule, r.step, r.feedback) for r in conn.execute(_FEEDBACK, {"contact_id": contact_id})]
+
+    return ContactView(load(conn, contact_id), feedback)
+
+
+_FEEDBACK = sa.select(DELIVERIES.c.rule, DELIVERIES.c.step, DELIVERIES.c.feedback).where(
+    DELIVERIES.c.contact_id == sa.bindparam("contact_id"), DELIVERIES.c.feedback.is_not(None)
+)
 
 
 def mark_email_bouncing(conn: Connection, contact_id: int, now: datetime) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import jinja2
 import sqlalchemy as sa
 import structlog
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from . import contacts, journal, scheduler, unsubscribe
@@ -75,7 +77,7 @@ class StepRunner:
     def prepare(self, conn: Connection, job: ClaimedJob) -> Send | None:
         """Decide what to send, or close (or defer) the job here when nothing should be sent now."""
         now = self.clock.now()
-        enrolment = conn.execute(sa.select(ENROLMENTS).where(E.id == job.enrolment_id)).one()
+        enrolment = conn.execute(_ENROLMENT, {"enrolment_id": job.enrolment_id}).one()
         rule = self.router.rules.get(enrolment.rule)
         if enrolment.status != "active" or rule is None or job.step >= len(rule.spec.steps):
             why = "rule no longer in the config" if rule is None else f"journey {enrolment.status}"
@@ -84,7 +86,7 @@ class StepRunner:
         spec = rule.spec.steps[job.step]
         key = idempotency_key(enrolment.rule, enrolment.contact_id, enrolment.occurrence, job.step)
         step = Step(job, rule, enrolment.id, enrolment.contact_id, key, self.sinks[spec.send.via])
-        if conn.execute(sa.select(D.status).where(D.idempotency_key == key)).scalar_one_or_none() in FINAL:
+        if conn.execute(_DELIVERY_STATUS, {"key": key}).scalar_one_or_none() in FINAL:
             self._advance(conn, step, now)  # the outcome was recorded, the job was not
             return None
         if self._capped(rule) and conn.dialect.name == "postgresql":
@@ -277,11 +279,7 @@ class StepRunner:
                 conn, step.enrolment_id, following, now + steps[following].wait, now, step.rule.spec.priority
             )
         else:
-            conn.execute(
-                sa.update(ENROLMENTS)
-                .where(E.id == step.enrolment_id, E.status == "active")
-                .values(status="completed", ended_at=now)
-            )
+            conn.execute(_COMPLETE, {"enrolment_id": step.enrolment_id, "now": now})
 
     def _record(
         self,
@@ -293,26 +291,51 @@ class StepRunner:
         provider_id: str | None = None,
         sent_at: datetime | None = None,
     ) -> None:
-        values: dict[str, Any] = {"status": status, "reason": reason, "attempts": step.job.attempts, "updated_at": now}
-        if provider_id is not None:
-            values["provider_id"] = provider_id
-        if sent_at is not None:
-            values["sent_at"] = sent_at
-        updated = conn.execute(sa.update(DELIVERIES).where(D.idempotency_key == step.key).values(**values))
-        if updated.rowcount == 0:
-            conn.execute(
-                sa.insert(DELIVERIES).values(
-                    idempotency_key=step.key,
-                    enrolment_id=step.enrolment_id,
-                    rule=step.rule.name,
-                    step=step.job.step + 1,
-                    contact_id=step.contact_id,
-                    sink=step.sink.key,
-                    kind=step.rule.spec.kind,
-                    created_at=now,
-                    **values,
-                )
-            )
+        """One row per step, whatever the attempts: written over on each outcome, in one statement."""
+        row = {
+            "idempotency_key": step.key,
+            "enrolment_id": step.enrolment_id,
+            "rule": step.rule.name,
+            "step": step.job.step + 1,
+            "contact_id": step.contact_id,
+            "sink": step.sink.key,
+            "kind": step.rule.spec.kind,
+            "created_at": now,
+            "status": status,
+            "reason": reason,
+            "attempts": step.job.attempts,
+            "updated_at": now,
+            "provider_id": provider_id,
+            "sent_at": sent_at,
+        }
+        conn.execute(_upsert_delivery(conn.dialect.name), row)
+
+
+@functools.cache
+def _upsert_delivery(dialect: str) -> sa.Insert:
+    insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(DELIVERIES)
+    excluded = insert.excluded
+    return insert.on_conflict_do_update(
+        index_elements=["idempotency_key"],
+        set_={
+            "status": excluded.status,
+            "reason": excluded.reason,
+            "attempts": excluded.attempts,
+            "updated_at": excluded.updated_at,
+            # An outcome without these keeps what an earlier attempt recorded.
+            "provider_id": sa.func.coalesce(excluded.provider_id, D.provider_id),
+            "sent_at": sa.func.coalesce(excluded.sent_at, D.sent_at),
+        },
+    )
+
+
+_ENROLMENT = sa.select(ENROLMENTS).where(E.id == sa.bindparam("enrolment_id"))
+_DELIVERY_STATUS = sa.select(D.status).where(D.idempotency_key == sa.bindparam("key"))
+_COMPLETE = (
+    sa.update(ENROLMENTS)
+    .where(E.id == sa.bindparam("enrolment_id"), E.status == "active")
+    .values(status="completed", ended_at=sa.bindparam("now"))
+)
 
 
 def idempotency_key(rule: str, contact_id: int, occurrence: str, step: int) -> str:

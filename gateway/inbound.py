@@ -174,8 +174,11 @@ def store_event(conn: Connection, event: Event, contact_id: int) -> None:
     )
 
 
+_EVENT = sa.select(EVENTS).where(EVENTS.c.id == sa.bindparam("event_id"))
+
+
 def load_event(conn: Connection, event_id: str) -> dict[str, object]:
-    row = conn.execute(sa.select(EVENTS).where(EVENTS.c.id == event_id)).one()
+    row = conn.execute(_EVENT, {"event_id": event_id}).one()
     return {
         "id": row.id,
         "source": row.source,

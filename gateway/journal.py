@@ -27,7 +27,18 @@ def record(
 ) -> None:
     assert action in ACTIONS, action
     conn.execute(
-        sa.insert(DECISIONS).values(
-            at=at, rule=rule, step=step, contact_id=contact_id, action=action, via=via, reason=reason, event_id=event_id
-        )
+        _INSERT,
+        {
+            "at": at,
+            "rule": rule,
+            "step": step,
+            "contact_id": contact_id,
+            "action": action,
+            "via": via,
+            "reason": reason,
+            "event_id": event_id,
+        },
     )
+
+
+_INSERT = sa.insert(DECISIONS)

@@ -35,19 +35,23 @@ def add_step(
     conn: Connection, enrolment_id: int, step: int, due_at: datetime, now: datetime, priority: int = 0
 ) -> None:
     conn.execute(
-        sa.insert(JOBS).values(
-            kind="step",
-            enrolment_id=enrolment_id,
-            step=step,
-            due_at=due_at,
-            first_due_at=due_at,
-            priority=priority,
-            status="pending",
-            attempts=0,
-            created_at=now,
-            updated_at=now,
-        )
+        _INSERT,
+        {
+            "kind": "step",
+            "enrolment_id": enrolment_id,
+            "step": step,
+            "due_at": due_at,
+            "first_due_at": due_at,
+            "priority": priority,
+            "status": "pending",
+            "attempts": 0,
+            "created_at": now,
+            "updated_at": now,
+        },
     )
+
+
+_INSERT = sa.insert(JOBS)
 
 
 def claim(conn: Connection, worker: str, now: datetime, lease: timedelta, limit: int) -> list[ClaimedJob]:
@@ -113,11 +117,23 @@ def finish(
 ) -> bool:
     """Close a claimed job; False when this worker no longer held it (its lease was taken over)."""
     result = conn.execute(
-        sa.update(JOBS)
-        .where(J.id == job.id, J.locked_by == worker, J.status == "running")
-        .values(status=status, locked_until=None, last_error=error, updated_at=now)
+        _FINISH, {"job_id": job.id, "worker": worker, "new_status": status, "error": error, "now": now}
     )
     return result.rowcount == 1
+
+
+#: Only while this worker holds the job: after a lost lease, another worker owns it.
+_HELD = sa.and_(J.id == sa.bindparam("job_id"), J.locked_by == sa.bindparam("worker"), J.status == "running")
+_FINISH = (
+    sa.update(JOBS)
+    .where(_HELD)
+    .values(
+        status=sa.bindparam("new_status"),
+        locked_until=None,
+        last_error=sa.bindparam("error"),
+        updated_at=sa.bindparam("now"),
+    )
+)
 
 
 def finish_many(conn: Connection, jobs: list[ClaimedJob], worker: str, now: datetime) -> None:
@@ -130,12 +146,22 @@ def finish_many(conn: Connection, jobs: list[ClaimedJob], worker: str, now: date
 
 
 def reschedule(conn: Connection, job: ClaimedJob, worker: str, due_at: datetime, now: datetime, error: str) -> bool:
-    result = conn.execute(
-        sa.update(JOBS)
-        .where(J.id == job.id, J.locked_by == worker, J.status == "running")
-        .values(status="pending", due_at=due_at, locked_until=None, locked_by=None, last_error=error, updated_at=now)
+    values = {"job_id": job.id, "worker": worker, "due": due_at, "error": error, "now": now}
+    return conn.execute(_RESCHEDULE, values).rowcount == 1
+
+
+_RESCHEDULE = (
+    sa.update(JOBS)
+    .where(_HELD)
+    .values(
+        status="pending",
+        due_at=sa.bindparam("due"),
+        locked_until=None,
+        locked_by=None,
+        last_error=sa.bindparam("error"),
+        updated_at=sa.bindparam("now"),
     )
-    return result.rowcount == 1
+)
 
 
 def cancel_pending(conn: Connection, enrolment_ids: list[int], now: datetime) -> list[tuple[int, int]]:
@@ -151,20 +177,11 @@ def cancel_pending(conn: Connection, enrolment_ids: list[int], now: datetime) ->
 
 def defer(conn: Connection, job: ClaimedJob, worker: str, until: datetime, now: datetime, reason: str) -> bool:
     """Put a step back until `until` without spending an attempt: waiting is not failing."""
-    result = conn.execute(
-        sa.update(JOBS)
-        .where(J.id == job.id, J.locked_by == worker, J.status == "running")
-        .values(
-            status="pending",
-            due_at=until,
-            attempts=J.attempts - 1,
-            locked_until=None,
-            locked_by=None,
-            last_error=reason,
-            updated_at=now,
-        )
-    )
-    return result.rowcount == 1
+    values = {"job_id": job.id, "worker": worker, "due": until, "error": reason, "now": now}
+    return conn.execute(_DEFER, values).rowcount == 1
+
+
+_DEFER = _RESCHEDULE.values(attempts=J.attempts - 1)
 
 
 def retry_delay(
