@@ -19,13 +19,15 @@ from sqlalchemy.engine import Connection
 
 from . import inbound, polling, scheduler
 from .config import WorkerSpec
-from .delivery import StepRunner, call_sink
+from .delivery import Send, StepRunner, call_sink
 from .errors import MalformedPayload, RetryLater, StorageUnavailable
 from .events import Event
 from .router import Router
 from .scheduler import ClaimedJob
+from .sinks import DeliveryResult
 from .sources import RawCall, Source
 from .store import Database
+from .store.db import Grouped
 
 log = structlog.get_logger("declic.worker")
 T = TypeVar("T")
@@ -63,6 +65,11 @@ class Worker:
         self.id = steps.worker_id
         self._on_event = on_event
         self._acks_waiting = acks_waiting
+        # Steps run side by side; their transactions are shared when they coincide.
+        self._prepare = Grouped(db, steps.prepare)
+        self._record: Grouped[tuple[Send, DeliveryResult], None] = Grouped(
+            db, lambda conn, outcome: steps.record(conn, *outcome)
+        )
         self._wake = asyncio.Event()
         self._running: dict[int, asyncio.Task[None]] = {}
         self._stopping = False
@@ -317,7 +324,7 @@ class Worker:
         return result
 
     async def _run_step(self, job: ClaimedJob) -> None:
-        send = await self.db.run(self.steps.prepare, job)
+        send = await self._prepare(job)
         if send is None:
             self.wake()
             return
@@ -326,7 +333,7 @@ class Worker:
         ):
             result = await call_sink(send)
             log.info("step " + result.outcome.value, provider_id=result.provider_id, error=result.error)
-            await self.db.run(self.steps.record, send, result)
+            await self._record((send, result))
         self.wake()
 
     async def _retry_later(self, job: ClaimedJob, error: str, after: float | None = None) -> None:

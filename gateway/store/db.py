@@ -11,7 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, Generic, TypeVar
 
 import sqlalchemy as sa
 from alembic import command
@@ -25,6 +25,8 @@ from ..errors import ConfigError, StorageUnavailable
 __all__ = ["Database", "StorageUnavailable", "make_engine", "normalize_url"]
 
 T = TypeVar("T")
+I = TypeVar("I")  # noqa: E741
+R = TypeVar("R")
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
@@ -136,6 +138,59 @@ class Database:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+
+class Grouped(Generic[I, R]):
+    """`await grouped(item)` runs work(conn, item); items that arrive while a transaction runs share the
+    next one, so a busy worker pays one commit for many steps and an idle one waits for nobody.
+
+    If a shared transaction fails, its items run again one transaction each, so a bad item fails alone.
+    """
+
+    def __init__(self, db: Database, work: Callable[[Any, I], R]):
+        self._db, self._work = db, work
+        self._pending: list[tuple[I, asyncio.Future[R]]] = []
+        self._flushing = False
+
+    async def __call__(self, item: I) -> R:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        if not self._flushing:  # this caller runs the transactions until no item waits
+            self._flushing = True
+            batch: list[tuple[I, asyncio.Future[R]]] = []
+            try:
+                while self._pending:
+                    batch, self._pending = self._pending, []
+                    await self._flush(batch)
+            finally:
+                self._flushing = False
+                for _, waiting in batch:  # cancelled mid-flush: nobody may wait forever
+                    if not waiting.done():
+                        waiting.cancel()
+        return await future
+
+    def _all(self, conn: Any, items: list[I]) -> list[R]:
+        return [self._work(conn, item) for item in items]
+
+    async def _flush(self, batch: list[tuple[I, asyncio.Future[R]]]) -> None:
+        try:
+            results = await self._db.run(self._all, [item for item, _ in batch])
+        except StorageUnavailable as exc:  # the database, not an item: each alone would fail the same way
+            for _, future in batch:
+                future.set_exception(exc)
+            return
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0][1].set_exception(exc)
+                return
+            for item, future in batch:
+                try:
+                    future.set_result((await self._db.run(self._all, [item]))[0])
+                except Exception as exc:
+                    future.set_exception(exc)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            future.set_result(result)
 
 
 class PriorityLane(Executor):

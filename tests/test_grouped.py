@@ -1,0 +1,55 @@
+"""Grouped transactions: work that arrives together commits together, and a bad item fails alone."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from gateway.store import META, Database
+from gateway.store.db import Grouped
+
+
+@pytest.fixture
+def db(db_url: str) -> Any:
+    database = Database(db_url)
+    database.upgrade()
+    yield database
+    database.close()
+
+
+def remember(conn: sa.Connection, key: str) -> str:
+    if key == "bad":
+        raise ValueError("this one is bad")
+    conn.execute(sa.insert(META).values(key=key, value="x"))
+    return key.upper()
+
+
+def stored(db: Database) -> list[str]:
+    with db.engine.connect() as conn:
+        return sorted(conn.execute(sa.select(META.c.key).where(META.c.key.like("k%"))).scalars())
+
+
+async def test_items_arriving_together_share_one_transaction(db: Database) -> None:
+    transactions = []
+    sa.event.listen(db.engine, "commit", lambda conn: transactions.append(conn))
+    grouped = Grouped(db, remember)
+
+    results = await asyncio.gather(*(grouped(f"k{i}") for i in range(20)))
+
+    assert results == [f"K{i}" for i in range(20)]
+    assert stored(db) == sorted(f"k{i}" for i in range(20))
+    # The first item goes alone (nobody waited with it); the other 19 arrived meanwhile and share one.
+    assert len(transactions) == 2
+
+
+async def test_a_bad_item_fails_alone(db: Database) -> None:
+    grouped = Grouped(db, remember)
+
+    results = await asyncio.gather(grouped("k1"), grouped("k2"), grouped("bad"), grouped("k3"), return_exceptions=True)
+
+    assert results[:2] == ["K1", "K2"] and results[3] == "K3"
+    assert isinstance(results[2], ValueError)
+    assert stored(db) == ["k1", "k2", "k3"]
