@@ -226,13 +226,13 @@ class ScoringSpec(_Strict):
 class WorkerSpec(_Strict):
     poll_interval: Duration = Field(timedelta(seconds=1), description="Look for due jobs at least this often.")
     batch_size: int = Field(50, ge=1, le=1000, description="Jobs claimed per query.")
-    concurrency: int = Field(20, ge=1, le=500, description="Jobs run at once per process.")
+    concurrency: int = Field(100, ge=1, le=500, description="Jobs run at once per process.")
     processing_share: float = Field(
-        0.25,
+        0.15,
         gt=0,
         le=1,
-        description="While webhooks wait for their acknowledgement, the share of the time that processing "
-        "stored calls may take; acknowledging gets the rest (1: no limit).",
+        description="When the process is short of CPU and webhooks wait for their acknowledgement, the share "
+        "of the CPU that processing stored calls keeps; acknowledging gets the rest (1: no limit).",
     )
     lease: Duration = Field(
         timedelta(minutes=5), description="A claimed job returns to the queue if its worker is silent this long."

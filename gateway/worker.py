@@ -31,6 +31,10 @@ from .store.db import Grouped
 
 log = structlog.get_logger("declic.worker")
 T = TypeVar("T")
+#: Calls applied per transaction: SQLite's one writer (acknowledgements included) waits for at most this many.
+CALLS_PER_TRANSACTION = 20
+#: Share of a core above which the process counts as short of CPU (waits on the disk keep it under 1).
+SATURATED = 0.8
 
 
 def make_worker_id() -> str:
@@ -58,6 +62,7 @@ class Worker:
         on_event: Callable[[Event], None],
         phone_region: str | None = None,
         acks_waiting: Callable[[], bool] = lambda: False,
+        cpu_clock: Callable[[], tuple[float, float]] = lambda: (time.monotonic(), time.process_time()),
     ):
         self.db, self.spec, self.sources, self.router, self.steps = db, spec, sources, router, steps
         self.phone_region = phone_region
@@ -65,6 +70,9 @@ class Worker:
         self.id = steps.worker_id
         self._on_event = on_event
         self._acks_waiting = acks_waiting
+        self._cpu_applying = 0.0  # CPU seconds spent applying calls, for pause_after
+        self._cpu_clock = cpu_clock  # (wall, process CPU) seconds
+        self._cpu_marks = (cpu_clock(), cpu_clock())
         # Steps run side by side; their transactions are shared when they coincide.
         self._prepare = Grouped(db, steps.prepare)
         self._record: Grouped[tuple[Send, DeliveryResult], None] = Grouped(
@@ -81,13 +89,24 @@ class Worker:
         self._wake.set()
 
     def pause_after(self, spent: float) -> float:
-        """Seconds to pause after processing calls for `spent` seconds.
+        """Seconds to pause after processing calls took `spent` seconds of CPU.
 
-        While webhooks wait for their acknowledgement, those go first: stored calls are durable and can
-        wait, the provider cannot. Processing keeps `processing_share` of the time, so it never stops.
+        When the process is short of CPU and webhooks wait for their acknowledgement, those go first:
+        stored calls are durable and can wait, the provider cannot. Processing keeps `processing_share`
+        of the CPU, so it never stops; with CPU to spare, it never pauses.
         """
         share = self.spec.processing_share
-        return spent * (1 - share) / share if share < 1 and self._acks_waiting() else 0.0
+        if share >= 1 or not self._acks_waiting() or not self._saturated():
+            return 0.0
+        return spent * (1 - share) / share
+
+    def _saturated(self) -> bool:
+        """Whether the process used most of a core over the last 0.5-1 s."""
+        now = self._cpu_clock()
+        if now[0] - self._cpu_marks[1][0] >= 0.5:
+            self._cpu_marks = (self._cpu_marks[1], now)
+        (wall, cpu) = self._cpu_marks[0]
+        return now[0] > wall and (now[1] - cpu) / (now[0] - wall) >= SATURATED
 
     async def run(self) -> None:
         heartbeat = asyncio.create_task(self._renew_leases())
@@ -225,30 +244,22 @@ class Worker:
 
     async def _process_calls(self, jobs: list[ClaimedJob]) -> None:
         """Normalise the calls side by side (maybe slowly, fetching from the provider), then apply them
-        in the order they arrived, in one transaction: one commit for the batch, not two per call."""
+        in the order they arrived, CALLS_PER_TRANSACTION at a time: one commit for many calls, and
+        acknowledgements never wait long for the database."""
         ids = sorted(job.inbox_id for job in jobs if job.inbox_id is not None)
-        stored: list[Event] = []
-        started = time.monotonic()
         try:
             raws = await self.db.run(inbound.load_calls, ids)
             calls = await asyncio.gather(*(self._normalize(job, raws.get(job.inbox_id or 0)) for job in jobs))
             ready = sorted((call for call in calls if call is not None), key=lambda call: call.job.inbox_id or 0)
-            if not ready:
-                return
-            await self._my_turn(ids[0])
-            try:
-                stored = await self.db.run(self._close_calls, ready)
-            except StorageUnavailable:
-                raise
-            except Exception:  # one call's failure must not hold the others back: one transaction each
-                for call in ready:
-                    try:
-                        stored += await self.db.run(self._close_calls, [call])
-                    except MalformedPayload as exc:  # e.g. an event type too long to store: replayable after a fix
-                        await self.db.run(self._close_calls, [dataclasses.replace(call, failure=str(exc))])
-                    except Exception as exc:
-                        log.exception("call failed", job_id=call.job.id, inbox_id=call.job.inbox_id)
-                        await self._retry_later(call.job, f"{type(exc).__name__}: {exc}")
+            if ready:
+                await self._my_turn(ids[0])
+            for first in range(0, len(ready), CALLS_PER_TRANSACTION):
+                cpu = self._cpu_applying
+                stored = await self._apply(ready[first : first + CALLS_PER_TRANSACTION])
+                for event in stored:
+                    self._on_event(event)
+                self.wake()  # steps due now were just created
+                await asyncio.sleep(self.pause_after(self._cpu_applying - cpu))
         except Exception as exc:  # e.g. the database is locked: every call is tried again later
             log.warning("calls not processed, retrying", calls=len(jobs), error=str(exc))
             for job in jobs:
@@ -256,10 +267,23 @@ class Worker:
         finally:
             for inbox_id in ids:
                 await self._done_with_call(inbox_id)
-        for event in stored:
-            self._on_event(event)
-        self.wake()  # steps due now were just created
-        await asyncio.sleep(self.pause_after(time.monotonic() - started))
+
+    async def _apply(self, calls: list[_Call]) -> list[Event]:
+        try:
+            return await self.db.run(self._close_calls, calls)
+        except StorageUnavailable:
+            raise
+        except Exception:  # one call's failure must not hold the others back: one transaction each
+            stored: list[Event] = []
+            for call in calls:
+                try:
+                    stored += await self.db.run(self._close_calls, [call])
+                except MalformedPayload as exc:  # e.g. an event type too long to store: replayable after a fix
+                    await self.db.run(self._close_calls, [dataclasses.replace(call, failure=str(exc))])
+                except Exception as exc:
+                    log.exception("call failed", job_id=call.job.id, inbox_id=call.job.inbox_id)
+                    await self._retry_later(call.job, f"{type(exc).__name__}: {exc}")
+            return stored
 
     async def _normalize(self, job: ClaimedJob, raw: RawCall | None) -> _Call | None:
         """What to do with one call; None when it must wait (the provider said retry later)."""
@@ -274,6 +298,13 @@ class Worker:
             return _Call(job, raw, failure=str(exc))
 
     def _close_calls(self, conn: Connection, calls: list[_Call]) -> list[Event]:
+        began = time.thread_time()  # CPU, not wall time: waiting for the GIL or the disk is not processing
+        try:
+            return self._apply_in(conn, calls)
+        finally:
+            self._cpu_applying += time.thread_time() - began
+
+    def _apply_in(self, conn: Connection, calls: list[_Call]) -> list[Event]:
         now = self.clock.now()
         stored: list[Event] = []
         processed = []

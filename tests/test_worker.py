@@ -14,6 +14,7 @@ from gateway.config import load_config
 from gateway.ingest import GATEWAY_KEY
 from gateway.plugins import collect, get_plugin_manager
 from gateway.testing import FakeClock, ScriptedPlugin, write_deployment
+from gateway.worker import Worker
 
 
 @pytest.fixture
@@ -55,19 +56,43 @@ async def test_calls_applied_together_keep_their_order_and_a_bad_one_fails_alone
 
 
 @pytest.mark.parametrize(
-    ("share", "acks_waiting", "pause"),
+    ("share", "acks_waiting", "busy", "pause"),
     [
-        (0.25, True, 0.3),  # processing had 0.1 s: acknowledgements get the next 0.3 s
-        (0.5, True, 0.1),
-        (0.25, False, 0.0),  # nobody waits for an acknowledgement: no reason to pause
-        (1.0, True, 0.0),  # no limit
+        (0.25, True, 1.0, 0.3),  # processing took 0.1 s of CPU: acknowledgements get the next 0.3 s
+        (0.5, True, 0.9, 0.1),
+        (0.25, False, 1.0, 0.0),  # nobody waits for an acknowledgement: no reason to pause
+        (0.25, True, 0.5, 0.0),  # half a core is idle: acknowledgements do not need processing to step aside
+        (1.0, True, 1.0, 0.0),  # no limit
     ],
 )
 def test_processing_makes_way_for_waiting_acknowledgements(
-    tmp_path: Path, share: float, acks_waiting: bool, pause: float
+    tmp_path: Path, share: float, acks_waiting: bool, busy: float, pause: float
 ) -> None:
     pm = get_plugin_manager()
     path = write_deployment(tmp_path, f"worker: {{processing_share: {share}}}\n", {})
     gateway = build_gateway(load_config(path, collect(pm), pm), pm=pm)
     gateway.committer.waiting = 1 if acks_waiting else 0  # webhooks in the group commit's queue
-    assert gateway.worker.pause_after(0.1) == pytest.approx(pause)
+    readings = iter([(0.0, 0.0), (0.0, 0.0), (0.6, 0.6 * busy)])  # (wall, process CPU) seconds
+    worker = Worker(
+        gateway.db,
+        gateway.settings.worker,
+        gateway.sources,
+        gateway.router,
+        gateway.worker.steps,
+        lambda event: None,
+        acks_waiting=lambda: gateway.committer.waiting > 0,
+        cpu_clock=lambda: next(readings),
+    )
+    assert worker.pause_after(0.1) == pytest.approx(pause)
+
+
+async def test_credentials_sent_with_a_webhook_are_not_stored(deployment: Any) -> None:
+    client, gateway = deployment
+    headers = {"Authorization": "Basic c2VjcmV0", "cookie": "session=abc", "X-Request-Id": "r-1"}
+    response = await client.post("/hooks/in/tok", data=b"[]", headers=headers)
+    assert response.status == 200
+
+    (stored,) = rows(gateway, "SELECT headers FROM inbox")
+    kept = {name.lower(): value for name, value in json.loads(stored[0]).items()}
+    assert "authorization" not in kept and "cookie" not in kept
+    assert kept["x-request-id"] == "r-1"
