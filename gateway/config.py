@@ -228,7 +228,7 @@ class WorkerSpec(_Strict):
     batch_size: int = Field(50, ge=1, le=1000, description="Jobs claimed per query.")
     concurrency: int = Field(100, ge=1, le=500, description="Jobs run at once per process.")
     processing_share: float = Field(
-        0.15,
+        0.1,
         gt=0,
         le=1,
         description="When the process is short of CPU and webhooks wait for their acknowledgement, the share "

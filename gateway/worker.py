@@ -32,7 +32,7 @@ from .store.db import Grouped
 log = structlog.get_logger("declic.worker")
 T = TypeVar("T")
 #: Calls applied per transaction: SQLite's one writer (acknowledgements included) waits for at most this many.
-CALLS_PER_TRANSACTION = 20
+CALLS_PER_TRANSACTION = 10
 #: Share of a core above which the process counts as short of CPU (waits on the disk keep it under 1).
 SATURATED = 0.8
 
