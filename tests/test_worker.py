@@ -55,6 +55,18 @@ async def test_calls_applied_together_keep_their_order_and_a_bad_one_fails_alone
     assert rows(gateway, "SELECT status, COUNT(*) FROM jobs WHERE kind = 'inbox' GROUP BY status") == [("done", 3)]
 
 
+async def test_a_large_batch_is_applied_in_arrival_order_across_its_transactions(deployment: Any) -> None:
+    client, gateway = deployment
+    for n in range(1, 46):  # more calls than one claim takes, and several transactions per claim
+        events = [{"type": "profile.updated", "contact": {"email": "ada@example.com", "first_name": f"v{n}"}}]
+        assert (await client.post("/hooks/in/tok", data=json.dumps(events).encode())).status == 200
+
+    await gateway.worker.drain()
+
+    assert rows(gateway, "SELECT first_name FROM contacts") == [("v45",)]
+    assert rows(gateway, "SELECT status, COUNT(*) FROM inbox GROUP BY status") == [("processed", 45)]
+
+
 @pytest.mark.parametrize(
     ("share", "acks_waiting", "busy", "pause"),
     [
