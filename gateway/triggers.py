@@ -8,6 +8,7 @@ start-up schedules what a config change added (a new date rule, a new time zone)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
@@ -80,13 +81,7 @@ def next_occurrence(
     value = parse_date(contact.get("attributes", {}).get(rule.date_attribute))
     if value is None:
         return None
-    done = set(
-        conn.execute(
-            sa.select(ENROLMENTS.c.occurrence).where(
-                ENROLMENTS.c.rule == rule.name, ENROLMENTS.c.contact_id == contact["id"]
-            )
-        ).scalars()
-    )
+    done = set(conn.execute(_ENROLLED, {"rule": rule.name, "contact_id": contact["id"]}).scalars())
     for occurrence in occurrences(rule, value, zone_of(contact, default_zone), now):
         if occurrence.fire_at >= now - rule.catch_up and occurrence.key not in done:
             return occurrence
@@ -115,29 +110,44 @@ def arm_inactivity(
 def _put(
     conn: Connection, key: str, rule: RuleSpec, contact_id: int, occurrence: str, due: datetime, now: datetime
 ) -> None:
-    current = conn.execute(sa.select(J.id, J.due_at, J.occurrence).where(J.key == key, J.status == "pending")).first()
+    current = conn.execute(_PENDING, {"key": key}).first()
     if current is not None:
         if (current.due_at, current.occurrence) != (due, occurrence):
-            conn.execute(
-                sa.update(JOBS).where(J.id == current.id).values(due_at=due, occurrence=occurrence, updated_at=now)
-            )
+            conn.execute(_MOVE, {"job_id": current.id, "due": due, "occurrence": occurrence, "now": now})
         return
-    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(JOBS)
-    conn.execute(
-        insert.values(
-            kind="trigger",
-            rule=rule.name,
-            contact_id=contact_id,
-            key=key,
-            occurrence=occurrence,
-            due_at=due,
-            status="pending",
-            attempts=0,
-            priority=rule.priority,
-            created_at=now,
-            updated_at=now,
-        ).on_conflict_do_nothing(index_elements=["key"], index_where=J.status == "pending")
-    )
+    row = {
+        "kind": "trigger",
+        "rule": rule.name,
+        "contact_id": contact_id,
+        "key": key,
+        "occurrence": occurrence,
+        "due_at": due,
+        "status": "pending",
+        "attempts": 0,
+        "priority": rule.priority,
+        "created_at": now,
+        "updated_at": now,
+    }
+    conn.execute(_insert_once(conn.dialect.name), row)
+
+
+# Built once: the start-up reconcile runs these for every (date rule, contact).
+_ENROLLED = sa.select(ENROLMENTS.c.occurrence).where(
+    ENROLMENTS.c.rule == sa.bindparam("rule"), ENROLMENTS.c.contact_id == sa.bindparam("contact_id")
+)
+_PENDING = sa.select(J.id, J.due_at, J.occurrence).where(J.key == sa.bindparam("key"), J.status == "pending")
+_MOVE = (
+    sa.update(JOBS)
+    .where(J.id == sa.bindparam("job_id"))
+    .values(due_at=sa.bindparam("due"), occurrence=sa.bindparam("occurrence"), updated_at=sa.bindparam("now"))
+)
+
+
+@functools.cache
+def _insert_once(dialect: str) -> sa.Insert:
+    """An INSERT that does nothing when a pending job with the same key exists (another replica's)."""
+    insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(JOBS)
+    return insert.on_conflict_do_nothing(index_elements=["key"], index_where=J.status == "pending")
 
 
 def _cancel(conn: Connection, key: str, now: datetime) -> None:
