@@ -8,13 +8,14 @@ from .errors import BadRequest, ConfigError, DeclicError, MalformedPayload, Retr
 from .events import ContactRef, Event, PushRef
 from .polling import Fetched, PollingSource
 from .sinks import DeliveryResult, Message, Outcome, SendContext, Sink, SinkConfig
-from .sources import Deployment, PluginConfig, RawCall, Source
+from .sources import ConfigPath, Deployment, PluginConfig, RawCall, Source
 
 hookimpl = pluggy.HookimplMarker("declic")
 
 __all__ = [
     "BadRequest",
     "ConfigError",
+    "ConfigPath",
     "ContactRef",
     "DeclicError",
     "DeliveryResult",

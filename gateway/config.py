@@ -379,7 +379,7 @@ def _resolve_plugins(settings: Settings, data: dict[str, Any], registry: Registr
                 continue
             cls = known[plugin]
             try:
-                table[key] = (cls, cls.Config.model_validate(options))
+                table[key] = (cls, cls.Config.model_validate(options, context={"config_dir": settings.base_dir}))
             except ValidationError as exc:
                 report.add_validation(exc, where)
 

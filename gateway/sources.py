@@ -7,9 +7,10 @@ import hmac
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationInfo
 
 from .clock import Clock
 from .events import Event
@@ -22,6 +23,18 @@ class PluginConfig(BaseModel):
     """Base for every plugin's `Config`: unknown keys are errors, not silently ignored."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+def _from_config_folder(value: Any, info: ValidationInfo) -> Any:
+    folder = (info.context or {}).get("config_dir")
+    if isinstance(value, str) and value and folder is not None and not Path(value).expanduser().is_absolute():
+        return str(Path(folder) / value)
+    return str(Path(value).expanduser()) if isinstance(value, str) and value else value
+
+
+#: A file named in the config: a relative path is read from the config file's folder, not the working
+#: directory, so `declic serve --config /etc/declic/declic.yaml` finds it wherever it is started.
+ConfigPath = Annotated[str, BeforeValidator(_from_config_folder)]
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from multidict import CIMultiDictProxy
 from pydantic import Field, field_validator
 
-from gateway import DeliveryResult, Message, SendContext, Sink, SinkConfig, hookimpl
+from gateway import ConfigPath, DeliveryResult, Message, SendContext, Sink, SinkConfig, hookimpl
 from gateway.net import retry_after
 from gateway.templating import make_environment
 
@@ -165,9 +165,9 @@ class AccessTokens:
 
 
 class FcmConfig(SinkConfig):
-    service_account_file: str = Field(
+    service_account_file: ConfigPath = Field(
         description="Service account key (JSON) from Firebase console > Project settings > Service accounts; "
-        "use an absolute path (a relative one is read from the working directory)."
+        "a relative path is read from the config file's folder."
     )
     project_id: str | None = Field(None, description="Firebase project ID; default: the key file's project_id.")
     api_base: str = Field("https://fcm.googleapis.com", description="FCM API root URL; tests and proxies change it.")

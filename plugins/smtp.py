@@ -18,7 +18,7 @@ import aiosmtplib
 import dkim
 from pydantic import Field, SecretStr, field_validator
 
-from gateway import DeliveryResult, Message, PluginConfig, SendContext, Sink, SinkConfig, hookimpl
+from gateway import ConfigPath, DeliveryResult, Message, PluginConfig, SendContext, Sink, SinkConfig, hookimpl
 
 DEFAULT_PORTS = {"implicit": 465, "starttls": 587, "none": 25}
 
@@ -64,7 +64,9 @@ class SmtpConfig(SinkConfig):
     )
     connections: int = Field(4, ge=1, le=64, description="Connections kept open and reused.")
     validate_certs: bool = Field(True, description="Check the server's certificate; leave on in production.")
-    ca_file: str | None = Field(None, description="PEM file of the CA that signs the server's certificate.")
+    ca_file: ConfigPath | None = Field(
+        None, description="PEM file of the CA that signs the server's certificate (relative: to the config file)."
+    )
     local_hostname: str = Field("declic.localdomain", description="Name sent in EHLO (saves a DNS lookup).")
     dkim: DkimConfig | None = Field(None, description="Sign each message with DKIM (covering List-Unsubscribe).")
 

@@ -712,3 +712,24 @@ async def test_a_rule_retries_then_reaches_the_live_device_and_forgets_the_dead_
         "notification": {"title": "Your cart, Ada", "body": "2 items"},
         "data": {"url": "https://shop.example.com/cart"},
     }
+
+
+def test_a_relative_key_file_is_read_from_the_config_files_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`declic serve --config /etc/declic/declic.yaml` finds `key.json` beside it, wherever it starts."""
+    folder = tmp_path / "deployment"
+    folder.mkdir()
+    Path(key_file(folder, "https://oauth2.googleapis.com/token")).rename(folder / "key.json")
+    config = "sinks:\n  app: {plugin: fcm, service_account_file: key.json}\n"
+    path = write_deployment(folder, config, {})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    pm = get_plugin_manager()
+
+    settings = load_config(path, collect(pm), pm)
+
+    _, app = settings.sink_plugins["app"]
+    assert isinstance(app, FcmConfig)
+    assert Path(app.service_account_file) == folder / "key.json"

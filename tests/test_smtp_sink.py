@@ -18,8 +18,10 @@ import trustme
 from declic_plugins.smtp import SmtpConfig, SmtpSink
 from gateway import Message, Outcome, SendContext
 from gateway.clock import FakeClock
+from gateway.config import load_config
+from gateway.plugins import collect, get_plugin_manager
 from gateway.sources import Deployment
-from gateway.testing import SmtpCatcher, free_port
+from gateway.testing import SmtpCatcher, free_port, write_deployment
 
 CTX = SendContext(rule="r", step=1, kind="transactional", contact={"email": "to@example.org"}, event={})
 MESSAGE = Message(
@@ -285,3 +287,17 @@ def test_a_message_without_an_idempotency_key_still_gets_a_unique_message_id() -
     smtp = sink(25)
     ids = {parse(smtp.build(Message(to="to@example.org", text="t")))["Message-ID"] for _ in range(2)}
     assert len(ids) == 2 and all(i.startswith("<") and i.endswith("@example.com>") and len(i) > 15 for i in ids)
+
+
+def test_a_relative_ca_file_is_read_from_the_config_files_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = "sinks:\n  email: {plugin: smtp, sender: a@example.com, ca_file: certs/ca.pem}\n"
+    path = write_deployment(tmp_path, config, {})
+    monkeypatch.chdir("/")
+    pm = get_plugin_manager()
+
+    _, email = load_config(path, collect(pm), pm).sink_plugins["email"]
+
+    assert isinstance(email, SmtpConfig)
+    assert email.ca_file == str(tmp_path / "certs" / "ca.pem")
