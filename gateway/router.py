@@ -6,11 +6,12 @@ rescheduling when a contact's date or time zone changes, and firing a due trigge
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import jinja2
@@ -263,30 +264,40 @@ def enrol(
     """One enrolment per (rule, contact, occurrence), within the rule's re-entry policy."""
     reenter = rule.spec.reenter
     if reenter != "always":
-        earlier = sa.select(E.id).where(E.rule == rule.name, E.contact_id == contact_id)
-        if isinstance(reenter, ReenterAfter):
-            earlier = earlier.where(E.created_at > base - reenter.after)
-        if conn.execute(earlier.limit(1)).first() is not None:
+        # `never`: any earlier enrolment counts; `after`: only those since then.
+        since = base - reenter.after if isinstance(reenter, ReenterAfter) else _EPOCH
+        if conn.execute(_EARLIER, {"rule": rule.name, "contact_id": contact_id, "since": since}).first():
             return None
-    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(ENROLMENTS)
-    enrolment_id = conn.execute(
-        insert.values(
-            rule=rule.name,
-            contact_id=contact_id,
-            event_id=event_id,
-            occurrence=occurrence,
-            correlation=correlation,
-            status="active",
-            created_at=base,
-        )
-        .on_conflict_do_nothing(index_elements=["rule", "contact_id", "occurrence"])
-        .returning(E.id)
-    ).scalar_one_or_none()
+    row = {
+        "rule": rule.name,
+        "contact_id": contact_id,
+        "event_id": event_id,
+        "occurrence": occurrence,
+        "correlation": correlation,
+        "status": "active",
+        "created_at": base,
+    }
+    enrolment_id = conn.execute(_enrol_once(conn.dialect.name), row).scalar_one_or_none()
     if enrolment_id is None:
         return None
     scheduler.add_step(conn, enrolment_id, 0, base + rule.spec.steps[0].wait, base, rule.spec.priority)
     log.info("enrolled", rule=rule.name, event_id=event_id, contact_id=contact_id)
     return enrolment_id
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_EARLIER = (
+    sa.select(E.id)
+    .where(E.rule == sa.bindparam("rule"), E.contact_id == sa.bindparam("contact_id"))
+    .where(E.created_at > sa.bindparam("since", type_=E.created_at.type))
+    .limit(1)
+)
+
+
+@functools.cache
+def _enrol_once(dialect: str) -> sa.Insert:
+    insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(ENROLMENTS)
+    return insert.on_conflict_do_nothing(index_elements=["rule", "contact_id", "occurrence"]).returning(E.id)
 
 
 def end_journeys(

@@ -291,6 +291,25 @@ policies:
             ("2026-04-10T15:00:00Z", "browse", 1, "v@example.org", "exited", "exit_on order.placed"),
         ],
     ),
+    Scenario(
+        "reenter: never, once per contact whatever the occurrence, a year later included",
+        """\
+  - name: first-order
+    when: order.placed
+    kind: transactional
+    reenter: never
+    send: {via: email, template: t}
+""",
+        """\
+- {at: "2026-03-01T10:00:00Z", type: order.placed, correlation: "order:1", contact: {email: n@example.org}}
+- {at: "2027-03-01T10:00:00Z", type: order.placed, correlation: "order:2", contact: {email: n@example.org}}
+- {at: "2027-03-01T10:00:00Z", type: order.placed, correlation: "order:3", contact: {email: m@example.org}}
+""",
+        [
+            ("2026-03-01T10:00:00Z", "first-order", 1, "n@example.org", "send", None),
+            ("2027-03-01T10:00:00Z", "first-order", 1, "m@example.org", "send", None),
+        ],
+    ),
 ]
 
 CONFIG = """\
