@@ -61,15 +61,10 @@ def _create(
     conn: Connection, ref: ContactRef, keys: list[tuple[str, str]], source: str, now: datetime, event: Event | None
 ) -> tuple[dict[str, Any], frozenset[str]]:
     """A new contact, written in one INSERT from what the event says: nothing to read back."""
-    fields = _given_fields(ref)
-    consent = {
-        channel: {"state": state, "source": source, "at": now.isoformat()} for channel, state in ref.consent.items()
-    }
-    row = {
+    row: dict[str, Any] = {
         **dict.fromkeys(_FIELDS),
-        **fields,
-        "attributes": jsoncodec.dumps(ref.attributes),
-        "consent": jsoncodec.dumps(consent),
+        "attributes": "{}",
+        "consent": "{}",
         "email_status": "ok",
         "phone_status": "ok",
         "score": 0.0,
@@ -77,25 +72,24 @@ def _create(
         "created_at": now,
         "updated_at": now,
     }
-    contact_id = conn.execute(_INSERT_CONTACT, row).scalar_one()
+    changes, moved, ledger = _merge(row, ref, source, now)
+    row.update(changes)
+    row["id"] = contact_id = conn.execute(_INSERT_CONTACT, row).scalar_one()
     # Declic's own id for the contact, as unsubscribe links and the admin name them.
     won = _claim(conn, [("declic", str(contact_id)), *keys], contact_id)
     if keys and keys[0] not in won:  # a concurrent transaction created the same person first: join theirs
         theirs = _adopt(conn, contact_id, _lookup(conn, keys[:1])[keys[0]])
         return _update(conn, theirs, ref, source, now, event)
-    for channel, state in ref.consent.items():
-        record_consent(conn, contact_id, channel, state, source, now, event)
-    devices: dict[tuple[str, str], dict[str, Any]] = {}
-    for device in ref.push_subscriptions:
-        add_push_subscription(conn, contact_id, device.kind, device.address, device.keys, now)
-        devices[(device.kind, device.address)] = {"kind": device.kind, "address": device.address, "keys": device.keys}
+    _write_links(conn, contact_id, ref, ledger, source, now, event)
+    devices = {
+        (d.kind, d.address): {"kind": d.kind, "address": d.address, "keys": d.keys} for d in ref.push_subscriptions
+    }
     contact = {
-        **_fields_of({**row, "id": contact_id}),
+        **_fields_of(row),
         "external_ids": {kind: value for kind, value in sorted(won) if kind not in ("email", "phone")},
         "push_subscriptions": list(devices.values()),
     }
-    moved = set(fields) | {f"attributes.{name}" for name, value in ref.attributes.items() if value is not None}
-    return contact, frozenset(moved)
+    return contact, moved
 
 
 def _update(
@@ -104,6 +98,19 @@ def _update(
     row = conn.execute(_CONTACT, {"contact_id": contact_id}).one()._asdict()
     if row["email_status"] == "erased":
         return _with_links(conn, row), frozenset()  # an erasure is final: later events bring nobody back
+    changes, moved, ledger = _merge(row, ref, source, now)
+    if changes:
+        row.update(changes, updated_at=now)
+        conn.execute(_UPDATE_CONTACT, {"contact_id": contact_id, **{f: row[f] for f in _WRITABLE}})
+    _write_links(conn, contact_id, ref, ledger, source, now, event)
+    return _with_links(conn, row), moved
+
+
+def _merge(
+    row: dict[str, Any], ref: ContactRef, source: str, now: datetime
+) -> tuple[dict[str, Any], frozenset[str], list[tuple[str, str]]]:
+    """What the event changes in the stored row: the new column values, what moved (fields, and
+    `attributes.NAME`), and the consent changes for the ledger."""
     changes: dict[str, Any] = _given_fields(ref)
     if ref.phone and ref.phone != row["phone"]:
         changes["phone_status"] = "ok"  # a new number gets a fresh start
@@ -112,19 +119,36 @@ def _update(
         before = jsoncodec.loads(row["attributes"])
         moved |= {f"attributes.{k}" for k, v in ref.attributes.items() if before.get(k) != v}
         changes["attributes"] = jsoncodec.dumps({**before, **ref.attributes})
+    ledger: list[tuple[str, str]] = []
     if ref.consent:
         consent = jsoncodec.loads(row["consent"])
-        for channel, state in ref.consent.items():
-            if consent.get(channel, {}).get("state") != state:
-                record_consent(conn, contact_id, channel, state, source, now, event)
-            consent[channel] = {"state": state, "source": source, "at": now.isoformat()}
+        ledger = [
+            (channel, state) for channel, state in ref.consent.items() if consent.get(channel, {}).get("state") != state
+        ]
+        consent.update(
+            {
+                channel: {"state": state, "source": source, "at": now.isoformat()}
+                for channel, state in ref.consent.items()
+            }
+        )
         changes["consent"] = jsoncodec.dumps(consent)
-    if changes:
-        row.update(changes, updated_at=now)
-        conn.execute(_UPDATE_CONTACT, {"contact_id": contact_id, **{f: row[f] for f in _WRITABLE}})
+    return changes, frozenset(moved), ledger
+
+
+def _write_links(
+    conn: Connection,
+    contact_id: int,
+    ref: ContactRef,
+    ledger: list[tuple[str, str]],
+    source: str,
+    now: datetime,
+    event: Event | None,
+) -> None:
+    """The consent ledger's new rows and the contact's devices."""
+    for channel, state in ledger:
+        record_consent(conn, contact_id, channel, state, source, now, event)
     for device in ref.push_subscriptions:
         add_push_subscription(conn, contact_id, device.kind, device.address, device.keys, now)
-    return _with_links(conn, row), frozenset(moved)
 
 
 def _given_fields(ref: ContactRef) -> dict[str, Any]:
