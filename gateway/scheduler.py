@@ -123,7 +123,8 @@ def finish(
 
 
 #: Only while this worker holds the job: after a lost lease, another worker owns it.
-_HELD = sa.and_(J.id == sa.bindparam("job_id"), J.locked_by == sa.bindparam("worker"), J.status == "running")
+_HELD_BY = sa.and_(J.locked_by == sa.bindparam("worker"), J.status == "running")
+_HELD = sa.and_(J.id == sa.bindparam("job_id"), _HELD_BY)
 _FINISH = (
     sa.update(JOBS)
     .where(_HELD)
@@ -138,11 +139,14 @@ _FINISH = (
 
 def finish_many(conn: Connection, jobs: list[ClaimedJob], worker: str, now: datetime) -> None:
     """Close claimed jobs done together, in one statement."""
-    conn.execute(
-        sa.update(JOBS)
-        .where(J.id.in_([job.id for job in jobs]), J.locked_by == worker, J.status == "running")
-        .values(status="done", locked_until=None, last_error=None, updated_at=now)
-    )
+    conn.execute(_FINISH_MANY, {"job_ids": [job.id for job in jobs], "worker": worker, "now": now})
+
+
+_FINISH_MANY = (
+    sa.update(JOBS)
+    .where(J.id.in_(sa.bindparam("job_ids", expanding=True)), _HELD_BY)
+    .values(status="done", locked_until=None, last_error=None, updated_at=sa.bindparam("now"))
+)
 
 
 def reschedule(conn: Connection, job: ClaimedJob, worker: str, due_at: datetime, now: datetime, error: str) -> bool:

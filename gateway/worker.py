@@ -27,7 +27,7 @@ from .scheduler import ClaimedJob
 from .sinks import DeliveryResult
 from .sources import RawCall, Source
 from .store import Database
-from .store.db import Grouped
+from .store.db import Failed, Grouped, together_or_alone
 
 log = structlog.get_logger("declic.worker")
 T = TypeVar("T")
@@ -196,9 +196,7 @@ class Worker:
 
     async def run_job(self, job: ClaimedJob) -> None:
         try:
-            if job.kind == "inbox":
-                await self._process_calls([job])
-            elif job.kind == "step":
+            if job.kind == "step":
                 await self._run_step(job)
             elif job.kind == "poll":
                 await self._poll(job)
@@ -269,21 +267,17 @@ class Worker:
                 await self._done_with_call(inbox_id)
 
     async def _apply(self, calls: list[_Call]) -> list[Event]:
-        try:
-            return await self.db.run(self._close_calls, calls)
-        except StorageUnavailable:
-            raise
-        except Exception:  # one call's failure must not hold the others back: one transaction each
-            stored: list[Event] = []
-            for call in calls:
-                try:
-                    stored += await self.db.run(self._close_calls, [call])
-                except MalformedPayload as exc:  # e.g. an event type too long to store: replayable after a fix
-                    await self.db.run(self._close_calls, [dataclasses.replace(call, failure=str(exc))])
-                except Exception as exc:
-                    log.exception("call failed", job_id=call.job.id, inbox_id=call.job.inbox_id)
-                    await self._retry_later(call.job, f"{type(exc).__name__}: {exc}")
-            return stored
+        outcomes = await together_or_alone(self.db, self._close_calls, calls)
+        stored: list[Event] = []
+        for call, outcome in zip(calls, outcomes, strict=True):
+            if not isinstance(outcome, Failed):
+                stored += outcome
+            elif isinstance(outcome.error, MalformedPayload):  # e.g. an event type too long to store
+                await self.db.run(self._close_calls, [dataclasses.replace(call, failure=str(outcome.error))])
+            else:
+                log.error("call failed", job_id=call.job.id, inbox_id=call.job.inbox_id, exc_info=outcome.error)
+                await self._retry_later(call.job, f"{type(outcome.error).__name__}: {outcome.error}")
+        return stored
 
     async def _normalize(self, job: ClaimedJob, raw: RawCall | None) -> _Call | None:
         """What to do with one call; None when it must wait (the provider said retry later)."""
@@ -297,24 +291,26 @@ class Worker:
         except MalformedPayload as exc:
             return _Call(job, raw, failure=str(exc))
 
-    def _close_calls(self, conn: Connection, calls: list[_Call]) -> list[Event]:
+    def _close_calls(self, conn: Connection, calls: list[_Call]) -> list[list[Event]]:
+        """Apply the calls and close their jobs; the events stored, call by call."""
         began = time.thread_time()  # CPU, not wall time: waiting for the GIL or the disk is not processing
         try:
             return self._apply_in(conn, calls)
         finally:
             self._cpu_applying += time.thread_time() - began
 
-    def _apply_in(self, conn: Connection, calls: list[_Call]) -> list[Event]:
+    def _apply_in(self, conn: Connection, calls: list[_Call]) -> list[list[Event]]:
         now = self.clock.now()
-        stored: list[Event] = []
+        stored: list[list[Event]] = []
         processed = []
         for call in calls:
+            stored.append([])
             if call.raw is None:
                 continue
             if call.failure is not None:
                 inbound.fail_call(conn, call.raw.id, now, call.failure)
             else:
-                stored += inbound.apply_events(conn, call.raw, call.events, self.router, now, self.phone_region)
+                stored[-1] = inbound.apply_events(conn, call.raw, call.events, self.router, now, self.phone_region)
                 processed.append(call.raw.id)
         if processed:
             inbound.mark_processed(conn, processed, now)

@@ -9,6 +9,7 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any, Generic, TypeVar
@@ -174,23 +175,45 @@ class Grouped(Generic[I, R]):
 
     async def _flush(self, batch: list[tuple[I, asyncio.Future[R]]]) -> None:
         try:
-            results = await self._db.run(self._all, [item for item, _ in batch])
-        except StorageUnavailable as exc:  # the database, not an item: each alone would fail the same way
-            for _, future in batch:
-                future.set_exception(exc)
-            return
+            outcomes = await together_or_alone(self._db, self._all, [item for item, _ in batch])
+        except StorageUnavailable as exc:  # every item hears it
+            outcomes = [Failed(exc)] * len(batch)
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, Failed):
+                future.set_exception(outcome.error)
+            else:
+                future.set_result(outcome)
+
+
+@dataclass(frozen=True)
+class Failed:
+    """An item that failed in its own transaction (see together_or_alone)."""
+
+    error: Exception
+
+
+async def together_or_alone(db: Database, work: Callable[[Any, list[I]], list[R]], items: list[I]) -> list[R | Failed]:
+    """work(conn, items) in one transaction, giving one result per item. If that fails, each item runs
+    again in a transaction of its own, so a bad item fails alone and the others go through.
+
+    StorageUnavailable is raised, not retried item by item: it is the database, not an item.
+    """
+    try:
+        return list(await db.run(work, items))
+    except StorageUnavailable:
+        raise
+    except Exception as exc:
+        if len(items) == 1:
+            return [Failed(exc)]
+    outcomes: list[R | Failed] = []
+    for item in items:
+        try:
+            outcomes += await db.run(work, [item])
+        except StorageUnavailable:
+            raise
         except Exception as exc:
-            if len(batch) == 1:
-                batch[0][1].set_exception(exc)
-                return
-            for item, future in batch:
-                try:
-                    future.set_result((await self._db.run(self._all, [item]))[0])
-                except Exception as exc:
-                    future.set_exception(exc)
-            return
-        for (_, future), result in zip(batch, results, strict=True):
-            future.set_result(result)
+            outcomes.append(Failed(exc))
+    return outcomes
 
 
 class PriorityLane(Executor):
