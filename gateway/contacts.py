@@ -7,12 +7,22 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from . import jsoncodec, scheduler
 from .events import ContactRef, Event
-from .store import CONSENTS, CONTACTS, DECISIONS, DELIVERIES, ENROLMENTS, EVENTS, IDENTITIES, INBOX, PUSH_SUBSCRIPTIONS
+from .store import (
+    CONSENTS,
+    CONTACTS,
+    DECISIONS,
+    DELIVERIES,
+    ENROLMENTS,
+    EVENTS,
+    IDENTITIES,
+    INBOX,
+    PUSH_SUBSCRIPTIONS,
+    sql,
+)
 
 C = CONTACTS.c
 I = IDENTITIES.c  # noqa: E741
@@ -201,11 +211,10 @@ def add_push_subscription(
     conn: Connection, contact_id: int, kind: str, address: str, keys: dict[str, str], now: datetime
 ) -> None:
     """A device subscribes; if it belonged to someone else (a shared browser), it is theirs no more."""
-    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(PUSH_SUBSCRIPTIONS)
     conn.execute(
-        insert.values(
-            contact_id=contact_id, kind=kind, address=address, keys=jsoncodec.dumps(keys), created_at=now
-        ).on_conflict_do_update(
+        sql.insert(conn.dialect.name, PUSH_SUBSCRIPTIONS)
+        .values(contact_id=contact_id, kind=kind, address=address, keys=jsoncodec.dumps(keys), created_at=now)
+        .on_conflict_do_update(
             index_elements=["kind", "address"], set_={"contact_id": contact_id, "keys": jsoncodec.dumps(keys)}
         )
     )
@@ -246,7 +255,7 @@ def _claim(conn: Connection, keys: list[tuple[str, str]], contact_id: int) -> se
     """Link identities to the contact unless another contact holds them; return those linked."""
     if not keys:
         return set()
-    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(IDENTITIES)
+    insert = sql.insert(conn.dialect.name, IDENTITIES)
     # executemany with RETURNING: one compiled statement whatever the number of identities.
     rows = conn.execute(
         insert.on_conflict_do_nothing(index_elements=["kind", "value"]).returning(I.kind, I.value),

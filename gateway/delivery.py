@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 import jinja2
 import sqlalchemy as sa
 import structlog
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from . import contacts, journal, scheduler, unsubscribe
@@ -22,7 +21,7 @@ from .policies import Deferral, pressure_until, quiet_until
 from .router import CompiledRule, Router
 from .scheduler import ClaimedJob
 from .sinks import DeliveryResult, Message, Outcome, SendContext, Sink
-from .store import CONTACTS, DELIVERIES, ENROLMENTS
+from .store import CONTACTS, DELIVERIES, ENROLMENTS, sql
 from .templating import render_message
 from .triggers import zone_of
 
@@ -313,7 +312,7 @@ class StepRunner:
 
 @functools.cache
 def _upsert_delivery(dialect: str) -> sa.Insert:
-    insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(DELIVERIES)
+    insert = sql.insert(dialect, DELIVERIES)
     excluded = insert.excluded
     return insert.on_conflict_do_update(
         index_elements=["idempotency_key"],

@@ -12,13 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from . import scheduler
 from .errors import RejectedRequest, StorageUnavailable
 from .sources import Source
-from .store import INBOX, Database
+from .store import INBOX, Database, sql
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -93,7 +92,7 @@ def commit_calls(conn: Connection, calls: list[NewCall]) -> list[Accepted]:
     for i, call in enumerate(calls):
         first.setdefault((call.source, call.dedupe_key), i)
     fresh = [calls[i] for i in sorted(first.values())]
-    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(INBOX)
+    insert = sql.insert(conn.dialect.name, INBOX)
     rows = [
         {
             "source": c.source,

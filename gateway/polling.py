@@ -12,13 +12,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from . import scheduler
 from .ingest import NewCall, commit_calls, fit_key
 from .sources import Source
-from .store import JOBS, META
+from .store import JOBS, META, sql
 
 J = JOBS.c
 
@@ -64,12 +63,7 @@ def store(conn: Connection, source: str, fetched: Fetched, now: datetime) -> int
     calls = [NewCall(source, fit_key(key), now, {}, body) for key, body in fetched.items]
     accepted = commit_calls(conn, calls) if calls else []
     if fetched.cursor is not None:
-        insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(META)
-        conn.execute(
-            insert.values(key=f"cursor:{source}", value=fetched.cursor).on_conflict_do_update(
-                index_elements=["key"], set_={"value": fetched.cursor}
-            )
-        )
+        sql.put_meta(conn, f"cursor:{source}", fetched.cursor)
     return sum(not a.duplicate for a in accepted)
 
 

@@ -17,13 +17,12 @@ from typing import Any
 import jinja2
 import sqlalchemy as sa
 import structlog
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from . import contacts, journal, scheduler, triggers
 from .config import ReenterAfter, RuleSpec, ScoringSpec
 from .events import ContactRef, Event
-from .store import ENROLMENTS, META
+from .store import ENROLMENTS, META, sql
 from .templating import compile_condition
 
 log = structlog.get_logger("declic.router")
@@ -211,13 +210,7 @@ class Router:
                 triggers.arm_inactivity(conn, rule.spec, contact_id, event_id, at, now)
 
     def reconcile_done(self, conn: Connection) -> None:
-        fingerprint = self._trigger_fingerprint()
-        insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(META)
-        conn.execute(
-            insert.values(key=_FINGERPRINT, value=fingerprint).on_conflict_do_update(
-                index_elements=["key"], set_={"value": fingerprint}
-            )
-        )
+        sql.put_meta(conn, _FINGERPRINT, self._trigger_fingerprint())
 
     def _trigger_fingerprint(self) -> str:
         rules = [
@@ -296,8 +289,11 @@ _EARLIER = (
 
 @functools.cache
 def _enrol_once(dialect: str) -> sa.Insert:
-    insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(ENROLMENTS)
-    return insert.on_conflict_do_nothing(index_elements=["rule", "contact_id", "occurrence"]).returning(E.id)
+    return (
+        sql.insert(dialect, ENROLMENTS)
+        .on_conflict_do_nothing(index_elements=["rule", "contact_id", "occurrence"])
+        .returning(E.id)
+    )
 
 
 def end_journeys(

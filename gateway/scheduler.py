@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from .store import INBOX, JOBS
+from .store import INBOX, JOBS, sql
 
 J = JOBS.c
 MAX_RETRY_AFTER = 86400.0
@@ -227,7 +226,7 @@ _ADD_INBOX_JOBS = sa.insert(JOBS).from_select(
 
 def add_unique(conn: Connection, kind: str, key: str, occurrence: str, due: datetime, now: datetime) -> None:
     """Queue a job unless one with the same key is pending: once, whatever the replicas."""
-    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(JOBS)
+    insert = sql.insert(conn.dialect.name, JOBS)
     conn.execute(
         insert.values(
             kind=kind,

@@ -16,12 +16,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import sqlalchemy as sa
 import structlog
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from . import jsoncodec
 from .config import RuleSpec
-from .store import CONTACTS, ENROLMENTS, EVENTS, JOBS
+from .store import CONTACTS, ENROLMENTS, EVENTS, JOBS, sql
 
 log = structlog.get_logger("declic.triggers")
 J = JOBS.c
@@ -146,8 +145,7 @@ _MOVE = (
 @functools.cache
 def _insert_once(dialect: str) -> sa.Insert:
     """An INSERT that does nothing when a pending job with the same key exists (another replica's)."""
-    insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(JOBS)
-    return insert.on_conflict_do_nothing(index_elements=["key"], index_where=J.status == "pending")
+    return sql.insert(dialect, JOBS).on_conflict_do_nothing(index_elements=["key"], index_where=J.status == "pending")
 
 
 def _cancel(conn: Connection, key: str, now: datetime) -> None:

@@ -16,14 +16,13 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from aiohttp import web
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from .errors import StorageUnavailable
 from .events import ContactRef, Event
 from .ingest import GATEWAY_KEY, RETRY_AFTER_SECONDS, NewCall
 from .sources import RawCall, Source
-from .store import META
+from .store import META, sql
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -34,8 +33,9 @@ SECRET_KEY = "link_secret"
 
 def link_secret(conn: Connection) -> bytes:
     """The key that signs links, made once per deployment and kept in the database."""
-    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(META)
-    conn.execute(insert.values(key=SECRET_KEY, value=secrets.token_hex(32)).on_conflict_do_nothing())
+    conn.execute(
+        sql.insert(conn.dialect.name, META).values(key=SECRET_KEY, value=secrets.token_hex(32)).on_conflict_do_nothing()
+    )
     return bytes.fromhex(conn.execute(sa.select(META.c.value).where(META.c.key == SECRET_KEY)).scalar_one())
 
 
