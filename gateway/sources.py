@@ -26,10 +26,11 @@ class PluginConfig(BaseModel):
 
 
 def _from_config_folder(value: Any, info: ValidationInfo) -> Any:
+    if not isinstance(value, str) or not value:
+        return value  # the field's own type check answers
+    path = Path(value).expanduser()
     folder = (info.context or {}).get("config_dir")
-    if isinstance(value, str) and value and folder is not None and not Path(value).expanduser().is_absolute():
-        return str(Path(folder) / value)
-    return str(Path(value).expanduser()) if isinstance(value, str) and value else value
+    return str(path if path.is_absolute() or folder is None else Path(folder) / path)
 
 
 #: A file named in the config: a relative path is read from the config file's folder, not the working
