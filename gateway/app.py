@@ -1,27 +1,26 @@
-"""create_app(settings): the aiohttp application and the Gateway that plugins see."""
+"""create_app(settings): the aiohttp application around one running deployment."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from functools import partial
-from typing import Literal
 
-import jinja2
 import pluggy
 import structlog
 from aiohttp import web
 
-from . import polling, scheduler, unsubscribe
+from . import polls, scheduler, unsubscribe
 from .clock import Clock, SystemClock
 from .config import Settings
 from .delivery import StepRunner
 from .errors import ConfigError, StorageUnavailable
-from .ingest import GATEWAY_KEY, GroupCommitter, handle_hook, handle_ping, json_error_middleware_factory
+from .inbox import GroupCommitter
+from .ingest import handle_hook, handle_ping, json_error_middleware_factory
 from .plugins import Registry, collect, get_plugin_manager, notify_event_received
 from .router import Router
+from .running import GATEWAY_KEY, Role, RunningGateway
 from .sinks import Sink
 from .sources import Deployment, Source
 from .store import Database
@@ -29,31 +28,8 @@ from .templating import make_environment
 from .worker import Worker, make_worker_id
 
 log = structlog.get_logger("declic.app")
-Role = Literal["web", "worker", "all"]
 #: On shutdown, sends in flight get this long to finish before they are cancelled.
 STOP_GRACE_SECONDS = 10.0
-
-
-@dataclass
-class Gateway:
-    """One running deployment: what plugins get in `startup` and `register_routes`."""
-
-    settings: Settings
-    pm: pluggy.PluginManager
-    clock: Clock
-    db: Database
-    sources: dict[str, Source]
-    sinks: dict[str, Sink]
-    env: jinja2.Environment
-    router: Router
-    committer: GroupCommitter
-    worker: Worker
-    role: Role = "all"
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-
-    def plugins(self) -> list[Source | Sink]:
-        """The configured source and sink instances."""
-        return [*self.sources.values(), *self.sinks.values()]
 
 
 def build_gateway(
@@ -65,7 +41,7 @@ def build_gateway(
     database_url: str | None = None,
     wrap_sink: Callable[[Sink], Sink] | None = None,
     extra_sources: Callable[[Deployment], dict[str, Source]] | None = None,
-) -> Gateway:
+) -> RunningGateway:
     """The running parts of a deployment; `declic simulate` swaps the database and the sinks."""
     pm = pm or get_plugin_manager()
     clock = clock or SystemClock()
@@ -101,7 +77,7 @@ def build_gateway(
         acks_waiting=lambda: committer.waiting > 0,  # the committer is made next; asked only once running
     )
     committer = GroupCommitter(db, on_commit=worker.wake)
-    return Gateway(settings, pm, clock, db, sources, sinks, env, router, committer, worker, role)
+    return RunningGateway(settings, pm, clock, db, sources, sinks, env, router, committer, worker, role)
 
 
 def create_app(
@@ -139,7 +115,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await _stop(gateway)
 
 
-async def _start(gateway: Gateway) -> None:
+async def _start(gateway: RunningGateway) -> None:
     db = gateway.db
     loop = asyncio.get_running_loop()
     if db.is_sqlite:
@@ -153,8 +129,8 @@ async def _start(gateway: Gateway) -> None:
         raise ConfigError(["the database schema is not current: run `declic db upgrade --config FILE` first"])
     # Date and inactivity triggers a config change added get scheduled once, by one replica.
     await db.run(scheduler.add_tick, "reconcile", gateway.clock.now())
-    for key in polling.pollers(gateway.sources):
-        await db.run(polling.schedule, key, gateway.clock.now(), gateway.clock.now())
+    for key in polls.pollers(gateway.sources):
+        await db.run(polls.schedule, key, gateway.clock.now(), gateway.clock.now())
     for plugin in gateway.plugins():
         await plugin.start()
     gateway.tasks.append(asyncio.create_task(gateway.committer.run(), name="declic-committer"))
@@ -172,7 +148,7 @@ async def _start(gateway: Gateway) -> None:
     )
 
 
-async def _stop(gateway: Gateway) -> None:
+async def _stop(gateway: RunningGateway) -> None:
     await gateway.worker.stop(grace=STOP_GRACE_SECONDS)
     for task in gateway.tasks:
         task.cancel()

@@ -58,7 +58,8 @@ def serve(config_path: str, host: str, port: int, role: str) -> None:
     """Serve webhooks and run the workers."""
     from aiohttp import web
 
-    from .app import Role, create_app
+    from .app import create_app
+    from .running import Role
 
     settings, pm, _ = _load(config_path)
     logs.configure(settings.logging.level, settings.logging.redact)

@@ -26,7 +26,7 @@ from . import yamlmarks
 from .durations import parse_duration, parse_local_time, parse_signed_duration
 from .errors import ConfigError
 from .events import is_known_type
-from .plugins import Registry
+from .registry import Registry
 from .sinks import Sink
 from .sources import PluginConfig, Source
 from .templating import compile_condition, make_environment, template_files

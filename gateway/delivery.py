@@ -13,10 +13,10 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Connection
 
-from . import contacts, journal, scheduler, unsubscribe
+from . import contacts, journal, links, scheduler
 from .config import PoliciesSpec, WorkerSpec
 from .errors import TemplateProblem
-from .inbound import load_event
+from .eventlog import load_event
 from .policies import Deferral, pressure_until, quiet_until
 from .router import CompiledRule, Router
 from .scheduler import ClaimedJob
@@ -139,8 +139,8 @@ class StepRunner:
         if rule.spec.kind != "marketing" or sink.channel != "email" or not self.public_url:
             return {}, None
         if self._secret is None:
-            self._secret = unsubscribe.link_secret(conn)
-        url = f"{self.public_url.rstrip('/')}/u/{unsubscribe.make_token(self._secret, contact_id, 'email')}"
+            self._secret = links.link_secret(conn)
+        url = f"{self.public_url.rstrip('/')}/u/{links.make_token(self._secret, contact_id, 'email')}"
         return {"List-Unsubscribe": f"<{url}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}, url
 
     def _capped(self, rule: CompiledRule) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pluggy
 
@@ -11,12 +11,26 @@ if TYPE_CHECKING:
     import click
     import jinja2
 
-    from .app import Gateway
+    from .clock import Clock
+    from .config import Settings
     from .events import Event
     from .sinks import Sink
     from .sources import Source
+    from .store import Database
 
 hookspec = pluggy.HookspecMarker("declic")
+
+
+class Gateway(Protocol):
+    """The running deployment as `startup` and `register_routes` see it."""
+
+    settings: Settings
+    pm: pluggy.PluginManager
+    clock: Clock
+    db: Database
+    sources: dict[str, Source]
+    sinks: dict[str, Sink]
+    env: jinja2.Environment
 
 
 @hookspec

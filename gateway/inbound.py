@@ -11,10 +11,11 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Connection
 
-from . import contacts, jsoncodec, scheduler
+from . import contacts, scheduler
 from .errors import MalformedPayload, RetryLater
+from .eventlog import store_event
 from .events import ERASE_TYPE, FEEDBACK_TYPES, Event
-from .ingest import fit_key
+from .inbox import fit_key
 from .router import Router
 from .sources import RawCall, Source
 from .store import EVENTS, INBOX
@@ -152,41 +153,6 @@ def e164(phone: str | None, region: str | None) -> str | None:
 
 def _clean(value: str | None) -> str | None:
     return value.replace("\0", "") if isinstance(value, str) else value
-
-
-_INSERT_EVENT = sa.insert(EVENTS)
-
-
-def store_event(conn: Connection, event: Event, contact_id: int) -> None:
-    conn.execute(
-        _INSERT_EVENT,
-        {
-            "id": event.id,
-            "inbox_id": event.raw_ref,
-            "source": event.source,
-            "type": event.type,
-            "occurred_at": event.occurred_at,
-            "contact_id": contact_id,
-            "correlation": jsoncodec.dumps(event.correlation),
-            "properties": jsoncodec.dumps(event.properties),
-            "dedupe_key": event.dedupe_key,
-        },
-    )
-
-
-_EVENT = sa.select(EVENTS).where(EVENTS.c.id == sa.bindparam("event_id"))
-
-
-def load_event(conn: Connection, event_id: str) -> dict[str, object]:
-    row = conn.execute(_EVENT, {"event_id": event_id}).one()
-    return {
-        "id": row.id,
-        "source": row.source,
-        "type": row.type,
-        "occurred_at": row.occurred_at,
-        "correlation": jsoncodec.loads(row.correlation),
-        "properties": jsoncodec.loads(row.properties),
-    }
 
 
 def _mark(conn: Connection, inbox_id: int, status: str, now: datetime, error: str | None = None) -> None:

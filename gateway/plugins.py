@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pluggy
@@ -12,6 +12,7 @@ import structlog
 
 from . import hookspecs
 from .events import Event
+from .registry import Registry
 from .sinks import Sink
 from .sources import Source
 
@@ -32,15 +33,6 @@ def get_plugin_manager(*, load_entry_points: bool = True, extra: Iterable[object
         pm.register(plugin)
     pm.check_pending()  # a misspelt hook implementation fails here, not silently later
     return pm
-
-
-@dataclass
-class Registry:
-    """Which plugin provides each source and sink name."""
-
-    sources: dict[str, type[Source]] = field(default_factory=dict)
-    sinks: dict[str, type[Sink]] = field(default_factory=dict)
-    origin: dict[str, str] = field(default_factory=dict)
 
 
 def collect(pm: pluggy.PluginManager) -> Registry:

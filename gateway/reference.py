@@ -13,7 +13,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from .config import Settings
-from .plugins import Registry
+from .registry import Registry
 
 HEADER = """# Config reference
 

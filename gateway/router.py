@@ -21,6 +21,7 @@ from sqlalchemy.engine import Connection
 
 from . import contacts, journal, scheduler, triggers
 from .config import ReenterAfter, RuleSpec, ScoringSpec
+from .eventlog import store_event
 from .events import ContactRef, Event
 from .store import ENROLMENTS, META, sql
 from .templating import compile_condition
@@ -156,8 +157,6 @@ class Router:
         due: datetime,
         trigger_id: int,
     ) -> Event:
-        from .inbound import store_event  # the router sits below inbound in the flow
-
         if rule.spec.on_date:
             kind, properties = "date.reached", {"rule": rule.name, "date": occurrence.removeprefix("date:")}
         else:

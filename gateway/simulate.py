@@ -22,12 +22,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sqlalchemy.engine import Connection
 
 from . import scheduler
-from .app import Gateway, build_gateway
+from .app import build_gateway
 from .clock import FakeClock
 from .config import Settings
 from .errors import DeclicError
 from .events import ContactRef, Event
-from .ingest import NewCall, commit_calls
+from .inbox import NewCall, commit_calls
+from .running import RunningGateway
 from .sinks import DeliveryResult, Message, SendContext, Sink
 from .sources import Deployment, RawCall, Source
 from .store import CONTACTS, DECISIONS
@@ -151,16 +152,16 @@ class RecordingSink(Sink):
         return DeliveryResult.sent(f"simulated-{len(self.sent)}")
 
 
-Inject = Callable[[Gateway, TimelineItem, int], Awaitable[None]]
+Inject = Callable[[RunningGateway, TimelineItem, int], Awaitable[None]]
 
 
-async def inject_directly(gateway: Gateway, item: TimelineItem, index: int) -> None:
+async def inject_directly(gateway: RunningGateway, item: TimelineItem, index: int) -> None:
     call = NewCall(TIMELINE_SOURCE, f"item-{index}", item.at, {}, item.model_dump_json().encode())
     await gateway.db.run(commit_calls, [call])
 
 
 async def play(
-    gateway: Gateway,
+    gateway: RunningGateway,
     clock: FakeClock,
     items: list[TimelineItem],
     inject: Inject = inject_directly,
@@ -178,7 +179,7 @@ async def play(
     await run_until(gateway, clock, max(ends) if ends else (max(events) + tail if events else clock.now()))
 
 
-async def run_until(gateway: Gateway, clock: FakeClock, moment: datetime) -> None:
+async def run_until(gateway: RunningGateway, clock: FakeClock, moment: datetime) -> None:
     while True:
         due = await gateway.db.run(scheduler.next_due)
         if due is None or due > moment:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import structlog
 from sqlalchemy.engine import Connection
 
-from . import inbound, polling, scheduler
+from . import inbound, polls, scheduler
 from .config import WorkerSpec
 from .delivery import Send, StepRunner, call_sink
 from .errors import MalformedPayload, RetryLater, StorageUnavailable
@@ -211,11 +211,11 @@ class Worker:
 
     async def _poll(self, job: ClaimedJob) -> None:
         """Ask the provider, store what it says, and schedule the next poll; a failing provider only delays it."""
-        source = polling.pollers(self.sources).get(job.occurrence or "")
+        source = polls.pollers(self.sources).get(job.occurrence or "")
         if source is None:  # the source left the config: the chain of polls ends here
             await self.db.run(scheduler.finish, job, self.id, self.clock.now(), "cancelled")
             return
-        cursor = await self.db.run(polling.load_cursor, source.key)
+        cursor = await self.db.run(polls.load_cursor, source.key)
         now = self.clock.now()
         try:
             fetched = await source.poll(cursor, now)
@@ -227,8 +227,8 @@ class Worker:
             return
 
         def store(conn: Connection, now: datetime) -> int:
-            stored = polling.store(conn, source.key, fetched, now)
-            polling.schedule(conn, source.key, now + source.interval, now)
+            stored = polls.store(conn, source.key, fetched, now)
+            polls.schedule(conn, source.key, now + source.interval, now)
             return stored
 
         stored = await self.db.run(self._close_call, job, store)

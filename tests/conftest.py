@@ -16,8 +16,8 @@ import pytest
 import sqlalchemy as sa
 from aiohttp.test_utils import TestClient
 
-from gateway.app import Gateway, create_app, load
-from gateway.ingest import GATEWAY_KEY
+from gateway.app import create_app, load
+from gateway.running import GATEWAY_KEY, RunningGateway
 from gateway.store import Database
 from gateway.testing import FakeClock, SmtpCatcher, shopify_headers, write_deployment
 
@@ -151,7 +151,7 @@ class Deployment:
     """A running deployment under a fake clock, and the means to drive it."""
 
     client: TestClient
-    gateway: Gateway
+    gateway: RunningGateway
     clock: FakeClock
     path: Path
 

@@ -14,8 +14,8 @@ from gateway import contacts
 from gateway.app import create_app
 from gateway.config import load_config
 from gateway.events import ContactRef, PushRef
-from gateway.ingest import GATEWAY_KEY
 from gateway.plugins import collect, get_plugin_manager
+from gateway.running import GATEWAY_KEY
 from gateway.store import Database
 from gateway.testing import FakeClock, ScriptedPlugin, SmtpCatcher, write_deployment
 

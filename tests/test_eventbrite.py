@@ -22,12 +22,12 @@ from pydantic import ValidationError
 from conftest import FIXTURES, SHARED_PAYLOADS
 from declic_plugins.eventbrite import ACTIONS, Eventbrite, EventbriteConfig, parse_api_url
 from gateway import BadRequest, MalformedPayload, RawCall
-from gateway.app import Gateway, create_app
+from gateway.app import create_app
 from gateway.clock import FakeClock
 from gateway.config import load_config
 from gateway.errors import RetryLater
-from gateway.ingest import GATEWAY_KEY
 from gateway.plugins import collect, get_plugin_manager
+from gateway.running import GATEWAY_KEY, RunningGateway
 from gateway.scheduler import requeue
 from gateway.sources import Deployment
 from gateway.testing import SmtpCatcher, write_deployment
@@ -575,7 +575,7 @@ rules:
 @dataclass
 class Running:
     client: TestClient
-    gateway: Gateway
+    gateway: RunningGateway
     clock: FakeClock
 
     async def post(self, body: bytes, token: str = URL_TOKEN) -> tuple[int, Any]:

@@ -31,11 +31,11 @@ from gateway import (
     hookimpl,
 )
 from gateway import hookspecs as specs
-from gateway.app import Gateway, create_app
+from gateway.app import create_app
 from gateway.cli import cli
 from gateway.config import load_config
-from gateway.ingest import GATEWAY_KEY
 from gateway.plugins import collect, describe, get_plugin_manager
+from gateway.running import GATEWAY_KEY, RunningGateway
 from gateway.testing import FakeClock, write_deployment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ class EveryHook:
     """Implements each hook once and records what it saw."""
 
     def __init__(self) -> None:
-        self.started: list[Gateway] = []
+        self.started: list[RunningGateway] = []
         self.events: list[Event] = []
 
     @hookimpl
@@ -96,7 +96,7 @@ class EveryHook:
         register(Recorder)
 
     @hookimpl
-    def startup(self, gateway: Gateway) -> Any:
+    def startup(self, gateway: RunningGateway) -> Any:
         async def later() -> None:
             await asyncio.sleep(0)
             self.started.append(gateway)
@@ -104,7 +104,7 @@ class EveryHook:
         return later()
 
     @hookimpl
-    def register_routes(self, gateway: Gateway) -> list[tuple[str, str, Callable[..., Any]]]:
+    def register_routes(self, gateway: RunningGateway) -> list[tuple[str, str, Callable[..., Any]]]:
         async def hello(request: web.Request) -> web.Response:
             return web.json_response({"rules": sorted(request.app[GATEWAY_KEY].router.rules)})
 

@@ -26,12 +26,12 @@ from declic_plugins.hubspot import (
     signature_v3,
 )
 from gateway import BadRequest, MalformedPayload, RawCall, SignatureError
-from gateway.app import Gateway, create_app
+from gateway.app import create_app
 from gateway.clock import FakeClock
 from gateway.config import load_config
 from gateway.errors import RetryLater
-from gateway.ingest import GATEWAY_KEY
 from gateway.plugins import collect, get_plugin_manager
+from gateway.running import GATEWAY_KEY, RunningGateway
 from gateway.sources import Deployment
 from gateway.testing import SmtpCatcher, write_deployment
 
@@ -722,7 +722,7 @@ async def test_shared_docs_example_with_eventtype_keys_normalises() -> None:
 @dataclass
 class Hub:
     client: TestClient
-    gateway: Gateway
+    gateway: RunningGateway
     clock: FakeClock
     api: FakeHubSpot
 

@@ -28,8 +28,8 @@ from declic_plugins.hubspot_note import SETTLE_SECONDS, HubSpotNote, HubSpotNote
 from gateway import Message, Outcome, SendContext
 from gateway.app import create_app
 from gateway.config import load_config
-from gateway.ingest import GATEWAY_KEY
 from gateway.plugins import collect, get_plugin_manager
+from gateway.running import GATEWAY_KEY
 from gateway.sources import Deployment
 from gateway.testing import FakeClock, ScriptedPlugin, free_port, write_deployment
 

@@ -15,11 +15,12 @@ from click.testing import CliRunner
 from pydantic import SecretStr
 
 from gateway import PluginConfig, Source, hookimpl
-from gateway.app import Gateway, create_app
+from gateway.app import create_app
 from gateway.cli import cli
 from gateway.config import load_config
-from gateway.ingest import GATEWAY_KEY, NewCall
+from gateway.inbox import NewCall
 from gateway.plugins import collect, get_plugin_manager
+from gateway.running import GATEWAY_KEY, RunningGateway
 from gateway.simulate import TimelineItem, TimelineSource, decisions, load_timeline, play
 from gateway.testing import FakeClock, ScriptedPlugin, SmtpCatcher, write_deployment
 
@@ -383,9 +384,9 @@ async def test_live(scenario: Scenario, tmp_path: Path, db_url: str, smtp: SmtpC
     clock = FakeClock(items[0].at)
     app = create_app(settings, pm=pm, clock=clock, role="web")
     client = await aiohttp_client(app)
-    gateway: Gateway = app[GATEWAY_KEY]
+    gateway: RunningGateway = app[GATEWAY_KEY]
 
-    async def post(gateway: Gateway, item: TimelineItem, index: int) -> None:
+    async def post(gateway: RunningGateway, item: TimelineItem, index: int) -> None:
         response = await client.post("/hooks/tl/tok", data=item.model_dump_json().encode())
         assert response.status == 200
 
@@ -408,7 +409,7 @@ async def test_downtime_catch_up(tmp_path: Path, db_url: str, smtp: SmtpCatcher,
     clock = FakeClock(datetime(2026, 6, 1, tzinfo=UTC))
     app = create_app(settings, pm=pm, clock=clock, role="web")
     client = await aiohttp_client(app)
-    gateway: Gateway = app[GATEWAY_KEY]
+    gateway: RunningGateway = app[GATEWAY_KEY]
     item = load_timeline(timeline, settings.timezone)[0]
     assert (await client.post("/hooks/tl/tok", data=item.model_dump_json().encode())).status == 200
     await gateway.worker.drain()
@@ -435,7 +436,7 @@ async def test_a_date_rule_added_later_reaches_existing_contacts_once(tmp_path: 
     rule = "rules:\n  - {name: birthday, on_date: contact.birthday, send: {via: email, template: t}}\n"
     clock = FakeClock(datetime(2026, 6, 1, tzinfo=UTC))
 
-    async def start(text: str) -> Gateway:
+    async def start(text: str) -> RunningGateway:
         settings = load_config(write_deployment(tmp_path, text, TEMPLATES), collect(pm), pm)
         app = create_app(settings, pm=pm, clock=clock, role="web")
         await aiohttp_client(app)

@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 from conftest import FIXTURES, SHARED_PAYLOADS
 from declic_plugins.mailchimp import Mailchimp, MailchimpConfig, nest
 from gateway import BadRequest, MalformedPayload, RawCall
-from gateway.app import Gateway, create_app
+from gateway.app import create_app
 from gateway.config import load_config
-from gateway.ingest import GATEWAY_KEY
 from gateway.plugins import collect, get_plugin_manager
+from gateway.running import GATEWAY_KEY, RunningGateway
 from gateway.sources import Deployment
 from gateway.testing import FakeClock, write_deployment
 
@@ -266,14 +266,14 @@ sources:
 """
 
 
-async def start(aiohttp_client: Any, tmp_path: Path, db_url: str) -> tuple[TestClient, Gateway]:
+async def start(aiohttp_client: Any, tmp_path: Path, db_url: str) -> tuple[TestClient, RunningGateway]:
     pm = get_plugin_manager()
     config = load_config(write_deployment(tmp_path, CONFIG.format(db_url=db_url, token=TOKEN)), collect(pm), pm)
     app = create_app(config, pm=pm, clock=FakeClock(datetime(2026, 4, 15, tzinfo=UTC)), role="web")
     return await aiohttp_client(app), app[GATEWAY_KEY]
 
 
-def rows(gateway: Gateway, sql: str) -> list[tuple[Any, ...]]:
+def rows(gateway: RunningGateway, sql: str) -> list[tuple[Any, ...]]:
     with gateway.db.engine.connect() as conn:
         return [tuple(r) for r in conn.exec_driver_sql(sql)]
 

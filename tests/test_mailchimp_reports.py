@@ -27,10 +27,10 @@ from pydantic import ValidationError
 from conftest import FIXTURES, SHARED_PAYLOADS
 from declic_plugins.mailchimp_reports import ACTIVITY_FIELDS, MailchimpReports, MailchimpReportsConfig, member_items
 from gateway import Event, Fetched, MalformedPayload, RawCall, RetryLater
-from gateway.app import Gateway, create_app
+from gateway.app import create_app
 from gateway.config import load_config
-from gateway.ingest import GATEWAY_KEY
 from gateway.plugins import collect, get_plugin_manager
+from gateway.running import GATEWAY_KEY, RunningGateway
 from gateway.sources import Deployment
 from gateway.testing import FakeClock, write_deployment
 
@@ -427,8 +427,8 @@ async def test_a_failure_on_a_later_page_fails_the_poll_and_the_next_one_reads_e
     mailchimp: tuple[Mailchimp, str],
 ) -> None:
     state, base = mailchimp
-    state.script.append(("/3.0/reports/", "2", 502, {}, b"Bad Gateway"))
-    with pytest.raises(RetryLater, match="Mailchimp answered 502 Bad Gateway"):
+    state.script.append(("/3.0/reports/", "2", 502, {}, b"Bad RunningGateway"))
+    with pytest.raises(RetryLater, match="Mailchimp answered 502 Bad RunningGateway"):
         await poll(base, page_size=1, campaigns=[SALE])
     assert keys(await poll(base, page_size=1, campaigns=[SALE])) == FIRST_POLL
 
@@ -575,7 +575,7 @@ def test_normalize_raises_nothing_but_malformed_payload(body: bytes) -> None:
 
 async def start(
     aiohttp_client: Any, tmp_path: Path, db_url: str, base: str, extra: str = ""
-) -> tuple[TestClient, Gateway, FakeClock]:
+) -> tuple[TestClient, RunningGateway, FakeClock]:
     pm = get_plugin_manager()  # the plugin loads through its entry point
     config = f"""\
 storage: {{url: '{db_url}'}}
@@ -593,7 +593,7 @@ sources:
     return await aiohttp_client(app), app[GATEWAY_KEY], clock
 
 
-def rows(gateway: Gateway, sql: str) -> list[Any]:
+def rows(gateway: RunningGateway, sql: str) -> list[Any]:
     with gateway.db.engine.connect() as conn:
         return [tuple(row) for row in conn.exec_driver_sql(sql)]
 

@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 from conftest import FIXTURES, SHARED_PAYLOADS
 from declic_plugins.mandrill import Mandrill, MandrillConfig
 from gateway import BadRequest, MalformedPayload, RawCall, SignatureError
-from gateway.app import Gateway, create_app
+from gateway.app import create_app
 from gateway.config import load_config
-from gateway.ingest import GATEWAY_KEY
 from gateway.plugins import collect, get_plugin_manager
+from gateway.running import GATEWAY_KEY, RunningGateway
 from gateway.sources import Deployment
 from gateway.testing import FakeClock, SmtpCatcher, write_deployment
 
@@ -312,7 +312,7 @@ rules:
 """
 
 
-async def start(aiohttp_client: Any, tmp_path: Path, db_url: str, smtp_port: int) -> tuple[TestClient, Gateway]:
+async def start(aiohttp_client: Any, tmp_path: Path, db_url: str, smtp_port: int) -> tuple[TestClient, RunningGateway]:
     pm = get_plugin_manager()
     text = CONFIG.format(public_url=PUBLIC_URL, db_url=db_url, key=KEY, smtp_port=smtp_port)
     settings_ = load_config(
@@ -322,7 +322,7 @@ async def start(aiohttp_client: Any, tmp_path: Path, db_url: str, smtp_port: int
     return await aiohttp_client(app), app[GATEWAY_KEY]
 
 
-def rows(gateway: Gateway, sql: str) -> list[tuple[Any, ...]]:
+def rows(gateway: RunningGateway, sql: str) -> list[tuple[Any, ...]]:
     with gateway.db.engine.connect() as conn:
         return [tuple(r) for r in conn.exec_driver_sql(sql)]
 

@@ -14,10 +14,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway import ContactRef, Event, Fetched, PluginConfig, PollingSource, RawCall, RetryLater, Source, hookimpl
-from gateway.app import Gateway, create_app
+from gateway.app import create_app
 from gateway.config import load_config
-from gateway.ingest import GATEWAY_KEY
 from gateway.plugins import collect, get_plugin_manager
+from gateway.running import GATEWAY_KEY, RunningGateway
 from gateway.testing import FakeClock, write_deployment
 
 
@@ -83,7 +83,7 @@ async def provider() -> AsyncIterator[tuple[Provider, TestServer]]:
     await server.close()
 
 
-async def deployment(aiohttp_client: Any, tmp_path: Path, db_url: str, base: str) -> tuple[Gateway, FakeClock]:
+async def deployment(aiohttp_client: Any, tmp_path: Path, db_url: str, base: str) -> tuple[RunningGateway, FakeClock]:
     pm = get_plugin_manager(extra=[Plugin()])
     path = write_deployment(
         tmp_path, f"storage: {{url: '{db_url}'}}\nsources:\n  reports: {{plugin: feed, api_base: '{base}'}}\n"
@@ -95,7 +95,7 @@ async def deployment(aiohttp_client: Any, tmp_path: Path, db_url: str, base: str
     return app[GATEWAY_KEY], clock
 
 
-def rows(gateway: Gateway, sql: str) -> list[Any]:
+def rows(gateway: RunningGateway, sql: str) -> list[Any]:
     with gateway.db.engine.connect() as conn:
         return list(conn.exec_driver_sql(sql))
 

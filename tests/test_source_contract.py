@@ -17,11 +17,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from pydantic import SecretStr
 
 from gateway import ContactRef, Event, PluginConfig, RawCall, Source, hookimpl
-from gateway.app import Gateway, create_app
+from gateway.app import create_app
 from gateway.config import load_config
 from gateway.errors import RetryLater
-from gateway.ingest import GATEWAY_KEY
 from gateway.plugins import collect, get_plugin_manager
+from gateway.running import GATEWAY_KEY, RunningGateway
 from gateway.testing import FakeClock, write_deployment
 
 
@@ -94,7 +94,7 @@ async def provider(replies: list[tuple[int, dict[str, str], str]]) -> TestServer
 
 async def start(
     aiohttp_client: Any, tmp_path: Path, api_base: str = "http://127.0.0.1:1", max_attempts: int = 5
-) -> tuple[TestClient, Gateway, FakeClock]:
+) -> tuple[TestClient, RunningGateway, FakeClock]:
     pm = get_plugin_manager(extra=[Plugin()])
     config = f"""\
 storage: {{url: 'sqlite:///{tmp_path}/d.db'}}
@@ -210,7 +210,7 @@ class QuirkyPlugin:
         register(Quirky)
 
 
-async def quirky(aiohttp_client: Any, tmp_path: Path) -> tuple[TestClient, Gateway]:
+async def quirky(aiohttp_client: Any, tmp_path: Path) -> tuple[TestClient, RunningGateway]:
     pm = get_plugin_manager(extra=[QuirkyPlugin()])
     path = write_deployment(
         tmp_path, f"storage: {{url: 'sqlite:///{tmp_path}/q.db'}}\nsources:\n  q: {{plugin: quirky, url_token: tok}}\n"

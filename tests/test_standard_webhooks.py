@@ -24,11 +24,11 @@ from pydantic import ValidationError
 from conftest import FIXTURES
 from declic_plugins.standard_webhooks import StandardWebhooks, StandardWebhooksConfig, dotted
 from gateway import BadRequest, MalformedPayload, RawCall, SignatureError
-from gateway.app import Gateway, create_app
+from gateway.app import create_app
 from gateway.clock import FakeClock
 from gateway.config import load_config
-from gateway.ingest import GATEWAY_KEY
 from gateway.plugins import collect, get_plugin_manager
+from gateway.running import GATEWAY_KEY, RunningGateway
 from gateway.sources import Deployment
 from gateway.testing import SmtpCatcher, write_deployment
 
@@ -341,7 +341,7 @@ NOW = datetime(2026, 5, 12, 10, 0, tzinfo=UTC)
 @dataclass
 class Running:
     client: TestClient
-    gateway: Gateway
+    gateway: RunningGateway
 
     async def post(self, body: bytes, msg_id: str, *, at: datetime = NOW, secret: str = OUR_SECRET) -> tuple[int, Any]:
         stamp = str(int(at.timestamp()))

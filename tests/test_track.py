@@ -24,8 +24,8 @@ from declic_plugins.track import Track, TrackConfig, event_slug, push_subscripti
 from gateway import BadRequest, MalformedPayload, RawCall, SignatureError
 from gateway.app import create_app
 from gateway.config import load_config
-from gateway.ingest import GATEWAY_KEY
 from gateway.plugins import collect, get_plugin_manager
+from gateway.running import GATEWAY_KEY
 from gateway.sources import Deployment
 from gateway.testing import FakeClock, write_deployment
 

@@ -11,8 +11,8 @@ import pytest
 
 from gateway.app import build_gateway, create_app
 from gateway.config import load_config
-from gateway.ingest import GATEWAY_KEY
 from gateway.plugins import collect, get_plugin_manager
+from gateway.running import GATEWAY_KEY
 from gateway.testing import FakeClock, ScriptedPlugin, write_deployment
 from gateway.worker import Worker
 

@@ -1,0 +1,44 @@
+"""The events table: each canonical event stored once, and read back at send time."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from . import jsoncodec
+from .events import Event
+from .store import EVENTS
+
+_INSERT_EVENT = sa.insert(EVENTS)
+
+
+def store_event(conn: Connection, event: Event, contact_id: int) -> None:
+    conn.execute(
+        _INSERT_EVENT,
+        {
+            "id": event.id,
+            "inbox_id": event.raw_ref,
+            "source": event.source,
+            "type": event.type,
+            "occurred_at": event.occurred_at,
+            "contact_id": contact_id,
+            "correlation": jsoncodec.dumps(event.correlation),
+            "properties": jsoncodec.dumps(event.properties),
+            "dedupe_key": event.dedupe_key,
+        },
+    )
+
+
+_EVENT = sa.select(EVENTS).where(EVENTS.c.id == sa.bindparam("event_id"))
+
+
+def load_event(conn: Connection, event_id: str) -> dict[str, object]:
+    row = conn.execute(_EVENT, {"event_id": event_id}).one()
+    return {
+        "id": row.id,
+        "source": row.source,
+        "type": row.type,
+        "occurred_at": row.occurred_at,
+        "correlation": jsoncodec.loads(row.correlation),
+        "properties": jsoncodec.loads(row.properties),
+    }

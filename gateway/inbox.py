@@ -1,0 +1,112 @@
+"""The inbox: calls written durably, many requests to one transaction, before anyone is answered."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import structlog
+from sqlalchemy.engine import Connection
+
+from . import scheduler
+from .errors import StorageUnavailable
+from .store import INBOX, Database, sql
+
+log = structlog.get_logger("declic.ingest")
+
+
+@dataclass(frozen=True)
+class NewCall:
+    source: str
+    dedupe_key: str
+    received_at: datetime
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Accepted:
+    inbox_id: int | None
+    duplicate: bool
+
+
+class GroupCommitter:
+    """Many requests, one transaction: a 2xx always means durable, without one fsync per call."""
+
+    def __init__(self, db: Database, on_commit: Callable[[], None], max_batch: int = 512):
+        self._db = db
+        self._on_commit = on_commit
+        self._max_batch = max_batch
+        self._queue: asyncio.Queue[tuple[NewCall, asyncio.Future[Accepted]]] = asyncio.Queue()
+        #: Calls submitted and not yet answered: requests waiting for their acknowledgement.
+        self.waiting = 0
+
+    async def submit(self, call: NewCall) -> Accepted:
+        future: asyncio.Future[Accepted] = asyncio.get_running_loop().create_future()
+        self.waiting += 1
+        try:
+            await self._queue.put((call, future))
+            return await future
+        finally:
+            self.waiting -= 1
+
+    async def run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                results = await self._db.run(commit_calls, [call for call, _ in batch], urgent=True)
+            except Exception as exc:  # every waiter must hear back, whatever went wrong
+                error = exc if isinstance(exc, StorageUnavailable) else StorageUnavailable(repr(exc))
+                log.error("inbox commit failed", error=str(error), calls=len(batch))
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+            if any(not r.duplicate for r in results):
+                self._on_commit()
+
+
+def commit_calls(conn: Connection, calls: list[NewCall]) -> list[Accepted]:
+    """Insert new calls and their processing jobs; report duplicates without failing."""
+    first: dict[tuple[str, str], int] = {}
+    for i, call in enumerate(calls):
+        first.setdefault((call.source, call.dedupe_key), i)
+    fresh = [calls[i] for i in sorted(first.values())]
+    insert = sql.insert(conn.dialect.name, INBOX)
+    rows = [
+        {
+            "source": c.source,
+            "dedupe_key": c.dedupe_key,
+            "received_at": c.received_at,
+            "headers": json.dumps(c.headers),
+            "body": c.body,
+            "status": "received",
+        }
+        for c in fresh
+    ]
+    statement = insert.on_conflict_do_nothing(index_elements=["source", "dedupe_key"]).returning(
+        INBOX.c.id, INBOX.c.source, INBOX.c.dedupe_key
+    )
+    inserted = {(r.source, r.dedupe_key): r.id for r in conn.execute(statement, rows)} if rows else {}
+    if inserted:
+        scheduler.add_inbox_jobs(conn, list(inserted.values()), max(c.received_at for c in fresh))
+    results = []
+    for i, call in enumerate(calls):
+        key = (call.source, call.dedupe_key)
+        is_first = first[key] == i
+        results.append(Accepted(inserted.get(key) if is_first else None, not (is_first and key in inserted)))
+    return results
+
+
+def fit_key(key: str, limit: int = 300) -> str:
+    """Provider ids go into an indexed column: a longer key is replaced by its digest."""
+    return key if len(key) <= limit else "sha256:" + hashlib.sha256(key.encode()).hexdigest()
