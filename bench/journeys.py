@@ -66,10 +66,17 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import DECLIC, cpu_seconds, free_port, machine, percentile, stop, wait_for_port  # noqa: E402
 
-from gateway import jsoncodec, logs  # noqa: E402
+from gateway.cli import logs  # noqa: E402
 from gateway.config import RuleSpec  # noqa: E402
-from gateway.events import ContactRef, Event  # noqa: E402
-from gateway.store import CONTACTS, ENROLMENTS, EVENTS, JOBS, Database  # noqa: E402
+from gateway.kit.events import ContactRef, Event  # noqa: E402
+from gateway.store import (  # noqa: E402
+    CONTACTS,
+    ENROLMENTS,
+    EVENTS,
+    JOBS,
+    Database,
+    jsoncodec,
+)
 from gateway.store.db import make_engine  # noqa: E402
 
 WRITE_KEY = "bench-write-key"
@@ -595,7 +602,7 @@ def lateness_report(
 
 def claim_probe(db_path: Path) -> str:
     """The claim query on this table, with nothing due: its time and SQLite's plan."""
-    from gateway import scheduler
+    from gateway.store import jobqueue
 
     db = Database(f"sqlite:///{db_path}", timedelta(seconds=30))
     seen: list[tuple[str, Any]] = []
@@ -612,7 +619,7 @@ def claim_probe(db_path: Path) -> str:
             timings = []
             for _ in range(5):
                 started = time.perf_counter()
-                scheduler.claim(conn, "probe", now, timedelta(minutes=5), 50)
+                jobqueue.claim(conn, "probe", now, timedelta(minutes=5), 50)
                 timings.append(time.perf_counter() - started)
             statement, parameters = seen[-1]
             plan = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters).all()
@@ -662,9 +669,9 @@ def serve_phase(args: argparse.Namespace) -> None:
 
 async def birthday_morning(folder: Path, contacts: int) -> None:
     """`contacts` birthdays on the same day: reconcile schedules them, then all fire and send at 10:00."""
-    from gateway.app import build_gateway, load
-    from gateway.clock import FakeClock
-    from gateway.simulate import RecordingSink
+    from gateway.cli.simulate import RecordingSink
+    from gateway.http.app import build_gateway, load
+    from gateway.kit.clock import FakeClock
 
     config_dir = folder / "morning"
     (config_dir / "templates").mkdir(parents=True)
@@ -714,8 +721,8 @@ async def birthday_morning(folder: Path, contacts: int) -> None:
 
 
 def clock_phase(args: argparse.Namespace) -> None:
-    from gateway.router import Router
-    from gateway.templating import make_environment
+    from gateway.kit.templating import make_environment
+    from gateway.pipeline.router import Router
 
     print(f"\n== clock: Router.reconcile over {args.contacts:,} contacts with a birthday", flush=True)
     env = make_environment(None)
@@ -800,7 +807,7 @@ def router_rules(total: int, matching: int, date_rules: int = 0) -> list[RuleSpe
 
 @contextmanager
 def router_db(folder: Path, name: str, contacts: int) -> Iterator[tuple[Database, list[dict[str, Any]]]]:
-    from gateway import contacts as contacts_module
+    from gateway.pipeline import contacts as contacts_module
 
     db = fresh_database(folder, name)
     try:
@@ -819,8 +826,8 @@ def time_route(
 
     Returns the seconds per event, the events routed and the enrolments made.
     """
-    from gateway.router import Router
-    from gateway.templating import make_environment
+    from gateway.kit.templating import make_environment
+    from gateway.pipeline.router import Router
 
     router = Router(rules, make_environment(None), None, "UTC")
     name = f"router-{len(os.listdir(folder))}.db"
@@ -861,8 +868,8 @@ def time_route(
 
 def time_selection(rules: list[RuleSpec], event_type: str, rounds: int = 20_000) -> float:
     """Rule selection by event type and `if:` evaluation alone: what route() does before touching the database."""
-    from gateway.router import Router, event_context
-    from gateway.templating import make_environment
+    from gateway.kit.templating import make_environment
+    from gateway.pipeline.router import Router, event_context
 
     router = Router(rules, make_environment(None), None, "UTC")
     event = Event(

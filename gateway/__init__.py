@@ -5,10 +5,10 @@ from __future__ import annotations
 import pluggy
 
 from .errors import BadRequest, ConfigError, DeclicError, MalformedPayload, RetryLater, SignatureError
-from .events import ContactRef, Event, PushRef
-from .polling import Fetched, PollingSource
-from .sinks import DeliveryResult, Message, Outcome, SendContext, Sink, SinkConfig
-from .sources import ConfigPath, Deployment, PluginConfig, RawCall, Source
+from .kit.events import ContactRef, Event, PushRef
+from .kit.polling import Fetched, PollingSource
+from .kit.sinks import DeliveryResult, Message, Outcome, SendContext, Sink, SinkConfig
+from .kit.sources import ConfigPath, Deployment, PluginConfig, RawCall, Source
 
 hookimpl = pluggy.HookimplMarker("declic")
 

@@ -11,11 +11,11 @@ if TYPE_CHECKING:
     import click
     import jinja2
 
-    from .clock import Clock
     from .config import Settings
-    from .events import Event
-    from .sinks import Sink
-    from .sources import Source
+    from .kit.clock import Clock
+    from .kit.events import Event
+    from .kit.sinks import Sink
+    from .kit.sources import Source
     from .store import Database
 
 hookspec = pluggy.HookspecMarker("declic")

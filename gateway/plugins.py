@@ -11,10 +11,10 @@ import pluggy
 import structlog
 
 from . import hookspecs
-from .events import Event
-from .registry import Registry
-from .sinks import Sink
-from .sources import Source
+from .kit.events import Event
+from .kit.registry import Registry
+from .kit.sinks import Sink
+from .kit.sources import Source
 
 ENTRY_POINT_GROUP = "declic"
 #: Comma-separated plugin names not to load, e.g. to rule out a broken community plugin.

@@ -28,8 +28,8 @@ from multidict import CIMultiDictProxy
 from pydantic import Field, field_validator
 
 from gateway import ConfigPath, DeliveryResult, Message, SendContext, Sink, SinkConfig, hookimpl
-from gateway.net import retry_after
-from gateway.templating import make_environment
+from gateway.kit.net import retry_after
+from gateway.kit.templating import make_environment
 
 log = structlog.get_logger("declic.fcm")
 

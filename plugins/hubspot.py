@@ -38,9 +38,9 @@ from gateway import (
     Source,
     hookimpl,
 )
-from gateway.clock import Clock
 from gateway.errors import RetryLater
-from gateway.net import retry_after
+from gateway.kit.clock import Clock
+from gateway.kit.net import retry_after
 
 log = structlog.get_logger("declic.hubspot")
 

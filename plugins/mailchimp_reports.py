@@ -37,7 +37,7 @@ from gateway import (
     hookimpl,
 )
 from gateway.config import Duration
-from gateway.net import retry_after
+from gateway.kit.net import retry_after
 
 log = structlog.get_logger("declic.mailchimp_reports")
 

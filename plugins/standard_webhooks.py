@@ -32,7 +32,7 @@ from gateway import (
     Source,
     hookimpl,
 )
-from gateway.events import CANONICAL_TYPES
+from gateway.kit.events import CANONICAL_TYPES
 
 #: Seconds a webhook-timestamp may be away from our clock, either way (the reference libraries' 5 minutes).
 TOLERANCE = 300

@@ -25,7 +25,7 @@ from pydantic import Field, SecretStr, field_validator
 from yarl import URL
 
 from gateway import DeliveryResult, Deployment, Message, SendContext, Sink, SinkConfig, hookimpl
-from gateway.net import ForbiddenAddress, GuardedClient, retry_after
+from gateway.kit.net import ForbiddenAddress, GuardedClient, retry_after
 
 SECRET_PREFIX = "whsec_"
 #: How much of a receiver's answer goes into the delivery's error text.

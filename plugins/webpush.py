@@ -32,8 +32,8 @@ from pydantic import Field, SecretStr, field_validator
 from yarl import URL
 
 from gateway import DeliveryResult, Message, SendContext, Sink, SinkConfig, hookimpl
-from gateway.net import ForbiddenAddress, GuardedClient, retry_after
-from gateway.templating import make_environment
+from gateway.kit.net import ForbiddenAddress, GuardedClient, retry_after
+from gateway.kit.templating import make_environment
 
 log = structlog.get_logger("declic.webpush")
 

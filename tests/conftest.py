@@ -16,8 +16,8 @@ import pytest
 import sqlalchemy as sa
 from aiohttp.test_utils import TestClient
 
-from gateway.app import create_app, load
-from gateway.running import GATEWAY_KEY, RunningGateway
+from gateway.http.app import create_app, load
+from gateway.http.running import GATEWAY_KEY, RunningGateway
 from gateway.store import Database
 from gateway.testing import FakeClock, SmtpCatcher, shopify_headers, write_deployment
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from gateway.app import load
-from gateway.cli import cli
+from gateway.cli.main import cli
 from gateway.errors import ConfigError
+from gateway.http.app import load
 from gateway.plugins import collect, get_plugin_manager
 from gateway.testing import write_deployment
 

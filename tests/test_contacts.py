@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from gateway import contacts
-from gateway.app import create_app
 from gateway.config import load_config
-from gateway.events import ContactRef, PushRef
+from gateway.http.app import create_app
+from gateway.http.running import GATEWAY_KEY
+from gateway.kit.events import ContactRef, PushRef
+from gateway.pipeline import contacts
 from gateway.plugins import collect, get_plugin_manager
-from gateway.running import GATEWAY_KEY
 from gateway.store import Database
 from gateway.testing import FakeClock, ScriptedPlugin, SmtpCatcher, write_deployment
 

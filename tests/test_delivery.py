@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from click.testing import CliRunner
 
 from conftest import Factory, fixture_bytes
-from gateway.cli import cli
+from gateway.cli.main import cli
 from gateway.testing import SmtpCatcher
 
 ORDER = fixture_bytes("shopify/order.json")

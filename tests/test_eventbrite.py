@@ -22,14 +22,14 @@ from pydantic import ValidationError
 from conftest import FIXTURES, SHARED_PAYLOADS
 from declic_plugins.eventbrite import ACTIONS, Eventbrite, EventbriteConfig, parse_api_url
 from gateway import BadRequest, MalformedPayload, RawCall
-from gateway.app import create_app
-from gateway.clock import FakeClock
 from gateway.config import load_config
 from gateway.errors import RetryLater
+from gateway.http.app import create_app
+from gateway.http.running import GATEWAY_KEY, RunningGateway
+from gateway.kit.clock import FakeClock
+from gateway.kit.sources import Deployment
 from gateway.plugins import collect, get_plugin_manager
-from gateway.running import GATEWAY_KEY, RunningGateway
-from gateway.scheduler import requeue
-from gateway.sources import Deployment
+from gateway.store.jobqueue import requeue
 from gateway.testing import SmtpCatcher, write_deployment
 
 NOW = datetime(2026, 5, 12, 10, 0, tzinfo=UTC)

@@ -31,11 +31,11 @@ from gateway import (
     hookimpl,
 )
 from gateway import hookspecs as specs
-from gateway.app import create_app
-from gateway.cli import cli
+from gateway.cli.main import cli
 from gateway.config import load_config
+from gateway.http.app import create_app
+from gateway.http.running import GATEWAY_KEY, RunningGateway
 from gateway.plugins import collect, describe, get_plugin_manager
-from gateway.running import GATEWAY_KEY, RunningGateway
 from gateway.testing import FakeClock, write_deployment
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,13 +26,13 @@ from declic_plugins.hubspot import (
     signature_v3,
 )
 from gateway import BadRequest, MalformedPayload, RawCall, SignatureError
-from gateway.app import create_app
-from gateway.clock import FakeClock
 from gateway.config import load_config
 from gateway.errors import RetryLater
+from gateway.http.app import create_app
+from gateway.http.running import GATEWAY_KEY, RunningGateway
+from gateway.kit.clock import FakeClock
+from gateway.kit.sources import Deployment
 from gateway.plugins import collect, get_plugin_manager
-from gateway.running import GATEWAY_KEY, RunningGateway
-from gateway.sources import Deployment
 from gateway.testing import SmtpCatcher, write_deployment
 
 # Published vectors, verbatim from HubSpot's SDK test suites:

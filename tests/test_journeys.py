@@ -15,13 +15,13 @@ from click.testing import CliRunner
 from pydantic import SecretStr
 
 from gateway import PluginConfig, Source, hookimpl
-from gateway.app import create_app
-from gateway.cli import cli
+from gateway.cli.main import cli
+from gateway.cli.simulate import TimelineItem, TimelineSource, decisions, load_timeline, play
 from gateway.config import load_config
-from gateway.inbox import NewCall
+from gateway.http.app import create_app
+from gateway.http.running import GATEWAY_KEY, RunningGateway
 from gateway.plugins import collect, get_plugin_manager
-from gateway.running import GATEWAY_KEY, RunningGateway
-from gateway.simulate import TimelineItem, TimelineSource, decisions, load_timeline, play
+from gateway.store.inbox import NewCall
 from gateway.testing import FakeClock, ScriptedPlugin, SmtpCatcher, write_deployment
 
 Expected = tuple[str, str, int | None, str, str, str | None]  # at, rule, step, contact, action, reason prefix

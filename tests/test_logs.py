@@ -9,7 +9,7 @@ import pytest
 import structlog
 
 from conftest import Factory, fixture_bytes
-from gateway import logs
+from gateway.cli import logs
 from gateway.testing import SmtpCatcher
 
 

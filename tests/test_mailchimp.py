@@ -17,11 +17,11 @@ from hypothesis import strategies as st
 from conftest import FIXTURES, SHARED_PAYLOADS
 from declic_plugins.mailchimp import Mailchimp, MailchimpConfig, nest
 from gateway import BadRequest, MalformedPayload, RawCall
-from gateway.app import create_app
 from gateway.config import load_config
+from gateway.http.app import create_app
+from gateway.http.running import GATEWAY_KEY, RunningGateway
+from gateway.kit.sources import Deployment
 from gateway.plugins import collect, get_plugin_manager
-from gateway.running import GATEWAY_KEY, RunningGateway
-from gateway.sources import Deployment
 from gateway.testing import FakeClock, write_deployment
 
 TOKEN = "mc-7Yq2vLw9Rk4Tz8Xp"

@@ -27,11 +27,11 @@ from pydantic import ValidationError
 from conftest import FIXTURES, SHARED_PAYLOADS
 from declic_plugins.mailchimp_reports import ACTIVITY_FIELDS, MailchimpReports, MailchimpReportsConfig, member_items
 from gateway import Event, Fetched, MalformedPayload, RawCall, RetryLater
-from gateway.app import create_app
 from gateway.config import load_config
+from gateway.http.app import create_app
+from gateway.http.running import GATEWAY_KEY, RunningGateway
+from gateway.kit.sources import Deployment
 from gateway.plugins import collect, get_plugin_manager
-from gateway.running import GATEWAY_KEY, RunningGateway
-from gateway.sources import Deployment
 from gateway.testing import FakeClock, write_deployment
 
 KEY = "0123456789abcdef0123456789abcdef-us6"

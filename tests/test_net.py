@@ -8,7 +8,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.net import ForbiddenAddress, GuardedClient
+from gateway.kit.net import ForbiddenAddress, GuardedClient
 
 
 @pytest.fixture

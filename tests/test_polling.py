@@ -14,10 +14,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway import ContactRef, Event, Fetched, PluginConfig, PollingSource, RawCall, RetryLater, Source, hookimpl
-from gateway.app import create_app
 from gateway.config import load_config
+from gateway.http.app import create_app
+from gateway.http.running import GATEWAY_KEY, RunningGateway
 from gateway.plugins import collect, get_plugin_manager
-from gateway.running import GATEWAY_KEY, RunningGateway
 from gateway.testing import FakeClock, write_deployment
 
 

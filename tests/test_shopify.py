@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from conftest import FIXTURES, SHARED_PAYLOADS
 from declic_plugins.shopify import Shopify, ShopifyConfig
 from gateway import BadRequest, MalformedPayload, RawCall, SignatureError
-from gateway.clock import FakeClock
-from gateway.sources import Deployment
+from gateway.kit.clock import FakeClock
+from gateway.kit.sources import Deployment
 
 DEPLOYMENT = Deployment("https://hooks.example.com", "UTC", FakeClock())
 
@@ -282,7 +282,7 @@ TOPICS = (
 @pytest.fixture
 async def client(aiohttp_client: Any, tmp_path: Path) -> Any:
     """One app for every example (fixtures run per test, not per example)."""
-    from gateway.app import create_app, load
+    from gateway.http.app import create_app, load
     from gateway.testing import write_deployment
 
     path = write_deployment(

@@ -17,10 +17,10 @@ import trustme
 
 from declic_plugins.smtp import SmtpConfig, SmtpSink
 from gateway import Message, Outcome, SendContext
-from gateway.clock import FakeClock
 from gateway.config import load_config
+from gateway.kit.clock import FakeClock
+from gateway.kit.sources import Deployment
 from gateway.plugins import collect, get_plugin_manager
-from gateway.sources import Deployment
 from gateway.testing import SmtpCatcher, free_port, write_deployment
 
 CTX = SendContext(rule="r", step=1, kind="transactional", contact={"email": "to@example.org"}, event={})

@@ -17,11 +17,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from pydantic import SecretStr
 
 from gateway import ContactRef, Event, PluginConfig, RawCall, Source, hookimpl
-from gateway.app import create_app
 from gateway.config import load_config
 from gateway.errors import RetryLater
+from gateway.http.app import create_app
+from gateway.http.running import GATEWAY_KEY, RunningGateway
 from gateway.plugins import collect, get_plugin_manager
-from gateway.running import GATEWAY_KEY, RunningGateway
 from gateway.testing import FakeClock, write_deployment
 
 

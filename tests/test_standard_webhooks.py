@@ -24,12 +24,12 @@ from pydantic import ValidationError
 from conftest import FIXTURES
 from declic_plugins.standard_webhooks import StandardWebhooks, StandardWebhooksConfig, dotted
 from gateway import BadRequest, MalformedPayload, RawCall, SignatureError
-from gateway.app import create_app
-from gateway.clock import FakeClock
 from gateway.config import load_config
+from gateway.http.app import create_app
+from gateway.http.running import GATEWAY_KEY, RunningGateway
+from gateway.kit.clock import FakeClock
+from gateway.kit.sources import Deployment
 from gateway.plugins import collect, get_plugin_manager
-from gateway.running import GATEWAY_KEY, RunningGateway
-from gateway.sources import Deployment
 from gateway.testing import SmtpCatcher, write_deployment
 
 # Published vectors, verbatim from the reference libraries' own tests (standard-webhooks/standard-webhooks):

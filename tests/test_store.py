@@ -12,9 +12,9 @@ from alembic.runtime.migration import MigrationContext
 from click.testing import CliRunner
 from sqlmodel import SQLModel
 
-from gateway.app import create_app, load
-from gateway.cli import cli
+from gateway.cli.main import cli
 from gateway.errors import ConfigError
+from gateway.http.app import create_app, load
 from gateway.store import Database
 from gateway.testing import write_deployment
 

@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 from conftest import FIXTURES, SHARED_PAYLOADS
 from declic_plugins.track import Track, TrackConfig, event_slug, push_subscription
 from gateway import BadRequest, MalformedPayload, RawCall, SignatureError
-from gateway.app import create_app
 from gateway.config import load_config
+from gateway.http.app import create_app
+from gateway.http.running import GATEWAY_KEY
+from gateway.kit.sources import Deployment
 from gateway.plugins import collect, get_plugin_manager
-from gateway.running import GATEWAY_KEY
-from gateway.sources import Deployment
 from gateway.testing import FakeClock, write_deployment
 
 KEY = "site-write-key"

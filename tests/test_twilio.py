@@ -42,12 +42,12 @@ from declic_plugins.twilio import (
     to_e164,
 )
 from gateway import ConfigError, Message, Outcome, SendContext
-from gateway.app import create_app
 from gateway.config import load_config
-from gateway.net import retry_after
+from gateway.http.app import create_app
+from gateway.http.running import GATEWAY_KEY
+from gateway.kit.net import retry_after
+from gateway.kit.sources import Deployment
 from gateway.plugins import collect, get_plugin_manager
-from gateway.running import GATEWAY_KEY
-from gateway.sources import Deployment
 from gateway.testing import FakeClock, ScriptedPlugin, free_port, write_deployment
 
 ACCOUNT = "AC" + "a" * 32  # the shape twilio-python's own tests use ("ACaaaa...")

@@ -34,11 +34,11 @@ from gateway import (
     Sink,
     hookimpl,
 )
-from gateway.app import create_app
 from gateway.config import load_config
+from gateway.http.app import create_app
+from gateway.http.running import GATEWAY_KEY
+from gateway.kit.sources import Deployment
 from gateway.plugins import collect, get_plugin_manager
-from gateway.running import GATEWAY_KEY
-from gateway.sources import Deployment
 from gateway.testing import FakeClock, write_deployment
 
 # Published vectors, copied verbatim from Twilio's SDK test suites:

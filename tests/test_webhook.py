@@ -21,11 +21,11 @@ from pydantic import SecretStr, ValidationError
 
 from declic_plugins.webhook import BODY_CAP, Webhook, WebhookConfig, sign
 from gateway import Message, Outcome, SendContext
-from gateway.app import create_app
 from gateway.config import load_config
+from gateway.http.app import create_app
+from gateway.http.running import GATEWAY_KEY
+from gateway.kit.sources import Deployment
 from gateway.plugins import collect, get_plugin_manager
-from gateway.running import GATEWAY_KEY
-from gateway.sources import Deployment
 from gateway.testing import FakeClock, ScriptedPlugin, free_port, write_deployment
 
 # The secret and vector of the reference library's own tests:

@@ -48,11 +48,11 @@ from declic_plugins.webpush import (
     load_private_key,
 )
 from gateway import Message, Outcome, SendContext
-from gateway.app import create_app
 from gateway.config import load_config
+from gateway.http.app import create_app
+from gateway.http.running import GATEWAY_KEY
+from gateway.kit.sources import Deployment
 from gateway.plugins import collect, get_plugin_manager
-from gateway.running import GATEWAY_KEY
-from gateway.sources import Deployment
 from gateway.testing import FakeClock, ScriptedPlugin, free_port, write_deployment
 
 VAPID_PRIVATE, VAPID_PUBLIC = generate_vapid_keys()

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from gateway.app import build_gateway, create_app
 from gateway.config import load_config
+from gateway.http.app import build_gateway, create_app
+from gateway.http.running import GATEWAY_KEY
+from gateway.jobs.worker import Worker
 from gateway.plugins import collect, get_plugin_manager
-from gateway.running import GATEWAY_KEY
 from gateway.testing import FakeClock, ScriptedPlugin, write_deployment
-from gateway.worker import Worker
 
 
 @pytest.fixture

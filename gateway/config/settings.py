@@ -22,14 +22,14 @@ from pydantic import (
     model_validator,
 )
 
+from ..errors import ConfigError
+from ..kit.durations import parse_duration, parse_local_time, parse_signed_duration
+from ..kit.events import is_known_type
+from ..kit.registry import Registry
+from ..kit.sinks import Sink
+from ..kit.sources import PluginConfig, Source
+from ..kit.templating import compile_condition, make_environment, template_files
 from . import yamlmarks
-from .durations import parse_duration, parse_local_time, parse_signed_duration
-from .errors import ConfigError
-from .events import is_known_type
-from .registry import Registry
-from .sinks import Sink
-from .sources import PluginConfig, Source
-from .templating import compile_condition, make_environment, template_files
 
 DATABASE_URL_ENV = "DECLIC_DATABASE_URL"
 
@@ -433,7 +433,7 @@ def _check_expression(env: jinja2.Environment, expression: str | None, where: ya
 def _suggest(event_type: str, extra: frozenset[str]) -> str:
     import difflib
 
-    from .events import CANONICAL_TYPES
+    from ..kit.events import CANONICAL_TYPES
 
     close = difflib.get_close_matches(event_type, sorted(CANONICAL_TYPES | extra), n=1)
     return f" (did you mean {close[0]!r}?)" if close else " (see the event types in the README)"

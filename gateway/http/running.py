@@ -10,14 +10,14 @@ import jinja2
 import pluggy
 from aiohttp import web
 
-from .clock import Clock
-from .config import Settings
-from .inbox import GroupCommitter
-from .router import Router
-from .sinks import Sink
-from .sources import Source
-from .store import Database
-from .worker import Worker
+from ..config import Settings
+from ..jobs.worker import Worker
+from ..kit.clock import Clock
+from ..kit.sinks import Sink
+from ..kit.sources import Source
+from ..pipeline.router import Router
+from ..store import Database
+from ..store.inbox import GroupCommitter
 
 Role = Literal["web", "worker", "all"]
 #: What a 503 asks the caller to wait, in seconds, when storage is unavailable.

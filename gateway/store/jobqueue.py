@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from .store import INBOX, JOBS, sql
+from . import INBOX, JOBS, sql
 
 J = JOBS.c
 MAX_RETRY_AFTER = 86400.0

@@ -10,7 +10,7 @@ import secrets
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from .store import META, sql
+from ..store import META, sql
 
 SECRET_KEY = "link_secret"
 

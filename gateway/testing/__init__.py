@@ -17,10 +17,10 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from . import hookimpl
-from .clock import FakeClock
-from .events import Event
-from .sources import PluginConfig, RawCall, Source
+from .. import hookimpl
+from ..kit.clock import FakeClock
+from ..kit.events import Event
+from ..kit.sources import PluginConfig, RawCall, Source
 
 __all__ = [
     "FakeClock",

@@ -13,20 +13,22 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Connection
 
-from . import contacts, journal, links, scheduler
-from .config import PoliciesSpec, WorkerSpec
-from .errors import TemplateProblem
-from .eventlog import load_event
+from ..config import PoliciesSpec, WorkerSpec
+from ..errors import TemplateProblem
+from ..insight import journal
+from ..kit.sinks import DeliveryResult, Message, Outcome, SendContext, Sink
+from ..kit.templating import render_message
+from ..pipeline import contacts
+from ..pipeline.eventlog import load_event
+from ..pipeline.router import CompiledRule, Router
+from ..pipeline.triggers import zone_of
+from ..store import CONTACTS, DELIVERIES, ENROLMENTS, jobqueue, sql
+from ..store.jobqueue import ClaimedJob
+from . import links
 from .policies import Deferral, pressure_until, quiet_until
-from .router import CompiledRule, Router
-from .scheduler import ClaimedJob
-from .sinks import DeliveryResult, Message, Outcome, SendContext, Sink
-from .store import CONTACTS, DELIVERIES, ENROLMENTS, sql
-from .templating import render_message
-from .triggers import zone_of
 
 if TYPE_CHECKING:
-    from .clock import Clock
+    from ..kit.clock import Clock
 
 log = structlog.get_logger("declic.delivery")
 D = DELIVERIES.c
@@ -80,7 +82,7 @@ class StepRunner:
         rule = self.router.rules.get(enrolment.rule)
         if enrolment.status != "active" or rule is None or job.step >= len(rule.spec.steps):
             why = "rule no longer in the config" if rule is None else f"journey {enrolment.status}"
-            scheduler.finish(conn, job, self.worker_id, now, "cancelled", why)
+            jobqueue.finish(conn, job, self.worker_id, now, "cancelled", why)
             return None
         spec = rule.spec.steps[job.step]
         key = idempotency_key(enrolment.rule, enrolment.contact_id, enrolment.occurrence, job.step)
@@ -113,7 +115,7 @@ class StepRunner:
             parts = render_message(self.env, spec.send.template, context)
         except TemplateProblem as exc:
             self._record(conn, step, "failed", str(exc), now)
-            scheduler.finish(conn, job, self.worker_id, now, "dead", str(exc))
+            jobqueue.finish(conn, job, self.worker_id, now, "dead", str(exc))
             journal.record(
                 conn, now, rule.name, step.contact_id, "failed", step=job.step + 1, via=step.sink.key, reason=str(exc)
             )
@@ -201,7 +203,7 @@ class StepRunner:
         if cap is not None and cap.max_delay is not None and deferral.until - first_due > cap.max_delay:
             self._suppress(conn, step, f"{deferral.reason}; dropped: would wait past max_delay", now)
             return
-        scheduler.defer(conn, step.job, self.worker_id, deferral.until, now, deferral.reason)
+        jobqueue.defer(conn, step.job, self.worker_id, deferral.until, now, deferral.reason)
         journal.record(
             conn,
             now,
@@ -257,24 +259,24 @@ class StepRunner:
             self._advance(conn, step, now)
         elif result.outcome is Outcome.RETRY and job.attempts < self.worker_spec.max_attempts:
             self._record(conn, step, "retrying", result.error, now)
-            delay = scheduler.retry_delay(
+            delay = jobqueue.retry_delay(
                 job.attempts, self.worker_spec.retry_base, self.worker_spec.retry_max, result.retry_after
             )
-            scheduler.reschedule(conn, job, self.worker_id, now + delay, now, result.error or "retry")
+            jobqueue.reschedule(conn, job, self.worker_id, now + delay, now, result.error or "retry")
         else:
             reason = result.error or "failed"
             if result.outcome is Outcome.RETRY:
                 reason = f"gave up after {job.attempts} attempts: {reason}"
             self._record(conn, step, "failed", reason, now)
             journal.record(conn, now, rule.name, send.contact_id, "failed", step=number, via=via, reason=reason)
-            scheduler.finish(conn, job, self.worker_id, now, "dead", reason)
+            jobqueue.finish(conn, job, self.worker_id, now, "dead", reason)
 
     def _advance(self, conn: Connection, step: Step, now: datetime) -> None:
-        scheduler.finish(conn, step.job, self.worker_id, now)
+        jobqueue.finish(conn, step.job, self.worker_id, now)
         following = step.job.step + 1
         steps = step.rule.spec.steps
         if following < len(steps):
-            scheduler.add_step(
+            jobqueue.add_step(
                 conn, step.enrolment_id, following, now + steps[following].wait, now, step.rule.spec.priority
             )
         else:

@@ -11,14 +11,14 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Connection
 
-from . import contacts, scheduler
-from .errors import MalformedPayload, RetryLater
+from ..errors import MalformedPayload, RetryLater
+from ..kit.events import ERASE_TYPE, FEEDBACK_TYPES, Event
+from ..kit.sources import RawCall, Source
+from ..store import EVENTS, INBOX, jobqueue
+from ..store.inbox import fit_key
+from . import contacts
 from .eventlog import store_event
-from .events import ERASE_TYPE, FEEDBACK_TYPES, Event
-from .inbox import fit_key
 from .router import Router
-from .sources import RawCall, Source
-from .store import EVENTS, INBOX
 
 log = structlog.get_logger("declic.inbound")
 IN = INBOX.c
@@ -168,5 +168,5 @@ def replay_failed(conn: Connection, inbox_ids: list[int] | None, now: datetime) 
         conn.execute(sa.update(INBOX).where(where).values(status="received", error=None).returning(IN.id)).scalars()
     )
     if ids:
-        scheduler.add_inbox_jobs(conn, ids, now)
+        jobqueue.add_inbox_jobs(conn, ids, now)
     return ids

@@ -12,9 +12,8 @@ from datetime import datetime
 import structlog
 from sqlalchemy.engine import Connection
 
-from . import scheduler
-from .errors import StorageUnavailable
-from .store import INBOX, Database, sql
+from ..errors import StorageUnavailable
+from . import INBOX, Database, jobqueue, sql
 
 log = structlog.get_logger("declic.ingest")
 
@@ -98,7 +97,7 @@ def commit_calls(conn: Connection, calls: list[NewCall]) -> list[Accepted]:
     )
     inserted = {(r.source, r.dedupe_key): r.id for r in conn.execute(statement, rows)} if rows else {}
     if inserted:
-        scheduler.add_inbox_jobs(conn, list(inserted.values()), max(c.received_at for c in fresh))
+        jobqueue.add_inbox_jobs(conn, list(inserted.values()), max(c.received_at for c in fresh))
     results = []
     for i, call in enumerate(calls):
         key = (call.source, call.dedupe_key)

@@ -13,16 +13,15 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import scheduler
-from .inbox import NewCall, commit_calls, fit_key
-from .polling import Fetched, PollingSource
-from .sources import Source
-from .store import META, sql
+from ..kit.polling import Fetched, PollingSource
+from ..kit.sources import Source
+from ..store import META, jobqueue, sql
+from ..store.inbox import NewCall, commit_calls, fit_key
 
 
 def schedule(conn: Connection, source: str, due: datetime, now: datetime) -> None:
     """Queue the source's next poll unless one is already pending."""
-    scheduler.add_unique(conn, "poll", f"poll:{source}", source, due, now)
+    jobqueue.add_unique(conn, "poll", f"poll:{source}", source, due, now)
 
 
 def load_cursor(conn: Connection, source: str) -> str | None:

@@ -21,17 +21,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy.engine import Connection
 
-from . import scheduler
-from .app import build_gateway
-from .clock import FakeClock
-from .config import Settings
-from .errors import DeclicError
-from .events import ContactRef, Event
-from .inbox import NewCall, commit_calls
-from .running import RunningGateway
-from .sinks import DeliveryResult, Message, SendContext, Sink
-from .sources import Deployment, RawCall, Source
-from .store import CONTACTS, DECISIONS
+from ..config import Settings
+from ..errors import DeclicError
+from ..http.app import build_gateway
+from ..http.running import RunningGateway
+from ..kit.clock import FakeClock
+from ..kit.events import ContactRef, Event
+from ..kit.sinks import DeliveryResult, Message, SendContext, Sink
+from ..kit.sources import Deployment, RawCall, Source
+from ..store import CONTACTS, DECISIONS, jobqueue
+from ..store.inbox import NewCall, commit_calls
 
 #: The timeline's events enter through this source name, which no config can use (names are [a-z0-9_-]).
 TIMELINE_SOURCE = "~timeline"
@@ -168,7 +167,7 @@ async def play(
     tail: timedelta = DEFAULT_TAIL,
 ) -> None:
     """Step the clock through every due job and every timeline item, in time order."""
-    await gateway.db.run(scheduler.add_tick, "reconcile", clock.now())
+    await gateway.db.run(jobqueue.add_tick, "reconcile", clock.now())
     for index, item in enumerate(items):
         await run_until(gateway, clock, item.at)
         if not item.end:
@@ -181,11 +180,11 @@ async def play(
 
 async def run_until(gateway: RunningGateway, clock: FakeClock, moment: datetime) -> None:
     while True:
-        due = await gateway.db.run(scheduler.next_due)
+        due = await gateway.db.run(jobqueue.next_due)
         if due is None or due > moment:
             break
         clock.set(max(due, clock.now()))
-        if await gateway.worker.drain() == 0 and await gateway.db.run(scheduler.next_due) == due:
+        if await gateway.worker.drain() == 0 and await gateway.db.run(jobqueue.next_due) == due:
             break  # due but not claimable (held by a lease): nothing more to do at this moment
     clock.set(max(moment, clock.now()))
 

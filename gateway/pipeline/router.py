@@ -19,12 +19,13 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Connection
 
-from . import contacts, journal, scheduler, triggers
-from .config import ReenterAfter, RuleSpec, ScoringSpec
+from ..config import ReenterAfter, RuleSpec, ScoringSpec
+from ..insight import journal
+from ..kit.events import ContactRef, Event
+from ..kit.templating import compile_condition
+from ..store import ENROLMENTS, META, jobqueue, sql
+from . import contacts, triggers
 from .eventlog import store_event
-from .events import ContactRef, Event
-from .store import ENROLMENTS, META, sql
-from .templating import compile_condition
 
 log = structlog.get_logger("declic.router")
 _FINGERPRINT = "reconcile:fingerprint"
@@ -272,7 +273,7 @@ def enrol(
     enrolment_id = conn.execute(_enrol_once(conn.dialect.name), row).scalar_one_or_none()
     if enrolment_id is None:
         return None
-    scheduler.add_step(conn, enrolment_id, 0, base + rule.spec.steps[0].wait, base, rule.spec.priority)
+    jobqueue.add_step(conn, enrolment_id, 0, base + rule.spec.steps[0].wait, base, rule.spec.priority)
     log.info("enrolled", rule=rule.name, event_id=event_id, contact_id=contact_id)
     return enrolment_id
 
@@ -320,7 +321,7 @@ def end_journeys(
     ).all()
     if not ended:
         return []
-    pending = dict(scheduler.cancel_pending(conn, [row.id for row in ended], now))
+    pending = dict(jobqueue.cancel_pending(conn, [row.id for row in ended], now))
     for row in ended:
         step = pending.get(row.id)
         journal.record(

@@ -11,21 +11,22 @@ import pluggy
 import structlog
 from aiohttp import web
 
-from . import polls, scheduler, unsubscribe
-from .clock import Clock, SystemClock
-from .config import Settings
-from .delivery import StepRunner
-from .errors import ConfigError, StorageUnavailable
-from .inbox import GroupCommitter
-from .ingest import handle_hook, handle_ping, json_error_middleware_factory
-from .plugins import Registry, collect, get_plugin_manager, notify_event_received
-from .router import Router
+from ..config import Settings
+from ..errors import ConfigError, StorageUnavailable
+from ..jobs import polls
+from ..jobs.worker import Worker, make_worker_id
+from ..kit.clock import Clock, SystemClock
+from ..kit.sinks import Sink
+from ..kit.sources import Deployment, Source
+from ..kit.templating import make_environment
+from ..pipeline.router import Router
+from ..plugins import Registry, collect, get_plugin_manager, notify_event_received
+from ..send.delivery import StepRunner
+from ..store import Database, jobqueue
+from ..store.inbox import GroupCommitter
+from . import unsubscribe
+from .hooks import handle_hook, handle_ping, json_error_middleware_factory
 from .running import GATEWAY_KEY, Role, RunningGateway
-from .sinks import Sink
-from .sources import Deployment, Source
-from .store import Database
-from .templating import make_environment
-from .worker import Worker, make_worker_id
 
 log = structlog.get_logger("declic.app")
 #: On shutdown, sends in flight get this long to finish before they are cancelled.
@@ -122,13 +123,13 @@ async def _start(gateway: RunningGateway) -> None:
         db.lock_sqlite_file()
         await loop.run_in_executor(None, db.upgrade)  # embedded database: keep it current ourselves
         # Holding the file's lock, this is the only process: a job still `running` lost its worker.
-        released = await db.run(scheduler.release_orphans, gateway.clock.now())
+        released = await db.run(jobqueue.release_orphans, gateway.clock.now())
         if released:
             log.info("released jobs left running by a previous process", jobs=released)
     elif not await loop.run_in_executor(None, db.is_current):
         raise ConfigError(["the database schema is not current: run `declic db upgrade --config FILE` first"])
     # Date and inactivity triggers a config change added get scheduled once, by one replica.
-    await db.run(scheduler.add_tick, "reconcile", gateway.clock.now())
+    await db.run(jobqueue.add_tick, "reconcile", gateway.clock.now())
     for key in polls.pollers(gateway.sources):
         await db.run(polls.schedule, key, gateway.clock.now(), gateway.clock.now())
     for plugin in gateway.plugins():
@@ -176,7 +177,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def load(config_path: str, pm: pluggy.PluginManager | None = None) -> tuple[Settings, pluggy.PluginManager, Registry]:
-    from .config import load_config
+    from ..config import load_config
 
     pm = pm or get_plugin_manager()
     registry = collect(pm)

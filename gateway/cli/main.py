@@ -10,10 +10,11 @@ from typing import cast
 import click
 import sqlalchemy as sa
 
-from . import inbound, logs, scheduler
-from .errors import ConfigError
-from .plugins import collect, describe, get_plugin_manager
-from .store import INBOX, JOBS, Database
+from ..errors import ConfigError
+from ..pipeline import inbound
+from ..plugins import collect, describe, get_plugin_manager
+from ..store import INBOX, JOBS, Database, jobqueue
+from . import logs
 
 CONFIG_OPTION = click.option(
     "--config",
@@ -27,7 +28,7 @@ CONFIG_OPTION = click.option(
 
 
 def _load(config_path: str):  # type: ignore[no-untyped-def]
-    from .app import load
+    from ..http.app import load
 
     try:
         return load(config_path)
@@ -58,8 +59,8 @@ def serve(config_path: str, host: str, port: int, role: str) -> None:
     """Serve webhooks and run the workers."""
     from aiohttp import web
 
-    from .app import create_app
-    from .running import Role
+    from ..http.app import create_app
+    from ..http.running import Role
 
     settings, pm, _ = _load(config_path)
     logs.configure(settings.logging.level, settings.logging.redact)
@@ -123,7 +124,7 @@ def simulate(config_path: str, timeline: str) -> None:
 @cli.command()
 def reference() -> None:
     """Print the config reference (Markdown), generated from the installed plugins' models."""
-    from .reference import render
+    from ..config.reference import render
 
     click.echo(render(collect(get_plugin_manager())), nl=False)
 
@@ -193,7 +194,7 @@ def replay(config_path: str, failed: bool, replay_all: bool, ids: tuple[int, ...
         if failed:
             count = len(database.transaction(inbound.replay_failed, chosen, now))
         else:
-            count = database.transaction(scheduler.requeue, chosen, now)
+            count = database.transaction(jobqueue.requeue, chosen, now)
         click.echo(f"queued {count} {'call' if failed else 'job'}{'s' * (count != 1)} again")
     finally:
         database.close()

@@ -9,9 +9,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import jsoncodec, scheduler
-from .events import ContactRef, Event
-from .store import (
+from ..kit.events import ContactRef, Event
+from ..store import (
     CONSENTS,
     CONTACTS,
     DECISIONS,
@@ -21,6 +20,8 @@ from .store import (
     IDENTITIES,
     INBOX,
     PUSH_SUBSCRIPTIONS,
+    jobqueue,
+    jsoncodec,
     sql,
 )
 
@@ -337,7 +338,7 @@ def erase(conn: Connection, contact_id: int, now: datetime) -> None:
         ).scalars()
     )
     if ended:
-        scheduler.cancel_pending(conn, ended, now)
+        jobqueue.cancel_pending(conn, ended, now)
 
 
 def record_feedback(conn: Connection, provider_id: str, feedback: str, now: datetime) -> int:

@@ -17,17 +17,18 @@ from typing import Any, TypeVar
 import structlog
 from sqlalchemy.engine import Connection
 
-from . import inbound, polls, scheduler
-from .config import WorkerSpec
-from .delivery import Send, StepRunner, call_sink
-from .errors import MalformedPayload, RetryLater, StorageUnavailable
-from .events import Event
-from .router import Router
-from .scheduler import ClaimedJob
-from .sinks import DeliveryResult
-from .sources import RawCall, Source
-from .store import Database
-from .store.db import Failed, Grouped, together_or_alone
+from ..config import WorkerSpec
+from ..errors import MalformedPayload, RetryLater, StorageUnavailable
+from ..kit.events import Event
+from ..kit.sinks import DeliveryResult
+from ..kit.sources import RawCall, Source
+from ..pipeline import inbound
+from ..pipeline.router import Router
+from ..send.delivery import Send, StepRunner, call_sink
+from ..store import Database, jobqueue
+from ..store.db import Failed, Grouped, together_or_alone
+from ..store.jobqueue import ClaimedJob
+from . import polls
 
 log = structlog.get_logger("declic.worker")
 T = TypeVar("T")
@@ -139,7 +140,7 @@ class Worker:
         """Run every job due now, and those they make due now, then return how many ran."""
         ran = 0
         while True:
-            jobs = await self.db.run(scheduler.claim, self.id, self.clock.now(), self.spec.lease, self.spec.batch_size)
+            jobs = await self.db.run(jobqueue.claim, self.id, self.clock.now(), self.spec.lease, self.spec.batch_size)
             if not jobs:
                 return ran
             self._queue_calls(jobs)
@@ -150,7 +151,7 @@ class Worker:
         """Sleep until the next job is due, or `poll_interval` at most (other replicas add jobs too)."""
         ceiling = self.spec.poll_interval.total_seconds()
         try:
-            due = await self.db.run(scheduler.next_due)
+            due = await self.db.run(jobqueue.next_due)
         except StorageUnavailable:
             return ceiling
         if due is None:
@@ -170,7 +171,7 @@ class Worker:
         if not room:
             return 0
         try:
-            jobs = await self.db.run(scheduler.claim, self.id, self.clock.now(), self.spec.lease, room)
+            jobs = await self.db.run(jobqueue.claim, self.id, self.clock.now(), self.spec.lease, room)
         except StorageUnavailable as exc:
             log.warning("cannot claim jobs", error=str(exc))
             return 0
@@ -213,7 +214,7 @@ class Worker:
         """Ask the provider, store what it says, and schedule the next poll; a failing provider only delays it."""
         source = polls.pollers(self.sources).get(job.occurrence or "")
         if source is None:  # the source left the config: the chain of polls ends here
-            await self.db.run(scheduler.finish, job, self.id, self.clock.now(), "cancelled")
+            await self.db.run(jobqueue.finish, job, self.id, self.clock.now(), "cancelled")
             return
         cursor = await self.db.run(polls.load_cursor, source.key)
         now = self.clock.now()
@@ -221,8 +222,8 @@ class Worker:
             fetched = await source.poll(cursor, now)
         except RetryLater as exc:
             # Attempts count on (backing off up to the interval) and never run out: a poll chain never dies.
-            delay = scheduler.retry_delay(job.attempts, self.spec.retry_base, source.interval, exc.after)
-            await self.db.run(scheduler.reschedule, job, self.id, now + delay, now, exc.reason)
+            delay = jobqueue.retry_delay(job.attempts, self.spec.retry_base, source.interval, exc.after)
+            await self.db.run(jobqueue.reschedule, job, self.id, now + delay, now, exc.reason)
             log.warning("poll failed, retrying", source=source.key, error=exc.reason, seconds=delay.total_seconds())
             return
 
@@ -314,7 +315,7 @@ class Worker:
                 processed.append(call.raw.id)
         if processed:
             inbound.mark_processed(conn, processed, now)
-        scheduler.finish_many(conn, [call.job for call in calls], self.id, now)
+        jobqueue.finish_many(conn, [call.job for call in calls], self.id, now)
         return stored
 
     async def _my_turn(self, inbox_id: int) -> None:
@@ -347,7 +348,7 @@ class Worker:
     def _close_call(self, conn: Connection, job: ClaimedJob, work: Callable[[Connection, datetime], T]) -> T:
         now = self.clock.now()
         result = work(conn, now)
-        scheduler.finish(conn, job, self.id, now)
+        jobqueue.finish(conn, job, self.id, now)
         return result
 
     async def _run_step(self, job: ClaimedJob) -> None:
@@ -365,12 +366,12 @@ class Worker:
 
     async def _retry_later(self, job: ClaimedJob, error: str, after: float | None = None) -> None:
         now = self.clock.now()
-        due = now + scheduler.retry_delay(job.attempts, self.spec.retry_base, self.spec.retry_max, after)
+        due = now + jobqueue.retry_delay(job.attempts, self.spec.retry_base, self.spec.retry_max, after)
 
         def work(conn: Connection) -> bool:
             if job.attempts >= self.spec.max_attempts:
-                return scheduler.finish(conn, job, self.id, now, "dead", error)
-            return scheduler.reschedule(conn, job, self.id, due, now, error)
+                return jobqueue.finish(conn, job, self.id, now, "dead", error)
+            return jobqueue.reschedule(conn, job, self.id, due, now, error)
 
         try:
             await self.db.run(work)
@@ -384,6 +385,6 @@ class Worker:
             if self._running:
                 until = self.clock.now() + self.spec.lease
                 try:
-                    await self.db.run(scheduler.renew, list(self._running), self.id, until)
+                    await self.db.run(jobqueue.renew, list(self._running), self.id, until)
                 except StorageUnavailable as exc:
                     log.warning("cannot renew leases", error=str(exc))

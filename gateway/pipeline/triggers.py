@@ -18,9 +18,8 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Connection
 
-from . import jsoncodec
-from .config import RuleSpec
-from .store import CONTACTS, ENROLMENTS, EVENTS, JOBS, sql
+from ..config import RuleSpec
+from ..store import CONTACTS, ENROLMENTS, EVENTS, JOBS, jsoncodec, sql
 
 log = structlog.get_logger("declic.triggers")
 J = JOBS.c

@@ -11,12 +11,12 @@ import html
 
 from aiohttp import web
 
-from .errors import StorageUnavailable
-from .events import ContactRef, Event
-from .inbox import NewCall
-from .links import link_secret, read_token
+from ..errors import StorageUnavailable
+from ..kit.events import ContactRef, Event
+from ..kit.sources import RawCall, Source
+from ..send.links import link_secret, read_token
+from ..store.inbox import NewCall
 from .running import GATEWAY_KEY, RETRY_AFTER_SECONDS, RunningGateway
-from .sources import RawCall, Source
 
 SOURCE = "~unsubscribe"  # not a valid config name, so no deployment source can take it
 

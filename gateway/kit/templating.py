@@ -9,7 +9,7 @@ import jinja2
 import pluggy
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import TemplateProblem
+from ..errors import TemplateProblem
 
 #: The parts a message template may have; `<name>.txt.j2` is the one required part.
 PARTS = ("subject", "txt", "html")

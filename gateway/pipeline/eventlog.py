@@ -5,9 +5,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import jsoncodec
-from .events import Event
-from .store import EVENTS
+from ..kit.events import Event
+from ..store import EVENTS, jsoncodec
 
 _INSERT_EVENT = sa.insert(EVENTS)
 

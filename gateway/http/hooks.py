@@ -8,10 +8,10 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from .errors import RejectedRequest, StorageUnavailable
-from .inbox import NewCall, fit_key
+from ..errors import RejectedRequest, StorageUnavailable
+from ..kit.sources import Source
+from ..store.inbox import NewCall, fit_key
 from .running import GATEWAY_KEY, RETRY_AFTER_SECONDS, RunningGateway
-from .sources import Source
 
 log = structlog.get_logger("declic.ingest")
 

@@ -12,8 +12,8 @@ from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from .config import Settings
-from .registry import Registry
+from ..kit.registry import Registry
+from .settings import Settings
 
 HEADER = """# Config reference
 

@@ -9,8 +9,8 @@ from zoneinfo import ZoneInfo
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from .config import PoliciesSpec
-from .store import DELIVERIES
+from ..config import PoliciesSpec
+from ..store import DELIVERIES
 
 D = DELIVERIES.c
 COUNTED = ("sending", "sent")

@@ -7,7 +7,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from .store import DECISIONS
+from ..store import DECISIONS
 
 #: send | suppressed | deferred | exited | goal | failed
 ACTIONS = frozenset({"send", "suppressed", "deferred", "exited", "goal", "failed"})

@@ -1,0 +1,1 @@
+"""The `declic` command line: one module per command group."""

@@ -1,0 +1,23 @@
+"""The deployment config: pydantic models, YAML with positions, `file:line:col: path: message` errors."""
+
+from .settings import (
+    Duration,
+    PoliciesSpec,
+    ReenterAfter,
+    RuleSpec,
+    ScoringSpec,
+    Settings,
+    WorkerSpec,
+    load_config,
+)
+
+__all__ = [
+    "Duration",
+    "PoliciesSpec",
+    "ReenterAfter",
+    "RuleSpec",
+    "ScoringSpec",
+    "Settings",
+    "WorkerSpec",
+    "load_config",
+]

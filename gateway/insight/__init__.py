@@ -1,0 +1,1 @@
+"""What Declic decided and did, for whom and why: the journal."""

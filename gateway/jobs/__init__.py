@@ -1,0 +1,1 @@
+"""The worker: claims due jobs (stored calls, journey steps, polls, clock ticks) and runs each through its stage."""

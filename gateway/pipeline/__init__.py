@@ -1,0 +1,1 @@
+"""From a stored call to enrolled steps: normalise, resolve the contact, store events, route through the rules."""
