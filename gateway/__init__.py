@@ -5,23 +5,35 @@ from __future__ import annotations
 import pluggy
 
 from .errors import BadRequest, ConfigError, DeclicError, MalformedPayload, RetryLater, SignatureError
-from .kit.events import ContactRef, Event, PushRef
+from .hookspecs import Gateway
+from .kit.clock import Clock
+from .kit.durations import Duration
+from .kit.events import CANONICAL_TYPES, ContactRef, Event, PushRef
+from .kit.limits import SendLimiter
+from .kit.net import ForbiddenAddress, GuardedClient, retry_after
 from .kit.polling import Fetched, PollingSource
 from .kit.sinks import DeliveryResult, Message, Outcome, SendContext, Sink, SinkConfig
 from .kit.sources import ConfigPath, Deployment, PluginConfig, RawCall, Source
+from .kit.templating import make_environment
 
 hookimpl = pluggy.HookimplMarker("declic")
 
 __all__ = [
+    "CANONICAL_TYPES",
     "BadRequest",
+    "Clock",
     "ConfigError",
     "ConfigPath",
     "ContactRef",
     "DeclicError",
     "DeliveryResult",
     "Deployment",
+    "Duration",
     "Event",
     "Fetched",
+    "ForbiddenAddress",
+    "Gateway",
+    "GuardedClient",
     "MalformedPayload",
     "Message",
     "Outcome",
@@ -31,9 +43,12 @@ __all__ = [
     "RawCall",
     "RetryLater",
     "SendContext",
+    "SendLimiter",
     "SignatureError",
     "Sink",
     "SinkConfig",
     "Source",
     "hookimpl",
+    "make_environment",
+    "retry_after",
 ]

@@ -27,9 +27,17 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from multidict import CIMultiDictProxy
 from pydantic import Field, field_validator
 
-from gateway import ConfigPath, DeliveryResult, Message, SendContext, Sink, SinkConfig, hookimpl
-from gateway.kit.net import retry_after
-from gateway.kit.templating import make_environment
+from gateway import (
+    ConfigPath,
+    DeliveryResult,
+    Message,
+    SendContext,
+    Sink,
+    SinkConfig,
+    hookimpl,
+    make_environment,
+    retry_after,
+)
 
 log = structlog.get_logger("declic.fcm")
 

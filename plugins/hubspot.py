@@ -28,19 +28,19 @@ from pydantic import Field, SecretStr, field_validator
 
 from gateway import (
     BadRequest,
+    Clock,
     ContactRef,
     Deployment,
     Event,
     MalformedPayload,
     PluginConfig,
     RawCall,
+    RetryLater,
     SignatureError,
     Source,
     hookimpl,
+    retry_after,
 )
-from gateway.errors import RetryLater
-from gateway.kit.clock import Clock
-from gateway.kit.net import retry_after
 
 log = structlog.get_logger("declic.hubspot")
 

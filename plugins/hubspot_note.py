@@ -21,9 +21,17 @@ from typing import Any
 import aiohttp
 from pydantic import Field, SecretStr, field_validator
 
-from gateway import DeliveryResult, Deployment, Message, SendContext, Sink, SinkConfig, hookimpl
-from gateway.kit.limits import SendLimiter
-from gateway.kit.net import retry_after
+from gateway import (
+    DeliveryResult,
+    Deployment,
+    Message,
+    SendContext,
+    SendLimiter,
+    Sink,
+    SinkConfig,
+    hookimpl,
+    retry_after,
+)
 
 #: HubSpot-defined association type "note to contact" (notes guide, association type ids).
 NOTE_TO_CONTACT = 202

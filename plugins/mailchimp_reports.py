@@ -26,6 +26,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from gateway import (
     ContactRef,
     Deployment,
+    Duration,
     Event,
     Fetched,
     MalformedPayload,
@@ -35,9 +36,8 @@ from gateway import (
     RetryLater,
     Source,
     hookimpl,
+    retry_after,
 )
-from gateway.config import Duration
-from gateway.kit.net import retry_after
 
 log = structlog.get_logger("declic.mailchimp_reports")
 

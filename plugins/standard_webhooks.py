@@ -22,6 +22,7 @@ from aiohttp import web
 from pydantic import Field, SecretStr, field_validator
 
 from gateway import (
+    CANONICAL_TYPES,
     BadRequest,
     ContactRef,
     Event,
@@ -32,7 +33,6 @@ from gateway import (
     Source,
     hookimpl,
 )
-from gateway.kit.events import CANONICAL_TYPES
 
 #: Seconds a webhook-timestamp may be away from our clock, either way (the reference libraries' 5 minutes).
 TOLERANCE = 300

@@ -24,8 +24,18 @@ import aiohttp
 from pydantic import Field, SecretStr, field_validator
 from yarl import URL
 
-from gateway import DeliveryResult, Deployment, Message, SendContext, Sink, SinkConfig, hookimpl
-from gateway.kit.net import ForbiddenAddress, GuardedClient, retry_after
+from gateway import (
+    DeliveryResult,
+    Deployment,
+    ForbiddenAddress,
+    GuardedClient,
+    Message,
+    SendContext,
+    Sink,
+    SinkConfig,
+    hookimpl,
+    retry_after,
+)
 
 SECRET_PREFIX = "whsec_"
 #: How much of a receiver's answer goes into the delivery's error text.

@@ -31,9 +31,18 @@ from multidict import CIMultiDictProxy
 from pydantic import Field, SecretStr, field_validator
 from yarl import URL
 
-from gateway import DeliveryResult, Message, SendContext, Sink, SinkConfig, hookimpl
-from gateway.kit.net import ForbiddenAddress, GuardedClient, retry_after
-from gateway.kit.templating import make_environment
+from gateway import (
+    DeliveryResult,
+    ForbiddenAddress,
+    GuardedClient,
+    Message,
+    SendContext,
+    Sink,
+    SinkConfig,
+    hookimpl,
+    make_environment,
+    retry_after,
+)
 
 log = structlog.get_logger("declic.webpush")
 

@@ -13,7 +13,6 @@ import jinja2
 import pluggy
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -23,7 +22,7 @@ from pydantic import (
 )
 
 from ..errors import ConfigError
-from ..kit.durations import parse_duration, parse_local_time, parse_signed_duration
+from ..kit.durations import Duration, LocalTime, SignedDuration
 from ..kit.events import is_known_type
 from ..kit.registry import Registry
 from ..kit.sinks import Sink
@@ -33,9 +32,6 @@ from . import yamlmarks
 
 DATABASE_URL_ENV = "DECLIC_DATABASE_URL"
 
-Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
-SignedDuration = Annotated[timedelta, BeforeValidator(parse_signed_duration)]
-LocalTime = Annotated[time, BeforeValidator(parse_local_time)]
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")]
 
 #: Keys of the target design that this version does not run yet.

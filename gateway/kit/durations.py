@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import re
 from datetime import time, timedelta
+from typing import Annotated
+
+from pydantic import BeforeValidator
 
 _UNITS = {"ms": "milliseconds", "s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 _PATTERN = re.compile(r"^\s*(\d+)\s*(ms|[smhdw])\s*$")
@@ -47,3 +50,9 @@ def parse_local_time(value: object) -> time:
     if not (0 <= hours < 24 and 0 <= minutes < 60):
         raise ValueError(f"invalid time of day {value!r}: write HH:MM, as 10:00 or 21:30")
     return time(hours, minutes)
+
+
+#: Config field types: a plugin's `interval: Duration = timedelta(minutes=5)` accepts `5m`.
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+SignedDuration = Annotated[timedelta, BeforeValidator(parse_signed_duration)]
+LocalTime = Annotated[time, BeforeValidator(parse_local_time)]
