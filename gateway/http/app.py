@@ -48,8 +48,11 @@ def build_gateway(
     clock = clock or SystemClock()
     deployment = Deployment(settings.public_url, settings.timezone, clock)
     sources = {key: cls(key, cfg, deployment) for key, (cls, cfg) in settings.source_plugins.items()}
-    sources[unsubscribe.SOURCE] = unsubscribe.UnsubscribeSource(unsubscribe.SOURCE, None, deployment)
-    sources.update(extra_sources(deployment) if extra_sources else {})
+    # Internal sources read back what Declic's own endpoints stored: the worker knows them, /hooks never.
+    internal: dict[str, Source] = {
+        unsubscribe.SOURCE: unsubscribe.UnsubscribeSource(unsubscribe.SOURCE, None, deployment),
+        **(extra_sources(deployment) if extra_sources else {}),
+    }
     sinks = {key: cls(key, cfg, deployment) for key, (cls, cfg) in settings.sink_plugins.items()}
     if wrap_sink is not None:
         sinks = {key: wrap_sink(sink) for key, sink in sinks.items()}
@@ -70,7 +73,7 @@ def build_gateway(
     worker = Worker(
         db,
         settings.worker,
-        sources,
+        {**sources, **internal},
         router,
         steps,
         partial(notify_event_received, pm),

@@ -1,4 +1,9 @@
-"""Signed links that messages carry: one-click unsubscribe (RFC 8058)."""
+"""Links that messages carry: one-click unsubscribe (RFC 8058), as opaque, tamper-proof tokens.
+
+A token is the contact and channel sealed with AES-GCM under the deployment's link key: nobody
+can read a contact id out of it (ids are sequential, and would tell how many customers a shop
+has and let anyone guess a neighbour's link), and nobody can forge or alter one.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +13,19 @@ import hmac
 import secrets
 
 import sqlalchemy as sa
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy.engine import Connection
 
 from ..store import META, sql
 
 SECRET_KEY = "link_secret"
+_PURPOSE = b"declic unsubscribe link"
+_NONCE_BYTES = 12
 
 
 def link_secret(conn: Connection) -> bytes:
-    """The key that signs links, made once per deployment and kept in the database."""
+    """The deployment's link key, made once and kept in the database."""
     conn.execute(
         sql.insert(conn.dialect.name, META).values(key=SECRET_KEY, value=secrets.token_hex(32)).on_conflict_do_nothing()
     )
@@ -24,11 +33,31 @@ def link_secret(conn: Connection) -> bytes:
 
 
 def make_token(secret: bytes, contact_id: int, channel: str) -> str:
-    payload = f"{contact_id}.{channel}"
-    return f"{_b64(payload.encode())}.{_b64(_sign(secret, payload))}"
+    nonce = secrets.token_bytes(_NONCE_BYTES)
+    sealed = AESGCM(_sealing_key(secret)).encrypt(nonce, f"{contact_id}.{channel}".encode(), _PURPOSE)
+    return _b64(nonce + sealed)
 
 
 def read_token(secret: bytes, token: str) -> tuple[int, str] | None:
+    """(contact id, channel), or None for anything Declic did not issue."""
+    if "." in token:
+        return _read_signed(secret, token)
+    try:
+        data = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        payload = AESGCM(_sealing_key(secret)).decrypt(data[:_NONCE_BYTES], data[_NONCE_BYTES:], _PURPOSE)
+        contact, channel = payload.decode().split(".")
+        return int(contact), channel
+    except (ValueError, InvalidTag):
+        return None
+
+
+def _sealing_key(secret: bytes) -> bytes:
+    """A key of its own for sealing, derived from the link key."""
+    return hmac.new(secret, _PURPOSE, hashlib.sha256).digest()
+
+
+def _read_signed(secret: bytes, token: str) -> tuple[int, str] | None:
+    """Links sent before tokens were sealed (0.1) carried the contact id in clear, signed: still honoured."""
     try:
         encoded, signature = token.split(".")
         payload = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
@@ -36,13 +65,10 @@ def read_token(secret: bytes, token: str) -> tuple[int, str] | None:
         given = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
     except (ValueError, UnicodeDecodeError):
         return None
-    if not hmac.compare_digest(given, _sign(secret, payload)):
+    expected = hmac.new(secret, payload.encode(), hashlib.sha256).digest()[:16]
+    if not hmac.compare_digest(given, expected):
         return None
     return int(contact), channel
-
-
-def _sign(secret: bytes, payload: str) -> bytes:
-    return hmac.new(secret, payload.encode(), hashlib.sha256).digest()[:16]
 
 
 def _b64(data: bytes) -> str:
