@@ -8,7 +8,7 @@ from .errors import BadRequest, ConfigError, DeclicError, MalformedPayload, Retr
 from .hookspecs import Gateway
 from .kit.clock import Clock
 from .kit.durations import Duration
-from .kit.events import CANONICAL_TYPES, ContactRef, Event, PushRef
+from .kit.events import CANONICAL_TYPES, ConsentState, ConsentStatement, ContactRef, Event, PushRef
 from .kit.limits import SendLimiter
 from .kit.net import ForbiddenAddress, GuardedClient, retry_after
 from .kit.polling import Fetched, PollingSource
@@ -24,6 +24,8 @@ __all__ = [
     "Clock",
     "ConfigError",
     "ConfigPath",
+    "ConsentState",
+    "ConsentStatement",
     "ContactRef",
     "DeclicError",
     "DeliveryResult",

@@ -18,7 +18,18 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 from pydantic import Field, SecretStr
 
-from gateway import BadRequest, ContactRef, Event, MalformedPayload, PluginConfig, RawCall, Source, hookimpl
+from gateway import (
+    BadRequest,
+    ConsentState,
+    ConsentStatement,
+    ContactRef,
+    Event,
+    MalformedPayload,
+    PluginConfig,
+    RawCall,
+    Source,
+    hookimpl,
+)
 
 #: `data[merges][FNAME]` -> "data", "[merges][FNAME]"
 _NAME = re.compile(r"([^\[\]]+)((?:\[[^\[\]]*\])*)")
@@ -102,7 +113,7 @@ def _text(data: dict[str, Any], key: str) -> str:
     return value
 
 
-def _member(data: dict[str, Any], consent: dict[str, str]) -> ContactRef:
+def _member(data: dict[str, Any], consent: dict[str, ConsentStatement]) -> ContactRef:
     """The member: names from FNAME/LNAME, other non-blank merge fields as lower-case attributes."""
     merges = data.get("merges") or {}
     if not isinstance(merges, dict):
@@ -117,6 +128,12 @@ def _member(data: dict[str, Any], consent: dict[str, str]) -> ContactRef:
     )
 
 
+def _action(state: ConsentState, when: datetime, data: dict[str, Any], *evidence: str) -> ConsentStatement:
+    """What the member did on Mailchimp's side, at `fired_at`, with the fields that show it (IP of the opt-in...)."""
+    shown = {key: data[key] for key in evidence if data.get(key) not in (None, "")}
+    return ConsentStatement(state=state, stated_at=when, action=True, evidence=shown)
+
+
 def _properties(data: dict[str, Any], *keys: str) -> dict[str, Any]:
     found = {"list_id": data.get("list_id"), "member_id": data.get("id")}
     return found | {key: data.get(key) for key in keys}
@@ -126,7 +143,7 @@ def subscribe(data: dict[str, Any], when: datetime) -> Event:
     return Event(
         type="email.subscribed",
         occurred_at=when,
-        contact=_member(data, {"email": "granted"}),
+        contact=_member(data, {"email": _action("granted", when, data, "ip_opt", "ip_signup")}),
         properties=_properties(data, "email_type", "ip_opt", "ip_signup"),
     )
 
@@ -136,7 +153,7 @@ def unsubscribe(data: dict[str, Any], when: datetime) -> Event:
     return Event(
         type="email.unsubscribed",
         occurred_at=when,
-        contact=_member(data, {"email": "withdrawn"}),
+        contact=_member(data, {"email": _action("withdrawn", when, data, "action", "reason", "campaign_id")}),
         properties=_properties(data, "action", "reason", "campaign_id"),
     )
 
@@ -165,7 +182,7 @@ def cleaned(data: dict[str, Any], when: datetime) -> Event:
     reason = data.get("reason") or "unknown"
     properties = _properties(data, "campaign_id", "reason")
     if reason == "abuse":
-        contact = ContactRef(email=_text(data, "email"), consent={"email": "withdrawn"})
+        contact = ContactRef(email=_text(data, "email"), consent={"email": _action("withdrawn", when, data, "reason")})
         return Event(type="email.complained", occurred_at=when, contact=contact, properties=properties)
     contact = ContactRef(email=_text(data, "email"))
     # Only "hard" marks the address bouncing; a reason Mailchimp adds later is passed on as it is.

@@ -17,6 +17,7 @@ from pydantic import Field, SecretStr
 
 from gateway import (
     BadRequest,
+    ConsentStatement,
     ContactRef,
     Event,
     MalformedPayload,
@@ -98,6 +99,18 @@ def _when(body: dict[str, Any], raw: RawCall, *keys: str) -> datetime:
     return raw.received_at
 
 
+def _statement(given: dict[str, Any], action: bool) -> ConsentStatement:
+    """Shopify's consent object: its state, when it was last changed, and how (single or confirmed opt-in)."""
+    stated = given.get("consent_updated_at")
+    evidence = {k: given[k] for k in ("opt_in_level", "collected_from", "consent_collected_from") if given.get(k)}
+    return ConsentStatement(
+        state=CONSENT[given["state"]],
+        stated_at=datetime.fromisoformat(stated) if stated else None,
+        action=action,
+        evidence=evidence,
+    )
+
+
 def _money(value: Any) -> Decimal | None:
     return None if value in (None, "") else Decimal(str(value))
 
@@ -106,9 +119,10 @@ def _contact(customer: dict[str, Any], order: dict[str, Any]) -> ContactRef:
     """The buyer: the customer object first, then what a checkout or order says at top level."""
     consent = {}
     for channel, key in (("email", "email_marketing_consent"), ("sms", "sms_marketing_consent")):
-        state = (customer.get(key) or {}).get("state")
-        if state in CONSENT:
-            consent[channel] = CONSENT[state]
+        given = customer.get(key) or {}
+        if given.get("state") in CONSENT:
+            # A snapshot of the customer: it counts only if Shopify dates it after what we hold.
+            consent[channel] = _statement(given, action=False)
     return ContactRef(
         email=customer.get("email") or order.get("email") or order.get("contact_email") or None,
         phone=customer.get("phone") or order.get("phone") or order.get("sms_marketing_phone") or None,
@@ -228,7 +242,7 @@ def consent_event(topic: str, body: dict[str, Any], raw: RawCall) -> list[Event]
         email=body.get("email_address"),
         phone=body.get("phone"),
         external_ids={"shopify": str(customer_id)},
-        consent={channel: state},
+        consent={channel: _statement(body[key], action=True)},  # Shopify tells us of a change
     )
     return [
         Event(

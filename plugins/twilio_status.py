@@ -8,6 +8,7 @@ import hmac
 import json
 import re
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from urllib.parse import parse_qs, parse_qsl, urlsplit
 
 from aiohttp import web
@@ -16,6 +17,8 @@ from pydantic import Field, SecretStr
 from gateway import (
     BadRequest,
     ConfigError,
+    ConsentState,
+    ConsentStatement,
     ContactRef,
     Event,
     MalformedPayload,
@@ -176,10 +179,14 @@ def _channel(address: str | None) -> str:
     return (address or "").rpartition(":")[0].lower()[:20] or "sms"
 
 
-def _contact(address: str | None, consent: str | None = None) -> ContactRef:
-    """The phone number identifies the person; any other address (Messenger...) is Twilio's own id."""
+def _contact(address: str | None, consent: ConsentState | None = None, when: datetime | None = None) -> ContactRef:
+    """The phone number identifies the person; any other address (Messenger...) is Twilio's own id.
+
+    A consent here is always something the person did (a STOP or START reply, or Twilio's 21610
+    saying they replied STOP before), dated when Twilio told us: it sends no time of its own.
+    """
     number = (address or "").rpartition(":")[2]
-    states = {_channel(address): consent} if consent else {}
+    states = {_channel(address): ConsentStatement(state=consent, stated_at=when, action=True)} if consent else {}
     if re.fullmatch(r"\+[0-9]{6,15}", number):
         return ContactRef(phone=number, consent=states)
     return ContactRef(external_ids={"twilio": address[:320]} if address else {}, consent=states)
@@ -190,7 +197,7 @@ def status_event(sid: str, status: str, fields: dict[str, str], raw: RawCall) ->
     return Event(
         type=STATUS_TYPES[status],
         occurred_at=raw.received_at,
-        contact=_contact(fields.get("To"), "withdrawn" if error == UNSUBSCRIBED else None),
+        contact=_contact(fields.get("To"), "withdrawn" if error == UNSUBSCRIBED else None, raw.received_at),
         correlation=[f"sms:{sid}"],
         properties={
             "provider_message_id": sid,
@@ -215,7 +222,7 @@ def _keyword(fields: dict[str, str]) -> tuple[str, str | None]:
     return "sms.received", opt_out_type or None  # HELP, or a plain reply
 
 
-CONSENT = {"sms.opted_out": "withdrawn", "sms.opted_in": "granted"}
+CONSENT: dict[str, ConsentState] = {"sms.opted_out": "withdrawn", "sms.opted_in": "granted"}
 
 
 def inbound_event(sid: str, fields: dict[str, str], raw: RawCall) -> Event:
@@ -223,7 +230,7 @@ def inbound_event(sid: str, fields: dict[str, str], raw: RawCall) -> Event:
     return Event(
         type=kind,
         occurred_at=raw.received_at,
-        contact=_contact(fields.get("From"), CONSENT.get(kind)),
+        contact=_contact(fields.get("From"), CONSENT.get(kind), raw.received_at),
         correlation=[f"sms:{sid}"],
         properties={
             "message_sid": sid,

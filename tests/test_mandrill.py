@@ -243,7 +243,12 @@ EXPECTED = [
 def test_batch_becomes_feedback_events_and_skips_send_deferral_reject_and_sync() -> None:
     events = source().normalize(raw(BODY))
     seen = [
-        (e.type, e.contact.email, e.contact.consent, {k: e.properties[k] for k in props})
+        (
+            e.type,
+            e.contact.email,
+            {c: s.state for c, s in e.contact.consent.items()},
+            {k: e.properties[k] for k in props},
+        )
         for e, (_, _, _, props) in zip(events, EXPECTED, strict=True)
     ]
     assert seen == EXPECTED

@@ -202,7 +202,7 @@ def test_topics_become_canonical_events(topic: str, fixture: str, expected: dict
         "email": event.contact.email,
         "phone": event.contact.phone,
         "first_name": event.contact.first_name,
-        "consent": event.contact.consent,
+        "consent": {channel: s.state for channel, s in event.contact.consent.items()},
         "external_ids": event.contact.external_ids,
     }
     assert {k: seen[k] for k in expected} == expected

@@ -26,7 +26,7 @@ from ..errors import DeclicError
 from ..http.app import build_gateway
 from ..http.running import RunningGateway
 from ..kit.clock import FakeClock
-from ..kit.events import ContactRef, Event
+from ..kit.events import ConsentState, ConsentStatement, ContactRef, Event
 from ..kit.sinks import DeliveryResult, Message, SendContext, Sink
 from ..kit.sources import Deployment, RawCall, Source
 from ..store import CONTACTS, DECISIONS, jobqueue
@@ -53,19 +53,25 @@ class TimelineContact(BaseModel):
     birthday: str | None = None
     external_ids: dict[str, str] = Field(default_factory=dict)
     attributes: dict[str, Any] = Field(default_factory=dict)
-    consent: dict[str, str] = Field(default_factory=dict)
+    #: A bare state ("granted") is the person's own statement at the item's time; a mapping
+    #: (`{state, stated_at, action}`) can say otherwise: a stale snapshot, a late webhook.
+    consent: dict[str, ConsentState | ConsentStatement] = Field(default_factory=dict)
 
     @field_validator("birthday", mode="before")
     @classmethod
     def _iso(cls, value: Any) -> Any:
         return value.isoformat() if hasattr(value, "isoformat") else value
 
-    def ref(self) -> ContactRef:
+    def ref(self, at: datetime) -> ContactRef:
         attributes = dict(self.attributes)
         if self.birthday:
             attributes["birthday"] = self.birthday
-        fields = self.model_dump(exclude={"birthday", "attributes"})
-        return ContactRef(**fields, attributes=attributes)
+        fields = self.model_dump(exclude={"birthday", "attributes", "consent"})
+        consent = {
+            channel: ConsentStatement(state=given, stated_at=at, action=True) if isinstance(given, str) else given
+            for channel, given in self.consent.items()
+        }
+        return ContactRef(**fields, attributes=attributes, consent=consent)
 
 
 class TimelineItem(BaseModel):
@@ -126,7 +132,7 @@ class TimelineSource(Source):
             Event(
                 type=item.type,
                 occurred_at=item.at,
-                contact=item.contact.ref(),
+                contact=item.contact.ref(item.at),
                 properties=item.properties,
                 correlation=item.correlation,
             )

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 #: Canonical event types (design.md). Extend, never rename.
 CANONICAL_TYPES = frozenset(
@@ -34,6 +34,33 @@ FEEDBACK_TYPES = {
 
 #: Consent states a contact can hold per channel.
 CONSENT_STATES = ("granted", "withdrawn", "pending", "none")
+ConsentState = Literal["granted", "withdrawn", "pending", "none"]
+#: Events that are something the person did about their consent: a consent they carry is an action,
+#: stated when the event occurred, even when the source wrote it as a bare state.
+CONSENT_ACTION_TYPES = frozenset(
+    {"email.subscribed", "email.unsubscribed", "email.complained", "sms.opted_out", "sms.opted_in"}
+)
+
+
+class ConsentStatement(BaseModel):
+    """One statement of a person's consent on one channel, as its source made it.
+
+    The contact's state per channel is the latest statement by `stated_at`, whatever order
+    the webhooks arrive in; the ledger keeps every statement, applied or not.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    state: ConsentState
+    #: When the person stated it, as the source says (Shopify's consent_updated_at, Mailchimp's
+    #: fired_at, Mandrill's ts). None: the source gives no time of its own.
+    stated_at: datetime | None = None
+    #: True for something the person did (an unsubscribe link, a STOP reply, a sign-up form);
+    #: False for a snapshot that merely repeats a state (a profile, the customer inside an order).
+    #: An action with no `stated_at` is dated by its event; a snapshot with none never overrides.
+    action: bool = False
+    #: What shows it, for an auditor: form id, text version shown, IP and user agent...
+    evidence: dict[str, Any] = Field(default_factory=dict)
 
 
 class PushRef(BaseModel):
@@ -61,10 +88,19 @@ class ContactRef(BaseModel):
     locale: str | None = None
     timezone: str | None = None
     attributes: dict[str, Any] = Field(default_factory=dict)
-    #: channel ("email", "sms") -> one of CONSENT_STATES, only when the source states it.
-    consent: dict[str, str] = Field(default_factory=dict)
+    #: channel ("email", "sms") -> what the source states, only when it states something. A bare
+    #: state ("granted") is a snapshot with no time of its own: say `ConsentStatement(...)` when
+    #: the source gives the time or the person acted.
+    consent: dict[str, ConsentStatement] = Field(default_factory=dict)
     #: Devices to add to the contact's push subscriptions.
     push_subscriptions: list[PushRef] = Field(default_factory=list)
+
+    @field_validator("consent", mode="before")
+    @classmethod
+    def _bare_states(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: {"state": v} if isinstance(v, str) else v for k, v in value.items()}
+        return value
 
 
 class Event(BaseModel):

@@ -56,6 +56,8 @@ class RawCall:
     received_at: datetime
     headers: dict[str, str]
     body: bytes
+    #: The provider's id for this call (its delivery id, or a digest of the body): evidence for an auditor.
+    dedupe_key: str = ""
     #: Lower-cased header names, so lookups need not care about HTTP/2 spelling.
     lower_headers: dict[str, str] = field(init=False)
 

@@ -9,7 +9,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from ..kit.events import ContactRef, Event
+from ..errors import MalformedPayload
+from ..kit.events import ConsentStatement, ContactRef, Event
+from ..kit.sources import RawCall
 from ..store import (
     CONSENTS,
     CONTACTS,
@@ -24,9 +26,18 @@ from ..store import (
     jsoncodec,
     sql,
 )
+from .consent import Ruling, dated, rule_on
 
 C = CONTACTS.c
 I = IDENTITIES.c  # noqa: E741
+#: Declic's own id for a contact, as unsubscribe links and the admin name them.
+_OWN = "declic"
+
+
+class UnknownContact(MalformedPayload):
+    """A call names a contact by Declic's own id, and no such contact exists."""
+
+
 _FIELDS = ("email", "phone", "first_name", "last_name", "locale", "timezone")
 
 
@@ -43,7 +54,12 @@ def identities(ref: ContactRef) -> list[tuple[str, str]]:
 
 
 def upsert(
-    conn: Connection, ref: ContactRef, source: str, now: datetime, event: Event | None = None
+    conn: Connection,
+    ref: ContactRef,
+    source: str,
+    now: datetime,
+    event: Event | None = None,
+    raw: RawCall | None = None,
 ) -> tuple[dict[str, Any], frozenset[str]]:
     """Find or create the contact, record new identities, merge attributes and consent.
 
@@ -54,10 +70,12 @@ def upsert(
     known = _lookup(conn, keys)
     contact_id = next((known[k] for k in keys if k in known), None)
     if contact_id is None:
-        return _create(conn, ref, keys, source, now, event)
+        if _OWN in ref.external_ids:  # Declic's own ids name existing contacts; nobody can reserve one
+            raise UnknownContact(f"no contact has Declic id {ref.external_ids[_OWN]!r}")
+        return _create(conn, ref, keys, source, now, event, raw)
     # An identity already held by another contact stays theirs: merging people is a human call.
-    _claim(conn, [k for k in keys if k not in known], contact_id)
-    return _update(conn, contact_id, ref, source, now, event)
+    _claim(conn, [k for k in keys if k not in known and k[0] != _OWN], contact_id)
+    return _update(conn, contact_id, ref, source, now, event, raw)
 
 
 _INSERT_CONTACT = sa.insert(CONTACTS).returning(C.id)
@@ -69,7 +87,13 @@ _UPDATE_CONTACT = (
 
 
 def _create(
-    conn: Connection, ref: ContactRef, keys: list[tuple[str, str]], source: str, now: datetime, event: Event | None
+    conn: Connection,
+    ref: ContactRef,
+    keys: list[tuple[str, str]],
+    source: str,
+    now: datetime,
+    event: Event | None,
+    raw: RawCall | None,
 ) -> tuple[dict[str, Any], frozenset[str]]:
     """A new contact, written in one INSERT from what the event says: nothing to read back."""
     row: dict[str, Any] = {
@@ -83,15 +107,14 @@ def _create(
         "created_at": now,
         "updated_at": now,
     }
-    changes, moved, ledger = _merge(row, ref, source, now)
+    changes, moved, rulings = _merge(row, ref, source, now, event)
     row.update(changes)
     row["id"] = contact_id = conn.execute(_INSERT_CONTACT, row).scalar_one()
-    # Declic's own id for the contact, as unsubscribe links and the admin name them.
-    won = _claim(conn, [("declic", str(contact_id)), *keys], contact_id)
+    won = _claim(conn, [(_OWN, str(contact_id)), *keys], contact_id)
     if keys and keys[0] not in won:  # a concurrent transaction created the same person first: join theirs
         theirs = _adopt(conn, contact_id, _lookup(conn, keys[:1])[keys[0]])
-        return _update(conn, theirs, ref, source, now, event)
-    _write_links(conn, contact_id, ref, ledger, source, now, event)
+        return _update(conn, theirs, ref, source, now, event, raw)
+    _write_links(conn, contact_id, ref, rulings, now, event, raw)
     devices = {
         (d.kind, d.address): {"kind": d.kind, "address": d.address, "keys": d.keys} for d in ref.push_subscriptions
     }
@@ -104,24 +127,30 @@ def _create(
 
 
 def _update(
-    conn: Connection, contact_id: int, ref: ContactRef, source: str, now: datetime, event: Event | None
+    conn: Connection,
+    contact_id: int,
+    ref: ContactRef,
+    source: str,
+    now: datetime,
+    event: Event | None,
+    raw: RawCall | None,
 ) -> tuple[dict[str, Any], frozenset[str]]:
     row = conn.execute(_CONTACT, {"contact_id": contact_id}).one()._asdict()
     if row["email_status"] == "erased":
         return _with_links(conn, row), frozenset()  # an erasure is final: later events bring nobody back
-    changes, moved, ledger = _merge(row, ref, source, now)
+    changes, moved, rulings = _merge(row, ref, source, now, event)
     if changes:
         row.update(changes, updated_at=now)
         conn.execute(_UPDATE_CONTACT, {"contact_id": contact_id, **{f: row[f] for f in _WRITABLE}})
-    _write_links(conn, contact_id, ref, ledger, source, now, event)
+    _write_links(conn, contact_id, ref, rulings, now, event, raw)
     return _with_links(conn, row), moved
 
 
 def _merge(
-    row: dict[str, Any], ref: ContactRef, source: str, now: datetime
-) -> tuple[dict[str, Any], frozenset[str], list[tuple[str, str]]]:
+    row: dict[str, Any], ref: ContactRef, source: str, now: datetime, event: Event | None = None
+) -> tuple[dict[str, Any], frozenset[str], list[Ruling]]:
     """What the event changes in the stored row: the new column values, what moved (fields, and
-    `attributes.NAME`), and the consent changes for the ledger."""
+    `attributes.NAME`), and a ruling on each consent statement for the ledger."""
     changes: dict[str, Any] = _given_fields(ref)
     if ref.phone and ref.phone != row["phone"]:
         changes["phone_status"] = "ok"  # a new number gets a fresh start
@@ -130,34 +159,31 @@ def _merge(
         before = jsoncodec.loads(row["attributes"])
         moved |= {f"attributes.{k}" for k, v in ref.attributes.items() if before.get(k) != v}
         changes["attributes"] = jsoncodec.dumps({**before, **ref.attributes})
-    ledger: list[tuple[str, str]] = []
+    rulings: list[Ruling] = []
     if ref.consent:
         consent = jsoncodec.loads(row["consent"])
-        ledger = [
-            (channel, state) for channel, state in ref.consent.items() if consent.get(channel, {}).get("state") != state
-        ]
-        consent.update(
-            {
-                channel: {"state": state, "source": source, "at": now.isoformat()}
-                for channel, state in ref.consent.items()
-            }
-        )
-        changes["consent"] = jsoncodec.dumps(consent)
-    return changes, frozenset(moved), ledger
+        for channel, statement in ref.consent.items():
+            ruling = rule_on(consent.get(channel), channel, dated(statement, event), source)
+            rulings.append(ruling)
+            if ruling.applied:
+                consent[channel] = ruling.entry
+        if any(r.applied for r in rulings):
+            changes["consent"] = jsoncodec.dumps(consent)
+    return changes, frozenset(moved), rulings
 
 
 def _write_links(
     conn: Connection,
     contact_id: int,
     ref: ContactRef,
-    ledger: list[tuple[str, str]],
-    source: str,
+    rulings: list[Ruling],
     now: datetime,
     event: Event | None,
+    raw: RawCall | None,
 ) -> None:
     """The consent ledger's new rows and the contact's devices."""
-    for channel, state in ledger:
-        record_consent(conn, contact_id, channel, state, source, now, event)
+    for ruling in rulings:
+        record_consent(conn, contact_id, ruling, now, event, raw)
     for device in ref.push_subscriptions:
         add_push_subscription(conn, contact_id, device.kind, device.address, device.keys, now)
 
@@ -171,41 +197,56 @@ def _given_fields(ref: ContactRef) -> dict[str, Any]:
 
 
 def withdraw(conn: Connection, contact_id: int, channel: str, source: str, now: datetime, evidence: str | None) -> None:
-    """A provider reported the recipient opted out: consent on the channel is withdrawn, in the ledger too."""
+    """A provider reported, at send time, that the recipient opted out: a withdrawal stated now."""
     row = conn.execute(sa.select(CONTACTS.c.consent).where(C.id == contact_id)).one()
     consent = jsoncodec.loads(row.consent)
-    if consent.get(channel, {}).get("state") != "withdrawn":
-        record_consent(conn, contact_id, channel, "withdrawn", source, now, evidence=evidence)
-    consent[channel] = {"state": "withdrawn", "source": source, "at": now.isoformat()}
-    conn.execute(sa.update(CONTACTS).where(C.id == contact_id).values(consent=jsoncodec.dumps(consent), updated_at=now))
+    statement = ConsentStatement(
+        state="withdrawn", stated_at=now, action=True, evidence={"provider_error": evidence} if evidence else {}
+    )
+    ruling = rule_on(consent.get(channel), channel, statement, source)
+    if ruling.applied:
+        consent[channel] = ruling.entry
+        conn.execute(
+            sa.update(CONTACTS).where(C.id == contact_id).values(consent=jsoncodec.dumps(consent), updated_at=now)
+        )
+    record_consent(conn, contact_id, ruling, now)
 
 
 def record_consent(
     conn: Connection,
     contact_id: int,
-    channel: str,
-    state: str,
-    source: str,
+    ruling: Ruling,
     now: datetime,
     event: Event | None = None,
-    evidence: str | None = None,
+    raw: RawCall | None = None,
 ) -> None:
-    """The consent ledger: one row per change, with where it came from and what showed it."""
-    if evidence is None and event is not None:
-        evidence = jsoncodec.dumps(
-            {"event": event.type, "occurred_at": event.occurred_at, "correlation": event.correlation}
-        )
+    """The consent ledger: every statement, applied or not, with why, where it came from and what shows it."""
+    statement = ruling.statement
+    evidence: dict[str, Any] = {**statement.evidence}
+    if event is not None:
+        evidence.update(event=event.type, occurred_at=event.occurred_at)
+    if raw is not None:
+        evidence.update(inbox_id=raw.id, webhook_id=raw.dedupe_key or None)
     conn.execute(
-        sa.insert(CONSENTS).values(
-            contact_id=contact_id,
-            channel=channel,
-            state=state,
-            source=source,
-            event_id=event.id if event else None,
-            evidence=evidence,
-            recorded_at=now,
-        )
+        _INSERT_CONSENT,
+        {
+            "contact_id": contact_id,
+            "channel": ruling.channel,
+            "state": statement.state,
+            "source": ruling.source,
+            "event_id": event.id if event else None,
+            "evidence": jsoncodec.dumps(evidence),
+            "stated_at": statement.stated_at,
+            "received_at": raw.received_at if raw is not None else now,
+            "action": statement.action,
+            "applied": ruling.applied,
+            "reason": ruling.reason,
+            "recorded_at": now,
+        },
     )
+
+
+_INSERT_CONSENT = sa.insert(CONSENTS)
 
 
 def add_push_subscription(

@@ -31,7 +31,10 @@ def load_calls(conn: Connection, inbox_ids: list[int]) -> dict[int, RawCall]:
     """The stored calls still to process, by id: one processed or failed already is left out,
     so a job run twice does nothing."""
     rows = conn.execute(_LOAD_CALLS, {"ids": inbox_ids})
-    return {row.id: RawCall(row.id, row.source, row.received_at, json.loads(row.headers), row.body) for row in rows}
+    return {
+        row.id: RawCall(row.id, row.source, row.received_at, json.loads(row.headers), row.body, row.dedupe_key)
+        for row in rows
+    }
 
 
 async def normalize(source: Source | None, raw: RawCall) -> list[Event]:
@@ -63,7 +66,7 @@ def apply_events(
         )
         if event.dedupe_key and seen_before(conn, raw.source, event.dedupe_key):
             continue
-        contact, changed = contacts.upsert(conn, event.contact, raw.source, now, event)
+        contact, changed = contacts.upsert(conn, event.contact, raw.source, now, event, raw)
         if event.type == ERASE_TYPE:
             contacts.erase(conn, contact["id"], now)
             event = event.model_copy(update={"properties": {}, "correlation": []})

@@ -165,9 +165,10 @@ class StepRunner:
             return f"email address is {contact['email_status']}"
         if sink.channel == "sms" and contact["phone_status"] != "ok":
             return f"phone number is {contact['phone_status']}"
-        if rule.spec.kind == "marketing" and self.policies.consent.get(sink.channel) == "required":
+        if rule.spec.kind == "marketing":
+            # A withdrawal stops marketing whatever the policy; `required` also wants a grant.
             state = contact["consent"].get(sink.channel, "none")
-            if state != "granted":
+            if state == "withdrawn" or (self.policies.consent.get(sink.channel) == "required" and state != "granted"):
                 return f"no {sink.channel} consent (state: {state})"
         return None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+import sqlalchemy as sa
 from sqlalchemy import Column, Index, LargeBinary, Table, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
@@ -120,7 +121,7 @@ class Meta(SQLModel, table=True):
 
 
 class ConsentRecord(SQLModel, table=True):
-    """The consent ledger: every change of a contact's consent, where it came from and why."""
+    """The consent ledger: every consent statement received, applied or not, with why and what shows it."""
 
     __tablename__ = "consents"
 
@@ -130,7 +131,17 @@ class ConsentRecord(SQLModel, table=True):
     state: str = Field(max_length=20)
     source: str = Field(max_length=100)
     event_id: str | None = Field(default=None, max_length=60)
+    #: JSON: the webhook's id and inbox row, the event, and what the source gives (IP, user agent, form).
     evidence: str | None = Field(default=None, sa_column=Column(Text))
+    #: When the person stated it, as the source says; None for a snapshot that gives no time.
+    stated_at: datetime | None = None
+    #: When the call carrying it reached Declic.
+    received_at: datetime | None = None
+    #: Something the person did (an unsubscribe, a STOP), not a snapshot of a state.
+    action: bool = Field(default=False, sa_column=Column(sa.Boolean, nullable=False, server_default=sa.false()))
+    #: Whether it became the state in force; `reason` says why or why not.
+    applied: bool = Field(default=True, sa_column=Column(sa.Boolean, nullable=False, server_default=sa.true()))
+    reason: str | None = Field(default=None, sa_column=Column(Text))
     recorded_at: datetime
 
 
