@@ -314,6 +314,7 @@ policies:
 ]
 
 CONFIG = """\
+public_url: https://hooks.example.com
 timezone: Europe/Paris
 storage: {{url: '{db_url}'}}
 {sources}sinks:
@@ -431,7 +432,10 @@ async def test_downtime_catch_up(tmp_path: Path, db_url: str, smtp: SmtpCatcher,
 
 async def test_a_date_rule_added_later_reaches_existing_contacts_once(tmp_path: Path, aiohttp_client: Any) -> None:
     pm = get_plugin_manager(extra=[ScriptedPlugin()])
-    base = f"storage: {{url: 'sqlite:///{tmp_path}/r.db'}}\nsources:\n  in: {{plugin: scripted, url_token: tok}}\n"
+    base = (
+        "public_url: https://hooks.example.com\n"
+        + f"storage: {{url: 'sqlite:///{tmp_path}/r.db'}}\nsources:\n  in: {{plugin: scripted, url_token: tok}}\n"
+    )
     sinks = "sinks:\n  email: {plugin: smtp, host: 127.0.0.1, port: 1, tls: none, sender: s@example.com}\n"
     rule = "rules:\n  - {name: birthday, on_date: contact.birthday, send: {via: email, template: t}}\n"
     clock = FakeClock(datetime(2026, 6, 1, tzinfo=UTC))

@@ -7,6 +7,7 @@ import re
 from datetime import time, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import jinja2
@@ -248,7 +249,14 @@ class LoggingSpec(_Strict):
 
 
 class Settings(_Strict):
-    public_url: str | None = Field(None, description="This deployment's URL as providers see it (some sign it).")
+    public_url: str | None = Field(
+        None,
+        description="This deployment's URL as providers and recipients see it: some providers sign it, and "
+        "marketing e-mail's one-click unsubscribe links point to it, so it must be https.",
+    )
+    allow_http_public_url: bool = Field(
+        False, description="Accept an http:// public_url, for local testing only (RFC 8058 wants https)."
+    )
     timezone: str = Field("UTC", description="IANA time zone used when a contact has none.")
     phone_region: str | None = Field(
         None, description="ISO country (FR, US...) for phone numbers written without +: stored as E.164."
@@ -271,6 +279,13 @@ class Settings(_Strict):
     _path: Path = PrivateAttr(default=Path("declic.yaml"))
     _sources: dict[str, tuple[type[Source], PluginConfig]] = PrivateAttr(default_factory=dict)
     _sinks: dict[str, tuple[type[Sink], PluginConfig]] = PrivateAttr(default_factory=dict)
+
+    @field_validator("public_url")
+    @classmethod
+    def _absolute_url(cls, value: str | None) -> str | None:
+        if value is not None and (urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).hostname):
+            raise ValueError(f"{value!r} is not an absolute http(s) URL, such as https://hooks.example.com")
+        return value
 
     @field_validator("phone_region")
     @classmethod
@@ -347,6 +362,7 @@ def load_config(
     settings._path = path.resolve()
     _resolve_plugins(settings, data, registry, report)
     _check_rules(settings, registry, pm, report)
+    _check_unsubscribe_links(settings, report)
     report.raise_if_any()
     return settings
 
@@ -415,6 +431,30 @@ def _check_rules(settings: Settings, registry: Registry, pm: pluggy.PluginManage
                 report.add(
                     (*send_where, "template"), f"template {step.send.template}.txt.j2 not found in {templates_dir}"
                 )
+
+
+def _check_unsubscribe_links(settings: Settings, report: _Report) -> None:
+    """Marketing e-mail always carries a one-click unsubscribe link (RFC 8058), which needs an https public URL."""
+    email_sinks = {key for key, (cls, _) in settings._sinks.items() if cls.channel == "email"}
+    rules = [
+        i
+        for i, rule in enumerate(settings.rules)
+        if rule.kind == "marketing" and any(step.send.via in email_sinks for step in rule.steps)
+    ]
+    if not rules:
+        return
+    name = settings.rules[rules[0]].name
+    if settings.public_url is None:
+        report.add(
+            ("rules", rules[0]),
+            f"marketing e-mail (rule {name!r}) needs `public_url:`: its one-click unsubscribe links point there",
+        )
+    elif urlsplit(settings.public_url).scheme != "https" and not settings.allow_http_public_url:
+        report.add(
+            ("public_url",),
+            f"marketing e-mail (rule {name!r}) carries unsubscribe links to this URL, and RFC 8058 wants https; "
+            "set `allow_http_public_url: true` for local testing only",
+        )
 
 
 def _check_expression(env: jinja2.Environment, expression: str | None, where: yamlmarks.Path, report: _Report) -> None:
