@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import pluggy
 
-from .errors import BadRequest, ConfigError, DeclicError, MalformedPayload, RetryLater, SignatureError
+from .errors import (
+    BadRequest,
+    ConfigError,
+    DeclicError,
+    InvalidAddress,
+    MalformedPayload,
+    RetryLater,
+    SignatureError,
+)
 from .hookspecs import Gateway
+from .kit.addresses import EmailAddress, parse_email
 from .kit.clock import Clock
 from .kit.durations import Duration
 from .kit.events import CANONICAL_TYPES, ConsentState, ConsentStatement, ContactRef, Event, PushRef
@@ -31,11 +40,13 @@ __all__ = [
     "DeliveryResult",
     "Deployment",
     "Duration",
+    "EmailAddress",
     "Event",
     "Fetched",
     "ForbiddenAddress",
     "Gateway",
     "GuardedClient",
+    "InvalidAddress",
     "MalformedPayload",
     "Message",
     "Outcome",
@@ -52,5 +63,6 @@ __all__ = [
     "Source",
     "hookimpl",
     "make_environment",
+    "parse_email",
     "retry_after",
 ]

@@ -56,3 +56,8 @@ class StorageUnavailable(DeclicError):
 
 class TemplateProblem(DeclicError):
     """A template is missing or fails to render."""
+
+
+class InvalidAddress(DeclicError, ValueError):
+    """Not an e-mail address mail can be sent to. The message is email-validator's reason: fine in a config
+    error, not in a log line, as it may quote parts of the address."""

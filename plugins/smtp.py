@@ -11,14 +11,26 @@ import ssl
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email.header import Header
-from email.utils import format_datetime, parseaddr
+from email.utils import format_datetime, formataddr
 from typing import Any, Literal
 
 import aiosmtplib
 import dkim
 from pydantic import Field, SecretStr, field_validator
 
-from gateway import ConfigPath, DeliveryResult, Message, PluginConfig, SendContext, Sink, SinkConfig, hookimpl
+from gateway import (
+    ConfigPath,
+    DeliveryResult,
+    EmailAddress,
+    InvalidAddress,
+    Message,
+    PluginConfig,
+    SendContext,
+    Sink,
+    SinkConfig,
+    hookimpl,
+    parse_email,
+)
 
 DEFAULT_PORTS = {"implicit": 465, "starttls": 587, "none": 25}
 
@@ -47,6 +59,11 @@ OWN_HEADERS = frozenset(
     ("from", "to", "subject", "date", "message-id", "mime-version", "content-type", "content-transfer-encoding")
 )
 HEADER_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext: printable ASCII but ":"
+#: `Name <address>` as an operator writes it in the config, the name quoted or not.
+NAME_ADDR = re.compile(r"(?P<name>.*?)\s*<(?P<address>[^<>]*)>", re.S)
+#: RFC 6531: the envelope and the headers carry UTF-8; the body stays 7-bit, the headers do not.
+SMTPUTF8_OPTIONS = ("SMTPUTF8", "BODY=8BITMIME")
+NO_SMTPUTF8 = "the recipient's local part is not ASCII and the SMTP server does not offer SMTPUTF8"
 
 
 class SmtpConfig(SinkConfig):
@@ -57,7 +74,9 @@ class SmtpConfig(SinkConfig):
     )
     username: str | None = Field(None, description="Log in with this user (after TLS).")
     password: SecretStr | None = Field(None, description="Password for `username`.")
-    sender: str = Field(description='From header, e.g. "Boutique <bonjour@example.com>".')
+    sender: str = Field(
+        description='From header, e.g. "Boutique <bonjour@example.com>"; an IDN domain is sent in its ASCII form.'
+    )
     return_path: str | None = Field(None, description="Envelope sender (bounce mailbox). Default: the From address.")
     unsubscribe_mailto: str | None = Field(
         None, description="Also offer unsubscribing by e-mail to this address (List-Unsubscribe mailto)."
@@ -72,9 +91,15 @@ class SmtpConfig(SinkConfig):
 
     @field_validator("sender")
     @classmethod
-    def _has_address(cls, value: str) -> str:
-        if "@" not in parseaddr(value)[1]:
-            raise ValueError(f"not an e-mail address: {value!r}")
+    def _sender(cls, value: str) -> str:
+        _from_header(value)  # what the sink will write, so that a sender it cannot write fails at start-up
+        return value
+
+    @field_validator("return_path", "unsubscribe_mailto")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None:
+            _own_address(value)
         return value
 
 
@@ -85,9 +110,10 @@ class SmtpSink(Sink):
 
     def __init__(self, key: str, config: SmtpConfig, deployment: Any):
         super().__init__(key, config, deployment)
-        self._from_address = parseaddr(config.sender)[1]
-        self._domain = self._from_address.rpartition("@")[2]
-        self._from_header = _header("From", config.sender)
+        self._from_header, sender = _from_header(config.sender)
+        self._envelope_sender = str(_own_address(config.return_path) if config.return_path else sender)
+        self._domain = sender.domain
+        self._unsubscribe_mailto = str(_own_address(config.unsubscribe_mailto)) if config.unsubscribe_mailto else None
         self._idle: list[aiosmtplib.SMTP] = []
         self._slots = asyncio.Semaphore(config.connections)
 
@@ -97,15 +123,19 @@ class SmtpSink(Sink):
     def build(self, message: Message) -> bytes:
         """Serialise once; the same bytes go to every attempt, with a Message-ID stable across them.
 
-        Writes the bytes itself rather than through EmailMessage, whose header registry made building
-        13-18% of the CPU when sending: the structure is fixed, only headers and bodies need encoding.
+        Raises ValueError (InvalidAddress for the recipient) for what no attempt could send.
         """
+        return self._build(message, parse_email(message.to))
+
+    def _build(self, message: Message, to: EmailAddress) -> bytes:
+        """Writes the bytes itself rather than through EmailMessage, whose header registry made building
+        13-18% of the CPU when sending: the structure is fixed, only headers and bodies need encoding."""
         headers = dict(message.headers)
-        if "List-Unsubscribe" in headers and self.config.unsubscribe_mailto:
-            headers["List-Unsubscribe"] += f", <mailto:{self.config.unsubscribe_mailto}?subject=unsubscribe>"
+        if "List-Unsubscribe" in headers and self._unsubscribe_mailto:
+            headers["List-Unsubscribe"] += f", <mailto:{self._unsubscribe_mailto}?subject=unsubscribe>"
         lines = [
             self._from_header,
-            _header("To", message.to),
+            f"To: {to}\r\n",  # validated: no CR/LF; UTF-8 only under SMTPUTF8, never an encoded-word
             _header("Subject", message.subject or ""),
             _header("Date", format_datetime(datetime.now(UTC))),
             _header("Message-ID", f"<{message.idempotency_key or secrets.token_hex(16)}@{self._domain}>"),
@@ -146,14 +176,27 @@ class SmtpSink(Sink):
         return signature + data
 
     async def send(self, message: Message, ctx: SendContext) -> DeliveryResult:
-        data = self.build(message)
+        try:
+            to = parse_email(message.to)
+        except InvalidAddress:
+            # No retry can fix it. The reason stays out of the result: it may quote the address, and results are logged.
+            return DeliveryResult.address_invalid("the recipient is not a valid e-mail address")
+        try:
+            data = self._build(message, to)
+        except ValueError as exc:  # e.g. a CR/LF in a header: the same on every attempt
+            return DeliveryResult.permanent(f"cannot build the message: {exc}")
+        options = SMTPUTF8_OPTIONS if to.needs_smtputf8 else ()
         async with self._slots:
             try:
                 client = await self._acquire()
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 return _classify(exc)
             try:
-                await client.sendmail(self.config.return_path or self._from_address, [message.to], data)
+                await client.sendmail(self._envelope_sender, [str(to)], data, mail_options=options)
+            except aiosmtplib.SMTPNotSupported:
+                # sendmail raises it only for SMTPUTF8, before MAIL FROM: the connection is still clean.
+                self._idle.append(client)
+                return DeliveryResult.permanent(NO_SMTPUTF8)
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 client.close()
                 return _classify(exc)
@@ -191,18 +234,60 @@ class SmtpSink(Sink):
 
 
 def _header(name: str, value: str) -> str:
-    """One header line, CRLF-terminated; non-ASCII or over-long values become RFC 2047 encoded-words."""
+    """One unstructured header line, CRLF-terminated; non-ASCII or over-long values become RFC 2047 encoded-words.
+
+    Not for address headers: an encoded-word may not hold an address (RFC 2047 section 5).
+    """
     if "\r" in value or "\n" in value:
         raise ValueError(f"{name}: header values may not contain CR or LF")
     if value.isascii() and len(name) + len(value) <= 996:
         return f"{name}: {value}\r\n"
-    if name in ("From", "To"):
-        display_name, address = parseaddr(value)
-        if display_name and address.isascii():
-            words = Header(display_name, "utf-8", header_name=name).encode(linesep="\r\n")
-            return f"{name}: {words} <{address}>\r\n"
     words = Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
     return f"{name}: {words}\r\n"
+
+
+def _from_header(sender: str) -> tuple[str, EmailAddress]:
+    """The From line for the configured sender, and its address; ValueError when it cannot be written."""
+    match = NAME_ADDR.fullmatch(sender.strip())
+    name, address = (_unquote(match["name"]), match["address"]) if match else ("", sender)
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ValueError("the sender's name may not contain control characters")
+    parsed = _own_address(address.strip())
+    line = f"From: {_mailbox(name, parsed)}\r\n"
+    if max(map(len, line.split("\r\n"))) > 998:
+        raise ValueError("the sender's name is too long for one header line (RFC 5322: 998 characters)")
+    return line, parsed
+
+
+def _unquote(name: str) -> str:
+    """A display name as the operator wrote it, with the quotes they may have put around it taken off."""
+    name = name.strip()
+    if len(name) >= 2 and name[0] == name[-1] == '"':
+        return re.sub(r"\\(.)", r"\1", name[1:-1])
+    return name
+
+
+def _mailbox(name: str, address: EmailAddress) -> str:
+    """RFC 5322 name-addr. An ASCII name is quoted when it holds specials (else `Shop @ Home <a@example.com>`
+    reads as the address Shop@Home); a non-ASCII one becomes RFC 2047 encoded-words; the address never does."""
+    if not name:
+        return str(address)
+    if name.isascii():
+        return formataddr((name, str(address)))
+    words = Header(name, "utf-8", header_name="From").encode(linesep="\r\n")
+    return f"{words} <{address}>"
+
+
+def _own_address(text: str) -> EmailAddress:
+    """A sender, bounce or unsubscribe mailbox. It goes on every message, so its local part must be ASCII, which
+    every server takes; an IDN domain is fine, sent in its ASCII form."""
+    try:
+        address = parse_email(text)
+    except InvalidAddress as exc:
+        raise ValueError(f"not an e-mail address: {text!r} ({exc})") from None
+    if address.needs_smtputf8:
+        raise ValueError("the local part must be ASCII: servers without SMTPUTF8 would refuse every message")
+    return address
 
 
 def _part(subtype: str, text: str) -> bytes:

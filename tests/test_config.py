@@ -130,7 +130,11 @@ ERRORS = [
         edit('    sender: "Shop <shop@example.com>"\n', ""),
         "11:5: sinks.email.sender: required key is missing",
     ),
-    ("bad sender", edit("Shop <shop@example.com>", "Shop"), "14:13: sinks.email.sender: not an e-mail address: 'Shop'"),
+    (
+        "bad sender",
+        edit("Shop <shop@example.com>", "Shop"),
+        "14:13: sinks.email.sender: not an e-mail address: 'Shop' (An email address must have an @-sign.)",
+    ),
     (
         "event type typo",
         edit("when: customer.created", "when: customer.create"),

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import trustme
+from pydantic import ValidationError
 
 from declic_plugins.smtp import SmtpConfig, SmtpSink
 from gateway import Message, Outcome, SendContext
@@ -301,3 +302,116 @@ def test_a_relative_ca_file_is_read_from_the_config_files_folder(
 
     assert isinstance(email, SmtpConfig)
     assert email.ca_file == str(tmp_path / "certs" / "ca.pem")
+
+
+# (case, recipient, does the server offer SMTPUTF8, expected outcome, envelope recipient and parsed To if sent)
+RECIPIENTS = [
+    ("IDN domain", "info@münchen.example", False, Outcome.SENT, "info@xn--mnchen-3ya.example"),
+    ("IDN domain, SMTPUTF8 offered", "info@münchen.example", True, Outcome.SENT, "info@xn--mnchen-3ya.example"),
+    (
+        "non-ASCII local part, SMTPUTF8 offered",
+        "jörg@münchen.example",
+        True,
+        Outcome.SENT,
+        "jörg@xn--mnchen-3ya.example",
+    ),
+    ("non-ASCII local part, no SMTPUTF8", "jörg@example.org", False, Outcome.PERMANENT, None),
+    ("CR/LF", "to@example.org\r\nBcc: x@evil.example", True, Outcome.ADDRESS_INVALID, None),
+    ("LF", "to@example.org\nBcc: x@evil.example", True, Outcome.ADDRESS_INVALID, None),
+    ("no @", "to.example.org", True, Outcome.ADDRESS_INVALID, None),
+    ("display name", "Zoë <to@example.org>", True, Outcome.ADDRESS_INVALID, None),
+    ("special-use domain", "to@printer.local", True, Outcome.ADDRESS_INVALID, None),
+    ("empty", "", True, Outcome.ADDRESS_INVALID, None),
+]
+
+
+@pytest.mark.parametrize(("case", "to", "smtputf8", "outcome", "sent_to"), RECIPIENTS, ids=[r[0] for r in RECIPIENTS])
+async def test_recipients(case: str, to: str, smtputf8: bool, outcome: Outcome, sent_to: str | None) -> None:
+    server = SmtpCatcher(smtputf8=smtputf8).start()
+    try:
+        smtp = sink(server.port)
+        result = await smtp.send(Message(to=to, text="t", subject="s", idempotency_key="dcl-1"), CTX)
+        await smtp.close()
+    finally:
+        server.stop()
+    assert result.outcome is outcome, result.error
+    if sent_to is None:
+        local_part = to.partition("@")[0]
+        assert server.messages == [] and not (local_part and local_part in (result.error or "")), "results are logged"
+        return
+    assert server.envelopes == [("shop@example.com", [sent_to])]
+    [mail] = server.messages
+    assert [a.addr_spec for a in mail["To"].addresses] == [sent_to]
+
+
+async def test_without_smtputf8_the_failure_says_why_and_the_connection_stays_usable(server: SmtpCatcher) -> None:
+    smtp = sink(server.port, connections=1)
+    refused = await smtp.send(Message(to="jörg@example.org", text="t"), CTX)
+    sent = await smtp.send(MESSAGE, CTX)
+    await smtp.close()
+    assert refused.outcome is Outcome.PERMANENT and "SMTPUTF8" in (refused.error or "")
+    assert sent.outcome is Outcome.SENT and len(server.messages) == 1
+
+
+def test_an_address_header_never_holds_an_encoded_word() -> None:
+    data = sink(25).build(Message(to="jörg@example.org", text="t"))
+    assert b"\r\nTo: j\xc3\xb6rg@example.org\r\n" in data and b"=?" not in data
+
+
+# (case, configured sender, display name and address a client reads in From)
+SENDERS = [
+    ("plain", "Boutique <shop@example.com>", "Boutique", "shop@example.com"),
+    ("bare address", "shop@example.com", "", "shop@example.com"),
+    ("ASCII name with specials", "Shop @ Home <shop@example.com>", "Shop @ Home", "shop@example.com"),
+    ("comma and dot", "Martin, Fils & Cie. <shop@example.com>", "Martin, Fils & Cie.", "shop@example.com"),
+    ("already quoted", '"Shop @ Home" <shop@example.com>', "Shop @ Home", "shop@example.com"),
+    ("quotes inside", r'"Le \"Petit\" Shop" <shop@example.com>', 'Le "Petit" Shop', "shop@example.com"),
+    ("non-ASCII name", "Café Zoë <bonjour@example.com>", "Café Zoë", "bonjour@example.com"),
+    ("non-ASCII name with specials", "Café @ Zoë <bonjour@example.com>", "Café @ Zoë", "bonjour@example.com"),
+    ("IDN domain", "Café <bonjour@münchen.example>", "Café", "bonjour@xn--mnchen-3ya.example"),
+    ("bare IDN address", "bonjour@münchen.example", "", "bonjour@xn--mnchen-3ya.example"),
+]
+
+
+@pytest.mark.parametrize(("case", "sender", "name", "address"), SENDERS, ids=[s[0] for s in SENDERS])
+def test_from_reads_back_as_configured(case: str, sender: str, name: str, address: str) -> None:
+    mail = parse(sink(25, sender=sender).build(MESSAGE))
+    [author] = mail["From"].addresses
+    assert (author.display_name, author.addr_spec) == (name, address)
+    assert mail["Message-ID"] == f"<dcl-abc123@{address.partition('@')[2]}>"
+
+
+async def test_an_idn_sender_goes_out_in_ascii_form_in_the_envelope_too(server: SmtpCatcher) -> None:
+    smtp = sink(server.port, sender="Café <bonjour@münchen.example>")
+    result = await smtp.send(MESSAGE, CTX)
+    await smtp.close()
+    assert result.outcome is Outcome.SENT and result.provider_id == "<dcl-abc123@xn--mnchen-3ya.example>"
+    assert server.envelopes == [("bonjour@xn--mnchen-3ya.example", ["to@example.org"])]
+
+
+# (case, option, value, text in the config error)
+BAD_OWN_ADDRESSES = [
+    ("no address", "sender", "Boutique", "not an e-mail address"),
+    ("no address in brackets", "sender", "Boutique <>", "not an e-mail address"),
+    ("special-use domain", "sender", "Boutique <shop@printer.local>", "not an e-mail address"),
+    ("bad IDN domain", "sender", "shop@münchen..example", "not an e-mail address"),
+    ("non-ASCII local part", "sender", "Zoë <zoë@example.com>", "local part must be ASCII"),
+    ("CR/LF in the name", "sender", "Shop\r\nBcc: x@evil.example <shop@example.com>", "control characters"),
+    ("a name too long for a header line", "sender", "x" * 1000 + " <shop@example.com>", "too long"),
+    ("bad return path", "return_path", "bounces", "not an e-mail address"),
+    ("bad unsubscribe mailbox", "unsubscribe_mailto", "unsubscribe@", "not an e-mail address"),
+]
+
+
+@pytest.mark.parametrize(("case", "option", "value", "error"), BAD_OWN_ADDRESSES, ids=[b[0] for b in BAD_OWN_ADDRESSES])
+def test_own_addresses_are_checked_when_the_config_loads(case: str, option: str, value: str, error: str) -> None:
+    options = {"sender": "shop@example.com", option: value}
+    with pytest.raises(ValidationError, match=error):
+        SmtpConfig.model_validate(options)
+
+
+async def test_a_message_that_cannot_be_built_fails_for_good_rather_than_raise(server: SmtpCatcher) -> None:
+    message = Message(to="to@example.org", text="t", subject="Hello\r\nBcc: x@evil.example")
+    result = await sink(server.port).send(message, CTX)
+    assert result.outcome is Outcome.PERMANENT and "CR or LF" in (result.error or "")
+    assert server.messages == []

@@ -11,7 +11,8 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Connection
 
-from ..errors import MalformedPayload, RetryLater
+from ..errors import InvalidAddress, MalformedPayload, RetryLater
+from ..kit.addresses import parse_email
 from ..kit.events import ERASE_TYPE, FEEDBACK_TYPES, Event
 from ..kit.sources import RawCall, Source
 from ..store import EVENTS, INBOX, jobqueue
@@ -61,9 +62,8 @@ def apply_events(
     """Resolve contacts, store and route each event; the caller marks the call processed."""
     stored = []
     for index, event in enumerate(events):
-        event = fit(event, phone_region).model_copy(
-            update={"id": f"{raw.id}.{index}", "source": raw.source, "raw_ref": raw.id}
-        )
+        named = event.model_copy(update={"id": f"{raw.id}.{index}", "source": raw.source, "raw_ref": raw.id})
+        event = fit(named, phone_region)  # named first, so that what fit logs says which event
         if event.dedupe_key and seen_before(conn, raw.source, event.dedupe_key):
             continue
         contact, changed = contacts.upsert(conn, event.contact, raw.source, now, event, raw)
@@ -112,12 +112,13 @@ def seen_before(conn: Connection, source: str, key: str) -> bool:
 
 #: Column sizes (gateway/store/tables.py): PostgreSQL refuses what does not fit, SQLite would keep it.
 _LIMITS = {"first_name": 200, "last_name": 200}
-_DROP_IF_LONGER = {"email": 320, "previous_email": 320, "phone": 40, "locale": 35, "timezone": 64}
+_DROP_IF_LONGER = {"phone": 40, "locale": 35, "timezone": 64}
 
 
 def fit(event: Event, phone_region: str | None = None) -> Event:
     """Make a plugin's event fit the tables: over-long keys hashed, over-long fields cut or dropped, no NUL,
-    and phone numbers in E.164, so that "06 12 34 56 78" and Twilio's "+33612345678" are one person."""
+    phone numbers in E.164, so that "06 12 34 56 78" and Twilio's "+33612345678" are one person, and e-mail
+    addresses valid, with the domain in its ASCII form, so that "münchen" and "xn--mnchen-3ya" are one too."""
     if len(event.type) > 100 or "\0" in event.type:
         raise Unprocessable(f"event type {event.type[:40]!r}... is longer than 100 characters")
     ref = event.contact
@@ -131,6 +132,8 @@ def fit(event: Event, phone_region: str | None = None) -> Event:
     country = ref.attributes.get("country")
     region = country.upper() if isinstance(country, str) and len(country) == 2 else phone_region
     updates["phone"] = e164(updates["phone"], region)  # type: ignore[arg-type]
+    for name in ("email", "previous_email"):
+        updates[name] = valid_email(_clean(getattr(ref, name)), name, event)
     updates["external_ids"] = {_clean(k) or "": fit_key(_clean(str(v)) or "", 320) for k, v in ref.external_ids.items()}
     return event.model_copy(
         update={
@@ -152,6 +155,21 @@ def e164(phone: str | None, region: str | None) -> str | None:
     if not phonenumbers.is_possible_number(number):
         return phone
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def valid_email(address: str | None, field: str, event: Event) -> str | None:
+    """The address as mail goes to it (IDN domain in ASCII), or None when it cannot be one: a bad address
+    must neither become the contact's nor fail the whole call. The log line leaves the address out (personal
+    data), and email-validator's reason too, as it may quote parts of the address."""
+    if not address or not address.strip():
+        return None
+    try:
+        return str(parse_email(address.strip()))
+    except InvalidAddress:
+        log.warning(
+            "invalid e-mail address dropped", field=field, event_id=event.id, event_type=event.type, source=event.source
+        )
+        return None
 
 
 def _clean(value: str | None) -> str | None:

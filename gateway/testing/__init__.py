@@ -10,7 +10,7 @@ import socket
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from email import message_from_bytes, policy
+from email import message_from_bytes, message_from_string, policy
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ __all__ = [
     "ScriptedSource",
     "SmtpCatcher",
     "free_port",
+    "parse_message",
     "shopify_headers",
     "write_deployment",
 ]
@@ -68,7 +69,8 @@ class SmtpCatcher:
     """A real SMTP server (aiosmtpd) on 127.0.0.1 that keeps what it receives.
 
     `replies` queues SMTP replies to give instead of accepting, e.g. ["451 try later"];
-    `refuse` maps recipients to the reply given at RCPT TO.
+    `refuse` maps recipients to the reply given at RCPT TO; `smtputf8` makes EHLO offer SMTPUTF8
+    (RFC 6531), off by default as in aiosmtpd. `raw` keeps each message's bytes as received.
     """
 
     port: int = field(default_factory=free_port)
@@ -77,14 +79,16 @@ class SmtpCatcher:
     replies: list[str] = field(default_factory=list)
     refuse: dict[str, str] = field(default_factory=dict)
     tls_context: Any = None
+    smtputf8: bool = False
+    raw: list[bytes] = field(default_factory=list)
     _controller: Any = None
 
     def start(self) -> SmtpCatcher:
         from aiosmtpd.controller import Controller
 
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"enable_SMTPUTF8": self.smtputf8}
         if self.tls_context is not None:
-            kwargs = {"tls_context": self.tls_context, "require_starttls": True}
+            kwargs.update(tls_context=self.tls_context, require_starttls=True)
         self._controller = Controller(self, hostname="127.0.0.1", port=self.port, **kwargs)
         self._controller.start()
         return self
@@ -104,11 +108,19 @@ class SmtpCatcher:
         if self.replies:
             return self.replies.pop(0)
         self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
-        self.messages.append(message_from_bytes(envelope.content, policy=policy.default))
+        self.raw.append(envelope.content)
+        self.messages.append(parse_message(envelope.content, envelope.smtp_utf8))
         return "250 Message accepted for delivery"
 
     def to(self, address: str) -> list[EmailMessage]:
         return [m for m in self.messages if m["To"] == address]
+
+
+def parse_message(data: bytes, smtputf8: bool = False) -> EmailMessage:
+    """What a receiving client reads: under SMTPUTF8 the headers are UTF-8 text (RFC 6532), else ASCII."""
+    if smtputf8:
+        return message_from_string(data.decode("utf-8"), policy=policy.default)
+    return message_from_bytes(data, policy=policy.default)
 
 
 class ScriptedConfig(PluginConfig):
