@@ -9,7 +9,7 @@ import structlog
 from aiohttp import web
 
 from ..errors import RejectedRequest, StorageUnavailable
-from ..kit.sources import Source
+from ..kit.sources import PEER_HEADER, Source
 from ..store.inbox import NewCall, fit_key
 from .running import GATEWAY_KEY, RETRY_AFTER_SECONDS, RunningGateway
 
@@ -61,6 +61,9 @@ async def handle_hook(request: web.Request) -> web.StreamResponse:
     headers = dict(request.headers)
     if any(name in request.headers for name in _UNSTORED_HEADERS):  # case-insensitive; rare, so checked first
         headers = {k: v for k, v in headers.items() if k.lower() not in _UNSTORED_HEADERS}
+    if request.remote:  # who called, kept with the call: evidence when it states consent
+        headers = {k: v for k, v in headers.items() if k.lower() != PEER_HEADER.lower()}
+        headers[PEER_HEADER] = request.remote
     call = NewCall(name, fit_key(key), gateway.clock.now(), headers, body)
     try:
         accepted = await gateway.committer.submit(call)

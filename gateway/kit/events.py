@@ -94,6 +94,11 @@ class ContactRef(BaseModel):
     consent: dict[str, ConsentStatement] = Field(default_factory=dict)
     #: Devices to add to the contact's push subscriptions.
     push_subscriptions: list[PushRef] = Field(default_factory=list)
+    #: False when the caller proved nothing about who this is (a call signed with a browser's
+    #: public write key): the contact is found by these ids and may gain anonymous ids and
+    #: traits, but an existing contact's e-mail, phone, devices and consent stay as they are,
+    #: and a new contact's consent is granted only with evidence.
+    trusted: bool = True
 
     @field_validator("consent", mode="before")
     @classmethod

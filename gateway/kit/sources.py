@@ -47,6 +47,11 @@ class Deployment:
     clock: Clock
 
 
+#: The caller's address as the connection showed it, stored among the call's headers; a caller
+#: cannot set it (a request header of that name is replaced).
+PEER_HEADER = "X-Declic-Peer-Address"
+
+
 @dataclass(frozen=True)
 class RawCall:
     """A stored webhook call, as the inbox keeps it."""
@@ -63,6 +68,11 @@ class RawCall:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lower_headers", {k.lower(): v for k, v in self.headers.items()})
+
+    @property
+    def peer_address(self) -> str | None:
+        """The IP address the call came from (before any proxy's X-Forwarded-For)."""
+        return self.header(PEER_HEADER)
 
     def header(self, *names: str) -> str | None:
         for name in names:

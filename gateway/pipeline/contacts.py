@@ -73,6 +73,9 @@ def upsert(
         if _OWN in ref.external_ids:  # Declic's own ids name existing contacts; nobody can reserve one
             raise UnknownContact(f"no contact has Declic id {ref.external_ids[_OWN]!r}")
         return _create(conn, ref, keys, source, now, event, raw)
+    if not ref.trusted:  # a stranger may name a contact, not move its addresses or devices
+        ref = ref.model_copy(update={"email": None, "phone": None, "previous_email": None, "push_subscriptions": []})
+        keys = [k for k in keys if k[0] not in ("email", "phone")]
     # An identity already held by another contact stays theirs: merging people is a human call.
     _claim(conn, [k for k in keys if k not in known and k[0] != _OWN], contact_id)
     return _update(conn, contact_id, ref, source, now, event, raw)
@@ -107,7 +110,7 @@ def _create(
         "created_at": now,
         "updated_at": now,
     }
-    changes, moved, rulings = _merge(row, ref, source, now, event)
+    changes, moved, rulings = _merge(row, ref, source, now, event, existing=False)
     row.update(changes)
     row["id"] = contact_id = conn.execute(_INSERT_CONTACT, row).scalar_one()
     won = _claim(conn, [(_OWN, str(contact_id)), *keys], contact_id)
@@ -138,7 +141,7 @@ def _update(
     row = conn.execute(_CONTACT, {"contact_id": contact_id}).one()._asdict()
     if row["email_status"] == "erased":
         return _with_links(conn, row), frozenset()  # an erasure is final: later events bring nobody back
-    changes, moved, rulings = _merge(row, ref, source, now, event)
+    changes, moved, rulings = _merge(row, ref, source, now, event, existing=True)
     if changes:
         row.update(changes, updated_at=now)
         conn.execute(_UPDATE_CONTACT, {"contact_id": contact_id, **{f: row[f] for f in _WRITABLE}})
@@ -147,7 +150,7 @@ def _update(
 
 
 def _merge(
-    row: dict[str, Any], ref: ContactRef, source: str, now: datetime, event: Event | None = None
+    row: dict[str, Any], ref: ContactRef, source: str, now: datetime, event: Event | None, existing: bool
 ) -> tuple[dict[str, Any], frozenset[str], list[Ruling]]:
     """What the event changes in the stored row: the new column values, what moved (fields, and
     `attributes.NAME`), and a ruling on each consent statement for the ledger."""
@@ -163,13 +166,27 @@ def _merge(
     if ref.consent:
         consent = jsoncodec.loads(row["consent"])
         for channel, statement in ref.consent.items():
-            ruling = rule_on(consent.get(channel), channel, dated(statement, event), source)
+            statement = dated(statement, event)
+            veto = None if ref.trusted else _untrusted_veto(statement, existing)
+            if veto is not None:
+                ruling = Ruling(channel, statement, source, False, veto)
+            else:
+                ruling = rule_on(consent.get(channel), channel, statement, source)
             rulings.append(ruling)
             if ruling.applied:
                 consent[channel] = ruling.entry
         if any(r.applied for r in rulings):
             changes["consent"] = jsoncodec.dumps(consent)
     return changes, frozenset(moved), rulings
+
+
+def _untrusted_veto(statement: ConsentStatement, existing: bool) -> str | None:
+    """Why a call signed with a public key cannot make this statement, if it cannot."""
+    if existing:
+        return "a public key cannot change an existing contact's consent: use the secret key or the provider"
+    if statement.state == "granted" and not statement.evidence:
+        return "a public key grants consent only with evidence (IP, user agent, form)"
+    return None
 
 
 def _write_links(
