@@ -32,8 +32,12 @@ _PHONE = re.compile(
     r"|[2-9]\d{2}([.\-])\d{3}\1\d{4}"  # 415-555-0132, 415.555.0132
     r")(?!\w|[.,]\d)"
 )
-#: Credentials inside text: an Authorization header's value, a token in a query string.
-_CREDENTIAL = re.compile(r"(?i)\b(bearer|basic|token)(\s+|=)[A-Za-z0-9\-._~+/%]+=*")
+#: Credentials inside text: an Authorization header's value, a token in a query string. Short words
+#: after Bearer or Basic ("Bearer token missing", "basic auth") are left alone: credentials are longer.
+_CREDENTIAL = re.compile(
+    r"(?i)\b(?:(bearer|basic)(\s+)(?=[A-Za-z0-9\-._~+/%]{8})|(access_token|token|api_key|apikey|secret|password)(=))"
+    r"[A-Za-z0-9\-._~+/%]+=*"
+)
 #: Values under these keys are personal data whatever they look like.
 _PERSONAL_KEYS = re.compile(r"^(phone|email|to|recipient|address|first_name|last_name)$", re.I)
 _SECRET_KEYS = re.compile(r"secret|token|password|passwd|authorization|api_key|apikey|auth", re.I)
@@ -46,7 +50,7 @@ def _tag(kind: str, value: str) -> str:
 
 
 def redact_text(text: str) -> str:
-    text = _CREDENTIAL.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
+    text = _CREDENTIAL.sub(lambda m: f"{m.group(1) or m.group(3)}{m.group(2) or m.group(4)}***", text)
     text = _EMAIL.sub(lambda m: _tag("email", m.group()), text)
     return _PHONE.sub(lambda m: _tag("phone", m.group()), text)
 
