@@ -26,10 +26,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from multidict import CIMultiDictProxy
 from pydantic import Field, field_validator
+from yarl import URL
 
 from gateway import (
     ConfigPath,
     DeliveryResult,
+    GuardedClient,
     Message,
     SendContext,
     Sink,
@@ -133,7 +135,7 @@ class AccessTokens:
         self._expires = 0.0
         self._lock = asyncio.Lock()
 
-    async def get(self, session: aiohttp.ClientSession) -> str:
+    async def get(self, session: GuardedClient) -> str:
         async with self._lock:
             if self._token is None or self.clock() >= self._expires - REFRESH_MARGIN:
                 self._token, lifetime = await self._fetch(session)
@@ -145,10 +147,10 @@ class AccessTokens:
         if self._token == token:
             self._token = None
 
-    async def _fetch(self, session: aiohttp.ClientSession) -> tuple[str, float]:
+    async def _fetch(self, session: GuardedClient) -> tuple[str, float]:
         form = {"grant_type": JWT_BEARER, "assertion": self.account.assertion(int(time.time()))}
         try:
-            async with session.post(self.account.token_uri, data=form) as response:
+            async with session.request("POST", self.account.token_uri, data=form) as response:
                 status, body, headers = response.status, await response.read(), response.headers
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TokenFailed(DeliveryResult.retry(f"token endpoint: {_describe(exc)}")) from None
@@ -240,20 +242,18 @@ class FcmSink(Sink):
         self.url = f"{config.api_base.rstrip('/')}/v1/projects/{config.project_id or account.project_id}/messages:send"
         env = make_environment(None)
         self._data = {name: env.from_string(text) for name, text in config.data.items()}
-        self._session: aiohttp.ClientSession | None = None
+        # The configured API and token hosts are trusted (a proxy may be local); a redirect is never followed.
+        hosts = [URL(url).raw_host or "" for url in (config.api_base, account.token_uri)]
+        self._client = GuardedClient(allow=hosts, timeout=config.timeout)
 
     def address(self, contact: dict[str, Any]) -> str | None:
         return next(iter(registration_tokens(contact)), None)
 
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.timeout))
-        return self._session
+    def _http(self) -> GuardedClient:
+        return self._client
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._client.close()
 
     async def send(self, message: Message, ctx: SendContext) -> DeliveryResult:
         devices = registration_tokens(ctx.contact)
@@ -295,7 +295,8 @@ class FcmSink(Sink):
     async def _call(self, device: str, content: dict[str, Any], bearer: str) -> Answer | DeliveryResult:
         body = {"message": {"token": device, **content}}
         try:
-            async with self._http().post(self.url, json=body, headers={"Authorization": f"Bearer {bearer}"}) as reply:
+            auth = {"Authorization": f"Bearer {bearer}"}
+            async with self._http().request("POST", self.url, json=body, headers=auth) as reply:
                 return Answer(reply.status, await reply.read(), reply.headers)
         except (aiohttp.ClientError, TimeoutError) as exc:
             return DeliveryResult.retry(_describe(exc))

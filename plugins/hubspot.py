@@ -25,6 +25,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 from pydantic import Field, SecretStr, field_validator
+from yarl import URL
 
 from gateway import (
     BadRequest,
@@ -32,6 +33,7 @@ from gateway import (
     ContactRef,
     Deployment,
     Event,
+    GuardedClient,
     MalformedPayload,
     PluginConfig,
     RawCall,
@@ -287,25 +289,22 @@ class Crm:
         self.base = api_base.rstrip("/")
         self.clock = clock
         self._auth = {"Authorization": f"Bearer {token.get_secret_value()}"}
-        self._session: aiohttp.ClientSession | None = None
+        # The configured API host is trusted (a proxy may be local); a redirect is never followed.
+        self._client = GuardedClient(allow=[URL(self.base).raw_host or ""], timeout=10)
         #: Set when HubSpot said the rate-limit window is used up: the next call would only earn a 429.
         self._resume_at: datetime | None = None
 
-    def open(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-        return self._session
+    def open(self) -> GuardedClient:
+        return self._client
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._client.close()
 
     async def get(self, path: str, params: dict[str, str]) -> dict[str, Any] | None:
         """The object, or None when HubSpot no longer has it (404)."""
         self._wait_for_window()
         try:
-            async with self.open().get(self.base + path, params=params, headers=self._auth) as response:
+            async with self._client.request("GET", self.base + path, params=params, headers=self._auth) as response:
                 status, headers = response.status, response.headers
                 text = (await response.read()).decode("utf-8", "replace")
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -315,6 +314,8 @@ class Crm:
             return _json_object(text, path)
         if status == 404:
             return None
+        if 300 <= status < 400:
+            raise RetryLater(f"HubSpot answered {status} to GET {path}, a redirect, not followed: check api_base")
         detail = _detail(text)
         if status == 429:
             raise RetryLater(f"HubSpot rate limit (429): {detail}", after=self._throttle_delay(headers, text))

@@ -20,10 +20,12 @@ from typing import Any
 
 import aiohttp
 from pydantic import Field, SecretStr, field_validator
+from yarl import URL
 
 from gateway import (
     DeliveryResult,
     Deployment,
+    GuardedClient,
     Message,
     SendContext,
     SendLimiter,
@@ -97,25 +99,16 @@ class HubSpotNote(Sink):
         # The core's limiter counts sends; HubSpot counts calls, and a note may take three.
         self._calls = SendLimiter(1000, config.rate)
         self._searches = SendLimiter(1000, SEARCH_RATE)
-        self._session: aiohttp.ClientSession | None = None
+        # The configured API host is trusted (a proxy may be local); a redirect is never followed.
+        self._client = GuardedClient(allow=[URL(self.base).raw_host or ""], timeout=config.timeout)
         #: Set when HubSpot said the rolling window is used up: until then a call would only earn a 429.
         self._resume_at: datetime | None = None
 
     def address(self, contact: dict[str, Any]) -> str | None:
         return hubspot_id(contact) or contact.get("email") or None
 
-    async def start(self) -> None:
-        self._open()
-
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _open(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.timeout))
-        return self._session
+        await self._client.close()
 
     async def send(self, message: Message, ctx: SendContext) -> DeliveryResult:
         body = note_body(message)
@@ -212,7 +205,7 @@ class HubSpotNote(Sink):
         raise Stop(self._failure(status, headers, text, what, ambiguous), status, text)
 
     async def _exchange(self, method: str, path: str, payload: dict[str, Any] | None) -> tuple[int, Any, str]:
-        async with self._open().request(method, self.base + path, json=payload, headers=self._auth) as reply:
+        async with self._client.request(method, self.base + path, json=payload, headers=self._auth) as reply:
             return reply.status, reply.headers, (await reply.read()).decode("utf-8", "replace")
 
     def _failure(self, status: int, headers: Any, text: str, what: str, ambiguous: bool) -> DeliveryResult:

@@ -180,10 +180,12 @@ ERRORS = [
         "3:1: timezone: duplicate key",
     ),
     (
-        "not yet supported",
-        VALID + "admin: {token: x}\n",
-        "1:1: admin: the admin API is not in this version of Declic yet",
+        "weak admin token",
+        VALID + "admin: {token: s3cr3t}\n",
+        "31:16: admin.token: the admin token is shorter than 16 characters: make one with "
+        "`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`",
     ),
+    ("admin key misspelt", VALID + "admin: {tokens: []}\n", "31:9: admin.tokens: unknown key"),
     (
         "two triggers",
         edit("    when: customer.created\n", "    when: customer.created\n    on_date: contact.birthday\n"),

@@ -117,8 +117,69 @@ async def test_concurrent_posts_are_all_durable(deploy: Factory) -> None:
     assert d.scalar("SELECT count(*) FROM jobs WHERE kind = 'inbox'") == 50
 
 
-async def test_healthz_and_readyz(deploy: Factory) -> None:
-    d = await deploy()
+ADMIN_TOKEN = "adm1n-" + "k3y" * 8
+ADMIN = f"admin:\n  token: {ADMIN_TOKEN}\n"
+DETAILS = {"status": "ok", "database": "ok", "migrations": "current"}
+
+
+@pytest.mark.parametrize(
+    ("authorization", "body"),
+    [
+        (None, {"status": "ok"}),
+        ("Bearer not-the-admin-token-at-all", {"status": "ok"}),
+        (f"Bearer {ADMIN_TOKEN[:-1]}", {"status": "ok"}),
+        (f"Basic {ADMIN_TOKEN}", {"status": "ok"}),
+        (ADMIN_TOKEN, {"status": "ok"}),
+        (f"Bearer {ADMIN_TOKEN}", DETAILS),
+        (f"bearer  {ADMIN_TOKEN} ", DETAILS),
+    ],
+)
+async def test_readyz_says_ready_to_anyone_and_why_only_to_the_admin(
+    deploy: Factory, authorization: str | None, body: dict[str, str]
+) -> None:
+    d = await deploy(extra=ADMIN)
     assert (await d.client.get("/healthz")).status == 200
-    ready = await d.client.get("/readyz")
-    assert ready.status == 200 and (await ready.json())["database"] == "ok"
+    ready = await d.client.get("/readyz", headers={"Authorization": authorization} if authorization else {})
+    assert (ready.status, await ready.json()) == (200, body)
+
+
+async def test_readyz_gives_no_details_when_no_admin_token_is_set(deploy: Factory) -> None:
+    d = await deploy(extra="admin: {token: '${DECLIC_TEST_UNSET_ADMIN_TOKEN:-}'}\n")
+    for authorization in ("Bearer ", "Bearer", "Bearer x"):
+        ready = await d.client.get("/readyz", headers={"Authorization": authorization})
+        assert (ready.status, await ready.json()) == (200, {"status": "ok"})
+
+
+async def test_readyz_with_migrations_pending_is_503_and_says_why_to_the_admin(deploy: Factory) -> None:
+    d = await deploy(extra=ADMIN)
+    with d.gateway.db.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '0000_older'"))
+    public = await d.client.get("/readyz")
+    assert (public.status, await public.json()) == (503, {"status": "unavailable"})
+    admin = await d.client.get("/readyz", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert (admin.status, await admin.json()) == (
+        503,
+        {"status": "unavailable", "database": "ok", "migrations": "pending"},
+    )
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
+async def test_readyz_keeps_the_database_host_and_port_for_the_admin(deploy: Factory, db_url: str) -> None:
+    d = await deploy(extra=ADMIN)
+    url = sa.make_url(db_url)
+    server = sa.create_engine(
+        url.set(drivername="postgresql+psycopg", database="postgres"), isolation_level="AUTOCOMMIT"
+    )
+    try:
+        with server.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE "{url.database}" WITH (FORCE)'))
+    finally:
+        server.dispose()
+    public = await d.client.get("/readyz")
+    text = await public.text()
+    assert (public.status, await public.json()) == (503, {"status": "unavailable"})
+    assert str(url.host) not in text and str(url.port or 5432) not in text and str(url.database) not in text
+    admin = await d.client.get("/readyz", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    details = await admin.json()
+    assert admin.status == 503 and details["migrations"] == "unknown"
+    assert str(url.database) in details["database"]

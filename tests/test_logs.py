@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 from typing import Any
 
 import pytest
@@ -21,7 +23,7 @@ def json_logs(capsys: pytest.CaptureFixture[str]) -> Any:
         return [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
 
     yield lines
-    structlog.reset_defaults()
+    logs.reset()
 
 
 def test_emails_phones_and_secrets_are_redacted(json_logs: Any) -> None:
@@ -48,7 +50,7 @@ def test_redaction_can_be_turned_off(capsys: pytest.CaptureFixture[str]) -> None
         structlog.get_logger().info("x", to="ada@example.com")
         assert json.loads(capsys.readouterr().err)["to"] == "ada@example.com"
     finally:
-        structlog.reset_defaults()
+        logs.reset()
 
 
 async def test_each_line_of_the_flow_carries_event_source_rule_and_sink(
@@ -74,3 +76,88 @@ def test_message_ids_are_not_mistaken_for_addresses(json_logs: Any) -> None:
     structlog.get_logger().info("step sent", provider_id="<dcl-0123abcd@example.com>", to="ada@example.com")
     [line] = json_logs()
     assert line["provider_id"] == "<dcl-0123abcd@example.com>" and line["to"].startswith("<email:")
+
+
+PERSONAL = [
+    pytest.param("jürgen@münchen.example", "email", id="email-latin"),
+    pytest.param("δοκιμή@παράδειγμα.δοκιμή", "email", id="email-greek"),
+    pytest.param("संपर्क@डाटामेल.भारत", "email", id="email-devanagari"),
+    pytest.param("例え@例え。テスト", "email", id="email-ideographic-dot"),
+    pytest.param("e\u0301lodie@exa\u0301mple.fr", "email", id="email-combining-accents"),
+    pytest.param("ada@example.xn--p1ai", "email", id="email-punycode-tld"),
+    pytest.param("06 12 34 56 78", "phone", id="phone-fr-spaces"),
+    pytest.param("06.12.34.56.78", "phone", id="phone-fr-dots"),
+    pytest.param("0612345678", "phone", id="phone-fr-digits"),
+    pytest.param("06\u00a012\u00a034\u00a056\u00a078", "phone", id="phone-fr-nbsp"),
+    pytest.param("020 7946 0958", "phone", id="phone-uk"),
+    pytest.param("(415) 555-0132", "phone", id="phone-us-parens"),
+    pytest.param("415-555-0132", "phone", id="phone-us-dashes"),
+    pytest.param("0033 6 12 34 56 78", "phone", id="phone-international-00"),
+]
+
+
+@pytest.mark.parametrize(("value", "kind"), PERSONAL)
+@pytest.mark.parametrize("template", ["{}", "écrit à {}, puis relancé", "sent to {}.", "to={};"])
+def test_addresses_and_numbers_are_redacted_as_written(json_logs: Any, value: str, kind: str, template: str) -> None:
+    structlog.get_logger().info(template.format(value), contact=value)
+    [line] = json_logs()
+    before, after = template.split("{}")
+    assert re.fullmatch(re.escape(before) + f"<{kind}:[0-9a-f]{{8}}>" + re.escape(after), line["event"])
+    assert re.fullmatch(f"<{kind}:[0-9a-f]{{8}}>", line["contact"])
+
+
+@pytest.mark.parametrize("number", ["+33 6 12 34 56 78", "+1 (415) 555-0132", "+33.6.12.34.56.78"])
+def test_an_international_number_ending_a_sentence_is_redacted(json_logs: Any, number: str) -> None:
+    structlog.get_logger().info(f"SMS sent to {number}.")
+    assert re.fullmatch(r"SMS sent to <phone:[0-9a-f]{8}>\.", json_logs()[0]["event"])
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "order 7001002003 paid",
+        "row 12345 of 67890",
+        "took 0.0123s",
+        "2026-05-01T10:00:00+02:00",
+        "listening on 10.0.0.1:5432",
+        "version 0.12.3",
+        "event 1700000000.5",
+        "job 0612a3b4-9c1d",
+    ],
+)
+def test_ids_times_and_addresses_of_machines_stay_readable_beside_a_number(json_logs: Any, text: str) -> None:
+    structlog.get_logger().info(f"{text}, call 06 12 34 56 78")
+    assert re.fullmatch(re.escape(text) + ", call <phone:[0-9a-f]{8}>", json_logs()[0]["event"])
+
+
+def test_credentials_written_in_text_are_masked(json_logs: Any) -> None:
+    structlog.get_logger().info("GET /x?token=abc123 Authorization: Bearer eyJhbGciOi.x-y_z, Basic dXNlcjpwYXNz")
+    structlog.get_logger().info("Bearer token missing: basic auth refused, token expired")
+    [masked, words] = json_logs()
+    assert masked["event"] == "GET /x?token=*** Authorization: Bearer ***, Basic ***"
+    assert words["event"] == "Bearer token missing: basic auth refused, token expired"
+
+
+def test_library_errors_come_out_as_one_redacted_json_line(json_logs: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    secret = "s3cr3t-T0KEN"  # a local of the failing frame: it must not be shown
+    try:
+        raise ValueError(f"no contact jürgen@münchen.example (Bearer {secret})")
+    except ValueError:
+        logging.getLogger("aiohttp.server").exception("Error handling request from %s", "127.0.0.1")
+    [line] = json_logs()
+    assert (line["logger"], line["level"], line["event"]) == (
+        "aiohttp.server",
+        "error",
+        "Error handling request from 127.0.0.1",
+    )
+    [error] = line["exception"]
+    assert error["exc_type"] == "ValueError" and error["exc_value"].startswith("no contact <email:")
+    assert "locals" not in error["frames"][-1]
+    assert "s3cr3t" not in json.dumps(line) and "münchen" not in json.dumps(line, ensure_ascii=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_library_info_lines_stay_out(json_logs: Any) -> None:
+    logging.getLogger("alembic.runtime.migration").info("Context impl SQLiteImpl.")
+    logging.getLogger("asyncio").warning("Executing took 0.2 seconds")
+    assert [line["event"] for line in json_logs()] == ["Executing took 0.2 seconds"]

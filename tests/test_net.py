@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.kit.net import ForbiddenAddress, GuardedClient
+from gateway.kit.net import Allowance, ForbiddenAddress, GuardedClient
 
 
 @pytest.fixture
@@ -43,6 +44,18 @@ REFUSED = [
     "http://169.254.169.254/latest/meta-data/",  # cloud metadata
     "http://[fd00::1]/",  # unique local IPv6
     "http://0.0.0.0:{port}/",
+    # IPv6 addresses that carry an internal IPv4 one
+    "http://[64:ff9b::7f00:1]:{port}/",  # NAT64 to 127.0.0.1
+    "http://[64:ff9b::10.1.2.3]:{port}/",  # NAT64 to a private address
+    "http://[64:ff9b::169.254.169.254]/latest/meta-data/",
+    "http://[64:ff9b:1::7f00:1]:{port}/",  # local-use NAT64
+    "http://[2002:7f00:1::]:{port}/",  # 6to4 of 127.0.0.1
+    "http://[2002:c0a8:101::1]:{port}/",  # 6to4 of 192.168.1.1
+    "http://[2002:a9fe:a9fe::]/latest/meta-data/",
+    "http://[::127.0.0.1]:{port}/",  # IPv4-compatible
+    "http://[::10.1.2.3]:{port}/",
+    "http://[::169.254.169.254]/latest/meta-data/",
+    "http://[::ffff:0:127.0.0.1]:{port}/",  # IPv4-translated (SIIT)
     "ftp://example.com/",
     "http://user:pass@example.com/",
 ]
@@ -84,3 +97,46 @@ async def test_a_redirect_to_an_internal_address_is_never_followed(server: TestS
             assert response.headers["Location"].startswith("http://169.254.169.254/")
     finally:
         await client.close()
+
+
+#: (address, allow-list, permitted): an IPv6 address that carries an IPv4 one is judged by the IPv4 one.
+EMBEDDED = [
+    ("64:ff9b::8.8.8.8", [], True),  # NAT64 of a public address: what DNS64 gives on an IPv6-only host
+    ("64:ff9b::127.0.0.1", [], False),
+    ("64:ff9b::10.0.0.1", [], False),
+    ("64:ff9b::172.16.0.1", [], False),
+    ("64:ff9b::192.168.0.1", [], False),
+    ("64:ff9b::169.254.169.254", [], False),
+    ("64:ff9b::100.64.0.1", [], False),  # shared address space (carrier-grade NAT)
+    ("64:ff9b::0.0.0.0", [], False),
+    ("64:ff9b::224.0.0.1", [], False),  # multicast
+    ("64:ff9b::127.0.0.1", ["127.0.0.0/8"], True),  # allow-listing the IPv4 network covers its spellings
+    ("64:ff9b:1::8.8.8.8", [], False),  # local-use NAT64: never public
+    ("64:ff9b:1:7f00:1::", [], False),
+    ("2002:808:808::1", [], True),  # 6to4 of a public address
+    ("2002:7f00:1::1", [], False),
+    ("2002:a00:1::", [], False),
+    ("2002:ac10:1::", [], False),
+    ("2002:a9fe:a9fe::", [], False),
+    ("2002:a00:1::", ["10.0.0.0/8"], True),
+    ("::127.0.0.1", [], False),  # IPv4-compatible
+    ("::10.0.0.1", [], False),
+    ("::8.8.8.8", [], True),
+    ("::ffff:127.0.0.1", [], False),  # IPv4-mapped
+    ("::ffff:169.254.169.254", [], False),
+    ("::ffff:8.8.8.8", [], True),
+    ("::ffff:0:127.0.0.1", [], False),  # IPv4-translated
+    ("::ffff:0:192.168.0.1", [], False),
+    ("2001:0:4136:e378:8000:63bf:3fff:fdd2", [], False),  # Teredo: never public, whatever it embeds
+    ("2001:0:808:808::7f00:1", [], False),
+    ("2606:4700::1111", [], True),  # plain public IPv6
+]
+
+
+def test_embedded_ipv4_addresses_are_judged_by_the_ipv4_address() -> None:
+    wrong = [
+        (address, allow, expected)
+        for address, allow, expected in EMBEDDED
+        if Allowance(allow).permits("host.example", ipaddress.ip_address(address)) != expected
+    ]
+    assert wrong == []

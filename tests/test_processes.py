@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -447,3 +448,45 @@ def test_webhook_taken_while_smtp_is_down_goes_out_once_after_a_restart(tmp_path
             assert status == "sent" and attempts >= 2
     finally:
         smtp.stop()
+
+
+LEAKY = {
+    "bearer": "Bearer s3cr3t-T0KEN-value",
+    "email": "jürgen@münchen.example",
+    "phone": "(415) 555-0132",
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        pytest.param(  # one header over aiohttp's 8 KiB line limit
+            "GET /readyz HTTP/1.1\r\nHost: x\r\nAuthorization: {bearer}\r\n"
+            "X-Note: {bearer} {email} {phone} " + "p" * 9000 + "\r\n\r\n",
+            id="header-too-long",
+        ),
+        pytest.param("GET /readyz?{email} {bearer} {phone}\r\nHost: x\r\n\r\n", id="bad-status-line"),
+        pytest.param(
+            "GET /readyz HTTP/1.1\r\nHost: x\r\nBad Header {bearer} {email}: {phone}\r\n\r\n", id="bad-header"
+        ),
+    ],
+)
+def test_a_malformed_request_is_one_json_line_without_its_raw_headers(
+    tmp_path: Path, servers: Servers, request_head: str
+) -> None:
+    config = write_deployment(tmp_path, make_config(f"sqlite:///{tmp_path}/d.db", free_port(), wait="0s"), TEMPLATES)
+    with servers.logs_on_failure():
+        server = servers.start(config)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as conn:
+            conn.sendall(request_head.format(**LEAKY).encode())
+            assert b" 400 " in conn.recv(100)
+        wait_until(lambda: "Error handling request" in server.log_text(), 10, "the error logged")
+        assert server.stop() == 0
+        lines = [line for line in server.log_text().splitlines() if line and not line.startswith("-----")]
+        records = [json.loads(line) for line in lines]  # every line is one JSON object: no loose traceback
+        [error] = [r for r in records if r["event"].startswith("Error handling request")]
+        assert error["logger"] == "aiohttp.server" and error["status"] == 400 and "exception" not in error
+        text = server.log_text()
+        for leaked in (*LEAKY.values(), "s3cr3t", "münchen", "555-0132"):
+            assert leaked not in text

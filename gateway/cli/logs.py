@@ -10,10 +10,34 @@ import sys
 from typing import Any
 
 import structlog
+import structlog.tracebacks
+from aiohttp.http_exceptions import HttpProcessingError
 
-_EMAIL = re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}")
-#: International numbers only (+33 6 12 34 56 78): bare digit runs are usually order or row ids.
-_PHONE = re.compile(r"(?<![\w+.])\+\d[\d \-()]{6,}\d(?![\w.])")
+#: Letters and marks outside ASCII (ü, δ, 例, the signs of Devanagari...), not spaces nor punctuation (« » “ ” 、).
+_INTL = (
+    r"\u00c0-\u1fff\u2070-\u218f\u2c00-\u2fff\u3040-\ud7ff\uf900-\ufe2f\ufe70-\ufefe\uff10-\uff19"
+    r"\uff21-\uff3a\uff41-\uff5a\uff66-\uffef\U00010000-\U0010ffff"
+)
+_LABEL = rf"[A-Za-z0-9\-{_INTL}]"
+#: Internationalised addresses too (jürgen@münchen.example, δοκιμή@παράδειγμα.δοκιμή); IDN dots 。．｡ count.
+_EMAIL = re.compile(rf"[A-Za-z0-9._%+\-{_INTL}]+@(?:{_LABEL}+[.\u3002\uff0e\uff61])+[A-Za-z{_INTL}]{_LABEL}+")
+_SEP = r"[ .\-\u00a0\u202f]"
+#: Numbers as people write them; bare digit runs not starting with 0 stay, they are usually order or row ids.
+_PHONE = re.compile(
+    r"(?<![\w+.\-])(?:"
+    r"\+[1-9][\d \-().\u00a0\u202f]{6,}\d"  # international: +33 6 12 34 56 78, +1 (415) 555-0132
+    rf"|00[1-9](?:{_SEP}?\d){{7,13}}"  # international after 00: 0033 6 12 34 56 78
+    rf"|0[1-9](?:{_SEP}?\d){{7,10}}"  # national, trunk 0: 06 12 34 56 78, 0612345678, 020 7946 0958
+    rf"|\(\d{{3}}\){_SEP}?\d{{3}}{_SEP}\d{{4}}"  # North American: (415) 555-0132
+    r"|[2-9]\d{2}([.\-])\d{3}\1\d{4}"  # 415-555-0132, 415.555.0132
+    r")(?!\w|[.,]\d)"
+)
+#: Credentials inside text: an Authorization header's value, a token in a query string. Short words
+#: after Bearer or Basic ("Bearer token missing", "basic auth") are left alone: credentials are longer.
+_CREDENTIAL = re.compile(
+    r"(?i)\b(?:(bearer|basic)(\s+)(?=[A-Za-z0-9\-._~+/%]{8})|(access_token|token|api_key|apikey|secret|password)(=))"
+    r"[A-Za-z0-9\-._~+/%]+=*"
+)
 #: Values under these keys are personal data whatever they look like.
 _PERSONAL_KEYS = re.compile(r"^(phone|email|to|recipient|address|first_name|last_name)$", re.I)
 _SECRET_KEYS = re.compile(r"secret|token|password|passwd|authorization|api_key|apikey|auth", re.I)
@@ -26,6 +50,7 @@ def _tag(kind: str, value: str) -> str:
 
 
 def redact_text(text: str) -> str:
+    text = _CREDENTIAL.sub(lambda m: f"{m.group(1) or m.group(3)}{m.group(2) or m.group(4)}***", text)
     text = _EMAIL.sub(lambda m: _tag("email", m.group()), text)
     return _PHONE.sub(lambda m: _tag("phone", m.group()), text)
 
@@ -50,7 +75,7 @@ def _redact_field(key: str, value: Any) -> Any:
     if _SECRET_KEYS.search(key) and value is not None:
         return "***"
     if _PERSONAL_KEYS.match(key) and isinstance(value, str) and value:
-        kind = "email" if "@" in value else "phone" if value.lstrip("+").replace(" ", "").isdigit() else "pii"
+        kind = "email" if "@" in value else "phone" if _PHONE.fullmatch(value.strip()) else "pii"
         return _tag(kind, value)
     return _redact(value)
 
@@ -66,15 +91,62 @@ def configure(level: str = "info", redact: bool = True, as_json: bool | None = N
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.format_exc_info,
+        # Off a terminal a traceback is data inside the one JSON line (frames without locals), never loose text.
+        _EXCEPTION_AS_DATA if as_json else structlog.processors.format_exc_info,
     ]
     if redact:
         processors.append(redact_processor)
     processors.append(structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer())
+    threshold = getattr(logging, level.upper())
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        wrapper_class=structlog.make_filtering_bound_logger(threshold),
         # Looked up at each logger creation, so a replaced sys.stderr (tests, daemons) is honoured.
         logger_factory=lambda *_args: structlog.PrintLogger(sys.stderr),
         cache_logger_on_first_use=False,
     )
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, StdlibBridge)]:
+        root.removeHandler(handler)
+    root.addHandler(StdlibBridge())
+    # Libraries' own info lines (alembic on every readiness check...) are noise: they speak from warning up.
+    root.setLevel(max(threshold, logging.WARNING))
+
+
+def reset() -> None:
+    """Undo configure(): structlog's defaults, and stdlib logging without the bridge."""
+    structlog.reset_defaults()
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, StdlibBridge)]:
+        root.removeHandler(handler)
+    root.setLevel(logging.WARNING)
+
+
+_EXCEPTION_AS_DATA = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False, use_rich=False)
+)
+_LEVELS = (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL)
+
+
+class StdlibBridge(logging.Handler):
+    """Libraries' stdlib log records (aiohttp, asyncio...) sent through structlog: one redacted line each.
+
+    Without it, Python's last-resort handler prints them with plain-text tracebacks, and aiohttp's
+    "Error handling request" quotes the raw request line or headers, credentials included.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = max([n for n in _LEVELS if n <= record.levelno], default=logging.DEBUG)
+        fields: dict[str, Any] = {"logger": record.name}
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            # A malformed request is the client's fault, and the parser's message quotes the raw bytes.
+            fields.update(error=type(error).__name__, status=error.code)
+            level = min(level, logging.WARNING)
+        elif record.exc_info:
+            fields["exc_info"] = record.exc_info
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            message = str(record.msg)
+        structlog.get_logger(record.name).log(level, message, **fields)

@@ -70,7 +70,8 @@ def serve(config_path: str, host: str, port: int, role: str) -> None:
             host=host,
             port=port,
             access_log=None,
-            print=lambda text: click.echo(text, err=True),
+            # The banner as a log line: the stream stays one JSON object per line.
+            print=lambda text: logs.structlog.get_logger("declic.serve").info(text.splitlines()[0].strip("= ")),
         )
     except ConfigError as exc:
         for problem in exc.problems:

@@ -1,6 +1,7 @@
 """The deployment config: pydantic models, YAML with positions, `file:line:col: path: message` errors."""
 
 from .settings import (
+    AdminSpec,
     Duration,
     PoliciesSpec,
     ReenterAfter,
@@ -12,6 +13,7 @@ from .settings import (
 )
 
 __all__ = [
+    "AdminSpec",
     "Duration",
     "PoliciesSpec",
     "ReenterAfter",

@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -37,7 +38,7 @@ Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")]
 
 #: Keys of the target design that this version does not run yet.
 #: Rejecting them beats accepting a key that would silently do nothing.
-NOT_YET = {"admin": "the admin API"}
+NOT_YET: dict[str, str] = {}
 
 
 class _Strict(BaseModel):
@@ -248,6 +249,32 @@ class LoggingSpec(_Strict):
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Least severe level logged.")
 
 
+#: Shorter admin tokens can be guessed over the network.
+ADMIN_TOKEN_MIN_LENGTH = 16
+
+
+class AdminSpec(_Strict):
+    """Who may see the deployment's internals. Scoped tokens (read-only, admin) will join `token` here."""
+
+    token: SecretStr | None = Field(
+        None,
+        description="Bearer token (`Authorization: Bearer TOKEN`) that unlocks details such as /readyz's; "
+        f"at least {ADMIN_TOKEN_MIN_LENGTH} characters, e.g. ${{DECLIC_ADMIN_TOKEN}}. Empty or unset: no details.",
+    )
+
+    @field_validator("token")
+    @classmethod
+    def _strong_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None  # `${DECLIC_ADMIN_TOKEN:-}` left empty: nobody is admin
+        if len(value.get_secret_value()) < ADMIN_TOKEN_MIN_LENGTH:
+            raise ValueError(
+                f"the admin token is shorter than {ADMIN_TOKEN_MIN_LENGTH} characters: make one with "
+                "`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+            )
+        return value
+
+
 class Settings(_Strict):
     public_url: str | None = Field(
         None,
@@ -275,6 +302,7 @@ class Settings(_Strict):
     worker: WorkerSpec = Field(default_factory=WorkerSpec, description="Job queue tuning.")
     limits: LimitsSpec = Field(default_factory=LimitsSpec, description="Request limits.")
     logging: LoggingSpec = Field(default_factory=LoggingSpec, description="Log output.")
+    admin: AdminSpec = Field(default_factory=AdminSpec, description="Access to the deployment's internals.")
 
     _path: Path = PrivateAttr(default=Path("declic.yaml"))
     _sources: dict[str, tuple[type[Source], PluginConfig]] = PrivateAttr(default_factory=dict)

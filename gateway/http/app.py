@@ -25,6 +25,7 @@ from ..send.delivery import StepRunner
 from ..store import Database, jobqueue
 from ..store.inbox import GroupCommitter
 from . import unsubscribe
+from .auth import is_admin
 from .hooks import handle_hook, handle_ping, json_error_middleware_factory
 from .running import GATEWAY_KEY, Role, RunningGateway
 
@@ -167,16 +168,25 @@ async def healthz(_request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    db = request.app[GATEWAY_KEY].db
+    """Ready or not to anyone (200 or 503); why, only to the admin: errors name hosts and ports."""
+    gateway = request.app[GATEWAY_KEY]
+    details = await _readiness(gateway.db)
+    status = 200 if details["status"] == "ok" else 503
+    if not is_admin(request, gateway.settings.admin):
+        return web.json_response({"status": details["status"]}, status=status)
+    return web.json_response(details, status=status)
+
+
+async def _readiness(db: Database) -> dict[str, str]:
     loop = asyncio.get_running_loop()
     try:
         current = await loop.run_in_executor(None, db.is_current)
     except Exception as exc:
         error = str(StorageUnavailable(str(exc).splitlines()[0]))
-        return web.json_response({"status": "unavailable", "database": error}, status=503)
+        return {"status": "unavailable", "database": error, "migrations": "unknown"}
     if not current:
-        return web.json_response({"status": "unavailable", "database": "migrations pending"}, status=503)
-    return web.json_response({"status": "ok", "database": "ok"})
+        return {"status": "unavailable", "database": "ok", "migrations": "pending"}
+    return {"status": "ok", "database": "ok", "migrations": "current"}
 
 
 def load(config_path: str, pm: pluggy.PluginManager | None = None) -> tuple[Settings, pluggy.PluginManager, Registry]:

@@ -36,10 +36,13 @@ class Allowance:
     def permits(self, host: str, address: IPAddress) -> bool:
         if host.lower() in self.hosts:
             return True
-        address = _unmapped(address)
-        if any(address in network for network in self.networks):
+        embedded = embedded_ipv4(address)
+        if any(a in network for a in (address, embedded) if a is not None for network in self.networks):
             return True
-        return address.is_global and not address.is_multicast
+        if any(address in network for network in _NEVER_PUBLIC):
+            return False
+        target = embedded or address
+        return target.is_global and not target.is_multicast
 
 
 def _is_network(entry: str) -> bool:
@@ -50,11 +53,31 @@ def _is_network(entry: str) -> bool:
     return True
 
 
-def _unmapped(address: IPAddress) -> IPAddress:
-    """::ffff:127.0.0.1 is 127.0.0.1."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
+#: IPv6 ranges whose last 32 bits are an IPv4 address that the packets end up at.
+_EMBEDDING = tuple(
+    ipaddress.IPv6Network(n)
+    for n in (
+        "::ffff:0:0/96",  # IPv4-mapped: ::ffff:127.0.0.1
+        "::ffff:0:0:0/96",  # IPv4-translated (SIIT): ::ffff:0:127.0.0.1
+        "::/96",  # IPv4-compatible, deprecated: ::127.0.0.1
+        "64:ff9b::/96",  # NAT64's well-known prefix: DNS64 gives these for public names on IPv6-only hosts
+    )
+)
+#: Not public whatever they carry. Local-use NAT64 (RFC 8215) is an operator's own translator, and where
+#: it puts the IPv4 address depends on a prefix length we cannot know. Teredo is relayed over UDP to a
+#: client behind a NAT: no service worth calling lives there, and its embedded addresses prove nothing.
+_NEVER_PUBLIC = tuple(ipaddress.IPv6Network(n) for n in ("64:ff9b:1::/48", "2001::/32"))
+
+
+def embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one stands for: mapped, translated, compatible, NAT64 or 6to4 (2002::/16)."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return None
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if any(address in network for network in _EMBEDDING):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
 
 
 def check_url(url: str | URL, allowance: Allowance) -> URL:
