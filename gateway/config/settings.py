@@ -233,7 +233,14 @@ class WorkerSpec(_Strict):
         "of the CPU that processing stored calls keeps; acknowledging gets the rest (1: no limit).",
     )
     lease: Duration = Field(
-        timedelta(minutes=5), description="A claimed job returns to the queue if its worker is silent this long."
+        timedelta(seconds=20),
+        description="A claimed job returns to the queue if its worker has not renewed its claim for this long "
+        "(a live worker renews four times per lease): a crashed replica's jobs are taken over this fast.",
+    )
+    ordering_timeout: Duration = Field(
+        timedelta(minutes=5),
+        description="A step waits for calls received before it was due; a call still unprocessed this long "
+        "after it arrived (its provider keeps failing) holds nobody back: steps go ahead, noted in the journal.",
     )
     max_attempts: int = Field(12, ge=1, description="Attempts before a step goes to the dead letter.")
     retry_base: Duration = Field(timedelta(seconds=30), description="First retry delay; doubles each attempt.")

@@ -7,10 +7,10 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from ..store import DECISIONS
+from ..store import DECISIONS, ENROLMENTS
 
-#: send | suppressed | deferred | exited | goal | failed
-ACTIONS = frozenset({"send", "suppressed", "deferred", "exited", "goal", "failed"})
+#: send | suppressed | deferred | exited | goal | failed | overtook (went ahead of a stuck call)
+ACTIONS = frozenset({"send", "suppressed", "deferred", "exited", "goal", "failed", "overtook"})
 
 
 def record(
@@ -42,3 +42,13 @@ def record(
 
 
 _INSERT = sa.insert(DECISIONS)
+
+
+def enrolments(conn: Connection, enrolment_ids: list[int]) -> dict[int, tuple[str, int]]:
+    """(rule, contact) of each enrolment, for journal entries about their jobs."""
+    if not enrolment_ids:
+        return {}
+    rows = conn.execute(
+        sa.select(ENROLMENTS.c.id, ENROLMENTS.c.rule, ENROLMENTS.c.contact_id).where(ENROLMENTS.c.id.in_(enrolment_ids))
+    )
+    return {row.id: (row.rule, row.contact_id) for row in rows}

@@ -19,6 +19,7 @@ from sqlalchemy.engine import Connection
 
 from ..config import WorkerSpec
 from ..errors import MalformedPayload, RetryLater, StorageUnavailable
+from ..insight import journal
 from ..kit.events import Event
 from ..kit.sinks import DeliveryResult
 from ..kit.sources import RawCall, Source
@@ -36,6 +37,12 @@ T = TypeVar("T")
 CALLS_PER_TRANSACTION = 10
 #: Share of a core above which the process counts as short of CPU (waits on the disk keep it under 1).
 SATURATED = 0.8
+
+
+def _reason(error: BaseException) -> str:
+    """An error as text the database can hold: no lone surrogates, not too long."""
+    text = f"{type(error).__name__}: {error}"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")[:2000]
 
 
 def make_worker_id() -> str:
@@ -140,7 +147,7 @@ class Worker:
         """Run every job due now, and those they make due now, then return how many ran."""
         ran = 0
         while True:
-            jobs = await self.db.run(jobqueue.claim, self.id, self.clock.now(), self.spec.lease, self.spec.batch_size)
+            jobs = await self.db.run(self._claim, self.spec.batch_size)
             if not jobs:
                 return ran
             self._queue_calls(jobs)
@@ -171,7 +178,7 @@ class Worker:
         if not room:
             return 0
         try:
-            jobs = await self.db.run(jobqueue.claim, self.id, self.clock.now(), self.spec.lease, room)
+            jobs = await self.db.run(self._claim, room)
         except StorageUnavailable as exc:
             log.warning("cannot claim jobs", error=str(exc))
             return 0
@@ -182,6 +189,32 @@ class Worker:
                 self._running[job.id] = task
             task.add_done_callback(self._done)
         return len(jobs)
+
+    def _claim(self, conn: Connection, limit: int) -> list[ClaimedJob]:
+        now = self.clock.now()
+        stuck = jobqueue.stuck_call(conn, now - self.spec.ordering_timeout)  # before the claim may take it
+        jobs = jobqueue.claim(conn, self.id, now, self.spec.lease, limit, self.spec.ordering_timeout)
+        if stuck is not None and any(job.kind == "step" for job in jobs):
+            self._note_overtaken(conn, jobs, stuck, now)
+        return jobs
+
+    def _note_overtaken(
+        self, conn: Connection, jobs: list[ClaimedJob], stuck: tuple[int, datetime], now: datetime
+    ) -> None:
+        """Steps going ahead of a call still unprocessed after ordering_timeout say so in the journal."""
+        inbox_id, arrived = stuck
+        overtaking = [job for job in jobs if job.kind == "step" and job.due_at > arrived]
+        reason = (
+            f"went ahead of call {inbox_id} (received {arrived:%Y-%m-%d %H:%M:%S} UTC), "
+            f"still unprocessed after ordering_timeout ({self.spec.ordering_timeout})"
+        )
+        owners = journal.enrolments(conn, [job.enrolment_id for job in overtaking if job.enrolment_id is not None])
+        for job in overtaking:
+            if job.enrolment_id in owners:
+                rule, contact_id = owners[job.enrolment_id]
+                journal.record(conn, now, rule, contact_id, "overtook", step=job.step + 1, reason=reason)
+        if overtaking:
+            log.warning("steps went ahead of an unprocessed call", inbox_id=inbox_id, steps=len(overtaking))
 
     def _units(self, jobs: list[ClaimedJob]) -> list[tuple[list[ClaimedJob], Coroutine[Any, Any, None]]]:
         """The claimed calls go through together, in one transaction; every other job runs alone."""
@@ -273,11 +306,14 @@ class Worker:
         for call, outcome in zip(calls, outcomes, strict=True):
             if not isinstance(outcome, Failed):
                 stored += outcome
-            elif isinstance(outcome.error, MalformedPayload):  # e.g. an event type too long to store
-                await self.db.run(self._close_calls, [dataclasses.replace(call, failure=str(outcome.error))])
             else:
-                log.error("call failed", job_id=call.job.id, inbox_id=call.job.inbox_id, exc_info=outcome.error)
-                await self._retry_later(call.job, f"{type(outcome.error).__name__}: {outcome.error}")
+                # Not the database (together_or_alone raises that): this call's own data cannot be
+                # stored (a lone surrogate, a value too long) or hit a bug. Retrying cannot help and
+                # would hold back the steps behind it: failed now, visible, replayable after a fix.
+                if not isinstance(outcome.error, MalformedPayload):
+                    log.error("call failed", job_id=call.job.id, inbox_id=call.job.inbox_id, exc_info=outcome.error)
+                failure = _reason(outcome.error)
+                await self.db.run(self._close_calls, [dataclasses.replace(call, failure=failure)])
         return stored
 
     async def _normalize(self, job: ClaimedJob, raw: RawCall | None) -> _Call | None:
@@ -379,7 +415,9 @@ class Worker:
             log.warning("could not reschedule; the lease will expire and the job run again", job_id=job.id)
 
     async def _renew_leases(self) -> None:
-        interval = self.spec.lease.total_seconds() / 3
+        # Four heartbeats per lease: a live worker keeps its jobs through a few missed beats, a
+        # dead one's jobs are free a lease after its last beat.
+        interval = self.spec.lease.total_seconds() / 4
         while True:
             await asyncio.sleep(interval)
             if self._running:

@@ -53,11 +53,25 @@ def add_step(
 _INSERT = sa.insert(JOBS)
 
 
-def claim(conn: Connection, worker: str, now: datetime, lease: timedelta, limit: int) -> list[ClaimedJob]:
+#: How long an unprocessed call holds back the steps due after it arrived, unless the worker says.
+ORDERING_TIMEOUT = timedelta(minutes=5)
+
+
+def claim(
+    conn: Connection,
+    worker: str,
+    now: datetime,
+    lease: timedelta,
+    limit: int,
+    ordering_timeout: timedelta = ORDERING_TIMEOUT,
+) -> list[ClaimedJob]:
     """Take up to `limit` due jobs, and jobs whose holder's lease ran out, for this worker.
 
-    A step never overtakes a call received before it was due: while such a call waits to be
-    normalised, the step waits too, so an unsubscribe or an order always lands first.
+    A step does not overtake a call received before it was due: while such a call waits to be
+    processed, the step waits too, so an unsubscribe or an order lands first. A call already
+    tried and waiting for a retry `ordering_timeout` after it arrived (its provider keeps
+    failing) holds nobody back any longer: the steps go ahead (see `stuck_call`). A call
+    never tried yet always holds them, also after downtime.
     """
     due = sa.or_(
         sa.and_(J.status == "pending", J.due_at <= now),
@@ -65,7 +79,7 @@ def claim(conn: Connection, worker: str, now: datetime, lease: timedelta, limit:
     )
     backlog = (
         sa.select(sa.func.min(J.created_at))
-        .where(J.kind == "inbox", J.status.in_(("pending", "running")))
+        .where(J.kind == "inbox", J.status.in_(("pending", "running")), sa.not_(_stuck(now - ordering_timeout)))
         .scalar_subquery()
     )
     in_order = sa.or_(J.kind == "inbox", backlog.is_(None), J.due_at < backlog)
@@ -95,6 +109,19 @@ def claim(conn: Connection, worker: str, now: datetime, lease: timedelta, limit:
     )
     claimed = sorted(rows, key=lambda row: (row.due_at, -row.priority, row.id))
     return [ClaimedJob(*row[:-1]) for row in claimed]
+
+
+def _stuck(cutoff: datetime) -> sa.ColumnElement[bool]:
+    """A call tried and waiting for a retry, that arrived before the cutoff."""
+    return sa.and_(J.status == "pending", J.attempts > 0, J.created_at < cutoff)
+
+
+def stuck_call(conn: Connection, cutoff: datetime) -> tuple[int, datetime] | None:
+    """(inbox id, arrival) of the oldest call that no longer holds steps back (see `claim`)."""
+    row = conn.execute(
+        sa.select(J.inbox_id, J.created_at).where(J.kind == "inbox", _stuck(cutoff)).order_by(J.created_at).limit(1)
+    ).first()
+    return (row.inbox_id, row.created_at) if row else None
 
 
 def next_due(conn: Connection) -> datetime | None:
