@@ -7,14 +7,16 @@ Real HTTP into the real app, a real SMTP server, SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from aiohttp import web
 
 from conftest import SECRET, TEMPLATES, Deployment, Factory, fixture_json
@@ -23,6 +25,7 @@ from gateway.http.running import GATEWAY_KEY
 from gateway.testing import FakeClock, SmtpCatcher, write_deployment
 
 WRITE_KEY = "site-write-key"
+ADMIN_TOKEN = "admin-token-0123456789"
 EB_TOKEN = "eventbrite-url-token-0123"
 CONFIG = """\
 public_url: https://hooks.example.com
@@ -47,6 +50,7 @@ rules:
 @pytest.fixture
 async def eventbrite_down(aiohttp_server: Any) -> Any:
     """Eventbrite's API answering 503 to everything, as during an outage."""
+
     async def down(_request: web.Request) -> web.Response:
         return web.json_response({"error": "down"}, status=503)
 
@@ -124,3 +128,33 @@ async def test_a_call_whose_provider_keeps_failing_holds_steps_back_for_ordering
     notes = d.rows("SELECT rule, action, reason FROM decisions WHERE action = 'overtook'")
     assert len(notes) == 3 and "still unprocessed after ordering_timeout" in notes[0].reason  # ...and say so
     assert d.scalar("SELECT status FROM inbox WHERE source = 'tickets'") == "received"  # never dropped
+
+
+async def test_a_worker_that_dies_is_logged_turns_readyz_not_ready_and_is_restarted(
+    deploy: Factory, smtp: SmtpCatcher
+) -> None:
+    """At the end of time every claim overflows (`now + lease`): the worker dies, as a huge duration made it."""
+    d = await deploy(role="all", extra=f"admin: {{token: {ADMIN_TOKEN}}}\n")
+    with structlog.testing.capture_logs() as logs:
+        d.clock.set(datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC))
+        await until(lambda: d.gateway.worker_down is not None)
+        public = await d.client.get("/readyz")
+        assert (public.status, await public.json()) == (503, {"status": "unavailable"})
+        admin = await (await d.client.get("/readyz", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})).json()
+        assert admin["worker"].startswith("OverflowError")
+        d.clock.set(datetime(2026, 3, 14, 9, 0, tzinfo=UTC))
+        await until(lambda: d.gateway.worker_down is None)  # restarted after its backoff
+    died = [entry for entry in logs if entry["event"] == "worker died; restarting"]
+    assert died and died[0]["log_level"] == "error" and "OverflowError" in died[0]["error"]
+    await d.post_shopify("orders/create", order(1))  # the restarted worker processes what comes
+    await until(lambda: len(smtp.messages) == 1)
+    assert (await d.client.get("/readyz")).status == 200
+
+
+async def until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    """Wait for something the running worker does on its own; fail after `seconds`."""
+    for _ in range(int(seconds / 0.05)):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the condition never held")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 
@@ -140,7 +141,7 @@ async def _start(gateway: RunningGateway) -> None:
         await plugin.start()
     gateway.tasks.append(asyncio.create_task(gateway.committer.run(), name="declic-committer"))
     if gateway.role != "web":
-        gateway.tasks.append(asyncio.create_task(gateway.worker.run(), name="declic-worker"))
+        gateway.tasks.append(asyncio.create_task(_supervise(gateway), name="declic-worker"))
     for result in gateway.pm.hook.startup(gateway=gateway):
         if inspect.isawaitable(result):
             await result
@@ -151,6 +152,29 @@ async def _start(gateway: RunningGateway) -> None:
         sinks=sorted(gateway.sinks),
         rules=len(gateway.router.rules),
     )
+
+
+#: A dead worker is restarted after 1 s, then 2, 4... up to this; a worker that ran this long starts over at 1 s.
+RESTART_MAX_SECONDS = 60.0
+
+
+async def _supervise(gateway: RunningGateway) -> None:
+    """Run the worker; when it dies, say why, turn /readyz not-ready, and restart it with backoff:
+    acknowledged calls must be processed whatever happened."""
+    delay = 1.0
+    while True:
+        started = time.monotonic()
+        try:
+            await gateway.worker.run()
+            return  # stopped on purpose
+        except Exception as exc:
+            gateway.worker_down = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() - started > RESTART_MAX_SECONDS:
+                delay = 1.0
+            log.error("worker died; restarting", error=gateway.worker_down, seconds=delay, exc_info=exc)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, RESTART_MAX_SECONDS)
+        gateway.worker_down = None
 
 
 async def _stop(gateway: RunningGateway) -> None:
@@ -171,6 +195,8 @@ async def readyz(request: web.Request) -> web.Response:
     """Ready or not to anyone (200 or 503); why, only to the admin: errors name hosts and ports."""
     gateway = request.app[GATEWAY_KEY]
     details = await _readiness(gateway.db)
+    if gateway.worker_down is not None:
+        details.update(status="unavailable", worker=gateway.worker_down)
     status = 200 if details["status"] == "ok" else 503
     if not is_admin(request, gateway.settings.admin):
         return web.json_response({"status": details["status"]}, status=status)

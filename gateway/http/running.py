@@ -40,6 +40,8 @@ class RunningGateway:
     worker: Worker
     role: Role = "all"
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    #: Why the worker is down (it died and waits to be restarted); None while it runs.
+    worker_down: str | None = None
 
     def plugins(self) -> list[Source | Sink]:
         """The configured source and sink instances."""
