@@ -3,8 +3,10 @@ and a deployment factory that serves the real app over real HTTP."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from aiohttp.test_utils import TestClient
 from gateway.http.app import create_app, load
 from gateway.http.running import GATEWAY_KEY, RunningGateway
 from gateway.store import Database
+from gateway.store.db import normalize_url
 from gateway.testing import FakeClock, SmtpCatcher, shopify_headers, write_deployment
 
 POSTGRES_ENV = "DECLIC_TEST_POSTGRES_URL"
@@ -214,3 +217,22 @@ async def deploy(aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCat
         return Deployment(client, app[GATEWAY_KEY], clock, path)
 
     yield start
+
+
+@contextlib.contextmanager
+def locked_inbox(db_url: str) -> Iterator[None]:
+    """Hold a lock on the inbox from another connection for longer than the 1s busy timeout."""
+    if db_url.startswith("sqlite"):
+        locker = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            yield
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        return
+    engine = sa.create_engine(normalize_url(db_url))
+    with engine.connect() as conn, conn.begin():
+        conn.execute(sa.text("LOCK TABLE inbox IN ACCESS EXCLUSIVE MODE"))
+        yield
+    engine.dispose()

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
-import sqlite3
-from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
 
-from conftest import SECRET, Deployment, Factory, fixture_bytes
-from gateway.store.db import normalize_url
+from conftest import SECRET, Deployment, Factory, fixture_bytes, locked_inbox
 from gateway.testing import shopify_headers
 
 ORDER = fixture_bytes("shopify/order.json")
@@ -79,25 +75,6 @@ async def test_database_locked_past_the_timeout_answers_503_with_retry_after(dep
         assert "storage unavailable" in (await response.json())["error"]
     again = await d.client.post("/hooks/shop", data=ORDER, headers=signed())
     assert again.status == 200 and (await again.json())["status"] == "accepted"
-
-
-@contextlib.contextmanager
-def locked_inbox(db_url: str) -> Iterator[None]:
-    """Hold a lock on the inbox from another connection for longer than the 1s busy timeout."""
-    if db_url.startswith("sqlite"):
-        locker = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None)
-        locker.execute("BEGIN EXCLUSIVE")
-        try:
-            yield
-        finally:
-            locker.execute("ROLLBACK")
-            locker.close()
-        return
-    engine = sa.create_engine(normalize_url(db_url))
-    with engine.connect() as conn, conn.begin():
-        conn.execute(sa.text("LOCK TABLE inbox IN ACCESS EXCLUSIVE MODE"))
-        yield
-    engine.dispose()
 
 
 async def test_concurrent_posts_are_all_durable(deploy: Factory) -> None:

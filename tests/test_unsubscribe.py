@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from conftest import Deployment, Factory, fixture_bytes
+from conftest import Deployment, Factory, fixture_bytes, locked_inbox
 from gateway.testing import SmtpCatcher
 
 CUSTOMER = fixture_bytes("shopify/customer.json")  # customers/create with email consent: welcome (marketing)
@@ -57,3 +57,14 @@ async def test_a_forged_or_damaged_token_is_refused(deploy: Factory, smtp: SmtpC
         response = await d.client.post(f"/u/{forged}")
         assert response.status == 404, forged
     assert d.scalar("SELECT count(*) FROM inbox WHERE source = '~unsubscribe'") == 0
+
+
+async def test_the_endpoint_answers_503_with_retry_after_while_storage_is_unavailable(
+    deploy: Factory, smtp: SmtpCatcher, db_url: str
+) -> None:
+    d, path = await welcome_link(deploy, smtp)
+    with locked_inbox(db_url):
+        response = await d.client.post(path, data={"List-Unsubscribe": "One-Click"})
+        assert (response.status, response.headers["Retry-After"]) == (503, "5")
+    again = await d.client.post(path, data={"List-Unsubscribe": "One-Click"})
+    assert again.status == 200
