@@ -359,3 +359,75 @@ def test_the_demo_marketing_mail_shows_its_unsubscribe_link_in_the_body() -> Non
     templates = Path(__file__).resolve().parents[1] / "config" / "templates"
     for name in ("welcome", "cart-reminder", "cart-last-call"):
         assert "{{ unsubscribe_url }}" in (templates / f"{name}.txt.j2").read_text()
+
+
+DOUBLE_OPT_IN = """\
+public_url: https://hooks.example.com
+storage: {{url: '{db_url}'}}
+sources:
+  shop: {{plugin: shopify, secret: {secret}}}
+  mc: {{plugin: mailchimp, url_token: {mc}}}
+sinks:
+  email: {{plugin: smtp, host: 127.0.0.1, port: {smtp_port}, tls: none, sender: "Boutique <shop@example.com>"}}
+policies:
+  consent: {{email: double_opt_in}}
+  confirmation: {{via: email, template: confirm}}
+rules:
+  - name: abandoned-cart
+    when: checkout.started
+    steps:
+      - wait: 1h
+        send: {{via: email, template: cart-reminder}}
+"""
+
+
+@pytest.fixture
+async def double_opt_in(aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCatcher) -> Deployment:
+    text = DOUBLE_OPT_IN.format(db_url=db_url, secret=SECRET, mc=MC_TOKEN, smtp_port=smtp.port)
+    templates = {**TEMPLATES, "confirm.subject.j2": "Please confirm", "confirm.txt.j2": "Confirm: {{ confirm_url }}"}
+    settings, pm, _ = load(str(write_deployment(tmp_path, text, templates)))
+    app = create_app(settings, pm=pm, clock=FakeClock(datetime(2026, 3, 14, 8, 0, tzinfo=UTC)), role="web")
+    client = await aiohttp_client(app)
+    return Deployment(client, app[GATEWAY_KEY], app[GATEWAY_KEY].clock, tmp_path)  # type: ignore[arg-type]
+
+
+async def test_double_opt_in_grants_consent_only_once_the_link_is_followed(
+    double_opt_in: Deployment, smtp: SmtpCatcher
+) -> None:
+    d = double_opt_in
+    await mailchimp(d, "subscribe", "2026-03-14 07:59:00")  # a sign-up form: a grant, not yet confirmed
+    await d.advance(seconds=1)
+    assert email_consent(d) == "pending"
+    [confirmation] = smtp.messages
+    assert confirmation["Subject"] == "Please confirm" and confirmation["List-Unsubscribe"] is None
+    link = confirmation.get_content().strip().removeprefix("Confirm: ")
+    await d.post_shopify("checkouts/create", checkout("first"))  # the snapshot says subscribed: still pending
+    await d.advance(hours=1, seconds=1)
+    assert len(smtp.messages) == 1, "marketing went to a subscriber who had not confirmed"
+    assert email_consent(d) == "pending"
+
+    path = urlsplit(link).path
+    assert path.startswith("/c/")
+    page = await d.client.get(path)  # a link scanner's GET confirms nothing
+    assert page.status == 200 and "Confirm" in await page.text()
+    assert (await d.client.post(f"/u/{path.removeprefix('/c/')}")).status == 404  # not an unsubscribe token
+    confirmed = await d.client.post(path, headers={"User-Agent": "Firefox/140"})
+    assert confirmed.status == 200 and "confirmed" in await confirmed.text()
+    await d.advance(seconds=1)
+    assert email_consent(d) == "granted"
+    [row] = d.rows("SELECT source, applied, evidence FROM consents WHERE source = '~confirm'")
+    assert row.applied and json.loads(row.evidence)["user_agent"] == "Firefox/140"
+
+    await d.post_shopify("checkouts/create", checkout("second"))
+    await d.advance(hours=1, seconds=1)
+    assert [m["Subject"] for m in smtp.messages] == ["Please confirm", "Your cart, Camille"]
+    assert d.scalar("SELECT count(*) FROM deliveries WHERE rule = 'declic-double-opt-in'") == 1  # asked once
+
+
+def test_double_opt_in_needs_its_confirmation_message(tmp_path: Path) -> None:
+    pm = get_plugin_manager()
+    text = DOUBLE_OPT_IN.format(db_url=f"sqlite:///{tmp_path}/d.db", secret=SECRET, mc=MC_TOKEN, smtp_port=2525)
+    path = write_deployment(tmp_path, text, TEMPLATES)  # no confirm template
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, collect(pm), pm)
+    assert any("policies.confirmation.template: template confirm.txt.j2 not found" in p for p in raised.value.problems)

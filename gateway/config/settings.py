@@ -185,9 +185,28 @@ class PressureSpec(_Strict):
     )
 
 
+#: The rule Declic adds when e-mail needs double opt-in: it sends the confirmation message.
+CONFIRM_RULE = "declic-double-opt-in"
+#: The event that enrols a contact in it: a grant awaiting confirmation.
+CONFIRM_EVENT = "consent.confirmation_requested"
+
+
+class ConfirmationSpec(_Strict):
+    """The message that asks a new subscriber to confirm (double opt-in)."""
+
+    via: str = Field(description="Name of an e-mail sink under `sinks:`.")
+    template: str = Field(description="Template with `{{ confirm_url }}`: the link that confirms the subscription.")
+
+
 class PoliciesSpec(_Strict):
-    consent: dict[str, Literal["required", "optional"]] = Field(
-        default_factory=dict, description="Per channel (email, sms...): required = marketing needs granted consent."
+    consent: dict[str, Literal["required", "optional", "double_opt_in"]] = Field(
+        default_factory=dict,
+        description="Per channel (email, sms...): required = marketing needs granted consent; double_opt_in "
+        "(email only) = required, and a grant stays pending until the person follows the link of the "
+        "`confirmation` message.",
+    )
+    confirmation: ConfirmationSpec | None = Field(
+        None, description="With `consent: {email: double_opt_in}`: the sink and template of the confirmation message."
     )
     quiet_hours: dict[str, QuietHoursSpec] = Field(
         default_factory=dict,
@@ -200,6 +219,33 @@ class PoliciesSpec(_Strict):
     @classmethod
     def _all_channels(cls, value: Any) -> Any:
         return {"*": value} if isinstance(value, dict) and "start" in value else value
+
+    @model_validator(mode="after")
+    def _double_opt_in(self) -> PoliciesSpec:
+        confirmed = sorted(channel for channel, policy in self.consent.items() if policy == "double_opt_in")
+        if confirmed and confirmed != ["email"]:
+            raise ValueError(f"double_opt_in is for e-mail only, not {', '.join(c for c in confirmed if c != 'email')}")
+        if confirmed and self.confirmation is None:
+            raise ValueError("consent: {email: double_opt_in} needs `confirmation: {via: SINK, template: NAME}`")
+        return self
+
+    @property
+    def double_opt_in(self) -> frozenset[str]:
+        """The channels whose grants wait for a confirmation."""
+        return frozenset(channel for channel, policy in self.consent.items() if policy == "double_opt_in")
+
+    def confirmation_rule(self) -> RuleSpec | None:
+        """The rule that sends the confirmation message, when double opt-in is on."""
+        if self.confirmation is None or not self.double_opt_in:
+            return None
+        return RuleSpec.model_validate(
+            {
+                "name": CONFIRM_RULE,
+                "when": CONFIRM_EVENT,
+                "kind": "transactional",  # asks for consent: it cannot wait for it
+                "send": {"via": self.confirmation.via, "template": self.confirmation.template},
+            }
+        )
 
 
 class ScoreSpec(_Strict):
@@ -398,6 +444,7 @@ def load_config(
     _resolve_plugins(settings, data, registry, report)
     _check_rules(settings, registry, pm, report)
     _check_unsubscribe_links(settings, report)
+    _check_confirmation(settings, report)
     report.raise_if_any()
     return settings
 
@@ -490,6 +537,27 @@ def _check_unsubscribe_links(settings: Settings, report: _Report) -> None:
             f"marketing e-mail (rule {name!r}) carries unsubscribe links to this URL, and RFC 8058 wants https; "
             "set `allow_http_public_url: true` for local testing only",
         )
+
+
+def _check_confirmation(settings: Settings, report: _Report) -> None:
+    """Double opt-in sends its own message: its sink must be an e-mail sink, its template must exist."""
+    for i, rule in enumerate(settings.rules):
+        if rule.name == CONFIRM_RULE:
+            report.add(("rules", i, "name"), f"{CONFIRM_RULE!r} is the name of Declic's own double opt-in rule")
+    confirmation = settings.policies.confirmation
+    if confirmation is None or not settings.policies.double_opt_in:
+        return
+    where: yamlmarks.Path = ("policies", "confirmation")
+    sink = settings._sinks.get(confirmation.via)
+    if sink is None or sink[0].channel != "email":
+        report.add((*where, "via"), f"{confirmation.via!r} is not an e-mail sink under `sinks:`")
+    if "txt" not in template_files(settings.templates_dir, confirmation.template):
+        report.add(
+            (*where, "template"),
+            f"template {confirmation.template}.txt.j2 not found in {settings.templates_dir}",
+        )
+    if settings.public_url is None:
+        report.add(where, "double opt-in needs `public_url:`: the confirmation link points there")
 
 
 def _check_expression(env: jinja2.Environment, expression: str | None, where: yamlmarks.Path, report: _Report) -> None:

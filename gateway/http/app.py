@@ -25,7 +25,7 @@ from ..plugins import Registry, collect, get_plugin_manager, notify_event_receiv
 from ..send.delivery import StepRunner
 from ..store import Database, jobqueue
 from ..store.inbox import GroupCommitter
-from . import unsubscribe
+from . import consent_links
 from .auth import is_admin
 from .hooks import handle_hook, handle_ping, json_error_middleware_factory
 from .running import GATEWAY_KEY, Role, RunningGateway
@@ -52,14 +52,19 @@ def build_gateway(
     sources = {key: cls(key, cfg, deployment) for key, (cls, cfg) in settings.source_plugins.items()}
     # Internal sources read back what Declic's own endpoints stored: the worker knows them, /hooks never.
     internal: dict[str, Source] = {
-        unsubscribe.SOURCE: unsubscribe.UnsubscribeSource(unsubscribe.SOURCE, None, deployment),
+        **{
+            cls.name: cls(cls.name, None, deployment)
+            for cls in (consent_links.UnsubscribeSource, consent_links.ConfirmSource)
+        },
         **(extra_sources(deployment) if extra_sources else {}),
     }
     sinks = {key: cls(key, cfg, deployment) for key, (cls, cfg) in settings.sink_plugins.items()}
     if wrap_sink is not None:
         sinks = {key: wrap_sink(sink) for key, sink in sinks.items()}
     env = make_environment(settings.templates_dir, pm)
-    router = Router(settings.rules, env, settings.scoring, settings.timezone)
+    confirmation = settings.policies.confirmation_rule()
+    rules = [*settings.rules, *([confirmation] if confirmation else [])]
+    router = Router(rules, env, settings.scoring, settings.timezone, settings.policies.double_opt_in)
     db = Database(database_url or settings.database_url, settings.storage.busy_timeout)
     steps = StepRunner(
         router,
@@ -97,8 +102,12 @@ def create_app(
         for path in ("/hooks/{source}", "/hooks/{source}/{token}"):
             app.router.add_post(path, handle_hook)
             app.router.add_get(path, handle_ping)  # and HEAD
-        app.router.add_route("GET", "/u/{token}", unsubscribe.handle)
-        app.router.add_route("POST", "/u/{token}", unsubscribe.handle)
+        for path, handler in (
+            ("/u/{token}", consent_links.handle_unsubscribe),
+            ("/c/{token}", consent_links.handle_confirm),
+        ):
+            app.router.add_route("GET", path, handler)  # and HEAD
+            app.router.add_route("POST", path, handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     for routes in gateway.pm.hook.register_routes(gateway=gateway):

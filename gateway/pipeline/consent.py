@@ -9,11 +9,14 @@ the ledger keeps the ruling, applied or not.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from ..kit.events import CONSENT_ACTION_TYPES, ConsentStatement, Event
+
+#: The internal source of double opt-in confirmations (the /c/{token} endpoint's).
+CONFIRM_SOURCE = "~confirm"
 
 
 @dataclass(frozen=True)
@@ -25,13 +28,15 @@ class Ruling:
     source: str
     applied: bool
     reason: str
+    #: The state it puts in force, when not the one stated: a grant awaiting double opt-in is `pending`.
+    becomes: str | None = None
 
     @property
     def entry(self) -> dict[str, Any]:
         """The contact's consent entry for the channel once this statement is in force."""
         when = self.statement.stated_at
         return {
-            "state": self.statement.state,
+            "state": self.becomes or self.statement.state,
             "source": self.source,
             "at": when.isoformat() if when else None,
             "action": self.statement.action,
@@ -68,6 +73,17 @@ def rule_on(current: dict[str, Any] | None, channel: str, statement: ConsentStat
         False,
         f"not newer than the statement in force ({current.get('state')}, stated {in_force:%Y-%m-%d %H:%M:%S} UTC)",
     )
+
+
+def awaiting_confirmation(ruling: Ruling, double_opt_in: frozenset[str]) -> Ruling:
+    """Under double opt-in, a grant puts `pending` in force until the person follows the confirmation link."""
+    statement = ruling.statement
+    if not ruling.applied or statement.state != "granted" or ruling.channel not in double_opt_in:
+        return ruling
+    if ruling.source == CONFIRM_SOURCE:  # the confirmation link itself (an internal source: nobody forges it)
+        return ruling
+    reason = f"{ruling.reason}; pending until the double opt-in link is followed"
+    return replace(ruling, becomes="pending", reason=reason)
 
 
 def utc(moment: datetime | None) -> datetime | None:

@@ -26,7 +26,7 @@ from ..store import (
     jsoncodec,
     sql,
 )
-from .consent import Ruling, dated, rule_on
+from .consent import Ruling, awaiting_confirmation, dated, rule_on
 
 C = CONTACTS.c
 I = IDENTITIES.c  # noqa: E741
@@ -60,11 +60,13 @@ def upsert(
     now: datetime,
     event: Event | None = None,
     raw: RawCall | None = None,
+    double_opt_in: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, Any], frozenset[str]]:
     """Find or create the contact, record new identities, merge attributes and consent.
 
     Returns the contact and what changed: field names, and `attributes.NAME` for attributes,
-    so that date triggers are recomputed only when a date or a time zone really moved.
+    so that date triggers are recomputed only when a date or a time zone really moved, and
+    `confirm:CHANNEL` when a grant now waits for its double opt-in confirmation.
     """
     keys = identities(ref)
     known = _lookup(conn, keys)
@@ -72,13 +74,13 @@ def upsert(
     if contact_id is None:
         if _OWN in ref.external_ids:  # Declic's own ids name existing contacts; nobody can reserve one
             raise UnknownContact(f"no contact has Declic id {ref.external_ids[_OWN]!r}")
-        return _create(conn, ref, keys, source, now, event, raw)
+        return _create(conn, ref, keys, source, now, event, raw, double_opt_in)
     if not ref.trusted:  # a stranger may name a contact, not move its addresses or devices
         ref = ref.model_copy(update={"email": None, "phone": None, "previous_email": None, "push_subscriptions": []})
         keys = [k for k in keys if k[0] not in ("email", "phone")]
     # An identity already held by another contact stays theirs: merging people is a human call.
     _claim(conn, [k for k in keys if k not in known and k[0] != _OWN], contact_id)
-    return _update(conn, contact_id, ref, source, now, event, raw)
+    return _update(conn, contact_id, ref, source, now, event, raw, double_opt_in)
 
 
 _INSERT_CONTACT = sa.insert(CONTACTS).returning(C.id)
@@ -97,6 +99,7 @@ def _create(
     now: datetime,
     event: Event | None,
     raw: RawCall | None,
+    double_opt_in: frozenset[str],
 ) -> tuple[dict[str, Any], frozenset[str]]:
     """A new contact, written in one INSERT from what the event says: nothing to read back."""
     row: dict[str, Any] = {
@@ -110,13 +113,13 @@ def _create(
         "created_at": now,
         "updated_at": now,
     }
-    changes, moved, rulings = _merge(row, ref, source, now, event, existing=False)
+    changes, moved, rulings = _merge(row, ref, source, now, event, existing=False, double_opt_in=double_opt_in)
     row.update(changes)
     row["id"] = contact_id = conn.execute(_INSERT_CONTACT, row).scalar_one()
     won = _claim(conn, [(_OWN, str(contact_id)), *keys], contact_id)
     if keys and keys[0] not in won:  # a concurrent transaction created the same person first: join theirs
         theirs = _adopt(conn, contact_id, _lookup(conn, keys[:1])[keys[0]])
-        return _update(conn, theirs, ref, source, now, event, raw)
+        return _update(conn, theirs, ref, source, now, event, raw, double_opt_in)
     _write_links(conn, contact_id, ref, rulings, now, event, raw)
     devices = {
         (d.kind, d.address): {"kind": d.kind, "address": d.address, "keys": d.keys} for d in ref.push_subscriptions
@@ -137,11 +140,12 @@ def _update(
     now: datetime,
     event: Event | None,
     raw: RawCall | None,
+    double_opt_in: frozenset[str],
 ) -> tuple[dict[str, Any], frozenset[str]]:
     row = conn.execute(_CONTACT, {"contact_id": contact_id}).one()._asdict()
     if row["email_status"] == "erased":
         return _with_links(conn, row), frozenset()  # an erasure is final: later events bring nobody back
-    changes, moved, rulings = _merge(row, ref, source, now, event, existing=True)
+    changes, moved, rulings = _merge(row, ref, source, now, event, existing=True, double_opt_in=double_opt_in)
     if changes:
         row.update(changes, updated_at=now)
         conn.execute(_UPDATE_CONTACT, {"contact_id": contact_id, **{f: row[f] for f in _WRITABLE}})
@@ -150,7 +154,13 @@ def _update(
 
 
 def _merge(
-    row: dict[str, Any], ref: ContactRef, source: str, now: datetime, event: Event | None, existing: bool
+    row: dict[str, Any],
+    ref: ContactRef,
+    source: str,
+    now: datetime,
+    event: Event | None,
+    existing: bool,
+    double_opt_in: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, Any], frozenset[str], list[Ruling]]:
     """What the event changes in the stored row: the new column values, what moved (fields, and
     `attributes.NAME`), and a ruling on each consent statement for the ledger."""
@@ -172,8 +182,13 @@ def _merge(
                 ruling = Ruling(channel, statement, source, False, veto)
             else:
                 ruling = rule_on(consent.get(channel), channel, statement, source)
+            in_force = consent.get(channel, {}).get("state")
+            if in_force != "granted":  # a confirmed subscriber restating a grant is not asked again
+                ruling = awaiting_confirmation(ruling, double_opt_in)
             rulings.append(ruling)
             if ruling.applied:
+                if ruling.becomes == "pending" and in_force != "pending":  # one confirmation message per request
+                    moved.add(f"confirm:{channel}")
                 consent[channel] = ruling.entry
         if any(r.applied for r in rulings):
             changes["consent"] = jsoncodec.dumps(consent)

@@ -11,9 +11,10 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Connection
 
+from ..config.settings import CONFIRM_EVENT
 from ..errors import InvalidAddress, MalformedPayload, RetryLater
 from ..kit.addresses import parse_email
-from ..kit.events import ERASE_TYPE, FEEDBACK_TYPES, Event
+from ..kit.events import ERASE_TYPE, FEEDBACK_TYPES, ContactRef, Event
 from ..kit.sources import RawCall, Source
 from ..store import EVENTS, INBOX, jobqueue
 from ..store.inbox import fit_key
@@ -66,7 +67,7 @@ def apply_events(
         event = fit(named, phone_region)  # named first, so that what fit logs says which event
         if event.dedupe_key and seen_before(conn, raw.source, event.dedupe_key):
             continue
-        contact, changed = contacts.upsert(conn, event.contact, raw.source, now, event, raw)
+        contact, changed = contacts.upsert(conn, event.contact, raw.source, now, event, raw, router.double_opt_in)
         if event.type == ERASE_TYPE:
             contacts.erase(conn, contact["id"], now)
             event = event.model_copy(update={"properties": {}, "correlation": []})
@@ -79,8 +80,28 @@ def apply_events(
         store_event(conn, event, contact["id"])
         with structlog.contextvars.bound_contextvars(event_id=event.id, source=raw.source):
             router.route(conn, event, contact, raw.received_at, changed)
+            for request in confirmation_requests(event, changed):
+                store_event(conn, request, contact["id"])
+                router.route(conn, request, contact, raw.received_at)
         stored.append(event)
     return stored
+
+
+def confirmation_requests(event: Event, changed: frozenset[str]) -> list[Event]:
+    """A grant now pending under double opt-in asks for its confirmation: Declic's own rule sends it."""
+    return [
+        Event(
+            id=f"{event.id}.confirm-{channel}",
+            source="declic",
+            type=CONFIRM_EVENT,
+            occurred_at=event.occurred_at,
+            contact=ContactRef(),
+            properties={"channel": channel},
+            correlation=[f"confirm:{channel}:{event.id}"],
+            raw_ref=event.raw_ref,
+        )
+        for channel in sorted(key.removeprefix("confirm:") for key in changed if key.startswith("confirm:"))
+    ]
 
 
 def mark_processed(conn: Connection, inbox_ids: list[int], now: datetime) -> None:

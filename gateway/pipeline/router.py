@@ -45,10 +45,17 @@ class CompiledRule:
 
 class Router:
     def __init__(
-        self, rules: list[RuleSpec], env: jinja2.Environment, scoring: ScoringSpec | None = None, timezone: str = "UTC"
+        self,
+        rules: list[RuleSpec],
+        env: jinja2.Environment,
+        scoring: ScoringSpec | None = None,
+        timezone: str = "UTC",
+        double_opt_in: frozenset[str] = frozenset(),
     ):
         self.rules: dict[str, CompiledRule] = {}
         self.timezone = timezone
+        #: Channels whose grants stay pending until confirmed (the confirmation rule is among `rules`).
+        self.double_opt_in = double_opt_in
         self.scoring = scoring or ScoringSpec()
         self._points = {
             t: (s.points, compile_condition(env, s.if_) if s.if_ else None) for t, s in self.scoring.points.items()

@@ -14,6 +14,7 @@ import structlog
 from sqlalchemy.engine import Connection
 
 from ..config import PoliciesSpec, WorkerSpec
+from ..config.settings import CONFIRM_RULE
 from ..errors import TemplateProblem
 from ..insight import journal
 from ..kit.sinks import DeliveryResult, Message, Outcome, SendContext, Sink
@@ -103,6 +104,9 @@ class StepRunner:
             "step": job.step + 1,
             "unsubscribe_url": unsubscribe_url,
         }
+        if rule.name == CONFIRM_RULE:
+            channel = str(event["properties"]["channel"])  # type: ignore[index]
+            context["confirm_url"] = self._link(conn, links.CONFIRM, enrolment.contact_id, channel)
         reason = self._suppression(rule, job.step, step.sink, contact, context)
         if reason:
             self._suppress(conn, step, reason, now)
@@ -140,10 +144,16 @@ class StepRunner:
         """Marketing e-mail carries a one-click unsubscribe link (RFC 8058) when the public URL is known."""
         if rule.spec.kind != "marketing" or sink.channel != "email" or not self.public_url:
             return {}, None
+        url = self._link(conn, links.UNSUBSCRIBE, contact_id, "email")
+        return {"List-Unsubscribe": f"<{url}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}, url
+
+    def _link(self, conn: Connection, purpose: str, contact_id: int, channel: str) -> str:
+        """A link to /u/TOKEN (unsubscribe) or /c/TOKEN (confirm) on the public URL."""
         if self._secret is None:
             self._secret = links.link_secret(conn)
-        url = f"{self.public_url.rstrip('/')}/u/{links.make_token(self._secret, contact_id, 'email')}"
-        return {"List-Unsubscribe": f"<{url}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}, url
+        path = {links.UNSUBSCRIBE: "u", links.CONFIRM: "c"}[purpose]
+        token = links.make_token(self._secret, contact_id, channel, purpose)
+        return f"{(self.public_url or '').rstrip('/')}/{path}/{token}"
 
     def _capped(self, rule: CompiledRule) -> bool:
         cap = self.policies.pressure
@@ -168,7 +178,8 @@ class StepRunner:
         if rule.spec.kind == "marketing":
             # A withdrawal stops marketing whatever the policy; `required` also wants a grant.
             state = contact["consent"].get(sink.channel, "none")
-            if state == "withdrawn" or (self.policies.consent.get(sink.channel) == "required" and state != "granted"):
+            needs_grant = self.policies.consent.get(sink.channel) in ("required", "double_opt_in")
+            if state == "withdrawn" or (needs_grant and state != "granted"):
                 return f"no {sink.channel} consent (state: {state})"
         return None
 
