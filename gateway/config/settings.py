@@ -502,14 +502,26 @@ def load_config(
     """Read, validate and cross-check a deployment config; raise ConfigError with every problem."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read config: {exc.strerror}"]) from None
     report = _Report(path)
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = len(raw[raw.rfind(b"\n", 0, exc.start) + 1 : exc.start].decode("utf-8", "replace")) + 1
+        raise ConfigError(
+            [report.format_at((line, column), (), f"not UTF-8 (byte {raw[exc.start]:#04x}): save the file as UTF-8")]
+        ) from None
+    try:
         data, report.marks, yaml_problems = yamlmarks.load(text, env)
     except yamlmarks.YamlProblem as exc:
         raise ConfigError([report.format_at(exc.mark, exc.path, exc.message)]) from None
+    except yamlmarks.YamlProblems as exc:
+        for problem in exc.problems:
+            report.add(problem.path, problem.message, problem.mark)
+        report.raise_if_any()
     for problem in yaml_problems:
         report.add(problem.path, problem.message, problem.mark)
     if not isinstance(data, dict):
@@ -543,8 +555,14 @@ def _resolve_plugins(settings: Settings, data: dict[str, Any], registry: Registr
                 continue
             options = dict(options)
             plugin = options.pop("plugin", None)
+            available = ", ".join(sorted(known)) or "none installed"
+            if plugin is not None and not isinstance(plugin, str):
+                report.add(
+                    (*where, "plugin"),
+                    f"`plugin` names a plugin (available: {available}; see `declic plugins`), not {_short(plugin)}",
+                )
+                continue
             if plugin not in known:
-                available = ", ".join(sorted(known)) or "none installed"
                 report.add(
                     (*where, "plugin") if plugin else where,
                     f"unknown plugin {plugin!r} (available: {available}; see `declic plugins`)"
@@ -590,7 +608,14 @@ def _check_rules(settings: Settings, registry: Registry, pm: pluggy.PluginManage
                 report.add(
                     (*send_where, "via"), f"no sink named {step.send.via!r} under `sinks:` (configured: {sinks})"
                 )
-            if "txt" not in template_files(templates_dir, step.send.template):
+            try:
+                found = "txt" in template_files(templates_dir, step.send.template)
+            except OSError as exc:  # a name the file system refuses, before any length limit applies
+                report.add(
+                    (*send_where, "template"), f"cannot look for template {step.send.template!r}: {exc.strerror}"
+                )
+                continue
+            if not found:
                 report.add(
                     (*send_where, "template"), f"template {step.send.template}.txt.j2 not found in {templates_dir}"
                 )
@@ -674,13 +699,21 @@ class _Report:
     def add_validation(self, exc: ValidationError, prefix: yamlmarks.Path) -> None:
         for err in exc.errors():
             loc = tuple(part for part in err["loc"] if not (isinstance(part, str) and "[" in part))
-            where = (*prefix, *loc)
+            where = self._as_written((*prefix, *loc))
             key_mark = self.marks.get((*where, yamlmarks.KEY)) if err["type"] == "extra_forbidden" else None
             self.add(where, _message(err), key_mark)
 
+    def _as_written(self, where: yamlmarks.Path) -> yamlmarks.Path:
+        """The path as the config spells it: `scoring: {email.opened: 1}` is validated as points.email.opened.points."""
+        if where[:2] == ("scoring", "points") and len(where) > 2 and ("scoring", "points") not in self.marks:
+            where = ("scoring", *where[2:])
+            if where[-1] == "points" and where not in self.marks:
+                where = where[:-1]
+        return where
+
     def format_at(self, mark: yamlmarks.Mark, where: yamlmarks.Path, message: str) -> str:
         dotted = format_path(where)
-        return f"{self.path}:{mark[0]}:{mark[1]}: {dotted + ': ' if dotted else ''}{message}"
+        return _printable(f"{self.path}:{mark[0]}:{mark[1]}: {dotted + ': ' if dotted else ''}{message}")
 
     def _mark(self, where: yamlmarks.Path) -> yamlmarks.Mark:
         for end in range(len(where), -1, -1):
@@ -693,10 +726,27 @@ class _Report:
             raise ConfigError([text for _, text in sorted(self.problems, key=lambda p: p[0])])
 
 
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
+
+
+def _printable(line: str) -> str:
+    """One line of printable text: a key may hold a newline, a control character or a lone surrogate."""
+    if line.isprintable():
+        return line
+    return "".join(c if c.isprintable() and not 0xD800 <= ord(c) <= 0xDFFF else repr(c)[1:-1] for c in line)
+
+
 def format_path(path: yamlmarks.Path) -> str:
     out = ""
     for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not isinstance(part, str) or not part.strip() or part != part.strip():
+            out += f"[{part!r}]"  # a key of spaces, or none, must still show in `path: message`
+        else:
+            out += f".{part}" if out else part
     return out
 
 
