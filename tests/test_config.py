@@ -493,3 +493,12 @@ def test_an_empty_variable_takes_the_default_as_in_the_shell(tmp_path: Path) -> 
     pm = get_plugin_manager()
     settings = load_config(path, collect(pm), pm, env={"SHOP_SECRET": "x", "DB_URL": ""})
     assert settings.storage.url == "sqlite:///d.db"
+
+
+def test_a_huge_value_echoed_in_an_error_is_shortened(tmp_path: Path) -> None:
+    code, output = check(tmp_path, edit("plugin: shopify", "plugin: " + "9" * 5000 + "shopify"))
+    assert code == 2
+    [line] = output.splitlines()
+    assert line.startswith(f"{tmp_path / 'declic.yaml'}:7:13: sources.shop.plugin: unknown plugin '999")
+    assert "9999...9999999999999999999999shopify' (available: " in line
+    assert len(line) < 400 + len(str(tmp_path))

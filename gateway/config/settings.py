@@ -712,8 +712,8 @@ class _Report:
         return where
 
     def format_at(self, mark: yamlmarks.Mark, where: yamlmarks.Path, message: str) -> str:
-        dotted = format_path(where)
-        return _printable(f"{self.path}:{mark[0]}:{mark[1]}: {dotted + ': ' if dotted else ''}{message}")
+        said = _clip(_printable(f"{format_path(where) + ': ' if where else ''}{message}"))
+        return _printable(f"{self.path}:{mark[0]}:{mark[1]}: ") + said
 
     def _mark(self, where: yamlmarks.Path) -> yamlmarks.Mark:
         for end in range(len(where), -1, -1):
@@ -724,6 +724,11 @@ class _Report:
     def raise_if_any(self) -> None:
         if self.problems:
             raise ConfigError([text for _, text in sorted(self.problems, key=lambda p: p[0])])
+
+
+def _clip(text: str) -> str:
+    """Shorten each very long word (a 5,000-digit value echoed back, a 300-character key) to its ends."""
+    return re.sub(r"\S{120,}", lambda m: f"{m[0][:60]}...{m[0][-30:]}", text)
 
 
 def _short(value: object) -> str:
