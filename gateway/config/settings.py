@@ -252,7 +252,11 @@ class ConfirmationSpec(_Strict):
     """The message that asks a new subscriber to confirm (double opt-in)."""
 
     via: str = Field(description="Name of an e-mail sink under `sinks:`.")
-    template: str = Field(description="Template with `{{ confirm_url }}`: the link that confirms the subscription.")
+    template: str = Field(
+        max_length=MAX_TEMPLATE_NAME,
+        description="Template with `{{ confirm_url }}`: the link that confirms the subscription; "
+        f"at most {MAX_TEMPLATE_NAME} characters.",
+    )
 
 
 class PoliciesSpec(_Strict):
@@ -657,7 +661,12 @@ def _check_confirmation(settings: Settings, report: _Report) -> None:
     sink = settings._sinks.get(confirmation.via)
     if sink is None or sink[0].channel != "email":
         report.add((*where, "via"), f"{confirmation.via!r} is not an e-mail sink under `sinks:`")
-    if "txt" not in template_files(settings.templates_dir, confirmation.template):
+    try:
+        found = "txt" in template_files(settings.templates_dir, confirmation.template)
+    except OSError as exc:  # a name the file system refuses
+        report.add((*where, "template"), f"cannot look for template {confirmation.template!r}: {exc.strerror}")
+        found = True
+    if not found:
         report.add(
             (*where, "template"),
             f"template {confirmation.template}.txt.j2 not found in {settings.templates_dir}",
