@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import textwrap
+import types
+import typing
+from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 from gateway.cli.main import cli
+from gateway.config import Settings, load_config
 from gateway.errors import ConfigError
-from gateway.http.app import load
+from gateway.http.app import create_app, load
+from gateway.http.running import GATEWAY_KEY
+from gateway.kit.durations import Between
+from gateway.kit.sinks import SinkConfig
 from gateway.plugins import collect, get_plugin_manager
 from gateway.testing import write_deployment
 
@@ -255,3 +266,239 @@ def test_every_config_key_is_described() -> None:
     output = CliRunner().invoke(cli, ["reference"]).output
     undocumented = [line for line in output.splitlines() if line.startswith("| `") and line.endswith("|  |")]
     assert undocumented == []
+
+
+# Configs that `declic check` passed or answered with a traceback (issue 10): each now gets an error line.
+# (case, config text, the exact error line after "declic.yaml:")
+HOSTILE = [
+    (
+        "huge lease",
+        VALID + "worker: {lease: 999999999d}\n",
+        "31:17: worker.lease: duration '999999999d' is longer than 10 years (3650d), the longest Declic accepts",
+    ),
+    (
+        "lease out of its range",
+        VALID + "worker: {lease: 2d}\n",
+        "31:17: worker.lease: 2d is too long: write 10s to 1d",
+    ),
+    (
+        "negative duration",
+        VALID + "worker: {lease: -5}\n",
+        "31:17: worker.lease: invalid duration -5: a duration cannot be negative",
+    ),
+    (
+        "huge wait",
+        edit("wait: 3d", "wait: 999999999d"),
+        "28:15: rules[1].steps[1].wait: duration '999999999d' is longer than 10 years (3650d), "
+        "the longest Declic accepts",
+    ),
+    (
+        "waits adding up past 10 years",
+        edit("wait: 1h", "wait: 3000d").replace("wait: 3d", "wait: 3000d"),
+        "21:5: rules[1]: the steps' waits add up to more than 10 years (3650d)",
+    ),
+    (
+        "huge offset",
+        edit("    when: customer.created\n", "    on_date: contact.birthday\n    offset: -999999999y\n"),
+        "20:13: rules[0].offset: offset '-999999999y' is longer than 10 years (3650d), the longest Declic accepts",
+    ),
+    (
+        "NUL byte",
+        edit("timezone: Europe/Paris", "timezone: Europe\0Paris"),
+        "2:17: invalid YAML: character U+0000 is not allowed",
+    ),
+    ("list as a key", VALID + "[a, b]: 1\n", "31:1: a key must be a name, not a list"),
+    ("dict as a key", VALID + "{a: 1}: 1\n", "31:1: a key must be a name, not a mapping"),
+    (
+        "plugin as a list",
+        edit("plugin: shopify", "plugin: [x]"),
+        "7:13: sources.shop.plugin: `plugin` names a plugin (available: {available}; see `declic plugins`), not ['x']",
+    ),
+    (
+        "bad !!int",
+        edit("timezone: Europe/Paris", "timezone: !!int Paris"),
+        "2:11: timezone: invalid !!int value 'Paris' (invalid literal for int() with base 10: 'Paris')",
+    ),
+    (
+        "bad !!timestamp",
+        edit("timezone: Europe/Paris", "timezone: !!timestamp Paris"),
+        "2:11: timezone: invalid !!timestamp value 'Paris' (not a date or a date and time)",
+    ),
+    (
+        "python tag",
+        edit("timezone: Europe/Paris", "timezone: !!python/object:os.system x"),
+        "2:11: timezone: invalid YAML: could not determine a constructor for the tag "
+        "'tag:yaml.org,2002:python/object:os.system'",
+    ),
+    (
+        "escape past Unicode",
+        edit("timezone: Europe/Paris", 'timezone: "\\U10010000"'),
+        "2:14: invalid YAML: chr() arg not in range(0x110000)",
+    ),
+    ("deep nesting", VALID + "x: " + "[" * 2000 + "]" * 2000 + "\n", "31:53: nested deeper than 50 levels"),
+    ("self-referencing alias", VALID + "x: &a [*a]\n", "31:4: x[0]: an alias refers to a node that contains it"),
+    (
+        "300-character template name",
+        edit("template: welcome}\n  - name", "template: " + "w" * 300 + "}\n  - name"),
+        "20:34: rules[0].send.template: String should have at most 100 characters",
+    ),
+    (
+        "sink rate of nothing per 0s",
+        edit("    plugin: smtp\n", "    plugin: smtp\n    rate: 5/0s\n"),
+        "12:11: sinks.email.rate: invalid rate '5/0s': COUNT from 1 to 1000000, DURATION from 1ms to 7d",
+    ),
+    (
+        "infinite sink timeout",
+        edit("    plugin: smtp\n", "    plugin: smtp\n    timeout: .inf\n"),
+        "12:14: sinks.email.timeout: Input should be a finite number",
+    ),
+    (
+        "NaN points",
+        VALID + "scoring: {email.opened: .nan}\n",
+        "31:25: scoring.email.opened: Input should be a finite number",
+    ),
+    (
+        "storage url serve cannot open",
+        edit("url: sqlite:///data/declic.db", "url: data/declic.db"),
+        "4:8: storage.url: 'data/declic.db' is not sqlite:///FILE or postgresql://user@host/db",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "text", "expected"), HOSTILE, ids=[e[0] for e in HOSTILE])
+def test_hostile_configs_get_an_error_line(tmp_path: Path, case: str, text: str, expected: str) -> None:
+    code, output = check(tmp_path, text)
+    assert code == 2, output
+    expected = expected.replace("{available}", ", ".join(sorted(collect(get_plugin_manager()).sources)))
+    assert f"{tmp_path / 'declic.yaml'}:{expected}" in output.splitlines(), output
+
+
+def test_a_file_that_is_not_utf8_gets_an_error_line(tmp_path: Path) -> None:
+    path = write_deployment(tmp_path, VALID, TEMPLATES)
+    path.write_bytes(VALID.replace("Europe/Paris", "Europe/Par\xeds").encode("latin-1"))
+    result = CliRunner().invoke(cli, ["check", "--config", str(path)], env={"SHOP_SECRET": "x"})
+    assert result.exit_code == 2
+    assert result.output == f"{path}:2:21: not UTF-8 (byte 0xed): save the file as UTF-8\n"
+
+
+def _number_fields() -> Iterator[tuple[str, FieldInfo, Any]]:
+    """(dotted key, field, base type) of every int, float and duration setting of the core and of SinkConfig."""
+    models: list[tuple[str, type[BaseModel]]] = [("", Settings), ("sinks.NAME.", SinkConfig)]
+    while models:
+        prefix, model = models.pop()
+        for name, field in model.model_fields.items():
+            key = prefix + (field.alias or name)
+            for arg in _union_members(field.annotation):
+                if isinstance(arg, type) and issubclass(arg, BaseModel):
+                    models.append((key + ".", arg))
+                elif arg in (int, float, timedelta):
+                    yield key, field, arg
+
+
+def _union_members(annotation: Any) -> Iterator[Any]:
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, list, dict):
+        for arg in args:
+            yield from _union_members(arg)
+    elif typing.get_origin(annotation) is typing.Annotated:
+        yield args[0]
+    else:
+        yield annotation
+
+
+def test_every_number_and_duration_setting_has_bounds_its_description_names() -> None:
+    """Issue 10: a value past what the code can take must be an error of `declic check`, stated in the reference."""
+    unbounded, unnamed = [], []
+    for key, field, kind in _number_fields():
+        metadata = [
+            *field.metadata,
+            *(m for a in typing.get_args(field.annotation) for m in getattr(a, "__metadata__", ())),
+        ]
+        text = field.description or ""
+        if kind is timedelta:
+            ranges = [m.func for m in metadata if isinstance(getattr(m, "func", None), Between)]
+            words = [ranges[0].low, ranges[0].high] if ranges else ["10 y"]
+            if not all(word in text or word.replace(" ", "") in text for word in words):
+                unnamed.append(key)
+            continue
+        low = [getattr(m, a) for m in metadata for a in ("ge", "gt") if getattr(m, a, None) is not None]
+        high = [getattr(m, a) for m in metadata for a in ("le", "lt") if getattr(m, a, None) is not None]
+        if not low or not high:
+            unbounded.append(key)
+        elif not all(f"{int(b) if b == int(b) else b}" in text for b in (*low, *high)):
+            unnamed.append(key)
+    assert unbounded == []
+    assert unnamed == []
+
+
+def test_settings_at_their_bounds_pass_and_serve_builds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bounds are inclusive, and what check accepts at the edge, create_app builds."""
+    text = (
+        edit("wait: 1h", "wait: 1825d").replace("wait: 3d", "wait: 1825d")
+        + "worker: {lease: 1d, poll_interval: 10ms, retry_base: 1d, retry_max: 7d, max_attempts: 100}\n"
+        + "storage: {url: 'sqlite:///d.db', busy_timeout: 1m}\n"
+        + "limits: {max_body_bytes: 104857600}\n"
+        + "scoring: {half_life: 3650d, email.opened: 1000000, email.clicked: -1000000}\n"
+    ).replace("storage:\n  url: sqlite:///data/declic.db\n", "")
+    text = text.replace(
+        "  consent: {email: required}\n",
+        "  consent: {email: required}\n  pressure: {max: 1000, per: 366d, max_delay: 3650d}\n",
+    )
+    text = text.replace("    plugin: smtp\n", "    plugin: smtp\n    rate: 1000000/7d\n    timeout: 600\n")
+    text = text.replace(
+        "rules:\n",
+        """\
+rules:
+  - name: birthday
+    on_date: contact.birthday
+    offset: -10y
+    catch_up: 366d
+    reenter: {after: 3650d}
+    priority: -1000
+    send: {via: email, template: welcome}
+  - name: idle
+    inactive_for: 3650d
+    of: order.placed
+    send: {via: email, template: welcome}
+""",
+    )
+    code, output = check(tmp_path, text)
+    assert code == 0, output
+    monkeypatch.setenv("SHOP_SECRET", "x")
+    monkeypatch.delenv("DECLIC_DATABASE_URL", raising=False)
+    settings, pm, _ = load(str(tmp_path / "declic.yaml"))
+    app = create_app(settings, pm=pm)
+    app[GATEWAY_KEY].db.close()
+
+
+def test_merge_keys_share_settings_and_errors_point_where_the_value_is_written(tmp_path: Path) -> None:
+    """`<<: *anchor` (which used to be a traceback) merges; keys written beside it win."""
+    text = VALID.replace(
+        "rules:\n",
+        "x-step: &step {wait: 1h, send: {via: email, template: welcome}}\n"
+        "rules:\n  - name: merged\n    when: order.placed\n    steps:\n      - {<<: *step, wait: 2h}\n      - *step\n",
+    ).replace("x-step:", "worker: {<<: {lease: 2d}, poll_interval: 1s}\nx-step:")
+    code, output = check(tmp_path, text)
+    assert code == 2
+    assert output.splitlines() == [
+        f"{tmp_path / 'declic.yaml'}:17:22: worker.lease: 2d is too long: write 10s to 1d",
+        f"{tmp_path / 'declic.yaml'}:18:1: x-step: unknown key",
+    ]
+
+
+def test_an_empty_variable_takes_the_default_as_in_the_shell(tmp_path: Path) -> None:
+    path = write_deployment(
+        tmp_path, edit("url: sqlite:///data/declic.db", "url: ${DB_URL:-sqlite:///d.db}"), TEMPLATES
+    )
+    pm = get_plugin_manager()
+    settings = load_config(path, collect(pm), pm, env={"SHOP_SECRET": "x", "DB_URL": ""})
+    assert settings.storage.url == "sqlite:///d.db"
+
+
+def test_a_huge_value_echoed_in_an_error_is_shortened(tmp_path: Path) -> None:
+    code, output = check(tmp_path, edit("plugin: shopify", "plugin: " + "9" * 5000 + "shopify"))
+    assert code == 2
+    [line] = output.splitlines()
+    assert line.startswith(f"{tmp_path / 'declic.yaml'}:7:13: sources.shop.plugin: unknown plugin '999")
+    assert "9999...9999999999999999999999shopify' (available: " in line
+    assert len(line) < 400 + len(str(tmp_path))

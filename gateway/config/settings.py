@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from ..errors import ConfigError
-from ..kit.durations import Duration, LocalTime, SignedDuration
+from ..kit.durations import MAX_DURATION, MAX_DURATION_TEXT, Duration, LocalTime, SignedDuration, between
 from ..kit.events import is_known_type
 from ..kit.registry import Registry
 from ..kit.sinks import Sink
@@ -54,21 +54,37 @@ class _Strict(BaseModel):
         return data
 
 
+#: File systems refuse names over 255 bytes; the name gets `.subject.j2` and may be UTF-8.
+MAX_TEMPLATE_NAME = 100
+#: Scores and points are plain numbers: this keeps them far from float overflow and readable.
+MAX_POINTS = 1_000_000
+MAX_PRIORITY = 1000
+
+
 class SendSpec(_Strict):
     """Which sink sends which template."""
 
     via: str = Field(description="Name of a sink under `sinks:`.")
-    template: str = Field(description="Template name: <name>.subject.j2, .txt.j2, .html.j2.")
+    template: str = Field(
+        max_length=MAX_TEMPLATE_NAME,
+        description=f"Template name: <name>.subject.j2, .txt.j2, .html.j2; at most {MAX_TEMPLATE_NAME} characters.",
+    )
 
 
 class StepSpec(_Strict):
-    wait: Duration = Field(timedelta(0), description="Delay after the previous step (or the trigger).")
+    wait: Duration = Field(
+        timedelta(0),
+        description=f"Delay after the previous step (or the trigger), 0s to {MAX_DURATION_TEXT}; "
+        "the waits of a rule's steps add up to at most that too.",
+    )
     if_: str | None = Field(None, alias="if", description="Jinja2 expression re-checked at send time.")
     send: SendSpec = Field(description="What to send.")
 
 
 class ReenterAfter(_Strict):
-    after: Duration = Field(description="Enrol again only this long after the previous enrolment.")
+    after: Annotated[Duration, between("1m", "3650d")] = Field(
+        description="Enrol again only this long after the previous enrolment, 1m to 3650d (10 years)."
+    )
 
 
 class RuleSpec(_Strict):
@@ -77,15 +93,26 @@ class RuleSpec(_Strict):
     on_date: str | None = Field(
         None, description="Trigger: a contact date, `contact.birthday` or `contact.attributes.NAME`."
     )
-    inactive_for: Duration | None = Field(None, description="Trigger: no event of `of` for this long.")
-    score_reaches: float | None = Field(None, description="Trigger: the lead score crosses this value upward.")
+    inactive_for: Annotated[Duration, between("1m", "3650d")] | None = Field(
+        None, description="Trigger: no event of `of` for this long, 1m to 3650d (10 years)."
+    )
+    score_reaches: float | None = Field(
+        None,
+        ge=-MAX_POINTS,
+        le=MAX_POINTS,
+        allow_inf_nan=False,
+        description=f"Trigger: the lead score crosses this value upward; -{MAX_POINTS} to {MAX_POINTS}.",
+    )
     at: LocalTime = Field(time(9, 0), description="Date rules: local time of day to fire (contact's time zone).")
-    offset: SignedDuration = Field(timedelta(0), description="Date rules: shift from the date, e.g. -5d or +1y.")
+    offset: SignedDuration = Field(
+        timedelta(0), description="Date rules: shift from the date, e.g. -5d or +1y; -10y to +10y."
+    )
     repeat: Literal["yearly", "never"] | None = Field(
         None, description="Date rules: yearly (default for contact.birthday) or never (default otherwise)."
     )
-    catch_up: Duration = Field(
-        timedelta(days=1), description="Date rules: after downtime, fire what was missed within this, skip older."
+    catch_up: Annotated[Duration, between("0s", "366d")] = Field(
+        timedelta(days=1),
+        description="Date rules: after downtime, fire what was missed within this, skip older; 0s to 366d.",
     )
     of: list[str] = Field(default_factory=list, description="Inactivity rules: the event types that count as activity.")
     if_: str | None = Field(None, alias="if", description="Jinja2 expression on event and contact.")
@@ -101,7 +128,12 @@ class RuleSpec(_Strict):
     reenter: Literal["always", "never"] | ReenterAfter = Field(
         "always", description="always (once per occurrence), never (once per contact), or {after: 30d}."
     )
-    priority: int = Field(0, description="Higher goes first when steps compete for the pressure cap.")
+    priority: int = Field(
+        0,
+        ge=-MAX_PRIORITY,
+        le=MAX_PRIORITY,
+        description=f"Higher goes first when steps compete for the pressure cap; -{MAX_PRIORITY} to {MAX_PRIORITY}.",
+    )
     send: SendSpec | None = Field(None, description="One message, sent at once: short for one step.")
     steps: list[StepSpec] = Field(default_factory=list, description="Messages sent one after the other.")
 
@@ -126,6 +158,8 @@ class RuleSpec(_Strict):
             )
         if bool(self.send) == bool(self.steps):
             raise ValueError("a rule needs exactly one of `send` or `steps`")
+        if sum((step.wait for step in self.steps), timedelta(0)) > MAX_DURATION:
+            raise ValueError(f"the steps' waits add up to more than {MAX_DURATION_TEXT}")
         if self.send:
             self.steps = [StepSpec(send=self.send)]
             self.send = None
@@ -160,28 +194,51 @@ def _days(delta: timedelta) -> str:
     return f"{delta.days}d" if delta.days and not delta.seconds else f"{int(delta.total_seconds())}s"
 
 
+DATABASE_SCHEMES = ("sqlite://", "postgresql://", "postgres://", "postgresql+psycopg://")
+
+
 class StorageSpec(_Strict):
     url: str = Field(
         "sqlite:///declic.db",
         description="sqlite:///FILE (relative to the config) or postgresql://user@host/db. "
         "Env DECLIC_DATABASE_URL wins.",
     )
-    busy_timeout: Duration = Field(timedelta(seconds=2), description="Wait for a locked database before 503.")
+    busy_timeout: Annotated[Duration, between("0s", "1m")] = Field(
+        timedelta(seconds=2), description="Wait for a locked database before 503; 0s to 1m."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        """What `declic serve` opens must be a URL it can open: check says so rather than serve failing."""
+        import sqlalchemy as sa
+
+        if not value.startswith(DATABASE_SCHEMES):
+            raise ValueError(f"{value[:60]!r} is not sqlite:///FILE or postgresql://user@host/db")
+        try:
+            sa.engine.make_url(value)
+        except (sa.exc.ArgumentError, ValueError) as exc:
+            raise ValueError(f"{value[:60]!r} is not a database URL: {exc}") from None
+        return value
 
 
 class QuietHoursSpec(_Strict):
-    start: LocalTime = Field(description="Local time the quiet window starts, e.g. 21:00.")
-    end: LocalTime = Field(description="Local time it ends, e.g. 08:30 (the next morning when before start).")
+    start: LocalTime = Field(description="Local time the quiet window starts, 00:00 to 23:59, e.g. 21:00.")
+    end: LocalTime = Field(
+        description="Local time it ends, 00:00 to 23:59, e.g. 08:30 (the next morning when before start)."
+    )
 
 
 class PressureSpec(_Strict):
-    max: int = Field(ge=1, description="Messages per contact, all channels together...")
-    per: Duration = Field(description="...within this sliding window.")
+    max: int = Field(ge=1, le=1000, description="Messages per contact, all channels together (1 to 1000)...")
+    per: Annotated[Duration, between("1m", "366d")] = Field(description="...within this sliding window, 1m to 366d.")
     exempt: list[Literal["marketing", "transactional"]] = Field(
         ["transactional"], description="Rule kinds neither counted nor capped."
     )
-    max_delay: Duration | None = Field(
-        None, description="Drop a step deferred this long past its due time (reason recorded); default: never."
+    max_delay: Annotated[Duration, between("1m", "3650d")] | None = Field(
+        None,
+        description="Drop a step deferred this long past its due time (reason recorded), 1m to 3650d (10 years); "
+        "default: never.",
     )
 
 
@@ -195,7 +252,11 @@ class ConfirmationSpec(_Strict):
     """The message that asks a new subscriber to confirm (double opt-in)."""
 
     via: str = Field(description="Name of an e-mail sink under `sinks:`.")
-    template: str = Field(description="Template with `{{ confirm_url }}`: the link that confirms the subscription.")
+    template: str = Field(
+        max_length=MAX_TEMPLATE_NAME,
+        description="Template with `{{ confirm_url }}`: the link that confirms the subscription; "
+        f"at most {MAX_TEMPLATE_NAME} characters.",
+    )
 
 
 class PoliciesSpec(_Strict):
@@ -249,12 +310,19 @@ class PoliciesSpec(_Strict):
 
 
 class ScoreSpec(_Strict):
-    points: float = Field(description="Points added (or removed, when negative).")
+    points: float = Field(
+        ge=-MAX_POINTS,
+        le=MAX_POINTS,
+        allow_inf_nan=False,
+        description=f"Points added (or removed, when negative), -{MAX_POINTS} to {MAX_POINTS}.",
+    )
     if_: str | None = Field(None, alias="if", description="Jinja2 expression: count the event only when true.")
 
 
 class ScoringSpec(_Strict):
-    half_life: Duration | None = Field(None, description="The score halves over this time; default: no decay.")
+    half_life: Annotated[Duration, between("1m", "3650d")] | None = Field(
+        None, description="The score halves over this time, 1m to 3650d (10 years); default: no decay."
+    )
     points: dict[str, ScoreSpec] = Field(default_factory=dict, description="Event type -> points.")
 
     @model_validator(mode="before")
@@ -268,33 +336,50 @@ class ScoringSpec(_Strict):
 
 
 class WorkerSpec(_Strict):
-    poll_interval: Duration = Field(timedelta(seconds=1), description="Look for due jobs at least this often.")
-    batch_size: int = Field(50, ge=1, le=1000, description="Jobs claimed per query.")
-    concurrency: int = Field(100, ge=1, le=500, description="Jobs run at once per process.")
+    poll_interval: Annotated[Duration, between("10ms", "1m")] = Field(
+        timedelta(seconds=1), description="Look for due jobs at least this often; 10ms to 1m."
+    )
+    batch_size: int = Field(50, ge=1, le=1000, description="Jobs claimed per query, 1 to 1000.")
+    concurrency: int = Field(100, ge=1, le=500, description="Jobs run at once per process, 1 to 500.")
     processing_share: float = Field(
         0.1,
         gt=0,
         le=1,
         description="When the process is short of CPU and webhooks wait for their acknowledgement, the share "
-        "of the CPU that processing stored calls keeps; acknowledging gets the rest (1: no limit).",
+        "of the CPU that processing stored calls keeps, above 0 and up to 1; acknowledging gets the rest "
+        "(1: no limit).",
     )
-    lease: Duration = Field(
+    lease: Annotated[Duration, between("10s", "1d")] = Field(
         timedelta(seconds=20),
-        description="A claimed job returns to the queue if its worker has not renewed its claim for this long "
-        "(a live worker renews four times per lease): a crashed replica's jobs are taken over this fast.",
+        description="A claimed job returns to the queue if its worker has not renewed its claim for this long, "
+        "10s to 1d (a live worker renews four times per lease): a crashed replica's jobs are taken over this fast.",
     )
-    ordering_timeout: Duration = Field(
+    ordering_timeout: Annotated[Duration, between("1s", "1d")] = Field(
         timedelta(minutes=5),
         description="A step waits for calls received before it was due; a call still unprocessed this long "
-        "after it arrived (its provider keeps failing) holds nobody back: steps go ahead, noted in the journal.",
+        "after it arrived (its provider keeps failing) holds nobody back: steps go ahead, noted in the journal. "
+        "1s to 1d.",
     )
-    max_attempts: int = Field(12, ge=1, description="Attempts before a step goes to the dead letter.")
-    retry_base: Duration = Field(timedelta(seconds=30), description="First retry delay; doubles each attempt.")
-    retry_max: Duration = Field(timedelta(hours=1), description="Longest retry delay.")
+    max_attempts: int = Field(12, ge=1, le=100, description="Attempts before a step goes to the dead letter, 1 to 100.")
+    retry_base: Annotated[Duration, between("100ms", "1d")] = Field(
+        timedelta(seconds=30), description="First retry delay, 100ms to 1d; doubles each attempt."
+    )
+    retry_max: Annotated[Duration, between("1s", "7d")] = Field(
+        timedelta(hours=1), description="Longest retry delay, 1s to 7d."
+    )
+
+
+#: Each body is held in memory while it is verified and stored.
+MAX_BODY_BYTES = 100 * 1024 * 1024
 
 
 class LimitsSpec(_Strict):
-    max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Larger webhook bodies get 413.")
+    max_body_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        le=MAX_BODY_BYTES,
+        description=f"Larger webhook bodies get 413; 1024 to {MAX_BODY_BYTES} (100 MiB).",
+    )
 
 
 class LoggingSpec(_Strict):
@@ -421,14 +506,26 @@ def load_config(
     """Read, validate and cross-check a deployment config; raise ConfigError with every problem."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read config: {exc.strerror}"]) from None
     report = _Report(path)
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = len(raw[raw.rfind(b"\n", 0, exc.start) + 1 : exc.start].decode("utf-8", "replace")) + 1
+        raise ConfigError(
+            [report.format_at((line, column), (), f"not UTF-8 (byte {raw[exc.start]:#04x}): save the file as UTF-8")]
+        ) from None
+    try:
         data, report.marks, yaml_problems = yamlmarks.load(text, env)
     except yamlmarks.YamlProblem as exc:
         raise ConfigError([report.format_at(exc.mark, exc.path, exc.message)]) from None
+    except yamlmarks.YamlProblems as exc:
+        for problem in exc.problems:
+            report.add(problem.path, problem.message, problem.mark)
+        report.raise_if_any()
     for problem in yaml_problems:
         report.add(problem.path, problem.message, problem.mark)
     if not isinstance(data, dict):
@@ -462,8 +559,14 @@ def _resolve_plugins(settings: Settings, data: dict[str, Any], registry: Registr
                 continue
             options = dict(options)
             plugin = options.pop("plugin", None)
+            available = ", ".join(sorted(known)) or "none installed"
+            if plugin is not None and not isinstance(plugin, str):
+                report.add(
+                    (*where, "plugin"),
+                    f"`plugin` names a plugin (available: {available}; see `declic plugins`), not {_short(plugin)}",
+                )
+                continue
             if plugin not in known:
-                available = ", ".join(sorted(known)) or "none installed"
                 report.add(
                     (*where, "plugin") if plugin else where,
                     f"unknown plugin {plugin!r} (available: {available}; see `declic plugins`)"
@@ -509,7 +612,14 @@ def _check_rules(settings: Settings, registry: Registry, pm: pluggy.PluginManage
                 report.add(
                     (*send_where, "via"), f"no sink named {step.send.via!r} under `sinks:` (configured: {sinks})"
                 )
-            if "txt" not in template_files(templates_dir, step.send.template):
+            try:
+                found = "txt" in template_files(templates_dir, step.send.template)
+            except OSError as exc:  # a name the file system refuses, before any length limit applies
+                report.add(
+                    (*send_where, "template"), f"cannot look for template {step.send.template!r}: {exc.strerror}"
+                )
+                continue
+            if not found:
                 report.add(
                     (*send_where, "template"), f"template {step.send.template}.txt.j2 not found in {templates_dir}"
                 )
@@ -551,7 +661,12 @@ def _check_confirmation(settings: Settings, report: _Report) -> None:
     sink = settings._sinks.get(confirmation.via)
     if sink is None or sink[0].channel != "email":
         report.add((*where, "via"), f"{confirmation.via!r} is not an e-mail sink under `sinks:`")
-    if "txt" not in template_files(settings.templates_dir, confirmation.template):
+    try:
+        found = "txt" in template_files(settings.templates_dir, confirmation.template)
+    except OSError as exc:  # a name the file system refuses
+        report.add((*where, "template"), f"cannot look for template {confirmation.template!r}: {exc.strerror}")
+        found = True
+    if not found:
         report.add(
             (*where, "template"),
             f"template {confirmation.template}.txt.j2 not found in {settings.templates_dir}",
@@ -593,13 +708,21 @@ class _Report:
     def add_validation(self, exc: ValidationError, prefix: yamlmarks.Path) -> None:
         for err in exc.errors():
             loc = tuple(part for part in err["loc"] if not (isinstance(part, str) and "[" in part))
-            where = (*prefix, *loc)
+            where = self._as_written((*prefix, *loc))
             key_mark = self.marks.get((*where, yamlmarks.KEY)) if err["type"] == "extra_forbidden" else None
             self.add(where, _message(err), key_mark)
 
+    def _as_written(self, where: yamlmarks.Path) -> yamlmarks.Path:
+        """The path as the config spells it: `scoring: {email.opened: 1}` is validated as points.email.opened.points."""
+        if where[:2] == ("scoring", "points") and len(where) > 2 and ("scoring", "points") not in self.marks:
+            where = ("scoring", *where[2:])
+            if where[-1] == "points" and where not in self.marks:
+                where = where[:-1]
+        return where
+
     def format_at(self, mark: yamlmarks.Mark, where: yamlmarks.Path, message: str) -> str:
-        dotted = format_path(where)
-        return f"{self.path}:{mark[0]}:{mark[1]}: {dotted + ': ' if dotted else ''}{message}"
+        said = _clip(_printable(f"{format_path(where) + ': ' if where else ''}{message}"))
+        return _printable(f"{self.path}:{mark[0]}:{mark[1]}: ") + said
 
     def _mark(self, where: yamlmarks.Path) -> yamlmarks.Mark:
         for end in range(len(where), -1, -1):
@@ -612,10 +735,32 @@ class _Report:
             raise ConfigError([text for _, text in sorted(self.problems, key=lambda p: p[0])])
 
 
+def _clip(text: str) -> str:
+    """Shorten each very long word (a 5,000-digit value echoed back, a 300-character key) to its ends."""
+    return re.sub(r"\S{120,}", lambda m: f"{m[0][:60]}...{m[0][-30:]}", text)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
+
+
+def _printable(line: str) -> str:
+    """One line of printable text: a key may hold a newline, a control character or a lone surrogate."""
+    if line.isprintable():
+        return line
+    return "".join(c if c.isprintable() and not 0xD800 <= ord(c) <= 0xDFFF else repr(c)[1:-1] for c in line)
+
+
 def format_path(path: yamlmarks.Path) -> str:
     out = ""
     for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not isinstance(part, str) or not part.strip() or part != part.strip():
+            out += f"[{part!r}]"  # a key of spaces, or none, must still show in `path: message`
+        else:
+            out += f".{part}" if out else part
     return out
 
 

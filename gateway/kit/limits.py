@@ -11,17 +11,32 @@ from types import TracebackType
 from .durations import parse_duration
 
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(\S+)\s*$")
+#: A rate's bounds: COUNT from 1 to MAX_RATE_COUNT, per 1ms to 7d (a weekly provider quota).
+MAX_RATE_COUNT = 1_000_000
+MIN_RATE_PERIOD = timedelta(milliseconds=1)
+MAX_RATE_PERIOD = timedelta(days=7)
+RATE_BOUNDS = f"COUNT from 1 to {MAX_RATE_COUNT}, DURATION from 1ms to 7d"
 
 
 def parse_rate(value: str) -> tuple[int, timedelta]:
     """`100/10s` -> (100, 10 s); `5/1s`; `1000/1h`."""
     match = _RATE.match(value)
-    if not match or int(match.group(1)) == 0:
-        raise ValueError(f"invalid rate {value!r}: write COUNT/DURATION, as 100/10s")
     try:
-        return int(match.group(1)), parse_duration(match.group(2))
+        if not match:
+            raise ValueError
+        period = parse_duration(match.group(2))
     except ValueError:
-        raise ValueError(f"invalid rate {value!r}: write COUNT/DURATION, as 100/10s") from None
+        raise ValueError(f"invalid rate {_short(value)}: write COUNT/DURATION, as 100/10s") from None
+    digits = match.group(1)
+    if len(digits.lstrip("0")) > 7 or not 1 <= int(digits) <= MAX_RATE_COUNT:
+        raise ValueError(f"invalid rate {_short(value)}: {RATE_BOUNDS}")
+    if not MIN_RATE_PERIOD <= period <= MAX_RATE_PERIOD:
+        raise ValueError(f"invalid rate {_short(value)}: {RATE_BOUNDS}")
+    return int(digits), period
+
+
+def _short(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:40] + "...")
 
 
 class SendLimiter:

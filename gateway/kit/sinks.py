@@ -8,16 +8,28 @@ from typing import Any, ClassVar
 
 from pydantic import Field, field_validator
 
-from .limits import SendLimiter, parse_rate
+from .limits import RATE_BOUNDS, SendLimiter, parse_rate
 from .sources import Deployment, PluginConfig
+
+#: Seconds: a send holds a concurrency slot and a job's lease while it waits.
+MAX_SEND_TIMEOUT = 600.0
 
 
 class SinkConfig(PluginConfig):
     """Options every sink has: what it may ask of its provider at once and per period."""
 
-    concurrency: int = Field(10, ge=1, le=1000, description="Sends in flight at once through this sink.")
-    rate: str | None = Field(None, description="At most COUNT sends per DURATION, e.g. 100/10s; default: no limit.")
-    timeout: float = Field(30.0, gt=0, description="Seconds before a provider call counts as failed (and is retried).")
+    concurrency: int = Field(10, ge=1, le=1000, description="Sends in flight at once through this sink, 1 to 1000.")
+    rate: str | None = Field(
+        None,
+        description=f"At most COUNT sends per DURATION, e.g. 100/10s ({RATE_BOUNDS}); default: no limit.",
+    )
+    timeout: float = Field(
+        30.0,
+        ge=0.1,
+        le=MAX_SEND_TIMEOUT,
+        allow_inf_nan=False,
+        description=f"Seconds before a provider call counts as failed (and is retried), 0.1 to {MAX_SEND_TIMEOUT:g}.",
+    )
 
     @field_validator("rate")
     @classmethod
