@@ -221,6 +221,24 @@ class ScoringSpec(_Strict):
         return {"half_life": data.get("half_life"), "points": points}
 
 
+class TemplateLimitsSpec(_Strict):
+    """What rendering one message may cost; past either limit the step fails, without retries."""
+
+    cpu_time: Duration = Field(
+        timedelta(seconds=2),
+        ge=timedelta(milliseconds=10),
+        le=timedelta(minutes=1),
+        description="CPU time to render one message, all its parts together (10ms to 1m).",
+    )
+    output_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="Size of one rendered message, all its parts together, and of any value built on the way "
+        "(1 KiB to 64 MiB).",
+    )
+
+
 class WorkerSpec(_Strict):
     poll_interval: Duration = Field(timedelta(seconds=1), description="Look for due jobs at least this often.")
     batch_size: int = Field(50, ge=1, le=1000, description="Jobs claimed per query.")
@@ -238,6 +256,9 @@ class WorkerSpec(_Strict):
     max_attempts: int = Field(12, ge=1, description="Attempts before a step goes to the dead letter.")
     retry_base: Duration = Field(timedelta(seconds=30), description="First retry delay; doubles each attempt.")
     retry_max: Duration = Field(timedelta(hours=1), description="Longest retry delay.")
+    templates: TemplateLimitsSpec = Field(
+        default_factory=TemplateLimitsSpec, description="Limits on rendering a message (CPU time, size)."
+    )
 
 
 class LimitsSpec(_Strict):
