@@ -62,7 +62,7 @@ sinks:
 worker:
   retry_base: 10s
   max_attempts: {max_attempts}
-policies:
+{worker}policies:
   consent: {{email: required}}
 rules:
 {rules}
@@ -202,10 +202,16 @@ async def deploy(aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCat
         max_attempts: int = 5,
         role: str = "web",
         smtp_port: int | None = None,
+        worker: str = "",
     ) -> Deployment:
         text = (
             BASE_CONFIG.format(
-                db_url=db_url, secret=SECRET, smtp_port=smtp_port or smtp.port, rules=rules, max_attempts=max_attempts
+                db_url=db_url,
+                secret=SECRET,
+                smtp_port=smtp_port or smtp.port,
+                rules=rules,
+                max_attempts=max_attempts,
+                worker=worker,
             )
             + extra
         )

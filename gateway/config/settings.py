@@ -335,6 +335,22 @@ class ScoringSpec(_Strict):
         return {"half_life": data.get("half_life"), "points": points}
 
 
+class TemplateLimitsSpec(_Strict):
+    """What rendering one message may cost; past either limit the step fails, without retries."""
+
+    cpu_time: Annotated[Duration, between("10ms", "1m")] = Field(
+        timedelta(seconds=2),
+        description="CPU time to render one message, all its parts together (10ms to 1m).",
+    )
+    output_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="Size of one rendered message, all its parts together, and of any value built on the way "
+        "(1024 to 67108864 bytes: 1 KiB to 64 MiB).",
+    )
+
+
 class WorkerSpec(_Strict):
     poll_interval: Annotated[Duration, between("10ms", "1m")] = Field(
         timedelta(seconds=1), description="Look for due jobs at least this often; 10ms to 1m."
@@ -366,6 +382,9 @@ class WorkerSpec(_Strict):
     )
     retry_max: Annotated[Duration, between("1s", "7d")] = Field(
         timedelta(hours=1), description="Longest retry delay, 1s to 7d."
+    )
+    templates: TemplateLimitsSpec = Field(
+        default_factory=TemplateLimitsSpec, description="Limits on rendering a message (CPU time, size)."
     )
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -18,7 +20,7 @@ from ..config.settings import CONFIRM_RULE
 from ..errors import TemplateProblem
 from ..insight import journal
 from ..kit.sinks import DeliveryResult, Message, Outcome, SendContext, Sink
-from ..kit.templating import render_message
+from ..kit.templating import RenderLimits, render_message
 from ..pipeline import contacts
 from ..pipeline.eventlog import load_event
 from ..pipeline.router import CompiledRule, Router
@@ -36,6 +38,39 @@ D = DELIVERIES.c
 E = ENROLMENTS.c
 #: Outcomes after which a step is over, whatever happens to its job afterwards.
 FINAL = ("sent", "suppressed", "address_invalid", "opted_out")
+#: Threads that render messages: a slow template holds one of them, never the database thread or the event
+#: loop. A few, not one per step: the GIL runs one at a time anyway, and a slow render must not stop the rest.
+RENDER_THREADS = 4
+
+
+@functools.cache
+def _renderers() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix="declic-render")
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A message before rendering: prepared in a transaction, rendered outside it by call_sink."""
+
+    env: jinja2.Environment
+    template: str
+    variables: dict[str, Any]
+    limits: RenderLimits
+    to: str
+    idempotency_key: str
+    headers: dict[str, str]
+
+    def render(self) -> Message:
+        """Blocking and CPU-bound within `limits`; raises TemplateProblem."""
+        parts = render_message(self.env, self.template, self.variables, self.limits)
+        return Message(
+            to=self.to,
+            text=parts["txt"],
+            subject=parts.get("subject"),
+            html=parts.get("html"),
+            idempotency_key=self.idempotency_key,
+            headers=self.headers,
+        )
 
 
 @dataclass(frozen=True)
@@ -47,7 +82,7 @@ class Send:
     enrolment_id: int
     contact_id: int
     sink: Sink
-    message: Message
+    draft: Draft
     context: SendContext
 
 
@@ -115,28 +150,20 @@ class StepRunner:
         if deferral is not None:
             self._defer(conn, step, deferral, now)
             return None
-        try:
-            parts = render_message(self.env, spec.send.template, context)
-        except TemplateProblem as exc:
-            self._record(conn, step, "failed", str(exc), now)
-            jobqueue.finish(conn, job, self.worker_id, now, "dead", str(exc))
-            journal.record(
-                conn, now, rule.name, step.contact_id, "failed", step=job.step + 1, via=step.sink.key, reason=str(exc)
-            )
-            log.error("template failed", rule=rule.name, step=job.step + 1, error=str(exc))
-            return None
         if self._capped(rule):
             self._record(conn, step, "sending", None, now, sent_at=now)  # holds its slot under the cap
-        message = Message(
-            to=step.sink.address(contact) or "",
-            text=parts["txt"],
-            subject=parts.get("subject"),
-            html=parts.get("html"),
-            idempotency_key=key,
-            headers=headers,
+        limits = self.worker_spec.templates
+        draft = Draft(
+            self.env,
+            spec.send.template,
+            context,
+            RenderLimits(limits.cpu_time.total_seconds(), limits.output_bytes),
+            step.sink.address(contact) or "",
+            key,
+            headers,
         )
         send_context = SendContext(rule.name, job.step + 1, rule.spec.kind, dict(contact), event)
-        return Send(job, rule, enrolment.id, step.contact_id, step.sink, message, send_context)
+        return Send(job, rule, enrolment.id, step.contact_id, step.sink, draft, send_context)
 
     def _unsubscribe(
         self, conn: Connection, rule: CompiledRule, sink: Sink, contact_id: int
@@ -232,7 +259,7 @@ class StepRunner:
         """Store the sink's answer and move the journey on, in one transaction."""
         now = self.clock.now()
         job, rule = send.job, send.rule
-        step = Step(job, rule, send.enrolment_id, send.contact_id, send.message.idempotency_key, send.sink)
+        step = Step(job, rule, send.enrolment_id, send.contact_id, send.draft.idempotency_key, send.sink)
         number, via = job.step + 1, send.sink.key
         if result.invalid_addresses and result.outcome is not Outcome.ADDRESS_INVALID:
             contacts.forget_addresses(conn, send.contact_id, send.sink.channel, result.invalid_addresses, now)
@@ -266,7 +293,7 @@ class StepRunner:
                 via=via,
                 reason=f"address invalid: {result.error}",
             )
-            addresses = result.invalid_addresses or (send.message.to,)
+            addresses = result.invalid_addresses or (send.draft.to,)
             contacts.forget_addresses(conn, send.contact_id, send.sink.channel, addresses, now)
             self._advance(conn, step, now)
         elif result.outcome is Outcome.RETRY and job.attempts < self.worker_spec.max_attempts:
@@ -358,10 +385,19 @@ def idempotency_key(rule: str, contact_id: int, occurrence: str, step: int) -> s
 
 
 async def call_sink(send: Send) -> DeliveryResult:
-    """Sinks must not raise for remote failures; one that does is retried, not allowed to stop the worker."""
+    """Render the message, then send it.
+
+    A template that fails or goes over its limits fails the step for good: the same template with the same
+    data would fail again. Sinks must not raise for remote failures; one that does is retried, not allowed
+    to stop the worker.
+    """
+    try:
+        message = await asyncio.get_running_loop().run_in_executor(_renderers(), send.draft.render)
+    except TemplateProblem as exc:  # the worker logs the outcome, the journal keeps the reason
+        return DeliveryResult.permanent(str(exc))
     try:
         async with send.sink.limiter:
-            return await send.sink.send(send.message, send.context)
+            return await send.sink.send(message, send.context)
     except Exception as exc:
         log.exception("sink raised", sink=send.sink.key, rule=send.rule.name)
         return DeliveryResult.retry(f"{type(send.sink).__name__}.send raised {exc!r}")
