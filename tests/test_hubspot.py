@@ -399,7 +399,26 @@ class FakeHubSpot:
         found = self.objects.get((request.match_info["kind"], request.match_info["id"]))
         if found is None:
             return web.json_response(NOT_FOUND, status=404, headers=RATE_OK)
-        return web.json_response(found, headers=RATE_OK)
+        return web.json_response(answer(found, request.query), headers=RATE_OK)
+
+
+#: What the CRM v3 API returns whatever `properties` asks for.
+ALWAYS_RETURNED = {"hs_object_id", "createdate", "lastmodifieddate"}
+
+
+def answer(stored: dict[str, Any], query: Any) -> dict[str, Any]:
+    """HubSpot's read contract: the properties asked for (null when unset), and `propertiesWithHistory` only for
+    the properties named in that parameter."""
+    names = [n for n in query.get("properties", "").split(",") if n]
+    wanted_history = [n for n in query.get("propertiesWithHistory", "").split(",") if n]
+    reply = {k: v for k, v in stored.items() if k != "propertiesWithHistory"}
+    if names and "properties" in stored:
+        props = stored["properties"]
+        reply["properties"] = {n: props.get(n) for n in names} | {n: props[n] for n in ALWAYS_RETURNED if n in props}
+    if wanted_history:
+        history = stored.get("propertiesWithHistory") or {}
+        reply["propertiesWithHistory"] = {n: history[n] for n in wanted_history if n in history}
+    return reply
 
 
 @pytest.fixture
