@@ -3,7 +3,8 @@
 HubSpot posts a JSON array of notifications that carry object ids only. `verify` checks the
 signature version the headers announce, over the raw bytes. `normalize` runs after the
 acknowledgement: it fetches each contact or deal from the CRM v3 API with the private app's
-token, so that events name a reachable person (e-mail, phone, names).
+token, so that events name a reachable person (e-mail, phone, names) and carry the consent
+that the contact properties named in `consent` state, dated by HubSpot.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import math
 import re
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -24,12 +25,14 @@ from typing import Any
 import aiohttp
 import structlog
 from aiohttp import web
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from yarl import URL
 
 from gateway import (
     BadRequest,
     Clock,
+    ConsentState,
+    ConsentStatement,
     ContactRef,
     Deployment,
     Event,
@@ -65,6 +68,69 @@ _DECODED = {
 _ESCAPED = re.compile("|".join(_DECODED), re.IGNORECASE)
 _NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 _PROPERTY_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+#: HubSpot's "Unsubscribed from all email": set to true when a contact opts out of all e-mail.
+OPT_OUT = "hs_email_optout"
+#: One e-mail subscription type's opt-out: hs_email_optout_<subscription id>.
+_SUBSCRIPTION_OPT_OUT = re.compile(OPT_OUT + r"_([0-9]+)")
+
+
+def _property_name(name: str) -> str:
+    if not _PROPERTY_NAME.fullmatch(name):
+        raise ValueError(f"{name!r} is not a HubSpot property's internal name")
+    return name
+
+
+class ConsentRule(BaseModel):
+    """One contact property that states consent on one channel, and which of its values mean what."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    property: str = Field(
+        description="The contact property's internal name: hs_email_optout (unsubscribed from all e-mail), "
+        "hs_email_optout_ followed by an e-mail subscription type's id, or a property of your own."
+    )
+    channel: str = Field(
+        "email",
+        pattern=r"^[a-z][a-z0-9_]*$",
+        description="The channel it speaks for, as in policies.consent: email, sms...",
+    )
+    withdrawn: list[str] = Field(
+        default_factory=list,
+        description='Values that mean consent is withdrawn, compared ignoring case (HubSpot sends checkboxes as "true" '
+        'and "false").',
+    )
+    granted: list[str] = Field(
+        default_factory=list,
+        description="Values that mean consent is given. Empty: the property never grants consent. Other values, "
+        "and an empty property, state nothing.",
+    )
+
+    @field_validator("property")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        return _property_name(name)
+
+    @field_validator("withdrawn", "granted")
+    @classmethod
+    def _values(cls, values: list[str]) -> list[str]:
+        return [value.strip().lower() for value in values]
+
+    @model_validator(mode="after")
+    def _one_meaning_per_value(self) -> ConsentRule:
+        if both := sorted(set(self.withdrawn) & set(self.granted)):
+            raise ValueError(f"{self.property}: {', '.join(both)} cannot both grant and withdraw consent")
+        return self
+
+    def state(self, value: Any) -> ConsentState | None:
+        """What the property's value says; None when it says nothing (unlisted, empty, or not a string)."""
+        text = value.strip().lower() if isinstance(value, str) else ""
+        if text and text in self.withdrawn:
+            return "withdrawn"
+        return "granted" if text and text in self.granted else None
+
+
+#: Without a rule of the config's own for hs_email_optout, its "true" withdraws e-mail consent.
+DEFAULT_RULE = ConsentRule(property=OPT_OUT, channel="email", withdrawn=["true"])
 
 
 class HubSpotConfig(PluginConfig):
@@ -81,15 +147,27 @@ class HubSpotConfig(PluginConfig):
         description="Extra contact properties to fetch into the contact's attributes, besides email, phone, "
         "firstname, lastname and lifecyclestage.",
     )
+    consent: list[ConsentRule] = Field(
+        default_factory=lambda: [DEFAULT_RULE],
+        description="Contact properties that state consent, each with its channel and the values that withdraw or "
+        "grant it, dated by the time HubSpot changed them. Whatever is listed, hs_email_optout: true withdraws "
+        "e-mail consent unless a rule names hs_email_optout itself. Nothing grants consent unless a rule lists "
+        "granted values.",
+    )
     api_base: str = Field("https://api.hubapi.com", description="Base URL of the HubSpot API.")
 
     @field_validator("properties")
     @classmethod
     def _property_names(cls, names: list[str]) -> list[str]:
-        for name in names:
-            if not _PROPERTY_NAME.fullmatch(name):
-                raise ValueError(f"{name!r} is not a HubSpot property's internal name")
-        return names
+        return [_property_name(name) for name in names]
+
+    @field_validator("consent")
+    @classmethod
+    def _consent_rules(cls, rules: list[ConsentRule]) -> list[ConsentRule]:
+        pairs = [(rule.property, rule.channel) for rule in rules]
+        if len(set(pairs)) < len(pairs):
+            raise ValueError("a property is listed twice for the same channel")
+        return rules if OPT_OUT in {rule.property for rule in rules} else [*rules, DEFAULT_RULE]
 
 
 # -- signatures ------------------------------------------------------------------------------------
@@ -185,7 +263,8 @@ class HubSpot(Source):
 
     async def normalize(self, raw: RawCall) -> list[Event]:
         notifications = parse_notifications(raw.body)
-        lookup = Lookup(self.crm, self._remembered(raw.id), tuple(self.config.properties))
+        config = self.config
+        lookup = Lookup(self.crm, self._remembered(raw.id), tuple(config.properties), tuple(config.consent))
         try:
             events = await _events(notifications, raw, lookup)
         except RetryLater:
@@ -389,11 +468,15 @@ class Lookup:
     crm: Crm | None
     found: dict[tuple[str, str], dict[str, Any] | None]
     attribute_names: tuple[str, ...]
+    consent: Sequence[ConsentRule] = ()
     contact_params: dict[str, str] = field(init=False)
 
     def __post_init__(self) -> None:
-        names = dict.fromkeys([*CONTACT_PROPERTIES, *self.attribute_names])
+        watched = list(dict.fromkeys(rule.property for rule in self.consent if rule.withdrawn or rule.granted))
+        names = dict.fromkeys([*CONTACT_PROPERTIES, *self.attribute_names, *watched])
         self.contact_params = {"properties": ",".join(names)}
+        if watched:  # the history dates each value: when the person opted out, not when we asked
+            self.contact_params["propertiesWithHistory"] = ",".join(watched)
 
     async def contact(self, object_id: str) -> dict[str, Any] | None:
         return await self._fetch("contacts", object_id, self.contact_params)
@@ -407,6 +490,90 @@ class Lookup:
         if (kind, object_id) not in self.found:
             self.found[kind, object_id] = await self.crm.get(f"/crm/v3/objects/{kind}/{object_id}", params)
         return self.found[kind, object_id]
+
+
+# -- consent ---------------------------------------------------------------------------------------
+
+#: (channel, statement) pairs, several per channel when several properties speak for it.
+Statements = Sequence[tuple[str, ConsentStatement]]
+
+
+def notified_consent(item: dict[str, Any], when: datetime, object_id: str, rules: Sequence[ConsentRule]) -> Statements:
+    """What a property change says, stated when it occurred; an opt-out is something the person did."""
+    name, value = item.get("propertyName"), item.get("propertyValue")
+    origin = {"portal_id": item.get("portalId"), "object_id": object_id}
+    stated_at = when if item.get("occurredAt") is not None else None  # without it, the event dates an opt-out
+    found = []
+    for rule in rules:
+        if rule.property == name and (state := rule.state(value)) is not None:
+            shown = _evidence(rule, value, origin, change_source=item.get("changeSource"), event_id=item.get("eventId"))
+            statement = ConsentStatement(state=state, stated_at=stated_at, action=state == "withdrawn", evidence=shown)
+            found.append((rule.channel, statement))
+    return found
+
+
+def recorded_consent(found: dict[str, Any] | None, rules: Sequence[ConsentRule], origin: dict[str, Any]) -> Statements:
+    """What the fetched record says, dated by the property's history; undated, it is a mere snapshot."""
+    props = (found or {}).get("properties") or {}
+    histories = (found or {}).get("propertiesWithHistory") or {}
+    statements = []
+    for rule in rules:
+        newest = _newest(histories.get(rule.property)) or {}
+        value = props.get(rule.property)
+        value = newest.get("value") if value is None else value
+        if (state := rule.state(value)) is None:
+            continue
+        stated_at = _stamp(newest.get("timestamp")) if newest.get("value") == value else None
+        shown = _evidence(rule, value, origin, source_type=newest.get("sourceType"))
+        action = state == "withdrawn" and stated_at is not None
+        statement = ConsentStatement(state=state, stated_at=stated_at, action=action, evidence=shown)
+        statements.append((rule.channel, statement))
+    return statements
+
+
+def latest(statements: Statements) -> dict[str, ConsentStatement]:
+    """One statement per channel, the one HubSpot dates last; dated beats undated, a withdrawal wins a tie,
+    and otherwise the first listed stays."""
+    chosen: dict[str, ConsentStatement] = {}
+    for channel, statement in statements:
+        if channel not in chosen or _rank(statement) > _rank(chosen[channel]):
+            chosen[channel] = statement
+    return chosen
+
+
+def _rank(statement: ConsentStatement) -> tuple[bool, datetime, bool]:
+    return statement.stated_at is not None, statement.stated_at or _EPOCH, statement.state == "withdrawn"
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _newest(history: Any) -> dict[str, Any] | None:
+    """The property's current value in `propertiesWithHistory`: the latest entry, whatever the list's order."""
+    entries = history if isinstance(history, list) else []
+    dated = [(when, e) for e in entries if isinstance(e, dict) and (when := _stamp(e.get("timestamp")))]
+    return max(dated, key=lambda pair: pair[0])[1] if dated else None
+
+
+def _stamp(value: Any) -> datetime | None:
+    """A history timestamp: ISO 8601 in CRM v3 (epoch milliseconds taken too)."""
+    try:
+        if isinstance(value, str):
+            moment = datetime.fromisoformat(value)
+            return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return datetime.fromtimestamp(value / 1000, UTC)
+    except (ValueError, OverflowError, OSError):
+        pass
+    return None
+
+
+def _evidence(rule: ConsentRule, value: Any, origin: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """What shows the statement: the property and its value, the portal and record, the subscription type."""
+    subscription = _SUBSCRIPTION_OPT_OUT.fullmatch(rule.property)
+    shown = {"property": rule.property, "value": value, **origin, **extra}
+    shown["subscription_id"] = subscription.group(1) if subscription else None
+    return {key: v for key, v in shown.items() if v is not None}
 
 
 # -- notifications -> events -----------------------------------------------------------------------
@@ -431,7 +598,12 @@ async def _events(notifications: list[dict[str, Any]], raw: RawCall, lookup: Loo
     return events
 
 
-def contact_ref(object_id: str, found: dict[str, Any] | None, attribute_names: tuple[str, ...]) -> ContactRef:
+def contact_ref(
+    object_id: str,
+    found: dict[str, Any] | None,
+    attribute_names: tuple[str, ...],
+    consent: dict[str, ConsentStatement] | None = None,
+) -> ContactRef:
     """The contact as HubSpot has it now; with ids only when it could not be fetched."""
     props = (found or {}).get("properties") or {}
 
@@ -447,7 +619,16 @@ def contact_ref(object_id: str, found: dict[str, Any] | None, attribute_names: t
         last_name=text("lastname"),
         external_ids={"hubspot": object_id},
         attributes=attributes,
+        consent=consent or {},
     )
+
+
+def person(
+    object_id: str, found: dict[str, Any] | None, item: dict[str, Any], lookup: Lookup, notified: Statements = ()
+) -> ContactRef:
+    """The contact with the consent its record states, and what a property change just told (`notified`)."""
+    recorded = recorded_consent(found, lookup.consent, {"portal_id": item.get("portalId"), "object_id": object_id})
+    return contact_ref(object_id, found, lookup.attribute_names, latest([*notified, *recorded]))
 
 
 def _base_properties(item: dict[str, Any], object_id: str, found: bool | None = None) -> dict[str, Any]:
@@ -471,11 +652,13 @@ async def contact_event(kind: str, item: dict[str, Any], when: datetime, lookup:
     found = await lookup.contact(object_id)
     properties = _base_properties(item, object_id, found is not None)
     correlation = [f"hubspot-contact:{object_id}"]
+    notified: Statements = ()
     if kind == "contact.propertyChange":
         name, value = str(item["propertyName"]), item.get("propertyValue")
         properties.update(name=name, value=value, number=_number(value))
         correlation.insert(0, _change_key(correlation[0], name, value))
-    contact = contact_ref(object_id, found, lookup.attribute_names)
+        notified = notified_consent(item, when, object_id, lookup.consent)
+    contact = person(object_id, found, item, lookup, notified)
     return [
         Event(
             type=CONTACT_TYPES[kind], occurred_at=when, contact=contact, properties=properties, correlation=correlation
@@ -513,7 +696,7 @@ async def merge_event(kind: str, item: dict[str, Any], when: datetime, lookup: L
         Event(
             type="contact.merged",
             occurred_at=when,
-            contact=contact_ref(survivor, found, lookup.attribute_names),
+            contact=person(survivor, found, item, lookup),
             properties=properties,
             correlation=[f"hubspot-contact:{i}" for i in [survivor, *others]],
         )
@@ -551,7 +734,7 @@ async def deal_event(kind: str, item: dict[str, Any], when: datetime, lookup: Lo
         "close_date": props.get("closedate"),
         "contact_id": contact_id,
     }
-    contact = contact_ref(contact_id, await lookup.contact(contact_id), lookup.attribute_names)
+    contact = person(contact_id, await lookup.contact(contact_id), item, lookup)
     event_type = "deal.created" if kind == "deal.creation" else "deal.stage_changed"
     return [Event(type=event_type, occurred_at=when, contact=contact, properties=properties, correlation=correlation)]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -9,6 +10,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
+from urllib.parse import urlsplit
 
 import pytest
 from aiohttp import web
@@ -17,7 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from conftest import FIXTURES, SHARED_PAYLOADS
+from conftest import FIXTURES, SHARED_PAYLOADS, TEMPLATES, fixture_json
+from conftest import SECRET as SHOP_SECRET
+from conftest import Deployment as Running
 from declic_plugins.hubspot import (
     HubSpot,
     HubSpotConfig,
@@ -25,10 +30,10 @@ from declic_plugins.hubspot import (
     signature_v2,
     signature_v3,
 )
-from gateway import BadRequest, MalformedPayload, RawCall, SignatureError
+from gateway import BadRequest, Event, MalformedPayload, RawCall, SignatureError
 from gateway.config import load_config
 from gateway.errors import RetryLater
-from gateway.http.app import create_app
+from gateway.http.app import create_app, load
 from gateway.http.running import GATEWAY_KEY, RunningGateway
 from gateway.kit.clock import FakeClock
 from gateway.kit.sources import Deployment
@@ -78,10 +83,10 @@ def source(
     api_base: str = "http://127.0.0.1:1",
     token: str | None = TOKEN,
     properties: tuple[str, ...] = (),
+    consent: list[dict[str, Any]] | None = None,
 ) -> HubSpot:
-    config = HubSpotConfig.model_validate(
-        {"client_secret": secret, "app_token": token, "api_base": api_base, "properties": list(properties)}
-    )
+    given = {"client_secret": secret, "app_token": token, "api_base": api_base, "properties": list(properties)}
+    config = HubSpotConfig.model_validate(given if consent is None else {**given, "consent": consent})
     return HubSpot("crm", config, Deployment(public_url, "UTC", clock or FakeClock(NOW)))
 
 
@@ -399,7 +404,26 @@ class FakeHubSpot:
         found = self.objects.get((request.match_info["kind"], request.match_info["id"]))
         if found is None:
             return web.json_response(NOT_FOUND, status=404, headers=RATE_OK)
-        return web.json_response(found, headers=RATE_OK)
+        return web.json_response(answer(found, request.query), headers=RATE_OK)
+
+
+#: What the CRM v3 API returns whatever `properties` asks for.
+ALWAYS_RETURNED = {"hs_object_id", "createdate", "lastmodifieddate"}
+
+
+def answer(stored: dict[str, Any], query: Any) -> dict[str, Any]:
+    """HubSpot's read contract: the properties asked for (null when unset), and `propertiesWithHistory` only for
+    the properties named in that parameter."""
+    names = [n for n in query.get("properties", "").split(",") if n]
+    wanted_history = [n for n in query.get("propertiesWithHistory", "").split(",") if n]
+    reply = {k: v for k, v in stored.items() if k != "propertiesWithHistory"}
+    if names and "properties" in stored:
+        props = stored["properties"]
+        reply["properties"] = {n: props.get(n) for n in names} | {n: props[n] for n in ALWAYS_RETURNED if n in props}
+    if wanted_history:
+        history = stored.get("propertiesWithHistory") or {}
+        reply["propertiesWithHistory"] = {n: history[n] for n in wanted_history if n in history}
+    return reply
 
 
 @pytest.fixture
@@ -489,7 +513,10 @@ async def test_contact_notifications_become_events_in_time_order(crm: HubSpot, a
     # One fetch per contact; none for the erased or deleted ones, nor for the company.
     assert api.paths == ["/crm/v3/objects/contacts/201", "/crm/v3/objects/contacts/204"]
     _, query, auth = api.seen[0]
-    assert query == {"properties": "email,phone,firstname,lastname,lifecyclestage,hubspotscore"}
+    assert query == {
+        "properties": "email,phone,firstname,lastname,lifecyclestage,hubspotscore,hs_email_optout",
+        "propertiesWithHistory": "hs_email_optout",
+    }
     assert auth == f"Bearer {TOKEN}"
 
 
@@ -605,6 +632,373 @@ async def test_unused_subscriptions_give_no_event() -> None:
 def test_config_refuses_property_names_that_would_break_the_query() -> None:
     with pytest.raises(ValidationError, match="internal name"):
         HubSpotConfig.model_validate({"client_secret": "s", "properties": ["score,email"]})
+
+
+# -- consent: what HubSpot's properties state, dated by HubSpot -------------------------------------
+
+CAMILLE = "camille.durand@example.org"
+PORTAL = 8812345
+OWN = [{"property": "newsletter_opt_in", "granted": ["true"], "withdrawn": ["false"]}]
+SUBSCRIPTION = [{"property": "hs_email_optout_12345678", "withdrawn": ["true"]}]
+SMS = [{"property": "sms_consent", "channel": "sms", "granted": ["yes"], "withdrawn": ["no"]}]
+_event_ids = itertools.count(5000)
+
+
+def ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def stamp(moment: datetime) -> str:
+    """A history timestamp as the CRM v3 API writes it."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def record(
+    object_id: str = "501", source_type: str = "EMAIL", /, **history: list[tuple[str, datetime]]
+) -> dict[str, Any]:
+    """A contact as HubSpot keeps it: each property's history newest first, its value the newest one's."""
+    props = {"email": CAMILLE, "firstname": "Camille", "lastname": "Durand", "hs_object_id": object_id}
+    with_history: dict[str, list[dict[str, Any]]] = {}
+    for name, entries in history.items():
+        ordered = sorted(entries, key=lambda entry: entry[1], reverse=True)
+        props[name] = ordered[0][0]
+        with_history[name] = [{"value": v, "timestamp": stamp(t), "sourceType": source_type} for v, t in ordered]
+    moment = stamp(at(-86400))
+    return {
+        "id": object_id,
+        "properties": props,
+        "propertiesWithHistory": with_history,
+        "createdAt": moment,
+        "updatedAt": moment,
+        "archived": False,
+    }
+
+
+def undated(stored: dict[str, Any]) -> dict[str, Any]:
+    """A record whose history the API did not give."""
+    return {k: v for k, v in stored.items() if k != "propertiesWithHistory"}
+
+
+def oldest_first(stored: dict[str, Any]) -> dict[str, Any]:
+    history = {name: entries[::-1] for name, entries in stored["propertiesWithHistory"].items()}
+    return {**stored, "propertiesWithHistory": history}
+
+
+def change(name: str, value: str | None, moment: datetime | None, object_id: int = 501) -> dict[str, Any]:
+    item = {
+        "eventId": next(_event_ids),
+        "subscriptionId": 3200,
+        "portalId": PORTAL,
+        "subscriptionType": "contact.propertyChange",
+        "attemptNumber": 0,
+        "objectId": object_id,
+        "propertyName": name,
+        "propertyValue": value,
+        "changeSource": "EMAIL",
+    }
+    return item if moment is None else {**item, "occurredAt": ms(moment)}
+
+
+def creation(moment: datetime, object_id: int = 501) -> dict[str, Any]:
+    return {
+        "eventId": next(_event_ids),
+        "subscriptionId": 3201,
+        "portalId": PORTAL,
+        "occurredAt": ms(moment),
+        "subscriptionType": "contact.creation",
+        "objectId": object_id,
+    }
+
+
+Stated = dict[str, tuple[str, datetime | None, bool]]
+CONSENT_CASES: list[tuple[str, list[dict[str, Any]] | None, dict[str, Any], dict[str, Any] | None, Stated]] = [
+    (
+        "an opt-out of all e-mail, notified",
+        None,
+        change("hs_email_optout", "true", at(0)),
+        record(hs_email_optout=[("true", at(0))]),
+        {"email": ("withdrawn", at(0), True)},
+    ),
+    (
+        "an opt-out notified for a record deleted since (404)",
+        None,
+        change("hs_email_optout", "true", at(0)),
+        None,
+        {"email": ("withdrawn", at(0), True)},
+    ),
+    (
+        "hs_email_optout false grants nothing: HubSpot records no opt-in",
+        None,
+        change("hs_email_optout", "false", at(0)),
+        record(hs_email_optout=[("false", at(0)), ("true", at(-60))]),
+        {},
+    ),
+    (
+        "a fetched record dates the opt-out by the property's history",
+        None,
+        creation(at(60)),
+        record(hs_email_optout=[("true", at(-3600)), ("false", at(-7200))]),
+        {"email": ("withdrawn", at(-3600), True)},
+    ),
+    (
+        "history listed oldest first",
+        None,
+        creation(at(60)),
+        oldest_first(record(hs_email_optout=[("true", at(-3600)), ("false", at(-7200))])),
+        {"email": ("withdrawn", at(-3600), True)},
+    ),
+    (
+        "a record without history is an undated snapshot",
+        None,
+        creation(at(60)),
+        undated(record(hs_email_optout=[("true", at(-3600))])),
+        {"email": ("withdrawn", None, False)},
+    ),
+    (
+        "an empty opt-out states nothing",
+        None,
+        creation(at(60)),
+        record(hs_email_optout=[("", at(-3600))]),
+        {},
+    ),
+    (
+        "a change of another property carries the record's consent",
+        None,
+        change("lifecyclestage", "customer", at(0)),
+        record(hs_email_optout=[("true", at(-3600))]),
+        {"email": ("withdrawn", at(-3600), True)},
+    ),
+    (
+        "an opt-out without occurredAt: its event dates it",
+        None,
+        change("hs_email_optout", "true", None),
+        None,
+        {"email": ("withdrawn", None, True)},
+    ),
+    (
+        "one subscription type's opt-out",
+        SUBSCRIPTION,
+        change("hs_email_optout_12345678", "true", at(0)),
+        None,
+        {"email": ("withdrawn", at(0), True)},
+    ),
+    (
+        "values compared ignoring case and spaces",
+        SUBSCRIPTION,
+        change("hs_email_optout_12345678", " TRUE ", at(0)),
+        None,
+        {"email": ("withdrawn", at(0), True)},
+    ),
+    (
+        "a property of one's own grants when the config says so",
+        OWN,
+        change("newsletter_opt_in", "true", at(0)),
+        record(newsletter_opt_in=[("true", at(0))]),
+        {"email": ("granted", at(0), False)},
+    ),
+    (
+        "... and withdraws",
+        OWN,
+        change("newsletter_opt_in", "false", at(0)),
+        None,
+        {"email": ("withdrawn", at(0), True)},
+    ),
+    (
+        "values the config does not list state nothing",
+        OWN,
+        change("newsletter_opt_in", "maybe", at(0)),
+        None,
+        {},
+    ),
+    (
+        "another channel",
+        SMS,
+        change("sms_consent", "yes", at(0)),
+        None,
+        {"sms": ("granted", at(0), False)},
+    ),
+    (
+        "a late notification loses to the record's newer value",
+        OWN,
+        change("newsletter_opt_in", "true", at(0)),
+        record(newsletter_opt_in=[("false", at(300)), ("true", at(0))]),
+        {"email": ("withdrawn", at(300), True)},
+    ),
+    (
+        "a notification beats a record not yet up to date",
+        OWN,
+        change("newsletter_opt_in", "false", at(0)),
+        record(newsletter_opt_in=[("true", at(-3600))]),
+        {"email": ("withdrawn", at(0), True)},
+    ),
+    (
+        "two properties on one channel: the one changed last counts (an opt-out)",
+        OWN,
+        creation(at(60)),
+        record(newsletter_opt_in=[("true", at(-7200))], hs_email_optout=[("true", at(-3600))]),
+        {"email": ("withdrawn", at(-3600), True)},
+    ),
+    (
+        "two properties on one channel: the one changed last counts (an opt-in)",
+        OWN,
+        creation(at(60)),
+        record(newsletter_opt_in=[("true", at(-60))], hs_email_optout=[("true", at(-3600))]),
+        {"email": ("granted", at(-60), False)},
+    ),
+    (
+        "two properties changed at the same moment: the withdrawal wins",
+        OWN,
+        creation(at(60)),
+        record(newsletter_opt_in=[("true", at(-60))], hs_email_optout=[("true", at(-60))]),
+        {"email": ("withdrawn", at(-60), True)},
+    ),
+]
+
+
+def stated(event: Event) -> Stated:
+    return {channel: (s.state, s.stated_at, s.action) for channel, s in event.contact.consent.items()}
+
+
+@pytest.mark.parametrize(
+    ("case", "rules", "item", "stored", "expected"), CONSENT_CASES, ids=[c[0] for c in CONSENT_CASES]
+)
+async def test_consent_stated_by_hubspot(
+    api: FakeHubSpot,
+    case: str,
+    rules: list[dict[str, Any]] | None,
+    item: dict[str, Any],
+    stored: dict[str, Any] | None,
+    expected: Stated,
+) -> None:
+    if stored is not None:
+        api.objects["contacts", "501"] = stored
+    src = source(api_base=api.url, consent=rules)
+    await src.start()
+    try:
+        [event] = await src.normalize(raw(json.dumps([item]).encode()))
+    finally:
+        await src.close()
+    assert stated(event) == expected
+    rules_read = [rule["property"] for rule in rules or []] + ["hs_email_optout"]
+    assert api.seen[0][1]["propertiesWithHistory"].split(",") == rules_read  # HubSpot dates only what is asked
+
+
+async def test_consent_evidence_names_the_property_its_value_the_portal_and_the_subscription(
+    api: FakeHubSpot,
+) -> None:
+    api.objects["contacts", "501"] = record(hs_email_optout=[("true", at(-3600))])
+    api.objects["contacts", "502"] = record("502", hs_email_optout_12345678=[("true", at(-60))])
+    items = [change("hs_email_optout_12345678", "true", at(0), object_id=502), creation(at(60))]
+    src = source(api_base=api.url, consent=SUBSCRIPTION)
+    await src.start()
+    try:
+        notified, fetched = await src.normalize(raw(json.dumps(items).encode()))
+    finally:
+        await src.close()
+    assert notified.contact.consent["email"].evidence == {
+        "property": "hs_email_optout_12345678",
+        "value": "true",
+        "portal_id": PORTAL,
+        "object_id": "502",
+        "change_source": "EMAIL",
+        "event_id": items[0]["eventId"],
+        "subscription_id": "12345678",
+    }
+    assert fetched.contact.consent["email"].evidence == {
+        "property": "hs_email_optout",
+        "value": "true",
+        "portal_id": PORTAL,
+        "object_id": "501",
+        "source_type": "EMAIL",
+    }
+    assert api.seen[0][1] == {
+        "properties": "email,phone,firstname,lastname,lifecyclestage,hs_email_optout_12345678,hs_email_optout",
+        "propertiesWithHistory": "hs_email_optout_12345678,hs_email_optout",
+    }
+
+
+async def test_deals_and_merges_carry_their_contacts_consent(crm: HubSpot, api: FakeHubSpot) -> None:
+    lea = api.objects["contacts", "201"]
+    api.objects["contacts", "201"] = {
+        **lea,
+        "properties": {**lea["properties"], "hs_email_optout": "true"},
+        "propertiesWithHistory": {"hs_email_optout": [{"value": "true", "timestamp": stamp(at(-60))}]},
+    }
+    api.objects["contacts", "204"] = record("204", hs_email_optout=[("true", at(-120))])
+    deals = await crm.normalize(raw(fixture("deal_notifications.json")))
+    [merge] = [e for e in await crm.normalize(raw(BODY, inbox_id=8)) if e.type == "contact.merged"]
+    assert [stated(e) for e in deals] == [{"email": ("withdrawn", at(-60), True)}] * 2
+    assert deals[0].contact.consent["email"].evidence["portal_id"] == PORTAL
+    assert stated(merge) == {"email": ("withdrawn", at(-120), True)}
+
+
+async def test_without_app_token_only_property_changes_state_consent(api: FakeHubSpot) -> None:
+    items = [change("hs_email_optout", "true", at(0)), creation(at(60))]
+    events = await source(api_base=api.url, token=None).normalize(raw(json.dumps(items).encode()))
+    assert [stated(e) for e in events] == [{"email": ("withdrawn", at(0), True)}, {}]
+    assert api.seen == []
+
+
+def consent_rules(given: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    config = HubSpotConfig.model_validate({"client_secret": "s", **({} if given is None else {"consent": given})})
+    return [rule.model_dump() for rule in config.consent]
+
+
+OPT_OUT_RULE = {"property": "hs_email_optout", "channel": "email", "withdrawn": ["true"], "granted": []}
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (None, [OPT_OUT_RULE]),
+        ([], [OPT_OUT_RULE]),
+        (
+            [{"property": "sms_consent", "channel": "sms", "granted": ["Yes"]}],
+            [{"property": "sms_consent", "channel": "sms", "withdrawn": [], "granted": ["yes"]}, OPT_OUT_RULE],
+        ),
+        (
+            [{"property": "hs_email_optout", "withdrawn": []}],  # the default, switched off
+            [{**OPT_OUT_RULE, "withdrawn": []}],
+        ),
+    ],
+    ids=["default", "empty list", "own rules keep the opt-out", "a rule for hs_email_optout replaces it"],
+)
+def test_consent_config_keeps_hubspots_opt_out_unless_told(
+    given: list[dict[str, Any]] | None, expected: list[dict[str, Any]]
+) -> None:
+    assert consent_rules(given) == expected
+
+
+@pytest.mark.parametrize(
+    ("given", "reason"),
+    [
+        ({"property": "optout,email"}, "internal name"),
+        ({"property": "newsletter", "granted": ["Yes"], "withdrawn": ["yes "]}, "cannot both grant and withdraw"),
+        ({"property": "newsletter", "channel": "E-mail"}, "should match pattern"),
+        ({"property": "newsletter", "granted_when": "true"}, r"consent\.0\.granted_when\s+Extra inputs"),
+        ({"channel": "email"}, "property\n  Field required"),
+    ],
+)
+def test_consent_config_refuses_what_it_cannot_read(given: dict[str, Any], reason: str) -> None:
+    with pytest.raises(ValidationError, match=reason):
+        consent_rules([given])
+
+
+def test_consent_config_refuses_a_property_twice_on_one_channel() -> None:
+    with pytest.raises(ValidationError, match="listed twice"):
+        consent_rules([{"property": "newsletter", "granted": ["true"]}, {"property": "newsletter"}])
+
+
+async def test_a_switched_off_opt_out_is_neither_asked_for_nor_read(api: FakeHubSpot) -> None:
+    api.objects["contacts", "501"] = record(hs_email_optout=[("true", at(-3600))])
+    src = source(api_base=api.url, consent=[{"property": "hs_email_optout"}])
+    await src.start()
+    try:
+        [event] = await src.normalize(raw(json.dumps([creation(at(60))]).encode()))
+    finally:
+        await src.close()
+    assert event.contact.consent == {}
+    assert "propertiesWithHistory" not in api.seen[0][1]
 
 
 # -- API failures ------------------------------------------------------------------------------------
@@ -878,6 +1272,152 @@ ONE_CONTACT_SIGNED_BODY = (
     b'[{"eventId": 9, "subscriptionId": 1, "portalId": 8, "occurredAt": 1773478800000,'
     b' "subscriptionType": "contact.creation", "objectId": 201}]'
 )
+
+# -- end to end: HubSpot's consent against Shopify's and Declic's own unsubscribe ----------------------
+
+SHOP_AND_CRM = """\
+public_url: {public}
+storage: {{url: '{db_url}'}}
+policies: {{consent: {{email: required}}}}
+sources:
+  shop: {{plugin: shopify, secret: {shop_secret}}}
+  crm:
+    plugin: hubspot
+    client_secret: {secret}
+    app_token: {token}
+    api_base: '{api}'
+    consent:
+      - {{property: newsletter_opt_in, granted: ['true'], withdrawn: ['false']}}
+sinks:
+  email: {{plugin: smtp, host: 127.0.0.1, port: {smtp_port}, tls: none, sender: shop@example.com}}
+rules:
+  - name: abandoned-cart
+    when: checkout.started
+    steps:
+      - wait: 1h
+        send: {{via: email, template: cart-reminder}}
+"""
+
+
+class ConsentDeployment(Running):
+    async def post_hubspot(self, *items: dict[str, Any]) -> None:
+        body = json.dumps(list(items)).encode()
+        headers = v3_headers(body, stamp=now_ms(self.clock.now()))
+        response = await self.client.post("/hooks/crm", data=body, headers=headers)
+        assert response.status == 200, await response.text()
+
+    def email_consent(self) -> str:
+        [(consent,)] = self.rows("SELECT consent FROM contacts WHERE email = :email", email=CAMILLE)
+        return str(json.loads(consent)["email"]["state"])
+
+    def ledger(self) -> list[tuple[str, str, bool]]:
+        rows = self.rows("SELECT source, state, applied FROM consents WHERE channel = 'email' ORDER BY id")
+        return [(r.source, r.state, bool(r.applied)) for r in rows]
+
+
+@pytest.fixture
+async def shop_and_crm(
+    aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCatcher, api: FakeHubSpot
+) -> ConsentDeployment:
+    text = SHOP_AND_CRM.format(
+        public=PUBLIC,
+        db_url=db_url,
+        shop_secret=SHOP_SECRET,
+        secret=SECRET,
+        token=TOKEN,
+        api=api.url,
+        smtp_port=smtp.port,
+    )
+    settings, pm, _ = load(str(write_deployment(tmp_path, text, TEMPLATES)))
+    clock = FakeClock(datetime(2026, 3, 14, 8, 0, tzinfo=UTC))
+    app = create_app(settings, pm=pm, clock=clock, role="web")
+    return ConsentDeployment(await aiohttp_client(app), app[GATEWAY_KEY], clock, tmp_path)
+
+
+def checkout(token: str, *, consent: bool = True) -> bytes:
+    """Camille's checkout; her customer record says `subscribed` as of 2 January, or nothing at all."""
+    body = fixture_json("shopify/checkout.json")
+    body.update(token=token, id=abs(hash(token)) % 10**9)
+    if not consent:
+        del body["customer"]["email_marketing_consent"]
+    return json.dumps(body).encode()
+
+
+@pytest.mark.parametrize("told_by", ["a property change", "the record fetched for another change"])
+async def test_a_hubspot_opt_out_after_a_shopify_opt_in_blocks_marketing(
+    shop_and_crm: ConsentDeployment, api: FakeHubSpot, smtp: SmtpCatcher, told_by: str
+) -> None:
+    d = shop_and_crm
+    await d.post_shopify("checkouts/create", checkout("first"))
+    await d.advance(seconds=1)
+    assert d.email_consent() == "granted"
+    opted_out = d.clock.now()
+    api.objects["contacts", "501"] = record(hs_email_optout=[("true", opted_out), ("false", at(-86400 * 30))])
+    if told_by == "a property change":
+        await d.post_hubspot(change("hs_email_optout", "true", opted_out))
+    else:
+        await d.post_hubspot(change("lifecyclestage", "customer", opted_out + timedelta(minutes=5)))
+    await d.advance(hours=1, seconds=1)
+    assert smtp.messages == [], "the cart reminder went to a contact who opted out in HubSpot"
+    assert d.email_consent() == "withdrawn"
+    assert d.rows("SELECT count(*) FROM contacts")[0][0] == 1
+    assert d.ledger() == [("shop", "granted", True), ("crm", "withdrawn", True)]
+    [(evidence, stated_at, action)] = d.rows("SELECT evidence, stated_at, action FROM consents WHERE source = 'crm'")
+    shown = {"property": "hs_email_optout", "value": "true", "portal_id": PORTAL, "object_id": "501"}
+    shown["event"] = "contact.property_changed"  # the ledger's own, like `ledger_own` below
+    if told_by == "a property change":
+        shown |= {"change_source": "EMAIL", "event_id": ANY}
+    else:
+        shown |= {"source_type": "EMAIL"}  # the property history's sourceType
+    ledger_own = ("occurred_at", "inbox_id", "webhook_id")
+    assert {key: value for key, value in json.loads(evidence).items() if key not in ledger_own} == shown
+    assert bool(action) and _utc(stated_at) == opted_out
+    assert d.rows("SELECT reason FROM decisions WHERE action = 'suppressed'") == [
+        ("no email consent (state: withdrawn)",)
+    ]
+
+
+@pytest.mark.parametrize("withdrawn_by", ["the one-click unsubscribe", "HubSpot's opt-out"])
+async def test_an_older_hubspot_state_arriving_late_does_not_undo_a_newer_withdrawal(
+    shop_and_crm: ConsentDeployment, api: FakeHubSpot, smtp: SmtpCatcher, withdrawn_by: str
+) -> None:
+    d = shop_and_crm
+    signed_up = d.clock.now() - timedelta(minutes=10)
+    api.objects["contacts", "501"] = record(newsletter_opt_in=[("true", signed_up)])
+    await d.post_hubspot(change("newsletter_opt_in", "true", signed_up))
+    await d.post_shopify("checkouts/create", checkout("first", consent=False))
+    await d.advance(hours=1, seconds=1)
+    assert len(smtp.messages) == 1, "HubSpot's opt-in should have allowed the cart reminder"
+
+    history: dict[str, list[tuple[str, datetime]]] = {}
+    if withdrawn_by == "the one-click unsubscribe":
+        link = str(smtp.messages[-1]["List-Unsubscribe"]).strip()[1:-1]
+        response = await d.client.post(urlsplit(link).path, data={"List-Unsubscribe": "One-Click"})
+        assert response.status == 200
+    else:
+        history["hs_email_optout"] = [("true", d.clock.now())]
+        api.objects["contacts", "501"] = record(newsletter_opt_in=[("true", signed_up)], **history)
+        await d.post_hubspot(change("hs_email_optout", "true", d.clock.now()))
+    await d.advance(seconds=1)
+    assert d.email_consent() == "withdrawn"
+
+    # A form filled in before the withdrawal, which HubSpot delivers only now (it does not keep order).
+    resubmitted = signed_up + timedelta(minutes=30)
+    api.objects["contacts", "501"] = record(newsletter_opt_in=[("true", resubmitted), ("true", signed_up)], **history)
+    await d.post_hubspot(change("newsletter_opt_in", "true", resubmitted))
+    await d.post_shopify("checkouts/create", checkout("second", consent=False))
+    await d.advance(hours=2)
+    assert d.email_consent() == "withdrawn"
+    assert len(smtp.messages) == 1, "the late HubSpot state brought marketing back after a withdrawal"
+    source, state, applied = d.ledger()[-1]
+    assert (source, applied) == ("crm", False)
+    assert state == ("granted" if withdrawn_by == "the one-click unsubscribe" else "withdrawn")
+
+
+def _utc(value: Any) -> datetime:
+    moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
 
 # -- property: whatever arrives, the answer is 2xx or 4xx ------------------------------------------
 
