@@ -1,9 +1,12 @@
 """Segment-compatible tracking endpoint for the deployment's own site: track, page, identify and batch.
 
 Authentication is Segment's: the write key as the HTTP Basic user (servers), or as `writeKey` in the
-body (browsers: analytics.js sends no Authorization header). Like the Tracking API, a call over the size
-limits or not JSON answers 400; so does a single message that cannot be an event (no `type`, no id, no
-event name). In a batch such a message is skipped and logged, as Segment drops it, and the rest is kept.
+body (browsers: analytics.js sends no Authorization header). The write key is public once it is in a
+page, so what it signs is not trusted to move a known contact: only the optional secret key, sent as
+the Basic user by the site's servers, may change a contact's e-mail, phone, devices or consent. Like the
+Tracking API, a call over the size limits or not JSON answers 400; so does a single message that cannot
+be an event (no `type`, no id, no event name). In a batch such a message is skipped and logged, as
+Segment drops it, and the rest is kept.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import structlog
 from aiohttp import web
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from gateway import (
     BadRequest,
@@ -51,12 +54,39 @@ MAX_ID = 320
 MAX_EVENT_NAME = 90
 PUSH_TRAITS = ("webpush_subscription", "webpushSubscription")
 CONTACT_TRAITS = {"email", "phone", "firstName", "first_name", "lastName", "last_name", "birthday", "id", *PUSH_TRAITS}
+#: Start of the dedupe key of a call signed with the secret key. The inbox keeps the key, not the
+#: Authorization header, so this is how normalize() knows: no key of a write-key call starts so.
+SECRET_SIGNED = "secret-key:"
+_SIGNER = web.RequestKey("declic_track_signer", str)
+SECRET, WRITE = "secret key", "write key"
+MIN_SECRET = 16
 
 
 class TrackConfig(PluginConfig):
     write_key: SecretStr = Field(
-        description="The write key senders present (Basic user or `writeKey`); public once used in a browser."
+        description="The write key senders present (Basic user or `writeKey`); public once used in a browser: "
+        "what it signs may add ids, events and traits, not change a known contact's e-mail, phone or consent."
     )
+    secret_key: SecretStr | None = Field(
+        None,
+        description="Optional server-side key, sent only as the HTTP Basic user by your servers (never in a page, "
+        "never as `writeKey`): what it signs may change a contact's e-mail, phone, devices and consent.",
+    )
+
+    @field_validator("secret_key")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_SECRET:
+            raise ValueError(f"at least {MIN_SECRET} characters: a long random string (`openssl rand -hex 24`)")
+        return value
+
+    @model_validator(mode="after")
+    def _keys_differ(self) -> TrackConfig:
+        if self.secret_key is not None and hmac.compare_digest(
+            self.secret_key.get_secret_value().encode(), self.write_key.get_secret_value().encode()
+        ):
+            raise ValueError("secret_key must differ from write_key, which any page's visitor can read")
+        return self
 
 
 class Track(Source):
@@ -69,22 +99,38 @@ class Track(Source):
 
     async def verify(self, request: web.Request, body: bytes) -> None:
         basic_user = _basic_user(request.headers.get("Authorization", ""))
-        if basic_user is not None:
-            self._check_key(basic_user)
+        signer = None if basic_user is None else self._signer(basic_user, in_body=False)
         data = _load(body, BadRequest)
-        if basic_user is None:
-            self._check_key(data.get("writeKey"))
+        if signer is None:
+            signer = self._signer(data.get("writeKey"), in_body=True)
         check_call(data, len(body))
+        request[_SIGNER] = signer  # dedupe_key() marks the call with it: the header is not stored
 
-    def _check_key(self, given: object) -> None:
+    def _signer(self, given: object, in_body: bool) -> str:
+        """Which key the caller presented: SECRET or WRITE; SignatureError for anything else."""
         if not isinstance(given, str) or not given:
             raise SignatureError("missing write key: send it as the HTTP Basic user or as `writeKey` in the body")
-        expected = self.config.write_key.get_secret_value().encode()
-        if not hmac.compare_digest(given.encode("utf-8", "replace"), expected):
+        presented = given.encode("utf-8", "replace")
+        secret = self.config.secret_key
+        if secret is not None and hmac.compare_digest(presented, secret.get_secret_value().encode()):
+            if in_body:  # bodies are stored, and a body may come from a page: it must not carry the secret
+                raise SignatureError("the secret key goes only in the Authorization header (HTTP Basic user)")
+            return SECRET
+        if not hmac.compare_digest(presented, self.config.write_key.get_secret_value().encode()):
             raise SignatureError("wrong write key")
+        return WRITE
 
     def dedupe_key(self, request: web.Request, body: bytes) -> str:
-        """The message's `messageId`; for a batch, a hash of its messageIds (events stay idempotent by id)."""
+        """The message's `messageId`; for a batch, a hash of its messageIds (events stay idempotent by id).
+
+        A call verified with the secret key gets its key under SECRET_SIGNED: the mark normalize()
+        reads back, and a namespace of its own, so that a browser sending a server's messageId first
+        cannot make the server's call a duplicate.
+        """
+        key = self._message_key(request, body)
+        return SECRET_SIGNED + key if request.get(_SIGNER) == SECRET else key
+
+    def _message_key(self, request: web.Request, body: bytes) -> str:
         try:
             data = _load(body, ValueError)
             batch = data.get("batch")
@@ -99,6 +145,7 @@ class Track(Source):
         return key
 
     def normalize(self, raw: RawCall) -> list[Event]:
+        """Events of the stored call; their contacts are trusted only when the secret key signed it."""
         data = _load(raw.body, MalformedPayload)
         events = []
         for index, message in enumerate(messages(data)):
@@ -319,8 +366,16 @@ def _timezone(value: Any) -> str | None:
     return value
 
 
-def _contact(message: dict[str, Any]) -> ContactRef:
-    """Who: the site's user id and the browser's anonymous id; what: identify's traits, or context.traits."""
+def signed_with_secret(raw: RawCall) -> bool:
+    """Whether the secret key signed the stored call, as its dedupe key says (see Track.dedupe_key)."""
+    return raw.dedupe_key.startswith(SECRET_SIGNED)
+
+
+def _contact(message: dict[str, Any], trusted: bool) -> ContactRef:
+    """Who: the site's user id and the browser's anonymous id; what: identify's traits, or context.traits.
+
+    Untrusted (write key): the core lets it name a contact and add ids and traits, not move a known one.
+    """
     context = _object(message.get("context"))
     traits = {**_object(context.get("traits")), **_object(message.get("traits"))}
     ids = {}
@@ -340,6 +395,7 @@ def _contact(message: dict[str, Any]) -> ContactRef:
         timezone=_timezone(context.get("timezone")),
         external_ids=ids,
         attributes=attributes,
+        trusted=trusted,
     )
 
 
@@ -348,7 +404,7 @@ def _event(kind: str, message: dict[str, Any], raw: RawCall, properties: dict[st
     return Event(
         type=kind,
         occurred_at=_when(message, raw),
-        contact=_contact(message),
+        contact=_contact(message, signed_with_secret(raw)),
         correlation=[f"track:{mid}"],
         properties={**properties, "message_id": mid, "user_id": _ident(message.get("userId"))},
     )

@@ -18,9 +18,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, make_mocked_request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from conftest import FIXTURES, SHARED_PAYLOADS
-from declic_plugins.track import Track, TrackConfig, event_slug, push_subscription
+from declic_plugins.track import SECRET, SECRET_SIGNED, WRITE, Track, TrackConfig, event_slug, push_subscription
 from gateway import BadRequest, MalformedPayload, RawCall, SignatureError
 from gateway.config import load_config
 from gateway.http.app import create_app
@@ -30,11 +31,13 @@ from gateway.plugins import collect, get_plugin_manager
 from gateway.testing import FakeClock, write_deployment
 
 KEY = "site-write-key"
+SECRET_KEY = "site-secret-key-for-servers"
 RECEIVED = datetime(2026, 5, 4, 9, 32, tzinfo=UTC)
 
 
 def source() -> Track:
-    return Track("site", TrackConfig.model_validate({"write_key": KEY}), Deployment(None, "UTC", FakeClock(RECEIVED)))
+    config = TrackConfig.model_validate({"write_key": KEY, "secret_key": SECRET_KEY})
+    return Track("site", config, Deployment(None, "UTC", FakeClock(RECEIVED)))
 
 
 def basic(user: str, password: str = "") -> str:
@@ -54,14 +57,22 @@ def body(**message: Any) -> bytes:
     return json.dumps({"type": "track", "event": "Signed Up", "anonymousId": "a-1", **message}).encode()
 
 
-# --- Who may call: Segment's write key, as the Basic user or as `writeKey` in the body --------
+# --- Who may call: Segment's write key, as the Basic user or as `writeKey` in the body; the secret key, --
+# --- only as the Basic user (a body is stored, and may come from a page) ------------------------------
 
-AUTH: list[tuple[str, str | None, bytes, type[Exception] | None]] = [
-    ("basic user, empty password", basic(KEY), body(), None),
-    ("basic user, no colon (legacy)", "Basic " + base64.b64encode(KEY.encode()).decode(), body(), None),
-    ("writeKey in the body (analytics.js)", None, body(writeKey=KEY), None),
-    ("bearer token (Segment OAuth) and writeKey in the body", "Bearer abc", body(writeKey=KEY), None),
-    ("basic wins over the body", basic(KEY), body(writeKey="other"), None),
+AUTH: list[tuple[str, str | None, bytes, str | type[Exception]]] = [
+    ("basic user, empty password", basic(KEY), body(), WRITE),
+    ("basic user, no colon (legacy)", "Basic " + base64.b64encode(KEY.encode()).decode(), body(), WRITE),
+    ("writeKey in the body (analytics.js)", None, body(writeKey=KEY), WRITE),
+    ("bearer token (Segment OAuth) and writeKey in the body", "Bearer abc", body(writeKey=KEY), WRITE),
+    ("basic wins over the body", basic(KEY), body(writeKey="other"), WRITE),
+    ("secret key as the basic user", basic(SECRET_KEY), body(), SECRET),
+    ("secret key as the basic user, write key in the body", basic(SECRET_KEY), body(writeKey=KEY), SECRET),
+    ("write key as the basic user, secret key in the body", basic(KEY), body(writeKey=SECRET_KEY), WRITE),
+    ("secret key in the body", None, body(writeKey=SECRET_KEY), SignatureError),
+    ("secret key in the body, with a bearer token", "Bearer x", body(writeKey=SECRET_KEY), SignatureError),
+    ("secret key but one letter", basic(SECRET_KEY[:-1] + "S"), body(), SignatureError),
+    ("secret key as the basic password", basic("", SECRET_KEY), body(), SignatureError),
     ("wrong basic user", basic("other"), body(writeKey=KEY), SignatureError),
     ("wrong writeKey", None, body(writeKey="site-write-keY"), SignatureError),
     ("no key at all", None, body(), SignatureError),
@@ -71,13 +82,56 @@ AUTH: list[tuple[str, str | None, bytes, type[Exception] | None]] = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("case", "authorization", "data", "error"), AUTH, ids=[a[0] for a in AUTH])
-async def test_write_key(case: str, authorization: str | None, data: bytes, error: type[Exception] | None) -> None:
-    if error is None:
-        await source().verify(request(authorization), data)
+@pytest.mark.parametrize(("case", "authorization", "data", "expected"), AUTH, ids=[a[0] for a in AUTH])
+async def test_keys(case: str, authorization: str | None, data: bytes, expected: str | type[Exception]) -> None:
+    call = request(authorization)
+    if isinstance(expected, str):
+        await source().verify(call, data)
+        marked = source().dedupe_key(call, data).startswith(SECRET_SIGNED)
+        assert marked is (expected == SECRET)
     else:
-        with pytest.raises(error):
-            await source().verify(request(authorization), data)
+        with pytest.raises(expected):
+            await source().verify(call, data)
+
+
+async def test_a_write_key_call_is_never_marked_as_the_secret_keys_whatever_it_sends() -> None:
+    forged = body(writeKey=KEY, messageId=SECRET_SIGNED + "message:1", dedupe_key=SECRET_SIGNED)
+    call = request(None)
+    await source().verify(call, forged)
+    key = source().dedupe_key(call, forged)
+    assert key == "message:secret-key:message:1"
+    [event] = source().normalize(RawCall(5, "site", RECEIVED, {"X-Declic-Key": SECRET}, forged, key))
+    assert event.contact.trusted is False
+    assert source().dedupe_key(request(basic(SECRET_KEY)), body()).startswith("message:")  # never verified
+
+
+async def test_the_secret_key_has_its_own_dedupe_keys_and_its_calls_are_trusted() -> None:
+    data = body(type="identify", messageId="m-1", traits={"email": "ada@example.org"})
+    by_page, by_server = request(None), request(basic(SECRET_KEY))
+    await source().verify(by_page, body(type="identify", messageId="m-1", writeKey=KEY))
+    await source().verify(by_server, data)
+    assert source().dedupe_key(by_page, data) == "message:m-1"
+    assert source().dedupe_key(by_server, data) == "secret-key:message:m-1"  # not a duplicate of the page's
+    [event] = source().normalize(RawCall(5, "site", RECEIVED, {}, data, "secret-key:message:m-1"))
+    assert event.contact.trusted is True and event.contact.email == "ada@example.org"
+    [event] = source().normalize(RawCall(6, "site", RECEIVED, {}, data, "message:m-1"))
+    assert event.contact.trusted is False
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [({"write_key": SECRET_KEY, "secret_key": SECRET_KEY}, "secret_key must differ from write_key"),
+     ({"write_key": KEY, "secret_key": "short"}, "at least 16 characters")],
+)  # fmt: skip
+def test_secret_key_problems_are_reported_at_load(options: dict[str, str], problem: str) -> None:
+    with pytest.raises(ValidationError, match=problem) as raised:
+        TrackConfig.model_validate(options)
+    assert all(problem in error["msg"] for error in raised.value.errors())
+
+
+def test_the_secret_key_never_shows() -> None:
+    config = TrackConfig.model_validate({"write_key": KEY, "secret_key": SECRET_KEY})
+    assert SECRET_KEY not in repr(config) and SECRET_KEY not in str(config.model_dump())
 
 
 # --- What the Tracking API refuses with 400, refused here before anything is stored ----------
@@ -330,7 +384,7 @@ async def start(aiohttp_client: Any, tmp_path: Path, db_url: str) -> tuple[TestC
     config = f"""\
 storage: {{url: '{db_url}'}}
 sources:
-  site: {{plugin: track, write_key: {KEY}}}
+  site: {{plugin: track, write_key: {KEY}, secret_key: {SECRET_KEY}}}
 """
     settings = load_config(write_deployment(tmp_path, config), collect(pm), pm)
     app = create_app(settings, pm=pm, clock=FakeClock(RECEIVED), role="web")
@@ -356,14 +410,21 @@ async def test_site_visitor_becomes_a_known_contact_end_to_end(
     again = await client.post("/hooks/site/p", data=load("page.json"), headers=text_plain)
     assert (await again.json())["status"] == "duplicate"
     assert (await client.post("/hooks/site/x", data=load("page.json"))).status == 404
-    server = await client.post("/hooks/site", data=load("server_batch.json"), headers={"Authorization": basic(KEY)})
-    assert server.status == 200
+    # The page's identify, signed with the public write key, links the visitor to cus_1042 and names
+    # them, but does not give a contact that already exists an address or a device: the server does.
+    assert rows("SELECT email, phone, first_name FROM contacts") == [(None, None, "Camille")]
+    assert rows("SELECT count(*) FROM push_subscriptions") == [(0,)]
+    relayed = {**{k: v for k, v in json.loads(load("identify.json")).items() if k != "writeKey"}, "messageId": "s-1"}
+    server_key = {"Authorization": basic(SECRET_KEY)}
+    for data in (json.dumps(relayed).encode(), load("server_batch.json")):
+        assert (await client.post("/hooks/site", data=data, headers=server_key)).status == 200
     assert (await client.post("/hooks/site", data=load("server_batch.json"))).status == 401
     await gateway.worker.drain()
 
     assert rows("SELECT type FROM events ORDER BY inbox_id, id") == [
         ("page.viewed",),
         ("track.signed_up",),
+        ("profile.updated",),
         ("profile.updated",),
         ("track.order_completed",),
         ("profile.updated",),

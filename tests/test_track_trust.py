@@ -1,0 +1,136 @@
+"""The site's public write key against its secret key, through real HTTP into the real app.
+
+The write key is in every page, so anyone may sign with it: what it signs may name a contact and
+add to it, never move its address. A cart reminder, recovery link included, is received by a
+real SMTP server (SQLite and PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import SECRET, TEMPLATES, Deployment, Factory, fixture_bytes
+from gateway.http.app import create_app, load
+from gateway.http.running import GATEWAY_KEY
+from gateway.testing import FakeClock, SmtpCatcher, write_deployment
+
+WRITE_KEY = "site-write-key"
+SECRET_KEY = "site-secret-key-for-servers"
+VICTIM = "camille.durand@example.org"
+MALLORY = "mallory@attacker.example"
+
+CONFIG = """\
+public_url: https://hooks.example.com
+timezone: Europe/Paris
+storage: {{url: '{db_url}'}}
+sources:
+  shop: {{plugin: shopify, secret: {secret}}}
+  site: {{plugin: track, write_key: {write_key}, secret_key: {secret_key}}}
+sinks:
+  email: {{plugin: smtp, host: 127.0.0.1, port: {smtp_port}, tls: none, sender: "Boutique <shop@example.com>"}}
+policies: {{consent: {{email: required}}}}
+rules:
+  - name: abandoned-cart
+    when: checkout.started
+    steps:
+      - wait: 1h
+        send: {{via: email, template: cart-reminder}}
+"""
+
+
+@pytest.fixture
+async def site(aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCatcher) -> AsyncIterator[Factory]:
+    async def start() -> Deployment:
+        text = CONFIG.format(
+            db_url=db_url, secret=SECRET, write_key=WRITE_KEY, secret_key=SECRET_KEY, smtp_port=smtp.port
+        )
+        settings, pm, _ = load(str(write_deployment(tmp_path, text, TEMPLATES)))
+        clock = FakeClock(datetime(2026, 3, 14, 8, 0, tzinfo=UTC))
+        app = create_app(settings, pm=pm, clock=clock, role="web")
+        return Deployment(await aiohttp_client(app), app[GATEWAY_KEY], clock, tmp_path)
+
+    yield start
+
+
+def basic(user: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:".encode()).decode()
+
+
+async def identify(d: Deployment, traits: dict[str, Any], signed: str, **fields: Any) -> None:
+    """An identify call, signed as a page does (`writeKey` in the body) or as a server does (Basic)."""
+    message = {"type": "identify", "anonymousId": "mallory-browser", "messageId": uuid.uuid4().hex, "traits": traits}
+    message.update(fields)
+    headers = {"Content-Type": "text/plain"}
+    if signed == "page":
+        message["writeKey"] = WRITE_KEY
+    else:
+        headers["Authorization"] = basic({"server, write key": WRITE_KEY, "server, secret key": SECRET_KEY}[signed])
+    response = await d.client.post("/hooks/site", data=json.dumps(message).encode(), headers=headers)
+    assert response.status == 200, await response.text()
+    await d.advance(seconds=1)
+
+
+async def abandoned_cart(d: Deployment) -> None:
+    response = await d.post_shopify("checkouts/create", fixture_bytes("shopify/checkout.json"))
+    assert response.status == 200
+    await d.advance(seconds=1)
+
+
+def reminders(smtp: SmtpCatcher) -> list[tuple[list[str], str]]:
+    """Who each e-mail went to, and whether it held the checkout's recovery link."""
+    texts = [str(m.get_body(("plain",)).get_content()) for m in smtp.messages]  # type: ignore[union-attr]
+    return [(rcpts, "recover?key=k1" in text) for (_, rcpts), text in zip(smtp.envelopes, texts, strict=True)]
+
+
+@pytest.mark.parametrize("signed", ["page", "server, write key"])
+async def test_two_identify_calls_with_the_write_key_do_not_take_over_a_contact(
+    site: Factory, smtp: SmtpCatcher, signed: str
+) -> None:
+    d = await site()
+    await abandoned_cart(d)
+    await identify(d, {"email": VICTIM}, signed)  # names Camille: the attacker's browser id now points to her
+    await identify(d, {"email": MALLORY, "phone": "+33700000666", "firstName": "Cam"}, signed)
+    await d.advance(hours=1, seconds=1)
+    assert reminders(smtp) == [([VICTIM], True)]
+    [contact] = d.rows("SELECT id, email, phone, first_name FROM contacts")
+    assert (contact.email, contact.phone, contact.first_name) == (VICTIM, "+33612345678", "Cam")  # traits: yes
+    assert d.rows("SELECT kind, value FROM identities WHERE value IN (:m, :p)", m=MALLORY, p="+33700000666") == []
+
+
+async def test_the_same_identify_with_the_secret_key_changes_the_address(site: Factory, smtp: SmtpCatcher) -> None:
+    d = await site()
+    await abandoned_cart(d)
+    await identify(d, {"email": VICTIM}, "page")
+    await identify(d, {"email": MALLORY}, "server, secret key")  # the site's server: she changed her address
+    await d.advance(hours=1, seconds=1)
+    assert reminders(smtp) == [([MALLORY], True)]
+    assert d.scalar("SELECT email FROM contacts") == MALLORY
+
+
+WRONG = [
+    ("wrong basic user", {"Authorization": basic("site-secret-key-for-serverS")}, {}),
+    ("the secret key in the body", {}, {"writeKey": SECRET_KEY}),
+    ("the secret key in the body, write key as basic password", {"Authorization": "Basic " + base64.b64encode(
+        f":{WRITE_KEY}".encode()).decode()}, {"writeKey": SECRET_KEY}),
+    ("wrong writeKey", {}, {"writeKey": "site-write-kez"}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "headers", "fields"), WRONG, ids=[w[0] for w in WRONG])
+async def test_a_wrong_key_is_401_and_nothing_is_stored(
+    site: Factory, case: str, headers: dict[str, str], fields: dict[str, str]
+) -> None:
+    d = await site()
+    message = {"type": "identify", "userId": "cus_1042", "traits": {"email": MALLORY}, **fields}
+    response = await d.client.post("/hooks/site", data=json.dumps(message).encode(), headers=headers)
+    assert response.status == 401
+    assert "key" in (await response.json())["error"]
+    assert d.scalar("SELECT count(*) FROM inbox") == 0
