@@ -30,6 +30,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from gateway import (
     BadRequest,
+    ConsentStatement,
     ContactRef,
     Event,
     MalformedPayload,
@@ -53,7 +54,15 @@ ANALYTICS_JS_PATHS = frozenset("tipsgab")
 MAX_ID = 320
 MAX_EVENT_NAME = 90
 PUSH_TRAITS = ("webpush_subscription", "webpushSubscription")
-CONTACT_TRAITS = {"email", "phone", "firstName", "first_name", "lastName", "last_name", "birthday", "id", *PUSH_TRAITS}
+CONSENT_TRAITS = ("consent", "consent_text_version", "consent_form")
+CONTACT_TRAITS = {
+    "email", "phone", "firstName", "first_name", "lastName", "last_name", "birthday", "id", *PUSH_TRAITS,
+    *CONSENT_TRAITS,
+}  # fmt: skip
+#: What `traits.consent` may state for a channel: what a person does on a form.
+STATED = ("granted", "withdrawn", "pending")
+CHANNEL = re.compile(r"[a-z][a-z0-9_]{0,31}")
+CONSENT_KEYS = frozenset({"state", "at", "text_version", "form"})
 #: Start of the dedupe key of a call signed with the secret key. The inbox keeps the key, not the
 #: Authorization header, so this is how normalize() knows: no key of a write-key call starts so.
 SECRET_SIGNED = "secret-key:"
@@ -257,6 +266,11 @@ def check_message(message: dict[str, Any], where: str) -> None:
             push_subscription(push)
         except ValueError as exc:
             raise BadRequest(f"{where}traits.webpush_subscription: {exc}") from None
+    if kind == "identify" and (message.get("traits") or {}).get("consent") is not None:
+        try:
+            consent_traits(message["traits"]["consent"])
+        except ValueError as exc:
+            raise BadRequest(f"{where}traits.consent: {exc}") from None
 
 
 def _ident(value: Any) -> str | None:
@@ -318,6 +332,25 @@ def push_subscription(value: Any) -> dict[str, Any]:
     _b64url(value["keys"].get("auth"), 16)
     keys = {"p256dh": value["keys"]["p256dh"], "auth": value["keys"]["auth"]}
     return {"endpoint": endpoint, "keys": keys, "expirationTime": value.get("expirationTime")}
+
+
+def consent_traits(value: Any) -> dict[str, dict[str, Any]]:
+    """identify's `traits.consent`, checked: channel -> `granted` or `{state, at, text_version, form}`."""
+    if not isinstance(value, dict):
+        raise ValueError("expected an object such as {email: granted, push: {state: granted, at: ...}}")
+    statements = {}
+    for channel, given in value.items():
+        if not CHANNEL.fullmatch(channel):
+            raise ValueError(f"{channel!r} is not a channel name (email, sms, push...)")
+        spec = {"state": given} if isinstance(given, str) else given
+        if not isinstance(spec, dict) or spec.get("state") not in STATED:
+            raise ValueError(f"{channel}: expected {', '.join(STATED)}, or an object with `state`")
+        if unknown := sorted(set(spec) - CONSENT_KEYS):
+            raise ValueError(f"{channel}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(CONSENT_KEYS))})")
+        if spec.get("at") is not None and _instant(spec["at"]) is None:
+            raise ValueError(f"{channel}.at: not an ISO 8601 date-time")
+        statements[channel] = spec
+    return statements
 
 
 # --- Messages -> events ---------------------------------------------------------------------
@@ -430,15 +463,59 @@ def page_event(message: dict[str, Any], raw: RawCall) -> Event:
 
 
 def identify_event(message: dict[str, Any], raw: RawCall) -> Event:
-    """Traits update the contact; a browser's push subscription is added to the contact's devices."""
+    """Traits update the contact; a browser's push subscription is added to the contact's devices, and
+    `traits.consent` states the person's consent per channel, with what shows it."""
     traits = _object(message.get("traits"))
     event = _event("profile.updated", message, raw, {})
+    update: dict[str, Any] = {"consent": consent_statements(message, raw)}
     push = next((traits[k] for k in PUSH_TRAITS if k in traits), None)
-    if push is None:
-        return event
-    device = push_subscription(push)
-    ref = PushRef(kind="webpush", address=device["endpoint"], keys=device["keys"])
-    return event.model_copy(update={"contact": event.contact.model_copy(update={"push_subscriptions": [ref]})})
+    if push is not None:
+        device = push_subscription(push)
+        update["push_subscriptions"] = [PushRef(kind="webpush", address=device["endpoint"], keys=device["keys"])]
+    return event.model_copy(update={"contact": event.contact.model_copy(update=update)})
+
+
+def consent_statements(message: dict[str, Any], raw: RawCall) -> dict[str, ConsentStatement]:
+    """What the person did on the site's form: an action per channel, dated, with its evidence."""
+    traits = _object(message.get("traits"))
+    if traits.get("consent") is None:
+        return {}
+    trusted = signed_with_secret(raw)
+    seen = _evidence(message, raw, trusted)
+    statements = {}
+    for channel, spec in consent_traits(traits["consent"]).items():
+        evidence = dict(seen)
+        for key in ("text_version", "form"):
+            if (value := _text(spec.get(key, traits.get(f"consent_{key}")), 200)) is not None:
+                evidence[key] = value
+        if evidence:  # nothing shown stays nothing: the core refuses a public key's grant without evidence
+            evidence["signed_with"] = SECRET if trusted else WRITE
+        stated_at = _stated_at(message, spec, raw) if trusted else raw.received_at
+        statements[channel] = ConsentStatement(state=spec["state"], stated_at=stated_at, action=True, evidence=evidence)
+    return statements
+
+
+def _stated_at(message: dict[str, Any], spec: dict[str, Any], raw: RawCall) -> datetime | None:
+    """The server's time for the statement, never after its arrival: a statement dated in the future
+    would outrank every later one, the unsubscribe link's included. A browser's clock is not asked."""
+    for value in (spec.get("at"), message.get("timestamp"), message.get("originalTimestamp")):
+        if (moment := _instant(value)) is not None:
+            return min(moment, raw.received_at)
+    return None
+
+
+def _evidence(message: dict[str, Any], raw: RawCall, trusted: bool) -> dict[str, Any]:
+    """Who stated it: the caller's IP, and for a server library the visitor's IP it reports; the
+    browser's user agent (a server library's own is no evidence); the page of the form."""
+    context = _object(message.get("context"))
+    user_agent = _text(context.get("userAgent"), 512)
+    found = {
+        "ip": raw.peer_address,
+        "visitor_ip": _text(context.get("ip"), 64) if trusted else None,  # a browser's own claim adds nothing
+        "user_agent": user_agent if trusted else user_agent or _text(raw.header("User-Agent"), 512),
+        "page_url": _text(_object(context.get("page")).get("url"), 2048),
+    }
+    return {key: value for key, value in found.items() if value is not None}
 
 
 HANDLERS: dict[str, Callable[[dict[str, Any], RawCall], Event]] = {

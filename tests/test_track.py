@@ -148,6 +148,10 @@ def push(subscription: dict[str, Any], trait: str = "webpush_subscription") -> b
     return body(type="identify", traits={trait: subscription})
 
 
+def consent(value: Any) -> bytes:
+    return body(type="identify", traits={"email": "ada@example.org", "consent": value})
+
+
 TRACK = json.loads(body())
 REJECTIONS: list[tuple[str, bytes, str]] = [
     ("not json", b"<html>", "not JSON"),
@@ -170,6 +174,13 @@ REJECTIONS: list[tuple[str, bytes, str]] = [
     ("push over http", push({**SUBSCRIPTION, "endpoint": "http://push.example/x"}), "endpoint must be an https URL"),
     ("push, short auth key", push({**SUBSCRIPTION, "keys": {**SUBSCRIPTION["keys"], "auth": "AAAA"}}), "expected 16"),
     ("push without keys", push({"endpoint": "https://p.example/1"}, "webpushSubscription"), "expected {endpoint"),
+    ("consent not an object", consent("granted"), "traits.consent: expected an object"),
+    ("consent channel", consent({"E-mail": "granted"}), "traits.consent: 'E-mail' is not a channel name"),
+    ("consent state", consent({"email": "subscribed"}), "traits.consent: email: expected granted, withdrawn"),
+    ("consent as a boolean", consent({"email": True}), "traits.consent: email: expected granted"),
+    ("consent object without state", consent({"sms": {"at": "2026-05-04T09:00:00Z"}}), "sms: expected granted"),
+    ("consent unknown key", consent({"push": {"state": "granted", "ip": "1.2.3.4"}}), "push: unknown keys ip"),
+    ("consent time", consent({"email": {"state": "granted", "at": "hier"}}), "email.at: not an ISO 8601"),
 ]  # fmt: skip
 
 
@@ -327,6 +338,86 @@ def test_traits_that_do_not_fit_the_contact_are_left_out() -> None:
 def test_email_and_phone_must_look_like_one(traits: dict[str, str], email: str | None, phone: str | None) -> None:
     [event] = source().normalize(raw(body(type="identify", traits=traits)))
     assert (event.contact.email, event.contact.phone) == (email, phone)
+
+
+# --- identify's consent traits: what the person did on the site, dated, with what shows it --------------
+
+CONSENT_TRAITS = {
+    "consent": {
+        "email": {"state": "granted", "at": "2026-05-03T12:00:00+02:00", "text_version": "newsletter-v4"},
+        "sms": "withdrawn",
+        "push": {"state": "granted", "at": "2027-01-01T00:00:00Z"},  # a clock ahead of ours
+    },
+    "consent_text_version": "v3",
+    "consent_form": "footer-signup",
+}
+SIGNUP_PAGE = {"ip": "203.0.113.9", "userAgent": "Mozilla/5.0 (X11)", "page": {"url": "https://shop.example/signup"}}
+
+
+def identify_call(key: str, context: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> RawCall:
+    data = body(type="identify", userId="cus_1042", traits=CONSENT_TRAITS, context=context or SIGNUP_PAGE,
+                timestamp="2026-05-04T09:00:00Z")  # fmt: skip
+    peer = {"X-Declic-Peer-Address": "198.51.100.4"}
+    return RawCall(5, "site", RECEIVED, peer if headers is None else headers, data, key)
+
+
+def test_consent_traits_signed_with_the_secret_key_are_dated_by_the_server() -> None:
+    [event] = source().normalize(identify_call("secret-key:message:1"))
+    consent = event.contact.consent
+    assert {channel: (s.state, s.stated_at, s.action) for channel, s in consent.items()} == {
+        "email": ("granted", datetime(2026, 5, 3, 10, tzinfo=UTC), True),
+        "sms": ("withdrawn", datetime(2026, 5, 4, 9, tzinfo=UTC), True),  # the message's timestamp
+        "push": ("granted", RECEIVED, True),  # never after its arrival: it would outrank every later one
+    }
+    shown = {
+        "ip": "198.51.100.4",
+        "visitor_ip": "203.0.113.9",
+        "user_agent": "Mozilla/5.0 (X11)",
+        "page_url": "https://shop.example/signup",
+        "form": "footer-signup",
+        "signed_with": "secret key",
+    }
+    assert consent["email"].evidence == {**shown, "text_version": "newsletter-v4"}
+    assert consent["sms"].evidence == consent["push"].evidence == {**shown, "text_version": "v3"}
+    assert not set(event.contact.attributes) & {"consent", "consent_text_version", "consent_form"}
+
+
+def test_consent_traits_signed_with_the_write_key_are_dated_by_their_arrival() -> None:
+    [event] = source().normalize(identify_call("message:1"))
+    consent = event.contact.consent
+    assert {channel: s.stated_at for channel, s in consent.items()} == dict.fromkeys(("email", "sms", "push"), RECEIVED)
+    assert consent["sms"].evidence == {  # the browser's claim to an IP is no evidence; the connection's is
+        "ip": "198.51.100.4",
+        "user_agent": "Mozilla/5.0 (X11)",
+        "page_url": "https://shop.example/signup",
+        "text_version": "v3",
+        "form": "footer-signup",
+        "signed_with": "write key",
+    }
+    assert event.contact.trusted is False
+
+
+@pytest.mark.parametrize(
+    ("key", "headers", "evidence"),
+    [("message:1", {"User-Agent": "Mozilla/5.0 (beacon)"}, {"user_agent": "Mozilla/5.0 (beacon)"}),
+     ("secret-key:message:1", {"User-Agent": "analytics-python/2.3.3"}, {}),  # the server's, not the visitor's
+     ("message:1", {}, {})],
+)  # fmt: skip
+def test_without_context_the_evidence_is_what_the_call_shows(
+    key: str, headers: dict[str, str], evidence: dict[str, str]
+) -> None:
+    traits = {"consent": {"email": "granted"}}
+    data = body(type="identify", userId="cus_1042", traits=traits, context={"library": {"name": "x"}})
+    [event] = source().normalize(RawCall(5, "site", RECEIVED, headers, data, key))
+    signed = "secret key" if key.startswith(SECRET_SIGNED) else "write key"
+    # no evidence stays none, so that the core refuses a public key's grant that shows nothing
+    assert event.contact.consent["email"].evidence == ({**evidence, "signed_with": signed} if evidence else {})
+
+
+def test_consent_is_read_from_identify_only() -> None:
+    data = body(context={"traits": {"consent": {"email": "granted"}}})
+    [event] = source().normalize(raw(data))
+    assert event.contact.consent == {} and "consent" not in event.contact.attributes
 
 
 def test_push_subscription_may_arrive_as_a_json_string() -> None:
