@@ -78,8 +78,9 @@ class TrackConfig(PluginConfig):
     )
     secret_key: SecretStr | None = Field(
         None,
-        description="Optional server-side key, sent only as the HTTP Basic user by your servers (never in a page, "
-        "never as `writeKey`): what it signs may change a contact's e-mail, phone, devices and consent.",
+        description="Optional server-side key, 16 characters or more, sent only as the HTTP Basic user by your "
+        "servers (never in a page, never as `writeKey`): what it signs may change a contact's e-mail, phone, "
+        "devices and consent.",
     )
 
     @field_validator("secret_key")
