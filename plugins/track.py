@@ -1,9 +1,12 @@
 """Segment-compatible tracking endpoint for the deployment's own site: track, page, identify and batch.
 
 Authentication is Segment's: the write key as the HTTP Basic user (servers), or as `writeKey` in the
-body (browsers: analytics.js sends no Authorization header). Like the Tracking API, a call over the size
-limits or not JSON answers 400; so does a single message that cannot be an event (no `type`, no id, no
-event name). In a batch such a message is skipped and logged, as Segment drops it, and the rest is kept.
+body (browsers: analytics.js sends no Authorization header). The write key is public once it is in a
+page, so what it signs is not trusted to move a known contact: only the optional secret key, sent as
+the Basic user by the site's servers, may change a contact's e-mail, phone, devices or consent. Like the
+Tracking API, a call over the size limits or not JSON answers 400; so does a single message that cannot
+be an event (no `type`, no id, no event name). In a batch such a message is skipped and logged, as
+Segment drops it, and the rest is kept.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import structlog
 from aiohttp import web
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from gateway import (
     BadRequest,
+    ConsentStatement,
     ContactRef,
     Event,
     MalformedPayload,
@@ -50,13 +54,49 @@ ANALYTICS_JS_PATHS = frozenset("tipsgab")
 MAX_ID = 320
 MAX_EVENT_NAME = 90
 PUSH_TRAITS = ("webpush_subscription", "webpushSubscription")
-CONTACT_TRAITS = {"email", "phone", "firstName", "first_name", "lastName", "last_name", "birthday", "id", *PUSH_TRAITS}
+CONSENT_TRAITS = ("consent", "consent_text_version", "consent_form")
+CONTACT_TRAITS = {
+    "email", "phone", "firstName", "first_name", "lastName", "last_name", "birthday", "id", *PUSH_TRAITS,
+    *CONSENT_TRAITS,
+}  # fmt: skip
+#: What `traits.consent` may state for a channel: what a person does on a form.
+STATED = ("granted", "withdrawn", "pending")
+CHANNEL = re.compile(r"[a-z][a-z0-9_]{0,31}")
+CONSENT_KEYS = frozenset({"state", "at", "text_version", "form"})
+#: Start of the dedupe key of a call signed with the secret key. The inbox keeps the key, not the
+#: Authorization header, so this is how normalize() knows: no key of a write-key call starts so.
+SECRET_SIGNED = "secret-key:"
+_SIGNER = web.RequestKey("declic_track_signer", str)
+SECRET, WRITE = "secret key", "write key"
+MIN_SECRET = 16
 
 
 class TrackConfig(PluginConfig):
     write_key: SecretStr = Field(
-        description="The write key senders present (Basic user or `writeKey`); public once used in a browser."
+        description="The write key senders present (Basic user or `writeKey`); public once used in a browser: "
+        "what it signs may add ids, events and traits, not change a known contact's e-mail, phone or consent."
     )
+    secret_key: SecretStr | None = Field(
+        None,
+        description="Optional server-side key, 16 characters or more, sent only as the HTTP Basic user by your "
+        "servers (never in a page, never as `writeKey`): what it signs may change a contact's e-mail, phone, "
+        "devices and consent.",
+    )
+
+    @field_validator("secret_key")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_SECRET:
+            raise ValueError(f"at least {MIN_SECRET} characters: a long random string (`openssl rand -hex 24`)")
+        return value
+
+    @model_validator(mode="after")
+    def _keys_differ(self) -> TrackConfig:
+        if self.secret_key is not None and hmac.compare_digest(
+            self.secret_key.get_secret_value().encode(), self.write_key.get_secret_value().encode()
+        ):
+            raise ValueError("secret_key must differ from write_key, which any page's visitor can read")
+        return self
 
 
 class Track(Source):
@@ -69,22 +109,38 @@ class Track(Source):
 
     async def verify(self, request: web.Request, body: bytes) -> None:
         basic_user = _basic_user(request.headers.get("Authorization", ""))
-        if basic_user is not None:
-            self._check_key(basic_user)
+        signer = None if basic_user is None else self._signer(basic_user, in_body=False)
         data = _load(body, BadRequest)
-        if basic_user is None:
-            self._check_key(data.get("writeKey"))
+        if signer is None:
+            signer = self._signer(data.get("writeKey"), in_body=True)
         check_call(data, len(body))
+        request[_SIGNER] = signer  # dedupe_key() marks the call with it: the header is not stored
 
-    def _check_key(self, given: object) -> None:
+    def _signer(self, given: object, in_body: bool) -> str:
+        """Which key the caller presented: SECRET or WRITE; SignatureError for anything else."""
         if not isinstance(given, str) or not given:
             raise SignatureError("missing write key: send it as the HTTP Basic user or as `writeKey` in the body")
-        expected = self.config.write_key.get_secret_value().encode()
-        if not hmac.compare_digest(given.encode("utf-8", "replace"), expected):
+        presented = given.encode("utf-8", "replace")
+        secret = self.config.secret_key
+        if secret is not None and hmac.compare_digest(presented, secret.get_secret_value().encode()):
+            if in_body:  # bodies are stored, and a body may come from a page: it must not carry the secret
+                raise SignatureError("the secret key goes only in the Authorization header (HTTP Basic user)")
+            return SECRET
+        if not hmac.compare_digest(presented, self.config.write_key.get_secret_value().encode()):
             raise SignatureError("wrong write key")
+        return WRITE
 
     def dedupe_key(self, request: web.Request, body: bytes) -> str:
-        """The message's `messageId`; for a batch, a hash of its messageIds (events stay idempotent by id)."""
+        """The message's `messageId`; for a batch, a hash of its messageIds (events stay idempotent by id).
+
+        A call verified with the secret key gets its key under SECRET_SIGNED: the mark normalize()
+        reads back, and a namespace of its own, so that a browser sending a server's messageId first
+        cannot make the server's call a duplicate.
+        """
+        key = self._message_key(request, body)
+        return SECRET_SIGNED + key if request.get(_SIGNER) == SECRET else key
+
+    def _message_key(self, request: web.Request, body: bytes) -> str:
         try:
             data = _load(body, ValueError)
             batch = data.get("batch")
@@ -99,6 +155,7 @@ class Track(Source):
         return key
 
     def normalize(self, raw: RawCall) -> list[Event]:
+        """Events of the stored call; their contacts are trusted only when the secret key signed it."""
         data = _load(raw.body, MalformedPayload)
         events = []
         for index, message in enumerate(messages(data)):
@@ -210,6 +267,11 @@ def check_message(message: dict[str, Any], where: str) -> None:
             push_subscription(push)
         except ValueError as exc:
             raise BadRequest(f"{where}traits.webpush_subscription: {exc}") from None
+    if kind == "identify" and (message.get("traits") or {}).get("consent") is not None:
+        try:
+            consent_traits(message["traits"]["consent"])
+        except ValueError as exc:
+            raise BadRequest(f"{where}traits.consent: {exc}") from None
 
 
 def _ident(value: Any) -> str | None:
@@ -273,6 +335,25 @@ def push_subscription(value: Any) -> dict[str, Any]:
     return {"endpoint": endpoint, "keys": keys, "expirationTime": value.get("expirationTime")}
 
 
+def consent_traits(value: Any) -> dict[str, dict[str, Any]]:
+    """identify's `traits.consent`, checked: channel -> `granted` or `{state, at, text_version, form}`."""
+    if not isinstance(value, dict):
+        raise ValueError("expected an object such as {email: granted, push: {state: granted, at: ...}}")
+    statements = {}
+    for channel, given in value.items():
+        if not CHANNEL.fullmatch(channel):
+            raise ValueError(f"{channel!r} is not a channel name (email, sms, push...)")
+        spec = {"state": given} if isinstance(given, str) else given
+        if not isinstance(spec, dict) or spec.get("state") not in STATED:
+            raise ValueError(f"{channel}: expected {', '.join(STATED)}, or an object with `state`")
+        if unknown := sorted(set(spec) - CONSENT_KEYS):
+            raise ValueError(f"{channel}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(CONSENT_KEYS))})")
+        if spec.get("at") is not None and _instant(spec["at"]) is None:
+            raise ValueError(f"{channel}.at: not an ISO 8601 date-time")
+        statements[channel] = spec
+    return statements
+
+
 # --- Messages -> events ---------------------------------------------------------------------
 
 
@@ -319,8 +400,16 @@ def _timezone(value: Any) -> str | None:
     return value
 
 
-def _contact(message: dict[str, Any]) -> ContactRef:
-    """Who: the site's user id and the browser's anonymous id; what: identify's traits, or context.traits."""
+def signed_with_secret(raw: RawCall) -> bool:
+    """Whether the secret key signed the stored call, as its dedupe key says (see Track.dedupe_key)."""
+    return raw.dedupe_key.startswith(SECRET_SIGNED)
+
+
+def _contact(message: dict[str, Any], trusted: bool) -> ContactRef:
+    """Who: the site's user id and the browser's anonymous id; what: identify's traits, or context.traits.
+
+    Untrusted (write key): the core lets it name a contact and add ids and traits, not move a known one.
+    """
     context = _object(message.get("context"))
     traits = {**_object(context.get("traits")), **_object(message.get("traits"))}
     ids = {}
@@ -340,6 +429,7 @@ def _contact(message: dict[str, Any]) -> ContactRef:
         timezone=_timezone(context.get("timezone")),
         external_ids=ids,
         attributes=attributes,
+        trusted=trusted,
     )
 
 
@@ -348,7 +438,7 @@ def _event(kind: str, message: dict[str, Any], raw: RawCall, properties: dict[st
     return Event(
         type=kind,
         occurred_at=_when(message, raw),
-        contact=_contact(message),
+        contact=_contact(message, signed_with_secret(raw)),
         correlation=[f"track:{mid}"],
         properties={**properties, "message_id": mid, "user_id": _ident(message.get("userId"))},
     )
@@ -374,15 +464,59 @@ def page_event(message: dict[str, Any], raw: RawCall) -> Event:
 
 
 def identify_event(message: dict[str, Any], raw: RawCall) -> Event:
-    """Traits update the contact; a browser's push subscription is added to the contact's devices."""
+    """Traits update the contact; a browser's push subscription is added to the contact's devices, and
+    `traits.consent` states the person's consent per channel, with what shows it."""
     traits = _object(message.get("traits"))
     event = _event("profile.updated", message, raw, {})
+    update: dict[str, Any] = {"consent": consent_statements(message, raw)}
     push = next((traits[k] for k in PUSH_TRAITS if k in traits), None)
-    if push is None:
-        return event
-    device = push_subscription(push)
-    ref = PushRef(kind="webpush", address=device["endpoint"], keys=device["keys"])
-    return event.model_copy(update={"contact": event.contact.model_copy(update={"push_subscriptions": [ref]})})
+    if push is not None:
+        device = push_subscription(push)
+        update["push_subscriptions"] = [PushRef(kind="webpush", address=device["endpoint"], keys=device["keys"])]
+    return event.model_copy(update={"contact": event.contact.model_copy(update=update)})
+
+
+def consent_statements(message: dict[str, Any], raw: RawCall) -> dict[str, ConsentStatement]:
+    """What the person did on the site's form: an action per channel, dated, with its evidence."""
+    traits = _object(message.get("traits"))
+    if traits.get("consent") is None:
+        return {}
+    trusted = signed_with_secret(raw)
+    seen = _evidence(message, raw, trusted)
+    statements = {}
+    for channel, spec in consent_traits(traits["consent"]).items():
+        evidence = dict(seen)
+        for key in ("text_version", "form"):
+            if (value := _text(spec.get(key, traits.get(f"consent_{key}")), 200)) is not None:
+                evidence[key] = value
+        if evidence:  # nothing shown stays nothing: the core refuses a public key's grant without evidence
+            evidence["signed_with"] = SECRET if trusted else WRITE
+        stated_at = _stated_at(message, spec, raw) if trusted else raw.received_at
+        statements[channel] = ConsentStatement(state=spec["state"], stated_at=stated_at, action=True, evidence=evidence)
+    return statements
+
+
+def _stated_at(message: dict[str, Any], spec: dict[str, Any], raw: RawCall) -> datetime | None:
+    """The server's time for the statement, never after its arrival: a statement dated in the future
+    would outrank every later one, the unsubscribe link's included. A browser's clock is not asked."""
+    for value in (spec.get("at"), message.get("timestamp"), message.get("originalTimestamp")):
+        if (moment := _instant(value)) is not None:
+            return min(moment, raw.received_at)
+    return None
+
+
+def _evidence(message: dict[str, Any], raw: RawCall, trusted: bool) -> dict[str, Any]:
+    """Who stated it: the caller's IP, and for a server library the visitor's IP it reports; the
+    browser's user agent (a server library's own is no evidence); the page of the form."""
+    context = _object(message.get("context"))
+    user_agent = _text(context.get("userAgent"), 512)
+    found = {
+        "ip": raw.peer_address,
+        "visitor_ip": _text(context.get("ip"), 64) if trusted else None,  # a browser's own claim adds nothing
+        "user_agent": user_agent if trusted else user_agent or _text(raw.header("User-Agent"), 512),
+        "page_url": _text(_object(context.get("page")).get("url"), 2048),
+    }
+    return {key: value for key, value in found.items() if value is not None}
 
 
 HANDLERS: dict[str, Callable[[dict[str, Any], RawCall], Event]] = {

@@ -18,9 +18,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, make_mocked_request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from conftest import FIXTURES, SHARED_PAYLOADS
-from declic_plugins.track import Track, TrackConfig, event_slug, push_subscription
+from declic_plugins.track import SECRET, SECRET_SIGNED, WRITE, Track, TrackConfig, event_slug, push_subscription
 from gateway import BadRequest, MalformedPayload, RawCall, SignatureError
 from gateway.config import load_config
 from gateway.http.app import create_app
@@ -30,11 +31,13 @@ from gateway.plugins import collect, get_plugin_manager
 from gateway.testing import FakeClock, write_deployment
 
 KEY = "site-write-key"
+SECRET_KEY = "site-secret-key-for-servers"
 RECEIVED = datetime(2026, 5, 4, 9, 32, tzinfo=UTC)
 
 
 def source() -> Track:
-    return Track("site", TrackConfig.model_validate({"write_key": KEY}), Deployment(None, "UTC", FakeClock(RECEIVED)))
+    config = TrackConfig.model_validate({"write_key": KEY, "secret_key": SECRET_KEY})
+    return Track("site", config, Deployment(None, "UTC", FakeClock(RECEIVED)))
 
 
 def basic(user: str, password: str = "") -> str:
@@ -54,14 +57,22 @@ def body(**message: Any) -> bytes:
     return json.dumps({"type": "track", "event": "Signed Up", "anonymousId": "a-1", **message}).encode()
 
 
-# --- Who may call: Segment's write key, as the Basic user or as `writeKey` in the body --------
+# --- Who may call: Segment's write key, as the Basic user or as `writeKey` in the body; the secret key, --
+# --- only as the Basic user (a body is stored, and may come from a page) ------------------------------
 
-AUTH: list[tuple[str, str | None, bytes, type[Exception] | None]] = [
-    ("basic user, empty password", basic(KEY), body(), None),
-    ("basic user, no colon (legacy)", "Basic " + base64.b64encode(KEY.encode()).decode(), body(), None),
-    ("writeKey in the body (analytics.js)", None, body(writeKey=KEY), None),
-    ("bearer token (Segment OAuth) and writeKey in the body", "Bearer abc", body(writeKey=KEY), None),
-    ("basic wins over the body", basic(KEY), body(writeKey="other"), None),
+AUTH: list[tuple[str, str | None, bytes, str | type[Exception]]] = [
+    ("basic user, empty password", basic(KEY), body(), WRITE),
+    ("basic user, no colon (legacy)", "Basic " + base64.b64encode(KEY.encode()).decode(), body(), WRITE),
+    ("writeKey in the body (analytics.js)", None, body(writeKey=KEY), WRITE),
+    ("bearer token (Segment OAuth) and writeKey in the body", "Bearer abc", body(writeKey=KEY), WRITE),
+    ("basic wins over the body", basic(KEY), body(writeKey="other"), WRITE),
+    ("secret key as the basic user", basic(SECRET_KEY), body(), SECRET),
+    ("secret key as the basic user, write key in the body", basic(SECRET_KEY), body(writeKey=KEY), SECRET),
+    ("write key as the basic user, secret key in the body", basic(KEY), body(writeKey=SECRET_KEY), WRITE),
+    ("secret key in the body", None, body(writeKey=SECRET_KEY), SignatureError),
+    ("secret key in the body, with a bearer token", "Bearer x", body(writeKey=SECRET_KEY), SignatureError),
+    ("secret key but one letter", basic(SECRET_KEY[:-1] + "S"), body(), SignatureError),
+    ("secret key as the basic password", basic("", SECRET_KEY), body(), SignatureError),
     ("wrong basic user", basic("other"), body(writeKey=KEY), SignatureError),
     ("wrong writeKey", None, body(writeKey="site-write-keY"), SignatureError),
     ("no key at all", None, body(), SignatureError),
@@ -71,13 +82,56 @@ AUTH: list[tuple[str, str | None, bytes, type[Exception] | None]] = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("case", "authorization", "data", "error"), AUTH, ids=[a[0] for a in AUTH])
-async def test_write_key(case: str, authorization: str | None, data: bytes, error: type[Exception] | None) -> None:
-    if error is None:
-        await source().verify(request(authorization), data)
+@pytest.mark.parametrize(("case", "authorization", "data", "expected"), AUTH, ids=[a[0] for a in AUTH])
+async def test_keys(case: str, authorization: str | None, data: bytes, expected: str | type[Exception]) -> None:
+    call = request(authorization)
+    if isinstance(expected, str):
+        await source().verify(call, data)
+        marked = source().dedupe_key(call, data).startswith(SECRET_SIGNED)
+        assert marked is (expected == SECRET)
     else:
-        with pytest.raises(error):
-            await source().verify(request(authorization), data)
+        with pytest.raises(expected):
+            await source().verify(call, data)
+
+
+async def test_a_write_key_call_is_never_marked_as_the_secret_keys_whatever_it_sends() -> None:
+    forged = body(writeKey=KEY, messageId=SECRET_SIGNED + "message:1", dedupe_key=SECRET_SIGNED)
+    call = request(None)
+    await source().verify(call, forged)
+    key = source().dedupe_key(call, forged)
+    assert key == "message:secret-key:message:1"
+    [event] = source().normalize(RawCall(5, "site", RECEIVED, {"X-Declic-Key": SECRET}, forged, key))
+    assert event.contact.trusted is False
+    assert source().dedupe_key(request(basic(SECRET_KEY)), body()).startswith("message:")  # never verified
+
+
+async def test_the_secret_key_has_its_own_dedupe_keys_and_its_calls_are_trusted() -> None:
+    data = body(type="identify", messageId="m-1", traits={"email": "ada@example.org"})
+    by_page, by_server = request(None), request(basic(SECRET_KEY))
+    await source().verify(by_page, body(type="identify", messageId="m-1", writeKey=KEY))
+    await source().verify(by_server, data)
+    assert source().dedupe_key(by_page, data) == "message:m-1"
+    assert source().dedupe_key(by_server, data) == "secret-key:message:m-1"  # not a duplicate of the page's
+    [event] = source().normalize(RawCall(5, "site", RECEIVED, {}, data, "secret-key:message:m-1"))
+    assert event.contact.trusted is True and event.contact.email == "ada@example.org"
+    [event] = source().normalize(RawCall(6, "site", RECEIVED, {}, data, "message:m-1"))
+    assert event.contact.trusted is False
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [({"write_key": SECRET_KEY, "secret_key": SECRET_KEY}, "secret_key must differ from write_key"),
+     ({"write_key": KEY, "secret_key": "short"}, "at least 16 characters")],
+)  # fmt: skip
+def test_secret_key_problems_are_reported_at_load(options: dict[str, str], problem: str) -> None:
+    with pytest.raises(ValidationError, match=problem) as raised:
+        TrackConfig.model_validate(options)
+    assert all(problem in error["msg"] for error in raised.value.errors())
+
+
+def test_the_secret_key_never_shows() -> None:
+    config = TrackConfig.model_validate({"write_key": KEY, "secret_key": SECRET_KEY})
+    assert SECRET_KEY not in repr(config) and SECRET_KEY not in str(config.model_dump())
 
 
 # --- What the Tracking API refuses with 400, refused here before anything is stored ----------
@@ -92,6 +146,10 @@ def batch(*items: dict[str, Any]) -> bytes:
 
 def push(subscription: dict[str, Any], trait: str = "webpush_subscription") -> bytes:
     return body(type="identify", traits={trait: subscription})
+
+
+def consent(value: Any) -> bytes:
+    return body(type="identify", traits={"email": "ada@example.org", "consent": value})
 
 
 TRACK = json.loads(body())
@@ -116,6 +174,13 @@ REJECTIONS: list[tuple[str, bytes, str]] = [
     ("push over http", push({**SUBSCRIPTION, "endpoint": "http://push.example/x"}), "endpoint must be an https URL"),
     ("push, short auth key", push({**SUBSCRIPTION, "keys": {**SUBSCRIPTION["keys"], "auth": "AAAA"}}), "expected 16"),
     ("push without keys", push({"endpoint": "https://p.example/1"}, "webpushSubscription"), "expected {endpoint"),
+    ("consent not an object", consent("granted"), "traits.consent: expected an object"),
+    ("consent channel", consent({"E-mail": "granted"}), "traits.consent: 'E-mail' is not a channel name"),
+    ("consent state", consent({"email": "subscribed"}), "traits.consent: email: expected granted, withdrawn"),
+    ("consent as a boolean", consent({"email": True}), "traits.consent: email: expected granted"),
+    ("consent object without state", consent({"sms": {"at": "2026-05-04T09:00:00Z"}}), "sms: expected granted"),
+    ("consent unknown key", consent({"push": {"state": "granted", "ip": "1.2.3.4"}}), "push: unknown keys ip"),
+    ("consent time", consent({"email": {"state": "granted", "at": "hier"}}), "email.at: not an ISO 8601"),
 ]  # fmt: skip
 
 
@@ -275,6 +340,86 @@ def test_email_and_phone_must_look_like_one(traits: dict[str, str], email: str |
     assert (event.contact.email, event.contact.phone) == (email, phone)
 
 
+# --- identify's consent traits: what the person did on the site, dated, with what shows it --------------
+
+CONSENT_TRAITS = {
+    "consent": {
+        "email": {"state": "granted", "at": "2026-05-03T12:00:00+02:00", "text_version": "newsletter-v4"},
+        "sms": "withdrawn",
+        "push": {"state": "granted", "at": "2027-01-01T00:00:00Z"},  # a clock ahead of ours
+    },
+    "consent_text_version": "v3",
+    "consent_form": "footer-signup",
+}
+SIGNUP_PAGE = {"ip": "203.0.113.9", "userAgent": "Mozilla/5.0 (X11)", "page": {"url": "https://shop.example/signup"}}
+
+
+def identify_call(key: str, context: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> RawCall:
+    data = body(type="identify", userId="cus_1042", traits=CONSENT_TRAITS, context=context or SIGNUP_PAGE,
+                timestamp="2026-05-04T09:00:00Z")  # fmt: skip
+    peer = {"X-Declic-Peer-Address": "198.51.100.4"}
+    return RawCall(5, "site", RECEIVED, peer if headers is None else headers, data, key)
+
+
+def test_consent_traits_signed_with_the_secret_key_are_dated_by_the_server() -> None:
+    [event] = source().normalize(identify_call("secret-key:message:1"))
+    consent = event.contact.consent
+    assert {channel: (s.state, s.stated_at, s.action) for channel, s in consent.items()} == {
+        "email": ("granted", datetime(2026, 5, 3, 10, tzinfo=UTC), True),
+        "sms": ("withdrawn", datetime(2026, 5, 4, 9, tzinfo=UTC), True),  # the message's timestamp
+        "push": ("granted", RECEIVED, True),  # never after its arrival: it would outrank every later one
+    }
+    shown = {
+        "ip": "198.51.100.4",
+        "visitor_ip": "203.0.113.9",
+        "user_agent": "Mozilla/5.0 (X11)",
+        "page_url": "https://shop.example/signup",
+        "form": "footer-signup",
+        "signed_with": "secret key",
+    }
+    assert consent["email"].evidence == {**shown, "text_version": "newsletter-v4"}
+    assert consent["sms"].evidence == consent["push"].evidence == {**shown, "text_version": "v3"}
+    assert not set(event.contact.attributes) & {"consent", "consent_text_version", "consent_form"}
+
+
+def test_consent_traits_signed_with_the_write_key_are_dated_by_their_arrival() -> None:
+    [event] = source().normalize(identify_call("message:1"))
+    consent = event.contact.consent
+    assert {channel: s.stated_at for channel, s in consent.items()} == dict.fromkeys(("email", "sms", "push"), RECEIVED)
+    assert consent["sms"].evidence == {  # the browser's claim to an IP is no evidence; the connection's is
+        "ip": "198.51.100.4",
+        "user_agent": "Mozilla/5.0 (X11)",
+        "page_url": "https://shop.example/signup",
+        "text_version": "v3",
+        "form": "footer-signup",
+        "signed_with": "write key",
+    }
+    assert event.contact.trusted is False
+
+
+@pytest.mark.parametrize(
+    ("key", "headers", "evidence"),
+    [("message:1", {"User-Agent": "Mozilla/5.0 (beacon)"}, {"user_agent": "Mozilla/5.0 (beacon)"}),
+     ("secret-key:message:1", {"User-Agent": "analytics-python/2.3.3"}, {}),  # the server's, not the visitor's
+     ("message:1", {}, {})],
+)  # fmt: skip
+def test_without_context_the_evidence_is_what_the_call_shows(
+    key: str, headers: dict[str, str], evidence: dict[str, str]
+) -> None:
+    traits = {"consent": {"email": "granted"}}
+    data = body(type="identify", userId="cus_1042", traits=traits, context={"library": {"name": "x"}})
+    [event] = source().normalize(RawCall(5, "site", RECEIVED, headers, data, key))
+    signed = "secret key" if key.startswith(SECRET_SIGNED) else "write key"
+    # no evidence stays none, so that the core refuses a public key's grant that shows nothing
+    assert event.contact.consent["email"].evidence == ({**evidence, "signed_with": signed} if evidence else {})
+
+
+def test_consent_is_read_from_identify_only() -> None:
+    data = body(context={"traits": {"consent": {"email": "granted"}}})
+    [event] = source().normalize(raw(data))
+    assert event.contact.consent == {} and "consent" not in event.contact.attributes
+
+
 def test_push_subscription_may_arrive_as_a_json_string() -> None:
     assert push_subscription(json.dumps(SUBSCRIPTION))["keys"] == SUBSCRIPTION["keys"]
 
@@ -330,7 +475,7 @@ async def start(aiohttp_client: Any, tmp_path: Path, db_url: str) -> tuple[TestC
     config = f"""\
 storage: {{url: '{db_url}'}}
 sources:
-  site: {{plugin: track, write_key: {KEY}}}
+  site: {{plugin: track, write_key: {KEY}, secret_key: {SECRET_KEY}}}
 """
     settings = load_config(write_deployment(tmp_path, config), collect(pm), pm)
     app = create_app(settings, pm=pm, clock=FakeClock(RECEIVED), role="web")
@@ -356,14 +501,21 @@ async def test_site_visitor_becomes_a_known_contact_end_to_end(
     again = await client.post("/hooks/site/p", data=load("page.json"), headers=text_plain)
     assert (await again.json())["status"] == "duplicate"
     assert (await client.post("/hooks/site/x", data=load("page.json"))).status == 404
-    server = await client.post("/hooks/site", data=load("server_batch.json"), headers={"Authorization": basic(KEY)})
-    assert server.status == 200
+    # The page's identify, signed with the public write key, links the visitor to cus_1042 and names
+    # them, but does not give a contact that already exists an address or a device: the server does.
+    assert rows("SELECT email, phone, first_name FROM contacts") == [(None, None, "Camille")]
+    assert rows("SELECT count(*) FROM push_subscriptions") == [(0,)]
+    relayed = {**{k: v for k, v in json.loads(load("identify.json")).items() if k != "writeKey"}, "messageId": "s-1"}
+    server_key = {"Authorization": basic(SECRET_KEY)}
+    for data in (json.dumps(relayed).encode(), load("server_batch.json")):
+        assert (await client.post("/hooks/site", data=data, headers=server_key)).status == 200
     assert (await client.post("/hooks/site", data=load("server_batch.json"))).status == 401
     await gateway.worker.drain()
 
     assert rows("SELECT type FROM events ORDER BY inbox_id, id") == [
         ("page.viewed",),
         ("track.signed_up",),
+        ("profile.updated",),
         ("profile.updated",),
         ("track.order_completed",),
         ("profile.updated",),
