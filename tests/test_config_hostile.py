@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "config" / "declic.yaml"
 #: Every ${VAR} of the seeds is set, so that the seeds pass and mutations start from a valid config.
 ENV = {
-    name: "a-dummy-secret-value-long-enough"
+    name: f"a-dummy-{name.lower()}-value"  # one per name: some settings must differ (track's two keys)
     for name in re.findall(
         r"\$\{([A-Za-z_][A-Za-z0-9_]*)",
         "".join(p.read_text() for p in [DEMO, ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]),
