@@ -110,6 +110,7 @@ def items_for(contact: int, statements: list[Statement], checkouts: list[datetim
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # some 45,000 calls and 20,000 steps: about 2 minutes on a quiet 2-core machine
 async def test_no_marketing_message_after_a_withdrawal_or_without_a_statement(tmp_path: Path) -> None:
     seed = int(os.environ.get("DECLIC_PROPERTY_SEED", "20261203"))
     rng = random.Random(seed)
