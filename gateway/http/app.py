@@ -52,10 +52,7 @@ def build_gateway(
     sources = {key: cls(key, cfg, deployment) for key, (cls, cfg) in settings.source_plugins.items()}
     # Internal sources read back what Declic's own endpoints stored: the worker knows them, /hooks never.
     internal: dict[str, Source] = {
-        **{
-            cls.name: cls(cls.name, None, deployment)
-            for cls in (consent_links.UnsubscribeSource, consent_links.ConfirmSource)
-        },
+        **{cls.name: cls(cls.name, None, deployment) for cls in consent_links.SOURCES},
         **(extra_sources(deployment) if extra_sources else {}),
     }
     sinks = {key: cls(key, cfg, deployment) for key, (cls, cfg) in settings.sink_plugins.items()}
@@ -102,10 +99,7 @@ def create_app(
         for path in ("/hooks/{source}", "/hooks/{source}/{token}"):
             app.router.add_post(path, handle_hook)
             app.router.add_get(path, handle_ping)  # and HEAD
-        for path, handler in (
-            ("/u/{token}", consent_links.handle_unsubscribe),
-            ("/c/{token}", consent_links.handle_confirm),
-        ):
+        for path, handler in consent_links.ROUTES:
             app.router.add_route("GET", path, handler)  # and HEAD
             app.router.add_route("POST", path, handler)
     app.router.add_get("/healthz", healthz)

@@ -59,7 +59,6 @@ CONFIRM = LinkAction(
     '<button name="confirm" value="yes">Confirm</button>',
     "Thank you: your subscription is confirmed.",
 )
-SOURCE = UNSUBSCRIBE.source  # kept for readers of 0.1's stored calls
 
 
 class LinkSource(Source):
