@@ -275,6 +275,16 @@ class HubSpot(Source):
         self._found.pop(raw.id, None)
         return events
 
+    def about(self, raw: RawCall) -> list[ContactRef] | None:
+        """The contacts the notifications name; None when one is a deal's (its contact needs a fetch)."""
+        try:
+            named = [_named(item) for item in parse_notifications(raw.body)]
+        except (MalformedPayload, KeyError, TypeError, ValueError):
+            return None
+        if any(ids is None for ids in named):
+            return None
+        return [ContactRef(external_ids={"hubspot": i}) for ids in named for i in ids or ()]
+
     def _remembered(self, inbox_id: int) -> dict[tuple[str, str], dict[str, Any] | None]:
         found = self._found.setdefault(inbox_id, {})
         self._found.move_to_end(inbox_id)
@@ -319,6 +329,17 @@ def _id(value: Any) -> str:
     if not re.fullmatch(r"[0-9]{1,30}", text):
         raise ValueError(f"{value!r} is not a HubSpot object id")
     return text
+
+
+def _named(item: dict[str, Any]) -> list[str] | None:
+    """The contact ids a notification names; None for a deal's, [] for one no rule uses."""
+    kind = _kind(item) or ""
+    if kind.startswith("deal."):
+        return None
+    if kind not in HANDLERS:
+        return []
+    ids = [item.get("objectId"), item.get("primaryObjectId"), item.get("newObjectId"), *item.get("mergedObjectIds", [])]
+    return list(dict.fromkeys(_id(i) for i in ids if i is not None))
 
 
 def _when(item: dict[str, Any], raw: RawCall) -> datetime:

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import structlog
 from aiohttp import web
 
 from conftest import SECRET, TEMPLATES, Deployment, Factory, fixture_json
+from declic_plugins.hubspot import signature_v1
 from gateway.http.app import create_app, load
 from gateway.http.running import GATEWAY_KEY
 from gateway.testing import FakeClock, SmtpCatcher, write_deployment
@@ -27,6 +29,7 @@ from gateway.testing import FakeClock, SmtpCatcher, write_deployment
 WRITE_KEY = "site-write-key"
 ADMIN_TOKEN = "admin-token-0123456789"
 EB_TOKEN = "eventbrite-url-token-0123"
+HS_SECRET = "hubspot-client-secret"
 CONFIG = """\
 public_url: https://hooks.example.com
 storage: {{url: '{db_url}'}}
@@ -34,6 +37,7 @@ sources:
   shop: {{plugin: shopify, secret: {secret}}}
   site: {{plugin: track, write_key: {write_key}}}
   tickets: {{plugin: eventbrite, url_token: {eb_token}, token: eb-api-token, api_base: '{api_base}'}}
+  crm: {{plugin: hubspot, client_secret: {hs_secret}, app_token: hs-token, api_base: '{hubspot_base}'}}
 sinks:
   email: {{plugin: smtp, host: 127.0.0.1, port: {smtp_port}, tls: none, sender: shop@example.com}}
 worker:
@@ -59,9 +63,35 @@ async def eventbrite_down(aiohttp_server: Any) -> Any:
     return await aiohttp_server(app)
 
 
+@dataclass
+class HubSpotCrm:
+    """HubSpot's CRM v3 read of one contact, as documented; `down` makes it answer 503, as in an outage."""
+
+    contacts: dict[str, dict[str, Any]]
+    down: bool = False
+    url: str = ""
+
+    async def contact(self, request: web.Request) -> web.Response:
+        if self.down:
+            return web.json_response({"status": "error", "message": "Service Unavailable"}, status=503)
+        found = self.contacts.get(request.match_info["id"])
+        if found is None:
+            return web.json_response({"status": "error", "category": "OBJECT_NOT_FOUND"}, status=404)
+        return web.json_response({"id": request.match_info["id"], "properties": found, "archived": False})
+
+
+@pytest.fixture
+async def hubspot(aiohttp_server: Any) -> HubSpotCrm:
+    crm = HubSpotCrm({"501": {"email": "lead@example.org", "firstname": "Lea", "hs_object_id": "501"}})
+    app = web.Application()
+    app.router.add_get("/crm/v3/objects/contacts/{id}", crm.contact)
+    crm.url = str((await aiohttp_server(app)).make_url("")).rstrip("/")
+    return crm
+
+
 @pytest.fixture
 async def fault_deploy(
-    aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCatcher, eventbrite_down: Any
+    aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCatcher, eventbrite_down: Any, hubspot: HubSpotCrm
 ) -> AsyncIterator[Factory]:
     async def start() -> Deployment:
         text = CONFIG.format(
@@ -70,6 +100,8 @@ async def fault_deploy(
             write_key=WRITE_KEY,
             api_base=str(eventbrite_down.make_url("")).rstrip("/"),
             eb_token=EB_TOKEN,
+            hs_secret=HS_SECRET,
+            hubspot_base=hubspot.url,
             smtp_port=smtp.port,
         )
         settings, pm, _ = load(str(write_deployment(tmp_path, text, TEMPLATES)))
@@ -81,11 +113,22 @@ async def fault_deploy(
     yield start
 
 
-def order(number: int) -> bytes:
+def order(number: int, email: str | None = None) -> bytes:
+    email = email or f"buyer{number}@example.org"
     body = fixture_json("shopify/order.json")
-    body.update(id=1000 + number, name=f"#{1000 + number}", email=f"buyer{number}@example.org")
-    body["customer"] = {**body["customer"], "id": 7000 + number, "email": f"buyer{number}@example.org"}
+    body.update(id=1000 + number, name=f"#{1000 + number}", email=email)
+    body["customer"] = {**body["customer"], "id": 7000 + number, "email": email, "phone": None}  # one person each
     return json.dumps(body).encode()
+
+
+async def post_hubspot(d: Deployment, kind: str, event_id: int, **fields: Any) -> None:
+    """A notification about HubSpot contact 501, signed as HubSpot signs it (v1: SHA-256 of secret + body)."""
+    stamp = int(d.clock.now().timestamp() * 1000)
+    item = {"eventId": event_id, "subscriptionId": 1, "portalId": 62515, "occurredAt": stamp}
+    body = json.dumps([{**item, "subscriptionType": kind, "objectId": 501, **fields}]).encode()
+    headers = {"X-HubSpot-Signature": signature_v1(HS_SECRET.encode(), body), "X-HubSpot-Signature-Version": "v1"}
+    response = await d.client.post("/hooks/crm", data=body, headers={**headers, "Content-Type": "application/json"})
+    assert response.status == 200
 
 
 async def post_orders(d: Deployment, count: int) -> None:
@@ -128,6 +171,33 @@ async def test_a_call_whose_provider_keeps_failing_holds_steps_back_for_ordering
     notes = d.rows("SELECT rule, action, reason FROM decisions WHERE action = 'overtook'")
     assert len(notes) == 3 and "still unprocessed after ordering_timeout" in notes[0].reason  # ...and say so
     assert d.scalar("SELECT status FROM inbox WHERE source = 'tickets'") == "received"  # never dropped
+
+
+async def test_a_call_about_one_contact_waiting_for_its_provider_holds_back_only_that_contact(
+    fault_deploy: Factory, smtp: SmtpCatcher, hubspot: HubSpotCrm
+) -> None:
+    d = await fault_deploy()
+    await post_hubspot(d, "contact.creation", 1)
+    await d.advance(seconds=1)  # HubSpot contact 501 is Lea, lead@example.org
+    hubspot.down = True
+    await post_hubspot(d, "contact.propertyChange", 2, propertyName="lifecyclestage", propertyValue="customer")
+    await d.advance(seconds=1)  # tried once: HubSpot answers 503, the call about Lea waits for a retry
+    assert d.scalar("SELECT count(*) FROM inbox WHERE source = 'crm' AND status = 'received'") == 1
+
+    assert (await d.post_shopify("orders/create", order(9, email="lead@example.org"))).status == 200
+    await post_orders(d, 3)
+    await d.advance(seconds=1)
+    # Everyone else's confirmation goes at once; Lea's waits: the call might change what she gets.
+    assert sorted(str(m["To"]) for m in smtp.messages) == [f"buyer{n}@example.org" for n in range(3)]
+    await d.advance(minutes=5)
+    assert [str(m["To"]) for m in smtp.messages][3:] == ["lead@example.org"]  # ordering_timeout passed
+    [(who, reason)] = d.rows(
+        "SELECT c.email, d.reason FROM decisions d JOIN contacts c ON c.id = d.contact_id WHERE d.action = 'overtook'"
+    )
+    assert who == "lead@example.org" and "still unprocessed after ordering_timeout" in reason
+    hubspot.down = False
+    await d.advance(hours=1)  # HubSpot is back: the call is processed, late but never dropped
+    assert d.scalar("SELECT status FROM inbox WHERE source = 'crm' ORDER BY id DESC LIMIT 1") == "processed"
 
 
 async def test_a_worker_that_dies_is_logged_turns_readyz_not_ready_and_is_restarted(

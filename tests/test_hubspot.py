@@ -1461,3 +1461,29 @@ async def test_any_call_gets_a_2xx_or_4xx(hub: Hub, headers: dict[str, str], bod
         headers = {**headers, **hub.signed(body)}
     response = await hub.client.post("/hooks/crm", data=body, headers=headers)
     assert 200 <= response.status < 500, await response.text()
+
+
+def test_a_call_says_which_contacts_it_is_about_without_asking_hubspot() -> None:
+    """While a call waits for HubSpot, only these contacts' messages wait for it (worker.ordering_timeout)."""
+    crm = source()  # api_base on a closed port: anything fetched would fail
+    base = {"portalId": 62515, "subscriptionId": 1, "occurredAt": 1}
+    contacts = [
+        {**base, "eventId": 1, "subscriptionType": "contact.propertyChange", "objectId": 501},
+        {
+            **base,
+            "eventId": 2,
+            "subscriptionType": "contact.merge",
+            "objectId": 502,
+            "primaryObjectId": 502,
+            "mergedObjectIds": [503],
+            "newObjectId": 504,
+        },
+        {**base, "eventId": 3, "subscriptionType": "company.creation", "objectId": 9},
+    ]
+    named = crm.about(raw(json.dumps(contacts).encode()))
+    assert named is not None
+    assert [ref.external_ids["hubspot"] for ref in named] == ["501", "502", "504", "503"]
+    # A deal's contact is known only once the deal is fetched: the call may be about anyone.
+    deal = {**base, "eventId": 4, "subscriptionType": "deal.creation", "objectId": 301}
+    assert crm.about(raw(json.dumps([*contacts, deal]).encode())) is None
+    assert crm.about(raw(b"not json")) is None

@@ -372,9 +372,9 @@ class WorkerSpec(_Strict):
     )
     ordering_timeout: Annotated[Duration, between("1s", "1d")] = Field(
         timedelta(minutes=5),
-        description="A step waits for calls received before it was due; a call still unprocessed this long "
-        "after it arrived (its provider keeps failing) holds nobody back: steps go ahead, noted in the journal. "
-        "1s to 1d.",
+        description="A step waits for calls received before it was due that may be about its contact; a call "
+        "still unprocessed this long after it arrived (its provider keeps failing) holds nobody back: steps go "
+        "ahead, noted in the journal. 1s to 1d.",
     )
     max_attempts: int = Field(12, ge=1, le=100, description="Attempts before a step goes to the dead letter, 1 to 100.")
     retry_base: Annotated[Duration, between("100ms", "1d")] = Field(

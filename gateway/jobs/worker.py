@@ -192,29 +192,34 @@ class Worker:
 
     def _claim(self, conn: Connection, limit: int) -> list[ClaimedJob]:
         now = self.clock.now()
-        stuck = jobqueue.stuck_call(conn, now - self.spec.ordering_timeout)  # before the claim may take it
+        overdue = jobqueue.overdue_calls(conn, now - self.spec.ordering_timeout)  # before the claim may take one
         jobs = jobqueue.claim(conn, self.id, now, self.spec.lease, limit, self.spec.ordering_timeout)
-        if stuck is not None and any(job.kind == "step" for job in jobs):
-            self._note_overtaken(conn, jobs, stuck, now)
+        if overdue and any(job.kind == "step" for job in jobs):
+            self._note_overtaken(conn, jobs, overdue, now)
         return jobs
 
     def _note_overtaken(
-        self, conn: Connection, jobs: list[ClaimedJob], stuck: tuple[int, datetime], now: datetime
+        self, conn: Connection, jobs: list[ClaimedJob], overdue: list[jobqueue.WaitingCall], now: datetime
     ) -> None:
-        """Steps going ahead of a call still unprocessed after ordering_timeout say so in the journal."""
-        inbox_id, arrived = stuck
-        overtaking = [job for job in jobs if job.kind == "step" and job.due_at > arrived]
-        reason = (
-            f"went ahead of call {inbox_id} (received {arrived:%Y-%m-%d %H:%M:%S} UTC), "
-            f"still unprocessed after ordering_timeout ({self.spec.ordering_timeout})"
-        )
-        owners = journal.enrolments(conn, [job.enrolment_id for job in overtaking if job.enrolment_id is not None])
-        for job in overtaking:
-            if job.enrolment_id in owners:
-                rule, contact_id = owners[job.enrolment_id]
-                journal.record(conn, now, rule, contact_id, "overtook", step=job.step + 1, reason=reason)
-        if overtaking:
-            log.warning("steps went ahead of an unprocessed call", inbox_id=inbox_id, steps=len(overtaking))
+        """Steps going ahead of a call about their contact, still unprocessed after ordering_timeout, say so."""
+        steps = [job for job in jobs if job.kind == "step" and job.enrolment_id is not None]
+        owners = journal.enrolments(conn, [job.enrolment_id for job in steps if job.enrolment_id is not None])
+        noted = 0
+        for job in steps:
+            if job.enrolment_id not in owners:
+                continue
+            rule, contact_id = owners[job.enrolment_id]
+            call = next((call for call in overdue if call.holds(job.due_at, contact_id)), None)
+            if call is None:
+                continue
+            reason = (
+                f"went ahead of call {call.inbox_id} (received {call.arrived:%Y-%m-%d %H:%M:%S} UTC), "
+                f"still unprocessed after ordering_timeout ({self.spec.ordering_timeout})"
+            )
+            journal.record(conn, now, rule, contact_id, "overtook", step=job.step + 1, reason=reason)
+            noted += 1
+        if noted:
+            log.warning("steps went ahead of an unprocessed call", steps=noted)
 
     def _units(self, jobs: list[ClaimedJob]) -> list[tuple[list[ClaimedJob], Coroutine[Any, Any, None]]]:
         """The claimed calls go through together, in one transaction; every other job runs alone."""
@@ -320,10 +325,11 @@ class Worker:
         """What to do with one call; None when it must wait (the provider said retry later)."""
         if raw is None:  # processed already: only the job is left to close
             return _Call(job, None)
+        source = self.sources.get(raw.source)
         try:
-            return _Call(job, raw, await inbound.normalize(self.sources.get(raw.source), raw))
+            return _Call(job, raw, await inbound.normalize(source, raw))
         except RetryLater as exc:  # the provider will answer later: back off, never drop the call
-            await self._retry_later(job, exc.reason, exc.after)
+            await self._retry_later(job, exc.reason, exc.after, inbound.about(source, raw))
             return None
         except MalformedPayload as exc:
             return _Call(job, raw, failure=str(exc))
@@ -400,14 +406,16 @@ class Worker:
             await self._record((send, result))
         self.wake()
 
-    async def _retry_later(self, job: ClaimedJob, error: str, after: float | None = None) -> None:
+    async def _retry_later(
+        self, job: ClaimedJob, error: str, after: float | None = None, about: list[tuple[str, str]] | None = None
+    ) -> None:
         now = self.clock.now()
         due = now + jobqueue.retry_delay(job.attempts, self.spec.retry_base, self.spec.retry_max, after)
 
         def work(conn: Connection) -> bool:
             if job.attempts >= self.spec.max_attempts:
                 return jobqueue.finish(conn, job, self.id, now, "dead", error)
-            return jobqueue.reschedule(conn, job, self.id, due, now, error)
+            return jobqueue.reschedule(conn, job, self.id, due, now, error, about)
 
         try:
             await self.db.run(work)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationInfo
 
 from .clock import Clock
-from .events import Event
+from .events import ContactRef, Event
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -125,6 +125,15 @@ class Source:
     def dedupe_key(self, request: web.Request, body: bytes) -> str:
         """The provider's own id for this delivery; redeliveries must give the same key."""
         return "sha256:" + hashlib.sha256(body).hexdigest()
+
+    def about(self, raw: RawCall) -> list[ContactRef] | None:
+        """Who a stored call is about, read from its bytes alone (no provider call); None: cannot tell.
+
+        Asked when normalize raised RetryLater: while the call waits for its retry, only these
+        contacts' messages wait for it, not everyone's (up to `worker.ordering_timeout`).
+        A source whose normalize never fetches anything need not say.
+        """
+        return None
 
     def normalize(self, raw: RawCall) -> list[Event] | Awaitable[list[Event]]:
         """Turn a stored call into events, after the acknowledgement; may be `async def`.

@@ -53,6 +53,18 @@ async def normalize(source: Source | None, raw: RawCall) -> list[Event]:
         raise Unprocessable(f"{type(source).__name__}.normalize crashed: {exc!r}") from exc
 
 
+def about(source: Source | None, raw: RawCall) -> list[tuple[str, str]] | None:
+    """The identities a call waiting for a retry is about, as its source reads them; None: anyone."""
+    if source is None:
+        return None
+    try:
+        refs = source.about(raw)
+    except Exception:  # a plugin bug here only costs ordering precision: the call holds everyone
+        log.exception("about crashed", source=raw.source, inbox_id=raw.id)
+        return None
+    return None if refs is None else [key for ref in refs for key in contacts.identities(ref)]
+
+
 class Unprocessable(MalformedPayload):
     """Normalisation cannot succeed as things are: the call is marked failed, replayable after a fix."""
 

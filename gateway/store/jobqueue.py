@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -9,7 +10,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import INBOX, JOBS, sql
+from . import ENROLMENTS, IDENTITIES, INBOX, JOBS, sql
 
 J = JOBS.c
 MAX_RETRY_AFTER = 86400.0
@@ -55,6 +56,20 @@ _INSERT = sa.insert(JOBS)
 
 #: How long an unprocessed call holds back the steps due after it arrived, unless the worker says.
 ORDERING_TIMEOUT = timedelta(minutes=5)
+#: Contacts held back one by one at most; calls about more count as about everyone (safe, coarser).
+MAX_HELD_CONTACTS = 100
+
+
+@dataclass(frozen=True)
+class WaitingCall:
+    """A call still to be processed, and whom it may be about: None for anyone."""
+
+    inbox_id: int
+    arrived: datetime
+    contacts: frozenset[int] | None
+
+    def holds(self, due_at: datetime, contact_id: int | None) -> bool:
+        return self.arrived < due_at and (self.contacts is None or contact_id in self.contacts)
 
 
 def claim(
@@ -67,24 +82,29 @@ def claim(
 ) -> list[ClaimedJob]:
     """Take up to `limit` due jobs, and jobs whose holder's lease ran out, for this worker.
 
-    A step does not overtake a call received before it was due: while such a call waits to be
-    processed, the step waits too, so an unsubscribe or an order lands first. A call already
-    tried and waiting for a retry `ordering_timeout` after it arrived (its provider keeps
-    failing) holds nobody back any longer: the steps go ahead (see `stuck_call`). A call
-    never tried yet always holds them, also after downtime.
+    A step does not overtake a call received before it was due that may be about its contact:
+    while such a call waits to be processed, the step waits too, so an unsubscribe or an order
+    lands first. A call never tried yet may be about anyone, and holds every step (also after
+    downtime: the backlog goes first). A call tried and waiting for a retry holds only the
+    contacts its source says it is about (`Source.about`), or everyone when it cannot tell, and
+    only for `ordering_timeout` after it arrived: then the steps go ahead (see `overdue_calls`).
     """
     due = sa.or_(
         sa.and_(J.status == "pending", J.due_at <= now),
         sa.and_(J.status == "running", J.locked_until < now),
     )
-    backlog = (
-        sa.select(sa.func.min(J.created_at))
-        .where(J.kind == "inbox", J.status.in_(("pending", "running")), sa.not_(_stuck(now - ordering_timeout)))
-        .scalar_subquery()
-    )
-    in_order = sa.or_(J.kind == "inbox", backlog.is_(None), J.due_at < backlog)
+    cutoff = now - ordering_timeout
+    anyone = sa.select(sa.func.min(J.created_at)).where(_waiting(cutoff), J.about.is_(None)).scalar_subquery()
+    in_order = [sa.or_(anyone.is_(None), J.due_at < anyone)]
+    for contact_id, arrived in _held_contacts(conn, cutoff).items():
+        in_order.append(sa.not_(sa.and_(J.due_at >= arrived, _of_contact(contact_id))))
     # Among steps due at the same moment (freed by the pressure cap), the rule's priority decides.
-    candidates = sa.select(J.id).where(due, in_order).order_by(J.due_at, J.priority.desc()).limit(limit)
+    candidates = (
+        sa.select(J.id)
+        .where(due, sa.or_(J.kind == "inbox", sa.and_(*in_order)))
+        .order_by(J.due_at, J.priority.desc())
+        .limit(limit)
+    )
     if conn.dialect.name == "postgresql":
         # Two replicas never claim the same row, and neither waits for the other's locks.
         candidates = candidates.with_for_update(skip_locked=True)
@@ -111,17 +131,64 @@ def claim(
     return [ClaimedJob(*row[:-1]) for row in claimed]
 
 
-def _stuck(cutoff: datetime) -> sa.ColumnElement[bool]:
-    """A call tried and waiting for a retry, that arrived before the cutoff."""
-    return sa.and_(J.status == "pending", J.attempts > 0, J.created_at < cutoff)
+def _tried(cutoff: datetime) -> sa.ColumnElement[bool]:
+    """A call tried before and still unprocessed, that arrived before the cutoff."""
+    retried = sa.or_(sa.and_(J.status == "pending", J.attempts > 0), sa.and_(J.status == "running", J.attempts > 1))
+    return sa.and_(J.kind == "inbox", retried, J.created_at < cutoff)
 
 
-def stuck_call(conn: Connection, cutoff: datetime) -> tuple[int, datetime] | None:
-    """(inbox id, arrival) of the oldest call that no longer holds steps back (see `claim`)."""
-    row = conn.execute(
-        sa.select(J.inbox_id, J.created_at).where(J.kind == "inbox", _stuck(cutoff)).order_by(J.created_at).limit(1)
-    ).first()
-    return (row.inbox_id, row.created_at) if row else None
+def _waiting(cutoff: datetime) -> sa.ColumnElement[bool]:
+    """A call still to be processed that holds steps back."""
+    return sa.and_(J.kind == "inbox", J.status.in_(("pending", "running")), sa.not_(_tried(cutoff)))
+
+
+def _held_contacts(conn: Connection, cutoff: datetime) -> dict[int, datetime]:
+    """Contact id -> arrival of the oldest waiting call about them, for calls that said whom."""
+    rows = conn.execute(
+        sa.select(J.created_at, J.about)
+        .where(J.about.is_not(None), _waiting(cutoff))
+        .order_by(J.created_at)
+        .limit(MAX_HELD_CONTACTS)
+    ).all()
+    held: dict[int, datetime] = {}
+    for row in rows:
+        for contact_id in _contacts(conn, row.about):
+            held.setdefault(contact_id, row.created_at)
+    return held
+
+
+def _contacts(conn: Connection, about: str) -> frozenset[int]:
+    """The existing contacts a call's identities name."""
+    keys = [tuple(pair) for pair in json.loads(about)]
+    if not keys:
+        return frozenset()
+    found = conn.execute(
+        sa.select(IDENTITIES.c.contact_id).where(sa.tuple_(IDENTITIES.c.kind, IDENTITIES.c.value).in_(keys))
+    )
+    return frozenset(found.scalars())
+
+
+def _of_contact(contact_id: int) -> sa.ColumnElement[bool]:
+    """A step of one of the contact's journeys, or a trigger about them (never NULL: NOT must hold)."""
+    journeys = sa.select(ENROLMENTS.c.id).where(ENROLMENTS.c.contact_id == contact_id)
+    return sa.or_(
+        sa.and_(J.enrolment_id.is_not(None), J.enrolment_id.in_(journeys)),
+        sa.and_(J.contact_id.is_not(None), J.contact_id == contact_id),
+    )
+
+
+def overdue_calls(conn: Connection, cutoff: datetime, limit: int = MAX_HELD_CONTACTS) -> list[WaitingCall]:
+    """The oldest calls that no longer hold steps back (see `claim`), and whom they are about."""
+    rows = conn.execute(
+        sa.select(J.inbox_id, J.created_at, J.about)
+        .where(_tried(cutoff), J.status == "pending")
+        .order_by(J.created_at)
+        .limit(limit)
+    )
+    return [
+        WaitingCall(row.inbox_id, row.created_at, None if row.about is None else _contacts(conn, row.about))
+        for row in rows
+    ]
 
 
 def next_due(conn: Connection) -> datetime | None:
@@ -157,6 +224,7 @@ _FINISH = (
     .values(
         status=sa.bindparam("new_status"),
         locked_until=None,
+        about=None,
         last_error=sa.bindparam("error"),
         updated_at=sa.bindparam("now"),
     )
@@ -171,13 +239,23 @@ def finish_many(conn: Connection, jobs: list[ClaimedJob], worker: str, now: date
 _FINISH_MANY = (
     sa.update(JOBS)
     .where(J.id.in_(sa.bindparam("job_ids", expanding=True)), _HELD_BY)
-    .values(status="done", locked_until=None, last_error=None, updated_at=sa.bindparam("now"))
+    .values(status="done", locked_until=None, about=None, last_error=None, updated_at=sa.bindparam("now"))
 )
 
 
-def reschedule(conn: Connection, job: ClaimedJob, worker: str, due_at: datetime, now: datetime, error: str) -> bool:
+def reschedule(
+    conn: Connection,
+    job: ClaimedJob,
+    worker: str,
+    due_at: datetime,
+    now: datetime,
+    error: str,
+    about: list[tuple[str, str]] | None = None,
+) -> bool:
+    """Put a job back until `due_at`; a call may say whom it is about (see `claim`)."""
     values = {"job_id": job.id, "worker": worker, "due": due_at, "error": error, "now": now}
-    return conn.execute(_RESCHEDULE, values).rowcount == 1
+    statement = _RESCHEDULE if about is None else _RESCHEDULE.values(about=json.dumps(about))
+    return conn.execute(statement, values).rowcount == 1
 
 
 _RESCHEDULE = (

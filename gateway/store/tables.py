@@ -33,6 +33,13 @@ class Job(SQLModel, table=True):
     __table_args__ = (
         Index("ix_jobs_claim", "status", "due_at"),
         Index("ix_jobs_backlog", "kind", "status", "created_at"),
+        # The few calls waiting for a retry that said whom they are about (jobqueue.claim reads them).
+        Index(
+            "ix_jobs_about",
+            "created_at",
+            sqlite_where=text("about IS NOT NULL"),
+            postgresql_where=text("about IS NOT NULL"),
+        ),
         # One pending job per trigger key: scheduling a date or inactivity trigger twice is a no-op.
         Index(
             "uq_jobs_pending_key",
@@ -54,6 +61,9 @@ class Job(SQLModel, table=True):
     key: str | None = Field(default=None, max_length=300)
     occurrence: str | None = Field(default=None, max_length=300)
     priority: int = 0
+    #: A call waiting for a retry: JSON list of the [kind, value] identities it is about, as its
+    #: source read them; NULL when it could not tell (then it holds back everyone's steps).
+    about: str | None = Field(default=None, sa_column=Column(Text))
     #: When a step was first due, before quiet hours or pressure deferred it (for `max_delay`).
     first_due_at: datetime | None = None
     due_at: datetime
