@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import io
+import uuid
+from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from aiohttp import web
 
-from conftest import SECRET, Deployment, Factory, fixture_bytes, locked_inbox
-from gateway.testing import shopify_headers
+from conftest import BASE_CONFIG, DEFAULT_RULES, SECRET, TEMPLATES, Deployment, Factory, fixture_bytes, locked_inbox
+from gateway import hookimpl
+from gateway.http.app import create_app, load
+from gateway.store.inbox import NewCall, commit_calls
+from gateway.testing import shopify_headers, write_deployment
 
 ORDER = fixture_bytes("shopify/order.json")
 
@@ -75,6 +82,33 @@ async def test_database_locked_past_the_timeout_answers_503_with_retry_after(dep
         assert "storage unavailable" in (await response.json())["error"]
     again = await d.client.post("/hooks/shop", data=ORDER, headers=signed())
     assert again.status == 200 and (await again.json())["status"] == "accepted"
+
+
+class SignupForm:
+    """A community plugin's route that stores what a form posts, as the inbox stores webhooks."""
+
+    @hookimpl
+    def register_routes(self, gateway: Any) -> list[tuple[str, str, Any]]:
+        async def signup(request: web.Request) -> web.Response:
+            call = NewCall("~form", uuid.uuid4().hex, gateway.clock.now(), {}, await request.read())
+            [accepted] = await gateway.db.run(commit_calls, [call])
+            return web.json_response({"id": accepted.inbox_id})
+
+        return [("POST", "/signup", signup)]
+
+
+async def test_a_plugin_route_answers_503_with_retry_after_while_storage_is_unavailable(
+    db_url: str, aiohttp_client: Any, tmp_path: Path
+) -> None:
+    text = BASE_CONFIG.format(db_url=db_url, secret=SECRET, smtp_port=9, rules=DEFAULT_RULES, max_attempts=5, worker="")
+    settings, pm, _ = load(str(write_deployment(tmp_path, text, TEMPLATES)))
+    pm.register(SignupForm())
+    client = await aiohttp_client(create_app(settings, pm=pm, role="web"))
+    with locked_inbox(db_url):
+        response = await client.post("/signup", data=b"email=a@example.org")
+        assert (response.status, response.headers.get("Retry-After")) == (503, "5")
+        assert "storage unavailable" in (await response.json())["error"]
+    assert (await client.post("/signup", data=b"email=a@example.org")).status == 200
 
 
 async def test_concurrent_posts_are_all_durable(deploy: Factory) -> None:
@@ -155,6 +189,7 @@ async def test_readyz_keeps_the_database_host_and_port_for_the_admin(deploy: Fac
     public = await d.client.get("/readyz")
     text = await public.text()
     assert (public.status, await public.json()) == (503, {"status": "unavailable"})
+    assert public.headers["Retry-After"] == "5"
     assert str(url.host) not in text and str(url.port or 5432) not in text and str(url.database) not in text
     admin = await d.client.get("/readyz", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
     details = await admin.json()

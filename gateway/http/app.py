@@ -28,7 +28,7 @@ from ..store.inbox import GroupCommitter
 from . import consent_links
 from .auth import is_admin
 from .hooks import handle_hook, handle_ping, json_error_middleware_factory
-from .running import GATEWAY_KEY, Role, RunningGateway
+from .running import GATEWAY_KEY, RETRY_AFTER_SECONDS, Role, RunningGateway
 
 log = structlog.get_logger("declic.app")
 #: On shutdown, sends in flight get this long to finish before they are cancelled.
@@ -201,9 +201,10 @@ async def readyz(request: web.Request) -> web.Response:
     if gateway.worker_down is not None:
         details.update(status="unavailable", worker=gateway.worker_down)
     status = 200 if details["status"] == "ok" else 503
+    headers = {"Retry-After": RETRY_AFTER_SECONDS} if status == 503 else None
     if not is_admin(request, gateway.settings.admin):
-        return web.json_response({"status": details["status"]}, status=status)
-    return web.json_response(details, status=status)
+        return web.json_response({"status": details["status"]}, status=status, headers=headers)
+    return web.json_response(details, status=status, headers=headers)
 
 
 async def _readiness(db: Database) -> dict[str, str]:

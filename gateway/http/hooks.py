@@ -83,12 +83,16 @@ def _problem(status: int, reason: str, headers: dict[str, str] | None = None) ->
 
 
 def json_error_middleware_factory() -> Any:
-    """Answer aiohttp's own errors (413, 405...) with the same JSON shape as ours."""
+    """Answer aiohttp's own errors (413, 405...) with the same JSON shape as ours, and storage
+    failures on any route (plugins' included) with 503 and Retry-After: the caller comes back."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
         try:
             return await handler(request)
+        except StorageUnavailable as exc:
+            log.warning("storage unavailable", path=request.path, error=str(exc))
+            return _problem(503, "storage unavailable, retry later", {"Retry-After": RETRY_AFTER_SECONDS})
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
