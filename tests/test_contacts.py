@@ -98,7 +98,7 @@ async def test_erasure_forgets_the_person_and_ends_their_journeys(d: Deployment,
     await d.advance(days=2)
     assert len(smtp.messages) == 1  # the first step went out before the request; the second never does
     assert d.rows("SELECT email, first_name, email_status FROM contacts") == [(None, None, "erased")]
-    assert d.rows("SELECT kind FROM identities ORDER BY kind") == [("crm",), ("declic",)]
+    assert d.rows("SELECT kind FROM identities ORDER BY kind") == []  # never found again (erasure sticks)
     bodies = d.rows("SELECT status, body FROM inbox ORDER BY id")
     assert bodies[0] == ("erased", b"")
     assert d.rows("SELECT status FROM enrolments") == [("exited",)]
@@ -125,7 +125,7 @@ async def test_provider_feedback_lands_on_the_delivery(d: Deployment, smtp: Smtp
     )
 
 
-async def test_an_erased_contact_is_not_refilled_by_later_events(d: Deployment) -> None:
+async def test_an_erased_contact_is_never_relinked_later_news_starts_a_new_contact(d: Deployment) -> None:
     await d.emit(signed_up("ada@example.com", first_name="Ada", external_ids={"crm": "77"}))
     await d.emit({"type": "contact.erased", "contact": {"external_ids": {"crm": "77"}}})
     await d.emit(
@@ -134,7 +134,12 @@ async def test_an_erased_contact_is_not_refilled_by_later_events(d: Deployment) 
             "contact": {"external_ids": {"crm": "77"}, "email": "ada@example.com", "first_name": "Ada"},
         }
     )
-    assert d.rows("SELECT email, first_name, email_status FROM contacts") == [(None, None, "erased")]
+    assert d.rows("SELECT id, email, first_name, email_status FROM contacts ORDER BY id") == [
+        (1, None, None, "erased"),
+        (2, "ada@example.com", "Ada", "ok"),
+    ]
+    assert d.rows("SELECT DISTINCT contact_id FROM identities") == [(2,)]
+    assert d.rows("SELECT type FROM events WHERE contact_id = 2") == [("customer.updated",)]  # no history
 
 
 async def test_push_subscriptions_are_kept_moved_and_forgotten(d: Deployment) -> None:

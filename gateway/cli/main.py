@@ -15,27 +15,9 @@ from ..pipeline import inbound
 from ..plugins import collect, describe, get_plugin_manager
 from ..store import INBOX, JOBS, Database, jobqueue
 from . import logs
-
-CONFIG_OPTION = click.option(
-    "--config",
-    "config_path",
-    envvar="DECLIC_CONFIG",
-    default="config/declic.yaml",
-    show_default=True,
-    type=click.Path(dir_okay=False),
-    help="Deployment config file (env: DECLIC_CONFIG).",
-)
-
-
-def _load(config_path: str):  # type: ignore[no-untyped-def]
-    from ..http.app import load
-
-    try:
-        return load(config_path)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            click.echo(problem, err=True)
-        raise SystemExit(2) from None
+from .common import CONFIG_OPTION
+from .common import load as _load
+from .contacts import contacts
 
 
 @click.group()
@@ -221,6 +203,9 @@ def _list_dead(database: Database, failed: bool) -> None:
         click.echo("nothing failed" if failed else "dead letter is empty")
     for row in rows:
         click.echo(f"{row[0]}\t{row[1]}\t{row[2]:%Y-%m-%d %H:%M:%S}\t{logs.redact_text(row[3] or '')}")
+
+
+cli.add_command(contacts)
 
 
 def main() -> None:

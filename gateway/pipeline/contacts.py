@@ -384,17 +384,18 @@ def _fields_of(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def erase(conn: Connection, contact_id: int, now: datetime) -> None:
-    """Forget who the contact is: personal fields, channel identities, stored bodies and events.
+    """Forget who the contact is: personal fields, every identity, stored bodies and events.
 
-    The row and the provider's own ids stay, so a later call about the same person is
-    recognised as erased rather than re-creating them; active journeys end.
+    Erasure sticks: with no identity left, the row is never found again, so a later call about
+    the same person starts a new contact with no history and no consent of the old one. The
+    row stays, emptied, so counts (deliveries, conversions) keep adding up; active journeys end.
     """
     conn.execute(
         sa.update(CONTACTS)
         .where(C.id == contact_id)
         .values(**dict.fromkeys(_FIELDS), attributes="{}", consent="{}", email_status="erased", updated_at=now)
     )
-    conn.execute(sa.delete(IDENTITIES).where(I.contact_id == contact_id, I.kind.in_(("email", "phone"))))
+    conn.execute(sa.delete(IDENTITIES).where(I.contact_id == contact_id))
     conn.execute(sa.delete(PUSH_SUBSCRIPTIONS).where(PUSH_SUBSCRIPTIONS.c.contact_id == contact_id))
     inbox_ids = sa.select(EVENTS.c.inbox_id).where(EVENTS.c.contact_id == contact_id).scalar_subquery()
     conn.execute(sa.update(INBOX).where(INBOX.c.id.in_(inbox_ids)).values(body=b"", headers="{}", status="erased"))

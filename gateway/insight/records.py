@@ -1,0 +1,143 @@
+"""A contact's record: found by what people know them by, shown as a timeline of what happened
+and why, exported whole for the person who asks (GDPR art. 15 and 20)."""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from ..store import (
+    CONSENTS,
+    CONTACTS,
+    CONVERSIONS,
+    DECISIONS,
+    DELIVERIES,
+    ENROLMENTS,
+    EVENTS,
+    IDENTITIES,
+    INBOX,
+    jsoncodec,
+)
+
+I = IDENTITIES.c  # noqa: E741
+
+
+def find(conn: Connection, query: str) -> list[int]:
+    """Contacts named by an e-mail, a phone number, `kind:value` (a source's id) or `#id` (Declic's)."""
+    text = query.strip()
+    if re.fullmatch(r"#\d{1,18}", text):
+        found = conn.execute(sa.select(CONTACTS.c.id).where(CONTACTS.c.id == int(text[1:])))
+        return list(found.scalars())
+    if "@" in text:
+        keys = [("email", text.lower())]
+    elif re.fullmatch(r"\+?[\d ().-]{6,}", text):
+        keys = [("phone", re.sub(r"[^\d+]", "", text))]
+    elif ":" in text:
+        kind, value = text.split(":", 1)
+        keys = [(kind, value)]
+    else:
+        return []
+    rows = conn.execute(sa.select(I.contact_id).where(sa.tuple_(I.kind, I.value).in_(keys)).distinct())
+    return sorted(rows.scalars())
+
+
+def timeline(conn: Connection, contact_id: int) -> list[dict[str, Any]]:
+    """Every event received about the contact and every decision about them, in time order:
+    what came in, and for each rule whose trigger matched, what was decided and why."""
+    received = sa.func.coalesce(INBOX.c.received_at, EVENTS.c.occurred_at)
+    entries = [
+        {
+            "at": row.received,  # Declic's clock, as for decisions; `occurred_at` is the source's
+            "what": "event",
+            "type": row.type,
+            "source": row.source,
+            "event_id": row.id,
+            "occurred_at": row.occurred_at,
+        }
+        for row in conn.execute(
+            sa.select(EVENTS.c.id, EVENTS.c.type, EVENTS.c.source, EVENTS.c.occurred_at, received.label("received"))
+            .outerjoin(INBOX, INBOX.c.id == EVENTS.c.inbox_id)
+            .where(EVENTS.c.contact_id == contact_id)
+        )
+    ]
+    entries += [
+        {
+            "at": row.at,
+            "what": "decision",
+            "rule": row.rule,
+            "step": row.step,
+            "action": row.action,
+            "via": row.via,
+            "reason": row.reason,
+            "event_id": row.event_id,
+        }
+        for row in conn.execute(sa.select(DECISIONS).where(DECISIONS.c.contact_id == contact_id))
+    ]
+    entries += [
+        {
+            "at": row.at,
+            "what": "consent",
+            "channel": row.channel,
+            "state": row.state,
+            "source": row.source,
+            "applied": row.applied,
+            "reason": row.reason,
+            "event_id": row.event_id,
+        }
+        for row in conn.execute(
+            sa.select(CONSENTS, sa.func.coalesce(CONSENTS.c.received_at, CONSENTS.c.recorded_at).label("at")).where(
+                CONSENTS.c.contact_id == contact_id
+            )
+        )
+    ]
+    # At one moment: call by call (event ids are "inbox id.index"), what came in, then what it caused.
+    order = {"event": 0, "consent": 1, "decision": 2}
+    return sorted(entries, key=lambda entry: (entry["at"], _sequence(entry["event_id"]), order[entry["what"]]))
+
+
+def _sequence(event_id: str | None) -> tuple[float, ...]:
+    """ "12.0" -> (12, 0); what no event caused (a send) comes after what calls brought at that moment."""
+    try:
+        return tuple(float(part) for part in (event_id or "").split("."))
+    except ValueError:
+        return (math.inf,)
+
+
+def export(conn: Connection, contact_id: int) -> dict[str, Any]:
+    """The whole record: fields, identities, consent ledger with its evidence, events, journeys,
+    messages, decisions and conversions."""
+
+    def rows(table: sa.Table, column: sa.ColumnElement[Any], *stored_json: str) -> list[dict[str, Any]]:
+        found = conn.execute(sa.select(table).where(column == contact_id).order_by(*table.primary_key.columns))
+        return [_plain(row._asdict(), stored_json) for row in found]
+
+    return {
+        "contact": rows(CONTACTS, CONTACTS.c.id, "attributes", "consent")[0],
+        "identities": [
+            {"kind": row.kind, "value": row.value}
+            for row in conn.execute(sa.select(I.kind, I.value).where(I.contact_id == contact_id).order_by(I.kind))
+        ],
+        "consent_ledger": rows(CONSENTS, CONSENTS.c.contact_id, "evidence"),
+        "events": rows(EVENTS, EVENTS.c.contact_id, "properties", "correlation"),
+        "journeys": rows(ENROLMENTS, ENROLMENTS.c.contact_id),
+        "messages": rows(DELIVERIES, DELIVERIES.c.contact_id),
+        "decisions": rows(DECISIONS, DECISIONS.c.contact_id),
+        "conversions": rows(CONVERSIONS, CONVERSIONS.c.contact_id),
+    }
+
+
+def _plain(row: dict[str, Any], stored_json: tuple[str, ...]) -> dict[str, Any]:
+    """A row as JSON-ready values: datetimes in ISO 8601 UTC, columns holding JSON text decoded."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if isinstance(value, datetime):
+            value = value.isoformat().replace("+00:00", "Z")
+        elif key in stored_json and isinstance(value, str):
+            value = jsoncodec.loads(value)
+        out[key] = value
+    return out

@@ -1,0 +1,94 @@
+"""`declic contacts`: why a contact got a message or did not, their whole record, and an erasure
+that sticks. Real Shopify webhooks over HTTP, a real SMTP server, SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from click.testing import CliRunner
+
+from conftest import Deployment, Factory, fixture_json
+from gateway.cli.main import cli
+from gateway.testing import SmtpCatcher
+
+CAMILLE = "camille.durand@example.org"
+
+
+def declic(d: Deployment, *args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, ["contacts", *args, "--config", str(d.path)], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def timeline(d: Deployment, who: str) -> list[dict[str, Any]]:
+    code, output = declic(d, "timeline", who)
+    assert code == 0, output
+    return [json.loads(line) for line in output.splitlines()]
+
+
+def cart(total: str, token: str) -> bytes:
+    body = fixture_json("shopify/checkout.json")
+    body.update(total_price=total, token=token)
+    return json.dumps(body).encode()
+
+
+async def test_the_timeline_says_why_a_cart_below_the_threshold_got_no_reminder(
+    deploy: Factory, smtp: SmtpCatcher
+) -> None:
+    d = await deploy()
+    assert (await d.post_shopify("checkouts/create", cart("12.00", "small"), "c1")).status == 200
+    assert (await d.post_shopify("checkouts/create", cart("59.90", "big"), "c2")).status == 200
+    await d.advance(hours=1, seconds=1)
+    entries = timeline(d, CAMILLE)
+    assert [(e["what"], e.get("type") or e.get("action") or e.get("channel")) for e in entries] == [
+        ("event", "checkout.started"),
+        ("consent", "email"),  # the customer's snapshot in the checkout, both channels
+        ("consent", "sms"),
+        ("decision", "not_enrolled"),
+        ("event", "checkout.started"),
+        ("consent", "email"),
+        ("consent", "sms"),
+        ("decision", "enrolled"),
+        ("decision", "send"),
+    ]
+    ruled_out = entries[3]
+    assert ruled_out["rule"] == "abandoned-cart"
+    assert ruled_out["reason"] == "if false: event.properties.total_price > 20"
+    assert [str(m["To"]) for m in smtp.messages] == [CAMILLE]
+    assert timeline(d, "shopify:5550001") == entries  # the same person, by Shopify's id
+    assert declic(d, "timeline", "nobody@example.org") == (1, "no contact is known as nobody@example.org\n")
+
+
+async def test_export_gives_the_whole_record_and_erasure_sticks(deploy: Factory, smtp: SmtpCatcher) -> None:
+    d = await deploy()
+    order = fixture_json("shopify/order.json")
+    assert (await d.post_shopify("orders/create", json.dumps(order).encode(), "o1")).status == 200
+    await d.advance(seconds=1)
+    code, output = declic(d, "export", CAMILLE)
+    assert code == 0, output
+    record = json.loads(output)
+    assert record["contact"]["email"] == CAMILLE and record["contact"]["first_name"] == "Camille"
+    assert {"kind": "shopify", "value": "5550001"} in record["identities"]
+    [consent] = record["consent_ledger"]
+    assert (consent["channel"], consent["state"], consent["source"]) == ("email", "granted", "shop")
+    assert consent["evidence"]["inbox_id"] == 1  # what shows it: the stored webhook
+    assert [e["type"] for e in record["events"]] == ["order.placed"]
+    assert [(m["rule"], m["status"]) for m in record["messages"]] == [("order-confirmation", "sent")]
+    assert {row["action"] for row in record["decisions"]} == {"enrolled", "send"}
+
+    assert declic(d, "erase", CAMILLE, "--yes") == (0, "erased contact #1\n")
+    assert declic(d, "export", CAMILLE)[0] == 1  # nothing is known by that address any more
+    code, output = declic(d, "export", "#1")
+    erased = json.loads(output)
+    assert erased["contact"]["email"] is None and erased["contact"]["email_status"] == "erased"
+    assert erased["identities"] == [] and CAMILLE not in output and "Camille" not in output
+
+    # The same customer orders again: a new contact, no history, no old consent; the confirmation goes out.
+    order.update(id=order["id"] + 1, name="#1002")
+    order["customer"] = {**order["customer"], "email_marketing_consent": None}
+    assert (await d.post_shopify("orders/create", json.dumps(order).encode(), "o2")).status == 200
+    await d.advance(seconds=1)
+    again = json.loads(declic(d, "export", CAMILLE)[1])
+    assert again["contact"]["id"] == 2 and again["contact"]["consent"] == {}
+    assert [e["type"] for e in again["events"]] == ["order.placed"] and again["consent_ledger"] == []
+    assert [str(m["To"]) for m in smtp.messages] == [CAMILLE, CAMILLE]
