@@ -175,6 +175,16 @@ ERRORS = [
     ),
     ("duplicate rule", edit("name: cart", "name: welcome"), "21:11: rules[1].name: duplicate rule name 'welcome'"),
     (
+        "holdout too large",
+        edit("    exit_on: [order.placed]\n", "    exit_on: [order.placed]\n    holdout: 60%\n"),
+        "25:14: rules[1].holdout: must be a percentage from 0% to 50%, such as 10%",
+    ),
+    (
+        "holdout as a fraction",
+        edit("    exit_on: [order.placed]\n", "    exit_on: [order.placed]\n    holdout: 0.1\n"),
+        "25:14: rules[1].holdout: must be a percentage from 0% to 50%, such as 10%",
+    ),
+    (
         "bad kind",
         edit("    when: customer.created\n", "    when: customer.created\n    kind: promo\n"),
         "20:11: rules[0].kind: Input should be 'marketing' or 'transactional'",

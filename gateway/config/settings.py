@@ -14,6 +14,7 @@ import jinja2
 import pluggy
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -87,6 +88,14 @@ class ReenterAfter(_Strict):
     )
 
 
+def _percentage(value: Any) -> Any:
+    """`10%` -> 0.1; a share above 50% would leave too few messaged contacts to be worth a rule."""
+    text = value.strip() if isinstance(value, str) else None
+    if text is None or not re.fullmatch(r"\d{1,2}(\.\d{1,2})?%", text) or float(text[:-1]) > 50:
+        raise ValueError("must be a percentage from 0% to 50%, such as 10%")
+    return float(text[:-1]) / 100
+
+
 class RuleSpec(_Strict):
     name: Name = Field(description="Unique name: lower case, digits, - and _.")
     when: str | None = Field(None, description="Trigger: the event type that enrols a contact.")
@@ -127,6 +136,24 @@ class RuleSpec(_Strict):
     )
     reenter: Literal["always", "never"] | ReenterAfter = Field(
         "always", description="always (once per occurrence), never (once per contact), or {after: 30d}."
+    )
+    attribution: Annotated[Duration, between("1h", "365d")] = Field(
+        timedelta(days=7),
+        description="A goal counts as a conversion of this rule when it comes this long at most after the rule's "
+        "last message to the contact (1h to 365d); it is attributed to that message.",
+    )
+    holdout: Annotated[float, BeforeValidator(_percentage)] = Field(
+        0.0,
+        ge=0,
+        le=0.5,
+        description="Share of enrolled contacts kept unmessaged to measure what the rule earns, e.g. 10%: the same "
+        "contacts every time, journal `held_out`; 0% to 50% (a share of 0 to 0.5).",
+    )
+    revenue: str | None = Field(
+        None,
+        max_length=100,
+        description="Goal events: the property holding the money a conversion brings (default: the first number "
+        "among total_price, revenue, value and total).",
     )
     priority: int = Field(
         0,

@@ -9,8 +9,11 @@ from sqlalchemy.engine import Connection
 
 from ..store import DECISIONS, ENROLMENTS
 
-#: send | suppressed | deferred | exited | goal | failed | overtook (went ahead of a stuck call)
-ACTIONS = frozenset({"send", "suppressed", "deferred", "exited", "goal", "failed", "overtook"})
+#: enrolled | not_enrolled (a trigger matched; why not) | send | held_out (holdout group: not sent) |
+#: suppressed | deferred | exited | goal | failed | overtook (went ahead of a stuck call)
+ACTIONS = frozenset(
+    {"enrolled", "not_enrolled", "send", "held_out", "suppressed", "deferred", "exited", "goal", "failed", "overtook"}
+)
 
 
 def record(

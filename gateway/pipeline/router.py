@@ -20,7 +20,8 @@ import structlog
 from sqlalchemy.engine import Connection
 
 from ..config import ReenterAfter, RuleSpec, ScoringSpec
-from ..insight import journal
+from ..insight import conversions, journal
+from ..kit.durations import format_duration
 from ..kit.events import ContactRef, Event
 from ..kit.templating import compile_condition
 from ..store import ENROLMENTS, META, jobqueue, sql
@@ -89,18 +90,22 @@ class Router:
         base: datetime,
         changed: frozenset[str] = frozenset(),
     ) -> None:
-        """Exits and goals first, so an event that both ends and starts a journey leaves the new one alone."""
-        for rule in self._by["exit_on"].get(event.type, ()):
-            end_journeys(conn, rule, event, contact["id"], base, "exited", f"exit_on {event.type}")
+        """Goals, then exits, then enrolments: an event that both ends and starts a journey leaves the
+        new one alone, and one that is a rule's goal and exit both converts and ends the journey."""
         for rule in self._by["goal"].get(event.type, ()):
             end_journeys(conn, rule, event, contact["id"], base, "goal", f"goal {event.type}")
+        for rule in self._by["exit_on"].get(event.type, ()):
+            end_journeys(conn, rule, event, contact["id"], base, "exited", f"exit_on {event.type}")
         for rule in self._by["of"].get(event.type, ()):
             triggers.arm_inactivity(conn, rule.spec, contact["id"], event.id, base, base)
         context = {"event": event_context(event), "contact": contact}
         self._score(conn, event, contact, context, base)
         for rule in self._by["when"].get(event.type, ()):
-            if rule.condition is None or _truthy(rule, rule.condition, context):
-                enrol(conn, rule, contact["id"], event.id, _occurrence(event), _first(event.correlation), base)
+            why = _ruled_out(rule, context)
+            if why is not None:
+                journal.record(conn, base, rule.name, contact["id"], "not_enrolled", reason=why, event_id=event.id)
+                continue
+            enrol(conn, rule, contact["id"], event.id, _occurrence(event), _first(event.correlation), base)
         self.reschedule_dates(conn, contact, changed, base)
 
     def reschedule_dates(
@@ -244,6 +249,19 @@ def _occurrence(event: Event) -> str:
     return _first(event.correlation) or f"event:{event.id}"
 
 
+def _ruled_out(rule: CompiledRule, context: dict[str, Any]) -> str | None:
+    """Why the rule's `if` keeps this event from enrolling, with the expression; None when it does not."""
+    if rule.condition is None:
+        return None
+    try:
+        if rule.condition(**context):
+            return None
+    except Exception as exc:  # a bad expression on odd data skips the rule, loudly
+        log.warning("condition failed", rule=rule.name, error=str(exc))
+        return f"if failed: {rule.spec.if_}: {type(exc).__name__}: {exc}"
+    return f"if false: {rule.spec.if_}"
+
+
 def _truthy(rule: CompiledRule | None, condition: Any, context: dict[str, Any]) -> bool:
     try:
         return bool(condition(**context))
@@ -261,13 +279,19 @@ def enrol(
     correlation: str | None,
     base: datetime,
 ) -> int | None:
-    """One enrolment per (rule, contact, occurrence), within the rule's re-entry policy."""
+    """One enrolment per (rule, contact, occurrence), within the rule's re-entry policy; the journal
+    says which, and why not when it is not."""
     reenter = rule.spec.reenter
     if reenter != "always":
         # `never`: any earlier enrolment counts; `after`: only those since then.
         since = base - reenter.after if isinstance(reenter, ReenterAfter) else _EPOCH
-        if conn.execute(_EARLIER, {"rule": rule.name, "contact_id": contact_id, "since": since}).first():
+        earlier = conn.execute(_EARLIER, {"rule": rule.name, "contact_id": contact_id, "since": since}).first()
+        if earlier is not None:
+            policy = f"after {format_duration(reenter.after)}" if isinstance(reenter, ReenterAfter) else "never"
+            why = f"reenter {policy}: enrolled {earlier.created_at:%Y-%m-%d %H:%M} UTC"
+            journal.record(conn, base, rule.name, contact_id, "not_enrolled", reason=why, event_id=event_id)
             return None
+    held_out = in_holdout(rule, contact_id)
     row = {
         "rule": rule.name,
         "contact_id": contact_id,
@@ -275,19 +299,32 @@ def enrol(
         "occurrence": occurrence,
         "correlation": correlation,
         "status": "active",
+        "held_out": held_out,
         "created_at": base,
     }
     enrolment_id = conn.execute(_enrol_once(conn.dialect.name), row).scalar_one_or_none()
     if enrolment_id is None:
+        why = f"already enrolled for occurrence {occurrence}"
+        journal.record(conn, base, rule.name, contact_id, "not_enrolled", reason=why, event_id=event_id)
         return None
     jobqueue.add_step(conn, enrolment_id, 0, base + rule.spec.steps[0].wait, base, rule.spec.priority)
-    log.info("enrolled", rule=rule.name, event_id=event_id, contact_id=contact_id)
+    held = f"held out ({rule.spec.holdout:.0%} holdout): no message will be sent" if held_out else None
+    journal.record(conn, base, rule.name, contact_id, "enrolled", reason=held, event_id=event_id)
+    log.info("enrolled", rule=rule.name, event_id=event_id, contact_id=contact_id, held_out=held_out)
     return enrolment_id
+
+
+def in_holdout(rule: CompiledRule, contact_id: int) -> bool:
+    """A stable draw per (rule, contact): the same people are held out every time they enter."""
+    if not rule.spec.holdout:
+        return False
+    digest = hashlib.sha256(f"holdout:{rule.name}:{contact_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < rule.spec.holdout
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _EARLIER = (
-    sa.select(E.id)
+    sa.select(E.id, E.created_at)
     .where(E.rule == sa.bindparam("rule"), E.contact_id == sa.bindparam("contact_id"))
     .where(E.created_at > sa.bindparam("since", type_=E.created_at.type))
     .limit(1)
@@ -311,7 +348,8 @@ def end_journeys(
     A journey keyed `checkout:abc` ends on an event carrying `checkout:abc`. When the event
     carries no key of that kind (an order placed without a checkout, a sign-up journey and an
     order), the journey of the same contact ends. `exited` ends active journeys; a `goal` also
-    counts journeys that already sent their last step.
+    counts journeys that sent their last step within the attribution window, and is counted as
+    a conversion when one of the rule's messages came within that window before it.
     """
     kinds = sorted({key.split(":", 1)[0] for key in event.correlation})
     same_story = E.correlation.in_(event.correlation) if event.correlation else sa.false()
@@ -319,18 +357,39 @@ def end_journeys(
     if kinds:
         story_unknown = sa.or_(E.correlation.is_(None), sa.and_(*[~E.correlation.startswith(f"{k}:") for k in kinds]))
     same_contact = sa.and_(E.contact_id == contact_id, story_unknown)
-    statuses = ("active",) if how == "exited" else ("active", "completed")
+    open_journey: sa.ColumnElement[bool] = E.status == "active"
+    if how == "goal":
+        recent = sa.and_(E.status == "completed", E.ended_at >= now - rule.spec.attribution)
+        open_journey = sa.or_(open_journey, recent)
     ended = conn.execute(
         sa.update(ENROLMENTS)
-        .where(E.rule == rule.name, E.status.in_(statuses), sa.or_(same_story, same_contact))
+        .where(E.rule == rule.name, open_journey, sa.or_(same_story, same_contact))
         .values(status="exited" if how == "exited" else "converted", ended_by=event.id, ended_at=now)
         .returning(E.id, E.contact_id)
     ).all()
     if not ended:
         return []
     pending = dict(jobqueue.cancel_pending(conn, [row.id for row in ended], now))
+    converted = None
+    if how == "goal":
+        converted = conversions.attribute(
+            conn,
+            rule.name,
+            [row.id for row in ended],
+            contact_id,
+            event.id,
+            event.properties,
+            now,
+            rule.spec.attribution,
+            rule.spec.revenue,
+        )
     for row in ended:
         step = pending.get(row.id)
+        said = reason
+        if how == "goal" and converted is not None and converted.enrolment_id == row.id:
+            said += f": {converted.describe()}"
+        elif how == "goal":
+            said += f": not counted, no message within {format_duration(rule.spec.attribution)} before"
         journal.record(
             conn,
             now,
@@ -338,7 +397,7 @@ def end_journeys(
             row.contact_id,
             how,
             step=None if step is None else step + 1,
-            reason=reason,
+            reason=said,
             event_id=event.id,
         )
     log.info("journeys " + how, rule=rule.name, event_id=event.id, enrolments=len(ended))

@@ -37,7 +37,7 @@ log = structlog.get_logger("declic.delivery")
 D = DELIVERIES.c
 E = ENROLMENTS.c
 #: Outcomes after which a step is over, whatever happens to its job afterwards.
-FINAL = ("sent", "suppressed", "address_invalid", "opted_out")
+FINAL = ("sent", "suppressed", "address_invalid", "opted_out", "held_out")
 #: Threads that render messages: a slow template holds one of them, never the database thread or the event
 #: loop. A few, not one per step: the GIL runs one at a time anyway, and a slow render must not stop the rest.
 RENDER_THREADS = 4
@@ -150,6 +150,9 @@ class StepRunner:
         if deferral is not None:
             self._defer(conn, step, deferral, now)
             return None
+        if enrolment.held_out:  # after the checks: held out is "would have been sent now"
+            self._hold_out(conn, step, now)
+            return None
         if self._capped(rule):
             self._record(conn, step, "sending", None, now, sent_at=now)  # holds its slot under the cap
         limits = self.worker_spec.templates
@@ -235,6 +238,14 @@ class StepRunner:
         )
         self._advance(conn, step, now)
         log.info("step suppressed", rule=step.rule.name, step=step.job.step + 1, sink=step.sink.key, reason=reason)
+
+    def _hold_out(self, conn: Connection, step: Step, now: datetime) -> None:
+        """The holdout group's journey goes on without its messages; its goals count against them."""
+        self._record(conn, step, "held_out", None, now, sent_at=now)
+        number, via = step.job.step + 1, step.sink.key
+        reason = f"holdout group ({step.rule.spec.holdout:.0%}): not sent"
+        journal.record(conn, now, step.rule.name, step.contact_id, "held_out", step=number, via=via, reason=reason)
+        self._advance(conn, step, now)
 
     def _defer(self, conn: Connection, step: Step, deferral: Deferral, now: datetime) -> None:
         cap = self.policies.pressure

@@ -4,6 +4,7 @@ from .db import Database, StorageUnavailable
 from .tables import (
     CONSENTS,
     CONTACTS,
+    CONVERSIONS,
     DECISIONS,
     DELIVERIES,
     ENROLMENTS,
@@ -27,6 +28,7 @@ from .tables import (
 __all__ = [
     "CONSENTS",
     "CONTACTS",
+    "CONVERSIONS",
     "DECISIONS",
     "DELIVERIES",
     "ENROLMENTS",

@@ -211,10 +211,36 @@ class Enrolment(SQLModel, table=True):
     event_id: str = Field(max_length=60)
     occurrence: str = Field(max_length=300)
     correlation: str | None = Field(default=None, max_length=300)
-    status: str = Field(default="active", max_length=20)  # active|completed|exited|failed
+    status: str = Field(default="active", max_length=20)  # active|completed|exited|converted|failed
     ended_by: str | None = Field(default=None, max_length=60)
+    #: In the rule's holdout group: the journey runs, its messages are not sent (for measuring lift).
+    held_out: bool = Field(default=False, sa_column=Column(sa.Boolean, nullable=False, server_default=sa.false()))
     created_at: datetime
     ended_at: datetime | None = None
+
+
+class Conversion(SQLModel, table=True):
+    """A goal reached within a rule's attribution window after its last message (or held-out step)."""
+
+    __tablename__ = "conversions"
+    __table_args__ = (
+        UniqueConstraint("rule", "event_id", name="uq_conversion_event"),
+        Index("ix_conversions_rule_at", "rule", "at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    rule: str = Field(max_length=100)
+    contact_id: int = Field(index=True)
+    enrolment_id: int
+    #: The message it is attributed to: its step and delivery row (status sent, or held_out).
+    step: int
+    delivery_id: int
+    held_out: bool = Field(sa_column=Column(sa.Boolean, nullable=False))
+    event_id: str = Field(max_length=60)
+    at: datetime
+    #: Reporting figures, summed by KPIs: a float is exact enough for sums of prices.
+    revenue: float | None = None
+    currency: str | None = Field(default=None, max_length=3)
 
 
 class Delivery(SQLModel, table=True):
@@ -230,7 +256,7 @@ class Delivery(SQLModel, table=True):
     contact_id: int = Field(index=True)
     sink: str = Field(max_length=100)
     kind: str = Field(default="marketing", max_length=20)  # the rule's kind, for pressure caps
-    status: str = Field(max_length=20)  # sending|retrying|sent|suppressed|failed|address_invalid
+    status: str = Field(max_length=20)  # sending|retrying|sent|held_out|suppressed|failed|address_invalid|opted_out
     sent_at: datetime | None = Field(default=None, index=True)
     reason: str | None = Field(default=None, sa_column=Column(Text))
     attempts: int = 0
@@ -256,5 +282,6 @@ ENROLMENTS = _table(Enrolment)
 DELIVERIES = _table(Delivery)
 CONSENTS = _table(ConsentRecord)
 DECISIONS = _table(Decision)
+CONVERSIONS = _table(Conversion)
 PUSH_SUBSCRIPTIONS = _table(PushSubscription)
 META = _table(Meta)
