@@ -1,5 +1,6 @@
-"""Real `declic serve` processes for tests: start one, wait until it is ready, SIGKILL or stop it by
-its pid; signed webhooks over real HTTP; waiting for what a process does on its own.
+"""Real processes for tests: `declic serve` started, waited for, SIGKILLed or stopped by its pid;
+signed webhooks over real HTTP; the database read from outside; a PostgreSQL server of the test's
+own that it may stop and start.
 
 Shared by the tests that need separate processes (tests/test_processes.py, tests/test_fault_suite.py).
 """
@@ -7,13 +8,16 @@ Shared by the tests that need separate processes (tests/test_processes.py, tests
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
+import pwd
 import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -25,7 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+import sqlalchemy as sa
+
 from conftest import SECRET
+from gateway.store.db import normalize_url
 from gateway.testing import SmtpCatcher, free_port, shopify_headers
 
 
@@ -211,16 +219,50 @@ def order_body(i: int) -> bytes:
     ).encode()
 
 
-def post_order(base_url: str, i: int) -> tuple[int, dict[str, Any]]:
-    body = order_body(i)
-    headers = shopify_headers(body, SECRET, "orders/create", f"wh-{i}-{uuid.uuid4().hex}")
-    request = urllib.request.Request(base_url + "/hooks/shop", data=body, headers=headers, method="POST")
+@dataclass(frozen=True)
+class Answer:
+    """What an HTTP client got: status 0 when nothing answered (connection refused or cut)."""
+
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str]
+    seconds: float
+    #: time.monotonic() when the answer was read
+    at: float
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+
+def request(url: str, data: bytes | None = None, headers: dict[str, str] | None = None, timeout: float = 15) -> Answer:
+    """POST `data` (GET without it); never raises for an HTTP error or a dead server."""
+    started = time.monotonic()
+    call = urllib.request.Request(url, data=data, headers=headers or {}, method="GET" if data is None else "POST")
+
+    def answer(status: int, text: bytes, headers: Any) -> Answer:
+        try:
+            body = json.loads(text) if text.startswith(b"{") else {"text": text.decode(errors="replace")}
+        except ValueError:
+            body = {"text": text.decode(errors="replace")}
+        now = time.monotonic()
+        return Answer(status, body, dict(headers or {}), now - started, now)
+
     try:
-        with urllib.request.urlopen(request, timeout=15) as response:
-            return response.status, json.loads(response.read())
+        with urllib.request.urlopen(call, timeout=timeout) as response:
+            return answer(response.status, response.read(), response.headers)
     except urllib.error.HTTPError as exc:
         with exc:
-            return exc.code, {"error": exc.read().decode(errors="replace")}
+            return answer(exc.code, exc.read(), exc.headers)
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        return answer(0, str(exc).encode(), None)
+
+
+def post_order(base_url: str, i: int, webhook_id: str | None = None) -> Answer:
+    """Shopify's `orders/create` for order i, signed; the same webhook id again is Shopify's redelivery."""
+    body = order_body(i)
+    headers = shopify_headers(body, SECRET, "orders/create", webhook_id or f"wh-{i}-{uuid.uuid4().hex}")
+    return request(base_url + "/hooks/shop", body, headers)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> float:
@@ -240,3 +282,118 @@ def sqlite_rows(path: Path, query: str) -> list[tuple[Any, ...]]:
 
 def recipients(smtp: SmtpCatcher) -> Counter[str]:
     return Counter(str(m["To"]) for m in list(smtp.messages))
+
+
+class Store:
+    """The deployment's database as the test reads it, SQLite or PostgreSQL, one connection per query."""
+
+    def __init__(self, url: str):
+        self.engine = sa.create_engine(normalize_url(url), poolclass=sa.pool.NullPool)
+
+    def rows(self, query: str, **params: Any) -> list[tuple[Any, ...]]:
+        with self.engine.connect() as conn:
+            return [tuple(row) for row in conn.execute(sa.text(query), params)]
+
+    def scalar(self, query: str, **params: Any) -> Any:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.text(query), params).scalar()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+# --- a PostgreSQL server of the test's own -----------------------------------------------------------
+
+
+def postgres_program(name: str) -> str | None:
+    """initdb, pg_ctl...: on the PATH, else in Debian's /usr/lib/postgresql/VERSION/bin (newest first)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    folders = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True)
+    return next((str(folder / name) for folder in folders if (folder / name).exists()), None)
+
+
+@dataclass
+class OwnPostgres:
+    """A PostgreSQL server started with initdb and pg_ctl in its own folder and on its own port, trust auth:
+    a test may stop and start it at will. Never the shared server."""
+
+    folder: Path
+    port: int
+    os_user: str | None  # initdb and postgres refuse to run as root: as root, they run as this user
+
+    @property
+    def data(self) -> Path:
+        return self.folder / "data"
+
+    @property
+    def log(self) -> Path:
+        return self.folder / "postgres.log"
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def _run(self, program: str, *args: str, timeout: float = 60) -> None:
+        command = [postgres_program(program) or program, *args]
+        done = subprocess.run(
+            command, user=self.os_user, cwd=self.folder, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if done.returncode != 0:
+            raise AssertionError(f"{' '.join(command)} failed ({done.returncode}): {done.stderr or done.stdout}")
+
+    def init(self) -> None:
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-locale")
+
+    def start(self) -> None:
+        options = f"-c port={self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.folder}"
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "30", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        """`fast`: clients are disconnected and the server shuts down cleanly, as for a restart or a failover."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "30", "stop")
+
+    def running(self) -> bool:
+        return (self.data / "postmaster.pid").exists()
+
+    def create_database(self, name: str) -> str:
+        admin = sa.create_engine(normalize_url(self.url()), isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        admin.dispose()
+        return self.url(name)
+
+
+@contextmanager
+def own_postgres(tmp_path: Path) -> Iterator[OwnPostgres]:
+    """A fresh, started OwnPostgres, stopped (and its folder removed) at the end whatever happened.
+
+    Without initdb the test skips, naming what to install; under CI=true it fails instead.
+    """
+    if postgres_program("initdb") is None or postgres_program("pg_ctl") is None:
+        reason = "initdb/pg_ctl not found on the PATH or in /usr/lib/postgresql/*/bin: install the PostgreSQL server"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run this test: {reason}")
+        pytest.skip(reason)
+    os_user, folder = None, tmp_path / "postgres"
+    if os.geteuid() == 0:
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.fail("running as root, and there is no `postgres` user to run initdb as (it refuses root)")
+        # pytest's tmp_path is private to root: the server gets a folder of its own that its user can enter.
+        os_user, folder = owner.pw_name, Path(tempfile.mkdtemp(prefix="declic-test-pg-"))
+        os.chown(folder, owner.pw_uid, owner.pw_gid)
+    else:
+        folder.mkdir()
+    server = OwnPostgres(folder, free_port(), os_user)
+    try:
+        server.init()
+        server.start()
+        yield server
+    finally:
+        if server.running():
+            with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
+                server.stop("immediate")
+        if os_user is not None:
+            shutil.rmtree(folder, ignore_errors=True)

@@ -118,8 +118,8 @@ def test_sigkill_with_steps_pending_each_email_goes_out_exactly_once(
         first = servers.start(config, name="first")
         started = time.monotonic()
         answers = [post_order(first.url, i) for i in range(n)]
-        assert [status for status, _ in answers] == [200] * n, answers
-        assert {body["status"] for _, body in answers} == {"accepted"}
+        assert [answer.status for answer in answers] == [200] * n, answers
+        assert {answer.body["status"] for answer in answers} == {"accepted"}
         first.sigkill()
         killed_after = time.monotonic() - started
         assert killed_after < wait, f"too slow to test a kill before the steps are due ({killed_after:.2f}s)"
@@ -166,8 +166,8 @@ def test_two_processes_on_one_postgresql_never_send_a_step_twice(
             urls = [a.url, b.url]
             with ThreadPoolExecutor(max_workers=16) as pool:
                 answers = list(pool.map(lambda i: post_order(urls[i % 2], i), range(n)))
-            assert Counter(status for status, _ in answers) == Counter({200: n}), answers
-            assert {body["status"] for _, body in answers} == {"accepted"}
+            assert Counter(answer.status for answer in answers) == Counter({200: n}), answers
+            assert {answer.body["status"] for answer in answers} == {"accepted"}
 
             took = wait_until(lambda: len(smtp.messages) >= n, 45, f"{n} mails")
             time.sleep(1.5)  # several poll intervals: a duplicate would have gone out by now
@@ -212,8 +212,8 @@ def test_webhook_taken_while_smtp_is_down_goes_out_once_after_a_restart(tmp_path
     try:
         with servers.logs_on_failure():
             first = servers.start(config, name="first")
-            status, body = post_order(first.url, 1)
-            assert (status, body["status"]) == (200, "accepted")
+            answer = post_order(first.url, 1)
+            assert (answer.status, answer.body["status"]) == (200, "accepted")
             wait_until(
                 lambda: sqlite_rows(database, "SELECT status FROM deliveries") == [("retrying",)],
                 15,
