@@ -7,32 +7,21 @@ database never send the same step twice.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
 import signal
 import socket
-import sqlite3
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing, contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from conftest import SECRET, postgres_database
-from gateway.testing import SmtpCatcher, free_port, shopify_headers, write_deployment
+from gateway.testing import SmtpCatcher, free_port, write_deployment
+from processes import Servers, buyer, post_order, recipients, sqlite_rows, wait_until
 
 # The start-up `reconcile` tick is a job too; these tests count webhook and step jobs.
 JOBS_BY_KIND = (
@@ -104,221 +93,15 @@ def make_config(
     )
 
 
-def declic_command() -> list[str]:
-    script = Path(sys.executable).parent / "declic"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("declic")
-    if found:
-        return [found]
-    return [sys.executable, "-c", "from gateway.cli import main; main()"]
-
-
-# --- processes ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Server:
-    """One `declic serve` subprocess; stderr and stdout go to a file in tmp_path."""
-
-    name: str
-    config: Path
-    port: int
-    role: str
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self) -> Server:
-        env = dict(os.environ)
-        env.pop("DECLIC_DATABASE_URL", None)  # the config's storage.url is the one under test
-        env.pop("DECLIC_CONFIG", None)
-        env["PYTHONUNBUFFERED"] = "1"
-        with open(self.log_path, "ab") as log:
-            log.write(f"----- start {self.name} on port {self.port} -----\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                [
-                    *declic_command(),
-                    "serve",
-                    "--config",
-                    str(self.config),
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                    "--role",
-                    self.role,
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                cwd=self.config.parent,
-            )
-        return self
-
-    def wait_ready(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited with {self.proc.returncode} before it was ready")
-            try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"{self.name} not ready on port {self.port} after {timeout}s")
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def sigkill(self) -> None:
-        """SIGKILL the process we started (by its pid), and reap it."""
-        assert self.proc is not None and self.proc.poll() is None, f"{self.name} is not running"
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM (aiohttp shuts down gracefully), then SIGKILL if it hangs; return the exit code."""
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-            raise AssertionError(f"{self.name} did not stop within {timeout}s of SIGTERM") from None
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return ""
-
-
-@dataclass
-class Servers:
-    tmp_path: Path
-    all: list[Server] = field(default_factory=list)
-
-    def start(self, config: Path, *, name: str = "declic", port: int | None = None, role: str = "all") -> Server:
-        server = Server(name, config, port or free_port(), role, self.tmp_path / f"{name}.log")
-        self.all.append(server)
-        server.start().wait_ready()
-        return server
-
-    def dump(self) -> None:
-        for server in self.all:
-            code = None if server.proc is None else server.proc.poll()
-            print(
-                f"===== {server.name} (port {server.port}, pid {server.proc and server.proc.pid}, "
-                f"exit {code}) log: {server.log_path} ====="
-            )
-            print(server.log_text()[-20000:])
-
-    @contextmanager
-    def logs_on_failure(self) -> Iterator[None]:
-        """Print every process's log when the test body fails (pytest shows it with the failure)."""
-        try:
-            yield
-        except BaseException:
-            self.dump()
-            raise
-
-    def stop_all(self) -> None:
-        for server in self.all:
-            if server.proc is None or server.proc.poll() is not None:
-                continue
-            with contextlib.suppress(AssertionError):  # killed by pid in stop(); teardown must go on
-                server.stop()
-
-
 @pytest.fixture
 def servers(tmp_path: Path) -> Iterator[Servers]:
-    pool = Servers(tmp_path)
-    try:
+    with Servers.running(tmp_path) as pool:
         yield pool
-    finally:
-        pool.stop_all()
 
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     yield from postgres_database()
-
-
-# --- webhooks, waiting, the database ---------------------------------------------------------------
-
-
-def buyer(i: int) -> str:
-    return f"buyer{i:04d}@example.org"
-
-
-def order_body(i: int) -> bytes:
-    return json.dumps(
-        {
-            "id": 8_100_000 + i,
-            "name": f"#{5000 + i}",
-            "order_number": 5000 + i,
-            "email": buyer(i),
-            "currency": "EUR",
-            "total_price": "42.00",
-            "subtotal_price": "40.00",
-            "financial_status": "paid",
-            "line_items": [
-                {"title": "Tasse", "quantity": 1, "price": "40.00", "sku": "T", "product_id": 1, "variant_id": 1}
-            ],
-            "customer": {
-                "id": 6_100_000 + i,
-                "email": buyer(i),
-                "first_name": f"Buyer{i}",
-                "email_marketing_consent": {"state": "subscribed"},
-            },
-        }
-    ).encode()
-
-
-def post_order(base_url: str, i: int) -> tuple[int, dict[str, Any]]:
-    body = order_body(i)
-    headers = shopify_headers(body, SECRET, "orders/create", f"wh-{i}-{uuid.uuid4().hex}")
-    request = urllib.request.Request(base_url + "/hooks/shop", data=body, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=15) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, {"error": exc.read().decode(errors="replace")}
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll until predicate() holds; return the seconds it took."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-    return time.monotonic() - start
-
-
-def sqlite_rows(path: Path, query: str) -> list[tuple[Any, ...]]:
-    with closing(sqlite3.connect(path, timeout=5)) as conn:
-        return conn.execute(query).fetchall()
-
-
-def recipients(smtp: SmtpCatcher) -> Counter[str]:
-    return Counter(str(m["To"]) for m in list(smtp.messages))
 
 
 # --- tests -------------------------------------------------------------------------------------------
@@ -335,8 +118,8 @@ def test_sigkill_with_steps_pending_each_email_goes_out_exactly_once(
         first = servers.start(config, name="first")
         started = time.monotonic()
         answers = [post_order(first.url, i) for i in range(n)]
-        assert [status for status, _ in answers] == [200] * n, answers
-        assert {body["status"] for _, body in answers} == {"accepted"}
+        assert [answer.status for answer in answers] == [200] * n, answers
+        assert {answer.body["status"] for answer in answers} == {"accepted"}
         first.sigkill()
         killed_after = time.monotonic() - started
         assert killed_after < wait, f"too slow to test a kill before the steps are due ({killed_after:.2f}s)"
@@ -383,8 +166,8 @@ def test_two_processes_on_one_postgresql_never_send_a_step_twice(
             urls = [a.url, b.url]
             with ThreadPoolExecutor(max_workers=16) as pool:
                 answers = list(pool.map(lambda i: post_order(urls[i % 2], i), range(n)))
-            assert Counter(status for status, _ in answers) == Counter({200: n}), answers
-            assert {body["status"] for _, body in answers} == {"accepted"}
+            assert Counter(answer.status for answer in answers) == Counter({200: n}), answers
+            assert {answer.body["status"] for answer in answers} == {"accepted"}
 
             took = wait_until(lambda: len(smtp.messages) >= n, 45, f"{n} mails")
             time.sleep(1.5)  # several poll intervals: a duplicate would have gone out by now
@@ -429,8 +212,8 @@ def test_webhook_taken_while_smtp_is_down_goes_out_once_after_a_restart(tmp_path
     try:
         with servers.logs_on_failure():
             first = servers.start(config, name="first")
-            status, body = post_order(first.url, 1)
-            assert (status, body["status"]) == (200, "accepted")
+            answer = post_order(first.url, 1)
+            assert (answer.status, answer.body["status"]) == (200, "accepted")
             wait_until(
                 lambda: sqlite_rows(database, "SELECT status FROM deliveries") == [("retrying",)],
                 15,

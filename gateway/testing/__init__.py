@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import json
 import socket
 import textwrap
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email import message_from_bytes, message_from_string, policy
@@ -70,7 +72,12 @@ class SmtpCatcher:
 
     `replies` queues SMTP replies to give instead of accepting, e.g. ["451 try later"];
     `refuse` maps recipients to the reply given at RCPT TO; `smtputf8` makes EHLO offer SMTPUTF8
-    (RFC 6531), off by default as in aiosmtpd. `raw` keeps each message's bytes as received.
+    (RFC 6531), off by default as in aiosmtpd. `raw` keeps each message's bytes as received, `arrived`
+    the `time.monotonic()` at which each was kept.
+
+    `reply_delay` holds the final 250 back for that many seconds after a message is kept, as a slow
+    server does: a sender that dies in that window has handed the message over without hearing so
+    (RFC 1047's duplicate window). Such messages stay in `messages` and are also listed in `unanswered`.
     """
 
     port: int = field(default_factory=free_port)
@@ -81,6 +88,9 @@ class SmtpCatcher:
     tls_context: Any = None
     smtputf8: bool = False
     raw: list[bytes] = field(default_factory=list)
+    arrived: list[float] = field(default_factory=list)
+    reply_delay: float = 0.0
+    unanswered: list[EmailMessage] = field(default_factory=list)
     _controller: Any = None
 
     def start(self) -> SmtpCatcher:
@@ -109,7 +119,15 @@ class SmtpCatcher:
             return self.replies.pop(0)
         self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
         self.raw.append(envelope.content)
-        self.messages.append(parse_message(envelope.content, envelope.smtp_utf8))
+        message = parse_message(envelope.content, envelope.smtp_utf8)
+        self.arrived.append(time.monotonic())
+        self.messages.append(message)
+        if self.reply_delay:
+            try:
+                await asyncio.sleep(self.reply_delay)
+            except asyncio.CancelledError:  # aiosmtpd cancels the handler when the sender's connection drops
+                self.unanswered.append(message)
+                raise
         return "250 Message accepted for delivery"
 
     def to(self, address: str) -> list[EmailMessage]:
