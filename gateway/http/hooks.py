@@ -88,8 +88,10 @@ async def _ingest(request: web.Request, source: Source) -> web.StreamResponse:
         # aiohttp decodes `Content-Encoding: gzip` (and deflate, br) as it reads, and stops at the
         # app's client_max_size (the largest limit) with 413: a body is bounded after decompression.
         body = await request.read()
-    except HttpProcessingError as exc:
-        return _problem(400, f"body could not be decoded ({exc.message or type(exc).__name__})")
+    except web.HTTPRequestEntityTooLarge:
+        return _problem(413, f"body over {limit} bytes")
+    except (HttpProcessingError, web.RequestPayloadError) as exc:  # a corrupt gzip body, a truncated one
+        return _problem(400, f"body could not be decoded ({type(exc).__name__})")
     if len(body) > limit:
         return _problem(413, f"body over {limit} bytes")
     try:
