@@ -1,12 +1,15 @@
-"""Segment-compatible tracking endpoint for the deployment's own site: track, page, identify and batch.
+"""Segment-compatible tracking endpoint for the deployment's own site: Segment's Tracking API.
 
-Authentication is Segment's: the write key as the HTTP Basic user (servers), or as `writeKey` in the
-body (browsers: analytics.js sends no Authorization header). The write key is public once it is in a
-page, so what it signs is not trusted to move a known contact: only the optional secret key, sent as
-the Basic user by the site's servers, may change a contact's e-mail, phone, devices or consent. Like the
-Tracking API, a call over the size limits or not JSON answers 400; so does a single message that cannot
-be an event (no `type`, no id, no event name). In a batch such a message is skipped and logged, as
-Segment drops it, and the rest is kept.
+It serves the API's paths under the source (`/hooks/site/v1/batch`, `/v1/track`... as the server
+libraries post them; `/t`, `/p`, `/b`... as analytics.js does) and answers as Segment does:
+`{"success": true}`. Authentication is Segment's: the write key as the HTTP Basic user, or as
+`writeKey` in the body. The write key is public once it is in a page, so what it signs is not trusted
+to move a known contact: only the optional secret key, sent as the Basic user by the site's servers,
+may change a contact's e-mail, phone, devices or consent. Segment's server libraries also copy their
+key into the body, so the secret key is taken out of the body before it is stored. Like the Tracking
+API, a call over the size limits or not JSON answers 400; so does a single message that cannot be an
+event (no `type`, no id, no event name). In a batch such a message is skipped and logged, as Segment
+drops it, and the rest is kept. Pages of the origins in `allowed_origins` get CORS answers.
 """
 
 from __future__ import annotations
@@ -48,8 +51,15 @@ log = structlog.get_logger("declic.track")
 MAX_MESSAGE_BYTES = 32 * 1024
 MAX_BATCH_BYTES = 500 * 1024
 MESSAGE_TYPES = frozenset({"track", "page", "identify", "screen", "group", "alias"})
-#: analytics.js posts each call to `<apiHost>/<first letter of its type>`, and batches to `<apiHost>/b`.
-ANALYTICS_JS_PATHS = frozenset("tipsgab")
+#: The path under the source -> the call's type (None: a batch). The server libraries post to
+#: `<host>/v1/batch`; analytics.js posts each call to `<apiHost>/<first letter of its type>`, batches
+#: to `<apiHost>/b`. The bare `/hooks/NAME` takes either, the message's `type` saying which.
+PATHS: dict[str, str | None] = {
+    "v1/batch": None, "b": None,
+    **{f"v1/{kind}": kind for kind in MESSAGE_TYPES}, **{kind[0]: kind for kind in MESSAGE_TYPES},
+}  # fmt: skip
+EVENT_TYPES = frozenset({"screen.viewed", "group.joined", "contact.aliased"})
+DEFAULT_PORTS = {"http": 80, "https": 443}
 #: Column sizes of the contact store; a longer identifier is refused, a longer trait dropped.
 MAX_ID = 320
 MAX_EVENT_NAME = 90
@@ -83,6 +93,25 @@ class TrackConfig(PluginConfig):
         "devices and consent.",
     )
 
+    allowed_origins: list[str] = Field(
+        [],
+        description="Origins of the pages that call this source from a browser (analytics.js), e.g. "
+        "`https://www.example.com`: they get CORS answers, so the page reads the answer instead of "
+        "taking it for a network error and sending the call again. `*` allows every origin; none by default.",
+        max_length=100,
+    )
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        origins = []
+        for given in value:
+            origin = "*" if given == "*" else _origin(given)
+            if origin is None:
+                raise ValueError(f"{given[:100]!r} is not an origin: a scheme and a host, e.g. https://www.example.com")
+            origins.append(origin)
+        return origins
+
     @field_validator("secret_key")
     @classmethod
     def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
@@ -99,13 +128,36 @@ class TrackConfig(PluginConfig):
         return self
 
 
+def _origin(value: str) -> str | None:
+    """`https://Shop.example:443/` -> `https://shop.example`, as a browser's `Origin` header has it."""
+    try:
+        parts = urlsplit(value.strip().removesuffix("/"))
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname or "@" in parts.netloc:
+        return None
+    if parts.path or parts.query or parts.fragment:
+        return None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}" + ("" if port in (None, DEFAULT_PORTS[parts.scheme]) else f":{port}")
+
+
 class Track(Source):
     name = "track"
     Config = TrackConfig
+    event_types = EVENT_TYPES
 
     def url_token_matches(self, token: str | None) -> bool:
-        """`/hooks/NAME` for any sender, and `/hooks/NAME/t`, `/p`, `/i`, `/b`... for analytics.js."""
-        return token is None or token in ANALYTICS_JS_PATHS
+        """`/hooks/NAME` for any sender, `/hooks/NAME/v1/batch`, `/v1/track`... for Segment's server
+        libraries, and `/hooks/NAME/t`, `/p`, `/i`, `/b`... for analytics.js."""
+        return token is None or token in PATHS
+
+    def cors_origin(self, origin: str) -> str | None:
+        allowed = self.config.allowed_origins
+        if "*" in allowed:
+            return "*"
+        return origin if origin in allowed else None
 
     async def verify(self, request: web.Request, body: bytes) -> None:
         basic_user = _basic_user(request.headers.get("Authorization", ""))
@@ -113,8 +165,29 @@ class Track(Source):
         data = _load(body, BadRequest)
         if signer is None:
             signer = self._signer(data.get("writeKey"), in_body=True)
-        check_call(data, len(body))
+        path = request.match_info.get("token")
+        kind = check_path(data, path)
+        check_call({"type": kind, **data} if kind else data, len(body))
         request[_SIGNER] = signer  # dedupe_key() marks the call with it: the header is not stored
+
+    def stored_body(self, request: web.Request, body: bytes) -> bytes:
+        """The body without the secret key (Segment's server libraries copy their key into it), and with
+        the `type` that `/v1/track`... imply: the stored call is then a whole message on its own."""
+        secret = self.config.secret_key
+        if secret is not None:
+            body = _without_secret(body, secret.get_secret_value())
+        kind = PATHS.get(request.match_info.get("token") or "")
+        if kind is not None and "type" not in _load(body, BadRequest):
+            opening, _, rest = body.lstrip().partition(b"{")
+            if opening:  # only a byte order mark can stand there
+                raise BadRequest("send the body as UTF-8 JSON without a byte order mark")
+            members = b"" if rest.lstrip().startswith(b"}") else b","
+            body = b'{"type":' + json.dumps(kind).encode() + members + rest
+        return body
+
+    def acknowledge(self, status: str, inbox_id: int | None) -> web.StreamResponse:
+        """Segment's own answer, which its libraries expect, saying whether the call was a redelivery."""
+        return web.json_response({"success": True, "status": status})
 
     def _signer(self, given: object, in_body: bool) -> str:
         """Which key the caller presented: SECRET or WRITE; SignatureError for anything else."""
@@ -164,14 +237,35 @@ class Track(Source):
             except BadRequest as exc:
                 log.warning("message skipped", source=raw.source, inbox_id=raw.id, reason=exc.reason)
                 continue
-            handler = HANDLERS.get(message["type"])
-            if handler is None:
-                continue  # screen, group, alias: accepted, no canonical event
+            handler = HANDLERS[message["type"]]
             try:
                 events.append(handler(message, raw))
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise MalformedPayload(f"{message.get('type')}: {type(exc).__name__}: {exc}") from None
         return events
+
+
+#: `"writeKey": "..."` as JSON writes it; its value is read back with json.loads, escapes and all.
+_WRITE_KEY_MEMBER = re.compile(rb'"writeKey"\s*:\s*("(?:[^"\\]|\\.)*")')
+REDACTED = b'"[secret key removed]"'
+
+
+def _without_secret(body: bytes, secret: str) -> bytes:
+    """Each `"writeKey": SECRET` becomes a placeholder; BadRequest if the secret is still there."""
+
+    def blank(match: re.Match[bytes]) -> bytes:
+        try:
+            value = json.loads(match.group(1))
+        except ValueError:
+            return match.group(0)
+        if value != secret:
+            return match.group(0)
+        return match.group(0)[: match.start(1) - match.start(0)] + REDACTED
+
+    cleaned = _WRITE_KEY_MEMBER.sub(blank, body)
+    if _load(cleaned, BadRequest).get("writeKey") == secret:  # a key spelt with escapes: not worth a parser
+        raise BadRequest("the body carries the secret key in a form Declic cannot remove: send it as Basic user only")
+    return cleaned
 
 
 def _basic_user(header: str) -> str | None:
@@ -220,6 +314,20 @@ def message_id(message: Any) -> str:
 # --- Checks made before anything is stored -------------------------------------------------
 
 
+def check_path(data: dict[str, Any], path: str | None) -> str | None:
+    """`/v1/batch` and `/b` take a batch, `/v1/track`, `/t`... one message of that type: its type."""
+    if path is None:
+        return None
+    kind = PATHS[path]
+    if kind is None and not isinstance(data.get("batch"), list):
+        raise BadRequest(f'/{path} takes a batch: {{"batch": [messages]}}')
+    if kind is not None and "batch" in data:
+        raise BadRequest(f"/{path} takes one {kind} call; post batches to /v1/batch")
+    if kind is not None and data.get("type", kind) != kind:
+        raise BadRequest(f"/{path} takes {kind} calls, this one says type {data['type']!r}")
+    return kind
+
+
 def check_call(data: dict[str, Any], size: int) -> None:
     if "batch" not in data:
         if size > MAX_MESSAGE_BYTES:
@@ -261,6 +369,10 @@ def check_message(message: dict[str, Any], where: str) -> None:
             raise BadRequest(f"{where}{key}: not an ISO 8601 date-time")
     if kind == "track" and not event_slug(message.get("event")):
         raise BadRequest(f"{where}event: a track call needs an event name (at most {MAX_EVENT_NAME} characters)")
+    if kind == "group" and not _ident(message.get("groupId")):
+        raise BadRequest(f"{where}groupId: a group call needs one (a string of at most {MAX_ID} characters)")
+    if kind == "alias" and not (_ident(message.get("previousId")) and _ident(message.get("userId"))):
+        raise BadRequest(f"{where}previousId/userId: an alias call needs both (strings of at most {MAX_ID} characters)")
     push = next((message["traits"][k] for k in PUSH_TRAITS if k in (message.get("traits") or {})), None)
     if push is not None:
         try:
@@ -411,7 +523,8 @@ def _contact(message: dict[str, Any], trusted: bool) -> ContactRef:
     Untrusted (write key): the core lets it name a contact and add ids and traits, not move a known one.
     """
     context = _object(message.get("context"))
-    traits = {**_object(context.get("traits")), **_object(message.get("traits"))}
+    own = message.get("traits") if message.get("type") != "group" else None  # a group's traits are the group's
+    traits = {**_object(context.get("traits")), **_object(own)}
     ids = {}
     if user_id := _ident(message.get("userId")):
         ids["site"] = user_id
@@ -519,10 +632,36 @@ def _evidence(message: dict[str, Any], raw: RawCall, trusted: bool) -> dict[str,
     return {key: value for key, value in found.items() if value is not None}
 
 
+def screen_event(message: dict[str, Any], raw: RawCall) -> Event:
+    """A mobile app's page view: the screen's `name` and `category`, and its properties."""
+    properties = dict(_object(message.get("properties")))
+    properties["name"] = message.get("name", properties.get("name"))
+    properties["category"] = message.get("category", properties.get("category"))
+    return _event("screen.viewed", message, raw, properties)
+
+
+def group_event(message: dict[str, Any], raw: RawCall) -> Event:
+    """The person belongs to a group (a company, an account): the group's traits stay on the event."""
+    properties = {"group_id": str(message["groupId"]), "traits": _object(message.get("traits"))}
+    return _event("group.joined", message, raw, properties)
+
+
+def alias_event(message: dict[str, Any], raw: RawCall) -> Event:
+    """`previousId` (the visitor's anonymous id before sign-up) becomes one of the user's ids: the core
+    folds the anonymous record that holds it into the user's contact, never a record that shows a person."""
+    previous = str(message["previousId"])
+    event = _event("contact.aliased", message, raw, {"previous_id": previous})
+    contact = event.contact.model_copy(update={"previous_ids": {"site_anonymous": previous}})
+    return event.model_copy(update={"contact": contact})
+
+
 HANDLERS: dict[str, Callable[[dict[str, Any], RawCall], Event]] = {
     "track": track_event,
     "page": page_event,
     "identify": identify_event,
+    "screen": screen_event,
+    "group": group_event,
+    "alias": alias_event,
 }
 
 

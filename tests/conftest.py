@@ -88,21 +88,30 @@ DEFAULT_RULES = """\
 """
 
 
-_SKIPPED_POSTGRES: list[str] = []
+#: Marker -> what CI must have for it; a test with that marker that skips in CI fails the run.
+_REQUIRED_IN_CI = {
+    "postgres": f"PostgreSQL (is {POSTGRES_ENV} set?)",
+    "browser": "headless Chromium and the analytics.js bundle (apt-get install chromium; npm ci in tests/browser)",
+}
+_SKIPPED_IN_CI: dict[str, list[str]] = {marker: [] for marker in _REQUIRED_IN_CI}
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.skipped and "postgres" in report.keywords:
-        _SKIPPED_POSTGRES.append(report.nodeid)
+    for marker, skipped in _SKIPPED_IN_CI.items():
+        if report.skipped and marker in report.keywords:
+            skipped.append(report.nodeid)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """In CI the PostgreSQL half of the suite must run: a skip there is a failure."""
-    if os.environ.get("CI") and _SKIPPED_POSTGRES:
-        print(f"\nCI: {len(_SKIPPED_POSTGRES)} PostgreSQL tests were skipped (is {POSTGRES_ENV} set?):")
-        for nodeid in _SKIPPED_POSTGRES[:10]:
-            print(f"  {nodeid}")
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    """In CI the PostgreSQL half of the suite and the browser tests must run: a skip there is a failure."""
+    if not os.environ.get("CI"):
+        return
+    for marker, skipped in _SKIPPED_IN_CI.items():
+        if skipped:
+            print(f"\nCI: {len(skipped)} {marker} tests were skipped; they need {_REQUIRED_IN_CI[marker]}:")
+            for nodeid in skipped[:10]:
+                print(f"  {nodeid}")
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def fixture_bytes(name: str) -> bytes:

@@ -293,9 +293,11 @@ def test_analytics_js_batch_keeps_each_message_its_own_id() -> None:
     assert events[0].properties["price"] == Decimal("18.0")
 
 
-def test_server_batch_with_e_commerce_names_stays_track_and_skips_group() -> None:
-    order, identify = source().normalize(raw(load("server_batch.json")))
-    assert (order.type, identify.type) == ("track.order_completed", "profile.updated")
+def test_server_batch_with_e_commerce_names_stays_track_and_group_is_the_groups() -> None:
+    order, identify, group = source().normalize(raw(load("server_batch.json")))
+    assert (order.type, identify.type, group.type) == ("track.order_completed", "profile.updated", "group.joined")
+    assert group.properties["group_id"] == "b2b-77" and group.properties["traits"] == {"name": "Atelier Lumière"}
+    assert group.contact.attributes == {} and group.contact.first_name is None  # the company's traits, not hers
     assert order.properties["total"] == Decimal("59.9") and order.properties["currency"] == "EUR"
     assert order.contact.external_ids == {"site": "cus_1042"}
     assert identify.contact.first_name == "Camille" and identify.contact.attributes == {"loyalty_points": 120}
@@ -519,6 +521,7 @@ async def test_site_visitor_becomes_a_known_contact_end_to_end(
         ("profile.updated",),
         ("track.order_completed",),
         ("profile.updated",),
+        ("group.joined",),
     ]
     [(email, first_name, phone, timezone, attributes)] = rows(
         "SELECT email, first_name, phone, timezone, attributes FROM contacts"

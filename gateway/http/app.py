@@ -27,7 +27,7 @@ from ..store import Database, jobqueue
 from ..store.inbox import GroupCommitter
 from . import consent_links
 from .auth import is_admin
-from .hooks import handle_hook, handle_ping, json_error_middleware_factory
+from .hooks import handle_hook, handle_ping, handle_preflight, json_error_middleware_factory
 from .running import GATEWAY_KEY, RETRY_AFTER_SECONDS, Role, RunningGateway
 
 log = structlog.get_logger("declic.app")
@@ -96,9 +96,11 @@ def create_app(
     app = web.Application(client_max_size=largest, middlewares=[json_error_middleware_factory()])
     app[GATEWAY_KEY] = gateway
     if role != "worker":
-        for path in ("/hooks/{source}", "/hooks/{source}/{token}"):
+        # A token may hold slashes: the track source serves Segment's paths, /hooks/site/v1/batch.
+        for path in ("/hooks/{source}", "/hooks/{source}/{token:.+}"):
             app.router.add_post(path, handle_hook)
             app.router.add_get(path, handle_ping)  # and HEAD
+            app.router.add_route("OPTIONS", path, handle_preflight)
         for path, handler in consent_links.ROUTES:
             app.router.add_route("GET", path, handler)  # and HEAD
             app.router.add_route("POST", path, handler)

@@ -1,4 +1,4 @@
-"""POST /hooks/{source}: verify, dedupe, group-commit, and only then acknowledge."""
+"""POST /hooks/{source}: verify, dedupe, group-commit, and only then acknowledge; CORS for pages."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ..errors import RejectedRequest, StorageUnavailable
 from ..kit.sources import PEER_HEADER, Source
@@ -17,6 +18,8 @@ log = structlog.get_logger("declic.ingest")
 
 #: Headers that authenticate the caller: never stored with the call.
 _UNSTORED_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+#: How long a browser may reuse a preflight's answer (Chromium caps it at 2 hours).
+_PREFLIGHT_MAX_AGE = "7200"
 
 
 def _source(request: web.Request) -> Source | web.Response:
@@ -37,21 +40,64 @@ async def handle_ping(request: web.Request) -> web.StreamResponse:
     return answer if answer is not None else _problem(405, "this source only takes POST", {"Allow": "POST"})
 
 
-async def handle_hook(request: web.Request) -> web.StreamResponse:
-    gateway: RunningGateway = request.app[GATEWAY_KEY]
+async def handle_preflight(request: web.Request) -> web.StreamResponse:
+    """OPTIONS: a browser asks whether a page of another origin may post to this source.
+
+    Hand-written rather than aiohttp-cors, which configures origins per route: here they differ per
+    source behind one route. Any header the page asks for is allowed (the source ignores the others).
+    """
     source = _source(request)
     if isinstance(source, web.Response):
         return source
+    origin = request.headers.get("Origin")
+    allowed = source.cors_origin(origin) if origin else None
+    if allowed is None or "Access-Control-Request-Method" not in request.headers:
+        reason = f"origin {origin!r} may not call this source from a browser (see its allowed_origins)"
+        return _problem(403, reason if origin else "not a CORS preflight: no Origin header")
+    headers = {
+        "Access-Control-Allow-Origin": allowed,
+        "Access-Control-Allow-Methods": "POST",
+        "Access-Control-Max-Age": _PREFLIGHT_MAX_AGE,
+        "Vary": "Origin",
+    }
+    if asked := request.headers.get("Access-Control-Request-Headers"):
+        headers["Access-Control-Allow-Headers"] = asked
+    return web.Response(status=204, headers=headers)
+
+
+async def handle_hook(request: web.Request) -> web.StreamResponse:
+    source = _source(request)
+    if isinstance(source, web.Response):
+        return source
+    response = await _ingest(request, source)
+    origin = request.headers.get("Origin")
+    if origin and (allowed := source.cors_origin(origin)) is not None:  # so the page can read the answer
+        response.headers["Access-Control-Allow-Origin"] = allowed
+        response.headers["Access-Control-Expose-Headers"] = "Retry-After"
+        response.headers.add("Vary", "Origin")
+    return response
+
+
+async def _ingest(request: web.Request, source: Source) -> web.StreamResponse:
+    gateway: RunningGateway = request.app[GATEWAY_KEY]
     name = source.key
     limit = source.max_body_bytes or gateway.settings.limits.max_body_bytes
     if (request.content_length or 0) > limit:
         return _problem(413, f"body over {limit} bytes")
-    body = await request.read()  # aiohttp stops at the app's client_max_size (the largest limit) with 413
+    try:
+        # aiohttp decodes `Content-Encoding: gzip` (and deflate, br) as it reads, and stops at the
+        # app's client_max_size (the largest limit) with 413: a body is bounded after decompression.
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return _problem(413, f"body over {limit} bytes")
+    except (HttpProcessingError, web.RequestPayloadError) as exc:  # a corrupt gzip body, a truncated one
+        return _problem(400, f"body could not be decoded ({type(exc).__name__})")
     if len(body) > limit:
         return _problem(413, f"body over {limit} bytes")
     try:
         await source.verify(request, body)
         key = source.dedupe_key(request, body)
+        stored = source.stored_body(request, body)
     except RejectedRequest as exc:
         log.info("webhook rejected", source=name, status=exc.status, reason=exc.reason)
         return _problem(exc.status, exc.reason)
@@ -64,7 +110,7 @@ async def handle_hook(request: web.Request) -> web.StreamResponse:
     if request.remote:  # who called, kept with the call: evidence when it states consent
         headers = {k: v for k, v in headers.items() if k.lower() != PEER_HEADER.lower()}
         headers[PEER_HEADER] = request.remote
-    call = NewCall(name, fit_key(key), gateway.clock.now(), headers, body)
+    call = NewCall(name, fit_key(key), gateway.clock.now(), headers, stored)
     try:
         accepted = await gateway.committer.submit(call)
     except StorageUnavailable as exc:

@@ -83,6 +83,10 @@ class ContactRef(BaseModel):
     previous_email: str | None = None
     phone: str | None = None
     external_ids: dict[str, str] = Field(default_factory=dict)
+    #: Anonymous ids the contact had before, kind -> value (Segment's `alias`: the visitor's id from
+    #: before they signed up). The contact gains each; a record that holds one and shows nothing of a
+    #: person (no e-mail, phone, consent, device, nor an id of another kind) is folded into it.
+    previous_ids: dict[str, str] = Field(default_factory=dict)
     first_name: str | None = None
     last_name: str | None = None
     locale: str | None = None

@@ -109,6 +109,18 @@ class Source:
         """Answer a provider's GET or HEAD validation request; None means 405."""
         return None
 
+    def cors_origin(self, origin: str) -> str | None:
+        """The `Access-Control-Allow-Origin` a page at `origin` gets (itself, or `*`); None: no CORS.
+
+        Browsers send a source's calls from the deployment's own pages (analytics.js); the answer
+        only tells the page whether its call was taken, the source's own verify() still decides that.
+        """
+        return None
+
+    def stored_body(self, request: web.Request, body: bytes) -> bytes:
+        """What the inbox keeps of a verified call: its body, unless the source must leave a secret out."""
+        return body
+
     def acknowledge(self, status: str, inbox_id: int | None) -> web.StreamResponse | None:
         """The 200 the provider gets once the call is stored ("accepted" or "duplicate"); None: Declic's JSON."""
         return None

@@ -44,6 +44,7 @@ _FIELDS = ("email", "phone", "first_name", "last_name", "locale", "timezone")
 def identities(ref: ContactRef) -> list[tuple[str, str]]:
     """The ways to recognise this contact, strongest first: the source's own ids, then channels."""
     keys = [(kind, str(value)) for kind, value in sorted(ref.external_ids.items())]
+    keys += [(kind, value) for kind, value in sorted(ref.previous_ids.items()) if (kind, value) not in keys]
     if ref.previous_email:
         keys.append(("email", ref.previous_email.strip().lower()))
     if ref.email:
@@ -78,6 +79,10 @@ def upsert(
     if not ref.trusted:  # a stranger may name a contact, not move its addresses or devices
         ref = ref.model_copy(update={"email": None, "phone": None, "previous_email": None, "push_subscriptions": []})
         keys = [k for k in keys if k[0] not in ("email", "phone")]
+    for key in ref.previous_ids.items():
+        holder = known.get(key)
+        if holder is not None and holder != contact_id and _fold_anonymous(conn, holder, contact_id, ref):
+            known[key] = contact_id
     # An identity already held by another contact stays theirs: merging people is a human call.
     _claim(conn, [k for k in keys if k not in known and k[0] != _OWN], contact_id)
     return _update(conn, contact_id, ref, source, now, event, raw, double_opt_in)
@@ -336,6 +341,24 @@ def _claim(conn: Connection, keys: list[tuple[str, str]], contact_id: int) -> se
         [{"kind": k, "value": v, "contact_id": contact_id} for k, v in keys],
     )
     return {(r.kind, r.value) for r in rows}
+
+
+def _fold_anonymous(conn: Connection, anonymous: int, into: int, ref: ContactRef) -> bool:
+    """Move an anonymous record's ids to the contact an alias names; False if the record is a person's.
+
+    Any key may do this, the site's public one included: a record with no e-mail, phone, consent,
+    device or id of another kind than `previous_ids`' holds nothing of anyone. Its past events stay
+    where they are. Two contacts that each show a person are never merged.
+    """
+    row = conn.execute(sa.select(C.email, C.phone, C.consent, C.email_status).where(C.id == anonymous)).one()
+    if row.email or row.phone or jsoncodec.loads(row.consent) or row.email_status == "erased":
+        return False
+    kinds = set(conn.execute(sa.select(I.kind).where(I.contact_id == anonymous).distinct()).scalars())
+    devices = conn.execute(sa.select(sa.func.count()).where(P.contact_id == anonymous)).scalar_one()
+    if devices or kinds - {_OWN, *ref.previous_ids}:
+        return False
+    conn.execute(sa.update(IDENTITIES).where(I.contact_id == anonymous, I.kind != _OWN).values(contact_id=into))
+    return True
 
 
 def _adopt(conn: Connection, ours: int, theirs: int) -> int:
