@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from typing import Any
+
+from click.testing import CliRunner
 
 from conftest import Deployment, Factory, fixture_json
+from gateway.cli.main import cli
 from gateway.testing import SmtpCatcher
 
 RULES = """\
@@ -106,3 +110,46 @@ CONVERSIONS = """
 SELECT c.email, v.held_out, v.step, v.revenue, v.currency
 FROM conversions v JOIN contacts c ON c.id = v.contact_id ORDER BY v.id
 """
+
+
+def kpis(d: Deployment, *args: str) -> dict[str, Any]:
+    result = CliRunner().invoke(
+        cli, ["kpis", "--config", str(d.path), "--rule", "cart", "--json", *args], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    [line] = result.output.splitlines()
+    return dict(json.loads(line))
+
+
+async def test_kpis_show_what_the_rule_earned_against_its_holdout_group(deploy: Factory, smtp: SmtpCatcher) -> None:
+    d = await deploy(RULES)
+    await start_carts(d, range(BUYERS))
+    await d.advance(hours=1, seconds=1)
+    held = {row.email for row in d.rows(HELD_OUT)}
+    messaged = sorted(n for n in range(BUYERS) if buyer(n) not in held)
+    for n in messaged:  # only the reminded buyers come back, each with 10.25 EUR
+        assert (await d.post_shopify("orders/create", order(n, "10.25"), f"o{n}")).status == 200
+    await d.advance(hours=1)
+
+    got = kpis(d, "--since", "2026-03-01", "--until", "2026-04-01")
+    assert got["entered"] == BUYERS
+    assert got["messaged"] == {"enrolled": len(messaged), "converted": len(messaged), "rate": 1.0}
+    assert got["held_out"] == {"enrolled": len(held), "converted": 0, "rate": 0.0}
+    [step] = got["steps"]
+    assert (step["step"], step["sent"], step["converted"]) == (1, len(messaged), len(messaged))
+    assert step["revenue"] == got["revenue"] == 10.25 * len(messaged)
+    assert got["lift"]["difference"] == 1.0 and got["lift"]["relative"] is None  # nothing to divide by
+    # Another range sees none of it.
+    assert kpis(d, "--since", "2026-04-01", "--until", "2026-05-01")["steps"] == []
+
+
+def test_lift_interval_is_the_wald_interval_of_the_difference() -> None:
+    from gateway.insight.kpis import Group, lift
+
+    found = lift(Group(enrolled=1000, converted=120), Group(enrolled=200, converted=16))
+    assert found is not None
+    # 0.12 - 0.08 = 0.04; SE = sqrt(0.12*0.88/1000 + 0.08*0.92/200) = 0.021762; 1.96 SE = 0.042654
+    assert round(found.difference, 6) == 0.04
+    assert (round(found.low, 4), round(found.high, 4)) == (-0.0027, 0.0827)
+    assert round(found.relative or 0, 6) == 0.5
+    assert lift(Group(10, 1), Group(0, 0)) is None

@@ -18,6 +18,7 @@ from . import logs
 from .common import CONFIG_OPTION
 from .common import load as _load
 from .contacts import contacts
+from .kpis import kpis
 
 
 @click.group()
@@ -206,6 +207,7 @@ def _list_dead(database: Database, failed: bool) -> None:
 
 
 cli.add_command(contacts)
+cli.add_command(kpis)
 
 
 def main() -> None:

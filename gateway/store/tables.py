@@ -203,6 +203,7 @@ class Enrolment(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("rule", "contact_id", "occurrence", name="uq_enrolment_occurrence"),
         Index("ix_enrolments_exit", "rule", "status", "correlation"),
+        Index("ix_enrolments_kpi", "rule", "created_at", "held_out"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -226,6 +227,7 @@ class Conversion(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("rule", "event_id", name="uq_conversion_event"),
         Index("ix_conversions_rule_at", "rule", "at"),
+        Index("ix_conversions_enrolment", "enrolment_id"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -247,6 +249,8 @@ class Delivery(SQLModel, table=True):
     """What happened to one (rule, contact, step, occurrence): at most one row, at most one send."""
 
     __tablename__ = "deliveries"
+    #: The KPI funnel reads a rule's range of sends from this index alone (insight/kpis.py).
+    __table_args__ = (Index("ix_deliveries_kpi", "rule", "sent_at", "step", "status", "feedback"),)
 
     id: int | None = Field(default=None, primary_key=True)
     idempotency_key: str = Field(max_length=400, unique=True)

@@ -1,4 +1,4 @@
-"""conversions within an attribution window, and holdout groups
+"""conversions within an attribution window, holdout groups, and the indexes KPIs read
 
 Revision ID: 0004
 Revises: 0003
@@ -20,6 +20,9 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("enrolments", schema=None) as batch_op:
         batch_op.add_column(sa.Column("held_out", sa.Boolean(), nullable=False, server_default=sa.false()))
+        batch_op.create_index("ix_enrolments_kpi", ["rule", "created_at", "held_out"], unique=False)
+    with op.batch_alter_table("deliveries", schema=None) as batch_op:
+        batch_op.create_index("ix_deliveries_kpi", ["rule", "sent_at", "step", "status", "feedback"], unique=False)
     op.create_table(
         "conversions",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -39,9 +42,13 @@ def upgrade() -> None:
     with op.batch_alter_table("conversions", schema=None) as batch_op:
         batch_op.create_index("ix_conversions_rule_at", ["rule", "at"], unique=False)
         batch_op.create_index(batch_op.f("ix_conversions_contact_id"), ["contact_id"], unique=False)
+        batch_op.create_index("ix_conversions_enrolment", ["enrolment_id"], unique=False)
 
 
 def downgrade() -> None:
     op.drop_table("conversions")
+    with op.batch_alter_table("deliveries", schema=None) as batch_op:
+        batch_op.drop_index("ix_deliveries_kpi")
     with op.batch_alter_table("enrolments", schema=None) as batch_op:
+        batch_op.drop_index("ix_enrolments_kpi")
         batch_op.drop_column("held_out")
