@@ -414,22 +414,12 @@ def erase(conn: Connection, contact_id: int, now: datetime) -> None:
         jobqueue.cancel_pending(conn, ended, now)
 
 
-def record_feedback(conn: Connection, provider_id: str, feedback: str, now: datetime) -> int:
-    """What the provider later said about a sent message: a set, as "delivered,opened,clicked"."""
-    rows = conn.execute(
-        sa.select(DELIVERIES.c.id, DELIVERIES.c.feedback).where(DELIVERIES.c.provider_id == provider_id)
-    ).all()
-    for row in rows:
-        merged = ",".join(sorted({*filter(None, (row.feedback or "").split(",")), feedback}))
-        conn.execute(sa.update(DELIVERIES).where(DELIVERIES.c.id == row.id).values(feedback=merged, feedback_at=now))
-    return len(rows)
-
-
 class ContactView(dict[str, Any]):
     """The contact as `if:` and templates see it, with what it did with earlier messages.
 
-    `contact.opened(rule='abandoned-cart', step=1)`, `contact.clicked(...)`: true when the
-    provider reported it for a message of that rule (and step, when given).
+    `contact.opened(rule='abandoned-cart', step=1)`, `contact.clicked(...)`: true when a person
+    opened (clicked) a message of that rule (and step, when given), as Declic's own tracking or the
+    provider reported it; machine opens and clicks do not count (see pipeline/feedback.py).
     """
 
     def __init__(self, fields: dict[str, Any], feedback: Callable[[], list[tuple[str, int, str]]]):
