@@ -299,3 +299,77 @@ async def test_an_unreadable_stored_fetch_is_marked_failed_not_crashed(start: An
     await d.advance(seconds=1)
     [(status, error)] = d.rows("SELECT status, error FROM inbox WHERE source = '~click'")
     assert status == "failed" and error.startswith("not a stored fetch")
+
+
+# The rewriting and the heuristics on their own, as tables.
+
+SECRET_KEY = bytes(range(32))
+
+
+def rewrite(html: str, opens: bool = True, clicks: bool = True) -> tuple[str, list[links.Tracked]]:
+    from gateway.send.tracking import Tracking, track_html
+
+    tracking = Tracking("https://hooks.example.com", SECRET_KEY, 7, "dcl-" + "a" * 40, START, opens, clicks)
+    out = track_html(html, tracking)
+    tree = LexborHTMLParser(out)
+    tokens = [(a.attributes.get("href") or "").rpartition("/t/c/")[2] for a in tree.css("a[href]")]
+    found = [links.read_tracking_token(SECRET_KEY, t, links.CLICK) for t in tokens if t]
+    return out, [t for t in found if t is not None]
+
+
+@pytest.mark.parametrize(
+    ("html", "urls"),
+    [
+        ("<a href=https://a.example/x>unquoted</a>", ["https://a.example/x"]),
+        ('<a href="HTTP://A.example/Y">upper case</a>', ["HTTP://A.example/Y"]),
+        ('<a href="  https://a.example/?a=1&amp;b=2 ">entities, spaces</a>', ["https://a.example/?a=1&b=2"]),
+        ('<a href="https://a.example/é?q=ü">non-ASCII</a>', ["https://a.example/é?q=ü"]),
+        ('<a href="https://hooks.example.com/u/tok">own link</a>', []),
+        ('<a href="javascript:alert(1)">js</a><a href="ftp://a.example/">ftp</a><a href="//a.example/">rel</a>', []),
+        ('<a href="https://a.example/' + "x" * 2100 + '">very long</a>', []),
+        ("<textarea><a href='https://a.example/t'></textarea><script>'<a href=\"https://a.example/s\">'</script>", []),
+        ('<!-- <a href="https://a.example/c"> -->', []),
+    ],
+)
+def test_only_the_http_links_a_reader_sees_are_rewritten(html: str, urls: list[str]) -> None:
+    _, tracked = rewrite(html, opens=False)
+    assert [t.url for t in tracked] == urls
+    assert [t.link for t in tracked] == list(range(1, len(urls) + 1))
+    assert all((t.contact_id, t.delivery, t.sent_at) == (7, "dcl-" + "a" * 40, START) for t in tracked)
+
+
+def test_a_fragment_gets_its_pixel_and_opens_alone_leave_links_alone() -> None:
+    out, tracked = rewrite('<p>Hi <a href="https://a.example/">there</a></p>', clicks=False)
+    assert tracked == [] and 'href="https://a.example/"' in out
+    [img] = LexborHTMLParser(out).css("img")
+    token = (img.attributes.get("src") or "").rpartition("/t/o/")[2]
+    assert links.read_tracking_token(SECRET_KEY, token, links.OPEN) == links.Tracked(7, "dcl-" + "a" * 40, START)
+
+
+@pytest.mark.parametrize(
+    ("kind", "method", "agent", "ip", "after", "reasons"),
+    [
+        ("open", "GET", BROWSER, "203.0.113.7", None, []),
+        ("open", "GET", "Mozilla/5.0", "203.0.113.7", None, ["apple-mpp"]),
+        ("open", "GET", BROWSER, "17.58.101.12", None, ["apple-mpp"]),
+        ("open", "GET", "Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)",
+         "66.249.84.1", None, []),  # Gmail fetches the image when the person opens the message
+        ("click", "GET", "Mozilla/5.0", "17.58.101.12", timedelta(minutes=5), []),  # MPP does not click
+        ("click", "HEAD", BROWSER, "198.51.100.4", timedelta(minutes=5), ["head"]),
+        ("click", "GET", "", "198.51.100.4", timedelta(minutes=5), ["no-agent"]),
+        ("click", "GET", "python-requests/2.32", "198.51.100.4", timedelta(minutes=5), ["robot-agent"]),
+        ("click", "GET", "Mozilla/5.0 (compatible; Barracuda Sentinel (EE))", "198.51.100.4", timedelta(hours=1),
+         ["robot-agent"]),
+        ("click", "GET", "Slackbot-LinkExpanding 1.0", "198.51.100.4", timedelta(hours=1), ["robot-agent"]),
+        ("click", "GET", "Mozilla/5.0 (Linux; Android 10; CUBOT X30) Chrome/120.0 Mobile", "198.51.100.4",
+         timedelta(hours=1), []),  # a phone brand, not a robot
+        ("click", "GET", BROWSER, "198.51.100.4", timedelta(seconds=3), ["too-soon"]),
+        ("click", "GET", BROWSER, "198.51.100.4", timedelta(seconds=30), []),
+    ],
+)  # fmt: skip
+def test_machine_heuristics(
+    kind: Any, method: str, agent: str, ip: str, after: timedelta | None, reasons: list[str]
+) -> None:
+    from gateway import machine_reasons
+
+    assert machine_reasons(kind, method=method, user_agent=agent, ip=ip, after=after) == reasons
