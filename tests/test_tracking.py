@@ -6,14 +6,17 @@ received, and fetches its pixel and links over HTTP as a person (or a machine) w
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import pytest
 from aiohttp.test_utils import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from selectolax.lexbor import LexborHTMLParser
 
 from conftest import BASE_CONFIG, SECRET, TEMPLATES, Deployment, fixture_bytes, locked_inbox
@@ -373,3 +376,40 @@ def test_machine_heuristics(
     from gateway import machine_reasons
 
     assert machine_reasons(kind, method=method, user_agent=agent, ip=ip, after=after) == reasons
+
+
+def test_a_tracked_rule_without_public_url_is_a_config_error(tmp_path: Any) -> None:
+    from gateway.errors import ConfigError
+
+    config = BASE_CONFIG.format(
+        db_url=f"sqlite:///{tmp_path}/d.db", secret=SECRET, smtp_port=25, rules=RULES, max_attempts=3, worker=""
+    )
+    config = config.replace("public_url: https://hooks.example.com\n", "")
+    with pytest.raises(ConfigError) as refused:
+        load(str(write_deployment(tmp_path, config, TRACKED_TEMPLATES)))
+    said = "rules[2].track: rule 'receipt' tracks opens or clicks: needs `public_url:`"
+    assert any(said in problem for problem in refused.value.problems), refused.value.problems
+
+
+@pytest.fixture
+async def one_app(aiohttp_client: Any, tmp_path: Any, smtp: SmtpCatcher) -> TestClient:
+    """One app for every example of the property test (fixtures run per test, not per example)."""
+    config = BASE_CONFIG.format(
+        db_url=f"sqlite:///{tmp_path}/d.db", secret=SECRET, smtp_port=smtp.port, rules=RULES, max_attempts=3, worker=""
+    )
+    settings, pm, _ = load(str(write_deployment(tmp_path, config, TRACKED_TEMPLATES)))
+    return await aiohttp_client(create_app(settings, pm=pm, clock=FakeClock(START), role="web"))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    kind=st.sampled_from(["o", "c"]),
+    token=st.text(st.characters(codec="utf-8", exclude_characters="/?#"), min_size=1, max_size=300)
+    | st.binary(min_size=1, max_size=200).map(lambda b: base64.urlsafe_b64encode(b).decode().rstrip("=")),
+    method=st.sampled_from(["GET", "HEAD"]),
+)
+async def test_whatever_the_token_the_answer_is_404_never_5xx(
+    one_app: TestClient, kind: str, token: str, method: str
+) -> None:
+    response = await one_app.request(method, f"/t/{kind}/{quote(token, safe='')}", allow_redirects=False)
+    assert response.status == 404, await response.text()
