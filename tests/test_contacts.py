@@ -142,6 +142,17 @@ async def test_feedback_finds_the_delivery_by_declics_key_or_its_message_id(d: D
     assert d.rows("SELECT feedback FROM deliveries") == [("clicked,complained,opened,unsubscribed",)]
 
 
+async def test_a_providers_clicks_on_two_links_at_once_are_a_scanners(d: Deployment) -> None:
+    await d.emit(signed_up("ada@example.com"))
+    [(key,)] = d.rows("SELECT idempotency_key FROM deliveries")
+    for url in ("https://shop.example.com/a", "https://shop.example.com/b"):
+        click = {"delivery": key, "url": url, "machine": False, "machine_reasons": []}
+        await d.emit({"type": "email.clicked", "contact": {"email": "ada@example.com"}, "properties": click})
+    flags = [json.loads(p) for (p,) in d.rows("SELECT properties FROM events WHERE type = 'email.clicked' ORDER BY id")]
+    assert [(f["machine"], f["machine_reasons"]) for f in flags] == [(True, ["burst"]), (True, ["burst"])]
+    assert d.rows("SELECT feedback FROM deliveries") == [(None,)]
+
+
 async def test_an_erased_contact_is_not_refilled_by_later_events(d: Deployment) -> None:
     await d.emit(signed_up("ada@example.com", first_name="Ada", external_ids={"crm": "77"}))
     await d.emit({"type": "contact.erased", "contact": {"external_ids": {"crm": "77"}}})

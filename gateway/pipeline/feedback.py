@@ -76,10 +76,10 @@ def _flag_burst(conn: Connection, event: Event, contact_id: int, now: datetime) 
     they did is undone: the journeys they started end, and the delivery is no longer `clicked` unless a
     person's click remains. (Score points they added stay.)
     """
-    delivery, link = event.properties["delivery"], event.properties.get("link")
+    delivery, link = event.properties["delivery"], _link(event.properties)
     clicks = _clicks(conn, contact_id, event.source, delivery)
     window = (event.occurred_at - BURST, event.occurred_at + BURST)
-    burst = [c for c in clicks if window[0] <= c.at <= window[1] and c.properties.get("link") != link]
+    burst = [c for c in clicks if window[0] <= c.at <= window[1] and _link(c.properties) != link]
     if not burst:
         return event
     unmasked = [c for c in burst if not c.properties.get("machine")]
@@ -98,6 +98,11 @@ def _flag_burst(conn: Connection, event: Event, contact_id: int, now: datetime) 
     properties = {**event.properties, "machine": True, "machine_reasons": reasons}
     dedupe_key = event.dedupe_key.replace(":person", ":machine") if event.dedupe_key else None
     return event.model_copy(update={"properties": properties, "dedupe_key": dedupe_key})
+
+
+def _link(properties: dict[str, Any]) -> Any:
+    """Which link: its number in Declic's own tracking, its URL in a provider's report."""
+    return properties.get("link") or properties.get("url")
 
 
 @dataclass(frozen=True)
