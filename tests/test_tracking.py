@@ -413,3 +413,18 @@ async def test_whatever_the_token_the_answer_is_404_never_5xx(
 ) -> None:
     response = await one_app.request(method, f"/t/{kind}/{quote(token, safe='')}", allow_redirects=False)
     assert response.status == 404, await response.text()
+
+
+async def test_erasing_a_contact_erases_every_fetch_of_their_pixel_and_links(start: Any, smtp: SmtpCatcher) -> None:
+    from gateway.pipeline import contacts
+
+    d, mail = await welcome(start, smtp)
+    [pixel] = pixels(mail)
+    for minutes in (5, 60):  # the second open makes no event, and still holds her address and user agent
+        d.clock.advance(timedelta(minutes=minutes))
+        assert (await fetch(d.client, pixel, **{"X-Forwarded-For": "203.0.113.9"})).status == 200
+    await d.advance(seconds=1)
+    assert len(events(d, "email.opened")) == 1
+    [(contact_id,)] = d.rows("SELECT id FROM contacts")
+    await d.gateway.db.run(contacts.erase, contact_id, d.clock.now())
+    assert d.rows("SELECT status, body FROM inbox WHERE source = '~open'") == [("erased", b"")] * 2

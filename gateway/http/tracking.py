@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import structlog
 from aiohttp import web
@@ -26,15 +26,13 @@ from ..errors import MalformedPayload, StorageUnavailable
 from ..kit.events import ContactRef, Event
 from ..kit.machines import machine_reasons
 from ..kit.sources import RawCall, Source
+from ..pipeline.feedback import CLICK_SOURCE, OPEN_SOURCE, fetch_key
 from ..send import links
 from ..send.tracking import PIXEL_GIF
 from ..store.inbox import NewCall
 from .running import GATEWAY_KEY, RETRY_AFTER_SECONDS, RunningGateway
 
 log = structlog.get_logger("declic.tracking")
-#: Not valid config names, so no deployment source can take them.
-OPEN_SOURCE = "~open"
-CLICK_SOURCE = "~click"
 #: Nothing in between may keep a copy: each fetch is someone opening or clicking now.
 NO_STORE = {"Cache-Control": "no-store, no-cache, must-revalidate, private", "Pragma": "no-cache"}
 
@@ -42,7 +40,7 @@ NO_STORE = {"Cache-Control": "no-store, no-cache, must-revalidate, private", "Pr
 class TrackingSource(Source):
     """Reads back the fetches the tracking endpoints stored, and tells people's from machines'."""
 
-    kind = "open"
+    kind: ClassVar[Literal["open", "click"]] = "open"
     event_type = "email.opened"
 
     def normalize(self, raw: RawCall) -> list[Event]:
@@ -54,7 +52,7 @@ class TrackingSource(Source):
             raise MalformedPayload(f"not a stored fetch: {type(exc).__name__}: {exc}") from None
         window = self.config.scanner_window if isinstance(self.config, TrackingSpec) else timedelta(seconds=10)
         reasons = machine_reasons(
-            self.kind,  # type: ignore[arg-type]
+            self.kind,
             method=str(fetch.get("method") or "GET"),
             user_agent=fetch.get("user_agent"),
             ip=fetch.get("forwarded_for") or fetch.get("ip"),
@@ -150,7 +148,7 @@ async def _store(request: web.Request, source: str, tracked: links.Tracked) -> N
     }
     body = json.dumps({k: v for k, v in fetch.items() if v is not None}, sort_keys=True).encode()
     # The same request twice at the same instant is one fetch (a retry); any other fetch is its own call.
-    key = hashlib.sha256(body + now.isoformat().encode()).hexdigest()
+    key = fetch_key(tracked.contact_id, hashlib.sha256(body + now.isoformat().encode()).hexdigest())
     try:
         await gateway.committer.submit(NewCall(source, key, now, {}, body))
     except StorageUnavailable as exc:

@@ -26,6 +26,7 @@ from ..store import (
     jsoncodec,
     sql,
 )
+from . import feedback
 from .consent import Ruling, awaiting_confirmation, dated, rule_on
 
 C = CONTACTS.c
@@ -398,6 +399,11 @@ def erase(conn: Connection, contact_id: int, now: datetime) -> None:
     conn.execute(sa.delete(PUSH_SUBSCRIPTIONS).where(PUSH_SUBSCRIPTIONS.c.contact_id == contact_id))
     inbox_ids = sa.select(EVENTS.c.inbox_id).where(EVENTS.c.contact_id == contact_id).scalar_subquery()
     conn.execute(sa.update(INBOX).where(INBOX.c.id.in_(inbox_ids)).values(body=b"", headers="{}", status="erased"))
+    # Fetches of Declic's pixel and links that made no event (a second open) hold an address and user agent too.
+    fetches = sa.and_(
+        INBOX.c.source.in_(feedback.TRACKING_SOURCES), INBOX.c.dedupe_key.startswith(feedback.fetch_keys_of(contact_id))
+    )
+    conn.execute(sa.update(INBOX).where(fetches).values(body=b"", headers="{}", status="erased"))
     conn.execute(sa.update(EVENTS).where(EVENTS.c.contact_id == contact_id).values(properties="{}", correlation="[]"))
     # Providers' error texts may quote the address ("550 no such user a@b.c", Twilio's 21211).
     conn.execute(sa.update(DELIVERIES).where(DELIVERIES.c.contact_id == contact_id).values(reason=None))

@@ -24,10 +24,22 @@ from ..store import DELIVERIES, ENROLMENTS, EVENTS, jobqueue, jsoncodec
 
 D = DELIVERIES.c
 EV = EVENTS.c
+#: The internal sources that store the fetches of Declic's own pixel and click redirects (http/tracking.py).
+OPEN_SOURCE, CLICK_SOURCE = "~open", "~click"
+TRACKING_SOURCES = (OPEN_SOURCE, CLICK_SOURCE)
 #: Clicks on two different links of one message this close together are a scanner's: people click one.
 BURST = timedelta(seconds=2)
 #: The delivery key inside a Message-ID the SMTP sink wrote: `<dcl-...@domain>`.
 _OWN_MESSAGE_ID = re.compile(r"<?(dcl-[0-9a-f]{40})@[^>]*>?")
+
+
+def fetch_key(contact_id: int, digest: str) -> str:
+    """A stored fetch's key names its contact: an erasure finds the fetches that made no event (a second open)."""
+    return f"c{contact_id}:{digest}"
+
+
+def fetch_keys_of(contact_id: int) -> str:
+    return fetch_key(contact_id, "")
 
 
 def apply(conn: Connection, event: Event, contact_id: int, now: datetime) -> Event:
