@@ -341,6 +341,19 @@ def test_only_the_http_links_a_reader_sees_are_rewritten(html: str, urls: list[s
     assert all((t.contact_id, t.delivery, t.sent_at) == (7, "dcl-" + "a" * 40, START) for t in tracked)
 
 
+def test_the_doctype_and_outlooks_conditional_comments_are_kept() -> None:
+    doctype = (
+        '<!DOCTYPE html PUBLIC "-//W3C//DTD XHTML 1.0 Transitional//EN" '
+        '"http://www.w3.org/TR/xhtml1/DTD/xhtml1-transitional.dtd">'
+    )
+    mso = "<!--[if gte mso 9]><xml><o:OfficeDocumentSettings><o:AllowPNG/></o:OfficeDocumentSettings></xml><![endif]-->"
+    html = f'{doctype}\n<html><head>{mso}</head><body><a href="https://a.example/">a</a></body></html>'
+    out, [tracked] = rewrite(html)
+    assert out.startswith(doctype + "<html>") and mso in out and tracked.url == "https://a.example/"
+    assert rewrite("<!doctype html><p>x</p>")[0].startswith("<!doctype html><html>")
+    assert rewrite("<p>no doctype</p>")[0].startswith("<html>")
+
+
 def test_a_fragment_gets_its_pixel_and_opens_alone_leave_links_alone() -> None:
     out, tracked = rewrite('<p>Hi <a href="https://a.example/">there</a></p>', clicks=False)
     assert tracked == [] and 'href="https://a.example/"' in out

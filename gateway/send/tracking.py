@@ -11,6 +11,7 @@ would hide where the link goes.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import urlsplit
@@ -21,6 +22,11 @@ from . import links
 
 #: A link longer than this is left as written: its token would make a URL some clients and proxies cut.
 MAX_TRACKED_URL = 2000
+#: The document's doctype token as written. Lexbor writes every doctype back as `<!DOCTYPE html>`, but
+#: e-mail templates often declare XHTML 1.0 Transitional on purpose: it keeps clients in "almost
+#: standards" mode, where images in table cells leave no gap. Only this one leading token is matched.
+_DOCTYPE = re.compile(r"\ufeff?\s*(<!doctype\s[^>]*>)", re.IGNORECASE)
+_WRITTEN_DOCTYPE = "<!DOCTYPE html>"
 #: A transparent 1x1 GIF, the smallest image every mail client shows.
 PIXEL_GIF = bytes.fromhex("47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b")
 
@@ -56,7 +62,11 @@ def track_html(html: str, tracking: Tracking) -> str:
         tree.body.insert_child(_pixel())  # a copy, imported into this document
         if tree.body.last_child is not None:
             tree.body.last_child.attrs["src"] = f"{base}/t/o/{token}"
-    return tree.html or html
+    written = tree.html or html
+    doctype = _DOCTYPE.match(html)
+    if doctype and written.startswith(_WRITTEN_DOCTYPE):
+        written = doctype[1] + written[len(_WRITTEN_DOCTYPE) :]
+    return written
 
 
 @functools.cache
