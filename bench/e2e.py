@@ -1,13 +1,15 @@
 """End-to-end benchmark: signed webhook -> rule -> e-mail received by a local SMTP server.
 
-    .venv/bin/python bench/e2e.py [--orders 2000] [--concurrency 64] [--timeout 120]
+    .venv/bin/python bench/e2e.py [--orders 2000] [--concurrency 64] [--timeout 120] [--links N] [--track]
 
 `declic serve` (role all) runs in its own process on a fresh temporary SQLite database, with one
 Shopify source, one SMTP sink (`tls: none`) pointing at an aiosmtpd catcher (gateway.testing.SmtpCatcher,
 in this process), and one rule: `when: order.placed`, `kind: transactional`, send immediately.
 This process posts N orders/create webhooks (distinct order ids, names and e-mail addresses) at the
 given concurrency, and timestamps each e-mail as the catcher receives it; the order name is in the
-subject, so each e-mail is matched to its post. It prints e-mails/s from the first post to the last
+subject, so each e-mail is matched to its post. `--links N` puts N shop links in the HTML part;
+`--track` turns on Declic's own open pixel and click redirects for the rule (`track:`), to
+measure what tracking costs the send path. It prints e-mails/s from the first post to the last
 e-mail received and the end-to-end latency (post start -> e-mail received), p50 and p99.
 A benchmark, not a test: it reports and asserts nothing about timings.
 """
@@ -67,7 +69,7 @@ sinks:
   - name: order-confirmation
     when: order.placed
     kind: transactional
-    send: {{via: email, template: order-confirmation}}
+{track}    send: {{via: email, template: order-confirmation}}
 {worker}logging:
   level: {log_level}
 """
@@ -79,6 +81,15 @@ TEMPLATES = {
     "order-confirmation.html.j2": "<p>Hello {{ contact.first_name }}, thanks for order "
     "<b>{{ event.properties.name }}</b>.</p>",
 }
+
+
+def templates(links: int) -> dict[str, str]:
+    """The templates, with `links` shop links added to the HTML part."""
+    shop = "".join(
+        f'<p><a href="https://shop.example.com/products/{i}?utm_source=declic&amp;utm_medium=email">Product {i}</a></p>'
+        for i in range(links)
+    )
+    return {**TEMPLATES, "order-confirmation.html.j2": TEMPLATES["order-confirmation.html.j2"] + shop}
 
 
 class TimedCatcher(SmtpCatcher):
@@ -137,6 +148,8 @@ def main() -> None:
         "--worker-concurrency", type=int, default=None, help="worker.concurrency (default: Declic's default)"
     )
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    parser.add_argument("--links", type=int, default=0, help="shop links in the HTML part (default 0)")
+    parser.add_argument("--track", action="store_true", help="track opens and clicks (pixel, link redirects)")
     args = parser.parse_args()
 
     run = uuid.uuid4().hex[:6]
@@ -149,7 +162,8 @@ def main() -> None:
     print(
         f"load: {args.orders} orders/create webhooks of ~{len(orders[0][1]) / 1024:.1f} KB at concurrency "
         f"{args.concurrency}; rule order.placed -> transactional e-mail via SMTP (tls none) to an aiosmtpd "
-        f"catcher in the bench process; log level {args.log_level}",
+        f"catcher in the bench process; log level {args.log_level}; {args.links} links in the HTML part, "
+        f"tracking {'on' if args.track else 'off'}",
         flush=True,
     )
 
@@ -174,8 +188,9 @@ def main() -> None:
                     sink_extra=sink_extra,
                     worker=worker,
                     log_level=args.log_level,
+                    track="    track: {opens: true, clicks: true}\n" if args.track else "",
                 ),
-                TEMPLATES,
+                templates(args.links),
             )
             with open(folder / "declic.log", "wb") as log:
                 server = subprocess.Popen(

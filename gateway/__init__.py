@@ -19,9 +19,20 @@ from .kit.clock import Clock
 from .kit.durations import Duration
 from .kit.events import CANONICAL_TYPES, ConsentState, ConsentStatement, ContactRef, Event, PushRef
 from .kit.limits import SendLimiter
+from .kit.machines import machine_reasons
 from .kit.net import ForbiddenAddress, GuardedClient, retry_after
 from .kit.polling import Fetched, PollingSource
-from .kit.sinks import DeliveryResult, Message, Outcome, SendContext, Sink, SinkConfig
+from .kit.sinks import (
+    DELIVERY_METADATA,
+    DeliveryResult,
+    EmailSinkConfig,
+    Message,
+    Outcome,
+    SendContext,
+    Sink,
+    SinkConfig,
+    TrackSpec,
+)
 from .kit.sources import ConfigPath, Deployment, PluginConfig, RawCall, Source
 from .kit.templating import make_environment
 
@@ -29,6 +40,7 @@ hookimpl = pluggy.HookimplMarker("declic")
 
 __all__ = [
     "CANONICAL_TYPES",
+    "DELIVERY_METADATA",
     "BadRequest",
     "Clock",
     "ConfigError",
@@ -41,6 +53,7 @@ __all__ = [
     "Deployment",
     "Duration",
     "EmailAddress",
+    "EmailSinkConfig",
     "Event",
     "Fetched",
     "ForbiddenAddress",
@@ -61,7 +74,9 @@ __all__ = [
     "Sink",
     "SinkConfig",
     "Source",
+    "TrackSpec",
     "hookimpl",
+    "machine_reasons",
     "make_environment",
     "parse_email",
     "retry_after",

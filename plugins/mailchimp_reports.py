@@ -7,6 +7,12 @@ activity (one open, click or bounce by one recipient) becomes its own inbox call
 campaign, recipient, action, timestamp and URL. The next cursor is the latest activity seen
 less `overlap`, for activity Mailchimp reports late: windows overlap, and the keys make
 what was stored before a duplicate.
+
+With `sent_to: true` it also reads, once per campaign sent since the source started, who the
+campaign was sent to (`GET /3.0/reports/{campaign_id}/sent-to`): each recipient becomes an
+`email.sent` event keyed like the campaign's opens and clicks, so that a rule can follow up
+those who did not open (`when: email.sent`, `exit_on: [email.opened, email.clicked]`). The
+cursor then also lists the campaigns whose recipients are settled (read, or sent too long ago).
 """
 
 from __future__ import annotations
@@ -43,11 +49,14 @@ log = structlog.get_logger("declic.mailchimp_reports")
 
 #: Mailchimp activity `action` -> canonical event type.
 ACTIONS = {"open": "email.opened", "click": "email.clicked", "bounce": "email.bounced"}
+#: What activity_events turns a recipient of `sent-to` into.
+SENT = {"sent": "email.sent"}
 #: The data center a key ends with (`-us6`): it becomes a host name, so nothing else gets through.
 _DATA_CENTER = re.compile(r"[a-z]{2,8}[0-9]{1,4}")
 #: What a campaign id may be: it goes into a URL path.
 CampaignId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 ACTIVITY_FIELDS = "emails.campaign_id,emails.list_id,emails.email_id,emails.email_address,emails.activity,total_items"
+SENT_TO_FIELDS = "sent_to.email_id,sent_to.email_address,sent_to.status,sent_to.list_id,total_items"
 TIMEOUT = aiohttp.ClientTimeout(total=60)  # a page of 1,000 recipients with their activity is large
 #: The wait when Mailchimp names none. The core's backoff does not grow for polls (a deferred poll
 #: spends no attempt), so without this a failing poll would ask again every few seconds.
@@ -80,6 +89,12 @@ class MailchimpReportsConfig(PluginConfig):
     filter_bots: bool = Field(
         False,
         description="Ask Mailchimp to leave out bot and Apple Mail Privacy Protection activity (`filter_bots=true`).",
+    )
+    sent_to: bool = Field(
+        False,
+        description="Also read who each campaign sent from now on was sent to (one request per 1,000 recipients, "
+        "once per campaign): each recipient becomes an `email.sent` event, for rules that follow up those who "
+        "did not open.",
     )
     page_size: int = Field(1000, ge=1, le=1000, description="Records per request (Mailchimp's `count`, at most 1000).")
     api_base: str | None = Field(
@@ -140,17 +155,38 @@ class MailchimpReports(PollingSource):
 
     async def poll(self, cursor: str | None, now: datetime) -> Fetched:
         """The cursor is where the next poll reads from: the latest activity seen, less `overlap`."""
-        since = parse_cursor(cursor) or now - self.config.backfill
+        read_from, settled = parse_cursor(cursor)
+        since = read_from or now - self.config.backfill
         items: dict[str, tuple[datetime, bytes]] = {}
-        campaigns = self.config.campaigns or await self._recent_campaigns(now)
-        for campaign_id in dict.fromkeys(campaigns):
+        campaigns = list(dict.fromkeys(self.config.campaigns or await self._recent_campaigns(now)))
+        for campaign_id in campaigns:
+            if self.config.sent_to and campaign_id not in settled:
+                recipients = await self._recipients(campaign_id, since)
+                if recipients is not None:
+                    items.update(recipients)
+                    settled.add(campaign_id)
             for member in await self._activity(campaign_id, since):
                 items.update(member_items(campaign_id, member, since))
         latest = max([when for when, _ in items.values()], default=since)
         # Never back: a later poll must not read what the backfill left out, nor skip ahead of our clock.
-        following = max(since, min(latest, now) - self.config.overlap)
+        following = format_time(max(since, min(latest, now) - self.config.overlap))
         ordered = sorted(items.items(), key=lambda kv: (kv[1][0], kv[0]))  # oldest first: an open before its click
-        return Fetched([(key, body) for key, (_, body) in ordered], cursor=format_time(following))
+        if self.config.sent_to:  # only campaigns still polled are remembered: the list does not grow for ever
+            following = json.dumps({"since": following, "settled": sorted(settled & set(campaigns))})
+        return Fetched([(key, body) for key, (_, body) in ordered], cursor=following)
+
+    async def _recipients(self, campaign_id: str, since: datetime) -> dict[str, tuple[datetime, bytes]] | None:
+        """Who the campaign was sent to, once it is sent; None while it is not. A campaign sent before the
+        window gives nobody: following up an old campaign the day the source is added would surprise."""
+        campaign = await self._get(f"/3.0/campaigns/{campaign_id}", {"fields": "id,status,send_time"})
+        send_time = parse_time(campaign.get("send_time")) if campaign else None
+        if campaign is None or campaign.get("status") != "sent" or send_time is None:
+            return None if campaign is not None else {}
+        if send_time < since:
+            return {}
+        params = {"fields": SENT_TO_FIELDS}
+        recipients = await self._pages(f"/3.0/reports/{campaign_id}/sent-to", params, "sent_to", missing_ok=True)
+        return sent_items(campaign_id, send_time, recipients or [])
 
     async def _recent_campaigns(self, now: datetime) -> list[str]:
         params = {
@@ -231,6 +267,31 @@ class MailchimpReports(PollingSource):
             raise MalformedPayload(f"{type(exc).__name__}: {exc}") from None
 
 
+def sent_items(
+    campaign_id: str, send_time: datetime, recipients: list[dict[str, Any]]
+) -> dict[str, tuple[datetime, bytes]]:
+    """One stored item per recipient the campaign reached (`status: sent`; bounces come as activity)."""
+    items = {}
+    for recipient in recipients:
+        email = recipient.get("email_address")
+        if not isinstance(email, str) or not email or recipient.get("status") != "sent":
+            continue
+        email_id = recipient.get("email_id")
+        if not isinstance(email_id, str) or not email_id:
+            email_id = hashlib.md5(email.lower().encode()).hexdigest()
+        key = f"{campaign_id}:{email_id}:sent"
+        body = {
+            "id": key,
+            "campaign_id": campaign_id,
+            "list_id": recipient.get("list_id"),
+            "email_id": email_id,
+            "email_address": email,
+            "sent": {"status": "sent", "timestamp": format_time(send_time)},
+        }
+        items[key] = (send_time, json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+    return items
+
+
 def member_items(campaign_id: str, member: dict[str, Any], since: datetime) -> dict[str, tuple[datetime, bytes]]:
     """One stored item per activity of a recipient, keyed by its id; unreadable or older activity is left out."""
     email = member.get("email_address")
@@ -265,8 +326,10 @@ def activity_id(campaign_id: str, email_id: str, action: str, when: datetime, ur
 
 
 def activity_events(item: dict[str, Any]) -> list[Event]:
-    activity = item["activity"]
-    kind = ACTIONS.get(activity["action"])
+    activity = item["sent"] if "sent" in item else item["activity"]
+    if "sent" in item:
+        activity = {**activity, "action": "sent"}
+    kind = {**ACTIONS, **SENT}.get(activity["action"])
     if kind is None:
         return []  # an action this version does not know: kept, nothing to route
     key, email, campaign_id = item["id"], item["email_address"], item["campaign_id"]
@@ -280,7 +343,7 @@ def activity_events(item: dict[str, Any]) -> list[Event]:
         properties["url"] = _text(activity.get("url"))
     if kind == "email.bounced":
         properties["bounce"] = _text(activity.get("type"))  # hard marks the address bouncing
-    else:
+    elif kind != "email.sent":
         properties["ip"] = _text(activity.get("ip"))
     return [
         Event(
@@ -309,11 +372,14 @@ def parse_time(value: Any) -> datetime | None:
         return None
 
 
-def parse_cursor(cursor: str | None) -> datetime | None:
-    when = parse_time(cursor)
+def parse_cursor(cursor: str | None) -> tuple[datetime | None, set[str]]:
+    """(where to read from, campaigns whose recipients are settled): a time, or JSON with `sent_to` on."""
+    data = _json(cursor.encode()) if cursor and cursor.startswith("{") else None
+    settled = data.get("settled") if isinstance(data, dict) else None
+    when = parse_time(data.get("since") if isinstance(data, dict) else cursor)
     if cursor is not None and when is None:
         log.warning("unreadable cursor, polling as for the first time", cursor=cursor)
-    return when
+    return when, {c for c in settled if isinstance(c, str)} if isinstance(settled, list) else set()
 
 
 def format_time(when: datetime) -> str:

@@ -3,7 +3,10 @@
 Mandrill POSTs a form with one field, `mandrill_events`: a JSON array of up to 1,000 events,
 batched about once a minute. The signature covers the URL Mandrill calls, so the deployment's
 `public_url` must be set. Opens, clicks, bounces, spam complaints and unsubscribes become
-feedback events; the message id goes to `properties.provider_message_id`.
+feedback events; the message id goes to `properties.provider_message_id`, and the Declic
+delivery that the SMTP sink named in X-MC-Metadata (`mandrill: true`) to `properties.delivery`.
+Opens and clicks that look like a machine's (Apple Mail Privacy Protection, link scanners) are
+flagged `machine`, with the reasons.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -21,6 +24,7 @@ from aiohttp import web
 from pydantic import Field, SecretStr
 
 from gateway import (
+    DELIVERY_METADATA,
     BadRequest,
     ContactRef,
     Event,
@@ -30,6 +34,7 @@ from gateway import (
     SignatureError,
     Source,
     hookimpl,
+    machine_reasons,
 )
 
 #: Mandrill signs the POST it falls back to, when the HEAD check fails, with this public key;
@@ -195,13 +200,15 @@ def message_event(item: dict[str, Any], key: str) -> Event:
         raise KeyError("_id")
     if not isinstance(msg["email"], str) or not msg["email"]:
         raise ValueError("msg.email is empty")
+    metadata = msg.get("metadata") if isinstance(msg.get("metadata"), dict) else {}
     properties = {
         "provider_message_id": mid,
+        "delivery": metadata.get(DELIVERY_METADATA) if isinstance(metadata.get(DELIVERY_METADATA), str) else None,
         "mandrill_event": event,
         "subject": msg.get("subject"),
         "sender": msg.get("sender"),
         "tags": msg.get("tags") or [],
-        "metadata": msg.get("metadata") or {},
+        "metadata": metadata,
         "subaccount": msg.get("subaccount"),
         **extra,
         **DETAILS.get(event, _no_details)(item, msg),
@@ -222,12 +229,25 @@ def _no_details(item: dict[str, Any], msg: dict[str, Any]) -> dict[str, Any]:
 def _engagement(item: dict[str, Any], msg: dict[str, Any]) -> dict[str, Any]:
     agent = item.get("user_agent_parsed") or {}
     location = item.get("location") or {}
+    ip, user_agent = _text(item.get("ip")), _text(item.get("user_agent"))
+    sent = msg.get("ts")
+    after = timedelta(seconds=float(item["ts"]) - float(sent)) if isinstance(sent, int | float) else None
+    kind = "click" if item["event"] == "click" else "open"
+    reasons = machine_reasons(kind, user_agent=user_agent, ip=ip, after=after)
+    if isinstance(agent, dict) and agent.get("type") == "robot":  # Mandrill's own user agent parser says so
+        reasons.append("robot-agent")
     return {
-        "ip": item.get("ip"),
-        "user_agent": item.get("user_agent"),
+        "ip": ip,
+        "user_agent": user_agent,
         "mobile": agent.get("mobile") if isinstance(agent, dict) else None,
         "country": location.get("country_short") if isinstance(location, dict) else None,
+        "machine": bool(reasons),
+        "machine_reasons": sorted(set(reasons)),
     }
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _click(item: dict[str, Any], msg: dict[str, Any]) -> dict[str, Any]:

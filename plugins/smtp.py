@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import json
 import re
 import secrets
 import ssl
@@ -19,15 +20,16 @@ import dkim
 from pydantic import Field, SecretStr, field_validator
 
 from gateway import (
+    DELIVERY_METADATA,
     ConfigPath,
     DeliveryResult,
     EmailAddress,
+    EmailSinkConfig,
     InvalidAddress,
     Message,
     PluginConfig,
     SendContext,
     Sink,
-    SinkConfig,
     hookimpl,
     parse_email,
 )
@@ -66,7 +68,7 @@ SMTPUTF8_OPTIONS = ("SMTPUTF8", "BODY=8BITMIME")
 NO_SMTPUTF8 = "the recipient's local part is not ASCII and the SMTP server does not offer SMTPUTF8"
 
 
-class SmtpConfig(SinkConfig):
+class SmtpConfig(EmailSinkConfig):
     host: str = Field("localhost", description="SMTP server host name.")
     port: int | None = Field(None, description="Default: 587 for starttls, 465 for implicit, 25 for none.")
     tls: Literal["starttls", "implicit", "none"] = Field(
@@ -88,6 +90,11 @@ class SmtpConfig(SinkConfig):
     )
     local_hostname: str = Field("declic.localdomain", description="Name sent in EHLO (saves a DNS lookup).")
     dkim: DkimConfig | None = Field(None, description="Sign each message with DKIM (covering List-Unsubscribe).")
+    mandrill: bool = Field(
+        False,
+        description="The server is Mandrill's SMTP relay: each message carries X-MC-Metadata naming its delivery, "
+        "which Mandrill echoes in its webhook events, so that their opens, clicks and bounces find it.",
+    )
 
     @field_validator("sender")
     @classmethod
@@ -133,6 +140,8 @@ class SmtpSink(Sink):
         headers = dict(message.headers)
         if "List-Unsubscribe" in headers and self._unsubscribe_mailto:
             headers["List-Unsubscribe"] += f", <mailto:{self._unsubscribe_mailto}?subject=unsubscribe>"
+        if self.config.mandrill and message.idempotency_key:
+            headers["X-MC-Metadata"] = json.dumps({DELIVERY_METADATA: message.idempotency_key})
         lines = [
             self._from_header,
             f"To: {to}\r\n",  # validated: no CR/LF; UTF-8 only under SMTPUTF8, never an encoded-word

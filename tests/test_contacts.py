@@ -125,6 +125,34 @@ async def test_provider_feedback_lands_on_the_delivery(d: Deployment, smtp: Smtp
     )
 
 
+async def test_feedback_finds_the_delivery_by_declics_key_or_its_message_id(d: Deployment) -> None:
+    await d.emit(signed_up("ada@example.com"))
+    [(key, message_id)] = d.rows("SELECT idempotency_key, provider_id FROM deliveries")
+    assert message_id.startswith(f"<{key}@")  # the SMTP sink's own Message-ID names the delivery
+    ada = {"email": "ada@example.com"}
+    await d.emit({"type": "email.opened", "contact": ada, "properties": {"message_id": message_id}})
+    assert d.rows("SELECT feedback FROM deliveries") == [("opened",)]
+    machine = {"delivery": key, "machine": True, "machine_reasons": ["robot-agent"]}
+    await d.emit({"type": "email.clicked", "contact": ada, "properties": machine})
+    assert d.rows("SELECT feedback FROM deliveries") == [("opened",)]  # a machine's click is no feedback
+    await d.emit({"type": "email.clicked", "contact": ada, "properties": {"delivery": key}})
+    await d.emit({"type": "email.complained", "contact": ada, "properties": {"delivery": key}})
+    await d.emit({"type": "email.unsubscribed", "contact": ada, "properties": {"delivery": key}})
+    # Longer than the 20 characters the column once had, which PostgreSQL refused.
+    assert d.rows("SELECT feedback FROM deliveries") == [("clicked,complained,opened,unsubscribed",)]
+
+
+async def test_a_providers_clicks_on_two_links_at_once_are_a_scanners(d: Deployment) -> None:
+    await d.emit(signed_up("ada@example.com"))
+    [(key,)] = d.rows("SELECT idempotency_key FROM deliveries")
+    for url in ("https://shop.example.com/a", "https://shop.example.com/b"):
+        click = {"delivery": key, "url": url, "machine": False, "machine_reasons": []}
+        await d.emit({"type": "email.clicked", "contact": {"email": "ada@example.com"}, "properties": click})
+    flags = [json.loads(p) for (p,) in d.rows("SELECT properties FROM events WHERE type = 'email.clicked' ORDER BY id")]
+    assert [(f["machine"], f["machine_reasons"]) for f in flags] == [(True, ["burst"]), (True, ["burst"])]
+    assert d.rows("SELECT feedback FROM deliveries") == [(None,)]
+
+
 async def test_an_erased_contact_is_never_relinked_later_news_starts_a_new_contact(d: Deployment) -> None:
     await d.emit(signed_up("ada@example.com", first_name="Ada", external_ids={"crm": "77"}))
     await d.emit({"type": "contact.erased", "contact": {"external_ids": {"crm": "77"}}})

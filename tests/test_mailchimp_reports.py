@@ -25,14 +25,21 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from conftest import FIXTURES, SHARED_PAYLOADS
-from declic_plugins.mailchimp_reports import ACTIVITY_FIELDS, MailchimpReports, MailchimpReportsConfig, member_items
+from declic_plugins.mailchimp_reports import (
+    ACTIVITY_FIELDS,
+    SENT_TO_FIELDS,
+    MailchimpReports,
+    MailchimpReportsConfig,
+    member_items,
+    sent_items,
+)
 from gateway import Event, Fetched, MalformedPayload, RawCall, RetryLater
 from gateway.config import load_config
 from gateway.http.app import create_app
 from gateway.http.running import GATEWAY_KEY, RunningGateway
 from gateway.kit.sources import Deployment
 from gateway.plugins import collect, get_plugin_manager
-from gateway.testing import FakeClock, write_deployment
+from gateway.testing import FakeClock, SmtpCatcher, write_deployment
 
 KEY = "0123456789abcdef0123456789abcdef-us6"
 NOW = datetime(2026, 7, 1, 10, 0, tzinfo=UTC)
@@ -95,6 +102,8 @@ class Mailchimp:
         #: (path prefix, offset or None, status, headers, body)
         self.script: list[tuple[str, str | None, int, dict[str, str], bytes]] = []
         self.asked: list[tuple[str, dict[str, str]]] = []
+        #: Campaign -> who it was sent to, for /sent-to.
+        self.recipients: dict[str, list[dict[str, Any]]] = {SALE: [], NEWS: [], OLD: []}
         #: Answer a member's every activity, not only what happened after `since`.
         self.whole_history = False
 
@@ -114,8 +123,28 @@ class Mailchimp:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/3.0/campaigns", self.list_campaigns)
+        app.router.add_get("/3.0/campaigns/{campaign_id}", self.campaign)
         app.router.add_get("/3.0/reports/{campaign_id}/email-activity", self.email_activity)
+        app.router.add_get("/3.0/reports/{campaign_id}/sent-to", self.sent_to)
         return app
+
+    def _missing(self) -> web.Response:
+        detail = "The requested resource could not be found."
+        return web.Response(status=404, body=problem_body(404, "Resource Not Found", detail))
+
+    async def campaign(self, request: web.Request) -> web.Response:
+        if (early := self._first(request)) is not None:
+            return early
+        found = next((c for c in self.campaigns if c["id"] == request.match_info["campaign_id"]), None)
+        return web.json_response(found) if found else self._missing()
+
+    async def sent_to(self, request: web.Request) -> web.Response:
+        if (early := self._first(request)) is not None:
+            return early
+        campaign = request.match_info["campaign_id"]
+        if campaign not in self.recipients:
+            return self._missing()
+        return self._page(request, "sent_to", self.recipients[campaign], campaign_id=campaign)
 
     def _first(self, request: web.Request) -> web.Response | None:
         self.asked.append((request.path, dict(request.query)))
@@ -721,3 +750,105 @@ async def test_audience_webhooks_sent_here_by_mistake_are_refused(aiohttp_client
         headers = {"Content-Type": "application/x-www-form-urlencoded"}
         assert (await client.post("/hooks/reports", data=body, headers=headers)).status == 404
     assert rows(gateway, "SELECT count(*) FROM inbox") == [(0,)]
+
+
+# Who a campaign was sent to (`sent_to: true`) -------------------------------------------------------------------------
+
+FRESH = "f00dfeed01"  # sent today at 09:30: inside the first poll's window
+
+
+def fresh_campaign(state: Mailchimp, status: str = "sent") -> None:
+    sent = status == "sent"
+    state.campaigns.append(
+        {"id": FRESH, "type": "regular", "status": status, "send_time": "2026-07-01T09:30:00+00:00" if sent else ""}
+    )
+    state.members[FRESH] = []
+    state.recipients[FRESH] = [
+        {"email_id": md5(ADA), "email_address": ADA, "status": "sent", "list_id": "57afe96172"},
+        {"email_id": md5(BRUNO), "email_address": BRUNO, "status": "hard", "list_id": "57afe96172"},
+        {"email_id": md5(CHLOE), "email_address": CHLOE, "status": "sent", "list_id": "57afe96172"},
+    ]
+
+
+def sent_keys(fetched: Fetched) -> list[str]:
+    return sorted(k for k in keys(fetched) if k.endswith(":sent"))
+
+
+def asked(state: Mailchimp, path: str) -> int:
+    return sum(1 for where, query in state.asked if where == path and query.get("offset", "0") == "0")
+
+
+async def test_recipients_are_read_once_per_campaign_sent_within_the_window(mailchimp: tuple[Mailchimp, str]) -> None:
+    state, base = mailchimp
+    fresh_campaign(state)
+    first = await poll(base, sent_to=True, campaigns=[SALE, FRESH], page_size=2)
+    assert sent_keys(first) == sorted([f"{FRESH}:{md5(ADA)}:sent", f"{FRESH}:{md5(CHLOE)}:sent"])  # not the bounce
+    assert [k for k in keys(first) if not k.endswith(":sent")] == FIRST_POLL  # the activity, as without sent_to
+    cursor = json.loads(first.cursor or "")
+    # SALE went out on 28 June, before the window: settled without reading who got it.
+    assert cursor == {"since": "2026-07-01T09:00:00+00:00", "settled": [SALE, FRESH]}
+    assert asked(state, f"/3.0/reports/{SALE}/sent-to") == 0
+    pages = [query for where, query in state.asked if where == f"/3.0/reports/{FRESH}/sent-to"]
+    assert pages == [{"fields": SENT_TO_FIELDS, "count": "2", "offset": offset} for offset in ("0", "2")]
+
+    again = await poll(
+        base, cursor=first.cursor, now=NOW + timedelta(minutes=15), sent_to=True, campaigns=[SALE, FRESH]
+    )
+    assert sent_keys(again) == [] and asked(state, f"/3.0/reports/{FRESH}/sent-to") == 1
+    assert state.since_asked(SALE)[-1] == "2026-07-01T09:00:00+00:00"  # the activity cursor inside the JSON
+
+
+async def test_a_campaign_not_sent_yet_is_asked_about_again(mailchimp: tuple[Mailchimp, str]) -> None:
+    state, base = mailchimp
+    fresh_campaign(state, status="schedule")
+    first = await poll(base, sent_to=True, campaigns=[FRESH, "0000000000"])
+    assert sent_keys(first) == []
+    assert json.loads(first.cursor or "")["settled"] == ["0000000000"]  # a missing campaign is not waited for
+    state.campaigns[-1].update(status="sent", send_time="2026-07-01T10:05:00+00:00")
+    later = await poll(base, cursor=first.cursor, now=NOW + timedelta(minutes=15), sent_to=True, campaigns=[FRESH])
+    assert len(sent_keys(later)) == 2
+
+
+def test_a_recipient_becomes_an_email_sent_event_keyed_like_the_campaigns_activity() -> None:
+    items = sent_items(FRESH, NOW, [{"email_id": md5(ADA), "email_address": ADA, "status": "sent", "list_id": "l1"}])
+    [(item_key, (_, body))] = items.items()
+    [event] = SOURCE.normalize(raw(body))
+    assert (event.type, event.contact.email, event.occurred_at) == ("email.sent", ADA, NOW)
+    assert event.properties == {"campaign_id": FRESH, "list_id": "l1"}
+    assert event.correlation[0] == f"mailchimp-campaign:{FRESH}:{md5(ADA)}"  # what its opens and clicks carry
+    assert event.dedupe_key == item_key == f"{FRESH}:{md5(ADA)}:sent"
+
+
+async def test_a_did_not_open_follow_up_goes_only_to_those_who_did_not_open(
+    mailchimp: tuple[Mailchimp, str], aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCatcher
+) -> None:
+    state, base = mailchimp
+    fresh_campaign(state)
+    state.add(FRESH, ADA, "open", "2026-07-01T09:45:00+00:00")
+    pm = get_plugin_manager()
+    config = f"""\
+storage: {{url: '{db_url}'}}
+sources:
+  reports: {{plugin: mailchimp_reports, api_key: {KEY}, api_base: '{base}', campaigns: [{FRESH}], sent_to: true}}
+sinks:
+  email: {{plugin: smtp, host: 127.0.0.1, port: {smtp.port}, tls: none, sender: shop@example.com}}
+rules:
+  - name: did-not-open
+    when: email.sent
+    kind: transactional
+    exit_on: [email.opened, email.clicked]
+    steps:
+      - wait: 2d
+        send: {{via: email, template: reminder}}
+"""
+    templates = {"reminder.subject.j2": "Did you see our news?", "reminder.txt.j2": "It is still on."}
+    settings_ = load_config(write_deployment(tmp_path, config, templates), collect(pm), pm)
+    clock = FakeClock(NOW)
+    app = create_app(settings_, pm=pm, clock=clock, role="web")
+    await aiohttp_client(app)
+    gateway = app[GATEWAY_KEY]
+    await gateway.worker.drain()
+    clock.advance(timedelta(days=2, minutes=1))
+    await gateway.worker.drain()
+    assert [m["To"] for m in smtp.messages] == [CHLOE]
+    assert rows(gateway, "SELECT status FROM enrolments ORDER BY id") == [("exited",), ("completed",)]

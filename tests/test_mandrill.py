@@ -262,6 +262,19 @@ def test_batch_becomes_feedback_events_and_skips_send_deferral_reject_and_sync()
         )]  # fmt: skip
 
 
+def test_events_name_declics_delivery_from_the_metadata_and_flag_machines() -> None:
+    opened, clicked = source().normalize(raw(form(json.dumps(ITEMS[1:3]))[0]))
+    assert opened.properties["delivery"] == clicked.properties["delivery"] == "42"  # msg.metadata.declic_delivery
+    assert (opened.properties["machine"], clicked.properties["machine"]) == (False, False)  # a person, on an iPhone
+    proxy = {**ITEMS[1], "user_agent": "Mozilla/5.0", "user_agent_parsed": None, "ts": ITEMS[1]["ts"] + 1}
+    scanner = {**ITEMS[2], "ts": ITEMS[2]["msg"]["ts"] + 2}  # a click 2 s after Mandrill sent the message
+    robot = {**ITEMS[2], "ts": ITEMS[2]["ts"] + 5, "user_agent_parsed": {"type": "robot", "mobile": False}}
+    events = source().normalize(raw(form(json.dumps([proxy, scanner, robot]))[0]))
+    assert [e.properties["machine_reasons"] for e in events] == [["apple-mpp"], ["too-soon"], ["robot-agent"]]
+    no_metadata = {**ITEMS[1], "msg": {k: v for k, v in ITEMS[1]["msg"].items() if k != "metadata"}}
+    assert source().normalize(raw(form(json.dumps([no_metadata]))[0]))[0].properties["delivery"] is None
+
+
 def test_an_item_repeated_in_one_batch_gives_one_event() -> None:
     assert len(source().normalize(raw(form(json.dumps([ITEMS[1], ITEMS[1], ITEMS[2]]))[0]))) == 2
 
@@ -308,7 +321,7 @@ storage: {{url: '{db_url}'}}
 sources:
   mail: {{plugin: mandrill, webhook_key: {key}}}
 sinks:
-  email: {{plugin: smtp, host: 127.0.0.1, port: {smtp_port}, tls: none, sender: shop@example.com}}
+  email: {{plugin: smtp, host: 127.0.0.1, port: {smtp_port}, tls: none, sender: shop@example.com, mandrill: true}}
 rules:
   - name: clicked
     when: email.clicked
@@ -369,9 +382,13 @@ async def test_end_to_end_batches_update_contacts_and_enrol_once(
     assert occurrences[1].startswith("mandrill:sha256:")  # a long URL still fits the column
     assert len(smtp.messages) == 2
 
-    # Feedback: an open whose message id is the one our delivery recorded lands on that delivery.
-    provider_id = rows(gateway, "SELECT provider_id FROM deliveries ORDER BY id")[0][0]
-    opened = {**ITEMS[1], "_id": provider_id, "ts": ITEMS[1]["ts"] + 3600}
+    # Feedback finds Declic's delivery through the metadata the SMTP sink gave Mandrill (X-MC-Metadata),
+    # not through Mandrill's own message id, which Declic never saw.
+    metadata = json.loads(smtp.messages[0]["X-MC-Metadata"])
+    key = rows(gateway, "SELECT idempotency_key FROM deliveries ORDER BY id")[0][0]
+    assert metadata == {"declic_delivery": key}
+    msg = {**ITEMS[1]["msg"], "_id": "3f2b5cd0a9e84c41b1e2a7d6c5b4a392", "metadata": metadata}
+    opened = {**ITEMS[1], "_id": msg["_id"], "msg": msg, "ts": ITEMS[1]["ts"] + 3600}
     await post(client, [opened])
     await gateway.worker.drain()
     assert rows(gateway, "SELECT feedback FROM deliveries ORDER BY id") == [("opened",), (None,)]

@@ -8,6 +8,7 @@ from .settings import (
     RuleSpec,
     ScoringSpec,
     Settings,
+    TrackingSpec,
     WorkerSpec,
     load_config,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "RuleSpec",
     "ScoringSpec",
     "Settings",
+    "TrackingSpec",
     "WorkerSpec",
     "load_config",
 ]

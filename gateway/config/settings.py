@@ -28,7 +28,7 @@ from ..errors import ConfigError
 from ..kit.durations import MAX_DURATION, MAX_DURATION_TEXT, Duration, LocalTime, SignedDuration, between
 from ..kit.events import is_known_type
 from ..kit.registry import Registry
-from ..kit.sinks import Sink
+from ..kit.sinks import EmailSinkConfig, Sink, TrackSpec
 from ..kit.sources import PluginConfig, Source
 from ..kit.templating import compile_condition, make_environment, template_files
 from . import yamlmarks
@@ -161,6 +161,11 @@ class RuleSpec(_Strict):
         le=MAX_PRIORITY,
         description=f"Higher goes first when steps compete for the pressure cap; -{MAX_PRIORITY} to {MAX_PRIORITY}.",
     )
+    track: TrackSpec | None = Field(
+        None,
+        description="E-mail: Declic's own open pixel and click redirects, {opens: bool, clicks: bool}; "
+        "default: on for marketing, off for transactional. An e-mail sink's own `track` wins.",
+    )
     send: SendSpec | None = Field(None, description="One message, sent at once: short for one step.")
     steps: list[StepSpec] = Field(default_factory=list, description="Messages sent one after the other.")
 
@@ -191,6 +196,15 @@ class RuleSpec(_Strict):
             self.steps = [StepSpec(send=self.send)]
             self.send = None
         return self
+
+    def tracking(self, sink_config: object) -> TrackSpec:
+        """Opens and clicks tracked for a message of this rule sent through a sink with this config."""
+        default = self.kind == "marketing"
+        rule = TrackSpec(opens=default, clicks=default).model_copy(
+            update=self.track.model_dump(exclude_none=True) if self.track else {}
+        )
+        sink = sink_config.track if isinstance(sink_config, EmailSinkConfig) else None
+        return sink.over(rule) if sink else rule
 
     @property
     def trigger(self) -> str:
@@ -415,6 +429,20 @@ class WorkerSpec(_Strict):
     )
 
 
+class TrackingSpec(_Strict):
+    """How Declic tells the opens and clicks of people from those of machines."""
+
+    scanner_window: Annotated[Duration, between("0s", "10m")] = Field(
+        timedelta(seconds=10),
+        description="A click this soon after sending is a link scanner's (people take longer); 0s to 10m.",
+    )
+    route_machine_events: bool = Field(
+        False,
+        description="Let opens and clicks flagged as a machine's (Apple Mail Privacy Protection, link scanners, "
+        "HEAD requests) start, end and score journeys; by default they are stored, flagged and left out.",
+    )
+
+
 #: Each body is held in memory while it is verified and stored.
 MAX_BODY_BYTES = 100 * 1024 * 1024
 
@@ -482,6 +510,7 @@ class Settings(_Strict):
     )
     policies: PoliciesSpec = Field(default_factory=PoliciesSpec, description="Checked at send time.")
     scoring: ScoringSpec = Field(default_factory=ScoringSpec, description="Lead score points per event type.")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="Opens and clicks: people or machines.")
     rules: list[RuleSpec] = Field(default_factory=list, description="Trigger rules, see the README.")
     worker: WorkerSpec = Field(default_factory=WorkerSpec, description="Job queue tuning.")
     limits: LimitsSpec = Field(default_factory=LimitsSpec, description="Request limits.")
@@ -587,6 +616,7 @@ def load_config(
     _resolve_plugins(settings, data, registry, report)
     _check_rules(settings, registry, pm, report)
     _check_unsubscribe_links(settings, report)
+    _check_tracking(settings, report)
     _check_confirmation(settings, report)
     report.raise_if_any()
     return settings
@@ -693,6 +723,22 @@ def _check_unsubscribe_links(settings: Settings, report: _Report) -> None:
             f"marketing e-mail (rule {name!r}) carries unsubscribe links to this URL, and RFC 8058 wants https; "
             "set `allow_http_public_url: true` for local testing only",
         )
+
+
+def _check_tracking(settings: Settings, report: _Report) -> None:
+    """Tracked e-mail points its pixel and links at the public URL (marketing rules are reported above)."""
+    if settings.public_url is not None:
+        return
+    for i, rule in enumerate(settings.rules):
+        for step in rule.steps:
+            sink = settings._sinks.get(step.send.via)
+            track = rule.tracking(sink[1]) if sink and sink[0].channel == "email" else None
+            if rule.kind != "marketing" and track and (track.opens or track.clicks):
+                report.add(
+                    ("rules", i, "track"),
+                    f"rule {rule.name!r} tracks opens or clicks: needs `public_url:`, where its pixel and links point",
+                )
+                return
 
 
 def _check_confirmation(settings: Settings, report: _Report) -> None:

@@ -25,7 +25,7 @@ from ..plugins import Registry, collect, get_plugin_manager, notify_event_receiv
 from ..send.delivery import StepRunner
 from ..store import Database, jobqueue
 from ..store.inbox import GroupCommitter
-from . import consent_links
+from . import consent_links, tracking
 from .auth import is_admin
 from .hooks import handle_hook, handle_ping, handle_preflight, json_error_middleware_factory
 from .running import GATEWAY_KEY, RETRY_AFTER_SECONDS, Role, RunningGateway
@@ -53,6 +53,7 @@ def build_gateway(
     # Internal sources read back what Declic's own endpoints stored: the worker knows them, /hooks never.
     internal: dict[str, Source] = {
         **{cls.name: cls(cls.name, None, deployment) for cls in consent_links.SOURCES},
+        **{cls.name: cls(cls.name, settings.tracking, deployment) for cls in tracking.SOURCES},
         **(extra_sources(deployment) if extra_sources else {}),
     }
     sinks = {key: cls(key, cfg, deployment) for key, (cls, cfg) in settings.sink_plugins.items()}
@@ -62,6 +63,7 @@ def build_gateway(
     confirmation = settings.policies.confirmation_rule()
     rules = [*settings.rules, *([confirmation] if confirmation else [])]
     router = Router(rules, env, settings.scoring, settings.timezone, settings.policies.double_opt_in)
+    router.machine_events = settings.tracking.route_machine_events
     db = Database(database_url or settings.database_url, settings.storage.busy_timeout)
     steps = StepRunner(
         router,
@@ -104,6 +106,8 @@ def create_app(
         for path, handler in consent_links.ROUTES:
             app.router.add_route("GET", path, handler)  # and HEAD
             app.router.add_route("POST", path, handler)
+        for path, handler in tracking.ROUTES:
+            app.router.add_get(path, handler)  # and HEAD, which link scanners send
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     for routes in gateway.pm.hook.register_routes(gateway=gateway):

@@ -121,7 +121,7 @@ async def _handle(request: web.Request, action: LinkAction) -> web.Response:
     """GET shows a button; POST states the consent, no questions asked (RFC 8058's one click)."""
     gateway: RunningGateway = request.app[GATEWAY_KEY]
     try:
-        secret = await gateway.db.run(links.link_secret)
+        secret = await gateway.link_secret()
     except StorageUnavailable:
         return _unavailable()
     found = links.read_token(secret, request.match_info["token"], action.purpose)

@@ -16,6 +16,7 @@ from ..kit.clock import Clock
 from ..kit.sinks import Sink
 from ..kit.sources import Source
 from ..pipeline.router import Router
+from ..send import links
 from ..store import Database
 from ..store.inbox import GroupCommitter
 
@@ -42,6 +43,13 @@ class RunningGateway:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     #: Why the worker is down (it died and waits to be restarted); None while it runs.
     worker_down: str | None = None
+    _link_secret: bytes | None = None
+
+    async def link_secret(self) -> bytes:
+        """The key of the links in messages, read once: it never changes. Raises StorageUnavailable."""
+        if self._link_secret is None:
+            self._link_secret = await self.db.run(links.link_secret)
+        return self._link_secret
 
     def plugins(self) -> list[Source | Sink]:
         """The configured source and sink instances."""

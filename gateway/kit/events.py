@@ -14,7 +14,7 @@ CANONICAL_TYPES = frozenset(
         "checkout.started", "checkout.updated",
         "order.placed", "order.paid", "order.fulfilled", "order.cancelled",
         "email.subscribed", "email.unsubscribed", "email.opened", "email.clicked",
-        "email.bounced", "email.complained",
+        "email.bounced", "email.complained", "email.sent",
         "profile.updated", "ticket.ordered", "attendee.updated", "attendee.checked_in",
         "contact.created", "contact.property_changed", "deal.created", "deal.stage_changed",
         "page.viewed", "sms.delivered", "sms.failed", "sms.opted_out",

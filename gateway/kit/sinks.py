@@ -11,6 +11,9 @@ from pydantic import Field, field_validator
 from .limits import RATE_BOUNDS, SendLimiter, parse_rate
 from .sources import Deployment, PluginConfig
 
+#: The key under which a provider's message metadata names the Declic delivery (Mandrill's X-MC-Metadata):
+#: the provider echoes it in its events, and feedback finds the delivery by it (`properties.delivery`).
+DELIVERY_METADATA = "declic_delivery"
 #: Seconds: a send holds a concurrency slot and a job's lease while it waits.
 MAX_SEND_TIMEOUT = 600.0
 
@@ -37,6 +40,34 @@ class SinkConfig(PluginConfig):
         if value is not None:
             parse_rate(value)
         return value
+
+
+class TrackSpec(PluginConfig):
+    """Declic's own open and click tracking for e-mail; an unset key falls back (sink, then rule, then kind)."""
+
+    opens: bool | None = Field(None, description="Add a 1x1 open pixel (/t/o/TOKEN) to the HTML part.")
+    clicks: bool | None = Field(
+        None, description="Send the HTML part's http(s) links through /t/c/TOKEN, which records the click."
+    )
+
+    def over(self, other: TrackSpec | None) -> TrackSpec:
+        """These settings, with `other`'s where these say nothing."""
+        if other is None:
+            return self
+        return TrackSpec(
+            opens=other.opens if self.opens is None else self.opens,
+            clicks=other.clicks if self.clicks is None else self.clicks,
+        )
+
+
+class EmailSinkConfig(SinkConfig):
+    """Options of sinks that send e-mail."""
+
+    track: TrackSpec | None = Field(
+        None,
+        description="Override the rules' tracking for mail sent through this sink, e.g. {opens: false, clicks: "
+        "false} when the provider tracks on its own; unset keys keep the rule's.",
+    )
 
 
 class Outcome(enum.StrEnum):

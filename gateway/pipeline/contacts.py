@@ -26,6 +26,7 @@ from ..store import (
     jsoncodec,
     sql,
 )
+from . import feedback
 from .consent import Ruling, awaiting_confirmation, dated, rule_on
 
 C = CONTACTS.c
@@ -422,6 +423,11 @@ def erase(conn: Connection, contact_id: int, now: datetime) -> None:
     conn.execute(sa.delete(PUSH_SUBSCRIPTIONS).where(PUSH_SUBSCRIPTIONS.c.contact_id == contact_id))
     inbox_ids = sa.select(EVENTS.c.inbox_id).where(EVENTS.c.contact_id == contact_id).scalar_subquery()
     conn.execute(sa.update(INBOX).where(INBOX.c.id.in_(inbox_ids)).values(body=b"", headers="{}", status="erased"))
+    # Fetches of Declic's pixel and links that made no event (a second open) hold an address and user agent too.
+    fetches = sa.and_(
+        INBOX.c.source.in_(feedback.TRACKING_SOURCES), INBOX.c.dedupe_key.startswith(feedback.fetch_keys_of(contact_id))
+    )
+    conn.execute(sa.update(INBOX).where(fetches).values(body=b"", headers="{}", status="erased"))
     conn.execute(sa.update(EVENTS).where(EVENTS.c.contact_id == contact_id).values(properties="{}", correlation="[]"))
     # Providers' error texts may quote the address ("550 no such user a@b.c", Twilio's 21211).
     conn.execute(sa.update(DELIVERIES).where(DELIVERIES.c.contact_id == contact_id).values(reason=None))
@@ -438,22 +444,12 @@ def erase(conn: Connection, contact_id: int, now: datetime) -> None:
         jobqueue.cancel_pending(conn, ended, now)
 
 
-def record_feedback(conn: Connection, provider_id: str, feedback: str, now: datetime) -> int:
-    """What the provider later said about a sent message: a set, as "delivered,opened,clicked"."""
-    rows = conn.execute(
-        sa.select(DELIVERIES.c.id, DELIVERIES.c.feedback).where(DELIVERIES.c.provider_id == provider_id)
-    ).all()
-    for row in rows:
-        merged = ",".join(sorted({*filter(None, (row.feedback or "").split(",")), feedback}))
-        conn.execute(sa.update(DELIVERIES).where(DELIVERIES.c.id == row.id).values(feedback=merged, feedback_at=now))
-    return len(rows)
-
-
 class ContactView(dict[str, Any]):
     """The contact as `if:` and templates see it, with what it did with earlier messages.
 
-    `contact.opened(rule='abandoned-cart', step=1)`, `contact.clicked(...)`: true when the
-    provider reported it for a message of that rule (and step, when given).
+    `contact.opened(rule='abandoned-cart', step=1)`, `contact.clicked(...)`: true when a person
+    opened (clicked) a message of that rule (and step, when given), as Declic's own tracking or the
+    provider reported it; machine opens and clicks do not count (see pipeline/feedback.py).
     """
 
     def __init__(self, fields: dict[str, Any], feedback: Callable[[], list[tuple[str, int, str]]]):

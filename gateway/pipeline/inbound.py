@@ -18,7 +18,7 @@ from ..kit.events import ERASE_TYPE, FEEDBACK_TYPES, ContactRef, Event
 from ..kit.sources import RawCall, Source
 from ..store import EVENTS, INBOX, jobqueue
 from ..store.inbox import fit_key
-from . import contacts
+from . import contacts, feedback
 from .eventlog import store_event
 from .router import Router
 
@@ -83,19 +83,21 @@ def apply_events(
         if event.type == ERASE_TYPE:
             contacts.erase(conn, contact["id"], now)
             event = event.model_copy(update={"properties": {}, "correlation": []})
-        elif event.type in FEEDBACK_TYPES and event.properties.get("provider_message_id"):
-            contacts.record_feedback(
-                conn, str(event.properties["provider_message_id"]), FEEDBACK_TYPES[event.type], now
-            )
+        elif event.type in FEEDBACK_TYPES:
+            event = feedback.apply(conn, event, contact["id"], now)
+            if event.dedupe_key and seen_before(conn, raw.source, event.dedupe_key):
+                continue  # flagged as a machine's click just now, and one was stored before
         if event.type == "email.bounced" and event.properties.get("bounce") == "hard":
             contacts.mark_email_bouncing(conn, contact["id"], now)
         store_event(conn, event, contact["id"])
+        stored.append(event)
+        if feedback.is_machine(event) and not router.machine_events:
+            continue  # kept and flagged for the record; journeys and scores are about people
         with structlog.contextvars.bound_contextvars(event_id=event.id, source=raw.source):
             router.route(conn, event, contact, raw.received_at, changed)
             for request in confirmation_requests(event, changed):
                 store_event(conn, request, contact["id"])
                 router.route(conn, request, contact, raw.received_at)
-        stored.append(event)
     return stored
 
 

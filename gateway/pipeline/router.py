@@ -57,6 +57,8 @@ class Router:
         self.timezone = timezone
         #: Channels whose grants stay pending until confirmed (the confirmation rule is among `rules`).
         self.double_opt_in = double_opt_in
+        #: Whether opens and clicks flagged as a machine's are routed (start, end, score journeys) like people's.
+        self.machine_events = False
         self.scoring = scoring or ScoringSpec()
         self._points = {
             t: (s.points, compile_condition(env, s.if_) if s.if_ else None) for t, s in self.scoring.points.items()

@@ -29,6 +29,7 @@ from ..store import CONTACTS, DELIVERIES, ENROLMENTS, jobqueue, sql
 from ..store.jobqueue import ClaimedJob
 from . import links
 from .policies import Deferral, pressure_until, quiet_until
+from .tracking import Tracking, track_html
 
 if TYPE_CHECKING:
     from ..kit.clock import Clock
@@ -59,15 +60,19 @@ class Draft:
     to: str
     idempotency_key: str
     headers: dict[str, str]
+    tracking: Tracking | None = None
 
     def render(self) -> Message:
         """Blocking and CPU-bound within `limits`; raises TemplateProblem."""
         parts = render_message(self.env, self.template, self.variables, self.limits)
+        html = parts.get("html")
+        if html and self.tracking is not None:
+            html = track_html(html, self.tracking)
         return Message(
             to=self.to,
             text=parts["txt"],
             subject=parts.get("subject"),
-            html=parts.get("html"),
+            html=html,
             idempotency_key=self.idempotency_key,
             headers=self.headers,
         )
@@ -164,6 +169,7 @@ class StepRunner:
             step.sink.address(contact) or "",
             key,
             headers,
+            self._tracking(conn, rule, step, now),
         )
         send_context = SendContext(rule.name, job.step + 1, rule.spec.kind, dict(contact), event)
         return Send(job, rule, enrolment.id, step.contact_id, step.sink, draft, send_context)
@@ -179,11 +185,24 @@ class StepRunner:
 
     def _link(self, conn: Connection, purpose: str, contact_id: int, channel: str) -> str:
         """A link to /u/TOKEN (unsubscribe) or /c/TOKEN (confirm) on the public URL."""
+        path = {links.UNSUBSCRIBE: "u", links.CONFIRM: "c"}[purpose]
+        token = links.make_token(self._link_secret(conn), contact_id, channel, purpose)
+        return f"{(self.public_url or '').rstrip('/')}/{path}/{token}"
+
+    def _link_secret(self, conn: Connection) -> bytes:
         if self._secret is None:
             self._secret = links.link_secret(conn)
-        path = {links.UNSUBSCRIBE: "u", links.CONFIRM: "c"}[purpose]
-        token = links.make_token(self._secret, contact_id, channel, purpose)
-        return f"{(self.public_url or '').rstrip('/')}/{path}/{token}"
+        return self._secret
+
+    def _tracking(self, conn: Connection, rule: CompiledRule, step: Step, now: datetime) -> Tracking | None:
+        """E-mail tracked as the rule and the sink say, when the public URL is known (the config requires it)."""
+        if step.sink.channel != "email" or not self.public_url:
+            return None
+        track = rule.spec.tracking(step.sink.config)
+        if not (track.opens or track.clicks):
+            return None
+        secret = self._link_secret(conn)
+        return Tracking(self.public_url, secret, step.contact_id, step.key, now, bool(track.opens), bool(track.clicks))
 
     def _capped(self, rule: CompiledRule) -> bool:
         cap = self.policies.pressure

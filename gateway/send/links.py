@@ -1,17 +1,22 @@
-"""Links that messages carry: one-click unsubscribe (RFC 8058) and double opt-in confirmation,
-as opaque, tamper-proof tokens.
+"""Links that messages carry: one-click unsubscribe (RFC 8058), double opt-in confirmation, and
+Declic's own open pixel and click redirects, as opaque, tamper-proof tokens.
 
-A token is the contact and channel sealed with AES-GCM under the deployment's link key: nobody
-can read a contact id out of it (ids are sequential, and would tell how many customers a shop
-has and let anyone guess a neighbour's link), and nobody can forge or alter one.
+A token is what the link stands for (a contact and channel; or a delivery, and for a click the
+link's URL) sealed with AES-GCM under the deployment's link key: nobody can read a contact id
+out of it (ids are sequential, and would tell how many customers a shop has and let anyone
+guess a neighbour's link), and nobody can forge or alter one. Each purpose seals with its own
+associated data, so a token of one kind never works as another.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from cryptography.exceptions import InvalidTag
@@ -23,6 +28,8 @@ from ..store import META, sql
 SECRET_KEY = "link_secret"
 UNSUBSCRIBE = "unsubscribe"
 CONFIRM = "confirm"
+OPEN = "open"
+CLICK = "click"
 _NONCE_BYTES = 12
 
 
@@ -35,22 +42,66 @@ def link_secret(conn: Connection) -> bytes:
 
 
 def make_token(secret: bytes, contact_id: int, channel: str, purpose: str = UNSUBSCRIBE) -> str:
-    nonce = secrets.token_bytes(_NONCE_BYTES)
-    sealed = AESGCM(_sealing_key(secret)).encrypt(nonce, f"{contact_id}.{channel}".encode(), _aad(purpose))
-    return _b64(nonce + sealed)
+    return _seal(secret, purpose, f"{contact_id}.{channel}".encode())
 
 
 def read_token(secret: bytes, token: str, purpose: str = UNSUBSCRIBE) -> tuple[int, str] | None:
     """(contact id, channel), or None for anything Declic did not issue for this purpose."""
     if "." in token:
         return _read_signed(secret, token) if purpose == UNSUBSCRIBE else None
+    payload = _unseal(secret, token, purpose)
+    try:
+        contact, channel = payload.decode().split(".") if payload is not None else ("", "")
+        return int(contact), channel
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class Tracked:
+    """What an open pixel or a click link stands for: which delivery, sent when, and the link followed."""
+
+    contact_id: int
+    delivery: str  # the delivery's idempotency key
+    sent_at: datetime  # when the message was made, to the second: how soon a fetch came after it
+    url: str = ""  # clicks: the URL the rendered message carried, the only place the redirect may go
+    link: int = 0  # clicks: the link's place among the message's tracked links, from 1
+
+
+def make_tracking_token(secret: bytes, purpose: str, tracked: Tracked) -> str:
+    fields = (tracked.contact_id, tracked.delivery, int(tracked.sent_at.timestamp()), tracked.link, tracked.url)
+    return _seal(secret, purpose, "\n".join(map(str, fields)).encode())
+
+
+def read_tracking_token(secret: bytes, token: str, purpose: str) -> Tracked | None:
+    """The delivery (and link) an OPEN or CLICK token names, or None for anything Declic did not issue as one."""
+    payload = _unseal(secret, token, purpose)
+    if payload is None:
+        return None
+    try:
+        contact, delivery, sent_at, link, url = payload.decode().split("\n", 4)
+        return Tracked(int(contact), delivery, datetime.fromtimestamp(int(sent_at), UTC), url, int(link))
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+def _seal(secret: bytes, purpose: str, payload: bytes) -> str:
+    nonce = secrets.token_bytes(_NONCE_BYTES)
+    return _b64(nonce + _cipher(secret).encrypt(nonce, payload, _aad(purpose)))
+
+
+def _unseal(secret: bytes, token: str, purpose: str) -> bytes | None:
     try:
         data = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        payload = AESGCM(_sealing_key(secret)).decrypt(data[:_NONCE_BYTES], data[_NONCE_BYTES:], _aad(purpose))
-        contact, channel = payload.decode().split(".")
-        return int(contact), channel
+        return _cipher(secret).decrypt(data[:_NONCE_BYTES], data[_NONCE_BYTES:], _aad(purpose))
     except (ValueError, InvalidTag):
         return None
+
+
+@functools.lru_cache(maxsize=4)
+def _cipher(secret: bytes) -> AESGCM:
+    """One cipher per link key: a message with many links seals each with it."""
+    return AESGCM(_sealing_key(secret))
 
 
 def _aad(purpose: str) -> bytes:

@@ -266,7 +266,7 @@ class Delivery(SQLModel, table=True):
     attempts: int = 0
     provider_id: str | None = Field(default=None, max_length=300, index=True)
     #: The provider's later word on it: delivered, failed, bounced, opened, clicked...
-    feedback: str | None = Field(default=None, max_length=20)
+    feedback: str | None = Field(default=None, max_length=200)
     feedback_at: datetime | None = None
     created_at: datetime
     updated_at: datetime
