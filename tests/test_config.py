@@ -203,10 +203,21 @@ ERRORS = [
     (
         "weak admin token",
         VALID + "admin: {token: s3cr3t}\n",
-        "31:16: admin.token: the admin token is shorter than 16 characters: make one with "
+        "31:16: admin.token: the token is shorter than 16 characters: make one with "
         "`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`",
     ),
-    ("admin key misspelt", VALID + "admin: {tokens: []}\n", "31:9: admin.tokens: unknown key"),
+    (
+        "weak read token",
+        VALID + "admin: {tokens: [{token: short, scope: read}]}\n",
+        "31:26: admin.tokens[0].token: the token is shorter than 16 characters: make one with "
+        "`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`",
+    ),
+    (
+        "unknown scope",
+        VALID + "admin: {tokens: [{token: a-long-enough-read-token, scope: write}]}\n",
+        "31:59: admin.tokens[0].scope: Input should be 'read' or 'admin'",
+    ),
+    ("admin key misspelt", VALID + "admin: {tokns: []}\n", "31:9: admin.tokns: unknown key"),
     (
         "two triggers",
         edit("    when: customer.created\n", "    when: customer.created\n    on_date: contact.birthday\n"),

@@ -129,7 +129,8 @@ async def test_concurrent_posts_are_all_durable(deploy: Factory) -> None:
 
 
 ADMIN_TOKEN = "adm1n-" + "k3y" * 8
-ADMIN = f"admin:\n  token: {ADMIN_TOKEN}\n"
+READ_TOKEN = "r3ad-" + "only" * 6
+ADMIN = f"admin:\n  token: {ADMIN_TOKEN}\n  tokens: [{{token: {READ_TOKEN}, scope: read, name: grafana}}]\n"
 DETAILS = {"status": "ok", "database": "ok", "migrations": "current"}
 
 
@@ -143,6 +144,8 @@ DETAILS = {"status": "ok", "database": "ok", "migrations": "current"}
         (ADMIN_TOKEN, {"status": "ok"}),
         (f"Bearer {ADMIN_TOKEN}", DETAILS),
         (f"bearer  {ADMIN_TOKEN} ", DETAILS),
+        (f"Bearer {READ_TOKEN}", DETAILS),  # details are for looking: a read-only token sees them
+        (f"Bearer {READ_TOKEN[:-1]}", {"status": "ok"}),
     ],
 )
 async def test_readyz_says_ready_to_anyone_and_why_only_to_the_admin(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import os
 import re
 from datetime import time, timedelta
@@ -13,6 +14,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import jinja2
 import pluggy
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -465,26 +467,54 @@ class LoggingSpec(_Strict):
 ADMIN_TOKEN_MIN_LENGTH = 16
 
 
-class AdminSpec(_Strict):
-    """Who may see the deployment's internals. Scoped tokens (read-only, admin) will join `token` here."""
+def _token_strength(value: SecretStr | None) -> SecretStr | None:
+    if value is None or not value.get_secret_value().strip():
+        return None  # `${DECLIC_ADMIN_TOKEN:-}` left empty: nobody holds it
+    if len(value.get_secret_value()) < ADMIN_TOKEN_MIN_LENGTH:
+        raise ValueError(
+            f"the token is shorter than {ADMIN_TOKEN_MIN_LENGTH} characters: make one with "
+            "`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+        )
+    return value
 
-    token: SecretStr | None = Field(
+
+StrongToken = Annotated[SecretStr | None, AfterValidator(_token_strength)]
+
+
+class ScopedToken(_Strict):
+    token: StrongToken = Field(
+        description=f"Bearer token, at least {ADMIN_TOKEN_MIN_LENGTH} characters, e.g. ${{DECLIC_READ_TOKEN}}; "
+        "empty: this entry grants nothing."
+    )
+    scope: Literal["read", "admin"] = Field(
+        "read", description="read: look only (GET); admin: also act (replay, erase)."
+    )
+    name: str | None = Field(None, max_length=100, description="Who holds it, for the logs.")
+
+
+class AdminSpec(_Strict):
+    """Who may see and act on the deployment's internals: /readyz details, the API, the dashboard."""
+
+    token: StrongToken = Field(
         None,
-        description="Bearer token (`Authorization: Bearer TOKEN`) that unlocks details such as /readyz's; "
-        f"at least {ADMIN_TOKEN_MIN_LENGTH} characters, e.g. ${{DECLIC_ADMIN_TOKEN}}. Empty or unset: no details.",
+        description="Bearer token (`Authorization: Bearer TOKEN`) with the admin scope: /readyz's details, the "
+        f"API and the dashboard, reading and acting; at least {ADMIN_TOKEN_MIN_LENGTH} characters, e.g. "
+        "${DECLIC_ADMIN_TOKEN}. Empty or unset: no admin token.",
+    )
+    tokens: list[ScopedToken] = Field(
+        default_factory=list,
+        max_length=100,
+        description="More tokens, each with its scope (`read` or `admin`) and an optional name.",
     )
 
-    @field_validator("token")
-    @classmethod
-    def _strong_enough(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is None or not value.get_secret_value().strip():
-            return None  # `${DECLIC_ADMIN_TOKEN:-}` left empty: nobody is admin
-        if len(value.get_secret_value()) < ADMIN_TOKEN_MIN_LENGTH:
-            raise ValueError(
-                f"the admin token is shorter than {ADMIN_TOKEN_MIN_LENGTH} characters: make one with "
-                "`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`"
-            )
-        return value
+    def scope_of(self, given: str) -> Literal["read", "admin"] | None:
+        """The scope the token grants, compared in constant time with every configured token."""
+        found: Literal["read", "admin"] | None = None
+        held = [(self.token, "admin"), *((t.token, t.scope) for t in self.tokens)]
+        for secret, scope in held:
+            if secret is not None and hmac.compare_digest(given.encode(), secret.get_secret_value().encode()):
+                found = "admin" if scope == "admin" or found == "admin" else "read"
+        return found
 
 
 class Settings(_Strict):

@@ -26,7 +26,7 @@ from ..send.delivery import StepRunner
 from ..store import Database, jobqueue
 from ..store.inbox import GroupCommitter
 from . import consent_links, tracking
-from .auth import is_admin
+from .auth import scope_of
 from .hooks import handle_hook, handle_ping, handle_preflight, json_error_middleware_factory
 from .running import GATEWAY_KEY, RETRY_AFTER_SECONDS, Role, RunningGateway
 
@@ -208,7 +208,7 @@ async def readyz(request: web.Request) -> web.Response:
         details.update(status="unavailable", worker=gateway.worker_down)
     status = 200 if details["status"] == "ok" else 503
     headers = {"Retry-After": RETRY_AFTER_SECONDS} if status == 503 else None
-    if not is_admin(request, gateway.settings.admin):
+    if scope_of(request, gateway.settings.admin) is None:  # details: for any token, read or admin
         return web.json_response({"status": details["status"]}, status=status, headers=headers)
     return web.json_response(details, status=status, headers=headers)
 

@@ -1,12 +1,14 @@
-"""Who is calling: the admin's bearer token, checked in constant time."""
+"""Who is calling: a bearer token from the config, and the scope it grants, checked in constant time."""
 
 from __future__ import annotations
 
-import hmac
+from typing import Literal
 
 from aiohttp import web
 
 from ..config import AdminSpec
+
+Scope = Literal["read", "admin"]
 
 
 def bearer_token(request: web.Request) -> str | None:
@@ -16,9 +18,12 @@ def bearer_token(request: web.Request) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
-def is_admin(request: web.Request, admin: AdminSpec) -> bool:
-    """True only when the config sets a token and the request carries the same one."""
+def scope_of(request: web.Request, admin: AdminSpec) -> Scope | None:
+    """What the request's bearer token may do: `read`, `admin`, or nothing (None)."""
     given = bearer_token(request)
-    if admin.token is None or given is None:
-        return False
-    return hmac.compare_digest(given.encode(), admin.token.get_secret_value().encode())
+    return None if given is None else admin.scope_of(given)
+
+
+def is_admin(request: web.Request, admin: AdminSpec) -> bool:
+    """True only when the request carries a token with the admin scope."""
+    return scope_of(request, admin) == "admin"
