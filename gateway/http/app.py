@@ -104,7 +104,7 @@ def create_app(
             app.router.add_get(path, handle_ping)  # and HEAD
             app.router.add_route("OPTIONS", path, handle_preflight)
         for path, handler in consent_links.ROUTES:
-            app.router.add_route("GET", path, handler)  # and HEAD
+            app.router.add_get(path, handler)  # and HEAD (add_route("GET") would answer HEAD with 405)
             app.router.add_route("POST", path, handler)
         for path, handler in tracking.ROUTES:
             app.router.add_get(path, handler)  # and HEAD, which link scanners send
