@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from urllib.parse import urlsplit
 
 from conftest import Deployment, Factory, fixture_bytes, locked_inbox
+from gateway.insight.kpis import rule_kpis
 from gateway.testing import SmtpCatcher
 
 CUSTOMER = fixture_bytes("shopify/customer.json")  # customers/create with email consent: welcome (marketing)
@@ -48,6 +50,11 @@ async def test_one_click_post_withdraws_consent_without_any_other_step(deploy: F
         "~unsubscribe",
     )
     assert d.scalar("SELECT type FROM events WHERE source = '~unsubscribe'") == "email.unsubscribed"
+    # The link names the message it came in: the welcome rule's KPIs count the unsubscribe.
+    assert d.rows("SELECT rule, feedback FROM deliveries") == [("welcome", "unsubscribed")]
+    now = d.clock.now()
+    [welcome] = await d.gateway.db.run(rule_kpis, ["welcome"], now - timedelta(days=1), now + timedelta(days=1))
+    assert [(s.step, s.sent, s.unsubscribed) for s in welcome.steps] == [(1, 1, 1)]
 
 
 async def test_a_forged_or_damaged_token_is_refused(deploy: Factory, smtp: SmtpCatcher) -> None:

@@ -70,9 +70,10 @@ class LinkSource(Source):
         if raw.body.startswith(b"{"):
             request = json.loads(raw.body)
             contact_id, channel = str(request.pop("contact")), str(request.pop("channel"))
+            delivery = request.pop("delivery", None)
         else:  # stored by 0.1, before requests kept their evidence
             contact_id, channel = raw.body.decode().split(".")
-            request = {"user_agent": raw.header("User-Agent")}
+            request, delivery = {"user_agent": raw.header("User-Agent")}, None
         if not contact_id.isdigit():
             raise MalformedPayload(f"not a contact id: {contact_id!r}")
         statement = ConsentStatement(
@@ -86,7 +87,11 @@ class LinkSource(Source):
                 type=self.action.event.format(channel=channel),
                 occurred_at=raw.received_at,
                 contact=ContactRef(external_ids={"declic": contact_id}, consent={channel: statement}),
-                properties={"via": self.action.via, "user_agent": request.get("user_agent")},
+                properties={
+                    "via": self.action.via,
+                    "user_agent": request.get("user_agent"),
+                    **({"delivery": str(delivery)} if delivery else {}),
+                },
             )
         ]
 
@@ -127,7 +132,7 @@ async def _handle(request: web.Request, action: LinkAction) -> web.Response:
     found = links.read_token(secret, request.match_info["token"], action.purpose)
     if found is None:
         return _page(404, "<p>This link is not valid.</p>")
-    contact_id, channel = found
+    contact_id, channel = found.contact_id, found.channel
     if request.method != "POST":
         question = html.escape(action.question.format(channel=channel))
         return _page(200, f'<form method="post"><p>{question}</p>{action.button}</form>')
@@ -135,6 +140,7 @@ async def _handle(request: web.Request, action: LinkAction) -> web.Response:
     evidence = {
         "contact": contact_id,
         "channel": channel,
+        "delivery": found.delivery,  # the message the link came in: the rule's unsubscribe count
         "ip": request.remote,
         "forwarded_for": request.headers.get("X-Forwarded-For"),
         "user_agent": request.headers.get("User-Agent"),

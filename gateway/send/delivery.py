@@ -136,7 +136,7 @@ class StepRunner:
             conn.execute(sa.select(CONTACTS.c.id).where(CONTACTS.c.id == enrolment.contact_id).with_for_update())
         contact = contacts.view(conn, enrolment.contact_id)
         event = load_event(conn, enrolment.event_id)
-        headers, unsubscribe_url = self._unsubscribe(conn, rule, step.sink, enrolment.contact_id)
+        headers, unsubscribe_url = self._unsubscribe(conn, rule, step)
         context = {
             "event": event,
             "contact": contact,
@@ -174,19 +174,18 @@ class StepRunner:
         send_context = SendContext(rule.name, job.step + 1, rule.spec.kind, dict(contact), event)
         return Send(job, rule, enrolment.id, step.contact_id, step.sink, draft, send_context)
 
-    def _unsubscribe(
-        self, conn: Connection, rule: CompiledRule, sink: Sink, contact_id: int
-    ) -> tuple[dict[str, str], str | None]:
-        """Marketing e-mail carries a one-click unsubscribe link (RFC 8058) when the public URL is known."""
-        if rule.spec.kind != "marketing" or sink.channel != "email" or not self.public_url:
+    def _unsubscribe(self, conn: Connection, rule: CompiledRule, step: Step) -> tuple[dict[str, str], str | None]:
+        """Marketing e-mail carries a one-click unsubscribe link (RFC 8058) when the public URL is known;
+        it names the message too, so the rule's KPIs count the unsubscribe."""
+        if rule.spec.kind != "marketing" or step.sink.channel != "email" or not self.public_url:
             return {}, None
-        url = self._link(conn, links.UNSUBSCRIBE, contact_id, "email")
+        url = self._link(conn, links.UNSUBSCRIBE, step.contact_id, "email", step.key)
         return {"List-Unsubscribe": f"<{url}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}, url
 
-    def _link(self, conn: Connection, purpose: str, contact_id: int, channel: str) -> str:
+    def _link(self, conn: Connection, purpose: str, contact_id: int, channel: str, delivery: str | None = None) -> str:
         """A link to /u/TOKEN (unsubscribe) or /c/TOKEN (confirm) on the public URL."""
         path = {links.UNSUBSCRIBE: "u", links.CONFIRM: "c"}[purpose]
-        token = links.make_token(self._link_secret(conn), contact_id, channel, purpose)
+        token = links.make_token(self._link_secret(conn), contact_id, channel, purpose, delivery)
         return f"{(self.public_url or '').rstrip('/')}/{path}/{token}"
 
     def _link_secret(self, conn: Connection) -> bytes:

@@ -41,18 +41,29 @@ def link_secret(conn: Connection) -> bytes:
     return bytes.fromhex(conn.execute(sa.select(META.c.value).where(META.c.key == SECRET_KEY)).scalar_one())
 
 
-def make_token(secret: bytes, contact_id: int, channel: str, purpose: str = UNSUBSCRIBE) -> str:
-    return _seal(secret, purpose, f"{contact_id}.{channel}".encode())
+@dataclass(frozen=True)
+class Linked:
+    """What an unsubscribe or confirmation link names: a contact's channel, and the message it came in."""
+
+    contact_id: int
+    channel: str
+    delivery: str | None = None  # the delivery's idempotency key, for the rule's unsubscribe count
 
 
-def read_token(secret: bytes, token: str, purpose: str = UNSUBSCRIBE) -> tuple[int, str] | None:
-    """(contact id, channel), or None for anything Declic did not issue for this purpose."""
+def make_token(
+    secret: bytes, contact_id: int, channel: str, purpose: str = UNSUBSCRIBE, delivery: str | None = None
+) -> str:
+    return _seal(secret, purpose, ".".join([str(contact_id), channel, *([delivery] if delivery else [])]).encode())
+
+
+def read_token(secret: bytes, token: str, purpose: str = UNSUBSCRIBE) -> Linked | None:
+    """What the link names, or None for anything Declic did not issue for this purpose."""
     if "." in token:
         return _read_signed(secret, token) if purpose == UNSUBSCRIBE else None
     payload = _unseal(secret, token, purpose)
     try:
-        contact, channel = payload.decode().split(".") if payload is not None else ("", "")
-        return int(contact), channel
+        contact, channel, *delivery = payload.decode().split(".") if payload is not None else ("", "")
+        return Linked(int(contact), channel, delivery[0] if len(delivery) == 1 else None)
     except ValueError:
         return None
 
@@ -114,7 +125,7 @@ def _sealing_key(secret: bytes) -> bytes:
     return hmac.new(secret, b"declic unsubscribe link", hashlib.sha256).digest()
 
 
-def _read_signed(secret: bytes, token: str) -> tuple[int, str] | None:
+def _read_signed(secret: bytes, token: str) -> Linked | None:
     """Links sent before tokens were sealed (0.1) carried the contact id in clear, signed: still honoured."""
     try:
         encoded, signature = token.split(".")
@@ -126,7 +137,7 @@ def _read_signed(secret: bytes, token: str) -> tuple[int, str] | None:
     expected = hmac.new(secret, payload.encode(), hashlib.sha256).digest()[:16]
     if not hmac.compare_digest(given, expected):
         return None
-    return int(contact), channel
+    return Linked(int(contact), channel)
 
 
 def _b64(data: bytes) -> str:
