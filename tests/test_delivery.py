@@ -70,6 +70,28 @@ async def test_attempts_run_out_into_the_dead_letter(deploy: Factory, smtp: Smtp
     assert d.scalar("SELECT status FROM jobs WHERE kind = 'step'") == "dead"
 
 
+async def test_a_mail_waits_out_two_days_of_outage_and_not_four(deploy: Factory, smtp: SmtpCatcher) -> None:
+    """Retries last `retry_for` (3 days by default) from the first failure, backing off to hourly (`retry_max`)."""
+    smtp.stop()
+    d = await deploy(max_attempts=500)
+    await d.post_shopify("orders/create", ORDER)
+    for _ in range(2 * 24 * 4):  # two days, in quarter hours: every due retry runs on time
+        await d.advance(minutes=15)
+    assert d.scalar("SELECT status FROM jobs WHERE kind = 'step'") == "pending"
+    attempts = d.scalar("SELECT attempts FROM jobs WHERE kind = 'step'")
+    assert 48 <= attempts <= 110, attempts  # hourly, jittered down to half an hour, after the first half hour
+    smtp.start()
+    await d.advance(hours=1, minutes=1)
+    assert len(smtp.to(CAMILLE)) == 1  # back: the order confirmation goes out, once
+
+    smtp.stop()
+    await d.post_shopify("orders/create", ORDER.replace(b"7001002003", b"7001002004"), webhook_id="second")
+    for _ in range(4 * 24):  # four days, hour by hour
+        await d.advance(hours=1)
+    [(status, reason)] = d.rows("SELECT status, reason FROM deliveries WHERE status != 'sent'")
+    assert status == "failed" and reason.startswith("gave up after")  # three days after it first failed
+
+
 async def test_smtp_down_for_an_hour_every_mail_goes_out_once_it_is_back(deploy: Factory, smtp: SmtpCatcher) -> None:
     smtp.stop()
     d = await deploy(max_attempts=12)

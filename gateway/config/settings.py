@@ -419,7 +419,17 @@ class WorkerSpec(_Strict):
         "still unprocessed this long after it arrived (its provider keeps failing) holds nobody back: steps go "
         "ahead, noted in the journal. 1s to 1d.",
     )
-    max_attempts: int = Field(12, ge=1, le=100, description="Attempts before a step goes to the dead letter, 1 to 100.")
+    retry_for: Annotated[Duration, between("1m", "30d")] = Field(
+        timedelta(days=3),
+        description="A step or call that keeps failing for a reason that may pass (a server down, a 5xx, a "
+        "timeout) is retried this long after it was first due, then goes to the dead letter; 1m to 30d.",
+    )
+    max_attempts: int = Field(
+        500,
+        ge=1,
+        le=10000,
+        description="Attempts at most before the dead letter, whatever `retry_for` says; 1 to 10000.",
+    )
     retry_base: Annotated[Duration, between("100ms", "1d")] = Field(
         timedelta(seconds=30), description="First retry delay, 100ms to 1d; doubles each attempt."
     )

@@ -413,7 +413,9 @@ class Worker:
         due = now + jobqueue.retry_delay(job.attempts, self.spec.retry_base, self.spec.retry_max, after)
 
         def work(conn: Connection) -> bool:
-            if job.attempts >= self.spec.max_attempts:
+            # A call is tried on arrival: it has been failing since it came.
+            failing_since = job.created_at or now
+            if job.retried_too_long(failing_since, now, self.spec.retry_for, self.spec.max_attempts):
                 return jobqueue.finish(conn, job, self.id, now, "dead", error)
             return jobqueue.reschedule(conn, job, self.id, due, now, error, about)
 

@@ -325,7 +325,9 @@ class StepRunner:
             addresses = result.invalid_addresses or (send.draft.to,)
             contacts.forget_addresses(conn, send.contact_id, send.sink.channel, addresses, now)
             self._advance(conn, step, now)
-        elif result.outcome is Outcome.RETRY and job.attempts < self.worker_spec.max_attempts:
+        elif result.outcome is Outcome.RETRY and not job.retried_too_long(
+            self._failing_since(conn, step, now), now, self.worker_spec.retry_for, self.worker_spec.max_attempts
+        ):
             self._record(conn, step, "retrying", result.error, now)
             delay = jobqueue.retry_delay(
                 job.attempts, self.worker_spec.retry_base, self.worker_spec.retry_max, result.retry_after
@@ -338,6 +340,12 @@ class StepRunner:
             self._record(conn, step, "failed", reason, now)
             journal.record(conn, now, rule.name, send.contact_id, "failed", step=number, via=via, reason=reason)
             jobqueue.finish(conn, job, self.worker_id, now, "dead", reason)
+
+    def _failing_since(self, conn: Connection, step: Step, now: datetime) -> datetime:
+        """When the step's first attempt failed: its delivery row is written then (not when it was due:
+        quiet hours or the pressure cap may have deferred it for days, and waiting is not failing)."""
+        first: datetime | None = conn.execute(_DELIVERY_SINCE, {"key": step.key}).scalar_one_or_none()
+        return first or now
 
     def _advance(self, conn: Connection, step: Step, now: datetime) -> None:
         jobqueue.finish(conn, step.job, self.worker_id, now)
@@ -400,6 +408,7 @@ def _upsert_delivery(dialect: str) -> sa.Insert:
 
 _ENROLMENT = sa.select(ENROLMENTS).where(E.id == sa.bindparam("enrolment_id"))
 _DELIVERY_STATUS = sa.select(D.status).where(D.idempotency_key == sa.bindparam("key"))
+_DELIVERY_SINCE = sa.select(D.created_at).where(D.idempotency_key == sa.bindparam("key"))
 _COMPLETE = (
     sa.update(ENROLMENTS)
     .where(E.id == sa.bindparam("enrolment_id"), E.status == "active")

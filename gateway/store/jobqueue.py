@@ -29,6 +29,11 @@ class ClaimedJob:
     contact_id: int | None = None
     occurrence: str | None = None
     first_due_at: datetime | None = None
+    created_at: datetime | None = None
+
+    def retried_too_long(self, failing_since: datetime, now: datetime, retry_for: timedelta, max_attempts: int) -> bool:
+        """Whether a failing job has had its attempts, or its time since it first failed."""
+        return self.attempts >= max_attempts or now - failing_since >= retry_for
 
 
 def add_step(
@@ -124,6 +129,7 @@ def claim(
             J.contact_id,
             J.occurrence,
             J.first_due_at,
+            J.created_at,
             J.priority,
         )
     )
