@@ -3,6 +3,7 @@
 from .settings import (
     AdminSpec,
     Duration,
+    MetricsSpec,
     PoliciesSpec,
     ReenterAfter,
     RuleSpec,
@@ -15,6 +16,7 @@ from .settings import (
 __all__ = [
     "AdminSpec",
     "Duration",
+    "MetricsSpec",
     "PoliciesSpec",
     "ReenterAfter",
     "RuleSpec",

@@ -410,26 +410,47 @@ class LoggingSpec(_Strict):
 ADMIN_TOKEN_MIN_LENGTH = 16
 
 
+def _strong_token(value: SecretStr | None, what: str) -> SecretStr | None:
+    if value is None or not value.get_secret_value().strip():
+        return None  # `${DECLIC_ADMIN_TOKEN:-}` left empty: nobody holds this token
+    if len(value.get_secret_value()) < ADMIN_TOKEN_MIN_LENGTH:
+        raise ValueError(
+            f"the {what} token is shorter than {ADMIN_TOKEN_MIN_LENGTH} characters: make one with "
+            "`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+        )
+    return value
+
+
 class AdminSpec(_Strict):
     """Who may see the deployment's internals. Scoped tokens (read-only, admin) will join `token` here."""
 
     token: SecretStr | None = Field(
         None,
-        description="Bearer token (`Authorization: Bearer TOKEN`) that unlocks details such as /readyz's; "
-        f"at least {ADMIN_TOKEN_MIN_LENGTH} characters, e.g. ${{DECLIC_ADMIN_TOKEN}}. Empty or unset: no details.",
+        description="Bearer token (`Authorization: Bearer TOKEN`) that unlocks details such as /readyz's, "
+        f"and /metrics; at least {ADMIN_TOKEN_MIN_LENGTH} characters, e.g. ${{DECLIC_ADMIN_TOKEN}}. "
+        "Empty or unset: no details.",
     )
 
     @field_validator("token")
     @classmethod
     def _strong_enough(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is None or not value.get_secret_value().strip():
-            return None  # `${DECLIC_ADMIN_TOKEN:-}` left empty: nobody is admin
-        if len(value.get_secret_value()) < ADMIN_TOKEN_MIN_LENGTH:
-            raise ValueError(
-                f"the admin token is shorter than {ADMIN_TOKEN_MIN_LENGTH} characters: make one with "
-                "`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`"
-            )
-        return value
+        return _strong_token(value, "admin")
+
+
+class MetricsSpec(_Strict):
+    """GET /metrics (Prometheus): only for a caller with a token, as nothing internal is open to anyone."""
+
+    token: SecretStr | None = Field(
+        None,
+        description="Bearer token a Prometheus server sends to scrape /metrics, and which opens nothing else; "
+        f"at least {ADMIN_TOKEN_MIN_LENGTH} characters, e.g. ${{DECLIC_METRICS_TOKEN}}. The admin token "
+        "opens /metrics too; with neither set, /metrics answers 401 to everyone.",
+    )
+
+    @field_validator("token")
+    @classmethod
+    def _strong_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        return _strong_token(value, "metrics")
 
 
 class Settings(_Strict):
@@ -460,6 +481,7 @@ class Settings(_Strict):
     limits: LimitsSpec = Field(default_factory=LimitsSpec, description="Request limits.")
     logging: LoggingSpec = Field(default_factory=LoggingSpec, description="Log output.")
     admin: AdminSpec = Field(default_factory=AdminSpec, description="Access to the deployment's internals.")
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="Prometheus metrics at GET /metrics.")
 
     _path: Path = PrivateAttr(default=Path("declic.yaml"))
     _sources: dict[str, tuple[type[Source], PluginConfig]] = PrivateAttr(default_factory=dict)

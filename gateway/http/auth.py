@@ -1,12 +1,13 @@
-"""Who is calling: the admin's bearer token, checked in constant time."""
+"""Who is calling: bearer tokens from the config, checked in constant time."""
 
 from __future__ import annotations
 
 import hmac
 
 from aiohttp import web
+from pydantic import SecretStr
 
-from ..config import AdminSpec
+from ..config import AdminSpec, Settings
 
 
 def bearer_token(request: web.Request) -> str | None:
@@ -16,9 +17,21 @@ def bearer_token(request: web.Request) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
-def is_admin(request: web.Request, admin: AdminSpec) -> bool:
-    """True only when the config sets a token and the request carries the same one."""
+def carries_one_of(request: web.Request, *tokens: SecretStr | None) -> bool:
+    """True only when the request carries one of the tokens the config sets (unset ones match nothing)."""
     given = bearer_token(request)
-    if admin.token is None or given is None:
+    if given is None:
         return False
-    return hmac.compare_digest(given.encode(), admin.token.get_secret_value().encode())
+    # Every token is compared, so the time taken does not tell which one came close.
+    matches = [hmac.compare_digest(given.encode(), t.get_secret_value().encode()) for t in tokens if t is not None]
+    return any(matches)
+
+
+def is_admin(request: web.Request, admin: AdminSpec) -> bool:
+    """True only when the config sets an admin token and the request carries the same one."""
+    return carries_one_of(request, admin.token)
+
+
+def may_scrape(request: web.Request, settings: Settings) -> bool:
+    """/metrics is for the metrics token's holder (a Prometheus server) and the admin."""
+    return carries_one_of(request, settings.metrics.token, settings.admin.token)
