@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
+import structlog
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy.engine import Connection
@@ -20,6 +21,7 @@ from sqlalchemy.engine import Connection
 from ..errors import StorageUnavailable
 from ..store import INBOX, JOBS, Database, jobqueue
 
+log = structlog.get_logger("declic.metrics")
 J = JOBS.c
 #: Counts stop here: past it the exact number no longer matters, and counting it would load the database.
 COUNT_LIMIT = 10_000
@@ -83,7 +85,9 @@ class QueueGauges(Collector):
                 return  # a clock set back reads again rather than serving stale figures for hours
             try:
                 self._state = await db.run(read_queue_state, now)
-            except StorageUnavailable:
+            except Exception as exc:  # the counters are still worth serving: never a 500 for want of gauges
+                if not isinstance(exc, StorageUnavailable):  # that one is counted in declic_storage_errors_total
+                    log.warning("queue gauges not read", error=f"{type(exc).__name__}: {exc}")
                 self._state = None
             self._read_at = now
 
