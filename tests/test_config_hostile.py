@@ -56,8 +56,14 @@ ENV |= {
     "DECLIC_WEBHOOK_SECRET": "whsec_" + base64.b64encode(b"k" * 32).decode(),
     "VAPID_PRIVATE_KEY": base64.urlsafe_b64encode(b"\x01" * 32).rstrip(b"=").decode(),
 }
-#: Examples that cannot pass here: a file only a real deployment has, a community plugin.
-NOT_RUNNABLE = {"docs/connect/fcm.md#0+demo", "docs/plugins.md#0+demo"}
+#: Examples that cannot pass here: a file only a real deployment has, a community plugin, and
+#: Prometheus' own config (a scrape job, alert rules) beside Declic's.
+NOT_RUNNABLE = {
+    "docs/connect/fcm.md#0+demo",
+    "docs/plugins.md#0+demo",
+    "docs/metrics.md#1+demo",
+    "docs/metrics.md#2+demo",
+}
 
 
 @dataclass(frozen=True)

@@ -466,7 +466,8 @@ def test_a_poisoned_call_fails_at_once_while_other_contacts_mail_keeps_flowing(
         poison = request(declic.url + "/hooks/site", POISON, {**basic, "Content-Type": "application/json"})
         answers += [post_order(declic.url, i) for i in range(20, 40)]
         assert poison.status == 200 and [a.status for a in answers] == [200] * 40
-        poison_id = poison.body["id"]
+        assert poison.body == {"success": True, "status": "accepted"}  # Segment's answer: no inbox id in it
+        poison_id = store.scalar("SELECT id FROM inbox WHERE source = 'site'")
         failed_in = Watch(lambda: store.scalar("SELECT status FROM inbox WHERE id = :id", id=poison_id) == "failed")
         drained = wait_until(lambda: len(smtp.messages) >= 40, 30, "every confirmation")
         failed_after = failed_in.result(10) - poison.at
@@ -684,7 +685,8 @@ def test_acknowledgements_stay_fast_while_a_pathological_template_burns_its_cpu_
         assert [a.status for a in warmup + baseline + during] == [200] * i
         [(status, reason, attempts)] = store.rows("SELECT status, reason, attempts FROM deliveries WHERE rule = 'cart'")
         assert (status, attempts) == ("failed", 1) and f"more than {limit:g}s of CPU time" in reason
-        assert store.rows("SELECT action, reason FROM decisions WHERE rule = 'cart'") == [("failed", reason)]
+        journal = "SELECT action, reason FROM decisions WHERE rule = 'cart' AND action != 'enrolled'"
+        assert store.rows(journal) == [("failed", reason)]
         assert store.rows("SELECT status, attempts FROM jobs WHERE kind = 'step' AND status != 'done'") == [("dead", 1)]
         assert_each_sent_once(smtp, store, {buyer(j) for j in range(i)})
         window = during[-1].at - started

@@ -2,7 +2,7 @@
 
 These tests check what only separate processes can show: an acknowledged webhook survives
 SIGKILL, a restart sends each pending step once, and two workers sharing one PostgreSQL
-database never send the same step twice.
+database never send the same step twice; a served process's /metrics counts what it did.
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ import json
 import signal
 import socket
 import time
+import urllib.error
+import urllib.request
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -273,3 +276,49 @@ def test_a_malformed_request_is_one_json_line_without_its_raw_headers(
         text = server.log_text()
         for leaked in (*LEAKY.values(), "s3cr3t", "münchen", "555-0132"):
             assert leaked not in text
+
+
+def scrape(base_url: str, token: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """GET /metrics with the token, parsed by prometheus_client: sample values by name and labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    request = urllib.request.Request(base_url + "/metrics", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        text = response.read().decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value for f in text_string_to_metric_families(text) for s in f.samples
+    }
+
+
+@pytest.mark.timeout(60)
+def test_a_served_process_counts_its_webhooks_and_sends_in_metrics(
+    tmp_path: Path, smtp: SmtpCatcher, servers: Servers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = "process-metrics-token-" + uuid.uuid4().hex
+    monkeypatch.setenv("DECLIC_TEST_METRICS_TOKEN", token)  # the config reads it, as a deployment would
+    text = make_config(f"sqlite:///{tmp_path / 'declic.db'}", smtp.port, wait="0s")
+    config = write_deployment(tmp_path, text + "metrics:\n  token: ${DECLIC_TEST_METRICS_TOKEN}\n", TEMPLATES)
+    sent = ("declic_sends_total", frozenset({("sink", "email"), ("outcome", "sent")}))
+    with servers.logs_on_failure():
+        server = servers.start(config)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(server.url + "/metrics", timeout=5)
+        assert refused.value.code == 401
+        refused.value.close()
+        for i in range(5):
+            assert post_order(server.url, i).status == 200
+        wait_until(lambda: scrape(server.url, token)[sent] == 5, 20, "five sends counted")
+        backlog = ("declic_inbox_backlog_calls", frozenset())
+        # The queue gauges come from a read of the database at most 5 s old.
+        wait_until(lambda: scrape(server.url, token)[backlog] == 0, 10, "the backlog read again, empty")
+        metrics = scrape(server.url, token)
+        assert (
+            metrics[("declic_webhooks_total", frozenset({("source", "shop"), ("status", "accepted"), ("code", "200")}))]
+            == 5
+        )
+        assert metrics[("declic_webhook_ack_duration_seconds_count", frozenset({("source", "shop")}))] == 5
+        assert metrics[("declic_due_jobs", frozenset())] == 0
+        assert metrics[("declic_dead_letter_jobs", frozenset({("kind", "step")}))] == 0
+        assert metrics[("declic_storage_errors_total", frozenset())] == 0
+        assert metrics[("process_resident_memory_bytes", frozenset())] > 0
+        assert recipients(smtp) == Counter({buyer(i): 1 for i in range(5)})

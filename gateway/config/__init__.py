@@ -3,6 +3,7 @@
 from .settings import (
     AdminSpec,
     Duration,
+    MetricsSpec,
     PoliciesSpec,
     ReenterAfter,
     RuleSpec,
@@ -16,6 +17,7 @@ from .settings import (
 __all__ = [
     "AdminSpec",
     "Duration",
+    "MetricsSpec",
     "PoliciesSpec",
     "ReenterAfter",
     "RuleSpec",

@@ -527,6 +527,17 @@ class AdminSpec(_Strict):
         return found
 
 
+class MetricsSpec(_Strict):
+    """GET /metrics (Prometheus): only for a caller with a token, as nothing internal is open to anyone."""
+
+    token: StrongToken = Field(
+        None,
+        description="Bearer token a Prometheus server sends to scrape /metrics, and which opens nothing else; "
+        f"at least {ADMIN_TOKEN_MIN_LENGTH} characters, e.g. ${{DECLIC_METRICS_TOKEN}}. Admin and read tokens "
+        "open /metrics too; with none set, /metrics answers 401 to everyone.",
+    )
+
+
 class Settings(_Strict):
     public_url: str | None = Field(
         None,
@@ -556,6 +567,7 @@ class Settings(_Strict):
     limits: LimitsSpec = Field(default_factory=LimitsSpec, description="Request limits.")
     logging: LoggingSpec = Field(default_factory=LoggingSpec, description="Log output.")
     admin: AdminSpec = Field(default_factory=AdminSpec, description="Access to the deployment's internals.")
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="Prometheus metrics at GET /metrics.")
 
     _path: Path = PrivateAttr(default=Path("declic.yaml"))
     _sources: dict[str, tuple[type[Source], PluginConfig]] = PrivateAttr(default_factory=dict)

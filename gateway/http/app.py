@@ -14,6 +14,7 @@ from aiohttp import web
 
 from ..config import Settings
 from ..errors import ConfigError, StorageUnavailable
+from ..insight.metrics import Metrics
 from ..jobs import polls
 from ..jobs.worker import Worker, make_worker_id
 from ..kit.clock import Clock, SystemClock
@@ -28,6 +29,7 @@ from ..store.inbox import GroupCommitter
 from . import consent_links, tracking
 from .auth import scope_of
 from .hooks import handle_hook, handle_ping, handle_preflight, json_error_middleware_factory
+from .metrics import handle_metrics
 from .running import GATEWAY_KEY, RETRY_AFTER_SECONDS, Role, RunningGateway
 
 log = structlog.get_logger("declic.app")
@@ -65,6 +67,8 @@ def build_gateway(
     router = Router(rules, env, settings.scoring, settings.timezone, settings.policies.double_opt_in)
     router.machine_events = settings.tracking.route_machine_events
     db = Database(database_url or settings.database_url, settings.storage.busy_timeout)
+    metrics = Metrics(sources, sinks)
+    db.on_unavailable = metrics.storage_unavailable
     steps = StepRunner(
         router,
         sinks,
@@ -85,9 +89,10 @@ def build_gateway(
         partial(notify_event_received, pm),
         settings.phone_region,
         acks_waiting=lambda: committer.waiting > 0,  # the committer is made next; asked only once running
+        metrics=metrics,
     )
     committer = GroupCommitter(db, on_commit=worker.wake)
-    return RunningGateway(settings, pm, clock, db, sources, sinks, env, router, committer, worker, role)
+    return RunningGateway(settings, pm, clock, db, sources, sinks, env, router, committer, worker, metrics, role)
 
 
 def create_app(
@@ -110,6 +115,7 @@ def create_app(
             app.router.add_get(path, handler)  # and HEAD, which link scanners send
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", handle_metrics)
     for routes in gateway.pm.hook.register_routes(gateway=gateway):
         for method, path, handler in routes or ():
             app.router.add_route(method, path, handler)
@@ -160,6 +166,7 @@ async def _start(gateway: RunningGateway) -> None:
         sources=sorted(gateway.sources),
         sinks=sorted(gateway.sinks),
         rules=len(gateway.router.rules),
+        metrics="by token" if gateway.settings.metrics.token or gateway.settings.admin.token else "closed: no token",
     )
 
 

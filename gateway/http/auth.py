@@ -1,12 +1,13 @@
-"""Who is calling: a bearer token from the config, and the scope it grants, checked in constant time."""
+"""Who is calling: bearer tokens from the config and the scope they grant, checked in constant time."""
 
 from __future__ import annotations
 
+import hmac
 from typing import Literal
 
 from aiohttp import web
 
-from ..config import AdminSpec
+from ..config import AdminSpec, Settings
 
 Scope = Literal["read", "admin"]
 
@@ -27,3 +28,14 @@ def scope_of(request: web.Request, admin: AdminSpec) -> Scope | None:
 def is_admin(request: web.Request, admin: AdminSpec) -> bool:
     """True only when the request carries a token with the admin scope."""
     return scope_of(request, admin) == "admin"
+
+
+def may_scrape(request: web.Request, settings: Settings) -> bool:
+    """/metrics is for the metrics token's holder (a Prometheus server) and any admin or read token."""
+    given = bearer_token(request)
+    if given is None:
+        return False
+    metrics = settings.metrics.token
+    # Both checks always run, so the time taken does not tell which token came close.
+    scraper = metrics is not None and hmac.compare_digest(given.encode(), metrics.get_secret_value().encode())
+    return settings.admin.scope_of(given) is not None or scraper

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +11,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from ..errors import RejectedRequest, StorageUnavailable
+from ..insight.metrics import UNKNOWN_SOURCE
 from ..kit.sources import PEER_HEADER, Source
 from ..store.inbox import NewCall, fit_key
 from .running import GATEWAY_KEY, RETRY_AFTER_SECONDS, RunningGateway
@@ -66,10 +68,16 @@ async def handle_preflight(request: web.Request) -> web.StreamResponse:
 
 
 async def handle_hook(request: web.Request) -> web.StreamResponse:
+    started = time.perf_counter()
+    gateway: RunningGateway = request.app[GATEWAY_KEY]
     source = _source(request)
     if isinstance(source, web.Response):
+        name = request.match_info["source"]  # any text a caller sends: only config names become labels
+        label, status = (name, "rejected") if name in gateway.sources else (UNKNOWN_SOURCE, "unknown_source")
+        gateway.metrics.webhook(label, status, source.status, time.perf_counter() - started)
         return source
-    response = await _ingest(request, source)
+    status, response = await _receive(request, gateway, source)
+    gateway.metrics.webhook(source.key, status, response.status, time.perf_counter() - started)
     origin = request.headers.get("Origin")
     if origin and (allowed := source.cors_origin(origin)) is not None:  # so the page can read the answer
         response.headers["Access-Control-Allow-Origin"] = allowed
@@ -78,32 +86,32 @@ async def handle_hook(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _ingest(request: web.Request, source: Source) -> web.StreamResponse:
-    gateway: RunningGateway = request.app[GATEWAY_KEY]
+async def _receive(request: web.Request, gateway: RunningGateway, source: Source) -> tuple[str, web.StreamResponse]:
+    """What became of the call (accepted, duplicate, rejected, too_large, unavailable), and the answer."""
     name = source.key
     limit = source.max_body_bytes or gateway.settings.limits.max_body_bytes
     if (request.content_length or 0) > limit:
-        return _problem(413, f"body over {limit} bytes")
+        return "too_large", _problem(413, f"body over {limit} bytes")
     try:
         # aiohttp decodes `Content-Encoding: gzip` (and deflate, br) as it reads, and stops at the
         # app's client_max_size (the largest limit) with 413: a body is bounded after decompression.
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        return _problem(413, f"body over {limit} bytes")
+        return "too_large", _problem(413, f"body over {limit} bytes")
     except (HttpProcessingError, web.RequestPayloadError) as exc:  # a corrupt gzip body, a truncated one
-        return _problem(400, f"body could not be decoded ({type(exc).__name__})")
+        return "rejected", _problem(400, f"body could not be decoded ({type(exc).__name__})")
     if len(body) > limit:
-        return _problem(413, f"body over {limit} bytes")
+        return "too_large", _problem(413, f"body over {limit} bytes")
     try:
         await source.verify(request, body)
         key = source.dedupe_key(request, body)
         stored = source.stored_body(request, body)
     except RejectedRequest as exc:
         log.info("webhook rejected", source=name, status=exc.status, reason=exc.reason)
-        return _problem(exc.status, exc.reason)
+        return "rejected", _problem(exc.status, exc.reason)
     except Exception:  # a plugin bug on odd input is still odd input: 400, and a traceback for the maintainer
         log.exception("verify crashed", source=name)
-        return _problem(400, "this call could not be read")
+        return "rejected", _problem(400, "this call could not be read")
     headers = dict(request.headers)
     if any(name in request.headers for name in _UNSTORED_HEADERS):  # case-insensitive; rare, so checked first
         headers = {k: v for k, v in headers.items() if k.lower() not in _UNSTORED_HEADERS}
@@ -115,13 +123,12 @@ async def _ingest(request: web.Request, source: Source) -> web.StreamResponse:
         accepted = await gateway.committer.submit(call)
     except StorageUnavailable as exc:
         log.error("webhook not stored", source=name, error=str(exc))
-        return _problem(503, "storage unavailable, retry later", {"Retry-After": RETRY_AFTER_SECONDS})
+        return "unavailable", _problem(503, "storage unavailable, retry later", {"Retry-After": RETRY_AFTER_SECONDS})
     status = "duplicate" if accepted.duplicate else "accepted"
     # Debug: one line per webhook costs ~8% of the ack path; rejections and failures stay at info.
     log.debug("webhook " + status, source=name, inbox_id=accepted.inbox_id)
-    return source.acknowledge(status, accepted.inbox_id) or web.json_response(
-        {"status": status, "id": accepted.inbox_id}
-    )
+    answer = source.acknowledge(status, accepted.inbox_id)
+    return status, answer or web.json_response({"status": status, "id": accepted.inbox_id})
 
 
 def _problem(status: int, reason: str, headers: dict[str, str] | None = None) -> web.Response:

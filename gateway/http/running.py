@@ -11,6 +11,7 @@ import pluggy
 from aiohttp import web
 
 from ..config import Settings
+from ..insight.metrics import Metrics
 from ..jobs.worker import Worker
 from ..kit.clock import Clock
 from ..kit.sinks import Sink
@@ -39,6 +40,7 @@ class RunningGateway:
     router: Router
     committer: GroupCommitter
     worker: Worker
+    metrics: Metrics
     role: Role = "all"
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     #: Why the worker is down (it died and waits to be restarted); None while it runs.

@@ -1,1 +1,1 @@
-"""What Declic decided and did, for whom and why: the journal."""
+"""What Declic decided and did, for whom and why: the journal; and what it did, counted for Prometheus."""

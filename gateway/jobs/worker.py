@@ -20,6 +20,7 @@ from sqlalchemy.engine import Connection
 from ..config import WorkerSpec
 from ..errors import MalformedPayload, RetryLater, StorageUnavailable
 from ..insight import journal
+from ..insight.metrics import Metrics
 from ..kit.events import Event
 from ..kit.sinks import DeliveryResult
 from ..kit.sources import RawCall, Source
@@ -71,12 +72,14 @@ class Worker:
         phone_region: str | None = None,
         acks_waiting: Callable[[], bool] = lambda: False,
         cpu_clock: Callable[[], tuple[float, float]] = lambda: (time.monotonic(), time.process_time()),
+        metrics: Metrics | None = None,
     ):
         self.db, self.spec, self.sources, self.router, self.steps = db, spec, sources, router, steps
         self.phone_region = phone_region
         self.clock = steps.clock
         self.id = steps.worker_id
         self._on_event = on_event
+        self.metrics = metrics or Metrics(sinks=steps.sinks)
         self._acks_waiting = acks_waiting
         self._cpu_applying = 0.0  # CPU seconds spent applying calls, for pause_after
         self._cpu_clock = cpu_clock  # (wall, process CPU) seconds
@@ -402,6 +405,7 @@ class Worker:
             event_id=send.context.event["id"], rule=send.rule.name, sink=send.sink.key, step=job.step + 1
         ):
             result = await call_sink(send)
+            self.metrics.sent(send.sink.key, result.outcome)
             log.info("step " + result.outcome.value, provider_id=result.provider_id, error=result.error)
             await self._record((send, result))
         self.wake()

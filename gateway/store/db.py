@@ -81,6 +81,8 @@ class Database:
         self._executor: Executor = (
             PriorityLane() if self.is_sqlite else ThreadPoolExecutor(max_workers=8, thread_name_prefix="declic-db")
         )
+        #: Called (from a database thread) each time storage is unavailable: the metrics count it.
+        self.on_unavailable: Callable[[], None] = lambda: None
 
     def transaction(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(conn, *args) in one transaction, in the calling thread."""
@@ -88,6 +90,7 @@ class Database:
             with self.engine.begin() as conn:
                 return fn(conn, *args)
         except sa.exc.OperationalError as exc:
+            self.on_unavailable()
             raise StorageUnavailable(str(exc.orig or exc).splitlines()[0]) from exc
 
     async def run(self, fn: Callable[..., T], *args: Any, urgent: bool = False) -> T:

@@ -61,6 +61,8 @@ class GroupCommitter:
             try:
                 results = await self._db.run(commit_calls, [call for call, _ in batch], urgent=True)
             except Exception as exc:  # every waiter must hear back, whatever went wrong
+                if not isinstance(exc, StorageUnavailable):  # counted already when it is
+                    self._db.on_unavailable()
                 error = exc if isinstance(exc, StorageUnavailable) else StorageUnavailable(repr(exc))
                 log.error("inbox commit failed", error=str(error), calls=len(batch))
                 for _, future in batch:

@@ -14,6 +14,9 @@ from . import ENROLMENTS, IDENTITIES, INBOX, JOBS, sql
 
 J = JOBS.c
 MAX_RETRY_AFTER = 86400.0
+#: What a job does: process a stored call, run a journey step, fire a date or inactivity trigger,
+#: poll a provider, or run the clock's own work.
+KINDS = ("inbox", "step", "trigger", "poll", "tick")
 
 
 @dataclass(frozen=True)
