@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import os
 import re
+from collections.abc import Callable
 from datetime import time, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -519,10 +520,14 @@ class AdminSpec(_Strict):
 
     def scope_of(self, given: str) -> Literal["read", "admin"] | None:
         """The scope the token grants, compared in constant time with every configured token."""
+        return self.scope_matching(lambda secret: hmac.compare_digest(given.encode(), secret.encode()))
+
+    def scope_matching(self, matches: Callable[[str], bool]) -> Literal["read", "admin"] | None:
+        """The widest scope among the configured tokens that `matches`; every token is tried (constant time)."""
         found: Literal["read", "admin"] | None = None
         held = [(self.token, "admin"), *((t.token, t.scope) for t in self.tokens)]
         for secret, scope in held:
-            if secret is not None and hmac.compare_digest(given.encode(), secret.get_secret_value().encode()):
+            if secret is not None and matches(secret.get_secret_value()):
                 found = "admin" if scope == "admin" or found == "admin" else "read"
         return found
 

@@ -46,6 +46,20 @@ def find(conn: Connection, query: str) -> list[int]:
     return sorted(rows.scalars())
 
 
+def card(conn: Connection, contact_id: int) -> dict[str, Any] | None:
+    """What a contact is known as: names, addresses, their states, and every identity; None if unknown."""
+    C = CONTACTS.c
+    row = conn.execute(
+        sa.select(
+            C.id, C.email, C.phone, C.first_name, C.last_name, C.email_status, C.phone_status, C.created_at
+        ).where(C.id == contact_id)
+    ).first()
+    if row is None:
+        return None
+    identities = conn.execute(sa.select(I.kind, I.value).where(I.contact_id == contact_id).order_by(I.kind, I.value))
+    return {**row._asdict(), "identities": [(r.kind, r.value) for r in identities]}
+
+
 def timeline(conn: Connection, contact_id: int) -> list[dict[str, Any]]:
     """Every event received about the contact and every decision about them, in time order:
     what came in, and for each rule whose trigger matched, what was decided and why."""
