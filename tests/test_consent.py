@@ -225,6 +225,31 @@ async def test_a_twilio_stop_is_not_undone_by_an_older_shopify_sms_state(consent
     assert states["sms"]["state"] == "withdrawn"
 
 
+async def test_an_unsubscribe_reaches_the_contact_that_holds_the_address(
+    consent_deploy: Factory, smtp: SmtpCatcher
+) -> None:
+    """Shopify first makes Camille a contact by her customer id and number (an SMS opt-in), and Mailchimp
+    another by her e-mail address, which Declic cannot tell is hers. Shopify's customer update, found by
+    the customer id, unsubscribes that address: the withdrawal goes to the contact that holds the address,
+    the one her guest checkout reaches, and no reminder is sent."""
+    d = await consent_deploy()
+    sms_opt_in = json.loads(fixture_bytes("shopify/sms_consent_update.json")) | {"id": 5550001, "phone": "+33612345678"}
+    await d.post_shopify("customers/marketing_consent/update", json.dumps(sms_opt_in).encode())
+    await mailchimp(d, "subscribe", "2026-03-14 09:12:40")
+    await d.post_shopify("customers/update", customer_update("unsubscribed", "2026-03-14T11:00:00+01:00"))
+    guest = json.loads(checkout("guest"))
+    del guest["customer"]
+    await d.post_shopify("checkouts/create", json.dumps(guest).encode())
+    await d.advance(hours=1, seconds=1)
+    assert smtp.messages == [], "the cart reminder went to an address Shopify had unsubscribed"
+    assert email_consent(d) == "withdrawn"
+    assert [tuple(row) for row in d.rows("SELECT email, phone FROM contacts ORDER BY id")] == [
+        (None, "+33612345678"),  # the customer update's e-mail address is not given to it: another holds it
+        ("camille.durand@example.org", None),
+    ]
+    assert [row[:3] for row in ledger(d)] == [("mc", "granted", True), ("shop", "withdrawn", True)]
+
+
 async def test_a_newer_statement_wins_whatever_the_arrival_order(consent_deploy: Factory) -> None:
     d = await consent_deploy()
     await d.post_shopify("customers/update", customer_update("unsubscribed", "2026-03-01T10:00:00+01:00"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
+from aiohttp.test_utils import TestClient, make_mocked_request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -29,6 +29,19 @@ from declic_plugins.hubspot import (
     signature_v1,
     signature_v2,
     signature_v3,
+)
+from fake_hubspot import (
+    DAILY,
+    RATE_OK,
+    TEN_SECONDLY,
+    UNAUTHORIZED,
+    FakeHubSpot,
+    Reply,
+    contact_record,
+    ms,
+    property_change,
+    serving,
+    stamp,
 )
 from gateway import BadRequest, Event, MalformedPayload, RawCall, SignatureError
 from gateway.config import load_config
@@ -344,98 +357,17 @@ def test_bodies_without_notification_ids_dedupe_on_their_hash(body: bytes) -> No
     assert dedupe(body).startswith("sha256:")
 
 
-# -- the fake HubSpot API ----------------------------------------------------------------------------
-
-RATE_OK = {
-    "X-HubSpot-RateLimit-Interval-Milliseconds": "10000",
-    "X-HubSpot-RateLimit-Max": "100",
-    "X-HubSpot-RateLimit-Remaining": "99",
-}
-# HubSpot's documented error bodies (developers.hubspot.com, API usage guidelines and error handling).
-TEN_SECONDLY = {
-    "status": "error",
-    "message": "You have reached your ten_secondly_rolling limit.",
-    "errorType": "RATE_LIMIT",
-    "correlationId": "c033cdaa-2c40-4a64-ae48-b4cec88dad24",
-    "policyName": "TEN_SECONDLY_ROLLING",
-    "requestId": "3d3e35b7-0dae-4b9f-a6e3-9c230cbcf8dd",
-}
-DAILY = {**TEN_SECONDLY, "message": "You have reached your daily limit.", "policyName": "DAILY"}
-UNAUTHORIZED = {
-    "status": "error",
-    "message": "Authentication credentials not found.",
-    "correlationId": "8f1a7e2c-0000-4000-8000-000000000001",
-    "category": "INVALID_AUTHENTICATION",
-}
-NOT_FOUND = {
-    "status": "error",
-    "message": "resource not found",
-    "correlationId": "8f1a7e2c-0000-4000-8000-000000000002",
-    "category": "OBJECT_NOT_FOUND",
-}
-Reply = tuple[int, dict[str, str], str]
-
-
-@dataclass
-class FakeHubSpot:
-    """GET /crm/v3/objects/{contacts|deals}/{id} as HubSpot answers it; `replies` are served first."""
-
-    objects: dict[tuple[str, str], Any] = field(default_factory=dict)
-    replies: list[Reply] = field(default_factory=list)
-    seen: list[tuple[str, dict[str, str], str | None]] = field(default_factory=list)
-    url: str = ""
-
-    def __post_init__(self) -> None:
-        self.objects.setdefault(("contacts", "201"), json.loads(fixture("api_contact_201.json")))
-        self.objects.setdefault(("deals", "301"), json.loads(fixture("api_deal_301.json")))
-        self.objects.setdefault(("deals", "302"), {"id": "302", "properties": {"dealname": "Orphan"}})
-
-    @property
-    def paths(self) -> list[str]:
-        return [path for path, _, _ in self.seen]
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.seen.append((request.path, dict(request.query), request.headers.get("Authorization")))
-        if self.replies:
-            status, headers, text = self.replies.pop(0)
-            return web.Response(status=status, headers=headers, text=text)
-        if request.headers.get("Authorization") != f"Bearer {TOKEN}":
-            return web.json_response(UNAUTHORIZED, status=401)
-        found = self.objects.get((request.match_info["kind"], request.match_info["id"]))
-        if found is None:
-            return web.json_response(NOT_FOUND, status=404, headers=RATE_OK)
-        return web.json_response(answer(found, request.query), headers=RATE_OK)
-
-
-#: What the CRM v3 API returns whatever `properties` asks for.
-ALWAYS_RETURNED = {"hs_object_id", "createdate", "lastmodifieddate"}
-
-
-def answer(stored: dict[str, Any], query: Any) -> dict[str, Any]:
-    """HubSpot's read contract: the properties asked for (null when unset), and `propertiesWithHistory` only for
-    the properties named in that parameter."""
-    names = [n for n in query.get("properties", "").split(",") if n]
-    wanted_history = [n for n in query.get("propertiesWithHistory", "").split(",") if n]
-    reply = {k: v for k, v in stored.items() if k != "propertiesWithHistory"}
-    if names and "properties" in stored:
-        props = stored["properties"]
-        reply["properties"] = {n: props.get(n) for n in names} | {n: props[n] for n in ALWAYS_RETURNED if n in props}
-    if wanted_history:
-        history = stored.get("propertiesWithHistory") or {}
-        reply["propertiesWithHistory"] = {n: history[n] for n in wanted_history if n in history}
-    return reply
+# -- the fake HubSpot API (tests/fake_hubspot.py) -------------------------------------------------
 
 
 @pytest.fixture
 async def api() -> AsyncIterator[FakeHubSpot]:
-    fake = FakeHubSpot()
-    app = web.Application()
-    app.router.add_get("/crm/v3/objects/{kind}/{id}", fake.handle)
-    server = TestServer(app)
-    await server.start_server()
-    fake.url = str(server.make_url("")).rstrip("/")
-    yield fake
-    await server.close()
+    fake = FakeHubSpot(TOKEN)
+    fake.objects["contacts", "201"] = json.loads(fixture("api_contact_201.json"))
+    fake.objects["deals", "301"] = json.loads(fixture("api_deal_301.json"))
+    fake.objects["deals", "302"] = {"id": "302", "properties": {"dealname": "Orphan"}}
+    async with serving(fake):
+        yield fake
 
 
 @pytest.fixture
@@ -644,34 +576,12 @@ SMS = [{"property": "sms_consent", "channel": "sms", "granted": ["yes"], "withdr
 _event_ids = itertools.count(5000)
 
 
-def ms(moment: datetime) -> int:
-    return int(moment.timestamp() * 1000)
-
-
-def stamp(moment: datetime) -> str:
-    """A history timestamp as the CRM v3 API writes it."""
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
 def record(
     object_id: str = "501", source_type: str = "EMAIL", /, **history: list[tuple[str, datetime]]
 ) -> dict[str, Any]:
-    """A contact as HubSpot keeps it: each property's history newest first, its value the newest one's."""
-    props = {"email": CAMILLE, "firstname": "Camille", "lastname": "Durand", "hs_object_id": object_id}
-    with_history: dict[str, list[dict[str, Any]]] = {}
-    for name, entries in history.items():
-        ordered = sorted(entries, key=lambda entry: entry[1], reverse=True)
-        props[name] = ordered[0][0]
-        with_history[name] = [{"value": v, "timestamp": stamp(t), "sourceType": source_type} for v, t in ordered]
-    moment = stamp(at(-86400))
-    return {
-        "id": object_id,
-        "properties": props,
-        "propertiesWithHistory": with_history,
-        "createdAt": moment,
-        "updatedAt": moment,
-        "archived": False,
-    }
+    """Camille as HubSpot keeps her, with the properties given and their history."""
+    props = {"email": CAMILLE, "firstname": "Camille", "lastname": "Durand"}
+    return contact_record(object_id, props, history, at(-86400), source_type)
 
 
 def undated(stored: dict[str, Any]) -> dict[str, Any]:
@@ -685,18 +595,7 @@ def oldest_first(stored: dict[str, Any]) -> dict[str, Any]:
 
 
 def change(name: str, value: str | None, moment: datetime | None, object_id: int = 501) -> dict[str, Any]:
-    item = {
-        "eventId": next(_event_ids),
-        "subscriptionId": 3200,
-        "portalId": PORTAL,
-        "subscriptionType": "contact.propertyChange",
-        "attemptNumber": 0,
-        "objectId": object_id,
-        "propertyName": name,
-        "propertyValue": value,
-        "changeSource": "EMAIL",
-    }
-    return item if moment is None else {**item, "occurredAt": ms(moment)}
+    return property_change(object_id, name, value, moment, next(_event_ids), PORTAL)
 
 
 def creation(moment: datetime, object_id: int = 501) -> dict[str, Any]:

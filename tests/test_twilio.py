@@ -19,11 +19,13 @@ import base64
 import hashlib
 import hmac
 import json
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 from urllib.parse import urlencode
 
 import pytest
@@ -32,6 +34,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from pydantic import SecretStr, ValidationError
 
+from conftest import fixture_json
 from declic_plugins.twilio import (
     InvalidNumber,
     TwilioConfig,
@@ -48,7 +51,7 @@ from gateway.http.running import GATEWAY_KEY
 from gateway.kit.net import retry_after
 from gateway.kit.sources import Deployment
 from gateway.plugins import collect, get_plugin_manager
-from gateway.testing import FakeClock, ScriptedPlugin, free_port, write_deployment
+from gateway.testing import FakeClock, ScriptedPlugin, free_port, shopify_headers, write_deployment
 
 ACCOUNT = "AC" + "a" * 32  # the shape twilio-python's own tests use ("ACaaaa...")
 TOKEN = "auth-token-for-tests"
@@ -602,3 +605,84 @@ async def test_a_recipient_who_replied_stop_loses_sms_consent_not_their_number(
     assert running.rows("SELECT phone_status FROM contacts") == [("ok",)]
     assert running.rows("SELECT channel, state FROM consents ORDER BY id")[-1] == ("sms", "withdrawn")
     assert running.rows("SELECT status FROM jobs WHERE kind = 'step' AND step = 0") == [("done",)]  # not dead
+
+
+# --- a number that replied STOP is not texted through another contact that names it -------------------------
+
+SHOP_SECRET = "shop-secret-for-tests"
+CONSENT_CONFIG = """\
+public_url: https://hooks.example.com
+storage: {{url: '{db_url}'}}
+sources:
+  shop: {{plugin: shopify, secret: {shop_secret}}}
+  sms-status: {{plugin: twilio_status, auth_token: {token}}}
+sinks:
+  sms: {{plugin: twilio, account_sid: {account}, auth_token: {token}, sender: "+33700000000", api_base: {api_base}}}
+policies:
+  consent: {{sms: required}}
+rules:
+  - name: cart-sms
+    when: checkout.started
+    steps:
+      - wait: 1h
+        send: {{via: sms, template: cart-sms}}
+"""
+
+
+async def test_a_stop_binds_the_number_whichever_contact_later_names_it(
+    aiohttp_client: Any, tmp_path: Path, db_url: str, twilio: FakeTwilio
+) -> None:
+    """Camille is known by her e-mail, then her number replies STOP before Declic knows it is hers: the STOP
+    makes a contact of the number alone. Shopify's later customer update names both, with an SMS opt-in
+    from a week before: the number stays with the contact that holds it, and so does the opt-in, ruled on
+    against the STOP. Her checkout texts nobody."""
+    text = CONSENT_CONFIG.format(
+        db_url=db_url, shop_secret=SHOP_SECRET, token=TOKEN, account=ACCOUNT, api_base=twilio.base
+    )
+    pm = get_plugin_manager()
+    settings = load_config(write_deployment(tmp_path, text, {"cart-sms.txt.j2": "Still there?"}), collect(pm), pm)
+    clock = FakeClock(NOW)
+    app = create_app(settings, pm=pm, clock=clock, role="web")
+    client, gateway = await aiohttp_client(app), app[GATEWAY_KEY]
+
+    async def shopify(topic: str, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        headers = shopify_headers(data, SHOP_SECRET, topic, uuid.uuid4().hex)
+        assert (await client.post("/hooks/shop", data=data, headers=headers)).status == 200
+        await gateway.worker.drain()
+
+    def rows(sql: str) -> list[tuple[Any, ...]]:
+        with gateway.db.engine.connect() as conn:
+            return [tuple(row) for row in conn.exec_driver_sql(sql)]
+
+    customer = fixture_json("shopify/checkout.json")["customer"]  # Camille, id 5550001, +33612345678
+    email_consent = {
+        "state": "subscribed",
+        "opt_in_level": "single_opt_in",
+        "consent_updated_at": "2026-03-01T10:00:00Z",
+    }
+    await shopify(
+        "customers_email_marketing_consent/update",
+        {"customer_id": customer["id"], "email_address": customer["email"], "email_marketing_consent": email_consent},
+    )
+    stop = {"MessageSid": "SM" + "5" * 32, "From": customer["phone"], "To": "+33700000000", "Body": "STOP"}
+    url = "https://hooks.example.com/hooks/sms-status"
+    headers = {"Content-Type": "application/x-www-form-urlencoded", "X-Twilio-Signature": twilio_signature(url, stop)}
+    assert (await client.post("/hooks/sms-status", data=urlencode(stop), headers=headers)).status == 200
+    await gateway.worker.drain()
+    sms_opt_in = {"state": "subscribed", "opt_in_level": "single_opt_in", "consent_updated_at": "2026-03-07T10:00:00Z"}
+    await shopify("customers/update", {**customer, "sms_marketing_consent": sms_opt_in})
+    await shopify("checkouts/create", fixture_json("shopify/checkout.json"))
+    clock.advance(timedelta(hours=1, seconds=1))
+    await gateway.worker.drain()
+
+    assert twilio.requests == [], "a marketing SMS went to a number that replied STOP"
+    assert rows("SELECT email, phone, consent FROM contacts ORDER BY id") == [
+        ("camille.durand@example.org", None, ANY),
+        (None, "+33612345678", ANY),
+    ]
+    assert rows("SELECT contact_id, source, state, applied FROM consents WHERE channel = 'sms' ORDER BY id") == [
+        (2, "sms-status", "withdrawn", True),
+        (2, "shop", "granted", False),  # the opt-in of 7 March, older than the STOP
+        (2, "shop", "none", False),  # the checkout's snapshot: not_subscribed, undated
+    ]

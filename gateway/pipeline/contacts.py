@@ -48,6 +48,12 @@ def identities(ref: ContactRef) -> list[tuple[str, str]]:
     keys += [(kind, value) for kind, value in sorted(ref.previous_ids.items()) if (kind, value) not in keys]
     if ref.previous_email:
         keys.append(("email", ref.previous_email.strip().lower()))
+    return keys + addresses(ref)
+
+
+def addresses(ref: ContactRef) -> list[tuple[str, str]]:
+    """The addresses messages go to, as identities: the e-mail address and the phone number."""
+    keys = []
     if ref.email:
         keys.append(("email", ref.email.strip().lower()))
     if ref.phone:
@@ -86,7 +92,37 @@ def upsert(
             known[key] = contact_id
     # An identity already held by another contact stays theirs: merging people is a human call.
     _claim(conn, [k for k in keys if k not in known and k[0] != _OWN], contact_id)
+    ref, for_holders = _leave_to_holders(ref, known, contact_id)
+    for holder, consent in for_holders.items():
+        _update(conn, holder, ContactRef(consent=consent), source, now, event, raw, double_opt_in)
     return _update(conn, contact_id, ref, source, now, event, raw, double_opt_in)
+
+
+#: The kind of identity that is each channel's address: consent on the channel is the address holder's.
+ADDRESS_KINDS = {"email": "email", "sms": "phone"}
+
+
+def _leave_to_holders(
+    ref: ContactRef, known: dict[tuple[str, str], int], contact_id: int
+) -> tuple[ContactRef, dict[int, dict[str, ConsentStatement]]]:
+    """An address that another contact holds does not become this contact's, and what the event states
+    about consent on its channel goes to the holder: a STOP from a number, an unsubscribe of an address,
+    binds whoever Declic sends to at that address. Returns the event's rest and the holders' statements."""
+    held = {
+        kind: known[kind, value] for kind, value in addresses(ref) if known.get((kind, value), contact_id) != contact_id
+    }
+    if not held:
+        return ref, {}
+    for_holders: dict[int, dict[str, ConsentStatement]] = {}
+    kept = {}
+    for channel, statement in ref.consent.items():
+        holder = held.get(ADDRESS_KINDS.get(channel, ""))
+        if holder is None:
+            kept[channel] = statement
+        else:
+            for_holders.setdefault(holder, {})[channel] = statement
+    fields = dict.fromkeys(held)  # the identity kinds "email" and "phone" are also the fields' names
+    return ref.model_copy(update={"consent": kept, **fields}), for_holders
 
 
 _INSERT_CONTACT = sa.insert(CONTACTS).returning(C.id)
