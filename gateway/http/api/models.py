@@ -8,13 +8,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from ...insight.records import MAX_ID
+
 #: Largest page a list answers; the default is smaller.
 MAX_LIMIT = 500
 DEFAULT_LIMIT = 50
 #: Largest id list a replay takes at once; `all: true` replays everything.
 MAX_REPLAY_IDS = 1000
-#: Database ids are 64-bit signed integers on PostgreSQL: a larger one is a 422, not a driver error.
-DbId = Annotated[int, Field(ge=1, le=2**63 - 1)]
+#: Ids are INTEGER columns, 32-bit on PostgreSQL: a larger one is a 422, not a driver error (a 500).
+DbId = Annotated[int, Field(ge=1, le=MAX_ID)]
 
 
 def _as_utc(value: datetime) -> datetime:
@@ -37,7 +39,7 @@ class Page(_Model):
     """Keyset pagination: `after` is the last id of the previous page (its `next_after`)."""
 
     limit: int = Field(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT, description=f"At most this many items, 1 to {MAX_LIMIT}.")
-    after: int = Field(0, ge=0, le=2**63 - 1, description="Only items with a larger id: the previous page's cursor.")
+    after: int = Field(0, ge=0, le=MAX_ID, description="Only items with a larger id: the previous page's cursor.")
 
 
 class ContactId(_Model):

@@ -72,6 +72,8 @@ def _operation(endpoint: Endpoint, refs: dict[Any, Any]) -> dict[str, Any]:
         ]
     problem = {"application/json": {"schema": refs[(m.Problem, "serialization")]}}
     answers = {str(status): text for status, text in endpoint.also.items()} | COMMON_ANSWERS
+    if endpoint.scope != "admin":
+        del answers["403"]
     operation: dict[str, Any] = {
         "operationId": endpoint.handler.__name__,
         "summary": endpoint.summary,
