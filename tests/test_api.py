@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from conftest import Deployment, Factory, fixture_bytes, fixture_json
 from gateway.testing import SmtpCatcher
@@ -157,7 +158,12 @@ async def test_export_then_erase_and_search_finds_nothing(deploy: Factory, smtp:
     assert record["consent_ledger"][0]["evidence"]["inbox_id"] == 1
 
     await post(d, f"/contacts/{found['id']}/erase", token=READER, status=403)
-    assert await post(d, f"/contacts/{found['id']}/erase") == {"erased": found["id"]}
+    with capture_logs() as logged:
+        assert await post(d, f"/contacts/{found['id']}/erase") == {"erased": found["id"]}
+        await get(d, "/contacts", q=CAMILLE)
+    assert logged == [
+        {"event": "api action", "endpoint": "POST /api/v1/contacts/{contact_id}/erase", "log_level": "info"}
+    ]
     assert (await get(d, "/contacts", q=CAMILLE))["contacts"] == []
     assert (await get(d, "/contacts", q="shopify:5550001"))["contacts"] == []
     erased = await get(d, f"/contacts/{found['id']}/export")
