@@ -26,7 +26,7 @@ from ..plugins import Registry, collect, get_plugin_manager, notify_event_receiv
 from ..send.delivery import StepRunner
 from ..store import Database, jobqueue
 from ..store.inbox import GroupCommitter
-from . import consent_links, dashboard, tracking
+from . import api, consent_links, dashboard, tracking
 from .auth import scope_of
 from .hooks import handle_hook, handle_ping, handle_preflight, json_error_middleware_factory
 from .metrics import handle_metrics
@@ -114,6 +114,7 @@ def create_app(
         for path, handler in tracking.ROUTES:
             app.router.add_get(path, handler)  # and HEAD, which link scanners send
         app.add_subapp("/admin/", dashboard.create(gateway))
+        api.register(app)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", handle_metrics)

@@ -25,12 +25,16 @@ from ..store import (
 )
 
 I = IDENTITIES.c  # noqa: E741
+#: The largest id an INTEGER column holds (32-bit on PostgreSQL).
+MAX_ID = 2**31 - 1
 
 
 def find(conn: Connection, query: str) -> list[int]:
     """Contacts named by an e-mail, a phone number, `kind:value` (a source's id) or `#id` (Declic's)."""
     text = query.strip()
     if re.fullmatch(r"#\d{1,18}", text):
+        if int(text[1:]) > MAX_ID:  # beyond the INTEGER column: PostgreSQL would refuse the comparison
+            return []
         found = conn.execute(sa.select(CONTACTS.c.id).where(CONTACTS.c.id == int(text[1:])))
         return list(found.scalars())
     if "@" in text:
