@@ -22,6 +22,7 @@ from selectolax.lexbor import LexborHTMLParser
 from conftest import BASE_CONFIG, SECRET, TEMPLATES, Deployment, fixture_bytes, locked_inbox
 from gateway.http.app import create_app, load
 from gateway.http.running import GATEWAY_KEY
+from gateway.insight.kpis import rule_kpis
 from gateway.send import links
 from gateway.testing import FakeClock, SmtpCatcher, write_deployment
 
@@ -136,6 +137,13 @@ def events(d: Deployment, kind: str) -> list[dict[str, Any]]:
     return [json.loads(properties) for (properties,) in rows]
 
 
+async def funnel(d: Any, rule: str) -> list[tuple[int, int, int, int]]:
+    """(step, sent, opened, clicked) as `declic kpis` and the dashboard count them, over the last day."""
+    now = d.clock.now()
+    [kpis] = await d.gateway.db.run(rule_kpis, [rule], now - timedelta(days=1), now + timedelta(minutes=1))
+    return [(s.step, s.sent, s.opened, s.clicked) for s in kpis.steps]
+
+
 async def test_a_persons_open_and_click_show_up_as_one_human_open_and_one_click(start: Any, smtp: SmtpCatcher) -> None:
     d, mail = await welcome(start, smtp)
     links_in_mail = hrefs(mail)
@@ -167,6 +175,7 @@ async def test_a_persons_open_and_click_show_up_as_one_human_open_and_one_click(
     assert clicked["url"] == f"{SHOP}/new?utm_source=declic&ref=welcome"
     assert d.rows("SELECT feedback FROM deliveries WHERE rule = 'welcome'") == [("clicked,opened",)]
     assert d.scalar("SELECT count(*) FROM inbox WHERE source = '~open'") == 2  # both fetches kept
+    assert await funnel(d, "welcome") == [(1, 1, 1, 1)]  # the KPIs: step 1 sent, one open, one click
     # The click drives rules like a provider's would: the follow-up went out.
     assert d.scalar("SELECT count(*) FROM enrolments WHERE rule = 'clicked-follow-up'") == 1
     await d.advance(days=1)
@@ -204,6 +213,7 @@ async def test_scanner_and_proxy_fetches_are_stored_flagged_and_drive_nothing(st
     assert reasons == [["head", "too-soon"], ["robot-agent"], ["burst"]]
     assert d.scalar("SELECT count(*) FROM inbox WHERE source = '~click'") == 5
     assert d.rows("SELECT feedback FROM deliveries WHERE rule = 'welcome'") == [(None,)]
+    assert await funnel(d, "welcome") == [(1, 1, 0, 0)]  # machines' opens and clicks stay out of the KPIs
     # The first click of the burst looked like a person's, and started a journey: it was ended, unsent.
     assert d.rows("SELECT status FROM enrolments WHERE rule = 'clicked-follow-up'") == [("exited",)]
     await d.advance(days=1)
