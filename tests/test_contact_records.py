@@ -35,7 +35,7 @@ def cart(total: str, token: str) -> bytes:
 async def test_the_timeline_says_why_a_cart_below_the_threshold_got_no_reminder(
     deploy: Factory, smtp: SmtpCatcher
 ) -> None:
-    d = await deploy()
+    d = await deploy(extra="phone_region: FR\n")
     assert (await d.post_shopify("checkouts/create", cart("12.00", "small"), "c1")).status == 200
     assert (await d.post_shopify("checkouts/create", cart("59.90", "big"), "c2")).status == 200
     await d.advance(hours=1, seconds=1)
@@ -56,6 +56,7 @@ async def test_the_timeline_says_why_a_cart_below_the_threshold_got_no_reminder(
     assert ruled_out["reason"] == "if false: event.properties.total_price > 20"
     assert [str(m["To"]) for m in smtp.messages] == [CAMILLE]
     assert timeline(d, "shopify:5550001") == entries  # the same person, by Shopify's id
+    assert timeline(d, "06 12 34 56 78") == entries  # and by her number as people write it in France
     assert declic(d, "timeline", "nobody@example.org") == (1, "no contact is known as nobody@example.org\n")
 
 

@@ -63,7 +63,7 @@ def _each(config_path: str, who: str, work: Callable[[Connection, int], str]) ->
     settings, _, _ = load(config_path)
     database = Database(settings.database_url)
     try:
-        found = database.transaction(records.find, who)
+        found = database.transaction(records.find, who, settings.phone_region)
         if not found:
             click.echo(f"no contact is known as {who}", err=True)
             raise SystemExit(1)

@@ -11,6 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from ..kit.addresses import e164
 from ..store import (
     CONSENTS,
     CONTACTS,
@@ -29,8 +30,9 @@ I = IDENTITIES.c  # noqa: E741
 MAX_ID = 2**31 - 1
 
 
-def find(conn: Connection, query: str) -> list[int]:
-    """Contacts named by an e-mail, a phone number, `kind:value` (a source's id) or `#id` (Declic's)."""
+def find(conn: Connection, query: str, phone_region: str | None = None) -> list[int]:
+    """Contacts named by an e-mail, a phone number (national numbers read in `phone_region`, as
+    webhooks' are), `kind:value` (a source's id) or `#id` (Declic's)."""
     text = query.strip()
     if re.fullmatch(r"#\d{1,18}", text):
         if int(text[1:]) > MAX_ID:  # beyond the INTEGER column: PostgreSQL would refuse the comparison
@@ -40,7 +42,7 @@ def find(conn: Connection, query: str) -> list[int]:
     if "@" in text:
         keys = [("email", text.lower())]
     elif re.fullmatch(r"\+?[\d ().-]{6,}", text):
-        keys = [("phone", re.sub(r"[^\d+]", "", text))]
+        keys = [("phone", e164(text, phone_region) or text)]
     elif ":" in text:
         kind, value = text.split(":", 1)
         keys = [(kind, value)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import email_validator
+import phonenumbers
 
 from ..errors import InvalidAddress
 
@@ -32,3 +33,16 @@ def parse_email(text: str) -> EmailAddress:
     except email_validator.EmailNotValidError as exc:
         raise InvalidAddress(str(exc)) from None
     return EmailAddress(valid.local_part, valid.ascii_domain)
+
+
+def e164(phone: str | None, region: str | None) -> str | None:
+    """+33612345678 however it was written; a number that cannot be read is kept as written."""
+    if not phone:
+        return phone
+    try:
+        number = phonenumbers.parse(phone, None if phone.startswith("+") else region)
+    except phonenumbers.NumberParseException:
+        return phone
+    if not phonenumbers.is_possible_number(number):
+        return phone
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)

@@ -6,14 +6,13 @@ import inspect
 import json
 from datetime import datetime
 
-import phonenumbers
 import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Connection
 
 from ..config.settings import CONFIRM_EVENT
 from ..errors import InvalidAddress, MalformedPayload, RetryLater
-from ..kit.addresses import parse_email
+from ..kit.addresses import e164, parse_email
 from ..kit.events import ERASE_TYPE, FEEDBACK_TYPES, ContactRef, Event
 from ..kit.sources import RawCall, Source
 from ..store import EVENTS, INBOX, jobqueue
@@ -177,19 +176,6 @@ def fit(event: Event, phone_region: str | None = None) -> Event:
             "dedupe_key": fit_key(event.dedupe_key) if event.dedupe_key else None,
         }
     )
-
-
-def e164(phone: str | None, region: str | None) -> str | None:
-    """+33612345678 however it was written; a number that cannot be read is kept as written."""
-    if not phone:
-        return phone
-    try:
-        number = phonenumbers.parse(phone, None if phone.startswith("+") else region)
-    except phonenumbers.NumberParseException:
-        return phone
-    if not phonenumbers.is_possible_number(number):
-        return phone
-    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
 def valid_email(address: str | None, field: str, event: Event) -> str | None:

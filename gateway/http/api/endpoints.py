@@ -138,8 +138,10 @@ def _rule(rule: RuleSpec, found: kpis.RuleKpis) -> m.Rule:
 
 
 async def search_contacts(call: Call) -> m.ContactList:
+    region = call.gateway.settings.phone_region
+
     def search(conn: Connection, who: str) -> list[dict[str, Any]]:
-        return queries.contacts(conn, records.find(conn, who)[: m.MAX_LIMIT])
+        return queries.contacts(conn, records.find(conn, who, region)[: m.MAX_LIMIT])
 
     return m.ContactList(contacts=await call.gateway.db.run(search, call.query.q))
 

@@ -199,12 +199,12 @@ async def contacts_page(request: web.Request) -> web.StreamResponse:
     query = request.query.get("q", "")[:320]
     found: list[dict[str, Any]] = []
     if query.strip():
-        found = await dashboard.gateway.db.run(_cards, query)
+        found = await dashboard.gateway.db.run(_cards, query, dashboard.gateway.settings.phone_region)
     return await dashboard.render(request, "contacts.html", query=query, found=found)
 
 
-def _cards(conn: Any, query: str) -> list[dict[str, Any]]:
-    ids = records.find(conn, query)[:50]
+def _cards(conn: Any, query: str, phone_region: str | None) -> list[dict[str, Any]]:
+    ids = records.find(conn, query, phone_region)[:50]
     return [card for card in (records.card(conn, contact_id) for contact_id in ids) if card is not None]
 
 
