@@ -225,6 +225,7 @@ async def deploy(aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCat
         role: str = "web",
         smtp_port: int | None = None,
         worker: str = "",
+        storage: str = "",
     ) -> Deployment:
         text = (
             BASE_CONFIG.format(
@@ -234,7 +235,7 @@ async def deploy(aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCat
                 rules=rules,
                 max_attempts=max_attempts,
                 worker=worker,
-            )
+            ).replace("  busy_timeout: 1s\n", "  busy_timeout: 1s\n" + storage)
             + extra
         )
         path = write_deployment(tmp_path, text, templates or TEMPLATES)
