@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 CORE = Path(__file__).resolve().parent.parent / "gateway"
+#: The name the core imports as (the folder is mapped to it in pyproject.toml).
+PACKAGE = "gateway"
 
 #: Top to bottom: a module may import its own layer and the layers below it, never one above.
 LAYERS: list[set[str]] = [
@@ -30,12 +32,12 @@ RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 
 
 def module_name(path: Path) -> str:
-    parts = path.relative_to(CORE.parent).with_suffix("").parts
+    parts = (PACKAGE, *path.relative_to(CORE).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def is_module(dotted: str) -> bool:
-    path = CORE.parent.joinpath(*dotted.split("."))
+    path = CORE.joinpath(*dotted.split(".")[1:])
     return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
@@ -46,14 +48,14 @@ def imports_of(path: Path, name: str | None = None) -> set[str]:
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "gateway"}
+            found |= {alias.name for alias in node.names if alias.name.split(".")[0] == PACKAGE}
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")[: len(package.split(".")) - node.level + 1]
                 target = ".".join([*base, *([node.module] if node.module else [])])
             else:
                 target = node.module or ""
-            if target.split(".")[0] != "gateway":
+            if target.split(".")[0] != PACKAGE:
                 continue
             for alias in node.names:  # `from . import contacts` imports the module, not the package
                 found.add(f"{target}.{alias.name}" if is_module(f"{target}.{alias.name}") else target)

@@ -35,7 +35,7 @@ from gateway.cli.main import cli
 from gateway.config import load_config
 from gateway.http.app import create_app
 from gateway.http.running import GATEWAY_KEY, RunningGateway
-from gateway.plugins import collect, describe, get_plugin_manager
+from gateway.plugins import DISTRIBUTION, collect, describe, get_plugin_manager
 from gateway.testing import FakeClock, write_deployment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,7 +221,7 @@ def test_blocked_plugins_do_not_load(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_builtin_plugins_load_through_entry_points_with_versions() -> None:
     infos = {info.name: info for info in describe(get_plugin_manager())}
-    assert infos["shopify"].distribution == "declic" and infos["shopify"].version
+    assert infos["shopify"].distribution == DISTRIBUTION and infos["shopify"].version
     assert infos["shopify"].hooks == ["register_sources"]
     assert infos["smtp"].hooks == ["register_sinks"]
     output = CliRunner().invoke(cli, ["plugins"]).output

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from ..errors import ConfigError
 from ..pipeline import inbound
-from ..plugins import collect, describe, get_plugin_manager
+from ..plugins import DISTRIBUTION, collect, describe, get_plugin_manager
 from ..store import INBOX, JOBS, Database, jobqueue
 from . import logs
 from .common import CONFIG_OPTION
@@ -23,7 +23,7 @@ from .kpis import kpis
 
 
 @click.group()
-@click.version_option(package_name="declic")
+@click.version_option(package_name=DISTRIBUTION)
 def cli() -> None:
     """Declic: a self-hosted trigger-marketing gateway."""
 

@@ -24,6 +24,7 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder
 
 from ..kit.sinks import Outcome
+from ..plugins import DISTRIBUTION
 from ..store import Database
 from .queue_gauges import QueueGauges
 
@@ -41,7 +42,7 @@ ACKNOWLEDGED = ("accepted", "duplicate")
 
 def _version() -> str:
     try:
-        return version("declic")
+        return version(DISTRIBUTION)
     except PackageNotFoundError:  # run from a source tree that was never installed
         return "unknown"
 

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
+from ...plugins import DISTRIBUTION
 from . import models as m
 from .endpoints import ENDPOINTS, Endpoint
 
@@ -42,7 +43,7 @@ def document() -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {
             "title": "Declic admin API",
-            "version": version("declic"),
+            "version": version(DISTRIBUTION),
             "description": "Rules and their KPIs, contacts, deliveries, dead letter and failed calls. "
             "Every call needs `Authorization: Bearer TOKEN`, a token from the configuration's `admin` "
             "section: read-only tokens may GET, admin tokens may also POST.",
