@@ -19,6 +19,7 @@ from .common import CONFIG_OPTION
 from .common import load as _load
 from .contacts import contacts
 from .kpis import kpis
+from .preview import preview, send_test
 
 
 @click.group()
@@ -208,6 +209,8 @@ def _list_dead(database: Database, failed: bool) -> None:
 
 cli.add_command(contacts)
 cli.add_command(kpis)
+cli.add_command(preview)
+cli.add_command(send_test)
 
 
 def main() -> None:
