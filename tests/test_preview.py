@@ -15,6 +15,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from conftest import BASE_CONFIG, DEFAULT_RULES, TEMPLATES, Deployment, Factory, fixture_json
+from gateway.cli import logs
 from gateway.cli.main import cli
 from gateway.testing import SmtpCatcher, write_deployment
 
@@ -27,7 +28,10 @@ TOKEN = re.compile(r"/(u|t/c|t/o)/[A-Za-z0-9_-]+")
 async def declic(d: Deployment, *args: str) -> tuple[int, str, str]:
     """The real command, in a thread of its own: it runs its own event loop, as it does from a shell."""
     invoke = functools.partial(CliRunner().invoke, cli, [*args, "--config", str(d.path)], catch_exceptions=False)
-    result = await asyncio.to_thread(invoke)
+    try:
+        result = await asyncio.to_thread(invoke)
+    finally:
+        logs.reset()  # the command configured logging for the whole process
     return result.exit_code, result.stdout, result.stderr
 
 

@@ -26,7 +26,7 @@ from ..kit.sinks import Outcome
 from ..send import preview as previews
 from ..store import EVENTS, INBOX
 from . import logs
-from .common import CONFIG_OPTION, load
+from .common import CONFIG_OPTION, load, require_current
 from .simulate import TIMELINE_SOURCE, RecordingSink, TimelineItem, inject_directly, timeline_source
 
 
@@ -196,6 +196,8 @@ def _gateway(settings: Settings, pm: pluggy.PluginManager, scratch: bool) -> Ite
         try:
             if scratch:
                 gateway.db.upgrade()
+            else:
+                require_current(gateway.db)
             yield gateway
         finally:
             gateway.db.close()
