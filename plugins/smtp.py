@@ -144,7 +144,8 @@ class SmtpSink(Sink):
         parts = [part for part in parsed.walk() if part.get_content_maintype() == "text"]
         shown = [head.decode().replace("\r\n", "\n"), ""]
         for part in parts:
-            shown += [f"----- {part.get_content_type()} -----", part.get_content().rstrip("\n"), ""]
+            text = part.get_content().replace("\r\n", "\n").rstrip("\n")
+            shown += [f"----- {part.get_content_type()} -----", text, ""]
         return "\n".join(shown)
 
     def _build(self, message: Message, to: EmailAddress) -> bytes:

@@ -218,3 +218,41 @@ async def test_serve_logs_nothing_when_the_rules_did_not_change(start: Start) ->
         "= unchanged: abandoned-cart, welcome, order-confirmation",
         "nothing was changed",
     ]
+
+
+def test_the_readme_shows_this_plan() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    assert "\n".join(EXPECTED) + "\nnothing was changed\n" in readme
+
+
+BIRTHDAY = """\
+  - name: birthday
+    on_date: contact.birthday
+    at: "{at}"
+    kind: transactional
+    send: {{via: email, template: welcome}}
+"""
+
+
+async def test_a_retimed_date_rule_moves_its_pending_triggers(start: Start) -> None:
+    d = await start(BIRTHDAY.format(at="09:00"), TEMPLATES)
+    for user, birthday in (("soon", "1990-03-15"), ("week", "1985-03-18")):
+        await identify(d, user, birthday)
+    await d.advance(seconds=1)
+    dues = "SELECT due_at FROM jobs WHERE kind = 'trigger' AND status = 'pending' ORDER BY due_at"
+    assert [str(row[0])[:16] for row in d.rows(dues)] == ["2026-03-15 08:00", "2026-03-18 08:00"]
+    new = await start(BIRTHDAY.format(at="10:00"), TEMPLATES, serve=False)
+
+    code, output = await declic(new, "plan", "--at", "2026-03-14 08:00")
+    assert code == 0, output
+    assert output.splitlines()[1:] == [
+        "~ changed birthday (on contact.birthday, yearly)",
+        "    at: 09:00 -> 10:00",
+        "    2 pending triggers: re-timed when the deployment starts with it",
+        "    fires for 0 contacts in the next 24 h, 2 in the next 7 days",
+        "nothing was changed",
+    ]
+    await d.client.close()
+    d = await start(BIRTHDAY.format(at="10:00"), TEMPLATES)
+    await d.advance(seconds=1)  # the start-up reconcile runs
+    assert [str(row[0])[:16] for row in d.rows(dues)] == ["2026-03-15 09:00", "2026-03-18 09:00"]

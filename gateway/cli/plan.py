@@ -11,10 +11,12 @@ from ..pipeline import plan as plans
 from . import logs
 from .common import CONFIG_OPTION, load, require_current
 
+FORMATS = ["%Y-%m-%d", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S"]
+
 
 @click.command()
 @CONFIG_OPTION
-@click.option("--at", type=click.DateTime(), help="Count firings from this moment, UTC, instead of now.")
+@click.option("--at", type=click.DateTime(FORMATS), help="Count firings from this moment, UTC, instead of now.")
 def plan(config_path: str, at: datetime | None) -> None:
     """Compare the rules of the config at --config with those the deployment (its database) runs.
 

@@ -81,12 +81,12 @@ def preview(
     settings, pm, _ = load(config_path)
     logs.configure("warning", settings.logging.redact)
     rendering = _render(settings, pm, rule, step, who, event_file, variant, test=False)
+    if rendering.held_back:
+        click.echo(f"note: the worker would not send this to the contact now: {rendering.held_back}", err=True)
     try:
         click.echo(rendering.sink.preview(rendering.message), nl=False)
     except ValueError as exc:
         raise click.ClickException(f"{rendering.sink.key} could not send it: {exc}") from None
-    if rendering.held_back:
-        click.echo(f"note: the worker would not send this to the contact now: {rendering.held_back}", err=True)
     if html_path:
         if rendering.message.html is None:
             raise click.ClickException(f"{rule} step {step} has no HTML part")
