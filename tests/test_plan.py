@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from click.testing import CliRunner
 from structlog.testing import capture_logs
 
@@ -256,3 +257,25 @@ async def test_a_retimed_date_rule_moves_its_pending_triggers(start: Start) -> N
     d = await start(BIRTHDAY.format(at="10:00"), TEMPLATES)
     await d.advance(seconds=1)  # the start-up reconcile runs
     assert [str(row[0])[:16] for row in d.rows(dues)] == ["2026-03-15 09:00", "2026-03-18 09:00"]
+
+
+async def test_without_a_record_of_the_running_rules_only_the_work_in_flight_is_compared(start: Start) -> None:
+    d = await start(OLD_RULES, TEMPLATES)
+    await shopify(d, "checkouts/create", fixture_json("shopify/checkout.json"), "c1")
+    await d.advance(seconds=1)
+    forget = sa.text("DELETE FROM meta WHERE key = 'plan:rules'")
+    d.gateway.db.transaction(lambda conn: conn.execute(forget))  # as a version before `plan` left it
+    new = await start(NEW_RULES, TEMPLATES, serve=False)
+    code, output = await declic(new, "plan", "--at", "2026-03-14 08:00")
+    assert code == 0, output
+    assert output.splitlines() == [
+        "no record of the rules the deployment runs (`declic serve` records them when it starts):",
+        "only the work in flight is compared",
+        "? not compared abandoned-cart (on checkout.started)",
+        "    1 active journey",
+        "    1 pending step 1: continue",
+        "? not compared order-confirmation (on order.placed)",
+        "? not compared birthday (on contact.birthday, yearly)",
+        "? not compared win-back (after 3d without order.placed)",
+        "nothing was changed",
+    ]

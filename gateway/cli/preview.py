@@ -126,6 +126,8 @@ def send_test(
     if ("@" in address) != (sink.channel == "email"):
         wanted = "an e-mail address" if sink.channel == "email" else "a phone number"
         raise click.BadParameter(f"{sink.key} sends {sink.channel}: give {wanted}", param_hint="--to")
+    if rendering.held_back:
+        click.echo(f"note: the worker would not send this to the contact now: {rendering.held_back}", err=True)
     result = asyncio.run(_send(rendering, previews.as_test(rendering, address)))
     if result.outcome is not Outcome.SENT:
         raise click.ClickException(f"{sink.key} did not send it: {result.outcome.value}: {result.error}")

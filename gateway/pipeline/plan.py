@@ -101,10 +101,6 @@ class Plan:
     #: When the snapshot compared against was taken; None when there was none.
     since: str | None = None
 
-    @property
-    def changed(self) -> bool:
-        return any(rule.status != "unchanged" for rule in self.rules)
-
     def lines(self) -> list[str]:
         kept = [rule.name for rule in self.rules if rule.status == "unchanged"]
         lines = [line for rule in self.rules if rule.status != "unchanged" for line in rule.lines()]
