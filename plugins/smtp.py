@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import email
+import email.policy
 import json
 import re
 import secrets
@@ -133,6 +135,18 @@ class SmtpSink(Sink):
         Raises ValueError (InvalidAddress for the recipient) for what no attempt could send.
         """
         return self._build(message, parse_email(message.to))
+
+    def preview(self, message: Message) -> str:
+        """The headers exactly as built (and signed) for sending, then each part decoded, so it can be read."""
+        data = self.build(message)
+        head, _, _ = data.partition(b"\r\n\r\n")
+        parsed = email.message_from_bytes(data, policy=email.policy.default)
+        parts = [part for part in parsed.walk() if part.get_content_maintype() == "text"]
+        shown = [head.decode().replace("\r\n", "\n"), ""]
+        for part in parts:
+            text = part.get_content().replace("\r\n", "\n").rstrip("\n")
+            shown += [f"----- {part.get_content_type()} -----", text, ""]
+        return "\n".join(shown)
 
     def _build(self, message: Message, to: EmailAddress) -> bytes:
         """Writes the bytes itself rather than through EmailMessage, whose header registry made building

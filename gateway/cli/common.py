@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..errors import ConfigError
+from ..store import Database
 
 CONFIG_OPTION = click.option(
     "--config",
@@ -26,3 +27,13 @@ def load(config_path: str):  # type: ignore[no-untyped-def]
         for problem in exc.problems:
             click.echo(problem, err=True)
         raise SystemExit(2) from None
+
+
+def require_current(database: Database) -> None:
+    """Exit with a clear message when the deployment's database is missing or not migrated."""
+    if not database.is_current():
+        database.close()
+        raise click.ClickException(
+            "the deployment's database is not there or not current: start the deployment, or run "
+            "`declic db upgrade --config FILE`"
+        )

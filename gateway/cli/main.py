@@ -20,6 +20,8 @@ from .common import CONFIG_OPTION
 from .common import load as _load
 from .contacts import contacts
 from .kpis import kpis
+from .plan import plan
+from .preview import preview, send_test
 
 
 @click.group()
@@ -232,6 +234,9 @@ def _list_dead(database: Database, failed: bool) -> None:
 
 cli.add_command(contacts)
 cli.add_command(kpis)
+cli.add_command(preview)
+cli.add_command(send_test)
+cli.add_command(plan)
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from ..errors import ConfigError
+from ..kit.addresses import test_recipient
 from ..kit.durations import MAX_DURATION, MAX_DURATION_TEXT, Duration, LocalTime, SignedDuration, between
 from ..kit.events import is_known_type
 from ..kit.registry import Registry
@@ -576,6 +577,11 @@ class Settings(_Strict):
     logging: LoggingSpec = Field(default_factory=LoggingSpec, description="Log output.")
     admin: AdminSpec = Field(default_factory=AdminSpec, description="Access to the deployment's internals.")
     metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="Prometheus metrics at GET /metrics.")
+    test_recipients: list[Annotated[str, AfterValidator(test_recipient)]] = Field(
+        default_factory=list,
+        description="The only addresses `declic send-test` sends to: e-mail addresses, or phone numbers written "
+        "with their country code (+33...).",
+    )
 
     _path: Path = PrivateAttr(default=Path("declic.yaml"))
     _sources: dict[str, tuple[type[Source], PluginConfig]] = PrivateAttr(default_factory=dict)

@@ -21,6 +21,7 @@ from ..kit.clock import Clock, SystemClock
 from ..kit.sinks import Sink
 from ..kit.sources import Deployment, Source
 from ..kit.templating import make_environment
+from ..pipeline import plan
 from ..pipeline.router import Router
 from ..plugins import Registry, collect, get_plugin_manager, notify_event_received
 from ..send.delivery import StepRunner
@@ -153,6 +154,7 @@ async def _start(gateway: RunningGateway) -> None:
             log.info("released jobs left running by a previous process", jobs=released)
     elif not await loop.run_in_executor(None, db.is_current):
         raise ConfigError(["the database schema is not current: run `declic db upgrade --config FILE` first"])
+    await _note_rule_changes(gateway)
     # Date and inactivity triggers a config change added get scheduled once, by one replica.
     await db.run(jobqueue.add_tick, "reconcile", gateway.clock.now())
     for key in polls.pollers(gateway.sources):
@@ -173,6 +175,15 @@ async def _start(gateway: RunningGateway) -> None:
         rules=len(gateway.router.rules),
         metrics="by token" if gateway.settings.metrics.token or gateway.settings.admin.token else "closed: no token",
     )
+
+
+async def _note_rule_changes(gateway: RunningGateway) -> None:
+    """Log what `declic plan` would have said about this config, when its rules differ from the last start's."""
+    settings = gateway.settings
+    rules = [rule.spec for rule in gateway.router.rules.values()]
+    found = await gateway.db.run(plan.on_start, rules, settings.templates_dir, settings.timezone, gateway.clock.now())
+    if found is not None:
+        log.info("rules changed since the last start", since=found.since, plan=found.lines())
 
 
 #: A dead worker is restarted after 1 s, then 2, 4... up to this; a worker that ran this long starts over at 1 s.

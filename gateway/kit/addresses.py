@@ -46,3 +46,22 @@ def e164(phone: str | None, region: str | None) -> str | None:
     if not phonenumbers.is_possible_number(number):
         return phone
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def test_recipient(text: str, region: str | None = None) -> str:
+    """An e-mail address (lower-cased, its domain in ASCII) or a phone number (E.164), in the one form
+    `test_recipients:` entries and `declic send-test --to` are compared in; ValueError when it is neither."""
+    text = text.strip()
+    if "@" in text:
+        try:
+            return str(parse_email(text)).lower()
+        except InvalidAddress as exc:
+            raise ValueError(f"not an e-mail address: {text!r} ({exc})") from None
+    try:
+        number = phonenumbers.parse(text, None if text.startswith("+") else region)
+    except phonenumbers.NumberParseException:
+        number = None
+    if number is None or not phonenumbers.is_possible_number(number):
+        hint = "" if text.startswith("+") or region else " (write it with its country code: +33...)"
+        raise ValueError(f"not an e-mail address or a phone number: {text!r}{hint}")
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)

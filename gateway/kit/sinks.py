@@ -180,3 +180,10 @@ class Sink:
 
     async def send(self, message: Message, ctx: SendContext) -> DeliveryResult:
         raise NotImplementedError
+
+    def preview(self, message: Message) -> str:
+        """The message as this sink would send it, for `declic preview`: by default the recipient, the
+        subject when there is one, and the text. A sink that builds its own wire form (an e-mail's headers)
+        shows that instead; raises ValueError for a message it could not send."""
+        head = f"To: {message.to}\n" + (f"Subject: {message.subject}\n" if message.subject is not None else "")
+        return f"{head}\n{message.text}\n"

@@ -158,12 +158,12 @@ class Router:
                 reason=f"missed: due {due:%Y-%m-%d %H:%M} UTC, more than catch_up ago",
             )
         else:
-            event = self._synthetic_event(conn, rule, contact, occurrence, due, trigger_id)
+            event = self.synthetic_event(conn, rule, contact, occurrence, due, trigger_id)
             enrol(conn, rule, contact_id, event.id, occurrence, None, now)
         if spec.on_date:
             triggers.schedule_date(conn, spec, contact, self.timezone, now)
 
-    def _synthetic_event(
+    def synthetic_event(
         self,
         conn: Connection,
         rule: CompiledRule,

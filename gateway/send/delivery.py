@@ -135,20 +135,9 @@ class StepRunner:
         if self._capped(rule) and conn.dialect.name == "postgresql":
             # Serialise one contact's capped sends across workers, so two cannot both take the last slot.
             conn.execute(sa.select(CONTACTS.c.id).where(CONTACTS.c.id == enrolment.contact_id).with_for_update())
-        contact = contacts.view(conn, enrolment.contact_id)
-        event = load_event(conn, enrolment.event_id)
-        headers, unsubscribe_url = self._unsubscribe(conn, rule, step)
-        context = {
-            "event": event,
-            "contact": contact,
-            "rule": rule.name,
-            "step": job.step + 1,
-            "unsubscribe_url": unsubscribe_url,
-        }
-        if rule.name == CONFIRM_RULE:
-            channel = str(event["properties"]["channel"])  # type: ignore[index]
-            context["confirm_url"] = self._link(conn, links.CONFIRM, enrolment.contact_id, channel)
-        reason = self._suppression(rule, job.step, step.sink, contact, context)
+        draft, context = self.compose(conn, rule, job.step, enrolment.contact_id, enrolment.event_id, key, now)
+        contact = context["contact"]
+        reason = self.suppression(rule, job.step, step.sink, contact, context)
         if reason:
             self._suppress(conn, step, reason, now)
             return None
@@ -161,26 +150,62 @@ class StepRunner:
             return None
         if self._capped(rule):
             self._record(conn, step, "sending", None, now, sent_at=now)  # holds its slot under the cap
+        send_context = SendContext(rule.name, job.step + 1, rule.spec.kind, dict(contact), context["event"])
+        return Send(job, rule, enrolment.id, step.contact_id, step.sink, draft, send_context)
+
+    def compose(
+        self,
+        conn: Connection,
+        rule: CompiledRule,
+        index: int,
+        contact_id: int,
+        event_id: str,
+        key: str,
+        now: datetime,
+        template: str | None = None,
+    ) -> tuple[Draft, dict[str, Any]]:
+        """The message step `index` of `rule` sends the contact now, and the context it is rendered with.
+
+        The one place a step's message is put together: the worker, `declic preview` and `declic send-test`
+        all come through here. `template` overrides the step's (a variant's); nothing is written but the
+        link key, on first use.
+        """
+        spec = rule.spec.steps[index]
+        sink = self.sinks[spec.send.via]
+        contact = contacts.view(conn, contact_id)
+        event = load_event(conn, event_id)
+        headers, unsubscribe_url = self._unsubscribe(conn, rule, sink, contact_id, key)
+        context = {
+            "event": event,
+            "contact": contact,
+            "rule": rule.name,
+            "step": index + 1,
+            "unsubscribe_url": unsubscribe_url,
+        }
+        if rule.name == CONFIRM_RULE:
+            channel = str(event["properties"]["channel"])  # type: ignore[index]
+            context["confirm_url"] = self._link(conn, links.CONFIRM, contact_id, channel)
         limits = self.worker_spec.templates
         draft = Draft(
             self.env,
-            spec.send.template,
+            template or spec.send.template,
             context,
             RenderLimits(limits.cpu_time.total_seconds(), limits.output_bytes),
-            step.sink.address(contact) or "",
+            sink.address(contact) or "",
             key,
             headers,
-            self._tracking(conn, rule, step, now),
+            self._tracking(conn, rule, sink, contact_id, key, now),
         )
-        send_context = SendContext(rule.name, job.step + 1, rule.spec.kind, dict(contact), event)
-        return Send(job, rule, enrolment.id, step.contact_id, step.sink, draft, send_context)
+        return draft, context
 
-    def _unsubscribe(self, conn: Connection, rule: CompiledRule, step: Step) -> tuple[dict[str, str], str | None]:
+    def _unsubscribe(
+        self, conn: Connection, rule: CompiledRule, sink: Sink, contact_id: int, key: str
+    ) -> tuple[dict[str, str], str | None]:
         """Marketing e-mail carries a one-click unsubscribe link (RFC 8058) when the public URL is known;
         it names the message too, so the rule's KPIs count the unsubscribe."""
-        if rule.spec.kind != "marketing" or step.sink.channel != "email" or not self.public_url:
+        if rule.spec.kind != "marketing" or sink.channel != "email" or not self.public_url:
             return {}, None
-        url = self._link(conn, links.UNSUBSCRIBE, step.contact_id, "email", step.key)
+        url = self._link(conn, links.UNSUBSCRIBE, contact_id, "email", key)
         return {"List-Unsubscribe": f"<{url}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}, url
 
     def _link(self, conn: Connection, purpose: str, contact_id: int, channel: str, delivery: str | None = None) -> str:
@@ -194,21 +219,23 @@ class StepRunner:
             self._secret = links.link_secret(conn)
         return self._secret
 
-    def _tracking(self, conn: Connection, rule: CompiledRule, step: Step, now: datetime) -> Tracking | None:
+    def _tracking(
+        self, conn: Connection, rule: CompiledRule, sink: Sink, contact_id: int, key: str, now: datetime
+    ) -> Tracking | None:
         """E-mail tracked as the rule and the sink say, when the public URL is known (the config requires it)."""
-        if step.sink.channel != "email" or not self.public_url:
+        if sink.channel != "email" or not self.public_url:
             return None
-        track = rule.spec.tracking(step.sink.config)
+        track = rule.spec.tracking(sink.config)
         if not (track.opens or track.clicks):
             return None
         secret = self._link_secret(conn)
-        return Tracking(self.public_url, secret, step.contact_id, step.key, now, bool(track.opens), bool(track.clicks))
+        return Tracking(self.public_url, secret, contact_id, key, now, bool(track.opens), bool(track.clicks))
 
     def _capped(self, rule: CompiledRule) -> bool:
         cap = self.policies.pressure
         return cap is not None and rule.spec.kind not in cap.exempt
 
-    def _suppression(
+    def suppression(
         self, rule: CompiledRule, step: int, sink: Sink, contact: dict[str, Any], context: dict[str, Any]
     ) -> str | None:
         condition = rule.step_conditions[step]
