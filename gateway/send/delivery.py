@@ -28,6 +28,7 @@ from ..pipeline.router import CompiledRule, Router
 from ..pipeline.triggers import zone_of
 from ..store import CONTACTS, DELIVERIES, ENROLMENTS, jobqueue, sql
 from ..store.jobqueue import ClaimedJob
+from ..store.tables import INTERNAL_KIND
 from . import links
 from .policies import Deferral, pressure_until, quiet_until
 from .tracking import Tracking, track_html
@@ -42,8 +43,7 @@ E = ENROLMENTS.c
 OVER = ("sent", "suppressed", "held_out")
 #: Outcomes that spend one channel of a step for good: the next of `via: [sms, email]` is tried, if any.
 SPENT = ("address_invalid", "opted_out")
-#: The delivery kind of a message sent to someone else than the contact (`to:`).
-INTERNAL = "internal"
+
 #: Threads that render messages: a slow template holds one of them, never the database thread or the event
 #: loop. A few, not one per step: the GIL runs one at a time anyway, and a slow render must not stop the rest.
 RENDER_THREADS = 4
@@ -513,7 +513,7 @@ class StepRunner:
             "step": step.job.step + 1,
             "contact_id": step.contact_id,
             "sink": step.sink.key,
-            "kind": INTERNAL if step.internal else step.rule.spec.kind,
+            "kind": INTERNAL_KIND if step.internal else step.rule.spec.kind,
             "created_at": now,
             "status": status,
             "reason": reason,
