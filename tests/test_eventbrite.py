@@ -20,7 +20,14 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from conftest import FIXTURES, SHARED_PAYLOADS
-from declic_plugins.eventbrite import ACTIONS, Eventbrite, EventbriteConfig, parse_api_url
+from declic_plugins.eventbrite import (
+    ACTIONS,
+    ORDER_EXPANSIONS,
+    Eventbrite,
+    EventbriteConfig,
+    event_details,
+    parse_api_url,
+)
 from gateway import BadRequest, MalformedPayload, RawCall
 from gateway.config import load_config
 from gateway.errors import RetryLater
@@ -235,7 +242,7 @@ async def test_order_placed_becomes_one_ticket_ordered_per_attendee_with_an_emai
     eb: Eventbrite, api: FakeEventbrite
 ) -> None:
     events = await eb.normalize(raw(envelope("order.placed")))
-    assert api.requests == [(ORDER_PATH, {"expand": "attendees"}, f"Bearer {API_TOKEN}")]
+    assert api.requests == [(ORDER_PATH, {"expand": ORDER_EXPANSIONS}, f"Bearer {API_TOKEN}")]
     assert [(e.type, e.contact.email, e.correlation) for e in events] == [
         (
             "ticket.ordered",
@@ -266,6 +273,53 @@ async def test_order_placed_becomes_one_ticket_ordered_per_attendee_with_an_emai
         "ticket_class_name": "Plein tarif",
         "event_id": "881234567890",
     }
+
+
+async def test_ticket_ordered_carries_the_events_name_start_end_zone_and_venue(eb: Eventbrite) -> None:
+    """What a reminder one day before the event needs, from the order's `event` expansion."""
+    camille, _ = await eb.normalize(raw(envelope("order.placed")))
+    assert {k: camille.properties[k] for k in ("event_name", "starts_at", "starts_local", "ends_at", "timezone")} == {
+        "event_name": "Atelier céramique",
+        "starts_at": "2026-06-02T17:00:00+00:00",
+        "starts_local": "2026-06-02T19:00:00",
+        "ends_at": "2026-06-02T20:00:00+00:00",
+        "timezone": "Europe/Paris",
+    }
+    assert camille.properties["venue"] == {
+        "name": "La Halle",
+        "address": "12 rue des Arts, 69001 Lyon",
+        "city": "Lyon",
+        "postal_code": "69001",
+        "country": "FR",
+    }
+
+
+@pytest.mark.parametrize(
+    ("start", "starts_at", "timezone"),
+    [
+        (
+            {"timezone": "America/New_York", "local": "2026-11-01T01:30:00", "utc": "2026-11-01T05:30:00Z"},
+            "2026-11-01T05:30:00+00:00",
+            "America/New_York",
+        ),
+        # no `utc`: the local time in the event's zone (here after the clocks went back: EST, UTC-5)
+        (
+            {"timezone": "America/New_York", "local": "2026-11-02T09:00:00"},
+            "2026-11-02T14:00:00+00:00",
+            "America/New_York",
+        ),
+        ({"timezone": "Europe/Paris", "local": "2026-03-29T10:00:00"}, "2026-03-29T08:00:00+00:00", "Europe/Paris"),
+        ({"timezone": "Mars/Olympus", "utc": "2026-06-02T17:00:00Z"}, "2026-06-02T17:00:00+00:00", None),
+        ({"timezone": "Mars/Olympus", "local": "2026-06-02T19:00:00"}, None, None),  # no zone: no moment
+        ({"local": "not a date", "utc": 17}, None, None),
+        (None, None, None),
+        ("2026-06-02", None, None),
+    ],
+)
+def test_event_start_is_read_with_its_time_zone(start: Any, starts_at: str | None, timezone: str | None) -> None:
+    details = event_details({"name": {"text": "x"}, "start": start})
+    assert (details["starts_at"], details["timezone"]) == (starts_at, timezone)
+    assert details["venue"] is None  # an online event, or no venue expansion
 
 
 def with_attendees(change: Callable[[dict[str, Any]], None], status: str = "placed") -> dict[str, Any]:
@@ -406,7 +460,7 @@ async def test_attendees_not_expanded_are_paged_through(
     events = await eb.normalize(raw(envelope("order.placed")))
     assert [e.contact.email for e in events] == ["camille.durand@example.org", "Noah.Martin@example.org"]
     assert [(path, query) for path, query, _ in api.requests] == [
-        (ORDER_PATH, {"expand": "attendees"}),
+        (ORDER_PATH, {"expand": ORDER_EXPANSIONS}),
         (ORDER_PATH + "attendees/", {}),
         (ORDER_PATH + "attendees/", second_query),
     ]
