@@ -646,18 +646,30 @@ class Running:
 
 
 async def start(
-    aiohttp_client: Any, tmp_path: Path, db_url: str, api_base: str, smtp_port: int = 1, max_attempts: int = 3
+    aiohttp_client: Any,
+    tmp_path: Path,
+    db_url: str,
+    api_base: str,
+    smtp_port: int = 1,
+    max_attempts: int = 3,
+    rules: str = RULES,
 ) -> Running:
     config = f"""\
+timezone: Europe/Paris
 storage: {{url: '{db_url}'}}
 worker: {{retry_base: 10s, max_attempts: {max_attempts}}}
 sources:
   eb: {{plugin: eventbrite, url_token: {URL_TOKEN}, token: {API_TOKEN}, api_base: '{api_base}'}}
 sinks:
   email: {{plugin: smtp, host: 127.0.0.1, port: {smtp_port}, tls: none, sender: tickets@example.com}}
-{RULES}"""
+{rules}"""
     pm = get_plugin_manager()  # the plugin loads through its entry point, like any installed one
-    templates = {"see-you.subject.j2": "See you soon", "see-you.txt.j2": "Hello {{ contact.first_name }}"}
+    templates = {
+        "see-you.subject.j2": "See you soon",
+        "see-you.txt.j2": "Hello {{ contact.first_name }}",
+        "reminder.subject.j2": "Tomorrow: {{ event.properties.event_name }}",
+        "reminder.txt.j2": "{{ event.properties.venue.name }}, {{ event.properties.starts_local[11:16] }}",
+    }
     settings = load_config(write_deployment(tmp_path, config, templates), collect(pm), pm)
     clock = FakeClock(NOW)
     app = create_app(settings, pm=pm, clock=clock, role="web")
@@ -691,6 +703,40 @@ async def test_end_to_end_orders_and_refunds_through_the_database(
     await d.advance(days=1)
     assert [m["To"] for m in smtp.messages] == ["noah.martin@example.org"]
     assert d.rows("SELECT status FROM inbox ORDER BY id") == [("processed",), ("processed",)]
+
+
+REMINDER = """\
+rules:
+  - name: event-reminder
+    when: ticket.ordered
+    kind: transactional
+    exit_on: [ticket.refunded]
+    steps:
+      - at: "{{ event.properties.starts_at }}"
+        offset: -1d
+        time: "10:00"
+        send: {via: email, template: reminder}
+"""
+
+
+async def test_end_to_end_a_reminder_the_day_before_the_event_at_10_local(
+    aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCatcher, api: FakeEventbrite
+) -> None:
+    """The event starts on 2 June at 19:00 in Paris: the reminder goes on 1 June at 10:00 Paris time, a due
+    time stored in the jobs table the moment the ticket is bought; a refunded attendee gets none."""
+    d = await start(aiohttp_client, tmp_path, db_url, api.base, smtp.port, rules=REMINDER)
+    await d.post(envelope("order.placed"))
+    await d.advance(seconds=0)
+    due = sorted(_utc(due) for (due,) in d.rows("SELECT due_at FROM jobs WHERE kind = 'step'"))
+    assert due == [datetime(2026, 6, 1, 8, 0, tzinfo=UTC)] * 2
+    api.objects[ORDER_PATH] = with_attendees(refund_first)
+    await d.post(envelope("order.refunded"))
+    await d.advance(days=19, hours=21, minutes=59)  # 1 June, 07:59 UTC
+    assert smtp.messages == []
+    await d.advance(minutes=1)
+    [message] = smtp.messages
+    assert (message["To"], message["Subject"]) == ("noah.martin@example.org", "Tomorrow: Atelier céramique")
+    assert message.get_content().strip() == "La Halle, 19:00"
 
 
 async def test_end_to_end_a_forged_api_url_is_stored_failed_and_never_fetched(
