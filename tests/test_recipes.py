@@ -15,6 +15,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from click.testing import CliRunner
+from test_config import check as config_check
+from test_config import edit as config_edit
 from test_journeys import Plugin
 from test_twilio import ACCOUNT, TOKEN, FakeTwilio, created, error
 
@@ -227,7 +229,7 @@ storage: {{url: '{db_url}'}}
 TEMPLATES = {
     "t.txt.j2": "{{ rule }} {{ step }} about {{ contact.email }}",
     "t.subject.j2": "{{ rule }} {{ step }}",
-    "t.html.j2": "<p>{{ rule }} <a href=\"https://shop.example.com/\">shop</a></p>",
+    "t.html.j2": '<p>{{ rule }} <a href="https://shop.example.com/">shop</a></p>',
 }
 
 
@@ -444,3 +446,53 @@ async def test_when_every_channel_fails_for_good_the_journey_goes_on(
     ]
     assert live.rows("SELECT status FROM enrolments") == [("completed",)]
     assert len(twilio.requests) == 1 and smtp.messages == []
+
+
+# --- bad input: `file:line:col: path: message`, and nothing starts ---------------------------------------------
+
+_RULE0 = "send: {via: email, template: welcome}\n  - name: cart"
+_STEP = "      - wait: 1h\n        send: {via: email, template: welcome}\n"
+_AT = "      - at: '{{ event.properties.starts_at }}'\n"
+_SEND = "        send: {via: email, template: welcome}\n"
+
+# (case, (old, new) in test_config's VALID, the error line after "declic.yaml:")
+CONFIG_ERRORS = [
+    ("to not an address", (_RULE0, 'send: {via: email, to: "sales at example.com", template: welcome}'),
+     "20:28: rules[0].send.to: 'sales at example.com' is not an e-mail address: An email address must have an "
+     "@-sign."),
+    ("to a broken template", (_RULE0, 'send: {via: email, to: "{{ contact.owner", template: welcome}'),
+     "20:28: rules[0].send.to: invalid template: unexpected end of template, expected 'end of print statement'."),
+    ("to with a fallback list", (_RULE0, 'send: {via: [email, sms], to: "a@example.com", template: welcome}'),
+     "20:11: rules[0].send: `to:` names one recipient: give it one sink in `via`, not a fallback list"),
+    ("via an empty list", (_RULE0, "send: {via: [], template: welcome}"),
+     "20:17: rules[0].send.via: expected a sink name, or a list of sink names tried in turn, such as [sms, email]"),
+    ("via a number", (_RULE0, "send: {via: 3, template: welcome}"),
+     "20:17: rules[0].send.via: expected a sink name, or a list of sink names tried in turn, such as [sms, email]"),
+    ("via a sink twice", (_RULE0, "send: {via: [email, email], template: welcome}"),
+     "20:17: rules[0].send.via: a sink is named twice: each channel is tried once"),
+    ("via an unknown sink in the list", (_RULE0, "send: {via: [email, sms], template: welcome}"),
+     "20:25: rules[0].send.via[1]: no sink named 'sms' under `sinks:` (configured: email)"),
+    ("wait and at", (_STEP, "      - wait: 1h\n        at: '{{ event.properties.starts_at }}'\n" + _SEND),
+     "26:9: rules[1].steps[0]: a step is due either after `wait` or at `at`, not both"),
+    ("offset without at", (_STEP, "      - offset: -1d\n" + _SEND),
+     "26:9: rules[1].steps[0]: `offset` and `time` shift the moment of `at`: add `at`"),
+    ("at a broken template", (_STEP, "      - at: '{{ event.properties.starts_at'\n" + _SEND),
+     "26:13: rules[1].steps[0].at: invalid template: unexpected end of template, expected 'end of print "
+     "statement'."),
+    ("time not a time", (_STEP, _AT + "        time: '25:00'\n" + _SEND),
+     "27:15: rules[1].steps[0].time: invalid time of day '25:00': write HH:MM, as 10:00 or 21:30"),
+    ("offset not a duration", (_STEP, _AT + "        offset: -1 day\n" + _SEND),
+     "27:17: rules[1].steps[0].offset: invalid duration '1 day': write a number and a unit, as 90s, 5m, 1h, 3d "
+     "or 2w (or 250ms)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "change", "expected"), CONFIG_ERRORS, ids=[e[0] for e in CONFIG_ERRORS])
+def test_bad_values_name_file_line_column_path(
+    tmp_path: Path, case: str, change: tuple[str, str], expected: str
+) -> None:
+    old, new = change
+    new += old[old.index("\n") :] if old == _RULE0 else ""  # the rule after it stays
+    code, output = config_check(tmp_path, config_edit(old, new), {"SHOP_SECRET": "x"})
+    assert code == 2
+    assert f"{tmp_path / 'declic.yaml'}:{expected}" in output.splitlines(), output

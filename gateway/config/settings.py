@@ -74,10 +74,23 @@ def _is_template(text: str) -> bool:
     return "{{" in text or "{%" in text
 
 
+def _sink_names(value: Any) -> Any:
+    """One sink name, or a short list of distinct ones tried in turn."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list) or not value or not all(isinstance(name, str) for name in value):
+        raise ValueError("expected a sink name, or a list of sink names tried in turn, such as [sms, email]")
+    if len(value) > MAX_FALLBACK:
+        raise ValueError(f"at most {MAX_FALLBACK} sinks to try in turn, not {len(value)}")
+    if len(set(value)) != len(value):
+        raise ValueError("a sink is named twice: each channel is tried once")
+    return value
+
+
 class SendSpec(_Strict):
     """Which sink sends which template."""
 
-    via: str | Annotated[list[str], Field(min_length=1, max_length=MAX_FALLBACK)] = Field(
+    via: Annotated[str | list[str], BeforeValidator(_sink_names)] = Field(
         description=f"Name of a sink under `sinks:`, or a list of up to {MAX_FALLBACK} tried in order (channel "
         "fallback): the first with consent and an address; on a permanent failure, the next."
     )
@@ -92,13 +105,6 @@ class SendSpec(_Strict):
         description="Internal recipient instead of the contact: an address, or a template such as "
         "`{{ contact.attributes.owner_email }}`; no consent, quiet hours or pressure, not in the KPIs.",
     )
-
-    @field_validator("via")
-    @classmethod
-    def _distinct(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and len(set(value)) != len(value):
-            raise ValueError("a sink is named twice: each channel is tried once")
-        return value
 
     @model_validator(mode="after")
     def _one_recipient(self) -> SendSpec:
