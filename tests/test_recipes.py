@@ -6,12 +6,14 @@ decisions at the same times, and the live one must send exactly the messages tho
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from click.testing import CliRunner
@@ -47,6 +49,7 @@ REMINDER = """\
   - name: event-reminder
     when: ticket.ordered
     kind: transactional
+    exit_on: [ticket.refunded]
     steps:
       - at: "{{ event.properties.starts_at }}"
         offset: -1d
@@ -339,6 +342,28 @@ async def test_live(
     assert texts == sorted(
         (phones[contact], f"{rule} 1 about {contact}") for via, _, contact, rule in sent if via == "sms"
     )
+
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def test_the_readme_recipes_are_the_ones_tested() -> None:
+    """The README's recipes are these rules, template names aside: what a reader copies works."""
+    section = README.read_text(encoding="utf-8").split("\n## Recipes\n", 1)[1].split("\n## ", 1)[0]
+    documented = {
+        title: yaml.safe_load(body) for title, body in re.findall(r"### (.+?)\n.*?```yaml\n(.*?)```", section, re.S)
+    }
+    tested = {"Event reminder": RECIPES[0], "Lead alert": RECIPES[1], "SMS or e-mail": RECIPES[2]}
+    assert set(tested) <= set(documented)  # other recipes may follow
+    for title, recipe in tested.items():
+        config = documented[title]
+        for rule in config["rules"]:
+            for step in rule.get("steps") or [rule]:
+                step["send"]["template"] = "t"
+        assert config["rules"] == yaml.safe_load(recipe.rules), title
+        assert config.get("scoring") == (yaml.safe_load(recipe.extra) or {}).get("scoring"), title
+        consent = yaml.safe_load(recipe.policies)["policies"]["consent"]
+        assert config.get("policies", {"consent": consent})["consent"] == consent, title
 
 
 # --- what the table does not show -------------------------------------------------------------------------------
