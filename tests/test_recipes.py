@@ -220,6 +220,32 @@ RECIPES = [
     ),
 ]
 
+RECIPES.append(
+    Recipe(
+        "a date rule reads a date-time attribute on the contact's own day",
+        """\
+  - name: trial-ending
+    on_date: contact.attributes.trial_ends_at
+    offset: -1d
+    at: "09:00"
+    send: {via: email, template: t}
+""",
+        """\
+- {at: "2026-05-20T00:00:00Z", type: profile.updated, contact: {email: ny@example.org, timezone: America/New_York,
+   attributes: {trial_ends_at: "2026-06-02T01:00:00Z"}, consent: {email: granted}}}
+- {at: "2026-05-20T00:00:00Z", type: profile.updated, contact: {email: paris@example.org,
+   attributes: {trial_ends_at: "2026-06-02T01:00:00Z"}, consent: {email: granted}}}
+- {at: "2026-06-05T00:00:00Z", end: true}
+""",
+        [
+            # 1 June 09:00 in Paris: the trial ends at 03:00 on 2 June there
+            ("2026-06-01T07:00:00Z", "trial-ending", 1, "paris@example.org", "send", "email", None),
+            # 31 May 09:00 in New York: the trial ends at 21:00 on 1 June there
+            ("2026-05-31T13:00:00Z", "trial-ending", 1, "ny@example.org", "send", "email", None),
+        ],
+    )
+)
+
 CONFIG = """\
 public_url: https://hooks.example.com
 timezone: Europe/Paris
