@@ -8,6 +8,7 @@ start-up schedules what a config change added (a new date rule, a new time zone)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -36,10 +37,8 @@ def parse_date(value: Any, zone: ZoneInfo | None = None) -> date | None:
     """A contact date as sources send it: 1990-02-28, a date, or a date-time. A date-time with an offset
     (2026-06-02T01:00:00Z) falls on the day it is in `zone`, the contact's: 1 June in New York."""
     if isinstance(value, str) and len(value) > 10:
-        try:
+        with contextlib.suppress(ValueError):  # "1990-02-28 (approx.)": the date it starts with, as before
             value = datetime.fromisoformat(value)
-        except ValueError:
-            pass  # "1990-02-28 (approx.)": the date it starts with, as before
     if isinstance(value, datetime):
         return value.astimezone(zone).date() if value.tzinfo and zone else value.date()
     if isinstance(value, date):
