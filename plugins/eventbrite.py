@@ -20,6 +20,7 @@ from decimal import Decimal, InvalidOperation
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import aiohttp
 from aiohttp import web
@@ -43,6 +44,9 @@ ACTIONS = {
     "attendee.updated": ("attendee", "attendee.updated"),
     "attendee.checked_in": ("attendee", "attendee.checked_in"),
 }
+
+#: The order's attendees and its event with the venue, in the one call (Eventbrite's "expansions").
+ORDER_EXPANSIONS = "attendees,event,event.venue"
 
 _ID = r"[0-9]{1,30}"
 _ATTENDEE_ID = r"[0-9]{1,30}(?:-[0-9]{1,10})?"  # e.g. "690507907-1" in Eventbrite's own SDK fixtures
@@ -157,7 +161,7 @@ class Eventbrite(Source):
             raise MalformedPayload(f"{envelope.action}: {kind} {target.id}: {type(exc).__name__}: {exc}") from None
 
     async def _order(self, target: ApiObject) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        order = await self._get(target.path, {"expand": "attendees"})
+        order = await self._get(target.path, {"expand": ORDER_EXPANSIONS})
         attendees = order.get("attendees")
         if isinstance(attendees, list):
             return order, [a for a in attendees if isinstance(a, dict)]
@@ -369,6 +373,8 @@ def attendee_event(
     }
     if order:
         properties |= {"order_status": order.get("status"), "order_total": order_total}
+    if isinstance(order.get("event"), dict):
+        properties |= event_details(order["event"])
     correlation = [f"eventbrite-attendee:{attendee_id}"]
     if order_id:
         correlation.append(f"eventbrite-order:{order_id}")
@@ -385,6 +391,59 @@ def attendee_event(
         properties=properties,
         correlation=correlation,
     )
+
+
+def event_details(event: dict[str, Any]) -> dict[str, Any]:
+    """The event's name, start and end (`starts_at`: ISO 8601 in UTC, for a step's `at:`; `starts_local`
+    as the organiser wrote it), its time zone and venue."""
+    name = event.get("name")
+    start, start_zone = _moment(event.get("start"))
+    end, _ = _moment(event.get("end"))
+    return {
+        "event_name": _text(name.get("text")) if isinstance(name, dict) else _text(name),
+        "starts_at": start.isoformat() if start else None,
+        "starts_local": start.astimezone(start_zone).replace(tzinfo=None).isoformat() if start and start_zone else None,
+        "ends_at": end.isoformat() if end else None,
+        "timezone": start_zone.key if start_zone else None,
+        "online_event": event.get("online_event") if isinstance(event.get("online_event"), bool) else None,
+        "venue": _venue(event.get("venue")),
+    }
+
+
+def _moment(value: Any) -> tuple[datetime | None, ZoneInfo | None]:
+    """Eventbrite's `{timezone, local, utc}`: the UTC moment (from `utc`, else `local` in `timezone`) and the zone."""
+    if not isinstance(value, dict):
+        return None, None
+    zone = _zone(value.get("timezone"))
+    for text, default in ((value.get("utc"), ZoneInfo("UTC")), (value.get("local"), zone)):
+        if not isinstance(text, str) or default is None:
+            continue
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            continue
+        return (moment if moment.tzinfo else moment.replace(tzinfo=default)).astimezone(UTC), zone
+    return None, zone
+
+
+def _zone(value: Any) -> ZoneInfo | None:
+    try:
+        return ZoneInfo(value) if isinstance(value, str) and value else None
+    except (ZoneInfoNotFoundError, ValueError):
+        return None
+
+
+def _venue(value: Any) -> dict[str, Any] | None:
+    if not isinstance(value, dict):
+        return None
+    address = value.get("address") if isinstance(value.get("address"), dict) else {}
+    return {
+        "name": _text(value.get("name")),
+        "address": _text(address.get("localized_address_display")) or _text(address.get("address_1")),
+        "city": _text(address.get("city")),
+        "postal_code": _text(address.get("postal_code")),
+        "country": _text(address.get("country")),
+    }
 
 
 def refunded(order: dict[str, Any], attendees: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -20,7 +20,14 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from conftest import FIXTURES, SHARED_PAYLOADS
-from declic_plugins.eventbrite import ACTIONS, Eventbrite, EventbriteConfig, parse_api_url
+from declic_plugins.eventbrite import (
+    ACTIONS,
+    ORDER_EXPANSIONS,
+    Eventbrite,
+    EventbriteConfig,
+    event_details,
+    parse_api_url,
+)
 from gateway import BadRequest, MalformedPayload, RawCall
 from gateway.config import load_config
 from gateway.errors import RetryLater
@@ -235,7 +242,7 @@ async def test_order_placed_becomes_one_ticket_ordered_per_attendee_with_an_emai
     eb: Eventbrite, api: FakeEventbrite
 ) -> None:
     events = await eb.normalize(raw(envelope("order.placed")))
-    assert api.requests == [(ORDER_PATH, {"expand": "attendees"}, f"Bearer {API_TOKEN}")]
+    assert api.requests == [(ORDER_PATH, {"expand": ORDER_EXPANSIONS}, f"Bearer {API_TOKEN}")]
     assert [(e.type, e.contact.email, e.correlation) for e in events] == [
         (
             "ticket.ordered",
@@ -266,6 +273,53 @@ async def test_order_placed_becomes_one_ticket_ordered_per_attendee_with_an_emai
         "ticket_class_name": "Plein tarif",
         "event_id": "881234567890",
     }
+
+
+async def test_ticket_ordered_carries_the_events_name_start_end_zone_and_venue(eb: Eventbrite) -> None:
+    """What a reminder one day before the event needs, from the order's `event` expansion."""
+    camille, _ = await eb.normalize(raw(envelope("order.placed")))
+    assert {k: camille.properties[k] for k in ("event_name", "starts_at", "starts_local", "ends_at", "timezone")} == {
+        "event_name": "Atelier céramique",
+        "starts_at": "2026-06-02T17:00:00+00:00",
+        "starts_local": "2026-06-02T19:00:00",
+        "ends_at": "2026-06-02T20:00:00+00:00",
+        "timezone": "Europe/Paris",
+    }
+    assert camille.properties["venue"] == {
+        "name": "La Halle",
+        "address": "12 rue des Arts, 69001 Lyon",
+        "city": "Lyon",
+        "postal_code": "69001",
+        "country": "FR",
+    }
+
+
+@pytest.mark.parametrize(
+    ("start", "starts_at", "timezone"),
+    [
+        (
+            {"timezone": "America/New_York", "local": "2026-11-01T01:30:00", "utc": "2026-11-01T05:30:00Z"},
+            "2026-11-01T05:30:00+00:00",
+            "America/New_York",
+        ),
+        # no `utc`: the local time in the event's zone (here after the clocks went back: EST, UTC-5)
+        (
+            {"timezone": "America/New_York", "local": "2026-11-02T09:00:00"},
+            "2026-11-02T14:00:00+00:00",
+            "America/New_York",
+        ),
+        ({"timezone": "Europe/Paris", "local": "2026-03-29T10:00:00"}, "2026-03-29T08:00:00+00:00", "Europe/Paris"),
+        ({"timezone": "Mars/Olympus", "utc": "2026-06-02T17:00:00Z"}, "2026-06-02T17:00:00+00:00", None),
+        ({"timezone": "Mars/Olympus", "local": "2026-06-02T19:00:00"}, None, None),  # no zone: no moment
+        ({"local": "not a date", "utc": 17}, None, None),
+        (None, None, None),
+        ("2026-06-02", None, None),
+    ],
+)
+def test_event_start_is_read_with_its_time_zone(start: Any, starts_at: str | None, timezone: str | None) -> None:
+    details = event_details({"name": {"text": "x"}, "start": start})
+    assert (details["starts_at"], details["timezone"]) == (starts_at, timezone)
+    assert details["venue"] is None  # an online event, or no venue expansion
 
 
 def with_attendees(change: Callable[[dict[str, Any]], None], status: str = "placed") -> dict[str, Any]:
@@ -406,7 +460,7 @@ async def test_attendees_not_expanded_are_paged_through(
     events = await eb.normalize(raw(envelope("order.placed")))
     assert [e.contact.email for e in events] == ["camille.durand@example.org", "Noah.Martin@example.org"]
     assert [(path, query) for path, query, _ in api.requests] == [
-        (ORDER_PATH, {"expand": "attendees"}),
+        (ORDER_PATH, {"expand": ORDER_EXPANSIONS}),
         (ORDER_PATH + "attendees/", {}),
         (ORDER_PATH + "attendees/", second_query),
     ]
@@ -592,18 +646,30 @@ class Running:
 
 
 async def start(
-    aiohttp_client: Any, tmp_path: Path, db_url: str, api_base: str, smtp_port: int = 1, max_attempts: int = 3
+    aiohttp_client: Any,
+    tmp_path: Path,
+    db_url: str,
+    api_base: str,
+    smtp_port: int = 1,
+    max_attempts: int = 3,
+    rules: str = RULES,
 ) -> Running:
     config = f"""\
+timezone: Europe/Paris
 storage: {{url: '{db_url}'}}
 worker: {{retry_base: 10s, max_attempts: {max_attempts}}}
 sources:
   eb: {{plugin: eventbrite, url_token: {URL_TOKEN}, token: {API_TOKEN}, api_base: '{api_base}'}}
 sinks:
   email: {{plugin: smtp, host: 127.0.0.1, port: {smtp_port}, tls: none, sender: tickets@example.com}}
-{RULES}"""
+{rules}"""
     pm = get_plugin_manager()  # the plugin loads through its entry point, like any installed one
-    templates = {"see-you.subject.j2": "See you soon", "see-you.txt.j2": "Hello {{ contact.first_name }}"}
+    templates = {
+        "see-you.subject.j2": "See you soon",
+        "see-you.txt.j2": "Hello {{ contact.first_name }}",
+        "reminder.subject.j2": "Tomorrow: {{ event.properties.event_name }}",
+        "reminder.txt.j2": "{{ event.properties.venue.name }}, {{ event.properties.starts_local[11:16] }}",
+    }
     settings = load_config(write_deployment(tmp_path, config, templates), collect(pm), pm)
     clock = FakeClock(NOW)
     app = create_app(settings, pm=pm, clock=clock, role="web")
@@ -637,6 +703,40 @@ async def test_end_to_end_orders_and_refunds_through_the_database(
     await d.advance(days=1)
     assert [m["To"] for m in smtp.messages] == ["noah.martin@example.org"]
     assert d.rows("SELECT status FROM inbox ORDER BY id") == [("processed",), ("processed",)]
+
+
+REMINDER = """\
+rules:
+  - name: event-reminder
+    when: ticket.ordered
+    kind: transactional
+    exit_on: [ticket.refunded]
+    steps:
+      - at: "{{ event.properties.starts_at }}"
+        offset: -1d
+        time: "10:00"
+        send: {via: email, template: reminder}
+"""
+
+
+async def test_end_to_end_a_reminder_the_day_before_the_event_at_10_local(
+    aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCatcher, api: FakeEventbrite
+) -> None:
+    """The event starts on 2 June at 19:00 in Paris: the reminder goes on 1 June at 10:00 Paris time, a due
+    time stored in the jobs table the moment the ticket is bought; a refunded attendee gets none."""
+    d = await start(aiohttp_client, tmp_path, db_url, api.base, smtp.port, rules=REMINDER)
+    await d.post(envelope("order.placed"))
+    await d.advance(seconds=0)
+    due = sorted(_utc(due) for (due,) in d.rows("SELECT due_at FROM jobs WHERE kind = 'step'"))
+    assert due == [datetime(2026, 6, 1, 8, 0, tzinfo=UTC)] * 2
+    api.objects[ORDER_PATH] = with_attendees(refund_first)
+    await d.post(envelope("order.refunded"))
+    await d.advance(days=19, hours=21, minutes=59)  # 1 June, 07:59 UTC
+    assert smtp.messages == []
+    await d.advance(minutes=1)
+    [message] = smtp.messages
+    assert (message["To"], message["Subject"]) == ("noah.martin@example.org", "Tomorrow: Atelier céramique")
+    assert message.get_content().strip() == "La Halle, 19:00"
 
 
 async def test_end_to_end_a_forged_api_url_is_stored_failed_and_never_fetched(

@@ -28,7 +28,7 @@ from pydantic import (
 )
 
 from ..errors import ConfigError
-from ..kit.addresses import test_recipient
+from ..kit.addresses import internal_address, test_recipient
 from ..kit.durations import MAX_DURATION, MAX_DURATION_TEXT, Duration, LocalTime, SignedDuration, between
 from ..kit.events import is_known_type
 from ..kit.registry import Registry
@@ -66,14 +66,61 @@ MAX_POINTS = 1_000_000
 MAX_PRIORITY = 1000
 
 
+#: Channels tried in turn by one step: a few is a fallback, more is a broadcast in disguise.
+MAX_FALLBACK = 4
+
+
+def _is_template(text: str) -> bool:
+    return "{{" in text or "{%" in text
+
+
+def _sink_names(value: Any) -> Any:
+    """One sink name, or a short list of distinct ones tried in turn."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list) or not value or not all(isinstance(name, str) for name in value):
+        raise ValueError("expected a sink name, or a list of sink names tried in turn, such as [sms, email]")
+    if len(value) > MAX_FALLBACK:
+        raise ValueError(f"at most {MAX_FALLBACK} sinks to try in turn, not {len(value)}")
+    if len(set(value)) != len(value):
+        raise ValueError("a sink is named twice: each channel is tried once")
+    return value
+
+
 class SendSpec(_Strict):
     """Which sink sends which template."""
 
-    via: str = Field(description="Name of a sink under `sinks:`.")
+    via: Annotated[str | list[str], BeforeValidator(_sink_names)] = Field(
+        description=f"Name of a sink under `sinks:`, or a list of up to {MAX_FALLBACK} tried in order (channel "
+        "fallback): the first with consent and an address; on a permanent failure, the next."
+    )
     template: str = Field(
         max_length=MAX_TEMPLATE_NAME,
         description=f"Template name: <name>.subject.j2, .txt.j2, .html.j2; at most {MAX_TEMPLATE_NAME} characters.",
     )
+    to: str | None = Field(
+        None,
+        min_length=1,
+        max_length=500,
+        description="Internal recipient instead of the contact: an address, or a template such as "
+        "`{{ contact.attributes.owner_email }}`; no consent, quiet hours or pressure, not in the KPIs.",
+    )
+
+    @model_validator(mode="after")
+    def _one_recipient(self) -> SendSpec:
+        if self.to is not None and isinstance(self.via, list) and len(self.via) > 1:
+            raise ValueError("`to:` names one recipient: give it one sink in `via`, not a fallback list")
+        return self
+
+    @property
+    def vias(self) -> list[str]:
+        """The sinks in the order they are tried (one, without fallback)."""
+        return [self.via] if isinstance(self.via, str) else list(self.via)
+
+    @property
+    def to_template(self) -> bool:
+        """Whether `to:` is rendered at send time rather than a literal address."""
+        return self.to is not None and _is_template(self.to)
 
 
 class StepSpec(_Strict):
@@ -84,6 +131,27 @@ class StepSpec(_Strict):
     )
     if_: str | None = Field(None, alias="if", description="Jinja2 expression re-checked at send time.")
     send: SendSpec = Field(description="What to send.")
+    at: str | None = Field(
+        None,
+        min_length=1,
+        max_length=500,
+        description="Instead of `wait`: due at the date-time this template renders (ISO 8601, e.g. "
+        "`{{ event.properties.starts_at }}`); skipped, with the reason, when that moment has passed.",
+    )
+    offset: SignedDuration | None = Field(
+        None, description="With `at`: shift from that moment, e.g. -1d; -10y to +10y."
+    )
+    time: LocalTime | None = Field(
+        None, description="With `at`: the local time of day on the shifted day (contact's time zone), e.g. 10:00."
+    )
+
+    @model_validator(mode="after")
+    def _when_due(self) -> StepSpec:
+        if self.at is not None and "wait" in self.model_fields_set:
+            raise ValueError("a step is due either after `wait` or at `at`, not both")
+        if self.at is None and (self.offset is not None or self.time is not None):
+            raise ValueError("`offset` and `time` shift the moment of `at`: add `at`")
+        return self
 
 
 class ReenterAfter(_Strict):
@@ -749,11 +817,13 @@ def _check_rules(settings: Settings, registry: Registry, pm: pluggy.PluginManage
             step_where = (*where, "steps", k) if (*where, "steps") in report.marks else where
             _check_expression(env, step.if_, (*step_where, "if"), report)
             send_where = (*step_where, "send")
-            if step.send.via not in settings.sinks:
-                sinks = ", ".join(sorted(settings.sinks)) or "none configured"
-                report.add(
-                    (*send_where, "via"), f"no sink named {step.send.via!r} under `sinks:` (configured: {sinks})"
-                )
+            _check_template(env, step.at, (*step_where, "at"), report)
+            for m, via in enumerate(step.send.vias):
+                if via not in settings.sinks:
+                    sinks = ", ".join(sorted(settings.sinks)) or "none configured"
+                    via_where = (*send_where, "via", m) if isinstance(step.send.via, list) else (*send_where, "via")
+                    report.add(via_where, f"no sink named {via!r} under `sinks:` (configured: {sinks})")
+            _check_recipient(settings, env, step.send, (*send_where, "to"), report)
             try:
                 found = "txt" in template_files(templates_dir, step.send.template)
             except OSError as exc:  # a name the file system refuses, before any length limit applies
@@ -767,13 +837,46 @@ def _check_rules(settings: Settings, registry: Registry, pm: pluggy.PluginManage
                 )
 
 
+def _check_template(env: jinja2.Environment, text: str | None, where: yamlmarks.Path, report: _Report) -> None:
+    if text is None:
+        return
+    try:
+        env.from_string(text)
+    except jinja2.TemplateSyntaxError as exc:
+        report.add(where, f"invalid template: {exc.message}")
+
+
+#: The channels whose sinks can carry a message to an address given in `to:`.
+INTERNAL_CHANNELS = ("email", "sms")
+
+
+def _check_recipient(
+    settings: Settings, env: jinja2.Environment, send: SendSpec, where: yamlmarks.Path, report: _Report
+) -> None:
+    """`to:` goes through an e-mail or SMS sink; a literal address is checked now, a template at send time."""
+    if send.to is None:
+        return
+    sink = settings._sinks.get(send.vias[0])
+    channel = sink[0].channel if sink else None
+    if channel is not None and channel not in INTERNAL_CHANNELS:
+        report.add(where, f"`to:` needs an e-mail or SMS sink; {send.vias[0]!r} is a {channel} sink")
+    elif send.to_template:
+        _check_template(env, send.to, where, report)
+    elif channel is not None:
+        try:
+            internal_address(channel, send.to)
+        except ValueError as exc:
+            report.add(where, str(exc))
+
+
 def _check_unsubscribe_links(settings: Settings, report: _Report) -> None:
     """Marketing e-mail always carries a one-click unsubscribe link (RFC 8058), which needs an https public URL."""
     email_sinks = {key for key, (cls, _) in settings._sinks.items() if cls.channel == "email"}
     rules = [
         i
         for i, rule in enumerate(settings.rules)
-        if rule.kind == "marketing" and any(step.send.via in email_sinks for step in rule.steps)
+        if rule.kind == "marketing"
+        and any(set(step.send.vias) & email_sinks for step in rule.steps if step.send.to is None)
     ]
     if not rules:
         return
@@ -797,14 +900,16 @@ def _check_tracking(settings: Settings, report: _Report) -> None:
         return
     for i, rule in enumerate(settings.rules):
         for step in rule.steps:
-            sink = settings._sinks.get(step.send.via)
-            track = rule.tracking(sink[1]) if sink and sink[0].channel == "email" else None
-            if rule.kind != "marketing" and track and (track.opens or track.clicks):
-                report.add(
-                    ("rules", i, "track"),
-                    f"rule {rule.name!r} tracks opens or clicks: needs `public_url:`, where its pixel and links point",
-                )
-                return
+            for via in step.send.vias if step.send.to is None else ():  # internal messages are not tracked
+                sink = settings._sinks.get(via)
+                track = rule.tracking(sink[1]) if sink and sink[0].channel == "email" else None
+                if rule.kind != "marketing" and track and (track.opens or track.clicks):
+                    report.add(
+                        ("rules", i, "track"),
+                        f"rule {rule.name!r} tracks opens or clicks: needs `public_url:`, where its pixel and links "
+                        "point",
+                    )
+                    return
 
 
 def _check_confirmation(settings: Settings, report: _Report) -> None:

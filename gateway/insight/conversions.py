@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..store import CONVERSIONS, DELIVERIES, sql
+from ..store.tables import INTERNAL_KIND
 
 D = DELIVERIES.c
 #: Where goal events usually carry their money, when the rule does not name the property.
@@ -59,6 +60,7 @@ def attribute(
         .where(
             D.enrolment_id.in_(enrolment_ids),
             D.status.in_(("sent", "held_out")),
+            D.kind != INTERNAL_KIND,  # the contact did not get it: the goal is not its doing
             D.sent_at <= at,
             D.sent_at >= at - window,
         )

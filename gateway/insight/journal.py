@@ -10,9 +10,22 @@ from sqlalchemy.engine import Connection
 from ..store import DECISIONS, ENROLMENTS
 
 #: enrolled | not_enrolled (a trigger matched; why not) | send | held_out (holdout group: not sent) |
-#: suppressed | deferred | exited | goal | failed | overtook (went ahead of a stuck call)
+#: suppressed | deferred | exited | goal | failed | overtook (went ahead of a stuck call) |
+#: fallback (a channel of `via: [sms, email]` passed over, the next one tried)
 ACTIONS = frozenset(
-    {"enrolled", "not_enrolled", "send", "held_out", "suppressed", "deferred", "exited", "goal", "failed", "overtook"}
+    {
+        "enrolled",
+        "not_enrolled",
+        "send",
+        "held_out",
+        "suppressed",
+        "deferred",
+        "exited",
+        "goal",
+        "failed",
+        "overtook",
+        "fallback",
+    }
 )
 
 

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..store import CONVERSIONS, DELIVERIES, ENROLMENTS
+from ..store.tables import INTERNAL_KIND
 
 D, E, V = DELIVERIES.c, ENROLMENTS.c, CONVERSIONS.c
 #: What providers and Declic's own tracking said about a sent message; people's opens and clicks
@@ -94,6 +95,7 @@ def _funnel(conn: Connection, found: dict[str, RuleKpis], since: datetime, until
     rows = conn.execute(
         sa.select(D.rule, D.step, sa.func.count().label("sent"), *said)
         .where(D.rule.in_(list(found)), D.sent_at >= since, D.sent_at < until, D.status == "sent")
+        .where(D.kind != INTERNAL_KIND)  # a message about the contact to someone else is not one the contact got
         .group_by(D.rule, D.step)
         .order_by(D.rule, D.step)
     )

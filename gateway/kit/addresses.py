@@ -65,3 +65,22 @@ def test_recipient(text: str, region: str | None = None) -> str:
         hint = "" if text.startswith("+") or region else " (write it with its country code: +33...)"
         raise ValueError(f"not an e-mail address or a phone number: {text!r}{hint}")
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def internal_address(channel: str, text: str) -> str:
+    """A `to:` recipient as the sink takes it: an e-mail address, or a phone number in E.164 (+33612345678).
+
+    Raises InvalidAddress saying what was wrong: a bad `to:` fails its step, it is never guessed at."""
+    shown = text if len(text) <= 80 else text[:80] + "..."
+    if channel == "email":
+        try:
+            return str(parse_email(text.strip()))
+        except InvalidAddress as exc:
+            raise InvalidAddress(f"{shown!r} is not an e-mail address: {exc}") from None
+    try:
+        number = phonenumbers.parse(text.strip(), None)
+    except phonenumbers.NumberParseException:
+        number = None
+    if number is None or not phonenumbers.is_valid_number(number):
+        raise InvalidAddress(f"{shown!r} is not a phone number in international form, such as +33612345678")
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)

@@ -25,7 +25,7 @@ from ..kit.durations import format_duration
 from ..kit.events import ContactRef, Event
 from ..kit.templating import compile_condition
 from ..store import ENROLMENTS, META, jobqueue, sql
-from . import contacts, triggers
+from . import contacts, moments, triggers
 from .eventlog import store_event
 
 log = structlog.get_logger("declic.router")
@@ -38,10 +38,21 @@ class CompiledRule:
     spec: RuleSpec
     condition: Any | None
     step_conditions: tuple[Any | None, ...]
+    #: Steps' `at` and `to` templates (None where the step has none, or a literal `to`).
+    step_moments: tuple[jinja2.Template | None, ...] = ()
+    step_recipients: tuple[jinja2.Template | None, ...] = ()
+    #: The time zone of contacts who have none, for steps due at a local time.
+    timezone: str = "UTC"
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def moment(self, step: int) -> jinja2.Template | None:
+        return self.step_moments[step] if step < len(self.step_moments) else None
+
+    def recipient(self, step: int) -> jinja2.Template | None:
+        return self.step_recipients[step] if step < len(self.step_recipients) else None
 
 
 class Router:
@@ -73,6 +84,9 @@ class Router:
                 spec,
                 compile_condition(env, spec.if_) if spec.if_ else None,
                 tuple(compile_condition(env, s.if_) if s.if_ else None for s in spec.steps),
+                tuple(env.from_string(s.at) if s.at else None for s in spec.steps),
+                tuple(env.from_string(s.send.to) if s.send.to_template and s.send.to else None for s in spec.steps),
+                timezone,
             )
             self.rules[spec.name] = rule
             for kind, index in self._by.items():
@@ -309,7 +323,9 @@ def enrol(
         why = f"already enrolled for occurrence {occurrence}"
         journal.record(conn, base, rule.name, contact_id, "not_enrolled", reason=why, event_id=event_id)
         return None
-    jobqueue.add_step(conn, enrolment_id, 0, base + rule.spec.steps[0].wait, base, rule.spec.priority)
+    first = rule.spec.steps[0]
+    due = moments.due_at(conn, first, rule.moment(0), event_id, contact_id, rule.timezone, base)
+    jobqueue.add_step(conn, enrolment_id, 0, due, base, rule.spec.priority)
     held = f"held out ({rule.spec.holdout:.0%} holdout): no message will be sent" if held_out else None
     journal.record(conn, base, rule.name, contact_id, "enrolled", reason=held, event_id=event_id)
     log.info("enrolled", rule=rule.name, event_id=event_id, contact_id=contact_id, held_out=held_out)

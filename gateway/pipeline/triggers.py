@@ -8,6 +8,7 @@ start-up schedules what a config change added (a new date rule, a new time zone)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -32,10 +33,14 @@ def zone_of(contact: dict[str, Any], default: str) -> ZoneInfo:
         return ZoneInfo(default)
 
 
-def parse_date(value: Any) -> date | None:
-    """A contact date as sources send it: 1990-02-28, 1990-02-28T00:00:00Z, or a date."""
+def parse_date(value: Any, zone: ZoneInfo | None = None) -> date | None:
+    """A contact date as sources send it: 1990-02-28, a date, or a date-time. A date-time with an offset
+    (2026-06-02T01:00:00Z) falls on the day it is in `zone`, the contact's: 1 June in New York."""
+    if isinstance(value, str) and len(value) > 10:
+        with contextlib.suppress(ValueError):  # "1990-02-28 (approx.)": the date it starts with, as before
+            value = datetime.fromisoformat(value)
     if isinstance(value, datetime):
-        return value.date()
+        return value.astimezone(zone).date() if value.tzinfo and zone else value.date()
     if isinstance(value, date):
         return value
     try:
@@ -76,11 +81,12 @@ def next_occurrence(
     conn: Connection, rule: RuleSpec, contact: dict[str, Any], default_zone: str, now: datetime
 ) -> Occurrence | None:
     """The first firing not older than `catch_up` and not already enrolled."""
-    value = parse_date(contact.get("attributes", {}).get(rule.date_attribute))
+    zone = zone_of(contact, default_zone)
+    value = parse_date(contact.get("attributes", {}).get(rule.date_attribute), zone)
     if value is None:
         return None
     done = set(conn.execute(_ENROLLED, {"rule": rule.name, "contact_id": contact["id"]}).scalars())
-    for occurrence in occurrences(rule, value, zone_of(contact, default_zone), now):
+    for occurrence in occurrences(rule, value, zone, now):
         if occurrence.fire_at >= now - rule.catch_up and occurrence.key not in done:
             return occurrence
     return None

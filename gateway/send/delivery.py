@@ -6,7 +6,7 @@ import asyncio
 import functools
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -19,14 +19,16 @@ from ..config import PoliciesSpec, WorkerSpec
 from ..config.settings import CONFIRM_RULE
 from ..errors import TemplateProblem
 from ..insight import journal, rendered
+from ..kit.addresses import internal_address
 from ..kit.sinks import DeliveryResult, Message, Outcome, SendContext, Sink
 from ..kit.templating import RenderLimits, render_message
-from ..pipeline import contacts
+from ..pipeline import contacts, moments
 from ..pipeline.eventlog import load_event
 from ..pipeline.router import CompiledRule, Router
 from ..pipeline.triggers import zone_of
 from ..store import CONTACTS, DELIVERIES, ENROLMENTS, jobqueue, sql
 from ..store.jobqueue import ClaimedJob
+from ..store.tables import INTERNAL_KIND
 from . import links
 from .policies import Deferral, pressure_until, quiet_until
 from .tracking import Tracking, track_html
@@ -37,8 +39,11 @@ if TYPE_CHECKING:
 log = structlog.get_logger("declic.delivery")
 D = DELIVERIES.c
 E = ENROLMENTS.c
-#: Outcomes after which a step is over, whatever happens to its job afterwards.
-FINAL = ("sent", "suppressed", "address_invalid", "opted_out", "held_out")
+#: Outcomes after which a step is over, whatever channel gave them and whatever happens to its job afterwards.
+OVER = ("sent", "suppressed", "held_out")
+#: Outcomes that spend one channel of a step for good: the next of `via: [sms, email]` is tried, if any.
+SPENT = ("address_invalid", "opted_out")
+
 #: Threads that render messages: a slow template holds one of them, never the database thread or the event
 #: loop. A few, not one per step: the GIL runs one at a time anyway, and a slow render must not stop the rest.
 RENDER_THREADS = 4
@@ -89,6 +94,8 @@ class Send:
     sink: Sink
     draft: Draft
     context: SendContext
+    #: A message about the contact to someone else (`to:`): not the contact's, not in its KPIs or pressure.
+    internal: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,7 @@ class Step:
     contact_id: int
     key: str
     sink: Sink
+    internal: bool = False
 
 
 @dataclass
@@ -128,19 +136,35 @@ class StepRunner:
             return None
         spec = rule.spec.steps[job.step]
         key = idempotency_key(enrolment.rule, enrolment.contact_id, enrolment.occurrence, job.step)
-        step = Step(job, rule, enrolment.id, enrolment.contact_id, key, self.sinks[spec.send.via])
-        if conn.execute(_DELIVERY_STATUS, {"key": key}).scalar_one_or_none() in FINAL:
+        channels = channel_keys(key, spec.send.vias)
+        statuses: dict[str, str] = {
+            row.idempotency_key: row.status
+            for row in conn.execute(_DELIVERY_STATUSES, {"keys": [k for _, k in channels]})
+        }
+        left = [(via, k) for i, (via, k) in enumerate(channels) if not _spent(statuses.get(k), i == len(channels) - 1)]
+        first = left[0] if left else channels[0]
+        step = Step(
+            job, rule, enrolment.id, enrolment.contact_id, first[1], self.sinks[first[0]], spec.send.to is not None
+        )
+        if not left or any(statuses.get(k) in OVER for _, k in channels):
             self._advance(conn, step, now)  # the outcome was recorded, the job was not
             return None
-        if self._capped(rule) and conn.dialect.name == "postgresql":
+        if self._capped(rule) and not step.internal and conn.dialect.name == "postgresql":
             # Serialise one contact's capped sends across workers, so two cannot both take the last slot.
             conn.execute(sa.select(CONTACTS.c.id).where(CONTACTS.c.id == enrolment.contact_id).with_for_update())
-        draft, context = self.compose(conn, rule, job.step, enrolment.contact_id, enrolment.event_id, key, now)
+        context = self._context(conn, rule, job.step, enrolment.contact_id, enrolment.event_id)
         contact = context["contact"]
-        reason = self.suppression(rule, job.step, step.sink, contact, context)
+        reason = self._too_late(rule, job, contact, context) or self._condition(rule, job.step, context)
         if reason:
             self._suppress(conn, step, reason, now)
             return None
+        if step.internal:
+            return self._internal(conn, step, enrolment.id, context, now)
+        chosen, why = self._channel(conn, step, left, contact, now)
+        if chosen is None:
+            self._suppress(conn, step, why, now)
+            return None
+        step = chosen
         deferral = self._deferral(conn, rule, step.sink, contact, now)
         if deferral is not None:
             self._defer(conn, step, deferral, now)
@@ -150,6 +174,7 @@ class StepRunner:
             return None
         if self._capped(rule):
             self._record(conn, step, "sending", None, now, sent_at=now)  # holds its slot under the cap
+        draft = self._draft(conn, rule, job.step, step.sink, step.key, context, now)
         send_context = SendContext(rule.name, job.step + 1, rule.spec.kind, dict(contact), context["event"])
         return Send(job, rule, enrolment.id, step.contact_id, step.sink, draft, send_context)
 
@@ -164,39 +189,143 @@ class StepRunner:
         now: datetime,
         template: str | None = None,
     ) -> tuple[Draft, dict[str, Any]]:
-        """The message step `index` of `rule` sends the contact now, and the context it is rendered with.
+        """The message step `index` of `rule` sends the contact now on its first channel, and the context it
+        is rendered with: what `declic preview` and `declic send-test` show and send, built by the same two
+        methods the worker's prepare() uses. `template` overrides the step's (a variant's); nothing is
+        written but the link key, on first use."""
+        context = self._context(conn, rule, index, contact_id, event_id)
+        sink = self.sinks[rule.spec.steps[index].send.vias[0]]
+        return self._draft(conn, rule, index, sink, key, context, now, template), context
 
-        The one place a step's message is put together: the worker, `declic preview` and `declic send-test`
-        all come through here. `template` overrides the step's (a variant's); nothing is written but the
-        link key, on first use.
-        """
-        spec = rule.spec.steps[index]
-        sink = self.sinks[spec.send.via]
-        contact = contacts.view(conn, contact_id)
+    def suppression(
+        self, rule: CompiledRule, step: int, sink: Sink, contact: dict[str, Any], context: dict[str, Any]
+    ) -> str | None:
+        """Why the worker would not send step `step` on `sink` now (its `if`, the address, consent), or None."""
+        return self._condition(rule, step, context) or self._unusable(rule, sink, contact)
+
+    def _context(
+        self, conn: Connection, rule: CompiledRule, index: int, contact_id: int, event_id: str
+    ) -> dict[str, Any]:
+        """What a step's `if` and templates see; `unsubscribe_url` is set once the channel is known."""
         event = load_event(conn, event_id)
-        headers, unsubscribe_url = self._unsubscribe(conn, rule, sink, contact_id, key)
-        context = {
+        context: dict[str, Any] = {
             "event": event,
-            "contact": contact,
+            "contact": contacts.view(conn, contact_id),
             "rule": rule.name,
             "step": index + 1,
-            "unsubscribe_url": unsubscribe_url,
+            "unsubscribe_url": None,
         }
         if rule.name == CONFIRM_RULE:
             channel = str(event["properties"]["channel"])  # type: ignore[index]
             context["confirm_url"] = self._link(conn, links.CONFIRM, contact_id, channel)
-        limits = self.worker_spec.templates
-        draft = Draft(
+        return context
+
+    def _draft(
+        self,
+        conn: Connection,
+        rule: CompiledRule,
+        index: int,
+        sink: Sink,
+        key: str,
+        context: dict[str, Any],
+        now: datetime,
+        template: str | None = None,
+    ) -> Draft:
+        """The message on `sink`, its unsubscribe link and tracking included."""
+        contact_id = context["contact"]["id"]
+        headers, context["unsubscribe_url"] = self._unsubscribe(conn, rule, sink, contact_id, key)
+        return Draft(
             self.env,
-            template or spec.send.template,
+            template or rule.spec.steps[index].send.template,
             context,
-            RenderLimits(limits.cpu_time.total_seconds(), limits.output_bytes),
-            sink.address(contact) or "",
+            self._limits(),
+            sink.address(context["contact"]) or "",
             key,
             headers,
             self._tracking(conn, rule, sink, contact_id, key, now),
         )
-        return draft, context
+
+    def _limits(self) -> RenderLimits:
+        limits = self.worker_spec.templates
+        return RenderLimits(limits.cpu_time.total_seconds(), limits.output_bytes)
+
+    def _too_late(
+        self, rule: CompiledRule, job: ClaimedJob, contact: dict[str, Any], context: dict[str, Any]
+    ) -> str | None:
+        """A step due at a moment of the event (`at`) is skipped when that moment had passed when it was
+        scheduled (a ticket bought an hour before the reminder's moment), or when `at` gave no date-time."""
+        template = rule.moment(job.step)
+        if template is None:
+            return None
+        spec = rule.spec.steps[job.step]
+        found = moments.step_moment(template, spec, context, zone_of(contact, self.timezone))
+        if found.at is None:
+            return f"skipped: {found.problem}"
+        scheduled = job.created_at or job.due_at
+        if found.at < scheduled:
+            return (
+                f"skipped: its moment ({moments.describe(found.at)}) had passed when the step was scheduled "
+                f"({moments.describe(scheduled)})"
+            )
+        return None
+
+    def _channel(
+        self, conn: Connection, step: Step, left: list[tuple[str, str]], contact: dict[str, Any], now: datetime
+    ) -> tuple[Step | None, str]:
+        """The step on the first channel with consent and a usable address, the ones passed over journalled
+        as `fallback`; (None, why) when none is usable."""
+        passed: list[tuple[str, str]] = []
+        for via, key in left:
+            sink = self.sinks[via]
+            why = self._unusable(step.rule, sink, contact)
+            if why is None:
+                for skipped, said in passed:
+                    reason = f"{said}; trying {via}"
+                    journal.record(
+                        conn,
+                        now,
+                        step.rule.name,
+                        step.contact_id,
+                        "fallback",
+                        step=step.job.step + 1,
+                        via=skipped,
+                        reason=reason,
+                    )
+                return replace(step, key=key, sink=sink), ""
+            passed.append((via, why))
+        return None, passed[0][1] if len(passed) == 1 else "; ".join(f"{via}: {why}" for via, why in passed)
+
+    def _internal(
+        self, conn: Connection, step: Step, enrolment_id: int, context: dict[str, Any], now: datetime
+    ) -> Send | None:
+        """A message about the contact to someone else (`to:`): no consent, quiet hours, pressure or holdout,
+        no unsubscribe link or tracking. A `to:` that does not give a valid address fails the step for good."""
+        spec = step.rule.spec.steps[step.job.step]
+        template = step.rule.recipient(step.job.step)
+        try:
+            written = template.render(**context) if template is not None else spec.send.to or ""
+            to = internal_address(step.sink.channel, written)
+        except Exception as exc:  # a template on odd data, or an address that is not one: never retried
+            reason = f"internal recipient {spec.send.to}: {exc}"
+            self._record(conn, step, "failed", reason, now)
+            journal.record(
+                conn,
+                now,
+                step.rule.name,
+                step.contact_id,
+                "failed",
+                step=step.job.step + 1,
+                via=step.sink.key,
+                reason=reason,
+            )
+            jobqueue.finish(conn, step.job, self.worker_id, now, "dead", reason)
+            return None
+        draft = Draft(self.env, spec.send.template, context, self._limits(), to, step.key, {})
+        event = context["event"]
+        send_context = SendContext(
+            step.rule.name, step.job.step + 1, step.rule.spec.kind, dict(context["contact"]), event
+        )
+        return Send(step.job, step.rule, enrolment_id, step.contact_id, step.sink, draft, send_context, internal=True)
 
     def _unsubscribe(
         self, conn: Connection, rule: CompiledRule, sink: Sink, contact_id: int, key: str
@@ -235,9 +364,7 @@ class StepRunner:
         cap = self.policies.pressure
         return cap is not None and rule.spec.kind not in cap.exempt
 
-    def suppression(
-        self, rule: CompiledRule, step: int, sink: Sink, contact: dict[str, Any], context: dict[str, Any]
-    ) -> str | None:
+    def _condition(self, rule: CompiledRule, step: int, context: dict[str, Any]) -> str | None:
         condition = rule.step_conditions[step]
         if condition is not None:
             try:
@@ -245,6 +372,10 @@ class StepRunner:
                     return "step condition is false"
             except Exception as exc:
                 return f"step condition failed: {exc}"
+        return None
+
+    def _unusable(self, rule: CompiledRule, sink: Sink, contact: dict[str, Any]) -> str | None:
+        """Why this channel cannot reach the contact now: no address, a bad one, or no consent."""
         if sink.address(contact) is None:
             return f"contact has no {sink.channel} address"
         if sink.channel == "email" and contact["email_status"] in ("bouncing", "erased"):
@@ -313,34 +444,39 @@ class StepRunner:
         log.info("step deferred", rule=step.rule.name, step=step.job.step + 1, reason=deferral.reason)
 
     def record(self, conn: Connection, send: Send, result: DeliveryResult, message: Message | None = None) -> None:
-        """Store the sink's answer (and the message as sent) and move the journey on, in one transaction."""
+        """Store the sink's answer (and the message as sent) and move the journey on (or to the step's next
+        channel), in one transaction."""
         now = self.clock.now()
         job, rule = send.job, send.rule
-        step = Step(job, rule, send.enrolment_id, send.contact_id, send.draft.idempotency_key, send.sink)
+        step = Step(job, rule, send.enrolment_id, send.contact_id, send.draft.idempotency_key, send.sink, send.internal)
         number, via = job.step + 1, send.sink.key
-        if result.invalid_addresses and result.outcome is not Outcome.ADDRESS_INVALID:
+        ours = not send.internal  # an internal recipient's failures say nothing about the contact's addresses
+        if result.invalid_addresses and result.outcome is not Outcome.ADDRESS_INVALID and ours:
             contacts.forget_addresses(conn, send.contact_id, send.sink.channel, result.invalid_addresses, now)
+        following = self._next_channel(step) if ours else None
+        then = f"; trying {following}" if following else ""
         if result.outcome is Outcome.SENT:
             self._record(conn, step, "sent", None, now, result.provider_id, sent_at=now)
-            if message is not None and self.keep_rendered:
+            if message is not None and self.keep_rendered and ours:  # a rep's alert is not the contact's mail
                 rendered.keep(conn, step.key, send.contact_id, now, message)
-            journal.record(conn, now, rule.name, send.contact_id, "send", step=number, via=via)
+            said = f"internal: to {send.draft.to}" if send.internal else None
+            journal.record(conn, now, rule.name, send.contact_id, "send", step=number, via=via, reason=said)
             self._advance(conn, step, now)
-        elif result.outcome is Outcome.OPTED_OUT:
+        elif result.outcome is Outcome.OPTED_OUT and ours:
             self._record(conn, step, "opted_out", result.error, now)
             journal.record(
                 conn,
                 now,
                 rule.name,
                 send.contact_id,
-                "suppressed",
+                "failed" if following else "suppressed",
                 step=number,
                 via=via,
-                reason=f"the recipient opted out: {result.error}",
+                reason=f"the recipient opted out: {result.error}{then}",
             )
             contacts.withdraw(conn, send.contact_id, send.sink.channel, send.sink.key, now, result.error)
-            self._advance(conn, step, now)
-        elif result.outcome is Outcome.ADDRESS_INVALID:
+            self._fall_back(conn, step, following, now)
+        elif result.outcome is Outcome.ADDRESS_INVALID and ours:
             self._record(conn, step, "address_invalid", result.error, now)
             journal.record(
                 conn,
@@ -350,11 +486,11 @@ class StepRunner:
                 "failed",
                 step=number,
                 via=via,
-                reason=f"address invalid: {result.error}",
+                reason=f"address invalid: {result.error}{then}",
             )
             addresses = result.invalid_addresses or (send.draft.to,)
             contacts.forget_addresses(conn, send.contact_id, send.sink.channel, addresses, now)
-            self._advance(conn, step, now)
+            self._fall_back(conn, step, following, now)
         elif result.outcome is Outcome.RETRY and not job.retried_too_long(
             self._failing_since(conn, step, now), now, self.worker_spec.retry_for, self.worker_spec.max_attempts
         ):
@@ -366,10 +502,29 @@ class StepRunner:
         else:
             reason = result.error or "failed"
             if result.outcome is Outcome.RETRY:
-                reason = f"gave up after {job.attempts} attempts: {reason}"
+                reason, following, then = f"gave up after {job.attempts} attempts: {reason}", None, ""
+            if send.internal:
+                reason = f"internal: to {send.draft.to}: {reason}"
             self._record(conn, step, "failed", reason, now)
-            journal.record(conn, now, rule.name, send.contact_id, "failed", step=number, via=via, reason=reason)
-            jobqueue.finish(conn, job, self.worker_id, now, "dead", reason)
+            journal.record(conn, now, rule.name, send.contact_id, "failed", step=number, via=via, reason=reason + then)
+            if following:
+                self._fall_back(conn, step, following, now)
+            else:
+                jobqueue.finish(conn, job, self.worker_id, now, "dead", reason)
+
+    def _next_channel(self, step: Step) -> str | None:
+        """The sink after this one in the step's `via` list, if any."""
+        vias = step.rule.spec.steps[step.job.step].send.vias
+        index = vias.index(step.sink.key) if step.sink.key in vias else len(vias)
+        return vias[index + 1] if index + 1 < len(vias) else None
+
+    def _fall_back(self, conn: Connection, step: Step, following: str | None, now: datetime) -> None:
+        """After a permanent failure: the step again at once, where prepare() picks the next usable channel
+        (this one is spent); without a next channel, the journey goes on."""
+        if following is None:
+            self._advance(conn, step, now)
+            return
+        jobqueue.defer(conn, step.job, self.worker_id, now, now, f"{step.sink.key} failed; trying {following}")
 
     def _failing_since(self, conn: Connection, step: Step, now: datetime) -> datetime:
         """When the step's first attempt failed: its delivery row is written then (not when it was due:
@@ -382,9 +537,16 @@ class StepRunner:
         following = step.job.step + 1
         steps = step.rule.spec.steps
         if following < len(steps):
-            jobqueue.add_step(
-                conn, step.enrolment_id, following, now + steps[following].wait, now, step.rule.spec.priority
+            due = moments.due_at(
+                conn,
+                steps[following],
+                step.rule.moment(following),
+                step.enrolment_id,
+                step.contact_id,
+                self.timezone,
+                now,
             )
+            jobqueue.add_step(conn, step.enrolment_id, following, due, now, step.rule.spec.priority)
         else:
             conn.execute(_COMPLETE, {"enrolment_id": step.enrolment_id, "now": now})
 
@@ -406,7 +568,7 @@ class StepRunner:
             "step": step.job.step + 1,
             "contact_id": step.contact_id,
             "sink": step.sink.key,
-            "kind": step.rule.spec.kind,
+            "kind": INTERNAL_KIND if step.internal else step.rule.spec.kind,
             "created_at": now,
             "status": status,
             "reason": reason,
@@ -437,13 +599,28 @@ def _upsert_delivery(dialect: str) -> sa.Insert:
 
 
 _ENROLMENT = sa.select(ENROLMENTS).where(E.id == sa.bindparam("enrolment_id"))
-_DELIVERY_STATUS = sa.select(D.status).where(D.idempotency_key == sa.bindparam("key"))
+_DELIVERY_STATUSES = sa.select(D.idempotency_key, D.status).where(
+    D.idempotency_key.in_(sa.bindparam("keys", expanding=True))
+)
 _DELIVERY_SINCE = sa.select(D.created_at).where(D.idempotency_key == sa.bindparam("key"))
 _COMPLETE = (
     sa.update(ENROLMENTS)
     .where(E.id == sa.bindparam("enrolment_id"), E.status == "active")
     .values(status="completed", ended_at=sa.bindparam("now"))
 )
+
+
+def _spent(status: str | None, last: bool) -> bool:
+    """A channel is spent by a permanent failure; a failed last channel is retried when its job is replayed."""
+    return status in SPENT or (status == "failed" and not last)
+
+
+def channel_keys(key: str, vias: list[str]) -> list[tuple[str, str]]:
+    """(sink, delivery key) for each channel of a step: the first keeps the step's key, so a step that gains
+    fallback channels keeps its deliveries; the others are keyed by sink name."""
+    return [
+        (via, key if i == 0 else f"{key}-{hashlib.sha256(via.encode()).hexdigest()[:8]}") for i, via in enumerate(vias)
+    ]
 
 
 def idempotency_key(rule: str, contact_id: int, occurrence: str, step: int) -> str:

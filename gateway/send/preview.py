@@ -86,7 +86,7 @@ def render(
         occurrence = f"test:{secrets.token_hex(8)}"
     key = idempotency_key(rule.name, contact_id, occurrence, index)
     draft, context = runner.compose(conn, rule, index, contact_id, event_id, key, now, template)
-    sink = runner.sinks[rule.spec.steps[index].send.via]
+    sink = runner.sinks[rule.spec.steps[index].send.vias[0]]
     contact = context["contact"]
     held_back = runner.suppression(rule, index, sink, contact, context)
     message = draft.render()  # in the transaction: the contact's view reads from it

@@ -245,12 +245,17 @@ class Conversion(SQLModel, table=True):
     currency: str | None = Field(default=None, max_length=3)
 
 
+#: deliveries.kind of a message about the contact sent to someone else (`to:`): not the contact's message,
+#: so not in its KPIs, conversions or pressure.
+INTERNAL_KIND = "internal"
+
+
 class Delivery(SQLModel, table=True):
     """What happened to one (rule, contact, step, occurrence): at most one row, at most one send."""
 
     __tablename__ = "deliveries"
     #: The KPI funnel reads a rule's range of sends from this index alone (insight/kpis.py).
-    __table_args__ = (Index("ix_deliveries_kpi", "rule", "sent_at", "step", "status", "feedback"),)
+    __table_args__ = (Index("ix_deliveries_kpi", "rule", "sent_at", "step", "status", "feedback", "kind"),)
 
     id: int | None = Field(default=None, primary_key=True)
     idempotency_key: str = Field(max_length=400, unique=True)
@@ -259,7 +264,8 @@ class Delivery(SQLModel, table=True):
     step: int
     contact_id: int = Field(index=True)
     sink: str = Field(max_length=100)
-    kind: str = Field(default="marketing", max_length=20)  # the rule's kind, for pressure caps
+    #: The rule's kind, for pressure caps; `internal` for a message about the contact to someone else (`to:`).
+    kind: str = Field(default="marketing", max_length=20)
     status: str = Field(max_length=20)  # sending|retrying|sent|held_out|suppressed|failed|address_invalid|opted_out
     sent_at: datetime | None = Field(default=None, index=True)
     reason: str | None = Field(default=None, sa_column=Column(Text))

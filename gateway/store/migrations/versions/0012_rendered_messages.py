@@ -1,7 +1,7 @@
 """rendered_messages: each sent message as it was rendered, for the contact's timeline
 
 Revision ID: 0012
-Revises: 0005
+Revises: 0008
 Create Date: 2026-12-04
 """
 
@@ -12,7 +12,7 @@ import sqlmodel
 from alembic import op
 
 revision = "0012"
-down_revision = "0005"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 

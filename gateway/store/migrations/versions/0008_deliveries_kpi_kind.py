@@ -1,0 +1,29 @@
+"""The KPI index carries deliveries.kind: internal messages (`to:`) are left out of the funnel, from the index alone
+
+Revision ID: 0008
+Revises: 0005
+Create Date: 2026-12-04
+"""
+
+from __future__ import annotations
+
+from alembic import op
+
+revision = "0008"
+down_revision = "0005"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("deliveries", schema=None) as batch_op:
+        batch_op.drop_index("ix_deliveries_kpi")
+        batch_op.create_index(
+            "ix_deliveries_kpi", ["rule", "sent_at", "step", "status", "feedback", "kind"], unique=False
+        )
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("deliveries", schema=None) as batch_op:
+        batch_op.drop_index("ix_deliveries_kpi")
+        batch_op.create_index("ix_deliveries_kpi", ["rule", "sent_at", "step", "status", "feedback"], unique=False)
