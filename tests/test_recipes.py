@@ -246,6 +246,85 @@ RECIPES.append(
     )
 )
 
+WELCOME_SERIES = """\
+  - name: welcome-series
+    when: customer.created
+    steps:
+      - send: {via: email, template: t}
+      - wait: 3d
+        send: {via: email, template: t}
+"""
+
+ABANDONED_CART = """\
+  - name: abandoned-cart
+    when: checkout.started
+    if: "event.properties.total_price > 20"
+    exit_on: [order.placed]
+    steps:
+      - wait: 1h
+        send: {via: email, template: t}
+"""
+
+BIRTHDAY = """\
+  - name: birthday
+    on_date: contact.birthday
+    at: "10:00"
+    send: {via: email, template: t}
+"""
+
+RECIPES += [
+    Recipe(
+        "welcome series: now, then three days later",
+        WELCOME_SERIES,
+        """\
+- {at: "2026-03-14T10:00:00Z", type: customer.created, contact: {email: ada@example.org, consent: {email: granted}}}
+- {at: "2026-03-14T10:05:00Z", type: customer.created, contact: {email: nobody@example.org}}
+- {at: "2026-03-18T00:00:00Z", end: true}
+""",
+        [
+            ("2026-03-14T10:00:00Z", "welcome-series", 1, "ada@example.org", "send", "email", None),
+            ("2026-03-14T10:05:00Z", "welcome-series", 1, "nobody@example.org", "suppressed", "email", "no email"),
+            ("2026-03-17T10:00:00Z", "welcome-series", 2, "ada@example.org", "send", "email", None),
+            ("2026-03-17T10:05:00Z", "welcome-series", 2, "nobody@example.org", "suppressed", "email", "no email"),
+        ],
+    ),
+    Recipe(
+        "abandoned cart: one hour later, not when the order came, not for a small cart",
+        ABANDONED_CART,
+        """\
+- {at: "2026-03-14T10:00:00Z", type: checkout.started, correlation: "checkout:1",
+   contact: {email: left@example.org, consent: {email: granted}}, properties: {total_price: 59.90}}
+- {at: "2026-03-14T10:00:00Z", type: checkout.started, correlation: "checkout:2",
+   contact: {email: bought@example.org, consent: {email: granted}}, properties: {total_price: 59.90}}
+- {at: "2026-03-14T10:00:00Z", type: checkout.started, correlation: "checkout:3",
+   contact: {email: small@example.org, consent: {email: granted}}, properties: {total_price: 12}}
+- {at: "2026-03-14T10:30:00Z", type: order.placed, correlation: "checkout:2", contact: {email: bought@example.org}}
+- {at: "2026-03-15T00:00:00Z", end: true}
+""",
+        [
+            ("2026-03-14T10:30:00Z", "abandoned-cart", 1, "bought@example.org", "exited", None, "exit_on order.placed"),
+            ("2026-03-14T11:00:00Z", "abandoned-cart", 1, "left@example.org", "send", "email", None),
+        ],
+    ),
+    Recipe(
+        "birthday at 10:00 in the contact's time zone, every year",
+        BIRTHDAY,
+        """\
+- {at: "2026-03-14T10:00:00Z", type: profile.updated,
+   contact: {email: ada@example.org, birthday: "1990-03-20", consent: {email: granted}}}
+- {at: "2026-03-14T10:00:00Z", type: profile.updated,
+   contact: {email: ny@example.org, birthday: "1985-03-21", timezone: America/New_York, consent: {email: granted}}}
+- {at: "2027-03-22T00:00:00Z", end: true}
+""",
+        [
+            ("2026-03-20T09:00:00Z", "birthday", 1, "ada@example.org", "send", "email", None),  # CET, UTC+1
+            ("2026-03-21T14:00:00Z", "birthday", 1, "ny@example.org", "send", "email", None),  # EDT, UTC-4
+            ("2027-03-20T09:00:00Z", "birthday", 1, "ada@example.org", "send", "email", None),
+            ("2027-03-21T14:00:00Z", "birthday", 1, "ny@example.org", "send", "email", None),
+        ],
+    ),
+]
+
 CONFIG = """\
 public_url: https://hooks.example.com
 timezone: Europe/Paris
@@ -356,17 +435,17 @@ async def test_live(
     live = await start(tmp_path, recipe, db_url, smtp, twilio, aiohttp_client)
     seen = await live.play()
     check(seen, recipe)
-    sent = [(d["via"], d["reason"], d["contact"], d["rule"]) for d in seen if d["action"] == "send"]
+    sent = [(d["via"], d["reason"], d["contact"], d["rule"], d["step"]) for d in seen if d["action"] == "send"]
     mails = sorted((m["To"], m["Subject"]) for m in smtp.messages)
     texts = sorted((r.form["To"][0], r.form["Body"][0]) for r in twilio.requests)
     internal = "internal: to "
     assert mails == sorted(
-        ((reason or internal + contact).removeprefix(internal), f"{rule} 1") for via, reason, contact, rule in sent
-        if via == "email"
+        ((reason or internal + contact).removeprefix(internal), f"{rule} {step}")
+        for via, reason, contact, rule, step in sent if via == "email"
     )  # fmt: skip
     phones = dict(live.rows("SELECT email, phone FROM contacts"))
     assert texts == sorted(
-        (phones[contact], f"{rule} 1 about {contact}") for via, _, contact, rule in sent if via == "sms"
+        (phones[contact], f"{rule} {step} about {contact}") for via, _, contact, rule, step in sent if via == "sms"
     )
 
 
@@ -380,6 +459,7 @@ def test_the_readme_recipes_are_the_ones_tested() -> None:
         title: yaml.safe_load(body) for title, body in re.findall(r"### (.+?)\n.*?```yaml\n(.*?)```", section, re.S)
     }
     tested = {"Event reminder": RECIPES[0], "Lead alert": RECIPES[1], "SMS or e-mail": RECIPES[2]}
+    tested |= {"Welcome series": RECIPES[4], "Abandoned cart": RECIPES[5], "Birthday": RECIPES[6]}
     assert set(tested) <= set(documented)  # other recipes may follow
     for title, recipe in tested.items():
         config = documented[title]
