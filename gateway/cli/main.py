@@ -122,6 +122,16 @@ def reference() -> None:
     click.echo(render(collect(get_plugin_manager())), nl=False)
 
 
+@cli.command()
+def schema() -> None:
+    """Print the config's JSON Schema, the installed plugins' options included (for editors)."""
+    import json
+
+    from ..config.schema import build
+
+    click.echo(json.dumps(build(collect(get_plugin_manager())), indent=2, ensure_ascii=False))
+
+
 @cli.group(invoke_without_command=True)
 @click.pass_context
 def plugins(ctx: click.Context) -> None:
