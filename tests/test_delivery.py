@@ -107,7 +107,10 @@ storage: {{url: '{db_url}'}}
 sources: {{shop: {{plugin: shopify, secret: {SECRET}}}}}
 sinks: {{email: {{plugin: smtp, host: 127.0.0.1, port: {smtp.port}, tls: none, sender: shop@example.com}}}}
 rules:
-  - {{name: order-confirmation, when: order.placed, kind: transactional, send: {{via: email, template: order-confirmation}}}}
+  - name: order-confirmation
+    when: order.placed
+    kind: transactional
+    send: {{via: email, template: order-confirmation}}
 """
     settings, pm, _ = load(str(write_deployment(tmp_path, config, TEMPLATES)))
     clock = FakeClock(datetime(2026, 3, 14, 8, 0, tzinfo=UTC))
