@@ -92,14 +92,18 @@ def test_the_config_compose_mounts_loads_with_the_environment_compose_gives(tmp_
         "SMTP_HOST": "smtp.example.com",
         "SMTP_PORT": "587",
         "SMTP_TLS": "starttls",
+        "SMTP_USERNAME": "declic",
+        "SMTP_PASSWORD": "smtp-password",
+        "SMTP_SENDER": "Boutique <bonjour@shop.example>",
     }
     declic = compose()["services"]["declic"]
     assert set(env) <= set(declic["environment"]), "the environment compose sets"
     pm = get_plugin_manager()
     settings = load_config(ROOT / "config" / "declic.yaml", collect(pm), pm, env=env)
     assert settings.public_url == "https://hooks.example.com"
+    assert settings.sink_plugins["email"][1].sender == "Boutique <bonjour@shop.example>"  # type: ignore[attr-defined]
     [(_, smtp)] = settings.sink_plugins.values()
-    assert (smtp.host, smtp.port, smtp.tls) == ("smtp.example.com", 587, "starttls")  # type: ignore[attr-defined]
+    assert (smtp.host, smtp.port, smtp.tls, smtp.username) == ("smtp.example.com", 587, "starttls", "declic")  # type: ignore[attr-defined]
 
 
 def systemd_analyze(*args: str, unit: Path) -> subprocess.CompletedProcess[str]:
