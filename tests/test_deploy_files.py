@@ -2,14 +2,17 @@
 
 No container runs here (see docs/deployment.md for what CI can and cannot do): each file is
 checked by the tool its ecosystem uses (hadolint, the Compose Specification's JSON Schema,
-systemd-analyze), and what Declic itself reads from them is loaded for real.
+systemd-analyze), what Declic reads from them is loaded for real, and the image's entry
+point runs the demo with the image's environment and folders mapped into a temporary one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +22,8 @@ import yaml
 
 from gateway.config import load_config
 from gateway.plugins import collect, get_plugin_manager
+from gateway.testing import SmtpCatcher, free_port, shopify_headers
+from processes import order_body, request, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,3 +137,74 @@ def test_the_systemd_unit_is_hardened(unit: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr
     score = re.search(r"Overall exposure level for declic.service: (\d+\.\d+)", done.stdout)
     assert score and float(score.group(1)) <= 2.0, done.stdout[-500:]
+
+
+# --- the image's entry point, run without a container runtime ------------------------------------
+
+
+def final_stage(dockerfile: str) -> list[tuple[str, str]]:
+    """(instruction, arguments) of the Dockerfile's last stage, continuation lines joined."""
+    text = re.sub(r"\\\n\s*", " ", dockerfile)
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    last = max(i for i, line in enumerate(lines) if line.startswith("FROM "))
+    return [tuple(line.split(None, 1)) for line in lines[last:]]  # type: ignore[misc]
+
+
+@pytest.mark.timeout(90)
+def test_the_images_entry_point_serves_the_demo_checks_health_and_stops_on_sigterm(tmp_path: Path) -> None:
+    """What the image runs (its ENV, WORKDIR, ENTRYPOINT + CMD and HEALTHCHECK, read from the
+    Dockerfile) run here with the image's folders mapped into tmp_path: the demo answers, mails,
+    writes only to its state folder, and stops cleanly on SIGTERM."""
+    stage = dict(final_stage((ROOT / "Dockerfile").read_text()))
+    etc, state = tmp_path / "etc", tmp_path / "state"
+    shutil.copytree(ROOT / "config", etc, ignore=shutil.ignore_patterns("*.db*"))
+    state.mkdir()
+    port = free_port()
+
+    def mapped(text: str) -> str:
+        bin_dir = str(Path(sys.executable).parent)
+        return (
+            text.replace("/etc/declic", str(etc))
+            .replace("/var/lib/declic", str(state))
+            .replace("/opt/declic/bin", bin_dir)
+        )
+
+    image_env = dict(re.findall(r"(\w+)=(\S+)", stage["ENV"]))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DECLIC_", "SMTP_"))}
+    env |= {k: mapped(v).replace("$PATH", os.environ["PATH"]) for k, v in image_env.items()}
+    command = [*json.loads(stage["ENTRYPOINT"]), *json.loads(stage["CMD"])]
+    command = [mapped(c) for c in command]
+    command[command.index("--port") + 1] = str(port)
+    health = json.loads(stage["HEALTHCHECK"].split(" CMD ", 1)[1])
+    health = [mapped(part).replace(":8080/", f":{port}/") for part in health]
+    assert stage["WORKDIR"] == "/var/lib/declic" and stage["USER"] == "10001:10001"
+    before = sorted(p.relative_to(etc) for p in etc.rglob("*"))
+
+    smtp = SmtpCatcher().start()
+    env |= {"SMTP_PORT": str(smtp.port)}
+    log = tmp_path / "declic.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(command, env=env, cwd=state, stdout=out, stderr=subprocess.STDOUT)
+    try:
+
+        def healthy() -> bool:
+            assert proc.poll() is None, log.read_text()
+            return subprocess.run(health, env=env, capture_output=True, timeout=10).returncode == 0
+
+        wait_until(healthy, 30, "the HEALTHCHECK to pass")
+        body = order_body(1)
+        headers = shopify_headers(body, "demo-secret", "orders/create", "image-1")
+        assert request(f"http://127.0.0.1:{port}/hooks/shop", body, headers).status == 200
+        wait_until(lambda: len(smtp.messages) == 1, 30, "the order confirmation")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        smtp.stop()
+    text = log.read_text()
+    events = [json.loads(line)["event"] for line in text.splitlines()]
+    assert events[0] == "listening" and events[-1] == "gateway stopped", text
+    assert sorted(p.relative_to(etc) for p in etc.rglob("*")) == before  # the config folder may be read-only
+    assert (state / "declic.db").exists()
