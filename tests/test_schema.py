@@ -96,6 +96,7 @@ def test_every_config_example_in_the_docs_is_valid() -> None:
         ({"sinks": {"email": {"plugin": "smtpp"}}}, "'smtpp' is not one of"),
         ({"sinks": {"email": {"plugin": "smtp", "sender": "a@example.com", "hots": "x"}}}, "'hots' was unexpected"),
         ({"sinks": {"email": {"plugin": "smtp"}}}, "'sender' is a required property"),
+        ({"sinks": {"email": {"host": "smtp.example.com"}}}, "'plugin' is a required property"),
         ({"sinks": {"email": {"plugin": "smtp", "sender": "a@example.com", "tls": "maybe"}}}, "is not valid under"),
         ({"rules": [{"name": "x", "when": "order.placed", "holdout": "80 percent"}]}, "is not valid under"),
         ({"sources": {"Shop": {"plugin": "shopify", "secret": "s"}}}, "'Shop' does not match"),

@@ -94,7 +94,10 @@ def build(registry: Registry) -> dict[str, Any]:
             "required": ["plugin"],
             # if/then rather than oneOf: a mistake is reported against the named plugin's options only.
             "allOf": [
-                {"if": {"properties": {"plugin": {"const": name}}}, "then": {"$ref": f"#/$defs/{table}.{name}"}}
+                {
+                    "if": {"properties": {"plugin": {"const": name}}, "required": ["plugin"]},
+                    "then": {"$ref": f"#/$defs/{table}.{name}"},
+                }
                 for name in sorted(name for t, name, _ in plugins if t == table)
             ],
         }
