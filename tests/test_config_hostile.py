@@ -47,7 +47,7 @@ ENV = {
         "".join(p.read_text() for p in [DEMO, ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]),
     )
 } | {"DECLIC_DATABASE_URL": "sqlite:///declic-demo.db"}
-for _name in ("SMTP_HOST", "SMTP_PORT", "SMTP_TLS", "DECLIC_PUBLIC_URL"):
+for _name in ("SMTP_HOST", "SMTP_PORT", "SMTP_TLS", "SMTP_SENDER", "DECLIC_PUBLIC_URL"):
     ENV.pop(_name, None)  # the demo's defaults are the valid values
 ENV |= {
     "MAILCHIMP_API_KEY": "0123456789abcdef0123456789abcdef-us6",

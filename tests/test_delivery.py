@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 from click.testing import CliRunner
 
-from conftest import Factory, fixture_bytes
+from conftest import SECRET, TEMPLATES, Deployment, Factory, fixture_bytes
 from gateway.cli.main import cli
-from gateway.testing import SmtpCatcher
+from gateway.config import WorkerSpec
+from gateway.http.app import create_app, load
+from gateway.http.running import GATEWAY_KEY
+from gateway.testing import FakeClock, SmtpCatcher, write_deployment
 
 ORDER = fixture_bytes("shopify/order.json")
 CUSTOMER = fixture_bytes("shopify/customer.json")
@@ -90,6 +95,44 @@ async def test_a_mail_waits_out_two_days_of_outage_and_not_four(deploy: Factory,
         await d.advance(hours=1)
     [(status, reason)] = d.rows("SELECT status, reason FROM deliveries WHERE status != 'sent'")
     assert status == "failed" and reason.startswith("gave up after")  # three days after it first failed
+
+
+async def test_with_the_default_retries_a_mail_outlasts_two_days_of_outage_and_is_dead_after_three(
+    aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCatcher
+) -> None:
+    """No `worker:` section: the README's schedule, 30 s doubling to hourly, jittered, for 3 days."""
+    assert (WorkerSpec().retry_for, WorkerSpec().max_attempts) == (timedelta(days=3), 500)
+    config = f"""\
+storage: {{url: '{db_url}'}}
+sources: {{shop: {{plugin: shopify, secret: {SECRET}}}}}
+sinks: {{email: {{plugin: smtp, host: 127.0.0.1, port: {smtp.port}, tls: none, sender: shop@example.com}}}}
+rules:
+  - name: order-confirmation
+    when: order.placed
+    kind: transactional
+    send: {{via: email, template: order-confirmation}}
+"""
+    settings, pm, _ = load(str(write_deployment(tmp_path, config, TEMPLATES)))
+    clock = FakeClock(datetime(2026, 3, 14, 8, 0, tzinfo=UTC))
+    app = create_app(settings, pm=pm, clock=clock, role="web")
+    d = Deployment(await aiohttp_client(app), app[GATEWAY_KEY], clock, tmp_path / "declic.yaml")
+    smtp.stop()
+    await d.post_shopify("orders/create", ORDER)
+    await d.advance(seconds=1)
+    failed_at = d.clock.now()
+    for _ in range(2 * 24 * 4):  # two days in quarter hours: each retry runs when due
+        await d.advance(minutes=15)
+    attempts = d.scalar("SELECT attempts FROM jobs WHERE kind = 'step'")
+    assert d.scalar("SELECT status FROM jobs WHERE kind = 'step'") == "pending"
+    # 8 attempts in the first ~hour, then one every 30 to 60 minutes.
+    assert 8 + 47 * 1 <= attempts <= 8 + 47 * 2, attempts
+    while d.scalar("SELECT status FROM jobs WHERE kind = 'step'") == "pending":
+        await d.advance(minutes=15)
+        assert d.clock.now() - failed_at <= timedelta(days=3, hours=1, minutes=15), "still retried past 3 days"
+    assert d.clock.now() - failed_at >= timedelta(days=3)  # not a moment before
+    [(status, reason)] = d.rows("SELECT status, reason FROM deliveries")
+    assert status == "failed" and reason.startswith("gave up after"), reason
+    assert int(reason.split()[3]) < 500  # the three days ran out, not the attempts
 
 
 async def test_smtp_down_for_an_hour_every_mail_goes_out_once_it_is_back(deploy: Factory, smtp: SmtpCatcher) -> None:

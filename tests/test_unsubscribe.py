@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from urllib.parse import urlsplit
 
+import pytest
+
 from conftest import Deployment, Factory, fixture_bytes, locked_inbox
+from gateway.cli import logs
 from gateway.insight.kpis import rule_kpis
 from gateway.testing import SmtpCatcher
 
@@ -76,3 +80,20 @@ async def test_the_endpoint_answers_503_with_retry_after_while_storage_is_unavai
         assert (response.status, response.headers["Retry-After"]) == (503, "5")
     again = await d.client.post(path, data={"List-Unsubscribe": "One-Click"})
     assert again.status == 200
+
+
+async def test_an_unsubscribe_is_logged_by_contact_id_never_by_address(
+    deploy: Factory, smtp: SmtpCatcher, capsys: pytest.CaptureFixture[str]
+) -> None:
+    logs.configure("info", redact=False, as_json=True)  # without redaction: the line itself holds no address
+    try:
+        d, path = await welcome_link(deploy, smtp)
+        capsys.readouterr()
+        assert (await d.client.post(path, data={"List-Unsubscribe": "One-Click"})).status == 200
+        lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    finally:
+        logs.reset()
+    [line] = [line for line in lines if line["event"] == "unsubscribed"]
+    (contact_id, email) = d.rows("SELECT id, email FROM contacts")[0]
+    assert (line["contact_id"], line["channel"]) == (contact_id, "email")
+    assert email not in json.dumps(lines)

@@ -10,6 +10,7 @@ from typing import cast
 
 import click
 import sqlalchemy as sa
+import structlog
 
 from ..errors import ConfigError
 from ..pipeline import inbound
@@ -45,19 +46,27 @@ def serve(config_path: str, host: str, port: int, role: str) -> None:
     """Serve webhooks and run the workers."""
     from aiohttp import web
 
+    from ..http.accesslog import AccessLogger
     from ..http.app import create_app
     from ..http.running import Role
+    from .listen import bind
 
     settings, pm, _ = _load(config_path)
     logs.configure(settings.logging.level, settings.logging.redact)
+    log = structlog.get_logger("declic.serve")
+    try:
+        # Bound first: a port in use must stop us before the worker claims a job or a plugin starts.
+        sockets = bind(host, port)
+    except OSError as exc:
+        log.error(f"cannot listen on {host}:{port}: {exc.strerror or exc}", host=host, port=port)
+        raise SystemExit(1) from None
+    log.info("listening", host=host, port=port, role=role)
     try:
         web.run_app(
             create_app(settings, pm=pm, role=cast(Role, role)),
-            host=host,
-            port=port,
-            access_log=None,
-            # The banner as a log line: the stream stays one JSON object per line.
-            print=lambda text: logs.structlog.get_logger("declic.serve").info(text.splitlines()[0].strip("= ")),
+            sock=sockets,
+            access_log_class=AccessLogger,
+            print=None,  # aiohttp's plain-text banner; "listening" above says it as a log line
         )
     except ConfigError as exc:
         for problem in exc.problems:
@@ -114,6 +123,18 @@ def reference(builtin_only: bool) -> None:
     from ..config.reference import render
 
     click.echo(render(collect(get_plugin_manager(builtin_only=builtin_only))), nl=False)
+
+
+@cli.command()
+@click.option("--builtin-only", is_flag=True, help="Only Declic's own plugins (as in docs/declic.schema.json).")
+def schema(builtin_only: bool) -> None:
+    """Print the config's JSON Schema, the installed plugins' options included (for editors)."""
+    import json
+
+    from ..config.schema import build
+
+    pm = get_plugin_manager(builtin_only=builtin_only)
+    click.echo(json.dumps(build(collect(pm)), indent=2, ensure_ascii=False))
 
 
 @cli.group(invoke_without_command=True)

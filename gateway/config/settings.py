@@ -160,10 +160,13 @@ class ReenterAfter(_Strict):
     )
 
 
+_PERCENTAGE = r"^\d{1,2}(\.\d{1,2})?%$"
+
+
 def _percentage(value: Any) -> Any:
     """`10%` -> 0.1; a share above 50% would leave too few messaged contacts to be worth a rule."""
     text = value.strip() if isinstance(value, str) else None
-    if text is None or not re.fullmatch(r"\d{1,2}(\.\d{1,2})?%", text) or float(text[:-1]) > 50:
+    if text is None or not re.fullmatch(_PERCENTAGE, text) or float(text[:-1]) > 50:
         raise ValueError("must be a percentage from 0% to 50%, such as 10%")
     return float(text[:-1]) / 100
 
@@ -214,7 +217,9 @@ class RuleSpec(_Strict):
         description="A goal counts as a conversion of this rule when it comes this long at most after the rule's "
         "last message to the contact (1h to 365d); it is attributed to that message.",
     )
-    holdout: Annotated[float, BeforeValidator(_percentage)] = Field(
+    holdout: Annotated[
+        float, BeforeValidator(_percentage, json_schema_input_type=Annotated[str, Field(pattern=_PERCENTAGE)])
+    ] = Field(
         0.0,
         ge=0,
         le=0.5,
@@ -241,7 +246,7 @@ class RuleSpec(_Strict):
     send: SendSpec | None = Field(None, description="One message, sent at once: short for one step.")
     steps: list[StepSpec] = Field(default_factory=list, description="Messages sent one after the other.")
 
-    @field_validator("goal", "exit_on", "of", mode="before")
+    @field_validator("goal", "exit_on", "of", mode="before", json_schema_input_type=str | list[str])
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
@@ -392,7 +397,7 @@ class PoliciesSpec(_Strict):
     )
     pressure: PressureSpec | None = Field(None, description="A cross-channel cap on marketing per contact.")
 
-    @field_validator("quiet_hours", mode="before")
+    @field_validator("quiet_hours", mode="before", json_schema_input_type=QuietHoursSpec | dict[str, QuietHoursSpec])
     @classmethod
     def _all_channels(cls, value: Any) -> Any:
         return {"*": value} if isinstance(value, dict) and "start" in value else value

@@ -162,11 +162,12 @@ async def _start(gateway: RunningGateway) -> None:
     for plugin in gateway.plugins():
         await plugin.start()
     gateway.tasks.append(asyncio.create_task(gateway.committer.run(), name="declic-committer"))
-    if gateway.role != "web":
-        gateway.tasks.append(asyncio.create_task(_supervise(gateway), name="declic-worker"))
     for result in gateway.pm.hook.startup(gateway=gateway):
         if inspect.isawaitable(result):
             await result
+    # Last: a job is claimed only once the database, the plugins and their start-up hooks are ready.
+    if gateway.role != "web":
+        gateway.tasks.append(asyncio.create_task(_supervise(gateway), name="declic-worker"))
     log.info(
         "gateway started",
         role=gateway.role,
@@ -210,6 +211,7 @@ async def _supervise(gateway: RunningGateway) -> None:
 
 
 async def _stop(gateway: RunningGateway) -> None:
+    log.info("gateway stopping")
     await gateway.worker.stop(grace=STOP_GRACE_SECONDS)
     for task in gateway.tasks:
         task.cancel()
@@ -217,6 +219,7 @@ async def _stop(gateway: RunningGateway) -> None:
     for plugin in gateway.plugins():
         await plugin.close()
     gateway.db.close()
+    log.info("gateway stopped")
 
 
 async def healthz(_request: web.Request) -> web.Response:

@@ -14,6 +14,7 @@ import html
 import json
 from dataclasses import dataclass
 
+import structlog
 from aiohttp import web
 
 from ..errors import MalformedPayload, StorageUnavailable
@@ -23,6 +24,8 @@ from ..pipeline.consent import CONFIRM_SOURCE
 from ..send import links
 from ..store.inbox import NewCall
 from .running import GATEWAY_KEY, RETRY_AFTER_SECONDS, RunningGateway
+
+log = structlog.get_logger("declic.consent")
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class LinkAction:
     question: str  # with {channel}
     button: str
     done: str
+    logged: str  # the log line once stored
 
 
 UNSUBSCRIBE = LinkAction(
@@ -48,6 +52,7 @@ UNSUBSCRIBE = LinkAction(
     "Stop receiving {channel} from us?",
     '<button name="List-Unsubscribe" value="One-Click">Unsubscribe</button>',
     "You are unsubscribed. You will not receive these messages any more.",
+    "unsubscribed",
 )
 CONFIRM = LinkAction(
     CONFIRM_SOURCE,
@@ -58,6 +63,7 @@ CONFIRM = LinkAction(
     "Confirm that you want to receive {channel} from us?",
     '<button name="confirm" value="yes">Confirm</button>',
     "Thank you: your subscription is confirmed.",
+    "subscription confirmed",
 )
 
 
@@ -151,6 +157,8 @@ async def _handle(request: web.Request, action: LinkAction) -> web.Response:
         await gateway.committer.submit(call)
     except StorageUnavailable:
         return _unavailable()
+    # Who, by contact id only: the address is personal data, the id finds it for whoever may see it.
+    log.info(action.logged, contact_id=contact_id, channel=channel, delivery=found.delivery)
     return _page(200, f"<p>{html.escape(action.done)}</p>")
 
 
