@@ -1,0 +1,164 @@
+"""`declic backtest` through the real CLI, against a live database filled by real signed webhooks over
+several days: the numbers a new rule would have produced, with nothing sent and nothing written."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from click.testing import CliRunner
+
+from conftest import BASE_CONFIG, DEFAULT_RULES, SECRET, TEMPLATES, Deployment, Factory, fixture_json
+from gateway.cli.main import cli
+from gateway.store.db import normalize_url
+from gateway.testing import SmtpCatcher, write_deployment
+
+START, END = "2026-03-15", "2026-03-18"
+QUARTER = timedelta(minutes=15)
+
+
+def checkout(token: str, customer_id: int, email: str, total: str, consent: str | None) -> bytes:
+    body = fixture_json("shopify/checkout.json")
+    body.update(token=token, email=email, total_price=total, updated_at=None, created_at=None)
+    customer = {"id": customer_id, "email": email, "first_name": email.split("@")[0].title()}
+    if consent:
+        customer["email_marketing_consent"] = {"state": consent, "consent_updated_at": "2026-03-01T08:00:00Z"}
+    body["customer"] = customer
+    return json.dumps(body).encode()
+
+
+def customer(customer_id: int, email: str, consent: str, stated_at: str) -> bytes:
+    body = fixture_json("shopify/customer.json")
+    body.update(id=customer_id, email=email, first_name="Xavier")
+    body["email_marketing_consent"] = {"state": consent, "consent_updated_at": stated_at}
+    return json.dumps(body).encode()
+
+
+def order(token: str, customer_id: int, email: str) -> bytes:
+    body = fixture_json("shopify/order.json")
+    body.update(id=customer_id * 10, checkout_token=token, email=email, created_at=None)
+    body["customer"] = {"id": customer_id, "email": email, "first_name": "Anna"}
+    return json.dumps(body).encode()
+
+
+async def fill(d: Deployment) -> None:
+    """Four days of a shop, 2026-03-14 08:00 to 03-19 08:00 UTC, through signed webhooks."""
+    post = d.post_shopify
+
+    async def wait(**delta: float) -> None:
+        """The worker runs each quarter of an hour, as a live one would, not once at the end."""
+        for _ in range(int(timedelta(**delta) / QUARTER)):
+            await d.advance(minutes=15)
+
+    # Before the period: Xavier subscribes, Yann leaves a cart.
+    await post("customers/create", customer(11, "xavier@example.org", "subscribed", "2026-03-14T08:00:00Z"))
+    await wait(hours=1)
+    await post("checkouts/create", checkout("y", 12, "yann@example.org", "30.00", "subscribed"))
+    await wait(hours=24)  # 2026-03-15 09:00: the period starts at 00:00
+    await post("checkouts/create", checkout("a", 13, "anna@example.org", "59.90", "subscribed"))
+    await wait(minutes=90)
+    await post("checkouts/create", checkout("b", 14, "basile@example.org", "15.00", "subscribed"))
+    await wait(minutes=30)
+    await post("checkouts/create", checkout("c", 15, "chloe@example.org", "80.00", "not_subscribed"))
+    await wait(hours=1)
+    # Xavier's cart says nothing of consent: his, as of the period's start, is the one he gave on the 14th.
+    await post("checkouts/create", checkout("x", 11, "xavier@example.org", "45.00", None))
+    await wait(minutes=30)
+    await post("orders/create", order("a", 13, "anna@example.org"))  # 12:30: ends Anna's reminders
+    await wait(hours=69, minutes=30)  # 2026-03-18 10:00, after the period
+    await post("customers/update", customer(11, "xavier@example.org", "unsubscribed", "2026-03-18T10:00:00Z"))
+    await wait(days=1)
+
+
+def snapshot(db_url: str) -> dict[str, Any]:
+    """Every row of every table, and for SQLite the bytes of the database and its write-ahead log."""
+    engine = sa.create_engine(normalize_url(db_url))
+    try:
+        with engine.connect() as conn:
+            tables = sa.inspect(conn).get_table_names()
+            rows = {t: sorted(map(repr, conn.execute(sa.text(f'SELECT * FROM "{t}"')))) for t in tables}
+    finally:
+        engine.dispose()
+    if db_url.startswith("sqlite"):
+        path = Path(db_url.removeprefix("sqlite:///"))
+        for file in (path, path.with_name(path.name + "-wal")):
+            rows[file.name] = hashlib.sha256(file.read_bytes()).hexdigest() if file.exists() else None
+    return rows
+
+
+def new_config(folder: Path, db_url: str, smtp: SmtpCatcher, threshold: int) -> Path:
+    folder.mkdir()
+    rules = DEFAULT_RULES.replace("total_price > 20", f"total_price > {threshold}")
+    text = BASE_CONFIG.format(
+        db_url=db_url, secret=SECRET, smtp_port=smtp.port, rules=rules, max_attempts=5, worker=""
+    )
+    return write_deployment(folder, text, TEMPLATES)
+
+
+async def run_cli(*args: str) -> Any:
+    # The command runs its own event loop: in a thread, as it would in its own process.
+    return await asyncio.to_thread(CliRunner().invoke, cli, list(args), catch_exceptions=False)
+
+
+async def test_backtest_counts_a_new_threshold_and_touches_nothing(
+    deploy: Factory, smtp: SmtpCatcher, db_url: str, tmp_path: Path
+) -> None:
+    d = await deploy()
+    await fill(d)
+    live_mail = len(smtp.messages)
+    assert live_mail == 7  # welcome, Yann x2, Anna x1, Anna's order, Xavier x2; Chloe suppressed
+    before = snapshot(db_url)
+
+    lower = new_config(tmp_path / "lower", db_url, smtp, threshold=10)
+    result = await run_cli("backtest", "--config", str(lower), "--from", START, "--to", END, "--format", "json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    rules = {rule["rule"]: rule for rule in report.pop("rules")}
+    assert report == {
+        "from": "2026-03-15T00:00:00Z",
+        "to": "2026-03-18T00:00:00Z",
+        "contacts": 2,  # Xavier and Yann existed then
+        "calls": 5,
+        "unprocessed": {},
+        "recorded_messages": 6,
+    }
+    assert rules["abandoned-cart"] == {
+        "rule": "abandoned-cart",
+        "entered": 4,  # Basile's 15.00 too
+        "sent": {"1": 3, "2": 2},  # Anna once (her order ends it), Basile twice, Xavier twice
+        "held_out": {},
+        "not_entered": {},
+        "suppressed": {"no email consent (state: none)": 2},  # Chloe, both steps
+        "deferred": {},
+        "failed": {},
+        "exited": 1,
+        "goals": 0,
+        "waiting": 0,
+    }
+    assert rules["order-confirmation"]["sent"] == {"1": 1}
+    assert rules["welcome"]["entered"] == 0  # Xavier joined before the period
+
+    # The rule as it runs live, for comparison: Basile's cart stays out, and says why.
+    same = new_config(tmp_path / "same", db_url, smtp, threshold=20)
+    result = await run_cli("backtest", "--config", str(same), "--from", START, "--to", END)
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert "replayed 5 calls against 2 contacts as of 2026-03-15 00:00 UTC; nothing was sent" in text
+    cart = text.split("\nabandoned-cart\n")[1].split("\n\n")[0]
+    assert cart.splitlines() == [
+        "  entered      3",
+        "  sent         step 1: 2, step 2: 1",
+        "  not entered  1",
+        "               1  if false: event.properties.total_price > 20",
+        "  suppressed   2",
+        "               2  no email consent (state: none)",
+        "  exited 1",
+    ]
+
+    assert len(smtp.messages) == live_mail
+    assert snapshot(db_url) == before
