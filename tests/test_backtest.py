@@ -9,6 +9,7 @@ import json
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 from click.testing import CliRunner
@@ -46,7 +47,7 @@ def order(token: str, customer_id: int, email: str) -> bytes:
     return json.dumps(body).encode()
 
 
-async def fill(d: Deployment) -> None:
+async def fill(d: Deployment, smtp: SmtpCatcher) -> None:
     """Four days of a shop, 2026-03-14 08:00 to 03-19 08:00 UTC, through signed webhooks."""
     post = d.post_shopify
 
@@ -59,20 +60,34 @@ async def fill(d: Deployment) -> None:
     await post("customers/create", customer(11, "xavier@example.org", "subscribed", "2026-03-14T08:00:00Z"))
     await wait(hours=1)
     await post("checkouts/create", checkout("y", 12, "yann@example.org", "30.00", "subscribed"))
-    await wait(hours=24)  # 2026-03-15 09:00: the period starts at 00:00
+    await wait(hours=23)  # 2026-03-15 08:00: the period started at 00:00
+    await unsubscribe(d, smtp, "yann@example.org")  # by the link in the reminder he got: a call to Declic
+    await wait(hours=1)
     await post("checkouts/create", checkout("a", 13, "anna@example.org", "59.90", "subscribed"))
     await wait(minutes=90)
     await post("checkouts/create", checkout("b", 14, "basile@example.org", "15.00", "subscribed"))
     await wait(minutes=30)
     await post("checkouts/create", checkout("c", 15, "chloe@example.org", "80.00", "not_subscribed"))
-    await wait(hours=1)
+    await wait(minutes=45)
+    # Anna, who joined during the period, unsubscribes: the replay must find her under another id.
+    await unsubscribe(d, smtp, "anna@example.org")
+    await wait(minutes=15)
     # Xavier's cart says nothing of consent: his, as of the period's start, is the one he gave on the 14th.
     await post("checkouts/create", checkout("x", 11, "xavier@example.org", "45.00", None))
     await wait(minutes=30)
     await post("orders/create", order("a", 13, "anna@example.org"))  # 12:30: ends Anna's reminders
-    await wait(hours=69, minutes=30)  # 2026-03-18 10:00, after the period
+    await wait(minutes=90)
+    await post("checkouts/create", checkout("y2", 12, "yann@example.org", "35.00", None))  # 14:00
+    await wait(hours=1)
+    await post("checkouts/create", checkout("a2", 13, "anna@example.org", "25.00", None))
+    await wait(hours=67)  # 2026-03-18 10:00, after the period
     await post("customers/update", customer(11, "xavier@example.org", "unsubscribed", "2026-03-18T10:00:00Z"))
     await wait(days=1)
+
+
+async def unsubscribe(d: Deployment, smtp: SmtpCatcher, email: str) -> None:
+    [link] = [str(m["List-Unsubscribe"]).strip()[1:-1] for m in smtp.messages if m["To"] == email]
+    assert (await d.client.post(urlsplit(link).path, data={"List-Unsubscribe": "One-Click"})).status == 200
 
 
 def snapshot(db_url: str) -> dict[str, Any]:
@@ -91,13 +106,23 @@ def snapshot(db_url: str) -> dict[str, Any]:
     return rows
 
 
-def new_config(folder: Path, db_url: str, smtp: SmtpCatcher, threshold: int) -> Path:
+def new_config(folder: Path, db_url: str, smtp: SmtpCatcher, threshold: int, policies: str = "") -> Path:
     folder.mkdir()
     rules = DEFAULT_RULES.replace("total_price > 20", f"total_price > {threshold}")
     text = BASE_CONFIG.format(
         db_url=db_url, secret=SECRET, smtp_port=smtp.port, rules=rules, max_attempts=5, worker=""
     )
+    text = text.replace("  consent: {email: required}\n", "  consent: {email: required}\n" + policies)
+    assert policies in text
     return write_deployment(folder, text, TEMPLATES)
+
+
+def readme_example() -> str:
+    """The output shown in the README's `declic backtest` section."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    return readme.split(f"declic backtest --config config/new.yaml --from {START} --to {END}\n```\n\n```text\n")[1].split(
+        "```"
+    )[0]
 
 
 async def run_cli(*args: str) -> Any:
@@ -109,53 +134,61 @@ async def test_backtest_counts_a_new_threshold_and_touches_nothing(
     deploy: Factory, smtp: SmtpCatcher, db_url: str, tmp_path: Path
 ) -> None:
     d = await deploy()
-    await fill(d)
+    await fill(d, smtp)
     live_mail = len(smtp.messages)
-    assert live_mail == 7  # welcome, Yann x2, Anna x1, Anna's order, Xavier x2; Chloe suppressed
+    assert live_mail == 6  # welcome, Yann, Anna, Anna's order, Xavier x2; Chloe and unsubscribed Yann not
     before = snapshot(db_url)
 
-    lower = new_config(tmp_path / "lower", db_url, smtp, threshold=10)
+    # The README's example: a lower threshold, and at most one marketing message per 2 days.
+    lower = new_config(tmp_path / "lower", db_url, smtp, threshold=10, policies="  pressure: {max: 1, per: 2d}\n")
     result = await run_cli("backtest", "--config", str(lower), "--from", START, "--to", END, "--format", "json")
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)  # warnings, if any, go to stderr
     rules = {rule["rule"]: rule for rule in report.pop("rules")}
     assert report == {
         "from": "2026-03-15T00:00:00Z",
         "to": "2026-03-18T00:00:00Z",
         "contacts": 2,  # Xavier and Yann existed then
-        "calls": 5,
+        "calls": 9,
         "unprocessed": {},
-        "recorded_messages": 6,
+        "recorded_messages": 5,
     }
     assert rules["abandoned-cart"] == {
         "rule": "abandoned-cart",
-        "entered": 4,  # Basile's 15.00 too
-        "sent": {"1": 3, "2": 2},  # Anna once (her order ends it), Basile twice, Xavier twice
+        "entered": 6,  # Basile's 15.00 too
+        "sent": {"1": 3, "2": 1},  # Anna once (her order ends it), Basile twice, Xavier once
         "held_out": {},
         "not_entered": {},
-        "suppressed": {"no email consent (state: none)": 2},  # Chloe, both steps
-        "deferred": {},
+        # Chloe never subscribed; Yann's and Anna's unsubscribes, replayed, hold for their second carts.
+        "suppressed": {"no email consent (state: withdrawn)": 4, "no email consent (state: none)": 2},
+        # Xavier's welcome on the 14th (sent before the period) holds his first reminder to the 16th
+        # and his second past the period's end; Basile's second waits a day.
+        "deferred": {"marketing pressure": 3},
         "failed": {},
         "exited": 1,
         "goals": 0,
-        "waiting": 0,
+        "waiting": 1,
     }
     assert rules["order-confirmation"]["sent"] == {"1": 1}
     assert rules["welcome"]["entered"] == 0  # Xavier joined before the period
+
+    result = await run_cli("backtest", "--config", str(lower), "--from", START, "--to", END)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == readme_example()
 
     # The rule as it runs live, for comparison: Basile's cart stays out, and says why.
     same = new_config(tmp_path / "same", db_url, smtp, threshold=20)
     result = await run_cli("backtest", "--config", str(same), "--from", START, "--to", END)
     assert result.exit_code == 0, result.output
-    text = result.output
-    assert "replayed 5 calls against 2 contacts as of 2026-03-15 00:00 UTC; nothing was sent" in text
+    text = result.stdout
     cart = text.split("\nabandoned-cart\n")[1].split("\n\n")[0]
     assert cart.splitlines() == [
-        "  entered      3",
+        "  entered      5",
         "  sent         step 1: 2, step 2: 1",
         "  not entered  1",
         "               1  if false: event.properties.total_price > 20",
-        "  suppressed   2",
+        "  suppressed   6",
+        "               4  no email consent (state: withdrawn)",
         "               2  no email consent (state: none)",
         "  exited 1",
     ]

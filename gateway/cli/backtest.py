@@ -10,8 +10,9 @@ instead of sending. The live database is only read, in one read-only snapshot.
 
 from __future__ import annotations
 
+import json
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -19,13 +20,14 @@ import pluggy
 import sqlalchemy as sa
 
 from ..config import Settings
+from ..http import consent_links, tracking
 from ..http.app import build_gateway
 from ..http.running import RunningGateway
 from ..insight.tally import RuleTally, reason_kind, tally
 from ..kit.clock import FakeClock
 from ..pipeline import backdate
 from ..store import INBOX, jobqueue
-from ..store.inbox import commit_calls
+from ..store.inbox import NewCall, commit_calls
 from ..store.readonly import snapshot
 from .simulate import RecordingSink, run_until
 
@@ -71,7 +73,7 @@ async def backtest(
             gateway.db.upgrade()
             with snapshot(live_url) as live:
                 report.contacts = gateway.db.transaction(_copy_state, live, settings, start)
-                report.calls = await _replay(gateway, clock, backdate.calls_between(live, start, end))
+                report.calls = await _replay(gateway, clock, live, start, end)
             await run_until(gateway, clock, end)
             report.rules = await gateway.db.run(tally, [rule.name for rule in settings.rules], start, end)
             report.unprocessed = await gateway.db.run(_unprocessed)
@@ -82,22 +84,41 @@ async def backtest(
 
 
 def _copy_state(scratch: sa.Connection, live: sa.Connection, settings: Settings, start: datetime) -> int:
-    backdate.copy_meta(live, scratch)
     if settings.policies.pressure is not None:
         backdate.copy_recent_sends(live, scratch, start, settings.policies.pressure.per)
     return backdate.copy_contacts(live, scratch, start)
 
 
-async def _replay(gateway: RunningGateway, clock: FakeClock, calls: Any) -> int:
+async def _replay(gateway: RunningGateway, clock: FakeClock, live: sa.Connection, start: datetime, end: datetime) -> int:
     """Each call at the moment it arrived, after every step that was due before it."""
     await gateway.db.run(jobqueue.add_tick, "reconcile", clock.now())
     replayed = 0
-    for call in calls:
+    for call in backdate.calls_between(live, start, end):
         await run_until(gateway, clock, call.received_at)
+        if call.source in NAMING_CONTACTS:
+            call = await _renamed(gateway, live, call)
         await gateway.db.run(commit_calls, [call])
         await gateway.worker.drain()
         replayed += 1
     return replayed
+
+
+#: Declic's own endpoints (consent links, open and click tracking) store the contact's id in the call.
+NAMING_CONTACTS = frozenset(cls.name for cls in (*consent_links.SOURCES, *tracking.SOURCES))
+
+
+async def _renamed(gateway: RunningGateway, live: sa.Connection, call: NewCall) -> NewCall:
+    """The call naming the replay's contact: one created during the period may have another id there."""
+    try:
+        body = json.loads(call.body)
+        live_id = int(body["contact"])
+    except (ValueError, TypeError, KeyError):
+        return call  # an older format, or not a contact's: replayed as it is
+    found = await gateway.db.run(backdate.holder, backdate.identities_of(live, live_id))
+    if found is None or found == live_id:
+        return call
+    body["contact"] = type(body["contact"])(found)
+    return replace(call, body=json.dumps(body).encode())
 
 
 def _unprocessed(conn: sa.Connection) -> dict[str, int]:
@@ -109,10 +130,10 @@ def _unprocessed(conn: sa.Connection) -> dict[str, int]:
     return found
 
 
-def render(report: Report, config_path: str) -> str:
+def render(report: Report) -> str:
     """The report as text, one block per rule."""
     lines = [
-        f"backtest of {config_path}, {_when(report.start)} to {_when(report.end)} UTC",
+        f"backtest from {_when(report.start)} to {_when(report.end)} UTC",
         f"replayed {report.calls} call{'s' * (report.calls != 1)} against {report.contacts} "
         f"contact{'s' * (report.contacts != 1)} as of {_when(report.start)} UTC; nothing was sent",
     ]

@@ -132,7 +132,7 @@ def backtest(config_path: str, start: datetime, end: datetime, database: str | N
     except ConfigError as exc:
         click.echo("\n".join(exc.problems), err=True)
         raise SystemExit(2) from None
-    click.echo(json.dumps(report.as_dict(), ensure_ascii=False) if output == "json" else render(report, config_path))
+    click.echo(json.dumps(report.as_dict(), ensure_ascii=False) if output == "json" else render(report))
 
 
 @cli.command()

@@ -5,9 +5,9 @@ Read from `live` (a read-only snapshot), written to `scratch` (a throwaway datab
   devices; their consent as the ledger had it then (the latest statement applied before the moment);
   names, attributes and e-mail/phone status as they are now, for no history of them is kept; the lead
   score only when it was last changed before the moment;
-- the deployment's own keys (`meta`), so that consent links sent before the moment still verify;
 - the messages sent within the pressure window before the moment, so that the caps start full;
-- the stored calls received in a period, oldest first, to replay.
+- the stored calls received in a period, oldest first, to replay; a call to one of Declic's own
+  endpoints names a contact by its live id, which the replay finds again by its identities.
 """
 
 from __future__ import annotations
@@ -20,18 +20,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from ..store import CONSENTS, CONTACTS, DELIVERIES, IDENTITIES, INBOX, META, PUSH_SUBSCRIPTIONS, jsoncodec
+from ..store import CONSENTS, CONTACTS, DELIVERIES, IDENTITIES, INBOX, PUSH_SUBSCRIPTIONS, jsoncodec
 from ..store.inbox import NewCall
 from .consent import PENDING_REASON
 
 C, L, I, P, D, IN = CONTACTS.c, CONSENTS.c, IDENTITIES.c, PUSH_SUBSCRIPTIONS.c, DELIVERIES.c, INBOX.c
 PAGE = 500
-
-
-def copy_meta(live: Connection, scratch: Connection) -> None:
-    rows = [row._asdict() for row in live.execute(sa.select(META))]
-    if rows:
-        scratch.execute(sa.insert(META), rows)
 
 
 def copy_contacts(live: Connection, scratch: Connection, moment: datetime) -> int:
@@ -107,6 +101,19 @@ def _copy(live: Connection, scratch: Connection, table: sa.Table, where: Any) ->
     if rows:
         scratch.execute(sa.insert(table), rows)
     return len(rows)
+
+
+def identities_of(live: Connection, contact_id: int) -> list[tuple[str, str]]:
+    """How a live contact is recognised: its addresses and its sources' ids."""
+    return [(row.kind, row.value) for row in live.execute(sa.select(I.kind, I.value).where(I.contact_id == contact_id))]
+
+
+def holder(scratch: Connection, keys: list[tuple[str, str]]) -> int | None:
+    """The replayed contact recognised by one of a live contact's identities (a copied one has its id too)."""
+    if not keys:
+        return None
+    found = scratch.execute(sa.select(I.contact_id).where(sa.tuple_(I.kind, I.value).in_(keys)).limit(1))
+    return found.scalar_one_or_none()
 
 
 def calls_between(live: Connection, start: datetime, end: datetime) -> Iterator[NewCall]:
