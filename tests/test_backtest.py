@@ -11,12 +11,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
 from conftest import BASE_CONFIG, DEFAULT_RULES, SECRET, TEMPLATES, Deployment, Factory, fixture_json
 from gateway.cli.main import cli
+from gateway.store import Database
 from gateway.store.db import normalize_url
+from gateway.store.readonly import snapshot as snapshot_of
 from gateway.testing import SmtpCatcher, write_deployment
 
 START, END = "2026-03-15", "2026-03-18"
@@ -109,9 +112,7 @@ def snapshot(db_url: str) -> dict[str, Any]:
 def new_config(folder: Path, db_url: str, smtp: SmtpCatcher, threshold: int, policies: str = "") -> Path:
     folder.mkdir()
     rules = DEFAULT_RULES.replace("total_price > 20", f"total_price > {threshold}")
-    text = BASE_CONFIG.format(
-        db_url=db_url, secret=SECRET, smtp_port=smtp.port, rules=rules, max_attempts=5, worker=""
-    )
+    text = BASE_CONFIG.format(db_url=db_url, secret=SECRET, smtp_port=smtp.port, rules=rules, max_attempts=5, worker="")
     text = text.replace("  consent: {email: required}\n", "  consent: {email: required}\n" + policies)
     assert policies in text
     return write_deployment(folder, text, TEMPLATES)
@@ -120,9 +121,8 @@ def new_config(folder: Path, db_url: str, smtp: SmtpCatcher, threshold: int, pol
 def readme_example() -> str:
     """The output shown in the README's `declic backtest` section."""
     readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
-    return readme.split(f"declic backtest --config config/new.yaml --from {START} --to {END}\n```\n\n```text\n")[1].split(
-        "```"
-    )[0]
+    command = f"declic backtest --config config/new.yaml --from {START} --to {END}\n```\n\n```text\n"
+    return readme.split(command)[1].split("```")[0]
 
 
 async def run_cli(*args: str) -> Any:
@@ -195,3 +195,28 @@ async def test_backtest_counts_a_new_threshold_and_touches_nothing(
 
     assert len(smtp.messages) == live_mail
     assert snapshot(db_url) == before
+
+
+async def test_the_live_database_is_read_in_a_transaction_that_refuses_writes(db_url: str) -> None:
+    database = Database(db_url)
+    database.upgrade()
+    database.close()
+    with snapshot_of(db_url) as live, pytest.raises(sa.exc.DBAPIError, match=r"(?i)read.?only"):
+        live.execute(sa.text("INSERT INTO meta (key, value) VALUES ('k', 'v')"))
+    with snapshot_of(db_url) as live:
+        assert live.execute(sa.text("SELECT count(*) FROM meta")).scalar() == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--from", "2026-03-18", "--to", "2026-03-15"], "Invalid value for --to: must be after --from"),
+        (["--from", "2026-03-15"], "Missing option '--to'"),
+        (["--from", "2026-03-15", "--to", "2026-03-18", "--database", "sqlite:///nowhere.db"], "no SQLite database"),
+        (["--from", "yesterday", "--to", "2026-03-18"], "Invalid value for '--from'"),
+    ],
+)
+def test_bad_arguments_say_what_is_wrong(tmp_path: Path, smtp: SmtpCatcher, args: list[str], message: str) -> None:
+    config = new_config(tmp_path / "new", f"sqlite:///{tmp_path}/live.db", smtp, threshold=10)
+    result = CliRunner().invoke(cli, ["backtest", "--config", str(config), *args])
+    assert result.exit_code == 2 and message in result.output, result.output

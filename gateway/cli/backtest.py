@@ -89,7 +89,9 @@ def _copy_state(scratch: sa.Connection, live: sa.Connection, settings: Settings,
     return backdate.copy_contacts(live, scratch, start)
 
 
-async def _replay(gateway: RunningGateway, clock: FakeClock, live: sa.Connection, start: datetime, end: datetime) -> int:
+async def _replay(
+    gateway: RunningGateway, clock: FakeClock, live: sa.Connection, start: datetime, end: datetime
+) -> int:
     """Each call at the moment it arrived, after every step that was due before it."""
     await gateway.db.run(jobqueue.add_tick, "reconcile", clock.now())
     replayed = 0

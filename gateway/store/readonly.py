@@ -45,9 +45,8 @@ def snapshot(url: str) -> Iterator[Connection]:
     """A connection in one read-only transaction, rolled back at the end (there is nothing to keep)."""
     engine = read_only_engine(url)
     try:
-        with engine.connect() as conn:
-            with conn.begin() as transaction:
-                yield conn
-                transaction.rollback()
+        with engine.connect() as conn, conn.begin() as transaction:
+            yield conn
+            transaction.rollback()
     finally:
         engine.dispose()
