@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -17,10 +17,12 @@ from click.testing import CliRunner
 
 from conftest import BASE_CONFIG, DEFAULT_RULES, SECRET, TEMPLATES, Deployment, Factory, fixture_json
 from gateway.cli.main import cli
+from gateway.http.app import create_app, load
+from gateway.http.running import GATEWAY_KEY
 from gateway.store import Database
 from gateway.store.db import normalize_url
 from gateway.store.readonly import snapshot as snapshot_of
-from gateway.testing import SmtpCatcher, write_deployment
+from gateway.testing import FakeClock, SmtpCatcher, write_deployment
 
 START, END = "2026-03-15", "2026-03-18"
 QUARTER = timedelta(minutes=15)
@@ -220,3 +222,51 @@ def test_bad_arguments_say_what_is_wrong(tmp_path: Path, smtp: SmtpCatcher, args
     config = new_config(tmp_path / "new", f"sqlite:///{tmp_path}/live.db", smtp, threshold=10)
     result = CliRunner().invoke(cli, ["backtest", "--config", str(config), *args])
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+DOUBLE_OPT_IN = """\
+public_url: https://hooks.example.com
+storage: {{url: '{db_url}'}}
+sources:
+  shop: {{plugin: shopify, secret: {secret}}}
+sinks:
+  email: {{plugin: smtp, host: 127.0.0.1, port: {smtp_port}, tls: none, sender: "Boutique <shop@example.com>"}}
+policies:
+  consent: {{email: double_opt_in}}
+  confirmation: {{via: email, template: confirm}}
+rules:
+{rules}"""
+CONFIRM_TEMPLATES = {**TEMPLATES, "confirm.subject.j2": "Please confirm", "confirm.txt.j2": "{{ confirm_url }}"}
+
+
+async def test_a_grant_awaiting_confirmation_at_the_start_is_pending_until_the_replayed_confirmation(
+    aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCatcher
+) -> None:
+    text = DOUBLE_OPT_IN.format(db_url=db_url, secret=SECRET, smtp_port=smtp.port, rules=DEFAULT_RULES)
+    settings, pm, _ = load(str(write_deployment(tmp_path, text, CONFIRM_TEMPLATES)))
+    app = create_app(settings, pm=pm, clock=FakeClock(datetime(2026, 3, 14, 8, 0, tzinfo=UTC)), role="web")
+    d = Deployment(await aiohttp_client(app), app[GATEWAY_KEY], app[GATEWAY_KEY].clock, tmp_path)  # type: ignore[arg-type]
+    await d.post_shopify("customers/create", customer(11, "xavier@example.org", "subscribed", "2026-03-14T08:00:00Z"))
+    await d.advance(minutes=1)
+    await d.advance(hours=24, minutes=59)  # 2026-03-15 09:00: Xavier has not confirmed yet
+    await d.post_shopify("checkouts/create", checkout("x1", 11, "xavier@example.org", "45.00", None))
+    await d.advance(hours=3)
+    [confirmation] = [m for m in smtp.messages if m["Subject"] == "Please confirm"]
+    path = urlsplit(confirmation.get_content().strip()).path
+    assert (await d.client.post(path)).status == 200  # 12:00: confirmed
+    await d.advance(hours=1)
+    await d.post_shopify("checkouts/create", checkout("x2", 11, "xavier@example.org", "45.00", None))
+    await d.advance(hours=2)
+    assert [m["Subject"] for m in smtp.messages] == ["Please confirm", "Your cart, Xavier"]
+    before = snapshot(db_url)
+
+    config = write_deployment(tmp_path / "new", text, CONFIRM_TEMPLATES)
+    result = await run_cli(
+        "backtest", "--config", str(config), "--from", START, "--to", "2026-03-16", "--format", "json"
+    )
+    assert result.exit_code == 0, result.output
+    [cart] = [rule for rule in json.loads(result.stdout)["rules"] if rule["rule"] == "abandoned-cart"]
+    assert (cart["entered"], cart["sent"]) == (2, {"1": 1})
+    assert cart["suppressed"] == {"no email consent (state: pending)": 1}
+    assert len(smtp.messages) == 2
+    assert snapshot(db_url) == before

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import tempfile
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import pluggy
@@ -74,7 +74,8 @@ async def backtest(
             with snapshot(live_url) as live:
                 report.contacts = gateway.db.transaction(_copy_state, live, settings, start)
                 report.calls = await _replay(gateway, clock, live, start, end)
-            await run_until(gateway, clock, end)
+            # `--to` is excluded: a step due then belongs to the next period, and counts as waiting.
+            await run_until(gateway, clock, end - timedelta(microseconds=1))
             report.rules = await gateway.db.run(tally, [rule.name for rule in settings.rules], start, end)
             report.unprocessed = await gateway.db.run(_unprocessed)
             report.recorded = sum(len(sink.sent) for sink in gateway.sinks.values() if isinstance(sink, RecordingSink))
