@@ -117,6 +117,36 @@ def simulate(config_path: str, timeline: str) -> None:
 
 
 @cli.command()
+@CONFIG_OPTION
+@click.option("--from", "start", type=click.DateTime(), required=True, help="Start of the period, UTC.")
+@click.option("--to", "end", type=click.DateTime(), required=True, help="End of the period, UTC, excluded.")
+@click.option("--database", help="The live database to read (default: the config's storage.url); never written.")
+@click.option("--format", "output", type=click.Choice(["text", "json"]), default="text", show_default=True)
+def backtest(config_path: str, start: datetime, end: datetime, database: str | None, output: str) -> None:
+    """Replay the calls stored in a period through this config's rules; print per rule what would have been sent.
+
+    Nothing is sent and the live database is only read.
+    """
+    import asyncio
+    import json
+
+    from .backtest import backtest as run
+    from .backtest import render
+
+    settings, pm, _ = _load(config_path)
+    logs.configure("warning", settings.logging.redact)
+    start, end = start.replace(tzinfo=UTC), end.replace(tzinfo=UTC)
+    if end <= start:
+        raise click.BadParameter("must be after --from", param_hint="--to")
+    try:
+        report = asyncio.run(run(settings, pm, database or settings.database_url, start, end))
+    except ConfigError as exc:
+        click.echo("\n".join(exc.problems), err=True)
+        raise SystemExit(2) from None
+    click.echo(json.dumps(report.as_dict(), ensure_ascii=False) if output == "json" else render(report))
+
+
+@cli.command()
 @click.option("--builtin-only", is_flag=True, help="Only Declic's own plugins (as in docs/config-reference.md).")
 def reference(builtin_only: bool) -> None:
     """Print the config reference (Markdown), generated from the installed plugins' models."""

@@ -17,6 +17,8 @@ from ..kit.events import CONSENT_ACTION_TYPES, ConsentStatement, Event
 
 #: The internal source of double opt-in confirmations (the /c/{token} endpoint's).
 CONFIRM_SOURCE = "~confirm"
+#: How the ledger says a grant put `pending` in force (it stores the state stated, `granted`).
+PENDING_REASON = "pending until the double opt-in link is followed"
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ def awaiting_confirmation(ruling: Ruling, double_opt_in: frozenset[str]) -> Ruli
         return ruling
     if ruling.source == CONFIRM_SOURCE:  # the confirmation link itself (an internal source: nobody forges it)
         return ruling
-    reason = f"{ruling.reason}; pending until the double opt-in link is followed"
+    reason = f"{ruling.reason}; {PENDING_REASON}"
     return replace(ruling, becomes="pending", reason=reason)
 
 
