@@ -23,6 +23,7 @@ from pydantic import (
     PrivateAttr,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -127,6 +128,18 @@ class RuleSpec(_Strict):
         description="Date rules: after downtime, fire what was missed within this, skip older; 0s to 366d.",
     )
     of: list[str] = Field(default_factory=list, description="Inactivity rules: the event types that count as activity.")
+    repeat_every: Annotated[Duration, between("1h", "3650d")] | None = Field(
+        None,
+        description="Inactivity rules: fire again this long after each firing while the contact stays inactive; "
+        "1h to 3650d. New activity starts a new period.",
+    )
+    max_times: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="Inactivity rules with repeat_every: fire at most this many times per period of inactivity "
+        "(the first included), 1 to 1000; default: no limit.",
+    )
     if_: str | None = Field(None, alias="if", description="Jinja2 expression on event and contact.")
     kind: Literal["marketing", "transactional"] = Field(
         "marketing", description="Marketing messages need consent where `policies.consent` says so."
@@ -176,6 +189,20 @@ class RuleSpec(_Strict):
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator("repeat_every")
+    @classmethod
+    def _repeat_needs_inactivity(cls, value: timedelta | None, info: ValidationInfo) -> timedelta | None:
+        if value is not None and "inactive_for" in info.data and info.data["inactive_for"] is None:
+            raise ValueError("repeat_every is for inactive_for rules (date rules take `repeat: yearly`)")
+        return value
+
+    @field_validator("max_times")
+    @classmethod
+    def _times_need_repeat(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and "repeat_every" in info.data and info.data["repeat_every"] is None:
+            raise ValueError("max_times needs repeat_every: without it an inactivity rule fires once per period")
+        return value
 
     @model_validator(mode="after")
     def _shape(self) -> RuleSpec:

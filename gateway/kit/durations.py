@@ -70,7 +70,9 @@ def _iso(text: str) -> timedelta:
     try:
         parsed = isodate.parse_duration(text.upper())
     except (ValueError, OverflowError, isodate.ISO8601Error):
-        raise ValueError(f"invalid duration {_short(text)}: not an ISO 8601 duration such as P1DT12H or PT90M") from None
+        raise ValueError(
+            f"invalid duration {_short(text)}: not an ISO 8601 duration such as P1DT12H or PT90M"
+        ) from None
     if not isinstance(parsed, timedelta):
         raise ValueError(f"invalid duration {_short(text)}: years and months vary in length; write days, as P30D")
     return parsed

@@ -23,9 +23,9 @@ from ..config import ReenterAfter, RuleSpec, ScoringSpec
 from ..insight import conversions, journal
 from ..kit.durations import format_duration
 from ..kit.events import ContactRef, Event
-from ..kit.templating import compile_condition
+from ..kit.templating import compile_condition, evaluate
 from ..store import ENROLMENTS, META, jobqueue, sql
-from . import contacts, triggers
+from . import contacts, history, triggers
 from .eventlog import store_event
 
 log = structlog.get_logger("declic.router")
@@ -60,6 +60,8 @@ class Router:
         #: Whether opens and clicks flagged as a machine's are routed (start, end, score journeys) like people's.
         self.machine_events = False
         self.scoring = scoring or ScoringSpec()
+        #: `where=` expressions of contact.count(...) and the other history helpers, compiled once.
+        self.wheres = history.Wheres(env)
         self._points = {
             t: (s.points, compile_condition(env, s.if_) if s.if_ else None) for t, s in self.scoring.points.items()
         }
@@ -100,10 +102,12 @@ class Router:
             end_journeys(conn, rule, event, contact["id"], base, "exited", f"exit_on {event.type}")
         for rule in self._by["of"].get(event.type, ()):
             triggers.arm_inactivity(conn, rule.spec, contact["id"], event.id, base, base)
-        context = {"event": event_context(event), "contact": contact}
+        view = history.ContactView(contact, conn, base, self.wheres)
+        context = {"event": event_context(event), "contact": view}
         self._score(conn, event, contact, context, base)
         for rule in self._by["when"].get(event.type, ()):
             why = _ruled_out(rule, context)
+            history.record_problems(conn, view, rule.name, base, event_id=event.id)
             if why is not None:
                 journal.record(conn, base, rule.name, contact["id"], "not_enrolled", reason=why, event_id=event.id)
                 continue
@@ -122,8 +126,14 @@ class Router:
         self, conn: Connection, event: Event, contact: dict[str, Any], context: dict[str, Any], base: datetime
     ) -> None:
         points, condition = self._points.get(event.type, (0.0, None))
-        if not points or (condition is not None and not _truthy(None, condition, context)):
+        if not points:
             return
+        if condition is not None:
+            counts = _truthy(None, condition, context)
+            for problem in context["contact"].take_problems():  # no rule to journal it under: the log says it
+                log.warning("scoring condition", event_type=event.type, problem=problem)
+            if not counts:
+                return
         before, after = triggers.add_points(conn, contact["id"], points, self.scoring.half_life, base)
         for rule in self.score_rules:
             threshold = rule.spec.score_reaches
@@ -160,6 +170,8 @@ class Router:
         else:
             event = self._synthetic_event(conn, rule, contact, occurrence, due, trigger_id)
             enrol(conn, rule, contact_id, event.id, occurrence, None, now)
+        if spec.inactive_for is not None:
+            triggers.repeat_inactivity(conn, spec, contact_id, occurrence, due, now)
         if spec.on_date:
             triggers.schedule_date(conn, spec, contact, self.timezone, now)
 
@@ -172,10 +184,12 @@ class Router:
         due: datetime,
         trigger_id: int,
     ) -> Event:
+        properties: dict[str, Any]
         if rule.spec.on_date:
             kind, properties = "date.reached", {"rule": rule.name, "date": occurrence.removeprefix("date:")}
         else:
-            kind, properties = "contact.inactive", {"rule": rule.name, "since": occurrence}
+            period, times = triggers.inactivity_period(occurrence)
+            kind, properties = "contact.inactive", {"rule": rule.name, "since": period, "firing": times}
         event = Event(
             id=f"t{trigger_id}",
             source="declic",
@@ -229,7 +243,19 @@ class Router:
     def _trigger_fingerprint(self) -> str:
         rules = [
             r.spec.model_dump(
-                mode="json", include={"name", "on_date", "at", "offset", "repeat", "catch_up", "inactive_for", "of"}
+                mode="json",
+                include={
+                    "name",
+                    "on_date",
+                    "at",
+                    "offset",
+                    "repeat",
+                    "catch_up",
+                    "inactive_for",
+                    "of",
+                    "repeat_every",
+                    "max_times",
+                },
             )
             for r in self.rules.values()
             if r.spec.on_date or r.spec.inactive_for
@@ -256,7 +282,7 @@ def _ruled_out(rule: CompiledRule, context: dict[str, Any]) -> str | None:
     if rule.condition is None:
         return None
     try:
-        if rule.condition(**context):
+        if evaluate(rule.condition, context):
             return None
     except Exception as exc:  # a bad expression on odd data skips the rule, loudly
         log.warning("condition failed", rule=rule.name, error=str(exc))
@@ -266,7 +292,7 @@ def _ruled_out(rule: CompiledRule, context: dict[str, Any]) -> str | None:
 
 def _truthy(rule: CompiledRule | None, condition: Any, context: dict[str, Any]) -> bool:
     try:
-        return bool(condition(**context))
+        return bool(evaluate(condition, context))
     except Exception as exc:  # a bad expression on odd data skips the rule, loudly
         log.warning("condition failed", rule=rule.name if rule else "scoring", error=str(exc))
         return False

@@ -20,9 +20,10 @@ from ..config.settings import CONFIRM_RULE
 from ..errors import TemplateProblem
 from ..insight import journal
 from ..kit.sinks import DeliveryResult, Message, Outcome, SendContext, Sink
-from ..kit.templating import RenderLimits, render_message
+from ..kit.templating import RenderLimits, evaluate, render_message
 from ..pipeline import contacts
 from ..pipeline.eventlog import load_event
+from ..pipeline.history import record_problems
 from ..pipeline.router import CompiledRule, Router
 from ..pipeline.triggers import zone_of
 from ..store import CONTACTS, DELIVERIES, ENROLMENTS, jobqueue, sql
@@ -134,7 +135,7 @@ class StepRunner:
         if self._capped(rule) and conn.dialect.name == "postgresql":
             # Serialise one contact's capped sends across workers, so two cannot both take the last slot.
             conn.execute(sa.select(CONTACTS.c.id).where(CONTACTS.c.id == enrolment.contact_id).with_for_update())
-        contact = contacts.view(conn, enrolment.contact_id)
+        contact = contacts.view(conn, enrolment.contact_id, now, self.router.wheres)
         event = load_event(conn, enrolment.event_id)
         headers, unsubscribe_url = self._unsubscribe(conn, rule, step)
         context = {
@@ -148,6 +149,7 @@ class StepRunner:
             channel = str(event["properties"]["channel"])  # type: ignore[index]
             context["confirm_url"] = self._link(conn, links.CONFIRM, enrolment.contact_id, channel)
         reason = self._suppression(rule, job.step, step.sink, contact, context)
+        record_problems(conn, contact, rule.name, now, step=job.step + 1)
         if reason:
             self._suppress(conn, step, reason, now)
             return None
@@ -213,7 +215,7 @@ class StepRunner:
         condition = rule.step_conditions[step]
         if condition is not None:
             try:
-                if not condition(**context):
+                if not evaluate(condition, context):
                     return "step condition is false"
             except Exception as exc:
                 return f"step condition failed: {exc}"

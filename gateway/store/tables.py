@@ -183,6 +183,9 @@ class StoredEvent(SQLModel, table=True):
             sqlite_where=text("dedupe_key IS NOT NULL"),
             postgresql_where=text("dedupe_key IS NOT NULL"),
         ),
+        # `if:` asks a contact's history (contact.count('page.viewed', within='7d')): one range of this
+        # index per question, as long as that contact's history and no longer (pipeline/history.py).
+        Index("ix_events_contact_history", "contact_id", "type", "occurred_at"),
     )
 
     id: str = Field(primary_key=True, max_length=60)
