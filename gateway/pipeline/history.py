@@ -73,8 +73,8 @@ class ContactView(dict[str, Any]):
         self._now = now
         self._wheres = wheres
         self._feedback: list[tuple[str, int, str]] | None = None
-        #: `where=` failures seen since the last take_problems(): each one once, journalled by the caller.
-        self._problems: dict[str, None] = {}
+        #: `where=` failures since the last take_problems(), the first per expression: journalled by the caller.
+        self._problems: dict[str, str] = {}
 
     def count(self, event: str | Iterable[str], within: Any = None, where: str | None = None) -> int:
         """How many events of this type (or types) the contact has, within a duration back from now,
@@ -116,8 +116,8 @@ class ContactView(dict[str, Any]):
         return self._did("clicked", rule, step)
 
     def take_problems(self) -> list[str]:
-        """The `where=` failures since the last call, each once."""
-        problems, self._problems = list(self._problems), {}
+        """The `where=` failures since the last call: one per expression, however many events it failed on."""
+        problems, self._problems = list(self._problems.values()), {}
         return problems
 
     def _did(self, what: str, rule: str | None, step: int | None) -> bool:
@@ -173,7 +173,7 @@ class ContactView(dict[str, Any]):
             except Exception as exc:  # odd data in one past event: that event does not match
                 if where not in self._problems:
                     log.warning("where failed", contact_id=self["id"], error=str(exc))
-                self._problems.setdefault(f"where failed, counted as false: {where}: {type(exc).__name__}: {exc}")
+                    self._problems[where] = f"where failed, counted as false: {where}: {type(exc).__name__}: {exc}"
                 return False
 
         return test

@@ -1,0 +1,251 @@
+"""Conditions on a contact's history (`contact.count/has/last/sent`), repeated inactivity rules and
+compound durations, as timelines: through `declic simulate`, and through the real server over HTTP with
+a real SMTP server, on SQLite and PostgreSQL (the harness of test_journeys.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from test_journeys import Plugin, Scenario, check, write
+
+from gateway.cli.main import cli
+from gateway.cli.simulate import TimelineItem, decisions, load_timeline, play
+from gateway.config import load_config
+from gateway.http.app import create_app
+from gateway.http.running import GATEWAY_KEY, RunningGateway
+from gateway.plugins import collect, get_plugin_manager
+from gateway.testing import FakeClock, SmtpCatcher
+
+# The README's recipes (## Recipes), word for word: a test below checks they are there.
+PRICING = """\
+  - name: pricing-interest
+    when: page.viewed
+    if: >-
+      event.properties.path == '/pricing'
+      and contact.count('page.viewed', within='7d', where="event.properties.path == '/pricing'") >= 2
+    reenter: {after: 30d}
+    send: {via: email, template: t}
+"""
+CROSS_SELL = """\
+  - name: ipad-case
+    when: order.placed
+    if: "'iPad' in event.properties.line_items | map(attribute='title') | list"
+    steps:
+      - wait: 3d
+        if: >-
+          not contact.has('order.placed',
+                          where="'iPad case' in event.properties.line_items | map(attribute='title') | list")
+        send: {via: email, template: t}
+"""
+WIN_BACK = """\
+  - name: win-back
+    inactive_for: 90d
+    repeat_every: 90d
+    max_times: 3
+    of: [order.placed]
+    send: {via: email, template: t}
+"""
+RECIPES = {"cross-sell": CROSS_SELL, "win-back": WIN_BACK, "pricing": PRICING}
+
+SCENARIOS = [
+    Scenario(
+        "visited /pricing twice within 7 days",
+        PRICING,
+        """\
+- {at: "2026-03-02T10:00:00Z", type: page.viewed, properties: {path: /pricing},
+   contact: {email: a@example.org, consent: {email: granted}}}
+- {at: "2026-03-03T10:00:00Z", type: page.viewed, properties: {path: /about}, contact: {email: a@example.org}}
+- {at: "2026-03-06T10:00:00Z", type: page.viewed, properties: {path: /pricing}, contact: {email: a@example.org}}
+- {at: "2026-03-02T11:00:00Z", type: page.viewed, properties: {path: /pricing},
+   contact: {email: b@example.org, consent: {email: granted}}}
+- {at: "2026-03-12T11:00:00Z", type: page.viewed, properties: {path: /pricing}, contact: {email: b@example.org}}
+- {at: "2026-03-02T12:00:00Z", type: page.viewed, properties: {path: /pricing},
+   contact: {email: c@example.org, consent: {email: granted}}}
+- {at: "2026-03-02T13:00:00Z", type: page.viewed, properties: {path: /pricing}, contact: {email: c@example.org}}
+- {at: "2026-03-03T12:00:00Z", type: page.viewed, properties: {path: /pricing}, contact: {email: c@example.org}}
+- {at: "2026-03-20T00:00:00Z", end: true}
+""",
+        [
+            ("2026-03-02T13:00:00Z", "pricing-interest", 1, "c@example.org", "send", None),
+            ("2026-03-06T10:00:00Z", "pricing-interest", 1, "a@example.org", "send", None),
+        ],
+    ),
+    Scenario(
+        "cross-sell: bought the iPad but not yet the case",
+        CROSS_SELL,
+        """\
+- {at: "2026-03-02T10:00:00Z", type: order.placed, correlation: "order:1", properties: {line_items: [{title: iPad}]},
+   contact: {email: a@example.org, consent: {email: granted}}}
+- {at: "2026-03-03T10:00:00Z", type: order.placed, correlation: "order:2",
+   properties: {line_items: [{title: iPad case}]}, contact: {email: a@example.org}}
+- {at: "2026-03-02T11:00:00Z", type: order.placed, correlation: "order:3", properties: {line_items: [{title: iPad}]},
+   contact: {email: b@example.org, consent: {email: granted}}}
+- {at: "2026-03-01T09:00:00Z", type: order.placed, correlation: "order:4",
+   properties: {line_items: [{title: iPad case}]}, contact: {email: c@example.org, consent: {email: granted}}}
+- {at: "2026-03-02T12:00:00Z", type: order.placed, correlation: "order:5",
+   properties: {line_items: [{title: Pencil}, {title: iPad}]}, contact: {email: c@example.org}}
+- {at: "2026-03-10T00:00:00Z", end: true}
+""",
+        [
+            ("2026-03-05T10:00:00Z", "ipad-case", 1, "a@example.org", "suppressed", "step condition is false"),
+            ("2026-03-05T11:00:00Z", "ipad-case", 1, "b@example.org", "send", None),
+            ("2026-03-05T12:00:00Z", "ipad-case", 1, "c@example.org", "suppressed", "step condition is false"),
+        ],
+    ),
+    Scenario(
+        "win-back every 90 days while inactive, at most 3 times; an order starts a new period",
+        WIN_BACK,
+        """\
+- {at: "2026-01-01T12:00:00Z", type: order.placed, correlation: "order:1",
+   contact: {email: gone@example.org, consent: {email: granted}}}
+- {at: "2026-01-01T13:00:00Z", type: order.placed, correlation: "order:2",
+   contact: {email: back@example.org, consent: {email: granted}}}
+- {at: "2026-05-01T13:00:00Z", type: order.placed, correlation: "order:3", contact: {email: back@example.org}}
+- {at: "2027-06-01T00:00:00Z", end: true}
+""",
+        [
+            ("2026-04-01T12:00:00Z", "win-back", 1, "gone@example.org", "send", None),
+            ("2026-04-01T13:00:00Z", "win-back", 1, "back@example.org", "send", None),
+            ("2026-06-30T12:00:00Z", "win-back", 1, "gone@example.org", "send", None),
+            ("2026-07-30T13:00:00Z", "win-back", 1, "back@example.org", "send", None),
+            ("2026-09-28T12:00:00Z", "win-back", 1, "gone@example.org", "send", None),
+            ("2026-10-28T13:00:00Z", "win-back", 1, "back@example.org", "send", None),
+            ("2027-01-26T13:00:00Z", "win-back", 1, "back@example.org", "send", None),
+        ],
+    ),
+    Scenario(
+        "durations in every unit combination",
+        """\
+  - name: receipt
+    when: order.placed
+    steps:
+      - wait: 1h30m
+        send: {via: email, template: t}
+      - wait: P1DT12H
+        send: {via: email, template: t}
+      - wait: 2d12h
+        send: {via: email, template: t}
+""",
+        """\
+- {at: "2026-03-02T09:00:00Z", type: order.placed, correlation: "order:1",
+   contact: {email: a@example.org, consent: {email: granted}}}
+- {at: "2026-03-10T00:00:00Z", end: true}
+""",
+        [
+            ("2026-03-02T10:30:00Z", "receipt", 1, "a@example.org", "send", None),
+            ("2026-03-03T22:30:00Z", "receipt", 2, "a@example.org", "send", None),
+            ("2026-03-06T10:30:00Z", "receipt", 3, "a@example.org", "send", None),
+        ],
+    ),
+    Scenario(
+        "last(): remind about the latest cart only; sent(): no nudge within 30 days of the welcome",
+        """\
+  - name: cart
+    when: checkout.started
+    steps:
+      - wait: 1h
+        if: "contact.last('checkout.started').correlation == event.correlation"
+        send: {via: email, template: t}
+  - name: welcome
+    when: customer.created
+    send: {via: email, template: t}
+  - name: nudge
+    when: track.visit
+    if: "not contact.sent(rule='welcome', within='30d')"
+    send: {via: email, template: t}
+""",
+        """\
+- {at: "2026-03-02T10:00:00Z", type: checkout.started, correlation: "checkout:1",
+   contact: {email: e@example.org, consent: {email: granted}}}
+- {at: "2026-03-02T10:30:00Z", type: checkout.started, correlation: "checkout:2", contact: {email: e@example.org}}
+- {at: "2026-03-03T10:00:00Z", type: customer.created, contact: {email: f@example.org, consent: {email: granted}}}
+- {at: "2026-03-04T10:00:00Z", type: track.visit, contact: {email: f@example.org}}
+- {at: "2026-03-04T11:00:00Z", type: track.visit, contact: {email: g@example.org, consent: {email: granted}}}
+- {at: "2026-03-10T00:00:00Z", end: true}
+""",
+        [
+            ("2026-03-02T10:00:00Z", "cart", None, "e@example.org", "enrolled", None),
+            ("2026-03-02T10:30:00Z", "cart", None, "e@example.org", "enrolled", None),
+            ("2026-03-02T11:00:00Z", "cart", 1, "e@example.org", "suppressed", "step condition is false"),
+            ("2026-03-02T11:30:00Z", "cart", 1, "e@example.org", "send", None),
+            ("2026-03-03T10:00:00Z", "welcome", None, "f@example.org", "enrolled", None),
+            ("2026-03-03T10:00:00Z", "welcome", 1, "f@example.org", "send", None),
+            ("2026-03-04T10:00:00Z", "nudge", None, "f@example.org", "not_enrolled", "if false"),
+            ("2026-03-04T11:00:00Z", "nudge", None, "g@example.org", "enrolled", None),
+            ("2026-03-04T11:00:00Z", "nudge", 1, "g@example.org", "send", None),
+        ],
+        enrolments=True,
+    ),
+    Scenario(
+        "a where= that raises counts as false and is journalled once",
+        """\
+  - name: big-spender
+    when: track.visit
+    if: "contact.count('order.placed', where='event.properties.total > 100') >= 1"
+    send: {via: email, template: t}
+""",
+        """\
+- {at: "2026-03-01T10:00:00Z", type: order.placed, correlation: "order:1", properties: {total: 250},
+   contact: {email: d@example.org, consent: {email: granted}}}
+- {at: "2026-03-02T10:00:00Z", type: order.placed, correlation: "order:2", contact: {email: d@example.org}}
+- {at: "2026-03-03T10:00:00Z", type: order.placed, correlation: "order:3", properties: {total: lots},
+   contact: {email: d@example.org}}
+- {at: "2026-03-04T10:00:00Z", type: track.visit, contact: {email: d@example.org}}
+- {at: "2026-03-05T00:00:00Z", end: true}
+""",
+        [
+            (
+                "2026-03-04T10:00:00Z",
+                "big-spender",
+                None,
+                "d@example.org",
+                "failed",
+                "where failed, counted as false: event.properties.total > 100: ",
+            ),
+            ("2026-03-04T10:00:00Z", "big-spender", 1, "d@example.org", "send", None),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
+def test_simulated(scenario: Scenario, tmp_path: Path) -> None:
+    config, timeline = write(tmp_path, scenario, f"sqlite:///{tmp_path}/never-touched.db", 1, live=False)
+    result = CliRunner().invoke(cli, ["simulate", "--config", str(config), str(timeline)])
+    assert result.exit_code == 0, result.output
+    check([json.loads(line) for line in result.stdout.splitlines()], scenario)  # stderr has the log
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
+async def test_live(scenario: Scenario, tmp_path: Path, db_url: str, smtp: SmtpCatcher, aiohttp_client: Any) -> None:
+    pm = get_plugin_manager(extra=[Plugin()])
+    config, timeline = write(tmp_path, scenario, db_url, smtp.port)
+    settings = load_config(config, collect(pm), pm)
+    items = load_timeline(timeline, settings.timezone)
+    clock = FakeClock(items[0].at)
+    app = create_app(settings, pm=pm, clock=clock, role="web")
+    client = await aiohttp_client(app)
+    gateway: RunningGateway = app[GATEWAY_KEY]
+
+    async def post(gateway: RunningGateway, item: TimelineItem, index: int) -> None:
+        response = await client.post("/hooks/tl/tok", data=item.model_dump_json().encode())
+        assert response.status == 200
+
+    await play(gateway, clock, items, inject=post)
+    seen = await gateway.db.run(decisions)
+    check(seen, scenario)
+    sent = sorted((d["contact"], d["rule"], d["step"]) for d in seen if d["action"] == "send")
+    assert sorted((m["To"], *m["Subject"].rsplit(" ", 1)) for m in smtp.messages) == [
+        (to, rule, str(step)) for to, rule, step in sent
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_the_readme_recipes_are_the_tested_rules(name: str) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    recipes = readme.split("## Recipes", 1)[1]
+    assert RECIPES[name] in recipes
