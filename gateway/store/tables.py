@@ -252,8 +252,12 @@ class Delivery(SQLModel, table=True):
     """What happened to one (rule, contact, step, occurrence): at most one row, at most one send."""
 
     __tablename__ = "deliveries"
-    #: The KPI funnel reads a rule's range of sends from this index alone (insight/kpis.py).
-    __table_args__ = (Index("ix_deliveries_kpi", "rule", "sent_at", "step", "status", "feedback"),)
+    __table_args__ = (
+        # The KPI funnel reads a rule's range of sends from this index alone (insight/kpis.py).
+        Index("ix_deliveries_kpi", "rule", "sent_at", "step", "status", "feedback"),
+        # `contact.sent(rule=..., within=...)` in `if:` reads one contact's sends (pipeline/history.py).
+        Index("ix_deliveries_contact_history", "contact_id", "rule", "sent_at"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     idempotency_key: str = Field(max_length=400, unique=True)
