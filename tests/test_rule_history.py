@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from test_config import check as check_config
+from test_config import edit
 from test_journeys import Plugin, Scenario, check, write
 
 from gateway.cli.main import cli
@@ -249,3 +251,61 @@ def test_the_readme_recipes_are_the_tested_rules(name: str) -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     recipes = readme.split("## Recipes", 1)[1]
     assert RECIPES[name] in recipes
+
+
+INACTIVE = "    inactive_for: 90d\n    of: [order.placed]\n"
+# (case, config text, the exact error line after "declic.yaml:")
+CONFIG_ERRORS = [
+    (
+        "repeat_every on an event rule",
+        edit("    when: customer.created\n", "    when: customer.created\n    repeat_every: 90d\n"),
+        "20:19: rules[0].repeat_every: repeat_every is for inactive_for rules (date rules take `repeat: yearly`)",
+    ),
+    (
+        "max_times without repeat_every",
+        edit("    when: customer.created\n", INACTIVE + "    max_times: 3\n"),
+        "21:16: rules[0].max_times: max_times needs repeat_every: without it an inactivity rule fires once per period",
+    ),
+    (
+        "repeat_every too short",
+        edit("    when: customer.created\n", INACTIVE + "    repeat_every: 30m\n"),
+        "21:19: rules[0].repeat_every: 30m is too short: write 1h to 3650d",
+    ),
+    (
+        "max_times zero",
+        edit("    when: customer.created\n", INACTIVE + "    repeat_every: 90d\n    max_times: 0\n"),
+        "22:16: rules[0].max_times: Input should be greater than or equal to 1",
+    ),
+    (
+        "max_times not a number",
+        edit("    when: customer.created\n", INACTIVE + "    repeat_every: 90d\n    max_times: thrice\n"),
+        "22:16: rules[0].max_times: Input should be a valid integer, unable to parse string as an integer",
+    ),
+    (
+        "where= that is not an expression",
+        edit('total_price > 20"', "total_price > 20 and contact.has('order.placed', where='event.x ==')\""),
+        "23:9: rules[1].if: invalid where= expression 'event.x ==': unexpected 'end of template'",
+    ),
+    (
+        "within= that is not a duration",
+        edit("contact.email_status == 'ok'", "contact.count('page.viewed', within='P1M') < 3"),
+        "29:13: rules[1].steps[1].if: within=: invalid duration 'P1M': years and months vary in length; "
+        "write days, as P30D",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "text", "expected"), CONFIG_ERRORS, ids=[e[0] for e in CONFIG_ERRORS])
+def test_bad_values_name_file_line_column_path(tmp_path: Path, case: str, text: str, expected: str) -> None:
+    code, output = check_config(tmp_path, text)
+    assert code == 2, output
+    assert f"{tmp_path / 'declic.yaml'}:{expected}" in output.splitlines(), output
+
+
+def test_new_keys_have_a_type_and_a_description_in_the_json_schema() -> None:
+    from gateway.config import RuleSpec
+
+    properties = RuleSpec.model_json_schema(by_alias=True)["properties"]
+    for key in ("repeat_every", "max_times"):
+        assert properties[key]["description"], key
+        assert {t.get("type") for t in properties[key]["anyOf"]} - {"null"}, key

@@ -35,7 +35,7 @@ from ..kit.registry import Registry
 from ..kit.sinks import EmailSinkConfig, Sink, TrackSpec
 from ..kit.sources import PluginConfig, Source
 from ..kit.templating import compile_condition, make_environment, template_files
-from . import yamlmarks
+from . import conditions, yamlmarks
 
 DATABASE_URL_ENV = "DECLIC_DATABASE_URL"
 
@@ -858,6 +858,9 @@ def _check_expression(env: jinja2.Environment, expression: str | None, where: ya
         compile_condition(env, expression)
     except jinja2.TemplateSyntaxError as exc:
         report.add(where, f"invalid expression: {exc.message}")
+        return
+    for problem in conditions.argument_problems(env, expression):
+        report.add(where, problem)
 
 
 def _suggest(event_type: str, extra: frozenset[str]) -> str:
