@@ -5,6 +5,7 @@ a real SMTP server, on SQLite and PostgreSQL (the harness of test_journeys.py)."
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from test_config import edit
 from test_journeys import Plugin, Scenario, check, write
 
 from gateway.cli.main import cli
-from gateway.cli.simulate import TimelineItem, decisions, load_timeline, play
+from gateway.cli.simulate import TimelineItem, decisions, load_timeline, play, run_until
 from gateway.config import load_config
 from gateway.http.app import create_app
 from gateway.http.running import GATEWAY_KEY, RunningGateway
@@ -309,3 +310,37 @@ def test_new_keys_have_a_type_and_a_description_in_the_json_schema() -> None:
     for key in ("repeat_every", "max_times"):
         assert properties[key]["description"], key
         assert {t.get("type") for t in properties[key]["anyOf"]} - {"null"}, key
+
+
+async def test_repeats_survive_a_restart_and_a_replayed_firing_sends_nothing(
+    tmp_path: Path, db_url: str, smtp: SmtpCatcher, aiohttp_client: Any
+) -> None:
+    """The chain of firings is rows in the database: a new process goes on with it, never doubles it."""
+    scenario = SCENARIOS[2]
+    pm = get_plugin_manager(extra=[Plugin()])
+    config, timeline = write(tmp_path, scenario, db_url, smtp.port)
+    settings = load_config(config, collect(pm), pm)
+    order = load_timeline(timeline, settings.timezone)[0]
+    clock = FakeClock(order.at)
+
+    async def start() -> tuple[Any, RunningGateway]:
+        app = create_app(settings, pm=pm, clock=clock, role="web")
+        return await aiohttp_client(app), app[GATEWAY_KEY]
+
+    client, first = await start()
+    assert (await client.post("/hooks/tl/tok", data=order.model_dump_json().encode())).status == 200
+    await run_until(first, clock, datetime(2026, 4, 2, tzinfo=UTC))
+    assert len(smtp.messages) == 1
+    first.db.close()  # SQLite serves one process: let the second one in
+
+    _, second = await start()
+    await run_until(second, clock, datetime(2026, 4, 3, tzinfo=UTC))
+    assert len(smtp.messages) == 1
+    with second.db.engine.begin() as conn:
+        [(contact_id, occurrence)] = conn.exec_driver_sql("SELECT contact_id, occurrence FROM enrolments").all()
+        second.router.fire(conn, "win-back", contact_id, occurrence, clock.now(), clock.now(), 999)
+    await run_until(second, clock, datetime(2027, 6, 1, tzinfo=UTC))
+    assert [m["To"] for m in smtp.messages] == ["gone@example.org"] * 3
+    with second.db.engine.connect() as conn:
+        occurrences = sorted(conn.exec_driver_sql("SELECT occurrence FROM enrolments").scalars())
+    assert occurrences == [occurrence, f"{occurrence}#2", f"{occurrence}#3"]
