@@ -3,6 +3,7 @@ contact, bad arguments fail the condition with a reason, and they run within the
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -167,7 +168,7 @@ PLANS = [
     ),
     ("contact.last('page.viewed')", "ix_events_contact_history"),
     ("contact.sent(rule='welcome', within='30d')", "ix_deliveries_contact_history"),
-    ("contact.sent()", "ix_deliveries_contact_history"),
+    ("contact.sent()", "ix_deliveries_contact_"),  # _id or _history: both start with the contact
 ]
 
 
@@ -179,7 +180,7 @@ def test_each_question_reads_an_index_that_starts_with_the_contact(db: Database,
         [(statement, parameters)] = _statements(conn, expression)
         if conn.dialect.name == "sqlite":
             plan = " ".join(str(row[-1]) for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters))
-            assert f"USING INDEX {index} (contact_id=?" in plan or f"USING COVERING INDEX {index} (contact_id=?" in plan
+            assert re.search(f"USING (COVERING )?INDEX {index}[a-z_]* \\(contact_id=\\?", plan), plan
         else:
             # A few rows make a sequential scan cheapest: forbid it, and see which index the planner takes then.
             conn.exec_driver_sql("SET LOCAL enable_seqscan = off")

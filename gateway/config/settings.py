@@ -246,7 +246,9 @@ class RuleSpec(_Strict):
         if self.on_date:
             return f"on {self.on_date}, {'yearly' if self.yearly else 'once'}"
         if self.inactive_for is not None:
-            return f"after {_days(self.inactive_for)} without {' or '.join(self.of)}"
+            repeats = f", again every {_days(self.repeat_every)}" if self.repeat_every else ""
+            limit = f", {self.max_times} times at most" if self.max_times else ""
+            return f"after {_days(self.inactive_for)} without {' or '.join(self.of)}{repeats}{limit}"
         if self.score_reaches is not None:
             return f"when the score reaches {self.score_reaches:g}"
         return f"on {self.when}"

@@ -241,27 +241,20 @@ class Router:
         sql.put_meta(conn, _FINGERPRINT, self._trigger_fingerprint())
 
     def _trigger_fingerprint(self) -> str:
-        rules = [
-            r.spec.model_dump(
-                mode="json",
-                include={
-                    "name",
-                    "on_date",
-                    "at",
-                    "offset",
-                    "repeat",
-                    "catch_up",
-                    "inactive_for",
-                    "of",
-                    "repeat_every",
-                    "max_times",
-                },
-            )
-            for r in self.rules.values()
-            if r.spec.on_date or r.spec.inactive_for
-        ]
+        rules = [_trigger_fields(r.spec) for r in self.rules.values() if r.spec.on_date or r.spec.inactive_for]
         text = json.dumps({"timezone": self.timezone, "rules": rules}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
+
+
+_TRIGGER_FIELDS = frozenset({"name", "on_date", "at", "offset", "repeat", "catch_up", "inactive_for", "of"})
+_REPEAT_FIELDS = ("repeat_every", "max_times")
+
+
+def _trigger_fields(spec: RuleSpec) -> dict[str, Any]:
+    """What schedules a rule's triggers. The repeat keys count only when set: an upgrade alone must not change
+    the fingerprint, as a changed one re-arms every contact's triggers."""
+    repeats = {key for key in _REPEAT_FIELDS if getattr(spec, key) is not None}
+    return spec.model_dump(mode="json", include=set(_TRIGGER_FIELDS | repeats))
 
 
 def event_context(event: Event) -> dict[str, Any]:
