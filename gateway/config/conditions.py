@@ -13,6 +13,10 @@ from jinja2 import nodes
 from ..kit.durations import parse_duration
 from ..kit.templating import compile_condition
 
+#: The helpers `if:` may call on `contact`, methods of pipeline/history.py's ContactView. Here, low enough
+#: for `declic check` to know them.
+HELPERS = ("count", "has", "last", "sent", "opened", "clicked")
+
 
 def argument_problems(env: jinja2.Environment, expression: str) -> list[str]:
     """One message per literal `where=` or `within=` argument that is wrong; the expression itself parses."""

@@ -19,17 +19,17 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Connection
 
+from ..config.conditions import HELPERS
 from ..insight import journal
 from ..kit.durations import parse_duration
 from ..kit.templating import compile_condition, spend
 from ..store import DELIVERIES, EVENTS, jsoncodec
 
+__all__ = ["HELPERS", "ContactView", "Wheres", "record_problems"]
 log = structlog.get_logger("declic.history")
 V = EVENTS.c
 D = DELIVERIES.c
 
-#: The helpers `if:` may call on `contact` (`declic check` knows these names).
-HELPERS = ("count", "has", "last", "sent", "opened", "clicked")
 #: `where=` reads at most this many of the contact's latest events of the type(s) asked, so that one
 #: contact with a runaway history (a bot's page views) cannot hold the database thread.
 MAX_SCANNED = 10_000
