@@ -116,7 +116,17 @@ ERRORS = [
         "bad duration",
         edit("wait: 3d", "wait: 3 days"),
         "28:15: rules[1].steps[1].wait: invalid duration '3 days': write a number and a unit, "
-        "as 90s, 5m, 1h, 3d or 2w (or 250ms)",
+        "as 90s, 5m, 1h, 3d or 2w (or 250ms), several as 1h30m, or ISO 8601 as P1DT12H",
+    ),
+    (
+        "ISO 8601 months",
+        edit("wait: 3d", "wait: P1M"),
+        "28:15: rules[1].steps[1].wait: invalid duration 'P1M': years and months vary in length; write days, as P30D",
+    ),
+    (
+        "units out of order",
+        edit("wait: 3d", "wait: 30m1h"),
+        "28:15: rules[1].steps[1].wait: invalid duration '30m1h': write each unit once, largest first, as 1h30m",
     ),
     (
         "unknown sink",

@@ -21,8 +21,9 @@ Generated from the code by `declic reference --builtin-only > docs/config-refere
 it is out of date. The README explains each part with examples.
 
 Every string value may use `${VAR}` or `${VAR:-default}`, read from the environment.
-Durations are written `250ms`, `90s`, `5m`, `1h`, `3d` or `2w`, from 0 to 10 years (`3650d`);
-a setting may narrow that range, as its description says. A value out of range is an error of
+Durations are written `250ms`, `90s`, `5m`, `1h`, `3d` or `2w`, several units largest first
+(`1h30m`, `2d12h`), or in ISO 8601 (`P1DT12H`, `PT90M`; no years or months), from 0 to 10 years
+(`3650d`); a setting may narrow that range, as its description says. A value out of range is an error of
 `declic check`.
 """
 

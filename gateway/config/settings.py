@@ -23,6 +23,7 @@ from pydantic import (
     PrivateAttr,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -35,7 +36,7 @@ from ..kit.registry import Registry
 from ..kit.sinks import EmailSinkConfig, Sink, TrackSpec
 from ..kit.sources import PluginConfig, Source
 from ..kit.templating import compile_condition, make_environment, template_files
-from . import yamlmarks
+from . import conditions, yamlmarks
 
 DATABASE_URL_ENV = "DECLIC_DATABASE_URL"
 
@@ -199,6 +200,18 @@ class RuleSpec(_Strict):
         description="Date rules: after downtime, fire what was missed within this, skip older; 0s to 366d.",
     )
     of: list[str] = Field(default_factory=list, description="Inactivity rules: the event types that count as activity.")
+    repeat_every: Annotated[Duration, between("1h", "3650d")] | None = Field(
+        None,
+        description="Inactivity rules: fire again this long after each firing while the contact stays inactive; "
+        "1h to 3650d. New activity starts a new period.",
+    )
+    max_times: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="Inactivity rules with repeat_every: fire at most this many times per period of inactivity "
+        "(the first included), 1 to 1000; default: no limit.",
+    )
     if_: str | None = Field(None, alias="if", description="Jinja2 expression on event and contact.")
     kind: Literal["marketing", "transactional"] = Field(
         "marketing", description="Marketing messages need consent where `policies.consent` says so."
@@ -251,6 +264,20 @@ class RuleSpec(_Strict):
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
+    @field_validator("repeat_every")
+    @classmethod
+    def _repeat_needs_inactivity(cls, value: timedelta | None, info: ValidationInfo) -> timedelta | None:
+        if value is not None and "inactive_for" in info.data and info.data["inactive_for"] is None:
+            raise ValueError("repeat_every is for inactive_for rules (date rules take `repeat: yearly`)")
+        return value
+
+    @field_validator("max_times")
+    @classmethod
+    def _times_need_repeat(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and "repeat_every" in info.data and info.data["repeat_every"] is None:
+            raise ValueError("max_times needs repeat_every: without it an inactivity rule fires once per period")
+        return value
+
     @model_validator(mode="after")
     def _shape(self) -> RuleSpec:
         triggers = [k for k in ("when", "on_date", "inactive_for", "score_reaches") if getattr(self, k) is not None]
@@ -293,7 +320,9 @@ class RuleSpec(_Strict):
         if self.on_date:
             return f"on {self.on_date}, {'yearly' if self.yearly else 'once'}"
         if self.inactive_for is not None:
-            return f"after {_days(self.inactive_for)} without {' or '.join(self.of)}"
+            repeats = f", again every {_days(self.repeat_every)}" if self.repeat_every else ""
+            limit = f", {self.max_times} times at most" if self.max_times else ""
+            return f"after {_days(self.inactive_for)} without {' or '.join(self.of)}{repeats}{limit}"
         if self.score_reaches is not None:
             return f"when the score reaches {self.score_reaches:g}"
         return f"on {self.when}"
@@ -950,6 +979,9 @@ def _check_expression(env: jinja2.Environment, expression: str | None, where: ya
         compile_condition(env, expression)
     except jinja2.TemplateSyntaxError as exc:
         report.add(where, f"invalid expression: {exc.message}")
+        return
+    for problem in conditions.argument_problems(env, expression):
+        report.add(where, problem)
 
 
 def _suggest(event_type: str, extra: frozenset[str]) -> str:

@@ -1,4 +1,5 @@
-"""Durations as users write them in the config: 250ms, 90s, 5m, 1h, 3d, 2w; bounded so that date arithmetic holds."""
+"""Durations as users write them in the config: 250ms, 90s, 5m, 1h, 3d, 2w, combined (1h30m, 2d12h) or in
+ISO 8601 (P1DT12H, PT90M); bounded so that date arithmetic holds."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 from datetime import time, timedelta
 from typing import Annotated
 
+import isodate
 from pydantic import AfterValidator, BeforeValidator
 
 #: The longest duration any setting takes. `now + MAX_DURATION` stays far from year 9999, so adding
@@ -15,7 +17,13 @@ MAX_DURATION = timedelta(days=3650)
 MAX_DURATION_TEXT = "10 years (3650d)"
 
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
-_PATTERN = re.compile(r"^\s*(\d+)\s*(ms|[smhdw])\s*$")
+#: One or more `<digits><unit>` parts, largest unit first: 90s, 1h30m, 2d 12h, 1s500ms.
+_PATTERN = re.compile(r"^\s*(?:\d+\s*(?:ms|[smhdw])\s*)+$")
+_PART = re.compile(r"(\d+)\s*(ms|[smhdw])")
+_ORDER = ("w", "d", "h", "m", "s", "ms")
+#: ISO 8601 durations are short; a longer text is a mistake or an attack, refused before parsing.
+_MAX_ISO = 40
+_HELP = "write a number and a unit, as 90s, 5m, 1h, 3d or 2w (or 250ms), several as 1h30m, or ISO 8601 as P1DT12H"
 _MAX_MS = MAX_DURATION // timedelta(milliseconds=1)
 
 
@@ -30,16 +38,44 @@ def parse_duration(value: object) -> timedelta:
             raise ValueError(f"duration {value}s is longer than {MAX_DURATION_TEXT}, the longest Declic accepts")
         return timedelta(seconds=value)
     text = str(value)
-    match = _PATTERN.match(text)
-    if not match:
-        raise ValueError(
-            f"invalid duration {_short(text)}: write a number and a unit, as 90s, 5m, 1h, 3d or 2w (or 250ms)"
-        )
-    digits, unit = match.groups()
-    # Compare digits before int(): a 5,000-digit number is a ValueError of its own.
-    if len(digits.lstrip("0")) > 15 or int(digits) * _UNIT_MS[unit] > _MAX_MS:
+    if text.strip().upper().startswith("P"):
+        parsed = _iso(text)
+        return _bounded(parsed, parsed, _short(text))
+    if not _PATTERN.match(text):
+        raise ValueError(f"invalid duration {_short(text)}: {_HELP}")
+    total = 0
+    last = -1
+    for digits, unit in _PART.findall(text):
+        if _ORDER.index(unit) <= last:
+            raise ValueError(f"invalid duration {_short(text)}: write each unit once, largest first, as 1h30m")
+        last = _ORDER.index(unit)
+        # Compare digits before int(): a 5,000-digit number is a ValueError of its own.
+        if len(digits.lstrip("0")) > 15:
+            total = _MAX_MS + 1
+            break
+        total += int(digits) * _UNIT_MS[unit]
+    if total > _MAX_MS:
         raise ValueError(f"duration {_short(text)} is longer than {MAX_DURATION_TEXT}, the longest Declic accepts")
-    return timedelta(milliseconds=int(digits) * _UNIT_MS[unit])
+    return timedelta(milliseconds=total)
+
+
+def _iso(text: str) -> timedelta:
+    """ISO 8601 through isodate (maintained, and it knows the format's corners: PT1.5H, P1W, P1DT).
+
+    Years and months are refused: their length varies, and a wait must say how long it is.
+    """
+    text = text.strip()
+    if len(text) > _MAX_ISO:
+        raise ValueError(f"invalid duration {_short(text)}: longer than any ISO 8601 duration Declic takes")
+    try:
+        parsed = isodate.parse_duration(text.upper())
+    except (ValueError, OverflowError, isodate.ISO8601Error):
+        raise ValueError(
+            f"invalid duration {_short(text)}: not an ISO 8601 duration such as P1DT12H or PT90M"
+        ) from None
+    if not isinstance(parsed, timedelta):
+        raise ValueError(f"invalid duration {_short(text)}: years and months vary in length; write days, as P30D")
+    return parsed
 
 
 def parse_signed_duration(value: object) -> timedelta:

@@ -330,6 +330,32 @@ def compile_condition(env: jinja2.Environment, expression: str) -> Any:
     return env.compile_expression(expression, undefined_to_none=True)
 
 
+#: What one `if:` may cost: conditions run on the database thread, so less than a message may.
+CONDITION_LIMITS = RenderLimits(cpu_time=1.0, output_bytes=1024 * 1024)
+
+
+def evaluate(condition: Any, context: dict[str, Any], limits: RenderLimits = CONDITION_LIMITS) -> Any:
+    """The value of a compiled `if:` within `limits`: every loop, call and operator checks the CPU time,
+    and so do `contact.count(where=...)` and the other history helpers (through `spend()`).
+
+    Raises RenderLimitExceeded past the limit, or whatever the expression raises.
+    """
+    if _budget() is not None:  # a condition inside a condition (`where=`) shares the outer budget
+        return condition(**context)
+    _local.budget = Budget(limits)
+    try:
+        return condition(**context)
+    finally:
+        _local.budget = None
+
+
+def spend() -> None:
+    """Check the running budget, for code called from an expression that loops on its own (history helpers)."""
+    budget = _budget()
+    if budget is not None:
+        budget.check()
+
+
 def template_files(templates_dir: Path, name: str) -> dict[str, Path]:
     return {
         part: templates_dir / f"{name}.{part}.j2" for part in PARTS if (templates_dir / f"{name}.{part}.j2").is_file()

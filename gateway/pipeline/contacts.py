@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -29,6 +28,7 @@ from ..store import (
 )
 from . import feedback
 from .consent import Ruling, awaiting_confirmation, dated, rule_on
+from .history import ContactView, Wheres
 
 C = CONTACTS.c
 I = IDENTITIES.c  # noqa: E741
@@ -482,43 +482,9 @@ def erase(conn: Connection, contact_id: int, now: datetime) -> None:
         jobqueue.cancel_pending(conn, ended, now)
 
 
-class ContactView(dict[str, Any]):
-    """The contact as `if:` and templates see it, with what it did with earlier messages.
-
-    `contact.opened(rule='abandoned-cart', step=1)`, `contact.clicked(...)`: true when a person
-    opened (clicked) a message of that rule (and step, when given), as Declic's own tracking or the
-    provider reported it; machine opens and clicks do not count (see pipeline/feedback.py).
-    """
-
-    def __init__(self, fields: dict[str, Any], feedback: Callable[[], list[tuple[str, int, str]]]):
-        super().__init__(fields)
-        self._load_feedback = feedback
-        self._feedback: list[tuple[str, int, str]] | None = None
-
-    def _did(self, what: str, rule: str | None, step: int | None) -> bool:
-        if self._feedback is None:  # read when a condition first asks: most steps never do
-            self._feedback = self._load_feedback()
-        return any(what in seen.split(",") and rule in (None, r) and step in (None, s) for r, s, seen in self._feedback)
-
-    def opened(self, rule: str | None = None, step: int | None = None) -> bool:
-        return self._did("opened", rule, step) or self._did("clicked", rule, step)
-
-    def clicked(self, rule: str | None = None, step: int | None = None) -> bool:
-        return self._did("clicked", rule, step)
-
-
-def view(conn: Connection, contact_id: int) -> ContactView:
-    """The contact for a step being prepared: valid only within that transaction."""
-
-    def feedback() -> list[tuple[str, int, str]]:
-        return [(r.rule, r.step, r.feedback) for r in conn.execute(_FEEDBACK, {"contact_id": contact_id})]
-
-    return ContactView(load(conn, contact_id), feedback)
-
-
-_FEEDBACK = sa.select(DELIVERIES.c.rule, DELIVERIES.c.step, DELIVERIES.c.feedback).where(
-    DELIVERIES.c.contact_id == sa.bindparam("contact_id"), DELIVERIES.c.feedback.is_not(None)
-)
+def view(conn: Connection, contact_id: int, now: datetime, wheres: Wheres | None = None) -> ContactView:
+    """The contact for a step being prepared, with its history: valid only within that transaction."""
+    return ContactView(load(conn, contact_id), conn, now, wheres)
 
 
 def mark_email_bouncing(conn: Connection, contact_id: int, now: datetime) -> None:

@@ -70,10 +70,16 @@ def step_moment(template: jinja2.Template, step: StepSpec, context: dict[str, An
 
 
 def moment_of(
-    conn: Connection, template: jinja2.Template, step: StepSpec, event_id: str, contact_id: int, default_zone: str
+    conn: Connection,
+    template: jinja2.Template,
+    step: StepSpec,
+    event_id: str,
+    contact_id: int,
+    default_zone: str,
+    now: datetime,
 ) -> Moment:
     """The step's moment for this enrolment, from its stored event and its contact (time zone included)."""
-    contact = contacts.view(conn, contact_id)
+    contact = contacts.view(conn, contact_id, now)
     context = {"event": load_event(conn, event_id), "contact": contact}
     return step_moment(template, step, context, zone_of(contact, default_zone))
 
@@ -92,7 +98,7 @@ def due_at(
     if template is None:
         return now + step.wait
     event_id = enrolment if isinstance(enrolment, str) else _event_of(conn, enrolment)
-    moment = moment_of(conn, template, step, event_id, contact_id, default_zone)
+    moment = moment_of(conn, template, step, event_id, contact_id, default_zone, now)
     return max(moment.at, now) if moment.at is not None else now
 
 

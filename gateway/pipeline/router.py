@@ -23,9 +23,9 @@ from ..config import ReenterAfter, RuleSpec, ScoringSpec
 from ..insight import conversions, journal
 from ..kit.durations import format_duration
 from ..kit.events import ContactRef, Event
-from ..kit.templating import compile_condition
+from ..kit.templating import compile_condition, evaluate
 from ..store import ENROLMENTS, META, jobqueue, sql
-from . import contacts, moments, triggers
+from . import contacts, history, moments, triggers
 from .eventlog import store_event
 
 log = structlog.get_logger("declic.router")
@@ -71,6 +71,8 @@ class Router:
         #: Whether opens and clicks flagged as a machine's are routed (start, end, score journeys) like people's.
         self.machine_events = False
         self.scoring = scoring or ScoringSpec()
+        #: `where=` expressions of contact.count(...) and the other history helpers, compiled once.
+        self.wheres = history.Wheres(env)
         self._points = {
             t: (s.points, compile_condition(env, s.if_) if s.if_ else None) for t, s in self.scoring.points.items()
         }
@@ -114,10 +116,12 @@ class Router:
             end_journeys(conn, rule, event, contact["id"], base, "exited", f"exit_on {event.type}")
         for rule in self._by["of"].get(event.type, ()):
             triggers.arm_inactivity(conn, rule.spec, contact["id"], event.id, base, base)
-        context = {"event": event_context(event), "contact": contact}
+        view = history.ContactView(contact, conn, base, self.wheres)
+        context = {"event": event_context(event), "contact": view}
         self._score(conn, event, contact, context, base)
         for rule in self._by["when"].get(event.type, ()):
             why = _ruled_out(rule, context)
+            history.record_problems(conn, view, rule.name, base, event_id=event.id)
             if why is not None:
                 journal.record(conn, base, rule.name, contact["id"], "not_enrolled", reason=why, event_id=event.id)
                 continue
@@ -136,8 +140,14 @@ class Router:
         self, conn: Connection, event: Event, contact: dict[str, Any], context: dict[str, Any], base: datetime
     ) -> None:
         points, condition = self._points.get(event.type, (0.0, None))
-        if not points or (condition is not None and not _truthy(None, condition, context)):
+        if not points:
             return
+        if condition is not None:
+            counts = _truthy(None, condition, context)
+            for problem in context["contact"].take_problems():  # no rule to journal it under: the log says it
+                log.warning("scoring condition", event_type=event.type, problem=problem)
+            if not counts:
+                return
         before, after = triggers.add_points(conn, contact["id"], points, self.scoring.half_life, base)
         for rule in self.score_rules:
             threshold = rule.spec.score_reaches
@@ -174,6 +184,8 @@ class Router:
         else:
             event = self.synthetic_event(conn, rule, contact, occurrence, due, trigger_id)
             enrol(conn, rule, contact_id, event.id, occurrence, None, now)
+        if spec.inactive_for is not None:
+            triggers.repeat_inactivity(conn, spec, contact_id, occurrence, due, now)
         if spec.on_date:
             triggers.schedule_date(conn, spec, contact, self.timezone, now)
 
@@ -186,10 +198,12 @@ class Router:
         due: datetime,
         trigger_id: int,
     ) -> Event:
+        properties: dict[str, Any]
         if rule.spec.on_date:
             kind, properties = "date.reached", {"rule": rule.name, "date": occurrence.removeprefix("date:")}
         else:
-            kind, properties = "contact.inactive", {"rule": rule.name, "since": occurrence}
+            period, times = triggers.inactivity_period(occurrence)
+            kind, properties = "contact.inactive", {"rule": rule.name, "since": period, "firing": times}
         event = Event(
             id=f"t{trigger_id}",
             source="declic",
@@ -241,15 +255,20 @@ class Router:
         sql.put_meta(conn, _FINGERPRINT, self._trigger_fingerprint())
 
     def _trigger_fingerprint(self) -> str:
-        rules = [
-            r.spec.model_dump(
-                mode="json", include={"name", "on_date", "at", "offset", "repeat", "catch_up", "inactive_for", "of"}
-            )
-            for r in self.rules.values()
-            if r.spec.on_date or r.spec.inactive_for
-        ]
+        rules = [_trigger_fields(r.spec) for r in self.rules.values() if r.spec.on_date or r.spec.inactive_for]
         text = json.dumps({"timezone": self.timezone, "rules": rules}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
+
+
+_TRIGGER_FIELDS = frozenset({"name", "on_date", "at", "offset", "repeat", "catch_up", "inactive_for", "of"})
+_REPEAT_FIELDS = ("repeat_every", "max_times")
+
+
+def _trigger_fields(spec: RuleSpec) -> dict[str, Any]:
+    """What schedules a rule's triggers. The repeat keys count only when set: an upgrade alone must not change
+    the fingerprint, as a changed one re-arms every contact's triggers."""
+    repeats = {key for key in _REPEAT_FIELDS if getattr(spec, key) is not None}
+    return spec.model_dump(mode="json", include=set(_TRIGGER_FIELDS | repeats))
 
 
 def event_context(event: Event) -> dict[str, Any]:
@@ -270,7 +289,7 @@ def _ruled_out(rule: CompiledRule, context: dict[str, Any]) -> str | None:
     if rule.condition is None:
         return None
     try:
-        if rule.condition(**context):
+        if evaluate(rule.condition, context):
             return None
     except Exception as exc:  # a bad expression on odd data skips the rule, loudly
         log.warning("condition failed", rule=rule.name, error=str(exc))
@@ -280,7 +299,7 @@ def _ruled_out(rule: CompiledRule, context: dict[str, Any]) -> str | None:
 
 def _truthy(rule: CompiledRule | None, condition: Any, context: dict[str, Any]) -> bool:
     try:
-        return bool(condition(**context))
+        return bool(evaluate(condition, context))
     except Exception as exc:  # a bad expression on odd data skips the rule, loudly
         log.warning("condition failed", rule=rule.name if rule else "scoring", error=str(exc))
         return False

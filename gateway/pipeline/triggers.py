@@ -105,10 +105,39 @@ def schedule_date(conn: Connection, rule: RuleSpec, contact: dict[str, Any], def
 def arm_inactivity(
     conn: Connection, rule: RuleSpec, contact_id: int, event_id: str, base: datetime, now: datetime
 ) -> None:
-    """Each activity restarts the countdown: one firing per period of inactivity."""
+    """Each activity restarts the countdown: one firing per period of inactivity (more with repeat_every)."""
     assert rule.inactive_for is not None
-    key = f"inactive:{rule.name}:{contact_id}"
-    _put(conn, key, rule, contact_id, f"inactive-since:{event_id}", base + rule.inactive_for, now)
+    period = f"inactive-since:{event_id}"
+    _put(conn, _inactive_key(rule, contact_id), rule, contact_id, period, base + rule.inactive_for, now)
+
+
+def inactivity_period(occurrence: str) -> tuple[str, int]:
+    """`inactive-since:E1#3` -> (`inactive-since:E1`, 3): the period of inactivity and which firing in it."""
+    period, _, times = occurrence.partition("#")
+    return period, int(times) if times.isdigit() else 1
+
+
+def repeat_inactivity(
+    conn: Connection, rule: RuleSpec, contact_id: int, occurrence: str, due: datetime, now: datetime
+) -> None:
+    """After a firing, schedule the next one of the same period, while `max_times` allows.
+
+    The next occurrence is a new key for the enrolment (`...#2`), so a firing can never be doubled; it
+    is added only when no trigger is pending, as new activity may already have started a new period.
+    """
+    if rule.repeat_every is None:
+        return
+    period, times = inactivity_period(occurrence)
+    if rule.max_times is not None and times >= rule.max_times:
+        return
+    # On schedule from the firing that was due; after a long downtime, one interval from now (not a burst).
+    following = due + rule.repeat_every if due + rule.repeat_every > now else now + rule.repeat_every
+    row = _row(_inactive_key(rule, contact_id), rule, contact_id, f"{period}#{times + 1}", following, now)
+    conn.execute(_insert_once(conn.dialect.name), row)
+
+
+def _inactive_key(rule: RuleSpec, contact_id: int) -> str:
+    return f"inactive:{rule.name}:{contact_id}"
 
 
 def _put(
@@ -116,10 +145,16 @@ def _put(
 ) -> None:
     current = conn.execute(_PENDING, {"key": key}).first()
     if current is not None:
+        if "#" in current.occurrence and inactivity_period(current.occurrence)[0] == occurrence:
+            return  # a reconcile re-arming a period of inactivity whose repeats are under way: they go on
         if (current.due_at, current.occurrence) != (due, occurrence):
             conn.execute(_MOVE, {"job_id": current.id, "due": due, "occurrence": occurrence, "now": now})
         return
-    row = {
+    conn.execute(_insert_once(conn.dialect.name), _row(key, rule, contact_id, occurrence, due, now))
+
+
+def _row(key: str, rule: RuleSpec, contact_id: int, occurrence: str, due: datetime, now: datetime) -> dict[str, Any]:
+    return {
         "kind": "trigger",
         "rule": rule.name,
         "contact_id": contact_id,
@@ -132,7 +167,6 @@ def _put(
         "created_at": now,
         "updated_at": now,
     }
-    conn.execute(_insert_once(conn.dialect.name), row)
 
 
 # Built once: the start-up reconcile runs these for every (date rule, contact).

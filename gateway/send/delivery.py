@@ -21,9 +21,10 @@ from ..errors import TemplateProblem
 from ..insight import journal, rendered
 from ..kit.addresses import internal_address
 from ..kit.sinks import DeliveryResult, Message, Outcome, SendContext, Sink
-from ..kit.templating import RenderLimits, render_message
+from ..kit.templating import RenderLimits, evaluate, render_message
 from ..pipeline import contacts, moments
 from ..pipeline.eventlog import load_event
+from ..pipeline.history import record_problems
 from ..pipeline.router import CompiledRule, Router
 from ..pipeline.triggers import zone_of
 from ..store import CONTACTS, DELIVERIES, ENROLMENTS, jobqueue, sql
@@ -152,9 +153,10 @@ class StepRunner:
         if self._capped(rule) and not step.internal and conn.dialect.name == "postgresql":
             # Serialise one contact's capped sends across workers, so two cannot both take the last slot.
             conn.execute(sa.select(CONTACTS.c.id).where(CONTACTS.c.id == enrolment.contact_id).with_for_update())
-        context = self._context(conn, rule, job.step, enrolment.contact_id, enrolment.event_id)
+        context = self._context(conn, rule, job.step, enrolment.contact_id, enrolment.event_id, now)
         contact = context["contact"]
         reason = self._too_late(rule, job, contact, context) or self._condition(rule, job.step, context)
+        record_problems(conn, contact, rule.name, now, step=job.step + 1)
         if reason:
             self._suppress(conn, step, reason, now)
             return None
@@ -193,7 +195,7 @@ class StepRunner:
         is rendered with: what `declic preview` and `declic send-test` show and send, built by the same two
         methods the worker's prepare() uses. `template` overrides the step's (a variant's); nothing is
         written but the link key, on first use."""
-        context = self._context(conn, rule, index, contact_id, event_id)
+        context = self._context(conn, rule, index, contact_id, event_id, now)
         sink = self.sinks[rule.spec.steps[index].send.vias[0]]
         return self._draft(conn, rule, index, sink, key, context, now, template), context
 
@@ -204,13 +206,13 @@ class StepRunner:
         return self._condition(rule, step, context) or self._unusable(rule, sink, contact)
 
     def _context(
-        self, conn: Connection, rule: CompiledRule, index: int, contact_id: int, event_id: str
+        self, conn: Connection, rule: CompiledRule, index: int, contact_id: int, event_id: str, now: datetime
     ) -> dict[str, Any]:
         """What a step's `if` and templates see; `unsubscribe_url` is set once the channel is known."""
         event = load_event(conn, event_id)
         context: dict[str, Any] = {
             "event": event,
-            "contact": contacts.view(conn, contact_id),
+            "contact": contacts.view(conn, contact_id, now, self.router.wheres),
             "rule": rule.name,
             "step": index + 1,
             "unsubscribe_url": None,
@@ -368,7 +370,7 @@ class StepRunner:
         condition = rule.step_conditions[step]
         if condition is not None:
             try:
-                if not condition(**context):
+                if not evaluate(condition, context):
                     return "step condition is false"
             except Exception as exc:
                 return f"step condition failed: {exc}"

@@ -183,6 +183,9 @@ class StoredEvent(SQLModel, table=True):
             sqlite_where=text("dedupe_key IS NOT NULL"),
             postgresql_where=text("dedupe_key IS NOT NULL"),
         ),
+        # `if:` asks a contact's history (contact.count('page.viewed', within='7d')): one range of this
+        # index per question, as long as that contact's history and no longer (pipeline/history.py).
+        Index("ix_events_contact_history", "contact_id", "type", "occurred_at"),
     )
 
     id: str = Field(primary_key=True, max_length=60)
@@ -254,8 +257,12 @@ class Delivery(SQLModel, table=True):
     """What happened to one (rule, contact, step, occurrence): at most one row, at most one send."""
 
     __tablename__ = "deliveries"
-    #: The KPI funnel reads a rule's range of sends from this index alone (insight/kpis.py).
-    __table_args__ = (Index("ix_deliveries_kpi", "rule", "sent_at", "step", "status", "feedback", "kind"),)
+    __table_args__ = (
+        # The KPI funnel reads a rule's range of sends from this index alone (insight/kpis.py).
+        Index("ix_deliveries_kpi", "rule", "sent_at", "step", "status", "feedback", "kind"),
+        # `contact.sent(rule=..., within=...)` in `if:` reads one contact's sends (pipeline/history.py).
+        Index("ix_deliveries_contact_history", "contact_id", "rule", "sent_at"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     idempotency_key: str = Field(max_length=400, unique=True)
