@@ -75,6 +75,22 @@ def _fill(conn: Connection) -> None:
     )
 
 
+def _noise(i: int) -> dict[str, Any]:
+    """Another contact's recent send of the same rule."""
+    return {
+        "idempotency_key": f"noise{i}",
+        "enrolment_id": 100 + i,
+        "rule": "welcome",
+        "step": 1,
+        "contact_id": 100 + i,
+        "sink": "email",
+        "status": "sent",
+        "sent_at": NOW - timedelta(hours=i % 500),
+        "created_at": NOW,
+        "updated_at": NOW,
+    }
+
+
 def _ask(conn: Connection, expression: str, contact_id: int = 1) -> Any:
     view = ContactView({"id": contact_id}, conn, NOW, Wheres(ENV))
     return evaluate(compile_condition(ENV, expression), {"contact": view, "event": {}})
@@ -167,7 +183,7 @@ PLANS = [
         "ix_events_contact_history",
     ),
     ("contact.last('page.viewed')", "ix_events_contact_history"),
-    ("contact.sent(rule='welcome', within='30d')", "ix_deliveries_contact_history"),
+    ("contact.sent(rule='welcome', within='30d')", "ix_deliveries_contact_"),  # PostgreSQL may take either
     ("contact.sent()", "ix_deliveries_contact_"),  # _id or _history: both start with the contact
 ]
 
@@ -182,6 +198,11 @@ def test_each_question_reads_an_index_that_starts_with_the_contact(db: Database,
             plan = " ".join(str(row[-1]) for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters))
             assert re.search(f"USING (COVERING )?INDEX {index}[a-z_]* \\(contact_id=\\?", plan), plan
         else:
+            # The table as it is in production: other contacts' sends of the same rule (which the KPI index,
+            # led by the rule, would read through), and statistics about it.
+            conn.execute(sa.insert(DELIVERIES), [_noise(i) for i in range(2000)])
+            conn.exec_driver_sql("ANALYZE deliveries")
+            conn.exec_driver_sql("ANALYZE events")
             # A few rows make a sequential scan cheapest: forbid it, and see which index the planner takes then.
             conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
             plan = " ".join(row[0] for row in conn.exec_driver_sql(f"EXPLAIN {statement}", parameters))

@@ -614,7 +614,7 @@ CONFIG_ERRORS = [
      "27:15: rules[1].steps[0].time: invalid time of day '25:00': write HH:MM, as 10:00 or 21:30"),
     ("offset not a duration", (_STEP, _AT + "        offset: -1 day\n" + _SEND),
      "27:17: rules[1].steps[0].offset: invalid duration '1 day': write a number and a unit, as 90s, 5m, 1h, 3d "
-     "or 2w (or 250ms)"),
+     "or 2w (or 250ms), several as 1h30m, or ISO 8601 as P1DT12H"),
 ]  # fmt: skip
 
 

@@ -261,7 +261,7 @@ class Delivery(SQLModel, table=True):
         # The KPI funnel reads a rule's range of sends from this index alone (insight/kpis.py).
         Index("ix_deliveries_kpi", "rule", "sent_at", "step", "status", "feedback", "kind"),
         # `contact.sent(rule=..., within=...)` in `if:` reads one contact's sends (pipeline/history.py).
-        Index("ix_deliveries_contact_history", "contact_id", "rule", "sent_at"),
+        Index("ix_deliveries_contact_history", "contact_id", "rule", "status", "sent_at"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
