@@ -20,7 +20,8 @@ def upgrade() -> None:
     with op.batch_alter_table("events", schema=None) as batch_op:
         batch_op.create_index("ix_events_contact_history", ["contact_id", "type", "occurred_at"], unique=False)
     with op.batch_alter_table("deliveries", schema=None) as batch_op:
-        batch_op.create_index("ix_deliveries_contact_history", ["contact_id", "rule", "status", "sent_at"], unique=False)
+        columns = ["contact_id", "rule", "status", "sent_at"]
+        batch_op.create_index("ix_deliveries_contact_history", columns, unique=False)
 
 
 def downgrade() -> None:
