@@ -48,6 +48,7 @@ from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import TemplateProblem
+from . import locales
 
 #: The parts a message template may have; `<name>.txt.j2` is the one required part.
 PARTS = ("subject", "txt", "html")
@@ -296,6 +297,7 @@ def make_environment(templates_dir: Path | None, pm: pluggy.PluginManager | None
         undefined=jinja2.ChainableUndefined,
         keep_trailing_newline=False,
     )
+    env.filters.update(locales.FILTERS)  # before the plugins, which may replace them
     if pm is not None:
         pm.hook.prepare_jinja2_environment(env=env)
     # After the plugins, so that their filters are bounded too.

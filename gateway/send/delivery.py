@@ -19,6 +19,7 @@ from ..config import PoliciesSpec, WorkerSpec
 from ..config.settings import CONFIRM_RULE
 from ..errors import TemplateProblem
 from ..insight import journal, rendered
+from ..kit.locales import locale_chain, pick_locale, translated
 from ..kit.sinks import DeliveryResult, Message, Outcome, SendContext, Sink
 from ..kit.templating import RenderLimits, render_message
 from ..pipeline import contacts
@@ -30,6 +31,7 @@ from ..store.jobqueue import ClaimedJob
 from . import links
 from .policies import Deferral, pressure_until, quiet_until
 from .tracking import Tracking, track_html
+from .variants import template_for, variant_for
 
 if TYPE_CHECKING:
     from ..kit.clock import Clock
@@ -89,6 +91,7 @@ class Send:
     sink: Sink
     draft: Draft
     context: SendContext
+    variant: str | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,7 @@ class Step:
     contact_id: int
     key: str
     sink: Sink
+    variant: str | None = None
 
 
 @dataclass
@@ -116,6 +120,7 @@ class StepRunner:
     public_url: str | None = None
     keep_rendered: bool = True
     _secret: bytes | None = None
+    locale: str = "en"
 
     def prepare(self, conn: Connection, job: ClaimedJob) -> Send | None:
         """Decide what to send, or close (or defer) the job here when nothing should be sent now."""
@@ -128,7 +133,8 @@ class StepRunner:
             return None
         spec = rule.spec.steps[job.step]
         key = idempotency_key(enrolment.rule, enrolment.contact_id, enrolment.occurrence, job.step)
-        step = Step(job, rule, enrolment.id, enrolment.contact_id, key, self.sinks[spec.send.via])
+        variant = self._variant(conn, rule, job.step, enrolment.contact_id) if spec.send.variants else None
+        step = Step(job, rule, enrolment.id, enrolment.contact_id, key, self.sinks[spec.send.via], variant)
         if conn.execute(_DELIVERY_STATUS, {"key": key}).scalar_one_or_none() in FINAL:
             self._advance(conn, step, now)  # the outcome was recorded, the job was not
             return None
@@ -143,7 +149,10 @@ class StepRunner:
             "contact": contact,
             "rule": rule.name,
             "step": job.step + 1,
+            "variant": variant,
             "unsubscribe_url": unsubscribe_url,
+            "locale": pick_locale(contact.get("locale"), self.locale),
+            "timezone": zone_of(contact, self.timezone).key,
         }
         if rule.name == CONFIRM_RULE:
             channel = str(event["properties"]["channel"])  # type: ignore[index]
@@ -162,9 +171,10 @@ class StepRunner:
         if self._capped(rule):
             self._record(conn, step, "sending", None, now, sent_at=now)  # holds its slot under the cap
         limits = self.worker_spec.templates
+        template = template_for(rule.spec, job.step, variant)
         draft = Draft(
             self.env,
-            spec.send.template,
+            translated(self.env, template, locale_chain(contact.get("locale"), self.locale)),
             context,
             RenderLimits(limits.cpu_time.total_seconds(), limits.output_bytes),
             step.sink.address(contact) or "",
@@ -173,7 +183,13 @@ class StepRunner:
             self._tracking(conn, rule, step, now),
         )
         send_context = SendContext(rule.name, job.step + 1, rule.spec.kind, dict(contact), event)
-        return Send(job, rule, enrolment.id, step.contact_id, step.sink, draft, send_context)
+        return Send(job, rule, enrolment.id, step.contact_id, step.sink, draft, send_context, variant)
+
+    def _variant(self, conn: Connection, rule: CompiledRule, index: int, contact_id: int) -> str | None:
+        """The contact's variant of this step: the one it was sent before, else its draw."""
+        kept = conn.execute(_KEPT_VARIANT, {"contact_id": contact_id, "rule": rule.name, "step": index + 1}).scalar()
+        found = variant_for(rule.spec, index, contact_id, kept)
+        return found.name if found else None
 
     def _unsubscribe(self, conn: Connection, rule: CompiledRule, step: Step) -> tuple[dict[str, str], str | None]:
         """Marketing e-mail carries a one-click unsubscribe link (RFC 8058) when the public URL is known;
@@ -289,7 +305,7 @@ class StepRunner:
         """Store the sink's answer (and the message as sent) and move the journey on, in one transaction."""
         now = self.clock.now()
         job, rule = send.job, send.rule
-        step = Step(job, rule, send.enrolment_id, send.contact_id, send.draft.idempotency_key, send.sink)
+        step = Step(job, rule, send.enrolment_id, send.contact_id, send.draft.idempotency_key, send.sink, send.variant)
         number, via = job.step + 1, send.sink.key
         if result.invalid_addresses and result.outcome is not Outcome.ADDRESS_INVALID:
             contacts.forget_addresses(conn, send.contact_id, send.sink.channel, result.invalid_addresses, now)
@@ -297,7 +313,7 @@ class StepRunner:
             self._record(conn, step, "sent", None, now, result.provider_id, sent_at=now)
             if message is not None and self.keep_rendered:
                 rendered.keep(conn, step.key, send.contact_id, now, message)
-            journal.record(conn, now, rule.name, send.contact_id, "send", step=number, via=via)
+            journal.record(conn, now, rule.name, send.contact_id, "send", step=number, via=via, reason=_sent(send))
             self._advance(conn, step, now)
         elif result.outcome is Outcome.OPTED_OUT:
             self._record(conn, step, "opted_out", result.error, now)
@@ -379,6 +395,7 @@ class StepRunner:
             "step": step.job.step + 1,
             "contact_id": step.contact_id,
             "sink": step.sink.key,
+            "variant": step.variant,
             "kind": step.rule.spec.kind,
             "created_at": now,
             "status": status,
@@ -412,11 +429,28 @@ def _upsert_delivery(dialect: str) -> sa.Insert:
 _ENROLMENT = sa.select(ENROLMENTS).where(E.id == sa.bindparam("enrolment_id"))
 _DELIVERY_STATUS = sa.select(D.status).where(D.idempotency_key == sa.bindparam("key"))
 _DELIVERY_SINCE = sa.select(D.created_at).where(D.idempotency_key == sa.bindparam("key"))
+_KEPT_VARIANT = (
+    sa.select(D.variant)
+    .where(D.contact_id == sa.bindparam("contact_id"), D.rule == sa.bindparam("rule"), D.step == sa.bindparam("step"))
+    .where(D.variant.is_not(None), D.status == "sent")
+    .order_by(D.id.desc())
+    .limit(1)
+)
 _COMPLETE = (
     sa.update(ENROLMENTS)
     .where(E.id == sa.bindparam("enrolment_id"), E.status == "active")
     .values(status="completed", ended_at=sa.bindparam("now"))
 )
+
+
+def _sent(send: Send) -> str | None:
+    """What the journal says of a send of a variant or a translation: which one went out."""
+    template = send.draft.template
+    plain = template_for(send.rule.spec, send.job.step, send.variant)
+    if send.variant is None and template == plain:
+        return None
+    said = f"template {template}"
+    return f"variant {send.variant}, {said}" if send.variant else said
 
 
 def idempotency_key(rule: str, contact_id: int, occurrence: str, step: int) -> str:

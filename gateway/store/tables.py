@@ -250,7 +250,7 @@ class Delivery(SQLModel, table=True):
 
     __tablename__ = "deliveries"
     #: The KPI funnel reads a rule's range of sends from this index alone (insight/kpis.py).
-    __table_args__ = (Index("ix_deliveries_kpi", "rule", "sent_at", "step", "status", "feedback"),)
+    __table_args__ = (Index("ix_deliveries_kpi", "rule", "sent_at", "step", "status", "feedback", "variant"),)
 
     id: int | None = Field(default=None, primary_key=True)
     idempotency_key: str = Field(max_length=400, unique=True)
@@ -259,6 +259,8 @@ class Delivery(SQLModel, table=True):
     step: int
     contact_id: int = Field(index=True)
     sink: str = Field(max_length=100)
+    #: The A/B variant the step sent (its `send.variants`), None for a step without variants.
+    variant: str | None = Field(default=None, max_length=40)
     kind: str = Field(default="marketing", max_length=20)  # the rule's kind, for pressure caps
     status: str = Field(max_length=20)  # sending|retrying|sent|held_out|suppressed|failed|address_invalid|opted_out
     sent_at: datetime | None = Field(default=None, index=True)
