@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from datetime import UTC, date, datetime
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -34,23 +34,19 @@ def parse_locale(text: object) -> Locale | None:
         return None
 
 
-def locale_chain(contact_locale: object, default: str | None) -> tuple[str, ...]:
-    """The translations to try, most specific first: `fr_CA`, `fr`, then the deployment's locale and its
-    language. The untranslated template comes after all of them."""
-    chain: list[str] = []
-    for locale in (parse_locale(contact_locale), parse_locale(default)):
-        if locale is None:
-            continue
-        for name in (str(locale), locale.language):
-            if name not in chain:
-                chain.append(name)
-    return tuple(chain)
+def contact_locale(given: object, default: str) -> Locale:
+    """The contact's locale when Babel knows it, else the deployment's (`locale:`, validated at start-up)."""
+    return parse_locale(given) or parse_locale(default) or Locale("en")
 
 
-def pick_locale(contact_locale: object, default: str | None) -> str:
-    """The locale the filters format with: the contact's when Babel knows it, else the deployment's."""
-    chain = locale_chain(contact_locale, default)
-    return chain[0] if chain else "en"
+def locale_chain(given: object, default: str) -> tuple[str, ...]:
+    """The translations to try, most specific first: `fr_CA` then `fr`, the untranslated template after them.
+
+    A contact without a (known) locale is taken to speak the deployment's; one with a locale that has no
+    translation gets the untranslated template, not the deployment language's translation.
+    """
+    locale = contact_locale(given, default)
+    return tuple(dict.fromkeys((str(locale), locale.language)))
 
 
 def _locale(context: jinja2.runtime.Context, given: str | None) -> Locale:
@@ -68,13 +64,22 @@ def _zone(context: jinja2.runtime.Context, given: str | None) -> ZoneInfo:
 
 def _number(value: Any) -> Decimal | int | float:
     """Decimal stays exact; a numeric string (`"59.90"`, as many payloads send money) is read as one."""
+    if isinstance(value, jinja2.Undefined):
+        raise ValueError("no value to format (undefined)")
     if isinstance(value, bool) or not isinstance(value, (int, float, Decimal, str)):
         raise ValueError(f"{type(value).__name__} is not a number")
-    return Decimal(value.strip()) if isinstance(value, str) else value
+    if not isinstance(value, str):
+        return value
+    try:
+        return Decimal(value.strip()[:100])
+    except InvalidOperation:
+        raise ValueError(f"{value[:40]!r} is not a number") from None
 
 
 def _moment(value: Any, zone: ZoneInfo) -> datetime | date:
     """Datetimes in the contact's time zone (naive ones are UTC, as Declic stores them); ISO 8601 text is read."""
+    if isinstance(value, jinja2.Undefined):
+        raise ValueError("no date to format (undefined)")
     if isinstance(value, str):
         text = value.strip()
         value = date.fromisoformat(text) if len(text) == 10 else datetime.fromisoformat(text)

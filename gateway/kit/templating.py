@@ -61,6 +61,7 @@ _MAX_INT_BITS = 4096
 #: str methods whose first argument is a width: checked before they run.
 _WIDTH_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
 _DIGITS = re.compile(r"\d+")
+_BREAKING_SPACES = re.compile("[ \\t\\r\\n\\f\\v\\x1c-\\x1e\\x85\\u2028\\u2029]+")
 
 
 @dataclass(frozen=True)
@@ -361,8 +362,8 @@ def render_message(
         raise RenderLimitExceeded(
             f"{name}: output of {size} bytes is over the {budget.limits.output_bytes} bytes limit"
         )
-    if "subject" in rendered:
-        rendered["subject"] = " ".join(rendered["subject"].split())
+    if "subject" in rendered:  # one line; no-break spaces (`59,90 €`, as Babel writes it) stay
+        rendered["subject"] = _BREAKING_SPACES.sub(" ", rendered["subject"]).strip(" ")
     return rendered
 
 

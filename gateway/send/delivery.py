@@ -19,7 +19,7 @@ from ..config import PoliciesSpec, WorkerSpec
 from ..config.settings import CONFIRM_RULE
 from ..errors import TemplateProblem
 from ..insight import journal, rendered
-from ..kit.locales import locale_chain, pick_locale, translated
+from ..kit.locales import contact_locale, locale_chain, translated
 from ..kit.sinks import DeliveryResult, Message, Outcome, SendContext, Sink
 from ..kit.templating import RenderLimits, render_message
 from ..pipeline import contacts
@@ -151,7 +151,7 @@ class StepRunner:
             "step": job.step + 1,
             "variant": variant,
             "unsubscribe_url": unsubscribe_url,
-            "locale": pick_locale(contact.get("locale"), self.locale),
+            "locale": str(contact_locale(contact.get("locale"), self.locale)),
             "timezone": zone_of(contact, self.timezone).key,
         }
         if rule.name == CONFIRM_RULE:
