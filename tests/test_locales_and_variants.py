@@ -12,6 +12,7 @@ from typing import Any
 
 import jinja2
 import pytest
+import yaml
 from click.testing import CliRunner
 from test_config import VALID, check
 from test_journeys import Plugin
@@ -449,3 +450,17 @@ def test_an_unknown_locale_is_a_config_error(tmp_path: Path) -> None:
     assert code == 2
     expected = "2:9: locale: unknown locale 'klingon' (use a language, or language_TERRITORY, such as fr or fr_FR)"
     assert f"{tmp_path / 'declic.yaml'}:{expected}" in output.splitlines(), output
+
+
+def readme_recipe(title: str) -> dict[str, Any]:
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    section = text.split(f"### {title}\n", 1)[1]
+    return yaml.safe_load(section.split("```yaml\n", 1)[1].split("```", 1)[0])
+
+
+@pytest.mark.parametrize(
+    ("title", "rules"),
+    [("Welcome in the customer's language", WELCOME_RULE), ("A/B test a subject line", AB_RULE)],
+)
+def test_the_readme_recipes_are_the_rules_tested_here(title: str, rules: str) -> None:
+    assert readme_recipe(title)["rules"] == yaml.safe_load(rules)
