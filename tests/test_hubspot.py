@@ -813,7 +813,8 @@ async def test_consent_evidence_names_the_property_its_value_the_portal_and_the_
         "source_type": "EMAIL",
     }
     assert api.seen[0][1] == {
-        "properties": "email,phone,firstname,lastname,hs_language,lifecyclestage,hs_email_optout_12345678,hs_email_optout",
+        "properties": "email,phone,firstname,lastname,hs_language,lifecyclestage,"
+        "hs_email_optout_12345678,hs_email_optout",
         "propertiesWithHistory": "hs_email_optout_12345678,hs_email_optout",
     }
 
