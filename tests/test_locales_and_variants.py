@@ -5,9 +5,11 @@ the same decisions; the live run also checks what each person received."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import jinja2
@@ -15,6 +17,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from test_config import VALID, check
+from test_dashboard import Visitor, login
 from test_journeys import Plugin
 
 from gateway.cli.main import cli
@@ -325,6 +328,15 @@ async def test_kpis_per_variant(tmp_path: Path, db_url: str, smtp: SmtpCatcher, 
         ("plain", 2, 2, 35.0),
         ("voucher", 2, 1, 10.0),
     ]
+
+    visitor = Visitor(SimpleNamespace(client=client))  # type: ignore[arg-type]
+    await login(visitor, token)
+    page = await (await visitor.get("/admin/rules/welcome", params={"days": "90"})).text()
+    for variant, sent, converted in (("plain", 2, 2), ("voucher", 2, 1)):
+        row = re.search(rf'<tr class="variant" data-step="1" data-variant="{variant}">(.*?)</tr>', page)
+        assert row is not None, page
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", row.group(1))
+        assert (cells[1], cells[8]) == (str(sent), str(converted))
 
 
 def rule(variants: str) -> RuleSpec:
