@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import jinja2
 import pytest
+import structlog
 import yaml
 from click.testing import CliRunner
 from test_config import VALID, check
@@ -46,6 +48,14 @@ storage: {{url: '{db_url}'}}
 policies: {{consent: {{email: required}}}}
 {extra}rules:
 {rules}"""
+
+
+@pytest.fixture(autouse=True)
+def logging_as_it_was() -> Iterator[None]:
+    """`declic simulate` and `declic kpis` set up logging for a command line; later tests capture logs."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 @dataclass
