@@ -5,7 +5,8 @@
 
 A benchmark, not a test: it prints figures and asserts nothing about timings. A fresh SQLite
 file is migrated to the current schema and filled with INSERT ... SELECT: --deliveries sent
-messages over --rules rules, 3 steps each, spread over 90 days, a third with provider feedback;
+messages over --rules rules, 3 steps each, spread over 90 days, a third with provider feedback,
+half of them with an A/B variant (a or b);
 one enrolment per first step (a tenth held out) and one conversion per twentieth. Then, each
 the median of --runs runs:
 - baseline: `SELECT count(*) FROM deliveries` (a full pass over the table);
@@ -42,10 +43,11 @@ def fill(db: Database, deliveries: int, rules: int) -> None:
                 f"""
             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {deliveries})
             INSERT INTO deliveries (idempotency_key, enrolment_id, rule, step, contact_id, sink, kind, status,
-                                    sent_at, attempts, feedback, created_at, updated_at)
+                                    sent_at, attempts, feedback, variant, created_at, updated_at)
             SELECT 'k' || i, i / 3 + 1, 'rule-' || (i % {rules}), i % 3 + 1, i / 3 + 1, 'email', 'marketing', 'sent',
                    datetime('{start}', '+' || ((i * 7919) % {spread}) || ' seconds'), 1,
                    CASE i % 3 WHEN 0 THEN 'delivered,opened' WHEN 1 THEN 'clicked,delivered,opened' END,
+                   CASE WHEN i % 2 = 0 THEN CASE i % 4 WHEN 0 THEN 'a' ELSE 'b' END END,
                    datetime('{start}'), datetime('{start}')
             FROM n
             """

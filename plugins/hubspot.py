@@ -51,7 +51,8 @@ log = structlog.get_logger("declic.hubspot")
 
 #: HubSpot: "reject the request if the timestamp is older than 5 minutes" (v3 only).
 MAX_AGE_MS = 300_000
-CONTACT_PROPERTIES = ("email", "phone", "firstname", "lastname", "lifecyclestage")
+#: hs_language is the contact's preferred language (`fr`, `fr-ca`): Declic's locale for translated templates.
+CONTACT_PROPERTIES = ("email", "phone", "firstname", "lastname", "hs_language", "lifecyclestage")
 DEAL_PROPERTIES = ("dealname", "dealstage", "pipeline", "amount", "deal_currency_code", "closedate")
 DEAL_PARAMS = {"properties": ",".join(DEAL_PROPERTIES), "associations": "contacts"}
 #: The daily limit resets at midnight in the portal's own time zone, which the API does not say.
@@ -145,7 +146,7 @@ class HubSpotConfig(PluginConfig):
     properties: list[str] = Field(
         default_factory=list,
         description="Extra contact properties to fetch into the contact's attributes, besides email, phone, "
-        "firstname, lastname and lifecyclestage.",
+        "firstname, lastname, hs_language (the locale) and lifecyclestage.",
     )
     consent: list[ConsentRule] = Field(
         default_factory=lambda: [DEFAULT_RULE],
@@ -638,6 +639,7 @@ def contact_ref(
         phone=text("phone"),
         first_name=text("firstname"),
         last_name=text("lastname"),
+        locale=text("hs_language"),
         external_ids={"hubspot": object_id},
         attributes=attributes,
         consent=consent or {},

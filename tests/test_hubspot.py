@@ -391,6 +391,7 @@ def seen(event: Any) -> dict[str, Any]:
         "email": c.email,
         "phone": c.phone,
         "first_name": c.first_name,
+        "locale": c.locale,
         "last_name": c.last_name,
         "external_ids": c.external_ids,
         "attributes": c.attributes,
@@ -407,6 +408,7 @@ LEA = {
     "phone": "+33612345678",
     "first_name": "Léa",
     "last_name": "Moreau",
+    "locale": "fr-ca",
     "external_ids": {"hubspot": "201"},
     "attributes": {"lifecyclestage": "lead", "hubspotscore": "55"},
 }
@@ -446,7 +448,7 @@ async def test_contact_notifications_become_events_in_time_order(crm: HubSpot, a
     assert api.paths == ["/crm/v3/objects/contacts/201", "/crm/v3/objects/contacts/204"]
     _, query, auth = api.seen[0]
     assert query == {
-        "properties": "email,phone,firstname,lastname,lifecyclestage,hubspotscore,hs_email_optout",
+        "properties": "email,phone,firstname,lastname,hs_language,lifecyclestage,hubspotscore,hs_email_optout",
         "propertiesWithHistory": "hs_email_optout",
     }
     assert auth == f"Bearer {TOKEN}"
@@ -811,7 +813,8 @@ async def test_consent_evidence_names_the_property_its_value_the_portal_and_the_
         "source_type": "EMAIL",
     }
     assert api.seen[0][1] == {
-        "properties": "email,phone,firstname,lastname,lifecyclestage,hs_email_optout_12345678,hs_email_optout",
+        "properties": "email,phone,firstname,lastname,hs_language,lifecyclestage,"
+        "hs_email_optout_12345678,hs_email_optout",
         "propertiesWithHistory": "hs_email_optout_12345678,hs_email_optout",
     }
 

@@ -23,7 +23,7 @@ HEADERS = ("step", "sent", "delivered", "bounced", "opened", "clicked", "unsub",
 def kpis(
     config_path: str, rules: tuple[str, ...], since: datetime | None, until: datetime | None, as_json: bool
 ) -> None:
-    """Per rule and step: sent, delivered, bounced, opened and clicked (people, not machines),
+    """Per rule and step (and A/B variant): sent, delivered, bounced, opened and clicked (people, not machines),
     unsubscribed, complained, converted and revenue; with a holdout, the lift and its 95 % interval."""
     settings, _, _ = load(config_path)
     known = [rule.name for rule in settings.rules]
@@ -45,8 +45,8 @@ def _table(kpi: rule_kpis.RuleKpis, start: datetime, end: datetime) -> str:
     lines = [f"{kpi.rule}  {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC  entered {kpi.entered}"]
     lines.append("  ".join(f"{h:>10}" for h in HEADERS))
     for s in kpi.steps:
-        values = (s.step, s.sent, s.delivered, s.bounced, s.opened, s.clicked, s.unsubscribed, s.complained)
-        lines.append("  ".join(f"{v:>10}" for v in values) + f"  {s.converted:>10}  {s.revenue:>10.2f}")
+        lines.append(_row(s.step, s))
+        lines += [_row(f"{s.step} {v.variant}", v) for v in s.variants]
     if kpi.held_out.enrolled:
         lines.append(_arm("messaged", kpi.messaged) + "   " + _arm("held out", kpi.held_out))
         if kpi.lift is not None:
@@ -54,6 +54,12 @@ def _table(kpi: rule_kpis.RuleKpis, start: datetime, end: datetime) -> str:
             relative = f", {lift.relative:+.0%} relative" if lift.relative is not None else ""
             lines.append(f"lift {lift.difference:+.1%} (95 % interval {lift.low:+.1%} to {lift.high:+.1%}){relative}")
     return "\n".join(lines) + "\n"
+
+
+def _row(label: object, s: rule_kpis.StepKpis | rule_kpis.VariantKpis) -> str:
+    """One step's funnel, or one of its variants' (labelled `1 a`, `1 b`)."""
+    values = (label, s.sent, s.delivered, s.bounced, s.opened, s.clicked, s.unsubscribed, s.complained)
+    return "  ".join(f"{v:>10}" for v in values) + f"  {s.converted:>10}  {s.revenue:>10.2f}"
 
 
 def _arm(name: str, group: rule_kpis.Group) -> str:

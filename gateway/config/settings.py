@@ -32,6 +32,7 @@ from ..errors import ConfigError
 from ..kit.addresses import internal_address, test_recipient
 from ..kit.durations import MAX_DURATION, MAX_DURATION_TEXT, Duration, LocalTime, SignedDuration, between
 from ..kit.events import is_known_type
+from ..kit.locales import parse_locale
 from ..kit.registry import Registry
 from ..kit.sinks import EmailSinkConfig, Sink, TrackSpec
 from ..kit.sources import PluginConfig, Source
@@ -88,6 +89,26 @@ def _sink_names(value: Any) -> Any:
     return value
 
 
+MAX_VARIANTS = 10
+MAX_WEIGHT = 10_000
+
+
+class VariantSpec(_Strict):
+    """One arm of an A/B test: its own template, sent to a share of the contacts given by its weight."""
+
+    name: Name = Field(max_length=40, description="Unique within the step: lower case, digits, - and _.")
+    weight: int = Field(
+        1,
+        ge=1,
+        le=MAX_WEIGHT,
+        description=f"Share of contacts, relative to the other variants' weights; 1 to {MAX_WEIGHT}.",
+    )
+    template: str = Field(
+        max_length=MAX_TEMPLATE_NAME,
+        description=f"Template name, as `send.template`; at most {MAX_TEMPLATE_NAME} characters.",
+    )
+
+
 class SendSpec(_Strict):
     """Which sink sends which template."""
 
@@ -95,7 +116,8 @@ class SendSpec(_Strict):
         description=f"Name of a sink under `sinks:`, or a list of up to {MAX_FALLBACK} tried in order (channel "
         "fallback): the first with consent and an address; on a permanent failure, the next."
     )
-    template: str = Field(
+    template: str | None = Field(
+        None,
         max_length=MAX_TEMPLATE_NAME,
         description=f"Template name: <name>.subject.j2, .txt.j2, .html.j2; at most {MAX_TEMPLATE_NAME} characters.",
     )
@@ -106,6 +128,28 @@ class SendSpec(_Strict):
         description="Internal recipient instead of the contact: an address, or a template such as "
         "`{{ contact.attributes.owner_email }}`; no consent, quiet hours or pressure, not in the KPIs.",
     )
+    variants: list[VariantSpec] | None = Field(
+        None,
+        min_length=2,
+        max_length=MAX_VARIANTS,
+        description="Instead of `template`: an A/B test, [{name, weight, template}, ...]; each contact keeps "
+        f"its variant; 2 to {MAX_VARIANTS} variants.",
+    )
+
+    @model_validator(mode="after")
+    def _one_template(self) -> SendSpec:
+        if (self.template is None) == (self.variants is None):
+            raise ValueError("`send` needs exactly one of `template` or `variants`")
+        names = [variant.name for variant in self.variants or ()]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"variant names must be unique: {', '.join(twice)} given twice")
+        return self
+
+    @property
+    def templates(self) -> list[str]:
+        """Every template this step may send."""
+        return [self.template] if self.template else [variant.template for variant in self.variants or ()]
 
     @model_validator(mode="after")
     def _one_recipient(self) -> SendSpec:
@@ -659,6 +703,12 @@ class Settings(_Strict):
         False, description="Accept an http:// public_url, for local testing only (RFC 8058 wants https)."
     )
     timezone: str = Field("UTC", description="IANA time zone used when a contact has none.")
+    locale: str = Field(
+        "en",
+        max_length=35,
+        description="Locale used when a contact has none (or one unknown to Babel), e.g. fr or fr_FR: "
+        "for format_currency and the other filters, and for translated templates.",
+    )
     phone_region: str | None = Field(
         None, description="ISO country (FR, US...) for phone numbers written without +: stored as E.164."
     )
@@ -704,6 +754,14 @@ class Settings(_Strict):
         if value is not None and value.upper() not in phonenumbers.SUPPORTED_REGIONS:
             raise ValueError(f"unknown region {value!r}: use an ISO 3166 code such as FR or US")
         return value.upper() if value else value
+
+    @field_validator("locale")
+    @classmethod
+    def _known_locale(cls, value: str) -> str:
+        found = parse_locale(value)
+        if found is None:
+            raise ValueError(f"unknown locale {value!r} (use a language, or language_TERRITORY, such as fr or fr_FR)")
+        return str(found)
 
     @field_validator("timezone")
     @classmethod
@@ -858,17 +916,21 @@ def _check_rules(settings: Settings, registry: Registry, pm: pluggy.PluginManage
                     via_where = (*send_where, "via", m) if isinstance(step.send.via, list) else (*send_where, "via")
                     report.add(via_where, f"no sink named {via!r} under `sinks:` (configured: {sinks})")
             _check_recipient(settings, env, step.send, (*send_where, "to"), report)
-            try:
-                found = "txt" in template_files(templates_dir, step.send.template)
-            except OSError as exc:  # a name the file system refuses, before any length limit applies
-                report.add(
-                    (*send_where, "template"), f"cannot look for template {step.send.template!r}: {exc.strerror}"
-                )
-                continue
-            if not found:
-                report.add(
-                    (*send_where, "template"), f"template {step.send.template}.txt.j2 not found in {templates_dir}"
-                )
+            _check_templates(templates_dir, step.send, send_where, report)
+
+
+def _check_templates(templates_dir: Path, send: SendSpec, where: yamlmarks.Path, report: _Report) -> None:
+    """The untranslated text part of each template must exist: it is what a contact gets when no translation fits."""
+    named = [((*where, "template"), send.template)] if send.template else []
+    named += [((*where, "variants", j, "template"), v.template) for j, v in enumerate(send.variants or ())]
+    for at, template in named:
+        try:
+            found = "txt" in template_files(templates_dir, template)
+        except OSError as exc:  # a name the file system refuses, before any length limit applies
+            report.add(at, f"cannot look for template {template!r}: {exc.strerror}")
+            continue
+        if not found:
+            report.add(at, f"template {template}.txt.j2 not found in {templates_dir}")
 
 
 def _check_template(env: jinja2.Environment, text: str | None, where: yamlmarks.Path, report: _Report) -> None:

@@ -81,6 +81,7 @@ def build_gateway(
         settings.timezone,
         settings.public_url,
         settings.storage.keep_rendered,
+        locale=settings.locale,
     )
     worker = Worker(
         db,

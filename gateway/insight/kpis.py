@@ -1,5 +1,6 @@
-"""What each rule did and earned over a time range: the funnel per step, conversions and their
-revenue, and, for a rule with a holdout group, the lift of messaging over not messaging.
+"""What each rule did and earned over a time range: the funnel per step (and per A/B variant),
+conversions and their revenue, and, for a rule with a holdout group, the lift of messaging over
+not messaging.
 
 Read from the `deliveries`, `enrolments` and `conversions` tables with one grouped query each,
 over indexes that start with (rule, time): see docs/performance.md for the figures.
@@ -27,6 +28,22 @@ Z95 = 1.959963984540054
 
 
 @dataclass
+class VariantKpis:
+    """One A/B variant of a step: its messages sent in the range, what became of them, what they earned."""
+
+    variant: str
+    sent: int = 0
+    delivered: int = 0
+    bounced: int = 0
+    opened: int = 0
+    clicked: int = 0
+    unsubscribed: int = 0
+    complained: int = 0
+    converted: int = 0
+    revenue: float = 0.0
+
+
+@dataclass
 class StepKpis:
     step: int
     sent: int = 0
@@ -38,6 +55,16 @@ class StepKpis:
     complained: int = 0
     converted: int = 0
     revenue: float = 0.0
+    #: A step with `variants`: the same figures per variant, which add up to the step's.
+    variants: list[VariantKpis] = field(default_factory=list)
+
+    def variant(self, name: str) -> VariantKpis:
+        found = next((v for v in self.variants if v.variant == name), None)
+        if found is None:
+            found = VariantKpis(name)
+            self.variants.append(found)
+            self.variants.sort(key=lambda v: v.variant)
+        return found
 
 
 @dataclass
@@ -93,33 +120,55 @@ def rule_kpis(conn: Connection, rules: list[str], since: datetime, until: dateti
 def _funnel(conn: Connection, found: dict[str, RuleKpis], since: datetime, until: datetime) -> None:
     said = [sa.func.sum(sa.case((D.feedback.contains(word), 1), else_=0)).label(word) for word in FEEDBACK]
     rows = conn.execute(
-        sa.select(D.rule, D.step, sa.func.count().label("sent"), *said)
+        sa.select(D.rule, D.step, D.variant, sa.func.count().label("sent"), *said)
         .where(D.rule.in_(list(found)), D.sent_at >= since, D.sent_at < until, D.status == "sent")
         .where(D.kind != INTERNAL_KIND)  # a message about the contact to someone else is not one the contact got
-        .group_by(D.rule, D.step)
+        .group_by(D.rule, D.step, D.variant)
         .order_by(D.rule, D.step)
     )
     for row in rows:
         counts = {word: int(getattr(row, word) or 0) for word in FEEDBACK}
-        found[row.rule].steps.append(StepKpis(row.step, row.sent, **counts))
+        step = _step(found[row.rule], row.step)
+        step.sent += row.sent
+        for word, count in counts.items():
+            setattr(step, word, getattr(step, word) + count)
+        if row.variant is not None:
+            variant = step.variant(row.variant)
+            variant.sent = row.sent
+            for word, count in counts.items():
+                setattr(variant, word, count)
+
+
+def _step(kpis: RuleKpis, number: int) -> StepKpis:
+    step = next((s for s in kpis.steps if s.step == number), None)
+    if step is None:  # e.g. the message went out before the range, the goal came within it
+        step = StepKpis(number)
+        kpis.steps.append(step)
+        kpis.steps.sort(key=lambda s: s.step)
+    return step
 
 
 def _conversions(conn: Connection, found: dict[str, RuleKpis], since: datetime, until: datetime) -> None:
+    """Conversions in the range, on the step (and variant) of the message each is attributed to."""
     rows = conn.execute(
-        sa.select(V.rule, V.step, sa.func.count().label("converted"), sa.func.sum(V.revenue).label("revenue"))
+        sa.select(
+            V.rule, V.step, D.variant, sa.func.count().label("converted"), sa.func.sum(V.revenue).label("revenue")
+        )
+        .select_from(CONVERSIONS.outerjoin(DELIVERIES, D.id == V.delivery_id))
         .where(V.rule.in_(list(found)), V.at >= since, V.at < until, sa.not_(V.held_out))
-        .group_by(V.rule, V.step)
+        .group_by(V.rule, V.step, D.variant)
     )
     for row in rows:
         kpis = found[row.rule]
-        step = next((s for s in kpis.steps if s.step == row.step), None)
-        if step is None:  # the message went out before the range, the goal came within it
-            step = StepKpis(row.step)
-            kpis.steps.append(step)
-            kpis.steps.sort(key=lambda s: s.step)
-        step.converted, step.revenue = row.converted, float(row.revenue or 0)
+        step = _step(kpis, row.step)
+        revenue = float(row.revenue or 0)
+        step.converted += row.converted
+        step.revenue += revenue
+        if row.variant is not None:
+            variant = step.variant(row.variant)
+            variant.converted, variant.revenue = row.converted, revenue
         kpis.converted += row.converted
-        kpis.revenue += float(row.revenue or 0)
+        kpis.revenue += revenue
 
 
 def _groups(conn: Connection, found: dict[str, RuleKpis], since: datetime, until: datetime) -> None:

@@ -48,6 +48,7 @@ from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import TemplateProblem
+from . import locales
 
 #: The parts a message template may have; `<name>.txt.j2` is the one required part.
 PARTS = ("subject", "txt", "html")
@@ -60,6 +61,7 @@ _MAX_INT_BITS = 4096
 #: str methods whose first argument is a width: checked before they run.
 _WIDTH_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
 _DIGITS = re.compile(r"\d+")
+_BREAKING_SPACES = re.compile("[ \\t\\r\\n\\f\\v\\x1c-\\x1e\\x85\\u2028\\u2029]+")
 
 
 @dataclass(frozen=True)
@@ -296,6 +298,7 @@ def make_environment(templates_dir: Path | None, pm: pluggy.PluginManager | None
         undefined=jinja2.ChainableUndefined,
         keep_trailing_newline=False,
     )
+    env.filters.update(locales.FILTERS)  # before the plugins, which may replace them
     if pm is not None:
         pm.hook.prepare_jinja2_environment(env=env)
     # After the plugins, so that their filters are bounded too.
@@ -385,8 +388,8 @@ def render_message(
         raise RenderLimitExceeded(
             f"{name}: output of {size} bytes is over the {budget.limits.output_bytes} bytes limit"
         )
-    if "subject" in rendered:
-        rendered["subject"] = " ".join(rendered["subject"].split())
+    if "subject" in rendered:  # one line; no-break spaces (`59,90 €`, as Babel writes it) stay
+        rendered["subject"] = _BREAKING_SPACES.sub(" ", rendered["subject"]).strip(" ")
     return rendered
 
 

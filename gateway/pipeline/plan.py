@@ -46,7 +46,7 @@ def snapshot(rules: Iterable[RuleSpec], templates_dir: Path) -> dict[str, Any]:
     return {
         rule.name: {
             "definition": _plain(rule.model_dump(by_alias=True, exclude={"send"})),
-            "templates": {step.send.template: _digest(templates_dir, step.send.template) for step in rule.steps},
+            "templates": {name: _digest(templates_dir, name) for step in rule.steps for name in step.send.templates},
         }
         for rule in rules
     }

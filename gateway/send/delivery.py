@@ -20,6 +20,7 @@ from ..config.settings import CONFIRM_RULE
 from ..errors import TemplateProblem
 from ..insight import journal, rendered
 from ..kit.addresses import internal_address
+from ..kit.locales import contact_locale, locale_chain, translated
 from ..kit.sinks import DeliveryResult, Message, Outcome, SendContext, Sink
 from ..kit.templating import RenderLimits, evaluate, render_message
 from ..pipeline import contacts, moments
@@ -33,6 +34,7 @@ from ..store.tables import INTERNAL_KIND
 from . import links
 from .policies import Deferral, pressure_until, quiet_until
 from .tracking import Tracking, track_html
+from .variants import template_for, variant_for
 
 if TYPE_CHECKING:
     from ..kit.clock import Clock
@@ -97,6 +99,8 @@ class Send:
     context: SendContext
     #: A message about the contact to someone else (`to:`): not the contact's, not in its KPIs or pressure.
     internal: bool = False
+    #: The A/B variant the step sends (its `send.variants`), None without variants.
+    variant: str | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,7 @@ class Step:
     key: str
     sink: Sink
     internal: bool = False
+    variant: str | None = None
 
 
 @dataclass
@@ -124,6 +129,7 @@ class StepRunner:
     timezone: str = "UTC"
     public_url: str | None = None
     keep_rendered: bool = True
+    locale: str = "en"
     _secret: bytes | None = None
 
     def prepare(self, conn: Connection, job: ClaimedJob) -> Send | None:
@@ -144,8 +150,16 @@ class StepRunner:
         }
         left = [(via, k) for i, (via, k) in enumerate(channels) if not _spent(statuses.get(k), i == len(channels) - 1)]
         first = left[0] if left else channels[0]
+        variant = self._variant(conn, rule, job.step, enrolment.contact_id) if spec.send.variants else None
         step = Step(
-            job, rule, enrolment.id, enrolment.contact_id, first[1], self.sinks[first[0]], spec.send.to is not None
+            job,
+            rule,
+            enrolment.id,
+            enrolment.contact_id,
+            first[1],
+            self.sinks[first[0]],
+            internal=spec.send.to is not None,
+            variant=variant,
         )
         if not left or any(statuses.get(k) in OVER for _, k in channels):
             self._advance(conn, step, now)  # the outcome was recorded, the job was not
@@ -153,7 +167,7 @@ class StepRunner:
         if self._capped(rule) and not step.internal and conn.dialect.name == "postgresql":
             # Serialise one contact's capped sends across workers, so two cannot both take the last slot.
             conn.execute(sa.select(CONTACTS.c.id).where(CONTACTS.c.id == enrolment.contact_id).with_for_update())
-        context = self._context(conn, rule, job.step, enrolment.contact_id, enrolment.event_id, now)
+        context = self._context(conn, rule, job.step, enrolment.contact_id, enrolment.event_id, now, variant)
         contact = context["contact"]
         reason = self._too_late(rule, job, contact, context) or self._condition(rule, job.step, context)
         record_problems(conn, contact, rule.name, now, step=job.step + 1)
@@ -176,9 +190,15 @@ class StepRunner:
             return None
         if self._capped(rule):
             self._record(conn, step, "sending", None, now, sent_at=now)  # holds its slot under the cap
-        draft = self._draft(conn, rule, job.step, step.sink, step.key, context, now)
+        draft = self._draft(conn, rule, job.step, step.sink, step.key, context, now, variant=variant)
         send_context = SendContext(rule.name, job.step + 1, rule.spec.kind, dict(contact), context["event"])
-        return Send(job, rule, enrolment.id, step.contact_id, step.sink, draft, send_context)
+        return Send(job, rule, enrolment.id, step.contact_id, step.sink, draft, send_context, variant=variant)
+
+    def _variant(self, conn: Connection, rule: CompiledRule, index: int, contact_id: int) -> str | None:
+        """The contact's variant of this step: the one it was sent before, else its draw."""
+        kept = conn.execute(_KEPT_VARIANT, {"contact_id": contact_id, "rule": rule.name, "step": index + 1}).scalar()
+        found = variant_for(rule.spec, index, contact_id, kept)
+        return found.name if found else None
 
     def compose(
         self,
@@ -206,16 +226,27 @@ class StepRunner:
         return self._condition(rule, step, context) or self._unusable(rule, sink, contact)
 
     def _context(
-        self, conn: Connection, rule: CompiledRule, index: int, contact_id: int, event_id: str, now: datetime
+        self,
+        conn: Connection,
+        rule: CompiledRule,
+        index: int,
+        contact_id: int,
+        event_id: str,
+        now: datetime,
+        variant: str | None = None,
     ) -> dict[str, Any]:
         """What a step's `if` and templates see; `unsubscribe_url` is set once the channel is known."""
         event = load_event(conn, event_id)
+        contact = contacts.view(conn, contact_id, now, self.router.wheres)
         context: dict[str, Any] = {
             "event": event,
-            "contact": contacts.view(conn, contact_id, now, self.router.wheres),
+            "contact": contact,
             "rule": rule.name,
             "step": index + 1,
+            "variant": variant,
             "unsubscribe_url": None,
+            "locale": str(contact_locale(contact.get("locale"), self.locale)),
+            "timezone": zone_of(contact, self.timezone).key,
         }
         if rule.name == CONFIRM_RULE:
             channel = str(event["properties"]["channel"])  # type: ignore[index]
@@ -232,19 +263,22 @@ class StepRunner:
         context: dict[str, Any],
         now: datetime,
         template: str | None = None,
+        variant: str | None = None,
     ) -> Draft:
-        """The message on `sink`, its unsubscribe link and tracking included."""
-        contact_id = context["contact"]["id"]
-        headers, context["unsubscribe_url"] = self._unsubscribe(conn, rule, sink, contact_id, key)
+        """The message on `sink` (the variant's template, in the contact's language when translated), its
+        unsubscribe link and tracking included."""
+        contact = context["contact"]
+        headers, context["unsubscribe_url"] = self._unsubscribe(conn, rule, sink, contact["id"], key)
+        chosen = template or template_for(rule.spec, index, variant)
         return Draft(
             self.env,
-            template or rule.spec.steps[index].send.template,
+            translated(self.env, chosen, locale_chain(contact.get("locale"), self.locale)),
             context,
             self._limits(),
             sink.address(context["contact"]) or "",
             key,
             headers,
-            self._tracking(conn, rule, sink, contact_id, key, now),
+            self._tracking(conn, rule, sink, contact["id"], key, now),
         )
 
     def _limits(self) -> RenderLimits:
@@ -322,12 +356,23 @@ class StepRunner:
             )
             jobqueue.finish(conn, step.job, self.worker_id, now, "dead", reason)
             return None
-        draft = Draft(self.env, spec.send.template, context, self._limits(), to, step.key, {})
+        chosen = template_for(step.rule.spec, step.job.step, step.variant)
+        draft = Draft(self.env, chosen, context, self._limits(), to, step.key, {})
         event = context["event"]
         send_context = SendContext(
             step.rule.name, step.job.step + 1, step.rule.spec.kind, dict(context["contact"]), event
         )
-        return Send(step.job, step.rule, enrolment_id, step.contact_id, step.sink, draft, send_context, internal=True)
+        return Send(
+            step.job,
+            step.rule,
+            enrolment_id,
+            step.contact_id,
+            step.sink,
+            draft,
+            send_context,
+            internal=True,
+            variant=step.variant,
+        )
 
     def _unsubscribe(
         self, conn: Connection, rule: CompiledRule, sink: Sink, contact_id: int, key: str
@@ -450,7 +495,16 @@ class StepRunner:
         channel), in one transaction."""
         now = self.clock.now()
         job, rule = send.job, send.rule
-        step = Step(job, rule, send.enrolment_id, send.contact_id, send.draft.idempotency_key, send.sink, send.internal)
+        step = Step(
+            job,
+            rule,
+            send.enrolment_id,
+            send.contact_id,
+            send.draft.idempotency_key,
+            send.sink,
+            internal=send.internal,
+            variant=send.variant,
+        )
         number, via = job.step + 1, send.sink.key
         ours = not send.internal  # an internal recipient's failures say nothing about the contact's addresses
         if result.invalid_addresses and result.outcome is not Outcome.ADDRESS_INVALID and ours:
@@ -461,7 +515,7 @@ class StepRunner:
             self._record(conn, step, "sent", None, now, result.provider_id, sent_at=now)
             if message is not None and self.keep_rendered and ours:  # a rep's alert is not the contact's mail
                 rendered.keep(conn, step.key, send.contact_id, now, message)
-            said = f"internal: to {send.draft.to}" if send.internal else None
+            said = f"internal: to {send.draft.to}" if send.internal else _sent(send)
             journal.record(conn, now, rule.name, send.contact_id, "send", step=number, via=via, reason=said)
             self._advance(conn, step, now)
         elif result.outcome is Outcome.OPTED_OUT and ours:
@@ -570,6 +624,7 @@ class StepRunner:
             "step": step.job.step + 1,
             "contact_id": step.contact_id,
             "sink": step.sink.key,
+            "variant": step.variant,
             "kind": INTERNAL_KIND if step.internal else step.rule.spec.kind,
             "created_at": now,
             "status": status,
@@ -605,6 +660,13 @@ _DELIVERY_STATUSES = sa.select(D.idempotency_key, D.status).where(
     D.idempotency_key.in_(sa.bindparam("keys", expanding=True))
 )
 _DELIVERY_SINCE = sa.select(D.created_at).where(D.idempotency_key == sa.bindparam("key"))
+_KEPT_VARIANT = (
+    sa.select(D.variant)
+    .where(D.contact_id == sa.bindparam("contact_id"), D.rule == sa.bindparam("rule"), D.step == sa.bindparam("step"))
+    .where(D.variant.is_not(None), D.status == "sent")
+    .order_by(D.id.desc())
+    .limit(1)
+)
 _COMPLETE = (
     sa.update(ENROLMENTS)
     .where(E.id == sa.bindparam("enrolment_id"), E.status == "active")
@@ -623,6 +685,16 @@ def channel_keys(key: str, vias: list[str]) -> list[tuple[str, str]]:
     return [
         (via, key if i == 0 else f"{key}-{hashlib.sha256(via.encode()).hexdigest()[:8]}") for i, via in enumerate(vias)
     ]
+
+
+def _sent(send: Send) -> str | None:
+    """What the journal says of a send of a variant or a translation: which one went out."""
+    template = send.draft.template
+    plain = template_for(send.rule.spec, send.job.step, send.variant)
+    if send.variant is None and template == plain:
+        return None
+    said = f"template {template}"
+    return f"variant {send.variant}, {said}" if send.variant else said
 
 
 def idempotency_key(rule: str, contact_id: int, occurrence: str, step: int) -> str:

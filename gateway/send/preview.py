@@ -23,6 +23,7 @@ from ..pipeline import contacts, triggers
 from ..pipeline.router import CompiledRule
 from ..store import ENROLMENTS, EVENTS
 from .delivery import StepRunner, idempotency_key
+from .variants import template_for, variant_for
 
 #: The header that marks a test send, and the subject (or, without one, text) prefix a person sees.
 TEST_HEADER = "X-Declic-Test"
@@ -51,15 +52,19 @@ def preview_runner(runner: StepRunner, sinks: dict[str, Sink]) -> StepRunner:
     return dataclasses.replace(runner, sinks=sinks, _secret=secrets.token_bytes(32))
 
 
-def step_template(rule: CompiledRule, index: int, variant: str | None) -> str:
-    """The template step `index` renders. The one place a preview picks a step's variant.
-
-    VARIANTS: steps have no `variants:` on this branch (issue 12 item 8 adds them); wire the choice of
-    `variant`'s template here, refusing a name the step does not have.
-    """
-    if variant is not None:
+def step_template(rule: CompiledRule, index: int, variant: str | None, contact_id: int) -> str:
+    """The template step `index` renders: `variant`'s when given (refusing a name the step does not
+    have), else the one the worker would give this contact."""
+    send = rule.spec.steps[index].send
+    if variant is not None and not send.variants:
         raise PreviewError(f"rule {rule.name} step {index + 1} has no variants")
-    return rule.spec.steps[index].send.template
+    if variant is None and send.variants:
+        drawn = variant_for(rule.spec, index, contact_id)
+        variant = drawn.name if drawn else None
+    try:
+        return template_for(rule.spec, index, variant)
+    except ValueError as exc:
+        raise PreviewError(f"rule {rule.name} step {index + 1}: {exc}") from None
 
 
 def render(
@@ -80,7 +85,7 @@ def render(
     """
     if not 0 <= index < len(rule.spec.steps):
         raise PreviewError(f"rule {rule.name} has {len(rule.spec.steps)} step(s), not a step {index + 1}")
-    template = step_template(rule, index, variant)
+    template = step_template(rule, index, variant, contact_id)
     event_id, occurrence = _event_for(conn, runner, rule, contact_id, now)
     if test:
         occurrence = f"test:{secrets.token_hex(8)}"

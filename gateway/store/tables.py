@@ -259,7 +259,7 @@ class Delivery(SQLModel, table=True):
     __tablename__ = "deliveries"
     __table_args__ = (
         # The KPI funnel reads a rule's range of sends from this index alone (insight/kpis.py).
-        Index("ix_deliveries_kpi", "rule", "sent_at", "step", "status", "feedback", "kind"),
+        Index("ix_deliveries_kpi", "rule", "sent_at", "step", "status", "feedback", "kind", "variant"),
         # `contact.sent(rule=..., within=...)` in `if:` reads one contact's sends (pipeline/history.py).
         Index("ix_deliveries_contact_history", "contact_id", "rule", "status", "sent_at"),
     )
@@ -271,6 +271,8 @@ class Delivery(SQLModel, table=True):
     step: int
     contact_id: int = Field(index=True)
     sink: str = Field(max_length=100)
+    #: The A/B variant the step sent (its `send.variants`), None for a step without variants.
+    variant: str | None = Field(default=None, max_length=40)
     #: The rule's kind, for pressure caps; `internal` for a message about the contact to someone else (`to:`).
     kind: str = Field(default="marketing", max_length=20)
     status: str = Field(max_length=20)  # sending|retrying|sent|held_out|suppressed|failed|address_invalid|opted_out

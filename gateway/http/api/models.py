@@ -107,6 +107,19 @@ class Problem(_Model):
     detail: list[dict[str, Any]] | None = Field(None, description="Each invalid field, as pydantic reports it.")
 
 
+class VariantKpis(_Model):
+    variant: str = Field(description="The A/B variant's name, as in the step's `send.variants`.")
+    sent: int
+    delivered: int
+    bounced: int
+    opened: int
+    clicked: int
+    unsubscribed: int
+    complained: int
+    converted: int
+    revenue: float
+
+
 class StepKpis(_Model):
     step: int
     sent: int
@@ -118,6 +131,7 @@ class StepKpis(_Model):
     complained: int
     converted: int
     revenue: float
+    variants: list[VariantKpis] = Field(description="A step with variants: the same figures per variant.")
 
 
 class Group(_Model):
@@ -269,6 +283,7 @@ class Delivery(_Model):
     contact_id: int
     enrolment_id: int
     sink: str
+    variant: str | None = Field(description="The A/B variant the step sent, if it has `send.variants`.")
     kind: str
     status: str
     sent_at: Moment | None
