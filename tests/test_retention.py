@@ -113,6 +113,7 @@ async def test_retention_removes_what_aged_out_and_nothing_still_needed(deploy: 
     await d.advance(hours=1, minutes=1)  # A's three reminders, B's and C's first welcome
     webhook = {row.id: row.dedupe_key.split(":", 1)[1] for row in d.rows("SELECT id, dedupe_key FROM inbox")}
     assert sorted(str(m["To"]) for m in smtp.messages) == sorted([email(A)] * 3 + [email(B), email(C)])
+    assert d.scalar("SELECT count(*) FROM rendered_messages") == 5
 
     # Day 380: D's cart, reminded, then converted. These are within every period at day 401.
     await d.advance(days=380)
@@ -162,6 +163,9 @@ async def test_retention_removes_what_aged_out_and_nothing_still_needed(deploy: 
     # a second send) and so does day 380.
     deliveries = {(row.rule, row.email, row.step) for row in d.rows(DELIVERIES)}
     assert deliveries == {("slow", email(B), 1), ("slow", email(C), 1), ("cart", email(D), 1)}
+    # Each message as it was rendered goes with its delivery, and only then.
+    kept = {row[0] for row in d.rows("SELECT idempotency_key FROM deliveries")}
+    assert {row[0] for row in d.rows("SELECT delivery_key FROM rendered_messages")} == kept
     cutoff = d.clock.now() - timedelta(days=400)
     assert d.scalar("SELECT count(*) FROM decisions WHERE at < :cutoff", cutoff=cutoff.replace(tzinfo=None)) == 0
     assert d.scalar("SELECT count(*) FROM decisions") > 0

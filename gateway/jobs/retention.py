@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..config import Settings
-from ..store import CONSENTS, DECISIONS, DELIVERIES, ENROLMENTS, EVENTS, INBOX, JOBS, jobqueue
+from ..store import CONSENTS, DECISIONS, DELIVERIES, ENROLMENTS, EVENTS, INBOX, JOBS, RENDERED, jobqueue
 
 #: Rows per transaction: a webhook waits at most one batch for SQLite's writer.
 BATCH = 1000
@@ -127,8 +127,14 @@ def delete_deliveries(conn: Connection, cutoff: datetime, limit: int) -> int:
     from being sent twice. (`Periods.of` keeps the attribution and pressure windows.)"""
     old = sa.and_(D.created_at < cutoff, sa.or_(D.sent_at.is_(None), D.sent_at < cutoff))
     settled = D.status.not_in(("sending", "retrying"))
-    chosen = sa.select(D.id).where(old, settled, D.enrolment_id.not_in(_open_journeys())).limit(limit)
-    return _count(conn.execute(sa.delete(DELIVERIES).where(D.id.in_(chosen.scalar_subquery()))))
+    chosen = conn.execute(
+        sa.select(D.id, D.idempotency_key).where(old, settled, D.enrolment_id.not_in(_open_journeys())).limit(limit)
+    ).all()
+    if not chosen:
+        return 0
+    # The message as it was rendered goes with its delivery: it is the same message, and personal data.
+    conn.execute(sa.delete(RENDERED).where(RENDERED.c.delivery_key.in_([row.idempotency_key for row in chosen])))
+    return _count(conn.execute(sa.delete(DELIVERIES).where(D.id.in_([row.id for row in chosen]))))
 
 
 def _count(result: sa.CursorResult[tuple[()]]) -> int:
