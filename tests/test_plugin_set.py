@@ -68,7 +68,7 @@ def refused(server: Server) -> str:
 
 
 @pytest.mark.postgres
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)  # four process start-ups: about 20 s, 85 s on a loaded 2-core machine
 def test_a_replica_with_another_plugin_set_refuses_to_start_and_names_the_difference(
     tmp_path: Path, smtp: SmtpCatcher, pg_url: str, servers: Servers
 ) -> None:

@@ -42,7 +42,8 @@ def join(conn: Connection, replica: str, plugins: dict[str, str], now: datetime)
 
 
 def difference(here: dict[str, str], there: dict[str, str]) -> str:
-    """`extra: declic-extra 1.2 here, 1.3 there; shopify-plus: absent here, declic-shopify-plus 0.1 there`."""
+    """`extra: 1.2 here, 1.3 there; plus: absent here, declic-plus 0.1 there` (versions alone when the
+    distribution is the same)."""
     parts = []
     for name in sorted(here.keys() | there.keys()):
         mine, theirs = here.get(name), there.get(name)
