@@ -111,3 +111,11 @@ def describe(pm: pluggy.PluginManager) -> list[PluginInfo]:
             )
         )
     return sorted(infos, key=lambda info: info.name)
+
+
+def plugin_set(pm: pluggy.PluginManager) -> dict[str, str]:
+    """The plugins loaded from `declic` entry points: name -> "distribution version" (replicas compare these)."""
+    return {
+        pm.get_name(plugin) or "?": f"{dist.metadata['Name']} {dist.version}"
+        for plugin, dist in pm.list_plugin_distinfo()
+    }

@@ -60,6 +60,8 @@ class Server:
     role: str
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
+    #: Extra environment for this process only (e.g. PYTHONPATH to a plugin only it has).
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -75,6 +77,7 @@ class Server:
         env.pop("DECLIC_DATABASE_URL", None)  # the config's storage.url is the one under test
         env.pop("DECLIC_CONFIG", None)
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.env)
         with open(self.log_path, "ab") as log:
             log.write(f"----- start {self.name} on port {self.port} -----\n".encode())
             log.flush()
@@ -146,10 +149,22 @@ class Servers:
     tmp_path: Path
     all: list[Server] = field(default_factory=list)
 
-    def start(self, config: Path, *, name: str = "declic", port: int | None = None, role: str = "all") -> Server:
-        server = Server(name, config, port or free_port(), role, self.tmp_path / f"{name}.log")
+    def start(
+        self,
+        config: Path,
+        *,
+        name: str = "declic",
+        port: int | None = None,
+        role: str = "all",
+        env: dict[str, str] | None = None,
+        ready: bool = True,
+    ) -> Server:
+        """Start a process and wait until it is ready (or, with ready=False, only start it)."""
+        server = Server(name, config, port or free_port(), role, self.tmp_path / f"{name}.log", env=env or {})
         self.all.append(server)
-        server.start().wait_ready()
+        server.start()
+        if ready:
+            server.wait_ready()
         return server
 
     def dump(self) -> None:

@@ -388,6 +388,36 @@ def _days(delta: timedelta) -> str:
 DATABASE_SCHEMES = ("sqlite://", "postgresql://", "postgres://", "postgresql+psycopg://")
 
 
+class RetentionSpec(_Strict):
+    """How long rows are kept; each period is a floor: a row something still needs is kept longer
+    (docs/retention.md). A period left empty (null) keeps that table forever."""
+
+    inbox_bodies: Annotated[Duration, between("1d", "3650d")] | None = Field(
+        timedelta(days=30),
+        description="Processed webhook calls lose their body and headers after this (the call's row and dedupe "
+        "key stay); failed and unprocessed calls, and consent evidence, keep theirs. 1d to 3650d, null: never.",
+    )
+    inbox_keys: Annotated[Duration, between("7d", "3650d")] | None = Field(
+        timedelta(days=400),
+        description="Then the bodiless call's row, its dedupe key, is deleted; providers redeliver within days. "
+        "7d to 3650d, null: never.",
+    )
+    events: Annotated[Duration, between("1d", "3650d")] | None = Field(
+        timedelta(days=400),
+        description="Events older than this are deleted, except those an open journey, the consent ledger or an "
+        "inactivity rule (a contact's latest of each type) still needs. 1d to 3650d, null: never.",
+    )
+    decisions: Annotated[Duration, between("1d", "3650d")] | None = Field(
+        timedelta(days=400),
+        description="Journal entries (what was decided and why) older than this are deleted. 1d to 3650d, null: never.",
+    )
+    deliveries: Annotated[Duration, between("1d", "3650d")] | None = Field(
+        timedelta(days=400),
+        description="Messages (deliveries) older than this are deleted, never within the longest attribution or "
+        "pressure window, nor those of an open journey. 1d to 3650d, null: never.",
+    )
+
+
 class StorageSpec(_Strict):
     url: str = Field(
         "sqlite:///declic.db",
@@ -399,6 +429,9 @@ class StorageSpec(_Strict):
     )
     keep_rendered: bool = Field(
         True, description="Keep each sent message as rendered (compressed), for the contact's timeline and export."
+    )
+    retention: RetentionSpec = Field(
+        default_factory=RetentionSpec, description="How long webhook bodies, events, the journal and messages are kept."
     )
 
     @field_validator("url")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from functools import partial
 
 import pluggy
@@ -15,7 +17,7 @@ from aiohttp import web
 from ..config import Settings
 from ..errors import ConfigError, StorageUnavailable
 from ..insight.metrics import Metrics
-from ..jobs import polls
+from ..jobs import polls, retention
 from ..jobs.worker import Worker, make_worker_id
 from ..kit.clock import Clock, SystemClock
 from ..kit.sinks import Sink
@@ -23,9 +25,9 @@ from ..kit.sources import Deployment, Source
 from ..kit.templating import make_environment
 from ..pipeline import plan
 from ..pipeline.router import Router
-from ..plugins import Registry, collect, get_plugin_manager, notify_event_received
+from ..plugins import Registry, collect, get_plugin_manager, notify_event_received, plugin_set
 from ..send.delivery import StepRunner
-from ..store import Database, jobqueue
+from ..store import Database, jobqueue, replicas
 from ..store.inbox import GroupCommitter
 from . import api, consent_links, dashboard, tracking
 from .auth import scope_of
@@ -93,6 +95,7 @@ def build_gateway(
         settings.phone_region,
         acks_waiting=lambda: committer.waiting > 0,  # the committer is made next; asked only once running
         metrics=metrics,
+        retention_periods=retention.Periods.of(settings),
     )
     committer = GroupCommitter(db, on_commit=worker.wake)
     return RunningGateway(settings, pm, clock, db, sources, sinks, env, router, committer, worker, metrics, role)
@@ -155,9 +158,16 @@ async def _start(gateway: RunningGateway) -> None:
             log.info("released jobs left running by a previous process", jobs=released)
     elif not await loop.run_in_executor(None, db.is_current):
         raise ConfigError(["the database schema is not current: run `declic db upgrade --config FILE` first"])
+    else:
+        await _join_replicas(gateway)
     await _note_rule_changes(gateway)
     # Date and inactivity triggers a config change added get scheduled once, by one replica.
     await db.run(jobqueue.add_tick, "reconcile", gateway.clock.now())
+    if gateway.role != "web":
+        # Retention runs once a day across all replicas, the first a day after the first start. Scheduled by
+        # the processes that run workers only: a web-only process (and the tests and simulations that step
+        # the clock through every due job) never meets it.
+        await db.run(retention.schedule, gateway.clock.now() + retention.EVERY, gateway.clock.now())
     for key in polls.pollers(gateway.sources):
         await db.run(polls.schedule, key, gateway.clock.now(), gateway.clock.now())
     for plugin in gateway.plugins():
@@ -186,6 +196,25 @@ async def _note_rule_changes(gateway: RunningGateway) -> None:
     found = await gateway.db.run(plan.on_start, rules, settings.templates_dir, settings.timezone, gateway.clock.now())
     if found is not None:
         log.info("rules changed since the last start", since=found.since, plan=found.lines())
+
+
+async def _join_replicas(gateway: RunningGateway) -> None:
+    """On a shared PostgreSQL: refuse to start beside live replicas that loaded other plugins, else beat."""
+    plugins = plugin_set(gateway.pm)
+    refused = await gateway.db.run(replicas.join, gateway.worker.id, plugins, datetime.now(UTC))
+    if refused:
+        raise ConfigError([refused])
+    gateway.tasks.append(asyncio.create_task(_heartbeat(gateway, plugins), name="declic-replica-heartbeat"))
+
+
+async def _heartbeat(gateway: RunningGateway, plugins: dict[str, str]) -> None:
+    # Wall time, not the deployment's clock: liveness is about real processes, also under a fake clock.
+    while True:
+        await asyncio.sleep(replicas.HEARTBEAT.total_seconds())
+        try:
+            await gateway.db.run(replicas.beat, gateway.worker.id, plugins, datetime.now(UTC))
+        except StorageUnavailable as exc:
+            log.warning("cannot renew the replica heartbeat", error=str(exc))
 
 
 #: A dead worker is restarted after 1 s, then 2, 4... up to this; a worker that ran this long starts over at 1 s.
@@ -219,6 +248,9 @@ async def _stop(gateway: RunningGateway) -> None:
     await asyncio.gather(*gateway.tasks, return_exceptions=True)
     for plugin in gateway.plugins():
         await plugin.close()
+    if not gateway.db.is_sqlite:
+        with contextlib.suppress(Exception):  # a replica that cannot say goodbye goes stale instead
+            await gateway.db.run(replicas.leave, gateway.worker.id)
     gateway.db.close()
     log.info("gateway stopped")
 

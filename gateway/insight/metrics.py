@@ -86,6 +86,13 @@ class Metrics:
             registry=registry,
         )
         self._storage_errors.inc(0)
+        self._retained = Counter(
+            "declic_retention_removed",
+            "Rows the retention job removed, by part: inbox_bodies (blanked), inbox_keys, events, decisions, "
+            "deliveries.",
+            ["table"],
+            registry=registry,
+        )
         self.queue = QueueGauges()
         registry.register(self.queue)
         # Bound once, so the hot paths pay a dict look-up, and so every series shows from the first scrape.
@@ -118,6 +125,10 @@ class Metrics:
         if series is None:
             series = self._send_series[(sink, outcome)] = self._sends.labels(sink, outcome.value)
         series.inc()
+
+    def retained(self, part: str, count: int) -> None:
+        """The retention job removed `count` rows of `part` (one of retention.PARTS)."""
+        self._retained.labels(part).inc(count)
 
     def storage_unavailable(self) -> None:
         """A transaction failed for want of storage; may be called from any thread."""

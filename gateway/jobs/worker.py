@@ -30,7 +30,7 @@ from ..send.delivery import Send, StepRunner, call_sink
 from ..store import Database, jobqueue
 from ..store.db import Failed, Grouped, together_or_alone
 from ..store.jobqueue import ClaimedJob
-from . import polls
+from . import polls, retention
 
 log = structlog.get_logger("declic.worker")
 T = TypeVar("T")
@@ -73,8 +73,11 @@ class Worker:
         acks_waiting: Callable[[], bool] = lambda: False,
         cpu_clock: Callable[[], tuple[float, float]] = lambda: (time.monotonic(), time.process_time()),
         metrics: Metrics | None = None,
+        retention_periods: retention.Periods | None = None,
     ):
         self.db, self.spec, self.sources, self.router, self.steps = db, spec, sources, router, steps
+        self.retention_periods = retention_periods
+        self.retention_batch = retention.BATCH
         self.phone_region = phone_region
         self.clock = steps.clock
         self.id = steps.worker_id
@@ -242,6 +245,8 @@ class Worker:
                 await self._run_step(job)
             elif job.kind == "poll":
                 await self._poll(job)
+            elif job.kind == "tick" and job.occurrence == retention.NAME:
+                await self._retain(job)
             elif job.kind == "tick":
                 await self._reconcile(job)
             else:
@@ -383,6 +388,22 @@ class Worker:
                 await self.db.run(self.router.reconcile_chunk, chunk, self.clock.now())
             log.info("triggers reconciled", units=len(units))
         await self.db.run(self._close_call, job, lambda conn, now: self.router.reconcile_done(conn))
+
+    async def _retain(self, job: ClaimedJob) -> None:
+        """Remove what aged out, a batch per transaction, then schedule the next run."""
+        removed = dict.fromkeys(retention.PARTS, 0)
+        if self.retention_periods is not None:
+            for part, cutoff in retention.cutoffs(self.retention_periods, self.clock.now()).items():
+                batch = retention.BATCHES[part]
+                while True:
+                    count = await self.db.run(batch, cutoff, self.retention_batch)
+                    removed[part] += count
+                    if count < self.retention_batch:
+                        break
+        for part, count in removed.items():
+            self.metrics.retained(part, count)
+        log.info("retention run", **removed)
+        await self.db.run(self._close_call, job, lambda conn, now: retention.schedule(conn, now + retention.EVERY, now))
 
     def _trigger_work(self, job: ClaimedJob) -> Callable[[Connection, datetime], object]:
         """A due date or inactivity trigger fires."""

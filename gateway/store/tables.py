@@ -140,7 +140,8 @@ class ConsentRecord(SQLModel, table=True):
     channel: str = Field(max_length=20)
     state: str = Field(max_length=20)
     source: str = Field(max_length=100)
-    event_id: str | None = Field(default=None, max_length=60)
+    #: Indexed: retention keeps the events (and their calls) the ledger points to.
+    event_id: str | None = Field(default=None, max_length=60, index=True)
     #: JSON: the webhook's id and inbox row, the event, and what the source gives (IP, user agent, form).
     evidence: str | None = Field(default=None, sa_column=Column(Text))
     #: When the person stated it, as the source says; None for a snapshot that gives no time.
@@ -299,6 +300,19 @@ class RenderedMessage(SQLModel, table=True):
     body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
 
 
+class Replica(SQLModel, table=True):
+    """A running `declic serve` process on a shared PostgreSQL, with the plugins it loaded."""
+
+    __tablename__ = "replicas"
+
+    id: str = Field(primary_key=True, max_length=100)
+    #: JSON object: plugin (entry point) name -> "distribution version".
+    plugins: str = Field(sa_column=Column(Text, nullable=False))
+    started_at: datetime
+    #: Renewed while the process runs; a replica whose beat is old is gone and no longer compared with.
+    heartbeat_at: datetime
+
+
 def _table(model: type[SQLModel]) -> Table:
     return model.__table__  # type: ignore[attr-defined]
 
@@ -317,3 +331,4 @@ CONVERSIONS = _table(Conversion)
 PUSH_SUBSCRIPTIONS = _table(PushSubscription)
 META = _table(Meta)
 RENDERED = _table(RenderedMessage)
+REPLICAS = _table(Replica)

@@ -1,7 +1,7 @@
 """deliveries.variant: the A/B variant a step sent, and the KPI index that reads it
 
 Revision ID: 0009
-Revises: 0012
+Revises: 0008
 Create Date: 2026-12-04
 """
 
@@ -12,7 +12,7 @@ import sqlmodel
 from alembic import op
 
 revision = "0009"
-down_revision = "0012"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 

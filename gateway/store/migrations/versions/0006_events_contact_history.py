@@ -1,7 +1,7 @@
 """events and deliveries: indexes that start with the contact, for `contact.count(...)`, `contact.sent(...)` and
 the other history helpers in `if:`
 
-Revision ID: 0007
+Revision ID: 0006
 Revises: 0005
 Create Date: 2026-12-04
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from alembic import op
 
-revision = "0007"
+revision = "0006"
 down_revision = "0005"
 branch_labels = None
 depends_on = None
