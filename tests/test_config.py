@@ -129,12 +129,13 @@ ERRORS = [
     (
         "unknown plugin",
         edit("plugin: shopify", "plugin: shopifi"),
-        "7:13: sources.shop.plugin: unknown plugin 'shopifi' (available: {available}; see `declic plugins`)",
+        "7:13: sources.shop.plugin: unknown plugin 'shopifi' (did you mean 'shopify'? available: {available}; "
+        "see `declic plugins`)",
     ),
     (
         "plugin option typo",
         edit("    host: ${SMTP_HOST", "    hots: ${SMTP_HOST"),
-        "12:5: sinks.email.hots: unknown key",
+        "12:5: sinks.email.hots: unknown key (did you mean 'host'?)",
     ),
     (
         "plugin option missing",
@@ -194,7 +195,7 @@ ERRORS = [
         edit("Europe/Paris", "Europe/Pariss"),
         "2:11: timezone: unknown time zone 'Europe/Pariss' (use an IANA name such as Europe/Paris)",
     ),
-    ("unknown top-level key", VALID + "sink: {}\n", "31:1: sink: unknown key"),
+    ("unknown top-level key", VALID + "sink: {}\n", "31:1: sink: unknown key (did you mean 'sinks'?)"),
     (
         "duplicate key",
         edit("timezone: Europe/Paris\n", "timezone: Europe/Paris\ntimezone: UTC\n"),
@@ -217,7 +218,7 @@ ERRORS = [
         VALID + "admin: {tokens: [{token: a-long-enough-read-token, scope: write}]}\n",
         "31:59: admin.tokens[0].scope: Input should be 'read' or 'admin'",
     ),
-    ("admin key misspelt", VALID + "admin: {tokns: []}\n", "31:9: admin.tokns: unknown key"),
+    ("admin key misspelt", VALID + "admin: {tokns: []}\n", "31:9: admin.tokns: unknown key (did you mean 'tokens'?)"),
     (
         "two triggers",
         edit("    when: customer.created\n", "    when: customer.created\n    on_date: contact.birthday\n"),

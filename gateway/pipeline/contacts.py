@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..errors import MalformedPayload
+from ..kit.context import Known
 from ..kit.events import ConsentStatement, ContactRef, Event
 from ..kit.sources import RawCall
 from ..store import (
@@ -480,7 +481,7 @@ def erase(conn: Connection, contact_id: int, now: datetime) -> None:
         jobqueue.cancel_pending(conn, ended, now)
 
 
-class ContactView(dict[str, Any]):
+class ContactView(Known):
     """The contact as `if:` and templates see it, with what it did with earlier messages.
 
     `contact.opened(rule='abandoned-cart', step=1)`, `contact.clicked(...)`: true when a person
@@ -489,7 +490,7 @@ class ContactView(dict[str, Any]):
     """
 
     def __init__(self, fields: dict[str, Any], feedback: Callable[[], list[tuple[str, int, str]]]):
-        super().__init__(fields)
+        super().__init__("contact", fields)
         self._load_feedback = feedback
         self._feedback: list[tuple[str, int, str]] | None = None
 

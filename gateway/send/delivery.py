@@ -19,11 +19,12 @@ from ..config import PoliciesSpec, WorkerSpec
 from ..config.settings import CONFIRM_RULE
 from ..errors import TemplateProblem
 from ..insight import journal
+from ..kit.context import Known
 from ..kit.sinks import DeliveryResult, Message, Outcome, SendContext, Sink
 from ..kit.templating import RenderLimits, render_message
 from ..pipeline import contacts
 from ..pipeline.eventlog import load_event
-from ..pipeline.router import CompiledRule, Router
+from ..pipeline.router import CompiledRule, Router, warn_once
 from ..pipeline.triggers import zone_of
 from ..store import CONTACTS, DELIVERIES, ENROLMENTS, jobqueue, sql
 from ..store.jobqueue import ClaimedJob
@@ -137,17 +138,17 @@ class StepRunner:
         contact = contacts.view(conn, enrolment.contact_id)
         event = load_event(conn, enrolment.event_id)
         headers, unsubscribe_url = self._unsubscribe(conn, rule, step)
-        context = {
-            "event": event,
-            "contact": contact,
-            "rule": rule.name,
-            "step": job.step + 1,
-            "unsubscribe_url": unsubscribe_url,
-        }
+        # No `unsubscribe_url` where there is no link: a template that prints it fails, rather than print "None".
+        context: dict[str, Any] = {"event": Known("event", event), "contact": contact, "rule": rule.name}
+        context |= {"step": job.step + 1} | ({"unsubscribe_url": unsubscribe_url} if unsubscribe_url else {})
         if rule.name == CONFIRM_RULE:
             channel = str(event["properties"]["channel"])  # type: ignore[index]
             context["confirm_url"] = self._link(conn, links.CONFIRM, enrolment.contact_id, channel)
-        reason = self._suppression(rule, job.step, step.sink, contact, context)
+        holds = self._condition(rule, job.step, context)
+        if isinstance(holds, str):
+            self._fail(conn, step, holds, now)
+            return None
+        reason = self._suppression(rule, step.sink, contact) if holds else "step condition is false"
         if reason:
             self._suppress(conn, step, reason, now)
             return None
@@ -207,16 +208,18 @@ class StepRunner:
         cap = self.policies.pressure
         return cap is not None and rule.spec.kind not in cap.exempt
 
-    def _suppression(
-        self, rule: CompiledRule, step: int, sink: Sink, contact: dict[str, Any], context: dict[str, Any]
-    ) -> str | None:
+    def _condition(self, rule: CompiledRule, step: int, context: dict[str, Any]) -> bool | str:
+        """Whether the step's `if` holds, or why it could not be evaluated (a field missing from odd data...)."""
         condition = rule.step_conditions[step]
-        if condition is not None:
-            try:
-                if not condition(**context):
-                    return "step condition is false"
-            except Exception as exc:
-                return f"step condition failed: {exc}"
+        if condition is None:
+            return True
+        try:
+            return bool(condition(**context))
+        except Exception as exc:
+            warn_once(self.router.warned, f"{rule.name} step {step + 1}", exc)
+            return f"if failed: {rule.spec.steps[step].if_}: {type(exc).__name__}: {exc}"
+
+    def _suppression(self, rule: CompiledRule, sink: Sink, contact: dict[str, Any]) -> str | None:
         if sink.address(contact) is None:
             return f"contact has no {sink.channel} address"
         if sink.channel == "email" and contact["email_status"] in ("bouncing", "erased"):
@@ -256,6 +259,13 @@ class StepRunner:
         )
         self._advance(conn, step, now)
         log.info("step suppressed", rule=step.rule.name, step=step.job.step + 1, sink=step.sink.key, reason=reason)
+
+    def _fail(self, conn: Connection, step: Step, reason: str, now: datetime) -> None:
+        """The step cannot be decided (its `if` raised): recorded as failed, and the journey goes on."""
+        self._record(conn, step, "failed", reason, now)
+        number, via = step.job.step + 1, step.sink.key
+        journal.record(conn, now, step.rule.name, step.contact_id, "failed", step=number, via=via, reason=reason)
+        self._advance(conn, step, now)
 
     def _hold_out(self, conn: Connection, step: Step, now: datetime) -> None:
         """The holdout group's journey goes on without its messages; its goals count against them."""
