@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from structlog.testing import capture_logs
 
-from conftest import TEMPLATES, Factory, fixture_bytes
+from conftest import Factory, fixture_bytes
 from gateway.cli.main import cli
 from gateway.kit.context import CONTACT_FIELDS, CONTACT_HELPERS, EVENT_FIELDS
 from gateway.pipeline import contacts
@@ -142,7 +142,11 @@ def test_the_same_ten_mistakes_as_json_for_editors_and_ci(tmp_path: Path) -> Non
     }
     assert document["problems"][-1]["file"] == str(tmp_path / "templates" / "receipt.txt.j2")
     code, output = run_check(tmp_path, GOOD, GOOD_TEMPLATES, "--format", "json")
-    assert code == 0 and json.loads(output)["rules"][0] == {"name": "cart", "trigger": "on checkout.started", "steps": 2}
+    assert code == 0 and json.loads(output)["rules"][0] == {
+        "name": "cart",
+        "trigger": "on checkout.started",
+        "steps": 2,
+    }
 
 
 # (what is wrong, config edit (old, new), templates edit, the error line after the file name)
@@ -177,8 +181,7 @@ TEMPLATE_MISTAKES = [
         "a helper in a rule's own if",
         ('if: "event.properties.total_price > 20"', "if: \"contact.opened(rule='cart')\""),
         {},
-        "declic.yaml:13:18: rules[0].if: contact.opened(...) is for steps' `if:` and templates, "
-        "not a rule's own `if:`",
+        "declic.yaml:13:18: rules[0].if: contact.opened(...) is for steps' `if:` and templates, not a rule's own `if:`",
     ),
     (
         "a scoring if",
@@ -221,7 +224,7 @@ def test_the_known_names_table_is_what_the_code_builds() -> None:
     """kit/context.py lists what templates see; adding a field or a helper without it fails here."""
     helpers = {name for name in vars(ContactView) if not name.startswith("_") and callable(getattr(ContactView, name))}
     assert helpers == set(CONTACT_HELPERS)
-    assert EVENT_FIELDS == {"id", "source", "type", "occurred_at", "correlation", "properties"}
+    assert {"id", "source", "type", "occurred_at", "correlation", "properties"} == EVENT_FIELDS
 
 
 async def test_what_templates_see_at_send_time_is_the_table(deploy: Factory, smtp: SmtpCatcher) -> None:
@@ -245,7 +248,9 @@ async def test_a_template_broken_after_start_fails_its_step_once_with_the_reason
         assert (await d.post_shopify("orders/create", ORDER)).status == 200
         await d.advance(seconds=1)
         await d.advance(hours=3)
-    reason = "order-confirmation.txt.j2:1: UndefinedError: contact has no field 'firstname' (did you mean 'first_name'?)"
+    reason = (
+        "order-confirmation.txt.j2:1: UndefinedError: contact has no field 'firstname' (did you mean 'first_name'?)"
+    )
     assert d.rows("SELECT status, reason, attempts FROM deliveries") == [("failed", reason, 1)]
     assert d.rows("SELECT action, reason FROM decisions WHERE action = 'failed'") == [("failed", reason)]
     assert [e for e in logs if "firstname" in json.dumps(e, default=str)] != []
@@ -272,3 +277,61 @@ async def test_an_if_that_raises_is_journaled_as_failed_and_logged_once(deploy: 
     assert failed[0][1].startswith("if failed: event.properties.discount > 5: UndefinedError")
     assert len([e for e in logs if e.get("event", "").startswith("condition failed")]) == 1
     assert smtp.messages == []
+
+
+SIMULATED = """\
+- {at: "2026-03-14T09:00:00Z", type: checkout.started, correlation: "checkout:abc",
+   contact: {email: camille@example.org, first_name: Camille, consent: {email: granted}},
+   properties: {total_price: 59.9, currency: eur}}
+- {at: "2026-03-14T09:30:00Z", type: checkout.started, correlation: "checkout:def",
+   contact: {email: dominique@example.org, consent: {email: granted}}, properties: {total_price: 5}}
+- {at: "2026-03-16T00:00:00Z", end: true}
+"""
+
+
+def simulate(folder: Path, templates: dict[str, str], timeline: str, *options: str) -> tuple[int, str, str]:
+    path = write_deployment(folder, GOOD, templates)
+    (folder / "timeline.yaml").write_text(timeline)
+    result = CliRunner().invoke(cli, ["simulate", "--config", str(path), *options, str(folder / "timeline.yaml")])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_simulate_shows_each_rendered_message_and_why_not_enrolled(tmp_path: Path) -> None:
+    code, out, err = simulate(tmp_path, GOOD_TEMPLATES, SIMULATED, "--show-messages")
+    assert (code, err) == (0, "")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [(d["action"], d["contact"]) for d in lines] == [
+        ("enrolled", "camille@example.org"),
+        ("not_enrolled", "dominique@example.org"),
+        ("send", "camille@example.org"),
+        ("message", "camille@example.org"),
+        ("send", "camille@example.org"),
+        ("message", "camille@example.org"),
+    ]
+    assert lines[1]["reason"] == "if false: event.properties.total_price > 20"
+    message = lines[3]
+    assert (message["rule"], message["step"], message["to"]) == ("cart", 1, "camille@example.org")
+    assert message["subject"] == "Your cart, Camille"
+    assert message["text"].startswith("Hello Camille,\n59.9 EUR\nStop: https://hooks.example.com/u/")
+
+
+def test_simulate_refuses_a_misspelt_event_type(tmp_path: Path) -> None:
+    code, out, err = simulate(
+        tmp_path, GOOD_TEMPLATES, SIMULATED.replace("type: checkout.started", "type: checkout.start", 1)
+    )
+    assert (code, out) == (2, "")
+    assert err == (
+        f"{tmp_path / 'timeline.yaml'}: item at 2026-03-14T09:00:00+00:00: unknown event type 'checkout.start' "
+        "(did you mean 'checkout.started'?)\n"
+    )
+
+
+def test_simulate_fails_on_a_step_that_fails(tmp_path: Path) -> None:
+    """A template that passes the check but fails on this contact's data: a non-zero exit and the reason."""
+    broken = GOOD_TEMPLATES | {"cart.txt.j2": "{{ event.properties.total_price | round(event.properties.digits) }}"}
+    code, out, err = simulate(tmp_path, broken, SIMULATED)
+    assert code == 1
+    failed = [json.loads(line) for line in out.splitlines() if json.loads(line)["action"] == "failed"]
+    assert [(d["rule"], d["step"], d["contact"]) for d in failed] == [("cart", 1, "camille@example.org")]
+    assert failed[0]["reason"].startswith("cart.txt.j2:1: ")
+    assert err.startswith(f"failed: rule cart, camille@example.org: {failed[0]['reason']}\n")

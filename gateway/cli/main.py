@@ -142,7 +142,7 @@ def simulate(config_path: str, show_messages: bool, timeline: str) -> None:
         click.echo(json.dumps(decision, ensure_ascii=False))
         sent = messages.get((decision["rule"], decision["step"], decision["contact"]))
         if show_messages and decision["action"] == "send" and sent:
-            click.echo(json.dumps(sent.pop(0), ensure_ascii=False))
+            click.echo(json.dumps({"at": decision["at"], **sent.pop(0)}, ensure_ascii=False))
     failed = [d for d in decisions if d["action"] == "failed"]
     if failed:
         for decision in failed:

@@ -257,7 +257,8 @@ def _messages(recorders: list[RecordingSink]) -> Messages:
     for sink in recorders:
         for message, ctx in sink.sent:
             contact = ctx.contact.get("email") or ctx.contact.get("phone") or str(ctx.contact.get("id"))
-            shown = {"action": "message", "rule": ctx.rule, "step": ctx.step, "via": sink.key, "to": message.to}
+            shown = {"rule": ctx.rule, "step": ctx.step, "contact": contact, "action": "message", "via": sink.key}
+            shown |= {"to": message.to}
             shown |= {"subject": message.subject, "text": message.text, "html": message.html}
             found.setdefault((ctx.rule, ctx.step, contact), []).append(shown)
     return found

@@ -6,11 +6,11 @@ import copy
 import hmac
 import os
 import re
-import types
 import typing
 from collections.abc import Callable
 from datetime import time, timedelta
 from pathlib import Path
+from types import UnionType
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -31,13 +31,13 @@ from pydantic import (
 )
 
 from ..errors import ConfigError, ConfigProblem
+from ..kit.context import Scope
 from ..kit.durations import MAX_DURATION, MAX_DURATION_TEXT, Duration, LocalTime, SignedDuration, between
 from ..kit.events import is_known_type
+from ..kit.lint import check_expression, suggest
 from ..kit.registry import Registry
 from ..kit.sinks import EmailSinkConfig, Sink, TrackSpec
 from ..kit.sources import PluginConfig, Source
-from ..kit.context import Scope
-from ..kit.lint import Finding, check_expression, suggest
 from ..kit.templating import make_environment, template_files
 from . import templates as template_checks
 from . import yamlmarks
@@ -738,7 +738,7 @@ def _leave_out(kept: dict[str, Any], exc: ValidationError, positions: list[int],
             if not _remove(rules[loc[1]], loc[2:]):
                 bad_rules.add(loc[1])
         elif not _remove(kept, loc) and not _remove(kept, loc[:2]):
-            kept.pop(loc[0], None)
+            kept.pop(str(loc[0]), None)
             broken.add((loc[0],))
         else:
             broken.add(loc)
@@ -753,12 +753,10 @@ def _remove(container: Any, path: tuple[Any, ...]) -> bool:
     if not path:
         return False
     for part in path[:-1]:
-        if isinstance(container, dict) and part in container:
-            container = container[part]
-        elif isinstance(container, list) and isinstance(part, int) and 0 <= part < len(container):
-            container = container[part]
-        else:
+        in_list = isinstance(container, list) and isinstance(part, int) and 0 <= part < len(container)
+        if not (in_list or (isinstance(container, dict) and part in container)):
             return False
+        container = container[part]
     if isinstance(container, dict) and path[-1] in container:
         del container[path[-1]]
         return True
@@ -1065,10 +1063,12 @@ def _unwrap(annotation: Any) -> Any:
     """`X | None`, `Annotated[X, ...]`, `Literal[...] | X` -> the model, list or dict inside."""
     while typing.get_origin(annotation) is Annotated:
         annotation = typing.get_args(annotation)[0]
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+    if typing.get_origin(annotation) in (typing.Union, UnionType):
         inner = [_unwrap(a) for a in typing.get_args(annotation)]
         structured = [
-            a for a in inner if typing.get_origin(a) in (list, dict) or (isinstance(a, type) and issubclass(a, BaseModel))
+            a
+            for a in inner
+            if typing.get_origin(a) in (list, dict) or (isinstance(a, type) and issubclass(a, BaseModel))
         ]
         return structured[0] if structured else annotation
     return annotation

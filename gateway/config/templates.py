@@ -63,12 +63,13 @@ def _included(env: jinja2.Environment, source: str) -> list[tuple[int, str]]:
         tree = env.parse(source)
     except jinja2.TemplateSyntaxError:
         return []  # reported by check_template
-    kinds = (nodes.Include, nodes.Extends, nodes.Import, nodes.FromImport)
-    return [
-        (node.lineno, node.template.value)
-        for node in tree.find_all(kinds)
-        if isinstance(node.template, nodes.Const) and isinstance(node.template.value, str)
-    ]
+    found = []
+    for kind in (nodes.Include, nodes.Extends, nodes.Import, nodes.FromImport):
+        for node in tree.find_all(kind):
+            name = getattr(node, "template", None)
+            if isinstance(name, nodes.Const) and isinstance(name.value, str):
+                found.append((node.lineno, name.value))
+    return found
 
 
 def expression_mark(mark: tuple[int, int], line: str, expression: str, finding: Finding) -> tuple[int, int]:

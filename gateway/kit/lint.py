@@ -62,28 +62,56 @@ def check_template(env: jinja2.Environment, source: str, scope: Scope) -> list[F
     return _check(env, tree, source, scope)
 
 
+class _Findings:
+    """Problems found in one source, each message once, at its first place."""
+
+    def __init__(self, source: str):
+        self.lines = source.splitlines() or [""]
+        self.found: dict[str, Finding] = {}
+
+    def add(self, line: int, pattern: str, message: str) -> None:
+        if message not in self.found:
+            self.found[message] = Finding(line, _column(self.lines, line, pattern), message)
+
+    def sorted(self) -> list[Finding]:
+        return sorted(self.found.values(), key=lambda f: (f.line, f.column or 0))
+
+
 def _check(env: jinja2.Environment, tree: nodes.Template, source: str, scope: Scope) -> list[Finding]:
-    lines = source.splitlines() or [""]
-    found: dict[str, Finding] = {}
-
-    def add(line: int, pattern: str, message: str) -> None:
-        if message not in found:
-            found[message] = Finding(line, _column(lines, line, pattern), message)
-
-    for node in tree.find_all(nodes.Filter):
-        if node.name not in env.filters:
-            add(node.lineno, rf"\|\s*{node.name}\b", f"unknown filter {node.name!r}{suggest(node.name, env.filters)}")
-            node.name = "string"  # so that the names below can still be read
-    for node in tree.find_all(nodes.Test):
-        if node.name not in env.tests:
-            add(node.lineno, rf"\bis\s+(not\s+)?{node.name}\b", f"unknown test {node.name!r}{suggest(node.name, env.tests)}")
-            node.name = "defined"
+    findings = _Findings(source)
+    _check_filters_and_tests(env, tree, findings)
     try:
         free = meta.find_undeclared_variables(tree)
     except jinja2.TemplateAssertionError as exc:
-        add(exc.lineno, "", f"invalid template: {exc.message}")
-        return sorted(found.values(), key=lambda f: (f.line, f.column or 0))
+        findings.add(exc.lineno, "", f"invalid template: {exc.message}")
+        return findings.sorted()
     guarded = _guarded(tree)
+    _check_names(env, tree, scope, free, guarded, findings)
+    _check_fields(tree, scope, free, guarded, findings)
+    return findings.sorted()
+
+
+def _check_filters_and_tests(env: jinja2.Environment, tree: nodes.Template, findings: _Findings) -> None:
+    for flt in tree.find_all(nodes.Filter):
+        if flt.name not in env.filters:
+            message = f"unknown filter {flt.name!r}{suggest(flt.name, env.filters)}"
+            findings.add(flt.lineno, rf"\|\s*{flt.name}\b", message)
+            flt.name = "string"  # so that the names can still be read
+    for test in tree.find_all(nodes.Test):
+        if test.name not in env.tests:
+            message = f"unknown test {test.name!r}{suggest(test.name, env.tests)}"
+            findings.add(test.lineno, rf"\bis\s+(not\s+)?{test.name}\b", message)
+            test.name = "defined"
+
+
+def _check_names(
+    env: jinja2.Environment,
+    tree: nodes.Template,
+    scope: Scope,
+    free: set[str],
+    guarded: set[object],
+    findings: _Findings,
+) -> None:
     known = scope.names | set(env.globals)
     unset = dict(scope.unset)
     for node in tree.find_all(nodes.Name):
@@ -91,16 +119,20 @@ def _check(env: jinja2.Environment, tree: nodes.Template, source: str, scope: Sc
         if node.ctx != "load" or name not in free or name in known or name in guarded:
             continue
         why = unset.get(name)
-        add(node.lineno, rf"\b{name}\b", f"{name} is not set here: {why}" if why else f"unknown name {name!r}{suggest(name, known)}")
+        message = f"{name} is not set here: {why}" if why else f"unknown name {name!r}{suggest(name, known)}"
+        findings.add(node.lineno, rf"\b{name}\b", message)
+
+
+def _check_fields(
+    tree: nodes.Template, scope: Scope, free: set[str], guarded: set[object], findings: _Findings
+) -> None:
     called = {id(call.node) for call in tree.find_all(nodes.Call)}
-    for node, field in _fields(tree):
-        owner = node.node.name  # type: ignore[attr-defined]
+    for node, owner, field in _fields(tree):
         if owner not in free or owner not in scope.names or (owner, field) in guarded:
             continue
         message = _unknown_field(owner, field, scope, id(node) in called)
         if message:
-            add(node.lineno, rf"\b{owner}\s*(\.\s*|\[\s*['\"]){field}\b", message)
-    return sorted(found.values(), key=lambda f: (f.line, f.column or 0))
+            findings.add(node.lineno, rf"\b{owner}\s*(\.\s*|\[\s*['\"]){field}\b", message)
 
 
 def _unknown_field(owner: str, field: str, scope: Scope, called: bool) -> str | None:
@@ -119,16 +151,18 @@ def _unknown_field(owner: str, field: str, scope: Scope, called: bool) -> str | 
     return f"{owner} has no field {field!r}{hint}"
 
 
-def _fields(tree: nodes.Template) -> Iterable[tuple[nodes.Getattr | nodes.Getitem, str]]:
-    """`contact.x`, `event['x']`: a field read straight off a known object."""
-    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
-        target = node.node
-        if not (isinstance(target, nodes.Name) and target.ctx == "load" and target.name in KNOWN_OBJECTS):
-            continue
-        if isinstance(node, nodes.Getattr):
-            yield node, node.attr
-        elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
-            yield node, node.arg.value
+def _fields(tree: nodes.Template) -> Iterable[tuple[nodes.Expr, str, str]]:
+    """(node, object, field) for `contact.x`, `event['x']`: a field read straight off a known object."""
+    for getattr_ in tree.find_all(nodes.Getattr):
+        if _known_object(getattr_.node):
+            yield getattr_, getattr_.node.name, getattr_.attr  # type: ignore[attr-defined]
+    for item in tree.find_all(nodes.Getitem):
+        if _known_object(item.node) and isinstance(item.arg, nodes.Const) and isinstance(item.arg.value, str):
+            yield item, item.node.name, item.arg.value  # type: ignore[attr-defined]
+
+
+def _known_object(node: nodes.Node) -> bool:
+    return isinstance(node, nodes.Name) and node.ctx == "load" and node.name in KNOWN_OBJECTS
 
 
 def _guarded(tree: nodes.Template) -> set[object]:

@@ -268,14 +268,15 @@ def _value_args(args: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 class StrictForKnown(jinja2.ChainableUndefined):
-    """Missing data inside free-form values (`event.properties.a.b`) is empty, as before; a name that does
-    not exist or a field a known object lacks (`contact.firstname`) is an error naming it, so that a typo
-    fails the step instead of sending an empty greeting. `| default(...)` and `is defined` still work."""
+    """Missing data inside free-form values (`event.properties.a.b`) and unknown names are empty, as before
+    (`declic check` rejects the names); a field that a known object lacks (`contact.firstname`, kit/context.py)
+    is an error naming it, so that a typo in a template edited after start fails the step instead of sending
+    an empty greeting. `| default(...)` and `is defined` still work."""
 
     __slots__ = ()
 
     def _strict(self) -> bool:
-        return self._undefined_obj is jinja2.utils.missing or isinstance(self._undefined_obj, Known)
+        return isinstance(self._undefined_obj, Known)
 
     @property
     def _undefined_message(self) -> str:

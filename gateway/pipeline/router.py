@@ -281,7 +281,9 @@ def warn_once(warned: set[str], where: str, exc: Exception) -> None:
     """One log line per rule: the journal has each failure, the log need not repeat it per event."""
     if where not in warned:
         warned.add(where)
-        log.warning("condition failed; further failures of this rule go to the journal only", rule=where, error=str(exc))
+        log.warning(
+            "condition failed; further failures of this rule go to the journal only", rule=where, error=str(exc)
+        )
 
 
 def enrol(
