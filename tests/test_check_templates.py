@@ -335,3 +335,19 @@ def test_simulate_fails_on_a_step_that_fails(tmp_path: Path) -> None:
     assert [(d["rule"], d["step"], d["contact"]) for d in failed] == [("cart", 1, "camille@example.org")]
     assert failed[0]["reason"].startswith("cart.txt.j2:1: ")
     assert err.startswith(f"failed: rule cart, camille@example.org: {failed[0]['reason']}\n")
+
+
+def test_the_readme_example_gets_the_output_the_readme_shows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Check a config: `declic check`", 1)[1]
+    config = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    console = section.split("```console\n", 1)[1].split("```", 1)[0].splitlines()
+    write_deployment(
+        tmp_path / "config",
+        config,
+        {"cart-reminder.txt.j2": "Hello {{ contact.firstname }},\n{{ event.properties.total_price | money }}\n"},
+    )
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["check", "--config", "config/declic.yaml"], env={"DECLIC_DATABASE_URL": ""})
+    assert result.exit_code == 2
+    assert ["$ declic check --config config/declic.yaml", *result.output.splitlines()] == console

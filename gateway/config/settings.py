@@ -985,11 +985,19 @@ class _Report:
     def add_in(self, file: Path, mark: yamlmarks.Mark, where: yamlmarks.Path, message: str) -> None:
         """A problem in `file` (the config, or a template named at `where`); the same one is reported once."""
         said = _clip(_printable(message))
+        file = self._as_given(file)
         text = _printable(f"{file}:{mark[0]}:{mark[1]}: ") + _clip(_printable(f"{_prefix(where)}{message}"))
         found = ConfigProblem(str(file), mark[0], mark[1], _printable(format_path(where)), said)
         if any((f.file, f.line, f.column, f.message) == (str(file), *mark, said) for _, _, f in self.problems):
             return  # a template two steps send: its problems once
         self.problems.append(((file != self.path, str(file), *mark), text, found))
+
+    def _as_given(self, file: Path) -> Path:
+        """A template's path as the config's was given (`config/templates/x.txt.j2`, not an absolute path)."""
+        try:
+            return self.path.parent / file.relative_to(self.path.resolve().parent)
+        except ValueError:
+            return file
 
     def add_validation(
         self, exc: ValidationError, prefix: yamlmarks.Path, model: type[BaseModel] | None = None
