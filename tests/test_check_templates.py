@@ -351,3 +351,28 @@ def test_the_readme_example_gets_the_output_the_readme_shows(tmp_path: Path, mon
     result = CliRunner().invoke(cli, ["check", "--config", "config/declic.yaml"], env={"DECLIC_DATABASE_URL": ""})
     assert result.exit_code == 2
     assert ["$ declic check --config config/declic.yaml", *result.output.splitlines()] == console
+
+
+async def test_a_step_if_that_raises_fails_that_step_and_the_journey_goes_on(
+    deploy: Factory, smtp: SmtpCatcher
+) -> None:
+    rules = """\
+  - name: follow-up
+    when: order.placed
+    kind: transactional
+    steps:
+      - if: "event.properties.discount > 5"
+        send: {via: email, template: order-confirmation}
+      - wait: 1h
+        send: {via: email, template: order-confirmation}
+"""
+    d = await deploy(rules)
+    assert (await d.post_shopify("orders/create", ORDER)).status == 200
+    await d.advance(seconds=1)
+    await d.advance(hours=1)
+    assert d.rows("SELECT step, action FROM decisions WHERE action IN ('failed', 'send') ORDER BY step") == [
+        (1, "failed"),
+        (2, "send"),
+    ]
+    assert d.rows("SELECT step, status FROM deliveries ORDER BY step") == [(1, "failed"), (2, "sent")]
+    assert len(smtp.messages) == 1

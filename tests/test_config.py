@@ -256,6 +256,16 @@ def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
     code, output = check(tmp_path, textwrap.dedent(text))
     assert code == 2
     assert "rules[1].steps[0].wait: invalid duration 'soon'" in output
+    # A value error no longer hides what is checked after: the plugin, sinks, event types, templates.
+    text = text.replace("when: customer.created", "when: customer.create").replace("via: email", "via: mail", 1)
+    code, output = check(tmp_path, text)
+    places = [line.removeprefix(f"{tmp_path / 'declic.yaml'}:").split(": ")[:2] for line in output.splitlines()]
+    assert places == [
+        ["7:13", "sources.shop.plugin"],
+        ["19:11", "rules[0].when"],
+        ["20:17", "rules[0].send.via"],
+        ["26:15", "rules[1].steps[0].wait"],
+    ]
 
 
 def test_serve_refuses_to_start_on_a_bad_config(tmp_path: Path) -> None:
