@@ -340,7 +340,7 @@ def test_simulate_fails_on_a_step_that_fails(tmp_path: Path) -> None:
 def test_the_readme_example_gets_the_output_the_readme_shows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("### Check a config: `declic check`", 1)[1]
-    config = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    config = section.split("```yaml mistakes\n", 1)[1].split("```", 1)[0]
     console = section.split("```console\n", 1)[1].split("```", 1)[0].splitlines()
     write_deployment(
         tmp_path / "config",
