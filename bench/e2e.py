@@ -9,7 +9,8 @@ This process posts N orders/create webhooks (distinct order ids, names and e-mai
 given concurrency, and timestamps each e-mail as the catcher receives it; the order name is in the
 subject, so each e-mail is matched to its post. `--links N` puts N shop links in the HTML part;
 `--track` turns on Declic's own open pixel and click redirects for the rule (`track:`), to
-measure what tracking costs the send path. It prints e-mails/s from the first post to the last
+measure what tracking costs the send path; `--no-keep-rendered` keeps no copy of sent messages,
+to measure what the timeline's copies cost. It prints e-mails/s from the first post to the last
 e-mail received and the end-to-end latency (post start -> e-mail received), p50 and p99.
 A benchmark, not a test: it reports and asserts nothing about timings.
 """
@@ -54,6 +55,7 @@ public_url: http://127.0.0.1:{port}
 timezone: UTC
 storage:
   url: sqlite:///{db}
+  keep_rendered: {keep_rendered}
 sources:
   shop:
     plugin: shopify
@@ -150,6 +152,9 @@ def main() -> None:
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     parser.add_argument("--links", type=int, default=0, help="shop links in the HTML part (default 0)")
     parser.add_argument("--track", action="store_true", help="track opens and clicks (pixel, link redirects)")
+    parser.add_argument(
+        "--no-keep-rendered", action="store_true", help="keep no copy of sent messages (storage.keep_rendered: false)"
+    )
     args = parser.parse_args()
 
     run = uuid.uuid4().hex[:6]
@@ -163,7 +168,8 @@ def main() -> None:
         f"load: {args.orders} orders/create webhooks of ~{len(orders[0][1]) / 1024:.1f} KB at concurrency "
         f"{args.concurrency}; rule order.placed -> transactional e-mail via SMTP (tls none) to an aiosmtpd "
         f"catcher in the bench process; log level {args.log_level}; {args.links} links in the HTML part, "
-        f"tracking {'on' if args.track else 'off'}",
+        f"tracking {'on' if args.track else 'off'}, "
+        f"copies of sent messages {'not ' if args.no_keep_rendered else ''}kept",
         flush=True,
     )
 
@@ -189,6 +195,7 @@ def main() -> None:
                     worker=worker,
                     log_level=args.log_level,
                     track="    track: {opens: true, clicks: true}\n" if args.track else "",
+                    keep_rendered="false" if args.no_keep_rendered else "true",
                 ),
                 templates(args.links),
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Any
 
 import pluggy
@@ -17,22 +18,38 @@ from .kit.sinks import Sink
 from .kit.sources import Source
 
 ENTRY_POINT_GROUP = "declic"
+#: Declic's own distribution: what `pip install` names, and what plugins depend on.
+DISTRIBUTION = "declic"
 #: Comma-separated plugin names not to load, e.g. to rule out a broken community plugin.
 BLOCK_ENV = "DECLIC_BLOCK_PLUGINS"
 
 
-def get_plugin_manager(*, load_entry_points: bool = True, extra: Iterable[object] = ()) -> pluggy.PluginManager:
-    """Blocked names first, then installed plugins, then `extra` (tests, embedding), then checks."""
+def get_plugin_manager(
+    *, load_entry_points: bool = True, extra: Iterable[object] = (), builtin_only: bool = False
+) -> pluggy.PluginManager:
+    """Blocked names first, then installed plugins (`builtin_only`: Declic's own), then `extra`
+    (tests, embedding), then checks."""
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
     for name in filter(None, (n.strip() for n in os.environ.get(BLOCK_ENV, "").split(","))):
         pm.set_blocked(name)
-    if load_entry_points:
+    if load_entry_points and builtin_only:
+        _load_builtin(pm)
+    elif load_entry_points:
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     for plugin in extra:
         pm.register(plugin)
     pm.check_pending()  # a misspelt hook implementation fails here, not silently later
     return pm
+
+
+def _load_builtin(pm: pluggy.PluginManager) -> None:
+    """The plugins Declic's own distribution declares, whatever else is installed beside it
+    (the config reference and schema in docs/ describe Declic, not one machine's plugins)."""
+    own = metadata.distribution(DISTRIBUTION)
+    for entry in own.entry_points.select(group=ENTRY_POINT_GROUP):
+        if not pm.is_blocked(entry.name):
+            pm.register(entry.load(), name=entry.name)
 
 
 def collect(pm: pluggy.PluginManager) -> Registry:

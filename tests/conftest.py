@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp.web_app
 import pytest
 import sqlalchemy as sa
 from aiohttp.test_utils import TestClient
@@ -114,6 +115,18 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+@pytest.fixture(autouse=True)
+def _forget_finished_apps() -> Iterator[None]:
+    """aiohttp caches each app's middleware chain (up to 1,024 apps, each holding its gateway, engine
+    and caches): in one test process that kept ~1.6 M objects alive, and full garbage collections of
+    that heap took over a second, long enough to fail a render's CPU budget. One app per process in
+    production; here, forget each test's app when it is done."""
+    yield
+    cache = getattr(aiohttp.web_app, "_cached_build_middleware", None)  # aiohttp 3.10+
+    if cache is not None:
+        cache.cache_clear()
+
+
 def fixture_bytes(name: str) -> bytes:
     return (FIXTURES / name).read_bytes()
 
@@ -212,6 +225,7 @@ async def deploy(aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCat
         role: str = "web",
         smtp_port: int | None = None,
         worker: str = "",
+        storage: str = "",
     ) -> Deployment:
         text = (
             BASE_CONFIG.format(
@@ -221,7 +235,7 @@ async def deploy(aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCat
                 rules=rules,
                 max_attempts=max_attempts,
                 worker=worker,
-            )
+            ).replace("  busy_timeout: 1s\n", "  busy_timeout: 1s\n" + storage)
             + extra
         )
         path = write_deployment(tmp_path, text, templates or TEMPLATES)

@@ -107,12 +107,14 @@ async def test_search_and_timeline_say_why_a_small_cart_got_no_reminder(deploy: 
         ("consent", "sms"),
         ("decision", "enrolled"),
         ("decision", "send"),
+        ("message", None),
     ]
+    assert entries[-1]["subject"] == "Your cart, Camille" and entries[-1]["to"] == CAMILLE
     assert entries[3]["rule"] == "abandoned-cart"
     assert entries[3]["reason"] == "if false: event.properties.total_price > 20"
     assert entries[0]["at"].endswith("Z") and timeline["next_after"] is None
 
-    first = await get(d, f"/contacts/{found['id']}/timeline", limit=4)  # pages of 4: 4 + 4 + 1
+    first = await get(d, f"/contacts/{found['id']}/timeline", limit=4)  # pages of 4: 4 + 4 + 2
     second = await get(d, f"/contacts/{found['id']}/timeline", limit=4, after=first["next_after"])
     third = await get(d, f"/contacts/{found['id']}/timeline", limit=4, after=second["next_after"])
     assert first["entries"] + second["entries"] + third["entries"] == entries and third["next_after"] is None

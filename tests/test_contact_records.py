@@ -50,11 +50,20 @@ async def test_the_timeline_says_why_a_cart_below_the_threshold_got_no_reminder(
         ("consent", "sms"),
         ("decision", "enrolled"),
         ("decision", "send"),
+        ("message", None),
     ]
     ruled_out = entries[3]
     assert ruled_out["rule"] == "abandoned-cart"
     assert ruled_out["reason"] == "if false: event.properties.total_price > 20"
-    assert [str(m["To"]) for m in smtp.messages] == [CAMILLE]
+    [mail] = smtp.messages
+    assert str(mail["To"]) == CAMILLE
+    # The message as it was rendered and sent: what she received, word for word.
+    sent = entries[-1]
+    assert (sent["rule"], sent["step"], sent["via"], sent["to"]) == ("abandoned-cart", 1, "email", CAMILLE)
+    assert sent["subject"] == mail["Subject"] == "Your cart, Camille"
+    assert sent["text"] == mail.get_body(("plain",)).get_content().rstrip("\r\n")
+    assert sent["text"].startswith("Total 59.90 EUR: ")
+    assert "Camille" in sent["html"] and sent["headers"]["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
     assert timeline(d, "shopify:5550001") == entries  # the same person, by Shopify's id
     assert timeline(d, "06 12 34 56 78") == entries  # and by her number as people write it in France
     assert declic(d, "timeline", "nobody@example.org") == (1, "no contact is known as nobody@example.org\n")
@@ -76,6 +85,9 @@ async def test_export_gives_the_whole_record_and_erasure_sticks(deploy: Factory,
     assert [e["type"] for e in record["events"]] == ["order.placed"]
     assert [(m["rule"], m["status"]) for m in record["messages"]] == [("order-confirmation", "sent")]
     assert {row["action"] for row in record["decisions"]} == {"enrolled", "send"}
+    [as_sent] = record["messages_as_sent"]
+    assert as_sent["delivery_key"] == record["messages"][0]["idempotency_key"]
+    assert (as_sent["to"], as_sent["subject"]) == (CAMILLE, f"Order {order['name']}")
 
     assert declic(d, "erase", CAMILLE, "--yes") == (0, "erased contact #1\n")
     assert declic(d, "export", CAMILLE)[0] == 1  # nothing is known by that address any more
@@ -83,6 +95,7 @@ async def test_export_gives_the_whole_record_and_erasure_sticks(deploy: Factory,
     erased = json.loads(output)
     assert erased["contact"]["email"] is None and erased["contact"]["email_status"] == "erased"
     assert erased["identities"] == [] and CAMILLE not in output and "Camille" not in output
+    assert erased["messages_as_sent"] == []  # the copy of what she was sent went with her
 
     # The same customer orders again: a new contact, no history, no old consent; the confirmation goes out.
     order.update(id=order["id"] + 1, name="#1002")
@@ -93,3 +106,14 @@ async def test_export_gives_the_whole_record_and_erasure_sticks(deploy: Factory,
     assert again["contact"]["id"] == 2 and again["contact"]["consent"] == {}
     assert [e["type"] for e in again["events"]] == ["order.placed"] and again["consent_ledger"] == []
     assert [str(m["To"]) for m in smtp.messages] == [CAMILLE, CAMILLE]
+
+
+async def test_a_deployment_can_keep_no_copy_of_what_it_sent(deploy: Factory, smtp: SmtpCatcher) -> None:
+    d = await deploy(storage="  keep_rendered: false\n")
+    order = fixture_json("shopify/order.json")
+    assert (await d.post_shopify("orders/create", json.dumps(order).encode(), "o1")).status == 200
+    await d.advance(seconds=1)
+    assert len(smtp.messages) == 1
+    record = json.loads(declic(d, "export", CAMILLE)[1])
+    assert [m["status"] for m in record["messages"]] == ["sent"] and record["messages_as_sent"] == []
+    assert "message" not in {entry["what"] for entry in timeline(d, CAMILLE)}

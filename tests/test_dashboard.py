@@ -199,6 +199,10 @@ async def test_pages_show_the_webhooks_the_sends_the_contact_and_the_timeline(
     timeline = await (await v.get(f"/admin/contacts/{contact_id}")).text()
     assert CAMILLE in timeline and "order.placed" in timeline
     assert re.search(r'<tr class="decision send">', timeline)
+    # The message as she received it: its subject, and its text inside, escaped.
+    subject = smtp.to(CAMILLE)[0]["Subject"]
+    assert re.search(rf'<tr class="message">.*<summary>{re.escape(subject)} ', timeline, re.S)
+    assert '<pre class="message">Thanks for order' in timeline
     rule = await v.get("/admin/rules/order-confirmation")
     assert rule.status == 200 and "1 sent" in await rule.text()
 
@@ -210,4 +214,10 @@ async def test_bad_addresses_get_a_clear_4xx(deploy: Factory) -> None:
     assert (await v.get("/admin/rules/welcome?days=-3")).status == 400
     assert (await v.get("/admin/rules/welcome?days=99999999999999999999")).status == 400
     assert (await v.get("/admin/contacts/999999")).status == 404
+    # An address under /admin/ that names no page: a page a person can read, with the way back.
+    lost = await v.get("/admin/no-such-page")
+    assert (lost.status, lost.content_type) == (404, "text/html")
+    assert 'href="/admin/"' in await lost.text() and "default-src 'none'" in lost.headers["Content-Security-Policy"]
+    assert (await v.request("DELETE", "/admin/")).content_type == "text/html"
+    assert (await v.get("/nowhere")).content_type == "application/json"  # elsewhere, machines still get JSON
     assert (await v.get("/admin/contacts", params={"q": "x" * 5000})).status == 200

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import cast
 
 import click
@@ -124,7 +125,6 @@ def simulate(config_path: str, show_messages: bool, timeline: str) -> None:
     """
     import asyncio
     import json
-    from pathlib import Path
 
     from .simulate import TimelineError, check_types, load_timeline
     from .simulate import simulate as run
@@ -151,11 +151,12 @@ def simulate(config_path: str, show_messages: bool, timeline: str) -> None:
 
 
 @cli.command()
-def reference() -> None:
+@click.option("--builtin-only", is_flag=True, help="Only Declic's own plugins (as in docs/config-reference.md).")
+def reference(builtin_only: bool) -> None:
     """Print the config reference (Markdown), generated from the installed plugins' models."""
     from ..config.reference import render
 
-    click.echo(render(collect(get_plugin_manager())), nl=False)
+    click.echo(render(collect(get_plugin_manager(builtin_only=builtin_only))), nl=False)
 
 
 @cli.group(invoke_without_command=True)
@@ -187,6 +188,29 @@ def plugins_list() -> None:
 def plugins_install(names: tuple[str, ...]) -> None:
     """pip-install plugins into the environment Declic runs in."""
     raise SystemExit(subprocess.call([sys.executable, "-m", "pip", "install", *names]))
+
+
+@plugins.command("new")
+@click.argument("name")
+@click.option("--kind", type=click.Choice(["source", "sink"]), required=True, help="What the plugin provides.")
+@click.option(
+    "--into",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="Folder to create the project in.",
+)
+def plugins_new(name: str, kind: str, into: Path) -> None:
+    """Write a plugin project (pyproject with the entry point, the plugin, tests that pass as written)."""
+    from .scaffold import ScaffoldError, write
+
+    try:
+        root = write(name, kind, into)
+    except ScaffoldError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote {root}")
+    setup = "python3 -m venv .venv && .venv/bin/pip install -e '.[test]'"
+    click.echo(f"next: cd {root} && {setup} && .venv/bin/python -m pytest")
 
 
 @cli.group()

@@ -17,7 +17,7 @@ from .settings import Settings
 
 HEADER = """# Config reference
 
-Generated from the code by `declic reference > docs/config-reference.md`; a test fails when
+Generated from the code by `declic reference --builtin-only > docs/config-reference.md`; a test fails when
 it is out of date. The README explains each part with examples.
 
 Every string value may use `${VAR}` or `${VAR:-default}`, read from the environment.

@@ -256,6 +256,9 @@ class StorageSpec(_Strict):
     busy_timeout: Annotated[Duration, between("0s", "1m")] = Field(
         timedelta(seconds=2), description="Wait for a locked database before 503; 0s to 1m."
     )
+    keep_rendered: bool = Field(
+        True, description="Keep each sent message as rendered (compressed), for the contact's timeline and export."
+    )
 
     @field_validator("url")
     @classmethod

@@ -79,6 +79,7 @@ def build_gateway(
         make_worker_id(),
         settings.timezone,
         settings.public_url,
+        settings.storage.keep_rendered,
     )
     worker = Worker(
         db,
@@ -100,7 +101,9 @@ def create_app(
 ) -> web.Application:
     gateway = build_gateway(settings, pm=pm, clock=clock, role=role)
     largest = max([settings.limits.max_body_bytes, *(s.max_body_bytes or 0 for s in gateway.sources.values())])
-    app = web.Application(client_max_size=largest, middlewares=[json_error_middleware_factory()])
+    app = web.Application(
+        client_max_size=largest, middlewares=[json_error_middleware_factory({"/admin/": dashboard.error_page})]
+    )
     app[GATEWAY_KEY] = gateway
     if role != "worker":
         # A token may hold slashes: the track source serves Segment's paths, /hooks/site/v1/batch.

@@ -135,9 +135,11 @@ def _problem(status: int, reason: str, headers: dict[str, str] | None = None) ->
     return web.json_response({"error": reason}, status=status, headers=headers)
 
 
-def json_error_middleware_factory() -> Any:
+def json_error_middleware_factory(pages: dict[str, Callable[[int, str], web.Response]] | None = None) -> Any:
     """Answer aiohttp's own errors (413, 405...) with the same JSON shape as ours, and storage
-    failures on any route (plugins' included) with 503 and Retry-After: the caller comes back."""
+    failures on any route (plugins' included) with 503 and Retry-After: the caller comes back.
+    Under a prefix of `pages` (the dashboard, read by people), errors are that prefix's page instead."""
+    prefixes = tuple((pages or {}).items())
 
     @web.middleware
     async def middleware(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
@@ -149,6 +151,9 @@ def json_error_middleware_factory() -> Any:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
+            for prefix, page in prefixes:
+                if request.path.startswith(prefix):
+                    return page(exc.status, exc.reason)
             return _problem(exc.status, exc.reason, {k: v for k, v in exc.headers.items() if k == "Allow"})
 
     return middleware

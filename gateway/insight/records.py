@@ -24,6 +24,7 @@ from ..store import (
     INBOX,
     jsoncodec,
 )
+from . import rendered
 
 I = IDENTITIES.c  # noqa: E741
 #: The largest id an INTEGER column holds (32-bit on PostgreSQL).
@@ -115,8 +116,26 @@ def timeline(conn: Connection, contact_id: int) -> list[dict[str, Any]]:
             )
         )
     ]
-    # At one moment: call by call (event ids are "inbox id.index"), what came in, then what it caused.
-    order = {"event": 0, "consent": 1, "decision": 2}
+    kept = rendered.of_contact(conn, contact_id)
+    entries += [
+        {
+            "at": row.sent_at,
+            "what": "message",
+            "rule": row.rule,
+            "step": row.step,
+            "via": row.sink,
+            **kept[row.idempotency_key],
+            "event_id": None,
+        }
+        for row in conn.execute(
+            sa.select(DELIVERIES.c.idempotency_key, DELIVERIES.c.rule, DELIVERIES.c.step, DELIVERIES.c.sink)
+            .add_columns(DELIVERIES.c.sent_at)
+            .where(DELIVERIES.c.contact_id == contact_id, DELIVERIES.c.idempotency_key.in_(kept))
+        )
+    ]
+    # At one moment: call by call (event ids are "inbox id.index"), what came in, then what it caused;
+    # the message right after the decision to send it.
+    order = {"event": 0, "consent": 1, "decision": 2, "message": 3}
     return sorted(entries, key=lambda entry: (entry["at"], _sequence(entry["event_id"]), order[entry["what"]]))
 
 
@@ -146,6 +165,9 @@ def export(conn: Connection, contact_id: int) -> dict[str, Any]:
         "events": rows(EVENTS, EVENTS.c.contact_id, "properties", "correlation"),
         "journeys": rows(ENROLMENTS, ENROLMENTS.c.contact_id),
         "messages": rows(DELIVERIES, DELIVERIES.c.contact_id),
+        "messages_as_sent": [
+            {"delivery_key": key, **message} for key, message in sorted(rendered.of_contact(conn, contact_id).items())
+        ],
         "decisions": rows(DECISIONS, DECISIONS.c.contact_id),
         "conversions": rows(CONVERSIONS, CONVERSIONS.c.contact_id),
     }

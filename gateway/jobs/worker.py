@@ -22,7 +22,7 @@ from ..errors import MalformedPayload, RetryLater, StorageUnavailable
 from ..insight import journal
 from ..insight.metrics import Metrics
 from ..kit.events import Event
-from ..kit.sinks import DeliveryResult
+from ..kit.sinks import DeliveryResult, Message
 from ..kit.sources import RawCall, Source
 from ..pipeline import inbound
 from ..pipeline.router import Router
@@ -86,7 +86,7 @@ class Worker:
         self._cpu_marks = (cpu_clock(), cpu_clock())
         # Steps run side by side; their transactions are shared when they coincide.
         self._prepare = Grouped(db, steps.prepare)
-        self._record: Grouped[tuple[Send, DeliveryResult], None] = Grouped(
+        self._record: Grouped[tuple[Send, DeliveryResult, Message | None], None] = Grouped(
             db, lambda conn, outcome: steps.record(conn, *outcome)
         )
         self._wake = asyncio.Event()
@@ -404,10 +404,10 @@ class Worker:
         with structlog.contextvars.bound_contextvars(
             event_id=send.context.event["id"], rule=send.rule.name, sink=send.sink.key, step=job.step + 1
         ):
-            result = await call_sink(send)
+            result, message = await call_sink(send)
             self.metrics.sent(send.sink.key, result.outcome)
             log.info("step " + result.outcome.value, provider_id=result.provider_id, error=result.error)
-            await self._record((send, result))
+            await self._record((send, result, message))
         self.wake()
 
     async def _retry_later(

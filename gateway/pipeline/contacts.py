@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..errors import MalformedPayload
+from ..insight import rendered
 from ..kit.context import Known
 from ..kit.events import ConsentStatement, ContactRef, Event
 from ..kit.sources import RawCall
@@ -468,6 +469,7 @@ def erase(conn: Connection, contact_id: int, now: datetime) -> None:
     conn.execute(sa.update(EVENTS).where(EVENTS.c.contact_id == contact_id).values(properties="{}", correlation="[]"))
     # Providers' error texts may quote the address ("550 no such user a@b.c", Twilio's 21211).
     conn.execute(sa.update(DELIVERIES).where(DELIVERIES.c.contact_id == contact_id).values(reason=None))
+    rendered.forget_contact(conn, contact_id)
     conn.execute(sa.update(DECISIONS).where(DECISIONS.c.contact_id == contact_id).values(reason=None))
     ended = list(
         conn.execute(

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection
 from ..config import PoliciesSpec, WorkerSpec
 from ..config.settings import CONFIRM_RULE
 from ..errors import TemplateProblem
-from ..insight import journal
+from ..insight import journal, rendered
 from ..kit.context import Known
 from ..kit.sinks import DeliveryResult, Message, Outcome, SendContext, Sink
 from ..kit.templating import RenderLimits, render_message
@@ -115,6 +115,7 @@ class StepRunner:
     worker_id: str
     timezone: str = "UTC"
     public_url: str | None = None
+    keep_rendered: bool = True
     _secret: bytes | None = None
 
     def prepare(self, conn: Connection, job: ClaimedJob) -> Send | None:
@@ -294,8 +295,8 @@ class StepRunner:
         )
         log.info("step deferred", rule=step.rule.name, step=step.job.step + 1, reason=deferral.reason)
 
-    def record(self, conn: Connection, send: Send, result: DeliveryResult) -> None:
-        """Store the sink's answer and move the journey on, in one transaction."""
+    def record(self, conn: Connection, send: Send, result: DeliveryResult, message: Message | None = None) -> None:
+        """Store the sink's answer (and the message as sent) and move the journey on, in one transaction."""
         now = self.clock.now()
         job, rule = send.job, send.rule
         step = Step(job, rule, send.enrolment_id, send.contact_id, send.draft.idempotency_key, send.sink)
@@ -304,6 +305,8 @@ class StepRunner:
             contacts.forget_addresses(conn, send.contact_id, send.sink.channel, result.invalid_addresses, now)
         if result.outcome is Outcome.SENT:
             self._record(conn, step, "sent", None, now, result.provider_id, sent_at=now)
+            if message is not None and self.keep_rendered:
+                rendered.keep(conn, step.key, send.contact_id, now, message)
             journal.record(conn, now, rule.name, send.contact_id, "send", step=number, via=via)
             self._advance(conn, step, now)
         elif result.outcome is Outcome.OPTED_OUT:
@@ -432,8 +435,8 @@ def idempotency_key(rule: str, contact_id: int, occurrence: str, step: int) -> s
     return f"dcl-{digest[:40]}"
 
 
-async def call_sink(send: Send) -> DeliveryResult:
-    """Render the message, then send it.
+async def call_sink(send: Send) -> tuple[DeliveryResult, Message | None]:
+    """Render the message, then send it; the message comes back with the result, to be kept as sent.
 
     A template that fails or goes over its limits fails the step for good: the same template with the same
     data would fail again. Sinks must not raise for remote failures; one that does is retried, not allowed
@@ -442,10 +445,10 @@ async def call_sink(send: Send) -> DeliveryResult:
     try:
         message = await asyncio.get_running_loop().run_in_executor(_renderers(), send.draft.render)
     except TemplateProblem as exc:  # the worker logs the outcome, the journal keeps the reason
-        return DeliveryResult.permanent(str(exc))
+        return DeliveryResult.permanent(str(exc)), None
     try:
         async with send.sink.limiter:
-            return await send.sink.send(message, send.context)
+            return await send.sink.send(message, send.context), message
     except Exception as exc:
         log.exception("sink raised", sink=send.sink.key, rule=send.rule.name)
-        return DeliveryResult.retry(f"{type(send.sink).__name__}.send raised {exc!r}")
+        return DeliveryResult.retry(f"{type(send.sink).__name__}.send raised {exc!r}"), message

@@ -219,7 +219,23 @@ class ConsentEntry(_Model):
     event_id: str | None
 
 
-TimelineEntry = Annotated[EventEntry | DecisionEntry | ConsentEntry, Field(discriminator="what")]
+class MessageEntry(_Model):
+    """A sent message as it was rendered (kept unless `storage.keep_rendered` is false)."""
+
+    at: Moment
+    what: Literal["message"]
+    rule: str
+    step: int
+    via: str
+    to: str
+    headers: dict[str, str]
+    subject: str | None
+    text: str
+    html: str | None
+    event_id: None
+
+
+TimelineEntry = Annotated[EventEntry | DecisionEntry | ConsentEntry | MessageEntry, Field(discriminator="what")]
 
 
 class Timeline(_Model):
@@ -237,6 +253,7 @@ class Export(_Model):
     events: list[dict[str, Any]]
     journeys: list[dict[str, Any]]
     messages: list[dict[str, Any]]
+    messages_as_sent: list[dict[str, Any]] = Field(description="Each sent message as rendered, by delivery key.")
     decisions: list[dict[str, Any]]
     conversions: list[dict[str, Any]]
 

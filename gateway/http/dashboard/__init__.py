@@ -1,5 +1,5 @@
 """/admin/: the web dashboard, a sub-application served beside /hooks (server-rendered, no script)."""
 
-from .views import create
+from .views import create, error_page
 
-__all__ = ["create"]
+__all__ = ["create", "error_page"]

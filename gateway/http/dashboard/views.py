@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,15 @@ def create(gateway: RunningGateway) -> web.Application:
     app.router.add_post(r"/failures/calls/{id:\d{1,18}}/replay", replay_call)
     app.router.add_static("/static/", HERE / "static")
     return app
+
+
+def error_page(status: int, reason: str) -> web.Response:
+    """aiohttp's own errors under /admin/ (an unknown page, a wrong method): a page, not JSON."""
+    html = (
+        f'<!doctype html><html lang="en"><meta charset="utf-8"><title>{status} {escape(reason)}</title>'
+        f'<p>{status} {escape(reason)}. <a href="/admin/">Back to the dashboard</a>.</p></html>'
+    )
+    return web.Response(text=html, content_type="text/html", status=status, headers=HEADERS)
 
 
 @web.middleware
