@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import structlog
 from click.testing import CliRunner
 from structlog.testing import capture_logs
 
@@ -292,7 +293,11 @@ SIMULATED = """\
 def simulate(folder: Path, templates: dict[str, str], timeline: str, *options: str) -> tuple[int, str, str]:
     path = write_deployment(folder, GOOD, templates)
     (folder / "timeline.yaml").write_text(timeline)
-    result = CliRunner().invoke(cli, ["simulate", "--config", str(path), *options, str(folder / "timeline.yaml")])
+    saved = structlog.get_config()  # the command sets the log level for the process: keep it to this test
+    try:
+        result = CliRunner().invoke(cli, ["simulate", "--config", str(path), *options, str(folder / "timeline.yaml")])
+    finally:
+        structlog.configure(**saved)
     return result.exit_code, result.stdout, result.stderr
 
 
