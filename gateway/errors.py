@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 
 class DeclicError(Exception):
     """Base of every error Declic raises on purpose."""
 
 
-class ConfigError(DeclicError):
-    """The deployment config is invalid; `problems` holds every `file:line:col: path: message`."""
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One config problem where it is written: the config file, or a template it names."""
 
-    def __init__(self, problems: list[str]):
+    file: str
+    line: int | None
+    column: int | None
+    path: str
+    message: str
+
+
+class ConfigError(DeclicError):
+    """The deployment config is invalid; `problems` holds every `file:line:col: path: message`, `found` the
+    same problems as fields (for `declic check --format json`) when they were read from the files."""
+
+    def __init__(self, problems: list[str], found: list[ConfigProblem] | None = None):
         self.problems = problems
+        self.found = found or []
         super().__init__("\n".join(problems))
 
 

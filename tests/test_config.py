@@ -139,12 +139,13 @@ ERRORS = [
     (
         "unknown plugin",
         edit("plugin: shopify", "plugin: shopifi"),
-        "7:13: sources.shop.plugin: unknown plugin 'shopifi' (available: {available}; see `declic plugins`)",
+        "7:13: sources.shop.plugin: unknown plugin 'shopifi' (did you mean 'shopify'? available: {available}; "
+        "see `declic plugins`)",
     ),
     (
         "plugin option typo",
         edit("    host: ${SMTP_HOST", "    hots: ${SMTP_HOST"),
-        "12:5: sinks.email.hots: unknown key",
+        "12:5: sinks.email.hots: unknown key (did you mean 'host'?)",
     ),
     (
         "plugin option missing",
@@ -204,7 +205,7 @@ ERRORS = [
         edit("Europe/Paris", "Europe/Pariss"),
         "2:11: timezone: unknown time zone 'Europe/Pariss' (use an IANA name such as Europe/Paris)",
     ),
-    ("unknown top-level key", VALID + "sink: {}\n", "31:1: sink: unknown key"),
+    ("unknown top-level key", VALID + "sink: {}\n", "31:1: sink: unknown key (did you mean 'sinks'?)"),
     (
         "duplicate key",
         edit("timezone: Europe/Paris\n", "timezone: Europe/Paris\ntimezone: UTC\n"),
@@ -227,7 +228,7 @@ ERRORS = [
         VALID + "admin: {tokens: [{token: a-long-enough-read-token, scope: write}]}\n",
         "31:59: admin.tokens[0].scope: Input should be 'read' or 'admin'",
     ),
-    ("admin key misspelt", VALID + "admin: {tokns: []}\n", "31:9: admin.tokns: unknown key"),
+    ("admin key misspelt", VALID + "admin: {tokns: []}\n", "31:9: admin.tokns: unknown key (did you mean 'tokens'?)"),
     (
         "two triggers",
         edit("    when: customer.created\n", "    when: customer.created\n    on_date: contact.birthday\n"),
@@ -265,6 +266,16 @@ def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
     code, output = check(tmp_path, textwrap.dedent(text))
     assert code == 2
     assert "rules[1].steps[0].wait: invalid duration 'soon'" in output
+    # A value error no longer hides what is checked after: the plugin, sinks, event types, templates.
+    text = text.replace("when: customer.created", "when: customer.create").replace("via: email", "via: mail", 1)
+    code, output = check(tmp_path, text)
+    places = [line.removeprefix(f"{tmp_path / 'declic.yaml'}:").split(": ")[:2] for line in output.splitlines()]
+    assert places == [
+        ["7:13", "sources.shop.plugin"],
+        ["19:11", "rules[0].when"],
+        ["20:17", "rules[0].send.via"],
+        ["26:15", "rules[1].steps[0].wait"],
+    ]
 
 
 def test_serve_refuses_to_start_on_a_bad_config(tmp_path: Path) -> None:

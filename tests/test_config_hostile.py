@@ -456,6 +456,8 @@ class Deployment:
         self.registry: Registry = collect(self.pm)
         line = re.escape(str(self.path)) + r":(\d+):(\d+): (\S.*)"
         self.line = re.compile(line)
+        # A problem in a template the config names points at the template.
+        self.template_line = re.compile(re.escape(str(folder / "templates")) + r"/([^/:]+\.j2):(\d+):(\d+): (\S.*)")
 
     def check(self, raw: bytes) -> Settings | None:
         """load_config as `declic check` runs it: Settings, or None after checking every error line."""
@@ -471,6 +473,11 @@ class Deployment:
         # Lines as YAML counts them: \r, NEL and the Unicode separators end a line too.
         last_line = len(re.findall(r"\r\n|[\r\n\x85\u2028\u2029]", raw.decode("utf-8", "replace"))) + 1
         for problem in problems:
+            in_template = self.template_line.fullmatch(problem)
+            if in_template:
+                text = (self.folder / "templates" / in_template.group(1)).read_text()
+                assert 1 <= int(in_template.group(2)) <= len(text.splitlines()) + 1, problem
+                continue
             match = self.line.fullmatch(problem)
             assert match, f"not file:line:col: path: message: {problem!r}"
             assert problem.isprintable(), f"not printable: {problem!r}"

@@ -12,7 +12,7 @@ import click
 import sqlalchemy as sa
 import structlog
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ConfigProblem
 from ..pipeline import inbound
 from ..plugins import DISTRIBUTION, collect, describe, get_plugin_manager
 from ..store import INBOX, JOBS, Database, jobqueue
@@ -76,8 +76,20 @@ def serve(config_path: str, host: str, port: int, role: str) -> None:
 
 @cli.command()
 @CONFIG_OPTION
-def check(config_path: str) -> None:
-    """Validate a config: `ok` and a summary, or every error as file:line:col: path: message."""
+@click.option(
+    "--format",
+    "output",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one JSON document, {ok, problems: [{file, line, column, path, message}]}, for editors and CI.",
+)
+def check(config_path: str, output: str) -> None:
+    """Validate a config, its templates and expressions: `ok` and a summary, or every error at once as
+    file:line:col: path: message (exit code 2)."""
+    if output == "json":
+        _check_json(config_path)
+        return
     settings, _, _ = _load(config_path)
     click.echo(f"ok: {config_path}")
     for title, table in (("sources", settings.source_plugins), ("sinks", settings.sink_plugins)):
@@ -91,29 +103,62 @@ def check(config_path: str) -> None:
     )
 
 
+def _check_json(config_path: str) -> None:
+    import json
+
+    from ..http.app import load as load_deployment
+
+    try:
+        settings, _, _ = load_deployment(config_path)
+    except ConfigError as exc:
+        found = exc.found or [ConfigProblem(config_path, None, None, "", text) for text in exc.problems]
+        click.echo(json.dumps({"ok": False, "problems": [vars(p) for p in found]}, ensure_ascii=False, indent=2))
+        raise SystemExit(2) from None
+    summary = {
+        "ok": True,
+        "config": config_path,
+        "sources": {key: cls.name for key, (cls, _) in settings.source_plugins.items()},
+        "sinks": {key: cls.name for key, (cls, _) in settings.sink_plugins.items()},
+        "rules": [{"name": r.name, "trigger": r.summary, "steps": len(r.steps)} for r in settings.rules],
+    }
+    click.echo(json.dumps(summary, ensure_ascii=False, indent=2))
+
+
 @cli.command()
 @CONFIG_OPTION
+@click.option("--show-messages", is_flag=True, help="Also print each message as rendered, after its `send`.")
 @click.argument("timeline", type=click.Path(exists=True, dir_okay=False))
-def simulate(config_path: str, timeline: str) -> None:
+def simulate(config_path: str, show_messages: bool, timeline: str) -> None:
     """Run a timeline (YAML list or JSON lines) under a fake clock; print each decision as JSON.
 
-    Nothing is sent and the deployment's database is not touched.
+    Nothing is sent and the deployment's database is not touched. Exit code 2 on a timeline that
+    is not one (an unknown event type...), 1 when a step failed (a template or an `if:` that raised).
     """
     import asyncio
     import json
 
-    from .simulate import TimelineError, load_timeline
+    from .simulate import TimelineError, check_types, load_timeline
     from .simulate import simulate as run
 
-    settings, pm, _ = _load(config_path)
+    settings, pm, registry = _load(config_path)
     logs.configure("warning", settings.logging.redact)
     try:
         items = load_timeline(Path(timeline), settings.timezone)
+        check_types(Path(timeline), items, registry)
     except TimelineError as exc:
         click.echo(str(exc), err=True)
         raise SystemExit(2) from None
-    for decision in asyncio.run(run(settings, pm, items)):
+    decisions, messages = asyncio.run(run(settings, pm, items))
+    for decision in decisions:
         click.echo(json.dumps(decision, ensure_ascii=False))
+        sent = messages.get((decision["rule"], decision["step"], decision["contact"]))
+        if show_messages and decision["action"] == "send" and sent:
+            click.echo(json.dumps({"at": decision["at"], **sent.pop(0)}, ensure_ascii=False))
+    failed = [d for d in decisions if d["action"] == "failed"]
+    if failed:
+        for decision in failed:
+            click.echo(f"failed: rule {decision['rule']}, {decision['contact']}: {decision['reason']}", err=True)
+        raise SystemExit(1)
 
 
 @cli.command()

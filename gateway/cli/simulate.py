@@ -7,6 +7,7 @@ object per line, sorted by time.
 
 from __future__ import annotations
 
+import difflib
 import json
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -22,11 +23,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sqlalchemy.engine import Connection
 
 from ..config import Settings
+from ..config.settings import CONFIRM_EVENT
 from ..errors import DeclicError
 from ..http.app import build_gateway
 from ..http.running import RunningGateway
 from ..kit.clock import FakeClock
-from ..kit.events import ConsentState, ConsentStatement, ContactRef, Event
+from ..kit.events import CANONICAL_TYPES, ConsentState, ConsentStatement, ContactRef, Event, is_known_type
+from ..kit.registry import Registry
 from ..kit.sinks import DeliveryResult, Message, SendContext, Sink
 from ..kit.sources import Deployment, RawCall, Source
 from ..store import CONTACTS, DECISIONS, jobqueue
@@ -216,9 +219,21 @@ def decisions(conn: Connection) -> list[dict[str, Any]]:
     ]
 
 
-async def simulate(settings: Settings, pm: pluggy.PluginManager, items: list[TimelineItem]) -> list[dict[str, Any]]:
+Messages = dict[tuple[str, int, str], list[dict[str, Any]]]
+
+
+async def simulate(
+    settings: Settings, pm: pluggy.PluginManager, items: list[TimelineItem]
+) -> tuple[list[dict[str, Any]], Messages]:
+    """The decisions, and each rendered message by (rule, step, contact) as the decisions name them."""
     start = items[0].at if items else datetime.now(ZoneInfo(settings.timezone))
     clock = FakeClock(start)
+    recorders: list[RecordingSink] = []
+
+    def record(sink: Sink) -> Sink:
+        recorders.append(RecordingSink(sink))
+        return recorders[-1]
+
     with tempfile.TemporaryDirectory(prefix="declic-simulate-") as folder:
         gateway = build_gateway(
             settings,
@@ -226,15 +241,37 @@ async def simulate(settings: Settings, pm: pluggy.PluginManager, items: list[Tim
             clock=clock,
             role="worker",
             database_url=f"sqlite:///{folder}/simulation.db",
-            wrap_sink=RecordingSink,
+            wrap_sink=record,
             extra_sources=timeline_source,
         )
         try:
             gateway.db.upgrade()
             await play(gateway, clock, items)
-            return await gateway.db.run(decisions)
+            return await gateway.db.run(decisions), _messages(recorders)
         finally:
             gateway.db.close()
+
+
+def _messages(recorders: list[RecordingSink]) -> Messages:
+    found: Messages = {}
+    for sink in recorders:
+        for message, ctx in sink.sent:
+            contact = ctx.contact.get("email") or ctx.contact.get("phone") or str(ctx.contact.get("id"))
+            shown = {"rule": ctx.rule, "step": ctx.step, "contact": contact, "action": "message", "via": sink.key}
+            shown |= {"to": message.to}
+            shown |= {"subject": message.subject, "text": message.text, "html": message.html}
+            found.setdefault((ctx.rule, ctx.step, contact), []).append(shown)
+    return found
+
+
+def check_types(path: Path, items: list[TimelineItem], registry: Registry) -> None:
+    """A misspelt event type would enrol nobody, silently: refuse the timeline instead."""
+    extra = frozenset().union(*(cls.event_types for cls in registry.sources.values())) | {CONFIRM_EVENT}
+    for item in items:
+        if item.type is not None and not is_known_type(item.type, extra):
+            close = difflib.get_close_matches(item.type, sorted(CANONICAL_TYPES | extra), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else " (see the event types in the README)"
+            raise TimelineError(f"{path}: item at {item.at.isoformat()}: unknown event type {item.type!r}{hint}")
 
 
 def timeline_source(deployment: Deployment) -> dict[str, Source]:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import jinja2
 from jinja2 import nodes
 
+from ..kit.context import CONTACT_HELPERS
 from ..kit.durations import parse_duration
 from ..kit.templating import compile_condition
 
-#: The helpers `if:` may call on `contact`, methods of pipeline/history.py's ContactView. Here, low enough
-#: for `declic check` to know them.
-HELPERS = ("count", "has", "last", "sent", "opened", "clicked")
+#: The helpers `if:` may call on `contact`, methods of pipeline/history.py's ContactView (one table, in kit).
+HELPERS = tuple(CONTACT_HELPERS)
 
 
 def argument_problems(env: jinja2.Environment, expression: str) -> list[str]:

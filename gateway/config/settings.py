@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import hmac
 import os
 import re
+import typing
 from collections.abc import Callable
 from datetime import time, timedelta
 from pathlib import Path
+from types import UnionType
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -28,16 +31,19 @@ from pydantic import (
     model_validator,
 )
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ConfigProblem
 from ..kit.addresses import internal_address, test_recipient
+from ..kit.context import Scope
 from ..kit.durations import MAX_DURATION, MAX_DURATION_TEXT, Duration, LocalTime, SignedDuration, between
 from ..kit.events import is_known_type
+from ..kit.lint import check_expression, suggest
 from ..kit.locales import parse_locale
 from ..kit.registry import Registry
 from ..kit.sinks import EmailSinkConfig, Sink, TrackSpec
 from ..kit.sources import PluginConfig, Source
-from ..kit.templating import compile_condition, make_environment, template_files
+from ..kit.templating import make_environment, template_files
 from . import conditions, yamlmarks
+from . import templates as template_checks
 
 DATABASE_URL_ENV = "DECLIC_DATABASE_URL"
 
@@ -771,6 +777,13 @@ class Settings(_Strict):
     _path: Path = PrivateAttr(default=Path("declic.yaml"))
     _sources: dict[str, tuple[type[Source], PluginConfig]] = PrivateAttr(default_factory=dict)
     _sinks: dict[str, tuple[type[Sink], PluginConfig]] = PrivateAttr(default_factory=dict)
+    #: Where each rule is written (`rules[i]`): rules with errors are left out while the rest is checked.
+    _rule_positions: list[int] | None = PrivateAttr(default=None)
+
+    def numbered_rules(self) -> list[tuple[int, RuleSpec]]:
+        """(position in the file, rule): the rules' indexes as written."""
+        positions = self._rule_positions or list(range(len(self.rules)))
+        return list(zip(positions, self.rules, strict=True))
 
     @field_validator("public_url")
     @classmethod
@@ -842,20 +855,22 @@ def load_config(
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise ConfigError([f"{path}: cannot read config: {exc.strerror}"]) from None
+        message = f"cannot read config: {exc.strerror}"
+        raise ConfigError([f"{path}: {message}"], [ConfigProblem(str(path), None, None, "", message)]) from None
     report = _Report(path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         column = len(raw[raw.rfind(b"\n", 0, exc.start) + 1 : exc.start].decode("utf-8", "replace")) + 1
-        raise ConfigError(
-            [report.format_at((line, column), (), f"not UTF-8 (byte {raw[exc.start]:#04x}): save the file as UTF-8")]
-        ) from None
+        report.add((), f"not UTF-8 (byte {raw[exc.start]:#04x}): save the file as UTF-8", (line, column))
+        report.raise_if_any()
+    report.lines = text.splitlines()
     try:
         data, report.marks, yaml_problems = yamlmarks.load(text, env)
     except yamlmarks.YamlProblem as exc:
-        raise ConfigError([report.format_at(exc.mark, exc.path, exc.message)]) from None
+        report.add(exc.path, exc.message, exc.mark)
+        report.raise_if_any()
     except yamlmarks.YamlProblems as exc:
         for problem in exc.problems:
             report.add(problem.path, problem.message, problem.mark)
@@ -865,20 +880,89 @@ def load_config(
     if not isinstance(data, dict):
         report.add((), "the config must be a mapping of keys (public_url, sources, sinks, rules...)")
         report.raise_if_any()
-    try:
-        settings = Settings.model_validate(data)
-    except ValidationError as exc:
-        report.add_validation(exc, ())
+    settings, broken = _salvage(data, report)
+    if settings is None:
         report.raise_if_any()
-        raise  # pragma: no cover  (a validation error always adds a problem)
+        raise AssertionError("unreachable: a config that cannot be validated has a problem")  # pragma: no cover
     settings._path = path.resolve()
     _resolve_plugins(settings, data, registry, report)
-    _check_rules(settings, registry, pm, report)
-    _check_unsubscribe_links(settings, report)
-    _check_tracking(settings, report)
-    _check_confirmation(settings, report)
+    _check_rules(settings, registry, pm, report, broken)
+    if ("public_url",) not in broken:
+        _check_unsubscribe_links(settings, report)
+        _check_tracking(settings, report)
+    _check_confirmation(settings, report, pm, broken)
     report.raise_if_any()
     return settings
+
+
+#: Rounds of leaving out what failed: a part left out may leave another without what it needs.
+_SALVAGE_ROUNDS = 5
+
+
+def _salvage(data: dict[str, Any], report: _Report) -> tuple[Settings | None, set[yamlmarks.Path]]:
+    """Validate the config; on errors, report them, leave out the rules and sections that failed and validate
+    the rest, so that plugins, rules, templates and expressions are checked in the same run.
+
+    Returns the settings (None when nothing could be kept) and the paths left out: checks that depend on
+    them stay quiet rather than report a consequence of an error already reported.
+    """
+    kept = copy.deepcopy(data)
+    rules = data.get("rules")
+    positions = list(range(len(rules))) if isinstance(rules, list) else []
+    broken: set[yamlmarks.Path] = set()
+    for attempt in range(_SALVAGE_ROUNDS):
+        try:
+            settings = Settings.model_validate(kept)
+        except ValidationError as exc:
+            if attempt == 0:
+                report.add_validation(exc, ())
+            if not _leave_out(kept, exc, positions, broken):
+                return None, broken
+            continue
+        settings._rule_positions = positions
+        return settings, broken
+    return None, broken
+
+
+def _leave_out(kept: dict[str, Any], exc: ValidationError, positions: list[int], broken: set[yamlmarks.Path]) -> bool:
+    """Remove from `kept` the key each error is about (its default applies), else the rule or section holding it;
+    False when an error concerns the whole config."""
+    bad_rules: set[int] = set()
+    for err in exc.errors():
+        loc = tuple(part for part in err["loc"] if not (isinstance(part, str) and "[" in part))
+        if err["type"] == "missing":
+            loc = loc[:-1]
+        if not loc:
+            return False
+        rules = kept.get("rules")
+        if loc[0] == "rules" and len(loc) > 1 and isinstance(loc[1], int) and isinstance(rules, list):
+            broken.add(("rules", positions[loc[1]], *loc[2:]))
+            if not _remove(rules[loc[1]], loc[2:]):
+                bad_rules.add(loc[1])
+        elif not _remove(kept, loc) and not _remove(kept, loc[:2]):
+            kept.pop(str(loc[0]), None)
+            broken.add((loc[0],))
+        else:
+            broken.add(loc)
+    if bad_rules:
+        kept["rules"] = [rule for i, rule in enumerate(kept["rules"]) if i not in bad_rules]
+        positions[:] = [p for i, p in enumerate(positions) if i not in bad_rules]
+    return True
+
+
+def _remove(container: Any, path: tuple[Any, ...]) -> bool:
+    """Delete the mapping key at `path`; False when `path` does not end at one."""
+    if not path:
+        return False
+    for part in path[:-1]:
+        in_list = isinstance(container, list) and isinstance(part, int) and 0 <= part < len(container)
+        if not (in_list or (isinstance(container, dict) and part in container)):
+            return False
+        container = container[part]
+    if isinstance(container, dict) and path[-1] in container:
+        del container[path[-1]]
+        return True
+    return False
 
 
 def _resolve_plugins(settings: Settings, data: dict[str, Any], registry: Registry, report: _Report) -> None:
@@ -887,7 +971,8 @@ def _resolve_plugins(settings: Settings, data: dict[str, Any], registry: Registr
         ("sinks", settings._sinks, registry.sinks),
     )
     for section, table, known in sections:
-        for key, options in (data.get(section) or {}).items():
+        written = data.get(section)
+        for key, options in (written if isinstance(written, dict) else {}).items():
             where: yamlmarks.Path = (section, key)
             if not isinstance(options, dict):
                 report.add(where, "expected a mapping with a `plugin` key")
@@ -904,7 +989,8 @@ def _resolve_plugins(settings: Settings, data: dict[str, Any], registry: Registr
             if plugin not in known:
                 report.add(
                     (*where, "plugin") if plugin else where,
-                    f"unknown plugin {plugin!r} (available: {available}; see `declic plugins`)"
+                    f"unknown plugin {plugin!r} ({_did_you_mean(plugin, known)}available: {available}; "
+                    "see `declic plugins`)"
                     if plugin
                     else "missing `plugin` key",
                 )
@@ -913,15 +999,21 @@ def _resolve_plugins(settings: Settings, data: dict[str, Any], registry: Registr
             try:
                 table[key] = (cls, cls.Config.model_validate(options, context={"config_dir": settings.base_dir}))
             except ValidationError as exc:
-                report.add_validation(exc, where)
+                report.add_validation(exc, where, cls.Config)
 
 
-def _check_rules(settings: Settings, registry: Registry, pm: pluggy.PluginManager | None, report: _Report) -> None:
+def _check_rules(
+    settings: Settings,
+    registry: Registry,
+    pm: pluggy.PluginManager | None,
+    report: _Report,
+    broken: set[yamlmarks.Path],
+) -> None:
     extra_types = frozenset().union(*(cls.event_types for cls in registry.sources.values()))
     env = make_environment(settings.templates_dir, pm)
     templates_dir = settings.templates_dir
     seen: set[str] = set()
-    for i, rule in enumerate(settings.rules):
+    for i, rule in settings.numbered_rules():
         where: yamlmarks.Path = ("rules", i)
         if rule.name in seen:
             report.add((*where, "name"), f"duplicate rule name {rule.name!r}")
@@ -937,36 +1029,70 @@ def _check_rules(settings: Settings, registry: Registry, pm: pluggy.PluginManage
                 if not is_known_type(event_type, extra_types):
                     sub = (*where, key) if key == "when" else (*where, key, j)
                     report.add(sub, f"unknown event type {event_type!r}{_suggest(event_type, extra_types)}")
-        _check_expression(env, rule.if_, (*where, "if"), report)
+        _check_expression(env, rule.if_, (*where, "if"), Scope.at_enrolment(), report)
         for k, step in enumerate(rule.steps):
             step_where = (*where, "steps", k) if (*where, "steps") in report.marks else where
-            _check_expression(env, step.if_, (*step_where, "if"), report)
             send_where = (*step_where, "send")
-            _check_template(env, step.at, (*step_where, "at"), report)
+            scope = _step_scope(settings, rule, step.send.vias[0], broken)
+            _check_expression(env, step.if_, (*step_where, "if"), scope, report)
+            _check_syntax(env, step.at, (*step_where, "at"), report)
             for m, via in enumerate(step.send.vias):
-                if via not in settings.sinks:
+                if via not in settings.sinks and ("sinks", via) not in broken:
                     sinks = ", ".join(sorted(settings.sinks)) or "none configured"
                     via_where = (*send_where, "via", m) if isinstance(step.send.via, list) else (*send_where, "via")
-                    report.add(via_where, f"no sink named {via!r} under `sinks:` (configured: {sinks})")
+                    hint = _did_you_mean(via, settings.sinks)
+                    report.add(via_where, f"no sink named {via!r} under `sinks:` ({hint}configured: {sinks})")
             _check_recipient(settings, env, step.send, (*send_where, "to"), report)
-            _check_templates(templates_dir, step.send, send_where, report)
+            if ("templates",) not in broken:
+                for at, template in _templates_of(step.send, send_where):
+                    _check_template(env, templates_dir, template, at, scope, report)
+    for event_type, score in settings.scoring.points.items():
+        where = report.as_written(("scoring", "points", event_type, "if"))
+        _check_expression(env, score.if_, where, Scope.at_enrolment(), report)
 
 
-def _check_templates(templates_dir: Path, send: SendSpec, where: yamlmarks.Path, report: _Report) -> None:
-    """The untranslated text part of each template must exist: it is what a contact gets when no translation fits."""
-    named = [((*where, "template"), send.template)] if send.template else []
-    named += [((*where, "variants", j, "template"), v.template) for j, v in enumerate(send.variants or ())]
-    for at, template in named:
-        try:
-            found = "txt" in template_files(templates_dir, template)
-        except OSError as exc:  # a name the file system refuses, before any length limit applies
-            report.add(at, f"cannot look for template {template!r}: {exc.strerror}")
-            continue
-        if not found:
-            report.add(at, f"template {template}.txt.j2 not found in {templates_dir}")
+def _step_scope(settings: Settings, rule: RuleSpec, via: str, broken: set[yamlmarks.Path]) -> Scope:
+    """The names a step's `if:` and template see: its links depend on the rule's kind and the sink's channel."""
+    sink = settings._sinks.get(via)
+    public_url_known = settings.public_url is not None or ("public_url",) in broken
+    channel = sink[0].channel if sink else None
+    return Scope.at_send(template_checks.unset_links(rule.kind, channel, public_url_known, rule.name))
 
 
-def _check_template(env: jinja2.Environment, text: str | None, where: yamlmarks.Path, report: _Report) -> None:
+def _check_template(
+    env: jinja2.Environment, folder: Path, name: str, where: yamlmarks.Path, scope: Scope, report: _Report
+) -> bool:
+    """The template's text part exists, and every part and what it includes passes kit/lint.py."""
+    try:
+        found = "txt" in template_files(folder, name)
+    except OSError as exc:  # a name the file system refuses, before any length limit applies
+        report.add(where, f"cannot look for template {name!r}: {exc.strerror}")
+        return False
+    if not found:
+        report.add(where, f"template {name}.txt.j2 not found in {folder}{_similar_template(folder, name)}")
+        return False
+    for file, finding in template_checks.check_parts(env, folder, name, scope):
+        report.add_in(file, (finding.line, finding.column or 1), where, finding.message)
+    return True
+
+
+def _similar_template(folder: Path, name: str) -> str:
+    try:
+        names = {p.name.removesuffix(".txt.j2") for p in folder.glob("*.txt.j2")}
+    except OSError:
+        return ""
+    return suggest(name, names)
+
+
+def _templates_of(send: SendSpec, where: yamlmarks.Path) -> list[tuple[yamlmarks.Path, str]]:
+    """Each template a step may send, where the config names it: its own, or each variant's."""
+    if send.template:
+        return [((*where, "template"), send.template)]
+    return [((*where, "variants", j, "template"), v.template) for j, v in enumerate(send.variants or ())]
+
+
+def _check_syntax(env: jinja2.Environment, text: str | None, where: yamlmarks.Path, report: _Report) -> None:
+    """A template written in the config itself (`at:`, `to:`) parses."""
     if text is None:
         return
     try:
@@ -990,7 +1116,7 @@ def _check_recipient(
     if channel is not None and channel not in INTERNAL_CHANNELS:
         report.add(where, f"`to:` needs an e-mail or SMS sink; {send.vias[0]!r} is a {channel} sink")
     elif send.to_template:
-        _check_template(env, send.to, where, report)
+        _check_syntax(env, send.to, where, report)
     elif channel is not None:
         try:
             internal_address(channel, send.to)
@@ -1002,17 +1128,17 @@ def _check_unsubscribe_links(settings: Settings, report: _Report) -> None:
     """Marketing e-mail always carries a one-click unsubscribe link (RFC 8058), which needs an https public URL."""
     email_sinks = {key for key, (cls, _) in settings._sinks.items() if cls.channel == "email"}
     rules = [
-        i
-        for i, rule in enumerate(settings.rules)
+        (i, rule.name)
+        for i, rule in settings.numbered_rules()
         if rule.kind == "marketing"
         and any(set(step.send.vias) & email_sinks for step in rule.steps if step.send.to is None)
     ]
     if not rules:
         return
-    name = settings.rules[rules[0]].name
+    position, name = rules[0]
     if settings.public_url is None:
         report.add(
-            ("rules", rules[0]),
+            ("rules", position),
             f"marketing e-mail (rule {name!r}) needs `public_url:`: its one-click unsubscribe links point there",
         )
     elif urlsplit(settings.public_url).scheme != "https" and not settings.allow_http_public_url:
@@ -1027,7 +1153,7 @@ def _check_tracking(settings: Settings, report: _Report) -> None:
     """Tracked e-mail points its pixel and links at the public URL (marketing rules are reported above)."""
     if settings.public_url is not None:
         return
-    for i, rule in enumerate(settings.rules):
+    for i, rule in settings.numbered_rules():
         for step in rule.steps:
             for via in step.send.vias if step.send.to is None else ():  # internal messages are not tracked
                 sink = settings._sinks.get(via)
@@ -1041,9 +1167,11 @@ def _check_tracking(settings: Settings, report: _Report) -> None:
                     return
 
 
-def _check_confirmation(settings: Settings, report: _Report) -> None:
-    """Double opt-in sends its own message: its sink must be an e-mail sink, its template must exist."""
-    for i, rule in enumerate(settings.rules):
+def _check_confirmation(
+    settings: Settings, report: _Report, pm: pluggy.PluginManager | None, broken: set[yamlmarks.Path]
+) -> None:
+    """Double opt-in sends its own message: its sink must be an e-mail sink, its template must pass the check."""
+    for i, rule in settings.numbered_rules():
         if rule.name == CONFIRM_RULE:
             report.add(("rules", i, "name"), f"{CONFIRM_RULE!r} is the name of Declic's own double opt-in rule")
     confirmation = settings.policies.confirmation
@@ -1053,30 +1181,34 @@ def _check_confirmation(settings: Settings, report: _Report) -> None:
     sink = settings._sinks.get(confirmation.via)
     if sink is None or sink[0].channel != "email":
         report.add((*where, "via"), f"{confirmation.via!r} is not an e-mail sink under `sinks:`")
-    try:
-        found = "txt" in template_files(settings.templates_dir, confirmation.template)
-    except OSError as exc:  # a name the file system refuses
-        report.add((*where, "template"), f"cannot look for template {confirmation.template!r}: {exc.strerror}")
-        found = True
-    if not found:
-        report.add(
-            (*where, "template"),
-            f"template {confirmation.template}.txt.j2 not found in {settings.templates_dir}",
-        )
-    if settings.public_url is None:
+    unset = {"unsubscribe_url": "the confirmation message is transactional: it carries no unsubscribe link"}
+    scope = Scope.at_send(unset, extra=frozenset({"confirm_url"}))
+    env = make_environment(settings.templates_dir, pm)
+    if ("templates",) not in broken:
+        _check_template(env, settings.templates_dir, confirmation.template, (*where, "template"), scope, report)
+    if settings.public_url is None and ("public_url",) not in broken:
         report.add(where, "double opt-in needs `public_url:`: the confirmation link points there")
 
 
-def _check_expression(env: jinja2.Environment, expression: str | None, where: yamlmarks.Path, report: _Report) -> None:
+def _check_expression(
+    env: jinja2.Environment, expression: str | None, where: yamlmarks.Path, scope: Scope, report: _Report
+) -> None:
     if expression is None:
         return
-    try:
-        compile_condition(env, expression)
-    except jinja2.TemplateSyntaxError as exc:
-        report.add(where, f"invalid expression: {exc.message}")
-        return
-    for problem in conditions.argument_problems(env, expression):
-        report.add(where, problem)
+    mark = report.mark_of(where)
+    line = report.line_text(mark[0])
+    findings = list(check_expression(env, expression, scope))
+    for finding in findings:
+        report.add(where, finding.message, template_checks.expression_mark(mark, line, expression, finding))
+    if not findings:  # the literal `within=` and `where=` of history helpers, once the rest holds
+        for problem in conditions.argument_problems(env, expression):
+            report.add(where, problem)
+
+
+def _did_you_mean(word: str, choices: Any) -> str:
+    """`did you mean 'x'? ` when one of `choices` is close, to open a parenthesis that goes on."""
+    hint = suggest(word, choices)
+    return hint.strip(" ()") + " " if hint else ""
 
 
 def _suggest(event_type: str, extra: frozenset[str]) -> str:
@@ -1089,25 +1221,50 @@ def _suggest(event_type: str, extra: frozenset[str]) -> str:
 
 
 class _Report:
-    """Collects problems and formats each as `file:line:col: path: message`."""
+    """Collects problems, in the config file or in the templates it names, and formats each as
+    `file:line:col: path: message`: the config's first, then each template's, by line and column."""
 
     def __init__(self, path: Path):
         self.path = path
+        self.lines: list[str] = []
         self.marks: dict[yamlmarks.Path, yamlmarks.Mark] = {(): (1, 1)}
-        self.problems: list[tuple[yamlmarks.Mark, str]] = []
+        self.problems: list[tuple[tuple[bool, str, int, int], str, ConfigProblem]] = []
 
     def add(self, where: yamlmarks.Path, message: str, mark: yamlmarks.Mark | None = None) -> None:
-        mark = mark or self._mark(where)
-        self.problems.append((mark, self.format_at(mark, where, message)))
+        self.add_in(self.path, mark or self._mark(where), where, message)
 
-    def add_validation(self, exc: ValidationError, prefix: yamlmarks.Path) -> None:
+    def add_in(self, file: Path, mark: yamlmarks.Mark, where: yamlmarks.Path, message: str) -> None:
+        """A problem in `file` (the config, or a template named at `where`); the same one is reported once."""
+        said = _clip(_printable(message))
+        file = self._as_given(file)
+        text = _printable(f"{file}:{mark[0]}:{mark[1]}: ") + _clip(_printable(f"{_prefix(where)}{message}"))
+        found = ConfigProblem(str(file), mark[0], mark[1], _printable(format_path(where)), said)
+        if any((f.file, f.line, f.column, f.message) == (str(file), *mark, said) for _, _, f in self.problems):
+            return  # a template two steps send: its problems once
+        self.problems.append(((file != self.path, str(file), *mark), text, found))
+
+    def _as_given(self, file: Path) -> Path:
+        """A template's path as the config's was given (`config/templates/x.txt.j2`, not an absolute path)."""
+        try:
+            return self.path.parent / file.relative_to(self.path.resolve().parent)
+        except ValueError:
+            return file
+
+    def add_validation(
+        self, exc: ValidationError, prefix: yamlmarks.Path, model: type[BaseModel] | None = None
+    ) -> None:
         for err in exc.errors():
             loc = tuple(part for part in err["loc"] if not (isinstance(part, str) and "[" in part))
-            where = self._as_written((*prefix, *loc))
-            key_mark = self.marks.get((*where, yamlmarks.KEY)) if err["type"] == "extra_forbidden" else None
-            self.add(where, _message(err), key_mark)
+            where = self.as_written((*prefix, *loc))
+            message = _message(err)
+            key_mark = None
+            if err["type"] == "extra_forbidden":
+                key_mark = self.marks.get((*where, yamlmarks.KEY))
+                if loc and loc[-1] == err["loc"][-1]:
+                    message += suggest(str(loc[-1]), _keys_at(model or Settings, loc[:-1]))
+            self.add(where, message, key_mark)
 
-    def _as_written(self, where: yamlmarks.Path) -> yamlmarks.Path:
+    def as_written(self, where: yamlmarks.Path) -> yamlmarks.Path:
         """The path as the config spells it: `scoring: {email.opened: 1}` is validated as points.email.opened.points."""
         if where[:2] == ("scoring", "points") and len(where) > 2 and ("scoring", "points") not in self.marks:
             where = ("scoring", *where[2:])
@@ -1116,8 +1273,14 @@ class _Report:
         return where
 
     def format_at(self, mark: yamlmarks.Mark, where: yamlmarks.Path, message: str) -> str:
-        said = _clip(_printable(f"{format_path(where) + ': ' if where else ''}{message}"))
+        said = _clip(_printable(f"{_prefix(where)}{message}"))
         return _printable(f"{self.path}:{mark[0]}:{mark[1]}: ") + said
+
+    def mark_of(self, where: yamlmarks.Path) -> yamlmarks.Mark:
+        return self._mark(self.as_written(where))
+
+    def line_text(self, line: int) -> str:
+        return self.lines[line - 1] if 1 <= line <= len(self.lines) else ""
 
     def _mark(self, where: yamlmarks.Path) -> yamlmarks.Mark:
         for end in range(len(where), -1, -1):
@@ -1127,7 +1290,47 @@ class _Report:
 
     def raise_if_any(self) -> None:
         if self.problems:
-            raise ConfigError([text for _, text in sorted(self.problems, key=lambda p: p[0])])
+            ordered = sorted(self.problems, key=lambda p: p[0])
+            raise ConfigError([text for _, text, _ in ordered], [found for _, _, found in ordered])
+
+
+def _prefix(where: yamlmarks.Path) -> str:
+    return format_path(where) + ": " if where else ""
+
+
+def _keys_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys the config accepts where an unknown key was written (`loc`: the mapping holding it)."""
+    annotation: Any = model
+    for part in (*loc, None):
+        annotation = _unwrap(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            fields = annotation.model_fields
+            if part is None:
+                return [field.alias or name for name, field in fields.items()]
+            field = next((f for n, f in fields.items() if part in (n, f.alias)), None)
+            if field is None:
+                return []
+            annotation = field.annotation
+        elif typing.get_origin(annotation) in (list, dict) and part is not None:
+            annotation = typing.get_args(annotation)[-1]
+        else:
+            return []
+    return []
+
+
+def _unwrap(annotation: Any) -> Any:
+    """`X | None`, `Annotated[X, ...]`, `Literal[...] | X` -> the model, list or dict inside."""
+    while typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) in (typing.Union, UnionType):
+        inner = [_unwrap(a) for a in typing.get_args(annotation)]
+        structured = [
+            a
+            for a in inner
+            if typing.get_origin(a) in (list, dict) or (isinstance(a, type) and issubclass(a, BaseModel))
+        ]
+        return structured[0] if structured else annotation
+    return annotation
 
 
 def _clip(text: str) -> str:

@@ -28,6 +28,7 @@ budget is looked at again (at most one output's size of work per operation).
 
 from __future__ import annotations
 
+import difflib
 import functools
 import gc
 import json
@@ -35,6 +36,7 @@ import re
 import secrets
 import threading
 import time
+import traceback
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -49,6 +51,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import TemplateProblem
 from . import locales
+from .context import Known
 
 #: The parts a message template may have; `<name>.txt.j2` is the one required part.
 PARTS = ("subject", "txt", "html")
@@ -291,11 +294,65 @@ def _value_args(args: tuple[Any, ...]) -> tuple[Any, ...]:
     return args
 
 
+class StrictForKnown(jinja2.ChainableUndefined):
+    """Missing data inside free-form values (`event.properties.a.b`) and unknown names are empty, as before
+    (`declic check` rejects the names); a field that a known object lacks (`contact.firstname`, kit/context.py)
+    is an error naming it, so that a typo in a template edited after start fails the step instead of sending
+    an empty greeting. `| default(...)` and `is defined` still work."""
+
+    __slots__ = ()
+
+    def _strict(self) -> bool:
+        return isinstance(self._undefined_obj, Known)
+
+    @property
+    def _undefined_message(self) -> str:
+        obj, name = self._undefined_obj, self._undefined_name
+        if isinstance(obj, Known) and isinstance(name, str):
+            close = difflib.get_close_matches(name, sorted(obj), n=1)
+            return f"{obj.label} has no field {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+        return str(super()._undefined_message)
+
+    def _check(self) -> None:
+        if self._strict():
+            self._fail_with_undefined_error()
+
+    def __str__(self) -> str:
+        self._check()
+        return super().__str__()
+
+    def __html__(self) -> str:
+        self._check()
+        return super().__html__()
+
+    def __iter__(self) -> Iterator[Any]:
+        self._check()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        self._check()
+        return super().__len__()
+
+    def __bool__(self) -> bool:
+        self._check()
+        return super().__bool__()
+
+    def __eq__(self, other: object) -> bool:
+        self._check()
+        return super().__eq__(other)
+
+    def __ne__(self, other: object) -> bool:
+        self._check()
+        return super().__ne__(other)
+
+    __hash__ = jinja2.ChainableUndefined.__hash__
+
+
 def make_environment(templates_dir: Path | None, pm: pluggy.PluginManager | None = None) -> jinja2.Environment:
     env = BoundedEnvironment(
         loader=jinja2.FileSystemLoader(str(templates_dir)) if templates_dir else None,
         autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",), default=False),
-        undefined=jinja2.ChainableUndefined,
+        undefined=StrictForKnown,
         keep_trailing_newline=False,
     )
     env.filters.update(locales.FILTERS)  # before the plugins, which may replace them
@@ -411,5 +468,11 @@ def _render_part(env: jinja2.Environment, budget: Budget, name: str, part: str, 
     except RecursionError:
         raise TemplateProblem(f"{file}: too deep a recursion (a macro calling itself without end?)") from None
     except Exception as exc:  # a template error, a filter raising, tojson on something that is not JSON...
-        raise TemplateProblem(f"{file}: {type(exc).__name__}: {exc}") from exc
+        raise TemplateProblem(f"{file}{_line_of(exc, template)}: {type(exc).__name__}: {exc}") from exc
     return "".join(chunks)
+
+
+def _line_of(exc: Exception, template: jinja2.Template) -> str:
+    """`:LINE` of the template where `exc` was raised, as jinja's rewritten traceback tells it, or nothing."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == template.filename]
+    return f":{frames[-1].lineno}" if frames else ""

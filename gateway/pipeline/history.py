@@ -21,6 +21,7 @@ from sqlalchemy.engine import Connection
 
 from ..config.conditions import HELPERS
 from ..insight import journal
+from ..kit.context import Known
 from ..kit.durations import parse_duration
 from ..kit.templating import compile_condition, spend
 from ..store import DELIVERIES, EVENTS, jsoncodec
@@ -54,7 +55,7 @@ class Wheres:
         return found
 
 
-class ContactView(dict[str, Any]):
+class ContactView(Known):
     """The contact as `if:` and templates see it, with its history (HELPERS).
 
     Valid only within the transaction it was made in: a template rendered later may read the fields,
@@ -68,7 +69,7 @@ class ContactView(dict[str, Any]):
         now: datetime,
         wheres: Wheres | None = None,
     ):
-        super().__init__(fields)
+        super().__init__("contact", fields)
         self._conn = conn
         self._now = now
         self._wheres = wheres

@@ -21,6 +21,7 @@ from sqlalchemy.engine import Connection
 
 from ..config import ReenterAfter, RuleSpec, ScoringSpec
 from ..insight import conversions, journal
+from ..kit.context import EVENT_FIELDS, Known
 from ..kit.durations import format_duration
 from ..kit.events import ContactRef, Event
 from ..kit.templating import compile_condition, evaluate
@@ -70,6 +71,8 @@ class Router:
         self.double_opt_in = double_opt_in
         #: Whether opens and clicks flagged as a machine's are routed (start, end, score journeys) like people's.
         self.machine_events = False
+        #: Rules whose `if` failed at least once: their failures are logged once, journaled every time.
+        self.warned: set[str] = set()
         self.scoring = scoring or ScoringSpec()
         #: `where=` expressions of contact.count(...) and the other history helpers, compiled once.
         self.wheres = history.Wheres(env)
@@ -120,10 +123,11 @@ class Router:
         context = {"event": event_context(event), "contact": view}
         self._score(conn, event, contact, context, base)
         for rule in self._by["when"].get(event.type, ()):
-            why = _ruled_out(rule, context)
+            ruled_out = _ruled_out(rule, context, self.warned)
             history.record_problems(conn, view, rule.name, base, event_id=event.id)
-            if why is not None:
-                journal.record(conn, base, rule.name, contact["id"], "not_enrolled", reason=why, event_id=event.id)
+            if ruled_out is not None:
+                action, why = ruled_out
+                journal.record(conn, base, rule.name, contact["id"], action, reason=why, event_id=event.id)
                 continue
             enrol(conn, rule, contact["id"], event.id, _occurrence(event), _first(event.correlation), base)
         self.reschedule_dates(conn, contact, changed, base)
@@ -143,7 +147,7 @@ class Router:
         if not points:
             return
         if condition is not None:
-            counts = _truthy(None, condition, context)
+            counts = _truthy("scoring", condition, context, self.warned)
             for problem in context["contact"].take_problems():  # no rule to journal it under: the log says it
                 log.warning("scoring condition", event_type=event.type, problem=problem)
             if not counts:
@@ -273,7 +277,7 @@ def _trigger_fields(spec: RuleSpec) -> dict[str, Any]:
 
 def event_context(event: Event) -> dict[str, Any]:
     """The event as `if:` and templates see it, the same at enrolment and at send time."""
-    return event.model_dump(mode="python", include={"id", "source", "type", "occurred_at", "correlation", "properties"})
+    return Known("event", event.model_dump(mode="python", include=set(EVENT_FIELDS)))
 
 
 def _first(keys: list[str]) -> str | None:
@@ -284,25 +288,35 @@ def _occurrence(event: Event) -> str:
     return _first(event.correlation) or f"event:{event.id}"
 
 
-def _ruled_out(rule: CompiledRule, context: dict[str, Any]) -> str | None:
-    """Why the rule's `if` keeps this event from enrolling, with the expression; None when it does not."""
+def _ruled_out(rule: CompiledRule, context: dict[str, Any], warned: set[str]) -> tuple[str, str] | None:
+    """Why the rule's `if` keeps this event from enrolling, with the expression: `not_enrolled` when it is
+    false, `failed` when it raised (recorded in the journal, warned once); None when it lets it in."""
     if rule.condition is None:
         return None
     try:
         if evaluate(rule.condition, context):
             return None
-    except Exception as exc:  # a bad expression on odd data skips the rule, loudly
-        log.warning("condition failed", rule=rule.name, error=str(exc))
-        return f"if failed: {rule.spec.if_}: {type(exc).__name__}: {exc}"
-    return f"if false: {rule.spec.if_}"
+    except Exception as exc:  # a bad expression on odd data: the journal says so for each event
+        warn_once(warned, rule.name, exc)
+        return "failed", f"if failed: {rule.spec.if_}: {type(exc).__name__}: {exc}"
+    return "not_enrolled", f"if false: {rule.spec.if_}"
 
 
-def _truthy(rule: CompiledRule | None, condition: Any, context: dict[str, Any]) -> bool:
+def _truthy(where: str, condition: Any, context: dict[str, Any], warned: set[str]) -> bool:
     try:
         return bool(evaluate(condition, context))
-    except Exception as exc:  # a bad expression on odd data skips the rule, loudly
-        log.warning("condition failed", rule=rule.name if rule else "scoring", error=str(exc))
+    except Exception as exc:  # a bad expression on odd data skips the points
+        warn_once(warned, where, exc)
         return False
+
+
+def warn_once(warned: set[str], where: str, exc: Exception) -> None:
+    """One log line per rule: the journal has each failure, the log need not repeat it per event."""
+    if where not in warned:
+        warned.add(where)
+        log.warning(
+            "condition failed; further failures of this rule go to the journal only", rule=where, error=str(exc)
+        )
 
 
 def enrol(

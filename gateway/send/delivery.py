@@ -20,13 +20,14 @@ from ..config.settings import CONFIRM_RULE
 from ..errors import TemplateProblem
 from ..insight import journal, rendered
 from ..kit.addresses import internal_address
+from ..kit.context import Known
 from ..kit.locales import contact_locale, locale_chain, translated
 from ..kit.sinks import DeliveryResult, Message, Outcome, SendContext, Sink
 from ..kit.templating import RenderLimits, evaluate, render_message
 from ..pipeline import contacts, moments
 from ..pipeline.eventlog import load_event
 from ..pipeline.history import record_problems
-from ..pipeline.router import CompiledRule, Router
+from ..pipeline.router import CompiledRule, Router, warn_once
 from ..pipeline.triggers import zone_of
 from ..store import CONTACTS, DELIVERIES, ENROLMENTS, jobqueue, sql
 from ..store.jobqueue import ClaimedJob
@@ -169,8 +170,14 @@ class StepRunner:
             conn.execute(sa.select(CONTACTS.c.id).where(CONTACTS.c.id == enrolment.contact_id).with_for_update())
         context = self._context(conn, rule, job.step, enrolment.contact_id, enrolment.event_id, now, variant)
         contact = context["contact"]
-        reason = self._too_late(rule, job, contact, context) or self._condition(rule, job.step, context)
-        record_problems(conn, contact, rule.name, now, step=job.step + 1)
+        reason = self._too_late(rule, job, contact, context)
+        if reason is None:
+            holds = self._condition(rule, job.step, context)
+            record_problems(conn, contact, rule.name, now, step=job.step + 1)
+            if isinstance(holds, str):
+                self._fail(conn, step, holds, now)
+                return None
+            reason = None if holds else "step condition is false"
         if reason:
             self._suppress(conn, step, reason, now)
             return None
@@ -223,7 +230,10 @@ class StepRunner:
         self, rule: CompiledRule, step: int, sink: Sink, contact: dict[str, Any], context: dict[str, Any]
     ) -> str | None:
         """Why the worker would not send step `step` on `sink` now (its `if`, the address, consent), or None."""
-        return self._condition(rule, step, context) or self._unusable(rule, sink, contact)
+        holds = self._condition(rule, step, context)
+        if isinstance(holds, str):
+            return holds
+        return self._unusable(rule, sink, contact) if holds else "step condition is false"
 
     def _context(
         self,
@@ -239,12 +249,11 @@ class StepRunner:
         event = load_event(conn, event_id)
         contact = contacts.view(conn, contact_id, now, self.router.wheres)
         context: dict[str, Any] = {
-            "event": event,
+            "event": Known("event", event),
             "contact": contact,
             "rule": rule.name,
             "step": index + 1,
             "variant": variant,
-            "unsubscribe_url": None,
             "locale": str(contact_locale(contact.get("locale"), self.locale)),
             "timezone": zone_of(contact, self.timezone).key,
         }
@@ -268,7 +277,9 @@ class StepRunner:
         """The message on `sink` (the variant's template, in the contact's language when translated), its
         unsubscribe link and tracking included."""
         contact = context["contact"]
-        headers, context["unsubscribe_url"] = self._unsubscribe(conn, rule, sink, contact["id"], key)
+        headers, unsubscribe_url = self._unsubscribe(conn, rule, sink, contact["id"], key)
+        if unsubscribe_url:  # no key where there is no link: a template that prints it fails, rather than "None"
+            context["unsubscribe_url"] = unsubscribe_url
         chosen = template or template_for(rule.spec, index, variant)
         return Draft(
             self.env,
@@ -411,15 +422,16 @@ class StepRunner:
         cap = self.policies.pressure
         return cap is not None and rule.spec.kind not in cap.exempt
 
-    def _condition(self, rule: CompiledRule, step: int, context: dict[str, Any]) -> str | None:
+    def _condition(self, rule: CompiledRule, step: int, context: dict[str, Any]) -> bool | str:
+        """Whether the step's `if` holds, or why it could not be evaluated (a field missing from odd data...)."""
         condition = rule.step_conditions[step]
-        if condition is not None:
-            try:
-                if not evaluate(condition, context):
-                    return "step condition is false"
-            except Exception as exc:
-                return f"step condition failed: {exc}"
-        return None
+        if condition is None:
+            return True
+        try:
+            return bool(evaluate(condition, context))
+        except Exception as exc:
+            warn_once(self.router.warned, f"{rule.name} step {step + 1}", exc)
+            return f"if failed: {rule.spec.steps[step].if_}: {type(exc).__name__}: {exc}"
 
     def _unusable(self, rule: CompiledRule, sink: Sink, contact: dict[str, Any]) -> str | None:
         """Why this channel cannot reach the contact now: no address, a bad one, or no consent."""
@@ -462,6 +474,13 @@ class StepRunner:
         )
         self._advance(conn, step, now)
         log.info("step suppressed", rule=step.rule.name, step=step.job.step + 1, sink=step.sink.key, reason=reason)
+
+    def _fail(self, conn: Connection, step: Step, reason: str, now: datetime) -> None:
+        """The step cannot be decided (its `if` raised): recorded as failed, and the journey goes on."""
+        self._record(conn, step, "failed", reason, now)
+        number, via = step.job.step + 1, step.sink.key
+        journal.record(conn, now, step.rule.name, step.contact_id, "failed", step=number, via=via, reason=reason)
+        self._advance(conn, step, now)
 
     def _hold_out(self, conn: Connection, step: Step, now: datetime) -> None:
         """The holdout group's journey goes on without its messages; its goals count against them."""
