@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 import uuid
@@ -17,6 +18,7 @@ from typing import Any
 import aiohttp.web_app
 import pytest
 import sqlalchemy as sa
+import structlog
 from aiohttp.test_utils import TestClient
 
 from gateway.http.app import create_app, load
@@ -113,6 +115,19 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             for nodeid in skipped[:10]:
                 print(f"  {nodeid}")
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was() -> Iterator[None]:
+    """The CLI's commands (simulate, kpis, backtest...) set up logging for a command line, at warning:
+    put back what the test found, so that a later test's captured info lines are there to read."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield
+    structlog.configure(**saved)
+    root.setLevel(level)
+    root.handlers[:] = handlers
 
 
 @pytest.fixture(autouse=True)

@@ -75,7 +75,7 @@ rules:
       - wait: 1 hour
         send: {via: email, template: cart}
       - wait: 1d
-        if: "contact.count('order.placed') == 0"
+        if: "contact.cuont('order.placed') == 0"
         send: {via: emial, template: cart}
   - name: receipt
     when: order.placed
@@ -113,8 +113,10 @@ def test_ten_mistakes_are_reported_in_one_run_each_at_its_line(tmp_path: Path) -
         f"{config}:13:16: rules[0].if: event has no field 'total_price' "
         "(an event's data is under event.properties: event.properties.total_price)",
         f"{config}:15:15: rules[0].steps[0].wait: invalid duration '1 hour': write a number and a unit, "
-        "as 90s, 5m, 1h, 3d or 2w (or 250ms)",
-        f"{config}:18:22: rules[0].steps[1].if: contact has no helper count(); helpers here: "
+        "as 90s, 5m, 1h, 3d or 2w (or 250ms), several as 1h30m, or ISO 8601 as P1DT12H",
+        f"{config}:18:22: rules[0].steps[1].if: contact has no helper cuont() (did you mean 'count'?); helpers here: "
+        "contact.count(EVENT, within=DURATION, where=EXPR), contact.has(EVENT, within=DURATION, where=EXPR), "
+        "contact.last(EVENT, where=EXPR), contact.sent(rule=..., step=..., within=DURATION), "
         "contact.opened(rule=..., step=...), contact.clicked(rule=..., step=...)",
         f"{config}:19:21: rules[0].steps[1].send.via: no sink named 'emial' under `sinks:` "
         "(did you mean 'email'? configured: email)",
@@ -179,10 +181,11 @@ TEMPLATE_MISTAKES = [
         "receipt.txt.j2:1:32: rules[1].send.template: unknown test 'tru' (did you mean 'true'?)",
     ),
     (
-        "a helper in a rule's own if",
-        ('if: "event.properties.total_price > 20"', "if: \"contact.opened(rule='cart')\""),
+        "a helper's duration that is not one",
+        ('if: "event.properties.total_price > 20"', "if: \"contact.has('order.placed', within='2 weeks')\""),
         {},
-        "declic.yaml:13:18: rules[0].if: contact.opened(...) is for steps' `if:` and templates, not a rule's own `if:`",
+        "declic.yaml:13:9: rules[0].if: within=: invalid duration '2 weeks': write a number and a unit, as 90s, "
+        "5m, 1h, 3d or 2w (or 250ms), several as 1h30m, or ISO 8601 as P1DT12H",
     ),
     (
         "a scoring if",
@@ -233,7 +236,7 @@ async def test_what_templates_see_at_send_time_is_the_table(deploy: Factory, smt
     assert (await d.post_shopify("orders/create", ORDER)).status == 200
     await d.advance(seconds=1)
     [(contact_id, event_id)] = d.rows("SELECT contact_id, event_id FROM enrolments")
-    contact = await d.gateway.db.run(contacts.view, contact_id)
+    contact = await d.gateway.db.run(contacts.view, contact_id, d.clock.now())
     event = await d.gateway.db.run(load_event, event_id)
     assert set(contact) == CONTACT_FIELDS
     assert set(event) == EVENT_FIELDS

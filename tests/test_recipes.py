@@ -378,8 +378,10 @@ def check(seen: list[dict[str, Any]], recipe: Recipe) -> None:
 def test_simulated(recipe: Recipe, tmp_path: Path) -> None:
     config, timeline = write(tmp_path, recipe, f"sqlite:///{tmp_path}/never.db", 1, "http://127.0.0.1:1", live=False)
     result = CliRunner().invoke(cli, ["simulate", "--config", str(config), str(timeline)])
-    assert result.exit_code == 0, result.output
-    check([json.loads(line) for line in result.output.splitlines()], recipe)
+    failed = [e for e in recipe.expected if e[4] == "failed"]
+    assert result.exit_code == (1 if failed else 0), result.output  # a failed step makes simulate say so
+    assert result.stderr.count("failed: rule ") == len(failed)
+    check([json.loads(line) for line in result.stdout.splitlines()], recipe)
 
 
 @pytest.fixture

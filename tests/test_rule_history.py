@@ -219,7 +219,8 @@ SCENARIOS = [
 def test_simulated(scenario: Scenario, tmp_path: Path) -> None:
     config, timeline = write(tmp_path, scenario, f"sqlite:///{tmp_path}/never-touched.db", 1, live=False)
     result = CliRunner().invoke(cli, ["simulate", "--config", str(config), str(timeline)])
-    assert result.exit_code == 0, result.output
+    failed = any(expected[4] == "failed" for expected in scenario.expected)
+    assert result.exit_code == (1 if failed else 0), result.output  # an `if:` or `where=` that raised: exit 1
     check([json.loads(line) for line in result.stdout.splitlines()], scenario)  # stderr has the log
 
 

@@ -74,7 +74,7 @@ class ContactView(Known):
         self._now = now
         self._wheres = wheres
         self._feedback: list[tuple[str, int, str]] | None = None
-        #: `where=` failures since the last take_problems(), the first per expression: journalled by the caller.
+        #: `where=` failures since the last _take_problems(), the first per expression: journalled by the caller.
         self._problems: dict[str, str] = {}
 
     def count(self, event: str | Iterable[str], within: Any = None, where: str | None = None) -> int:
@@ -116,7 +116,7 @@ class ContactView(Known):
         """Whether a person clicked a message of that rule and step; machines' clicks do not count."""
         return self._did("clicked", rule, step)
 
-    def take_problems(self) -> list[str]:
+    def _take_problems(self) -> list[str]:
         """The `where=` failures since the last call: one per expression, however many events it failed on."""
         problems, self._problems = list(self._problems.values()), {}
         return problems
@@ -186,7 +186,7 @@ def record_problems(
     """Journal the `where=` failures a condition met, once each, as `failed` with the expression and error."""
     if not isinstance(view, ContactView):
         return
-    for problem in view.take_problems():
+    for problem in view._take_problems():
         journal.record(conn, now, rule, view["id"], "failed", step=step, reason=problem, event_id=event_id)
 
 

@@ -148,7 +148,7 @@ class Router:
             return
         if condition is not None:
             counts = _truthy("scoring", condition, context, self.warned)
-            for problem in context["contact"].take_problems():  # no rule to journal it under: the log says it
+            for problem in context["contact"]._take_problems():  # no rule to journal it under: the log says it
                 log.warning("scoring condition", event_type=event.type, problem=problem)
             if not counts:
                 return
