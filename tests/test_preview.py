@@ -130,6 +130,44 @@ async def test_preview_says_what_it_cannot_do(deploy: Factory, tmp_path: Path) -
     assert "Total 12.00 EUR" in shown
 
 
+VARIANT_RULES = """\
+  - name: abandoned-cart
+    when: checkout.started
+    steps:
+      - wait: 1h
+        send:
+          via: email
+          variants:
+            - {name: plain, template: cart-reminder}
+            - {name: warm, template: cart-warm}
+"""
+
+
+async def test_preview_shows_the_variant_asked_for_or_the_one_the_contact_would_get(
+    deploy: Factory, smtp: SmtpCatcher
+) -> None:
+    templates = TEMPLATES | {
+        "cart-warm.subject.j2": "Still thinking, {{ contact.first_name }}?",
+        "cart-warm.txt.j2": "x",
+    }
+    d = await deploy(VARIANT_RULES, templates=templates)
+    await start_cart(d)
+    subjects = {}
+    for variant in ("plain", "warm"):
+        code, shown, err = await declic(d, "preview", "abandoned-cart", "--contact", CAMILLE, "--variant", variant)
+        assert code == 0, err
+        subjects[variant] = headers_of(shown)["Subject"]
+    assert subjects == {"plain": "Your cart, Camille", "warm": "Still thinking, Camille?"}
+    code, _, err = await declic(d, "preview", "abandoned-cart", "--contact", CAMILLE, "--variant", "cold")
+    assert code == 1 and "cold" in err
+    # Without --variant: the variant the worker then sends her.
+    code, shown, err = await declic(d, "preview", "abandoned-cart", "--contact", CAMILLE)
+    assert code == 0, err
+    await d.advance(hours=1, seconds=1)
+    [mail] = smtp.messages
+    assert headers_of(shown)["Subject"] == mail["Subject"]
+
+
 async def test_preview_notes_when_the_contact_would_not_get_it(deploy: Factory) -> None:
     d = await deploy()
     body = fixture_json("shopify/checkout.json")
