@@ -225,7 +225,7 @@ def test_builtin_plugins_load_through_entry_points_with_versions() -> None:
     assert infos["shopify"].hooks == ["register_sources"]
     assert infos["smtp"].hooks == ["register_sinks"]
     output = CliRunner().invoke(cli, ["plugins"]).output
-    assert re.search(r"^shopify \d+\.\d+\.\d+\S*  \[declic\]$", output, re.M), output
+    assert re.search(rf"^shopify \d+\.\d+\.\d+\S*  \[{re.escape(DISTRIBUTION)}\]$", output, re.M), output
     assert "  provides: source:shopify" in output
 
 
