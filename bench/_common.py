@@ -129,7 +129,7 @@ def sign(body: bytes, secret: str = SECRET) -> str:
 
 
 def webhook_headers(digest: str, webhook_id: str, topic: str = "orders/create") -> dict[str, str]:
-    """The same headers as gateway.testing.shopify_headers, with the HMAC computed once per body."""
+    """The same headers as declic_gateway.testing.shopify_headers, with the HMAC computed once per body."""
     return {
         "Content-Type": "application/json",
         "X-Shopify-Topic": topic,

@@ -3,7 +3,7 @@
     .venv/bin/python bench/e2e.py [--orders 2000] [--concurrency 64] [--timeout 120] [--links N] [--track]
 
 `declic serve` (role all) runs in its own process on a fresh temporary SQLite database, with one
-Shopify source, one SMTP sink (`tls: none`) pointing at an aiosmtpd catcher (gateway.testing.SmtpCatcher,
+Shopify source, one SMTP sink (`tls: none`) pointing at an aiosmtpd catcher (declic_gateway.testing.SmtpCatcher,
 in this process), and one rule: `when: order.placed`, `kind: transactional`, send immediately.
 This process posts N orders/create webhooks (distinct order ids, names and e-mail addresses) at the
 given concurrency, and timestamps each e-mail as the catcher receives it; the order name is in the
@@ -48,7 +48,7 @@ from _common import (
     webhook_headers,
 )
 
-from gateway.testing import SmtpCatcher, write_deployment
+from declic_gateway.testing import SmtpCatcher, write_deployment
 
 CONFIG = """\
 public_url: http://127.0.0.1:{port}

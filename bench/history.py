@@ -22,9 +22,9 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
-from gateway.kit.templating import compile_condition, evaluate, make_environment
-from gateway.pipeline.history import ContactView, Wheres
-from gateway.store import Database
+from declic_gateway.kit.templating import compile_condition, evaluate, make_environment
+from declic_gateway.pipeline.history import ContactView, Wheres
+from declic_gateway.store import Database
 
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
 ME = 1

@@ -40,7 +40,7 @@ from _common import (
     wait_for_port,
 )
 
-from gateway.testing import write_deployment
+from declic_gateway.testing import write_deployment
 
 CONFIG = """\
 public_url: http://127.0.0.1:{port}

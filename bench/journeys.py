@@ -66,10 +66,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import DECLIC, cpu_seconds, free_port, machine, percentile, stop, wait_for_port  # noqa: E402
 
-from gateway.cli import logs  # noqa: E402
-from gateway.config import RuleSpec  # noqa: E402
-from gateway.kit.events import ContactRef, Event  # noqa: E402
-from gateway.store import (  # noqa: E402
+from declic_gateway.cli import logs  # noqa: E402
+from declic_gateway.config import RuleSpec  # noqa: E402
+from declic_gateway.kit.events import ContactRef, Event  # noqa: E402
+from declic_gateway.store import (  # noqa: E402
     CONTACTS,
     ENROLMENTS,
     EVENTS,
@@ -77,7 +77,7 @@ from gateway.store import (  # noqa: E402
     Database,
     jsoncodec,
 )
-from gateway.store.db import make_engine  # noqa: E402
+from declic_gateway.store.db import make_engine  # noqa: E402
 
 WRITE_KEY = "bench-write-key"
 ZONES = ("Europe/Paris", "America/New_York", "Asia/Tokyo", "UTC", "Australia/Sydney")
@@ -602,7 +602,7 @@ def lateness_report(
 
 def claim_probe(db_path: Path) -> str:
     """The claim query on this table, with nothing due: its time and SQLite's plan."""
-    from gateway.store import jobqueue
+    from declic_gateway.store import jobqueue
 
     db = Database(f"sqlite:///{db_path}", timedelta(seconds=30))
     seen: list[tuple[str, Any]] = []
@@ -669,9 +669,9 @@ def serve_phase(args: argparse.Namespace) -> None:
 
 async def birthday_morning(folder: Path, contacts: int) -> None:
     """`contacts` birthdays on the same day: reconcile schedules them, then all fire and send at 10:00."""
-    from gateway.cli.simulate import RecordingSink
-    from gateway.http.app import build_gateway, load
-    from gateway.kit.clock import FakeClock
+    from declic_gateway.cli.simulate import RecordingSink
+    from declic_gateway.http.app import build_gateway, load
+    from declic_gateway.kit.clock import FakeClock
 
     config_dir = folder / "morning"
     (config_dir / "templates").mkdir(parents=True)
@@ -721,8 +721,8 @@ async def birthday_morning(folder: Path, contacts: int) -> None:
 
 
 def clock_phase(args: argparse.Namespace) -> None:
-    from gateway.kit.templating import make_environment
-    from gateway.pipeline.router import Router
+    from declic_gateway.kit.templating import make_environment
+    from declic_gateway.pipeline.router import Router
 
     print(f"\n== clock: Router.reconcile over {args.contacts:,} contacts with a birthday", flush=True)
     env = make_environment(None)
@@ -807,7 +807,7 @@ def router_rules(total: int, matching: int, date_rules: int = 0) -> list[RuleSpe
 
 @contextmanager
 def router_db(folder: Path, name: str, contacts: int) -> Iterator[tuple[Database, list[dict[str, Any]]]]:
-    from gateway.pipeline import contacts as contacts_module
+    from declic_gateway.pipeline import contacts as contacts_module
 
     db = fresh_database(folder, name)
     try:
@@ -826,8 +826,8 @@ def time_route(
 
     Returns the seconds per event, the events routed and the enrolments made.
     """
-    from gateway.kit.templating import make_environment
-    from gateway.pipeline.router import Router
+    from declic_gateway.kit.templating import make_environment
+    from declic_gateway.pipeline.router import Router
 
     router = Router(rules, make_environment(None), None, "UTC")
     name = f"router-{len(os.listdir(folder))}.db"
@@ -868,8 +868,8 @@ def time_route(
 
 def time_selection(rules: list[RuleSpec], event_type: str, rounds: int = 20_000) -> float:
     """Rule selection by event type and `if:` evaluation alone: what route() does before touching the database."""
-    from gateway.kit.templating import make_environment
-    from gateway.pipeline.router import Router, event_context
+    from declic_gateway.kit.templating import make_environment
+    from declic_gateway.pipeline.router import Router, event_context
 
     router = Router(rules, make_environment(None), None, "UTC")
     event = Event(

@@ -26,8 +26,8 @@ from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 
-from gateway.insight.kpis import rule_kpis
-from gateway.store import Database
+from declic_gateway.insight.kpis import rule_kpis
+from declic_gateway.store import Database
 
 END = datetime(2026, 12, 1, tzinfo=UTC)
 DAYS = 90

@@ -19,7 +19,7 @@ from .kit.sources import Source
 
 ENTRY_POINT_GROUP = "declic"
 #: Declic's own distribution: what `pip install` names, and what plugins depend on.
-DISTRIBUTION = "declic"
+DISTRIBUTION = "declic-gateway"
 #: Comma-separated plugin names not to load, e.g. to rule out a broken community plugin.
 BLOCK_ENV = "DECLIC_BLOCK_PLUGINS"
 

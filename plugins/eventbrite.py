@@ -26,7 +26,17 @@ import aiohttp
 from aiohttp import web
 from pydantic import Field, SecretStr, field_validator
 
-from gateway import BadRequest, ContactRef, Event, MalformedPayload, PluginConfig, RawCall, RetryLater, Source, hookimpl
+from declic_gateway import (
+    BadRequest,
+    ContactRef,
+    Event,
+    MalformedPayload,
+    PluginConfig,
+    RawCall,
+    RetryLater,
+    Source,
+    hookimpl,
+)
 
 API_HOST = "www.eventbriteapi.com"
 TIMEOUT = aiohttp.ClientTimeout(total=20)

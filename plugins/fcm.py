@@ -28,7 +28,7 @@ from multidict import CIMultiDictProxy
 from pydantic import Field, field_validator
 from yarl import URL
 
-from gateway import (
+from declic_gateway import (
     ConfigPath,
     DeliveryResult,
     GuardedClient,

@@ -28,7 +28,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from yarl import URL
 
-from gateway import (
+from declic_gateway import (
     BadRequest,
     Clock,
     ConsentState,

@@ -22,7 +22,7 @@ import aiohttp
 from pydantic import Field, SecretStr, field_validator
 from yarl import URL
 
-from gateway import (
+from declic_gateway import (
     DeliveryResult,
     Deployment,
     GuardedClient,

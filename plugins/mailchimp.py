@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 from pydantic import Field, SecretStr
 
-from gateway import (
+from declic_gateway import (
     BadRequest,
     ConsentState,
     ConsentStatement,

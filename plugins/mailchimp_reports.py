@@ -29,7 +29,7 @@ import aiohttp
 import structlog
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from gateway import (
+from declic_gateway import (
     ContactRef,
     Deployment,
     Duration,

@@ -23,7 +23,7 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 from pydantic import Field, SecretStr
 
-from gateway import (
+from declic_gateway import (
     DELIVERY_METADATA,
     BadRequest,
     ContactRef,

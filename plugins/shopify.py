@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import Field, SecretStr
 
-from gateway import (
+from declic_gateway import (
     BadRequest,
     ConsentStatement,
     ContactRef,

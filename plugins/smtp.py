@@ -21,7 +21,7 @@ import aiosmtplib
 import dkim
 from pydantic import Field, SecretStr, field_validator
 
-from gateway import (
+from declic_gateway import (
     DELIVERY_METADATA,
     ConfigPath,
     DeliveryResult,

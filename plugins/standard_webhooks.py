@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from aiohttp import web
 from pydantic import Field, SecretStr, field_validator
 
-from gateway import (
+from declic_gateway import (
     CANONICAL_TYPES,
     BadRequest,
     ContactRef,

@@ -31,7 +31,7 @@ import structlog
 from aiohttp import web
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from gateway import (
+from declic_gateway import (
     BadRequest,
     ConsentStatement,
     ContactRef,

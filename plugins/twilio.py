@@ -27,7 +27,7 @@ import structlog
 from pydantic import Field, SecretStr, field_validator, model_validator
 from yarl import URL
 
-from gateway import ConfigError, DeliveryResult, Message, SendContext, Sink, SinkConfig, hookimpl, retry_after
+from declic_gateway import ConfigError, DeliveryResult, Message, SendContext, Sink, SinkConfig, hookimpl, retry_after
 
 log = structlog.get_logger("declic.twilio")
 

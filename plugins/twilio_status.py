@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, parse_qsl, urlsplit
 from aiohttp import web
 from pydantic import Field, SecretStr
 
-from gateway import (
+from declic_gateway import (
     BadRequest,
     ConfigError,
     ConsentState,

@@ -24,7 +24,7 @@ import aiohttp
 from pydantic import Field, SecretStr, field_validator
 from yarl import URL
 
-from gateway import (
+from declic_gateway import (
     DeliveryResult,
     Deployment,
     ForbiddenAddress,

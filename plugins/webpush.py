@@ -31,7 +31,7 @@ from multidict import CIMultiDictProxy
 from pydantic import Field, SecretStr, field_validator
 from yarl import URL
 
-from gateway import (
+from declic_gateway import (
     DeliveryResult,
     ForbiddenAddress,
     GuardedClient,

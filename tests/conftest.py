@@ -21,11 +21,11 @@ import sqlalchemy as sa
 import structlog
 from aiohttp.test_utils import TestClient
 
-from gateway.http.app import create_app, load
-from gateway.http.running import GATEWAY_KEY, RunningGateway
-from gateway.store import Database
-from gateway.store.db import normalize_url
-from gateway.testing import FakeClock, SmtpCatcher, shopify_headers, write_deployment
+from declic_gateway.http.app import create_app, load
+from declic_gateway.http.running import GATEWAY_KEY, RunningGateway
+from declic_gateway.store import Database
+from declic_gateway.store.db import normalize_url
+from declic_gateway.testing import FakeClock, SmtpCatcher, shopify_headers, write_deployment
 
 POSTGRES_ENV = "DECLIC_TEST_POSTGRES_URL"
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -33,8 +33,8 @@ import pytest
 import sqlalchemy as sa
 
 from conftest import SECRET
-from gateway.store.db import normalize_url
-from gateway.testing import SmtpCatcher, free_port, shopify_headers
+from declic_gateway.store.db import normalize_url
+from declic_gateway.testing import SmtpCatcher, free_port, shopify_headers
 
 
 def declic_command() -> list[str]:
@@ -44,7 +44,7 @@ def declic_command() -> list[str]:
     found = shutil.which("declic")
     if found:
         return [found]
-    return [sys.executable, "-c", "from gateway.cli import main; main()"]
+    return [sys.executable, "-c", "from declic_gateway.cli import main; main()"]
 
 
 # --- processes ---------------------------------------------------------------------------------

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from conftest import Deployment
-from gateway.http.app import create_app, load
-from gateway.http.running import GATEWAY_KEY
-from gateway.testing import FakeClock, SmtpCatcher, write_deployment
+from declic_gateway.http.app import create_app, load
+from declic_gateway.http.running import GATEWAY_KEY
+from declic_gateway.testing import FakeClock, SmtpCatcher, write_deployment
 
 WRITE_KEY = "site-write-key"
 SECRET_KEY = "site-secret-key-for-servers"

@@ -12,9 +12,9 @@ import sqlalchemy as sa
 from structlog.testing import capture_logs
 
 from conftest import Deployment, Factory, fixture_bytes
-from gateway import ContactRef, Event
-from gateway.pipeline.inbound import fit
-from gateway.testing import SmtpCatcher
+from declic_gateway import ContactRef, Event
+from declic_gateway.pipeline.inbound import fit
+from declic_gateway.testing import SmtpCatcher
 
 IDN = "info@münchen.example"
 IDN_ASCII = "info@xn--mnchen-3ya.example"

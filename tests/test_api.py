@@ -10,7 +10,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from conftest import Deployment, Factory, fixture_bytes, fixture_json
-from gateway.testing import SmtpCatcher
+from declic_gateway.testing import SmtpCatcher
 
 CAMILLE = "camille.durand@example.org"
 ADMIN = "admin-token-for-the-api-tests-0123456789"

@@ -12,10 +12,10 @@ from pathlib import Path
 from openapi_spec_validator import validate
 
 from conftest import Factory, fixture_bytes
-from gateway.http.api import models
-from gateway.http.api.endpoints import ENDPOINTS
-from gateway.http.api.openapi import REF, document
-from gateway.testing import SmtpCatcher
+from declic_gateway.http.api import models
+from declic_gateway.http.api.endpoints import ENDPOINTS
+from declic_gateway.http.api.openapi import REF, document
+from declic_gateway.testing import SmtpCatcher
 
 ADMIN = "admin-token-for-the-openapi-tests-0123"
 TOKENS = f"admin: {{token: {ADMIN}}}\n"

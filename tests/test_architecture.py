@@ -12,7 +12,7 @@ import pytest
 
 CORE = Path(__file__).resolve().parent.parent / "gateway"
 #: The name the core imports as (the folder is mapped to it in pyproject.toml).
-PACKAGE = "gateway"
+PACKAGE = "declic_gateway"
 
 #: Top to bottom: a module may import its own layer and the layers below it, never one above.
 LAYERS: list[set[str]] = [
@@ -131,14 +131,16 @@ def test_no_import_circle():
 
 def test_a_planted_backward_import_is_caught():
     graph = import_graph()
-    graph["gateway.store.db"] = graph["gateway.store.db"] | {"gateway.http.app"}
-    assert backward_imports(graph) == ["gateway.store.db imports gateway.http.app (store is below http)"]
+    graph["declic_gateway.store.db"] = graph["declic_gateway.store.db"] | {"declic_gateway.http.app"}
+    assert backward_imports(graph) == ["declic_gateway.store.db imports declic_gateway.http.app (store is below http)"]
 
 
 def test_a_planted_circle_is_caught():
     graph = import_graph()
-    graph["gateway.pipeline.router"] = graph["gateway.pipeline.router"] | {"gateway.pipeline.inbound"}
-    assert ["gateway.pipeline.inbound", "gateway.pipeline.router"] in circles(graph)
+    graph["declic_gateway.pipeline.router"] = graph["declic_gateway.pipeline.router"] | {
+        "declic_gateway.pipeline.inbound"
+    }
+    assert ["declic_gateway.pipeline.inbound", "declic_gateway.pipeline.router"] in circles(graph)
 
 
 def test_type_only_and_function_level_imports_count(tmp_path):
@@ -147,11 +149,11 @@ def test_type_only_and_function_level_imports_count(tmp_path):
     planted.write_text(
         "from typing import TYPE_CHECKING\n"
         "if TYPE_CHECKING:\n    from ..http import app\n"
-        "def late():\n    from gateway.pipeline import router\n"
+        "def late():\n    from declic_gateway.pipeline import router\n"
     )
-    found = imports_of(planted, "gateway.kit.events")
-    assert found == {"gateway.http.app", "gateway.pipeline.router"}
-    assert len(backward_imports({"gateway.kit.events": found})) == 2
+    found = imports_of(planted, "declic_gateway.kit.events")
+    assert found == {"declic_gateway.http.app", "declic_gateway.pipeline.router"}
+    assert len(backward_imports({"declic_gateway.kit.events": found})) == 2
 
 
 @pytest.mark.parametrize("folder", sorted({names for layer_ in LAYERS for names in layer_} - {"__init__"}))

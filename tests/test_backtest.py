@@ -16,13 +16,13 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from conftest import BASE_CONFIG, DEFAULT_RULES, SECRET, TEMPLATES, Deployment, Factory, fixture_json
-from gateway.cli.main import cli
-from gateway.http.app import create_app, load
-from gateway.http.running import GATEWAY_KEY
-from gateway.store import Database
-from gateway.store.db import normalize_url
-from gateway.store.readonly import snapshot as snapshot_of
-from gateway.testing import FakeClock, SmtpCatcher, write_deployment
+from declic_gateway.cli.main import cli
+from declic_gateway.http.app import create_app, load
+from declic_gateway.http.running import GATEWAY_KEY
+from declic_gateway.store import Database
+from declic_gateway.store.db import normalize_url
+from declic_gateway.store.readonly import snapshot as snapshot_of
+from declic_gateway.testing import FakeClock, SmtpCatcher, write_deployment
 
 START, END = "2026-03-15", "2026-03-18"
 QUARTER = timedelta(minutes=15)

@@ -12,12 +12,12 @@ from click.testing import CliRunner
 from structlog.testing import capture_logs
 
 from conftest import Factory, fixture_bytes
-from gateway.cli.main import cli
-from gateway.kit.context import CONTACT_FIELDS, CONTACT_HELPERS, EVENT_FIELDS
-from gateway.pipeline import contacts
-from gateway.pipeline.contacts import ContactView
-from gateway.pipeline.eventlog import load_event
-from gateway.testing import SmtpCatcher, write_deployment
+from declic_gateway.cli.main import cli
+from declic_gateway.kit.context import CONTACT_FIELDS, CONTACT_HELPERS, EVENT_FIELDS
+from declic_gateway.pipeline import contacts
+from declic_gateway.pipeline.contacts import ContactView
+from declic_gateway.pipeline.eventlog import load_event
+from declic_gateway.testing import SmtpCatcher, write_deployment
 
 ORDER = fixture_bytes("shopify/order.json")
 

@@ -15,15 +15,15 @@ from click.testing import CliRunner
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from gateway.cli.main import cli
-from gateway.config import Settings, load_config
-from gateway.errors import ConfigError
-from gateway.http.app import create_app, load
-from gateway.http.running import GATEWAY_KEY
-from gateway.kit.durations import Between
-from gateway.kit.sinks import SinkConfig
-from gateway.plugins import collect, get_plugin_manager
-from gateway.testing import write_deployment
+from declic_gateway.cli.main import cli
+from declic_gateway.config import Settings, load_config
+from declic_gateway.errors import ConfigError
+from declic_gateway.http.app import create_app, load
+from declic_gateway.http.running import GATEWAY_KEY
+from declic_gateway.kit.durations import Between
+from declic_gateway.kit.sinks import SinkConfig
+from declic_gateway.plugins import collect, get_plugin_manager
+from declic_gateway.testing import write_deployment
 
 TEMPLATES = {"welcome.txt.j2": "Hello", "welcome.subject.j2": "Hi"}
 

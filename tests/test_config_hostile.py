@@ -29,13 +29,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from gateway.cli.main import cli
-from gateway.config import Settings, load_config
-from gateway.errors import ConfigError
-from gateway.http.app import create_app
-from gateway.http.running import GATEWAY_KEY
-from gateway.kit.registry import Registry
-from gateway.plugins import collect, get_plugin_manager
+from declic_gateway.cli.main import cli
+from declic_gateway.config import Settings, load_config
+from declic_gateway.errors import ConfigError
+from declic_gateway.http.app import create_app
+from declic_gateway.http.running import GATEWAY_KEY
+from declic_gateway.kit.registry import Registry
+from declic_gateway.plugins import collect, get_plugin_manager
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "config" / "declic.yaml"

@@ -20,17 +20,17 @@ from urllib.parse import urlencode, urlsplit
 import pytest
 
 from conftest import SECRET, TEMPLATES, Deployment, Factory, fixture_bytes, fixture_json
+from declic_gateway.config import load_config
+from declic_gateway.errors import ConfigError
+from declic_gateway.http.app import create_app, load
+from declic_gateway.http.running import GATEWAY_KEY
+from declic_gateway.kit.events import ConsentStatement
+from declic_gateway.pipeline.consent import rule_on
+from declic_gateway.plugins import collect, get_plugin_manager
+from declic_gateway.store.inbox import NewCall
+from declic_gateway.testing import FakeClock, SmtpCatcher, write_deployment
 from declic_plugins.mandrill import sign as mandrill_sign
 from declic_plugins.twilio_status import signatures as twilio_signatures
-from gateway.config import load_config
-from gateway.errors import ConfigError
-from gateway.http.app import create_app, load
-from gateway.http.running import GATEWAY_KEY
-from gateway.kit.events import ConsentStatement
-from gateway.pipeline.consent import rule_on
-from gateway.plugins import collect, get_plugin_manager
-from gateway.store.inbox import NewCall
-from gateway.testing import FakeClock, SmtpCatcher, write_deployment
 
 MC_TOKEN = "mc-url-token-0123456789"
 MANDRILL_KEY = "mandrill-key"

@@ -39,15 +39,15 @@ import pytest
 import sqlalchemy as sa
 import structlog
 
+from declic_gateway.cli.simulate import RecordingSink, TimelineItem, run_until, timeline_source
+from declic_gateway.config import load_config
+from declic_gateway.http.app import build_gateway
+from declic_gateway.kit.clock import FakeClock
+from declic_gateway.plugins import collect, get_plugin_manager
+from declic_gateway.store import CONTACTS, DECISIONS
+from declic_gateway.store.inbox import NewCall, commit_calls
+from declic_gateway.testing import write_deployment
 from fake_hubspot import FakeHubSpot, contact_record, property_change, serving
-from gateway.cli.simulate import RecordingSink, TimelineItem, run_until, timeline_source
-from gateway.config import load_config
-from gateway.http.app import build_gateway
-from gateway.kit.clock import FakeClock
-from gateway.plugins import collect, get_plugin_manager
-from gateway.store import CONTACTS, DECISIONS
-from gateway.store.inbox import NewCall, commit_calls
-from gateway.testing import write_deployment
 
 TIMELINES = int(os.environ.get("DECLIC_PROPERTY_TIMELINES", "10000"))
 START = datetime(2026, 5, 1, 8, 0, tzinfo=UTC)

@@ -9,8 +9,8 @@ from typing import Any
 from click.testing import CliRunner
 
 from conftest import Deployment, Factory, fixture_json
-from gateway.cli.main import cli
-from gateway.testing import SmtpCatcher
+from declic_gateway.cli.main import cli
+from declic_gateway.testing import SmtpCatcher
 
 CAMILLE = "camille.durand@example.org"
 

@@ -10,14 +10,14 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from gateway.config import load_config
-from gateway.http.app import create_app
-from gateway.http.running import GATEWAY_KEY
-from gateway.kit.events import ContactRef, PushRef
-from gateway.pipeline import contacts
-from gateway.plugins import collect, get_plugin_manager
-from gateway.store import Database
-from gateway.testing import FakeClock, ScriptedPlugin, SmtpCatcher, write_deployment
+from declic_gateway.config import load_config
+from declic_gateway.http.app import create_app
+from declic_gateway.http.running import GATEWAY_KEY
+from declic_gateway.kit.events import ContactRef, PushRef
+from declic_gateway.pipeline import contacts
+from declic_gateway.plugins import collect, get_plugin_manager
+from declic_gateway.store import Database
+from declic_gateway.testing import FakeClock, ScriptedPlugin, SmtpCatcher, write_deployment
 
 
 class Deployment:

@@ -12,8 +12,8 @@ from typing import Any
 from click.testing import CliRunner
 
 from conftest import Deployment, Factory, fixture_json
-from gateway.cli.main import cli
-from gateway.testing import SmtpCatcher
+from declic_gateway.cli.main import cli
+from declic_gateway.testing import SmtpCatcher
 
 RULES = """\
   - name: cart
@@ -144,7 +144,7 @@ async def test_kpis_show_what_the_rule_earned_against_its_holdout_group(deploy: 
 
 
 def test_lift_interval_is_the_wald_interval_of_the_difference() -> None:
-    from gateway.insight.kpis import Group, lift
+    from declic_gateway.insight.kpis import Group, lift
 
     found = lift(Group(enrolled=1000, converted=120), Group(enrolled=200, converted=16))
     assert found is not None

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from conftest import Deployment, Factory, fixture_bytes
-from gateway.http.dashboard.sessions import COOKIE
-from gateway.testing import SmtpCatcher
+from declic_gateway.http.dashboard.sessions import COOKIE
+from declic_gateway.testing import SmtpCatcher
 
 ORDER = fixture_bytes("shopify/order.json")
 CAMILLE = "camille.durand@example.org"

@@ -19,9 +19,9 @@ import pytest
 from test_conversions import checkout, order
 
 from conftest import SECRET, TEMPLATES, Deployment
-from gateway.http.app import create_app, load
-from gateway.http.running import GATEWAY_KEY
-from gateway.testing import FakeClock, SmtpCatcher, write_deployment
+from declic_gateway.http.app import create_app, load
+from declic_gateway.http.running import GATEWAY_KEY
+from declic_gateway.testing import FakeClock, SmtpCatcher, write_deployment
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.timeout(120)]
 

@@ -9,11 +9,11 @@ from typing import Any
 from click.testing import CliRunner
 
 from conftest import SECRET, TEMPLATES, Deployment, Factory, fixture_bytes
-from gateway.cli.main import cli
-from gateway.config import WorkerSpec
-from gateway.http.app import create_app, load
-from gateway.http.running import GATEWAY_KEY
-from gateway.testing import FakeClock, SmtpCatcher, write_deployment
+from declic_gateway.cli.main import cli
+from declic_gateway.config import WorkerSpec
+from declic_gateway.http.app import create_app, load
+from declic_gateway.http.running import GATEWAY_KEY
+from declic_gateway.testing import FakeClock, SmtpCatcher, write_deployment
 
 ORDER = fixture_bytes("shopify/order.json")
 CUSTOMER = fixture_bytes("shopify/customer.json")

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway.config import load_config
-from gateway.plugins import collect, get_plugin_manager
-from gateway.testing import SmtpCatcher, free_port, shopify_headers
+from declic_gateway.config import load_config
+from declic_gateway.plugins import collect, get_plugin_manager
+from declic_gateway.testing import SmtpCatcher, free_port, shopify_headers
 from processes import order_body, request, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]

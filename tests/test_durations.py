@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from gateway.kit.durations import format_duration, parse_duration, parse_signed_duration
+from declic_gateway.kit.durations import format_duration, parse_duration, parse_signed_duration
 
 ACCEPTED = [
     # The forms accepted before compound units, unchanged.

@@ -20,6 +20,16 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from conftest import FIXTURES, SHARED_PAYLOADS
+from declic_gateway import BadRequest, MalformedPayload, RawCall
+from declic_gateway.config import load_config
+from declic_gateway.errors import RetryLater
+from declic_gateway.http.app import create_app
+from declic_gateway.http.running import GATEWAY_KEY, RunningGateway
+from declic_gateway.kit.clock import FakeClock
+from declic_gateway.kit.sources import Deployment
+from declic_gateway.plugins import collect, get_plugin_manager
+from declic_gateway.store.jobqueue import requeue
+from declic_gateway.testing import SmtpCatcher, write_deployment
 from declic_plugins.eventbrite import (
     ACTIONS,
     ORDER_EXPANSIONS,
@@ -28,16 +38,6 @@ from declic_plugins.eventbrite import (
     event_details,
     parse_api_url,
 )
-from gateway import BadRequest, MalformedPayload, RawCall
-from gateway.config import load_config
-from gateway.errors import RetryLater
-from gateway.http.app import create_app
-from gateway.http.running import GATEWAY_KEY, RunningGateway
-from gateway.kit.clock import FakeClock
-from gateway.kit.sources import Deployment
-from gateway.plugins import collect, get_plugin_manager
-from gateway.store.jobqueue import requeue
-from gateway.testing import SmtpCatcher, write_deployment
 
 NOW = datetime(2026, 5, 12, 10, 0, tzinfo=UTC)
 URL_TOKEN = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"

@@ -28,11 +28,11 @@ from typing import Any
 import pytest
 
 from conftest import FIXTURES, SECRET
+from declic_gateway.config import WorkerSpec
+from declic_gateway.send import links
+from declic_gateway.store import Database
+from declic_gateway.testing import SmtpCatcher, shopify_headers, write_deployment
 from declic_plugins.hubspot import signature_v3
-from gateway.config import WorkerSpec
-from gateway.send import links
-from gateway.store import Database
-from gateway.testing import SmtpCatcher, shopify_headers, write_deployment
 from processes import (
     Answer,
     OwnPostgres,

@@ -21,10 +21,10 @@ import structlog
 from aiohttp import web
 
 from conftest import SECRET, TEMPLATES, Deployment, Factory, fixture_json
+from declic_gateway.http.app import create_app, load
+from declic_gateway.http.running import GATEWAY_KEY
+from declic_gateway.testing import FakeClock, SmtpCatcher, write_deployment
 from declic_plugins.hubspot import signature_v1
-from gateway.http.app import create_app, load
-from gateway.http.running import GATEWAY_KEY
-from gateway.testing import FakeClock, SmtpCatcher, write_deployment
 
 WRITE_KEY = "site-write-key"
 ADMIN_TOKEN = "admin-token-0123456789"

@@ -34,14 +34,14 @@ from pydantic import ValidationError
 
 import declic_plugins.fcm as fcm
 from conftest import SHARED_PAYLOADS
+from declic_gateway import Message, Outcome, SendContext
+from declic_gateway.config import load_config
+from declic_gateway.http.app import create_app
+from declic_gateway.http.running import GATEWAY_KEY
+from declic_gateway.kit.sources import Deployment
+from declic_gateway.plugins import collect, get_plugin_manager
+from declic_gateway.testing import FakeClock, ScriptedPlugin, free_port, write_deployment
 from declic_plugins.fcm import JWT_BEARER, REFRESH_MARGIN, SCOPE, FcmConfig, FcmSink
-from gateway import Message, Outcome, SendContext
-from gateway.config import load_config
-from gateway.http.app import create_app
-from gateway.http.running import GATEWAY_KEY
-from gateway.kit.sources import Deployment
-from gateway.plugins import collect, get_plugin_manager
-from gateway.testing import FakeClock, ScriptedPlugin, free_port, write_deployment
 
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 PROJECT = "demo-shop-1234"

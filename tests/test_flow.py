@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from conftest import Deployment, Factory, fixture_bytes
-from gateway.testing import SmtpCatcher
+from declic_gateway.testing import SmtpCatcher
 
 CAMILLE = "camille.durand@example.org"
 

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from gateway.store import META, Database
-from gateway.store.db import Grouped
+from declic_gateway.store import META, Database
+from declic_gateway.store.db import Grouped
 
 
 @pytest.fixture

@@ -13,11 +13,17 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from gateway.kit.events import ContactRef, Event
-from gateway.kit.templating import RenderLimitExceeded, RenderLimits, compile_condition, evaluate, make_environment
-from gateway.pipeline.eventlog import store_event
-from gateway.pipeline.history import HELPERS, ContactView, Wheres
-from gateway.store import DELIVERIES, Database
+from declic_gateway.kit.events import ContactRef, Event
+from declic_gateway.kit.templating import (
+    RenderLimitExceeded,
+    RenderLimits,
+    compile_condition,
+    evaluate,
+    make_environment,
+)
+from declic_gateway.pipeline.eventlog import store_event
+from declic_gateway.pipeline.history import HELPERS, ContactView, Wheres
+from declic_gateway.store import DELIVERIES, Database
 
 NOW = datetime(2026, 3, 14, 12, 0, tzinfo=UTC)
 ENV = make_environment(None)

@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from click.testing import CliRunner
 
-from gateway import (
+from declic_gateway import (
     ContactRef,
     DeliveryResult,
     Event,
@@ -30,13 +30,13 @@ from gateway import (
     Source,
     hookimpl,
 )
-from gateway import hookspecs as specs
-from gateway.cli.main import cli
-from gateway.config import load_config
-from gateway.http.app import create_app
-from gateway.http.running import GATEWAY_KEY, RunningGateway
-from gateway.plugins import DISTRIBUTION, collect, describe, get_plugin_manager
-from gateway.testing import FakeClock, write_deployment
+from declic_gateway import hookspecs as specs
+from declic_gateway.cli.main import cli
+from declic_gateway.config import load_config
+from declic_gateway.http.app import create_app
+from declic_gateway.http.running import GATEWAY_KEY, RunningGateway
+from declic_gateway.plugins import DISTRIBUTION, collect, describe, get_plugin_manager
+from declic_gateway.testing import FakeClock, write_deployment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,7 +182,7 @@ def test_register_commands_adds_a_subcommand(pm: pluggy.PluginManager) -> None:
 
 
 def test_a_failing_observer_never_stops_the_flow(pm: pluggy.PluginManager) -> None:
-    from gateway.plugins import notify_event_received
+    from declic_gateway.plugins import notify_event_received
 
     class Broken:
         @hookimpl

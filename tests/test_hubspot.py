@@ -23,6 +23,15 @@ from pydantic import ValidationError
 from conftest import FIXTURES, SHARED_PAYLOADS, TEMPLATES, fixture_json
 from conftest import SECRET as SHOP_SECRET
 from conftest import Deployment as Running
+from declic_gateway import BadRequest, Event, MalformedPayload, RawCall, SignatureError
+from declic_gateway.config import load_config
+from declic_gateway.errors import RetryLater
+from declic_gateway.http.app import create_app, load
+from declic_gateway.http.running import GATEWAY_KEY, RunningGateway
+from declic_gateway.kit.clock import FakeClock
+from declic_gateway.kit.sources import Deployment
+from declic_gateway.plugins import collect, get_plugin_manager
+from declic_gateway.testing import SmtpCatcher, write_deployment
 from declic_plugins.hubspot import (
     HubSpot,
     HubSpotConfig,
@@ -43,15 +52,6 @@ from fake_hubspot import (
     serving,
     stamp,
 )
-from gateway import BadRequest, Event, MalformedPayload, RawCall, SignatureError
-from gateway.config import load_config
-from gateway.errors import RetryLater
-from gateway.http.app import create_app, load
-from gateway.http.running import GATEWAY_KEY, RunningGateway
-from gateway.kit.clock import FakeClock
-from gateway.kit.sources import Deployment
-from gateway.plugins import collect, get_plugin_manager
-from gateway.testing import SmtpCatcher, write_deployment
 
 # Published vectors, verbatim from HubSpot's SDK test suites:
 # - HubSpot/hubspot-api-python tests/spec/utils/test_signature.py (TEST_DATA and the v1/v2/v3 cases)

@@ -12,10 +12,10 @@ import sqlalchemy as sa
 from aiohttp import web
 
 from conftest import BASE_CONFIG, DEFAULT_RULES, SECRET, TEMPLATES, Deployment, Factory, fixture_bytes, locked_inbox
-from gateway import hookimpl
-from gateway.http.app import create_app, load
-from gateway.store.inbox import NewCall, commit_calls
-from gateway.testing import shopify_headers, write_deployment
+from declic_gateway import hookimpl
+from declic_gateway.http.app import create_app, load
+from declic_gateway.store.inbox import NewCall, commit_calls
+from declic_gateway.testing import shopify_headers, write_deployment
 
 ORDER = fixture_bytes("shopify/order.json")
 

@@ -14,15 +14,15 @@ import pytest
 from click.testing import CliRunner
 from pydantic import SecretStr
 
-from gateway import PluginConfig, Source, hookimpl
-from gateway.cli.main import cli
-from gateway.cli.simulate import TimelineItem, TimelineSource, decisions, load_timeline, play
-from gateway.config import load_config
-from gateway.http.app import create_app
-from gateway.http.running import GATEWAY_KEY, RunningGateway
-from gateway.plugins import collect, get_plugin_manager
-from gateway.store.inbox import NewCall
-from gateway.testing import FakeClock, ScriptedPlugin, SmtpCatcher, write_deployment
+from declic_gateway import PluginConfig, Source, hookimpl
+from declic_gateway.cli.main import cli
+from declic_gateway.cli.simulate import TimelineItem, TimelineSource, decisions, load_timeline, play
+from declic_gateway.config import load_config
+from declic_gateway.http.app import create_app
+from declic_gateway.http.running import GATEWAY_KEY, RunningGateway
+from declic_gateway.plugins import collect, get_plugin_manager
+from declic_gateway.store.inbox import NewCall
+from declic_gateway.testing import FakeClock, ScriptedPlugin, SmtpCatcher, write_deployment
 
 Expected = tuple[str, str, int | None, str, str, str | None]  # at, rule, step, contact, action, reason prefix
 

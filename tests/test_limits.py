@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from gateway.kit.limits import SendLimiter, parse_rate
+from declic_gateway.kit.limits import SendLimiter, parse_rate
 
 
 async def test_concurrency_caps_sends_in_flight() -> None:

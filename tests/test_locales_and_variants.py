@@ -20,18 +20,18 @@ from test_config import VALID, check
 from test_dashboard import Visitor, login
 from test_journeys import Plugin
 
-from gateway.cli.main import cli
-from gateway.cli.simulate import TimelineItem, decisions, load_timeline, play
-from gateway.config import RuleSpec, load_config
-from gateway.errors import TemplateProblem
-from gateway.http.app import create_app
-from gateway.http.running import GATEWAY_KEY, RunningGateway
-from gateway.insight.kpis import rule_kpis
-from gateway.kit.locales import locale_chain
-from gateway.kit.templating import make_environment, render_message
-from gateway.plugins import collect, get_plugin_manager
-from gateway.send.variants import template_for, variant_for
-from gateway.testing import FakeClock, SmtpCatcher, write_deployment
+from declic_gateway.cli.main import cli
+from declic_gateway.cli.simulate import TimelineItem, decisions, load_timeline, play
+from declic_gateway.config import RuleSpec, load_config
+from declic_gateway.errors import TemplateProblem
+from declic_gateway.http.app import create_app
+from declic_gateway.http.running import GATEWAY_KEY, RunningGateway
+from declic_gateway.insight.kpis import rule_kpis
+from declic_gateway.kit.locales import locale_chain
+from declic_gateway.kit.templating import make_environment, render_message
+from declic_gateway.plugins import collect, get_plugin_manager
+from declic_gateway.send.variants import template_for, variant_for
+from declic_gateway.testing import FakeClock, SmtpCatcher, write_deployment
 
 Expected = tuple[str, str, int, str, str, str | None]  # at, rule, step, contact, action, reason
 NBSP = "\xa0"  # Babel writes `59,90 €` with a no-break space, as French typography wants

@@ -11,8 +11,8 @@ import pytest
 import structlog
 
 from conftest import Factory, fixture_bytes
-from gateway.cli import logs
-from gateway.testing import SmtpCatcher
+from declic_gateway.cli import logs
+from declic_gateway.testing import SmtpCatcher
 
 
 @pytest.fixture

@@ -15,14 +15,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import FIXTURES, SHARED_PAYLOADS
+from declic_gateway import BadRequest, MalformedPayload, RawCall
+from declic_gateway.config import load_config
+from declic_gateway.http.app import create_app
+from declic_gateway.http.running import GATEWAY_KEY, RunningGateway
+from declic_gateway.kit.sources import Deployment
+from declic_gateway.plugins import collect, get_plugin_manager
+from declic_gateway.testing import FakeClock, write_deployment
 from declic_plugins.mailchimp import Mailchimp, MailchimpConfig, nest
-from gateway import BadRequest, MalformedPayload, RawCall
-from gateway.config import load_config
-from gateway.http.app import create_app
-from gateway.http.running import GATEWAY_KEY, RunningGateway
-from gateway.kit.sources import Deployment
-from gateway.plugins import collect, get_plugin_manager
-from gateway.testing import FakeClock, write_deployment
 
 TOKEN = "mc-7Yq2vLw9Rk4Tz8Xp"
 CLOCK = FakeClock(datetime(2026, 4, 1, tzinfo=UTC))

@@ -25,6 +25,13 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from conftest import FIXTURES, SHARED_PAYLOADS
+from declic_gateway import Event, Fetched, MalformedPayload, RawCall, RetryLater
+from declic_gateway.config import load_config
+from declic_gateway.http.app import create_app
+from declic_gateway.http.running import GATEWAY_KEY, RunningGateway
+from declic_gateway.kit.sources import Deployment
+from declic_gateway.plugins import collect, get_plugin_manager
+from declic_gateway.testing import FakeClock, SmtpCatcher, write_deployment
 from declic_plugins.mailchimp_reports import (
     ACTIVITY_FIELDS,
     SENT_TO_FIELDS,
@@ -33,13 +40,6 @@ from declic_plugins.mailchimp_reports import (
     member_items,
     sent_items,
 )
-from gateway import Event, Fetched, MalformedPayload, RawCall, RetryLater
-from gateway.config import load_config
-from gateway.http.app import create_app
-from gateway.http.running import GATEWAY_KEY, RunningGateway
-from gateway.kit.sources import Deployment
-from gateway.plugins import collect, get_plugin_manager
-from gateway.testing import FakeClock, SmtpCatcher, write_deployment
 
 KEY = "0123456789abcdef0123456789abcdef-us6"
 NOW = datetime(2026, 7, 1, 10, 0, tzinfo=UTC)

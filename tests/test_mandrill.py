@@ -18,14 +18,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import FIXTURES, SHARED_PAYLOADS
+from declic_gateway import BadRequest, MalformedPayload, RawCall, SignatureError
+from declic_gateway.config import load_config
+from declic_gateway.http.app import create_app
+from declic_gateway.http.running import GATEWAY_KEY, RunningGateway
+from declic_gateway.kit.sources import Deployment
+from declic_gateway.plugins import collect, get_plugin_manager
+from declic_gateway.testing import FakeClock, SmtpCatcher, write_deployment
 from declic_plugins.mandrill import Mandrill, MandrillConfig
-from gateway import BadRequest, MalformedPayload, RawCall, SignatureError
-from gateway.config import load_config
-from gateway.http.app import create_app
-from gateway.http.running import GATEWAY_KEY, RunningGateway
-from gateway.kit.sources import Deployment
-from gateway.plugins import collect, get_plugin_manager
-from gateway.testing import FakeClock, SmtpCatcher, write_deployment
 
 PUBLIC_URL = "https://hooks.example.com"
 KEY = "mandrill-webhook-key-0123456789"

@@ -14,11 +14,11 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import SECRET, Deployment, Factory, fixture_bytes, locked_inbox
-from gateway.config import load_config
-from gateway.errors import ConfigError
-from gateway.http.app import create_app, load
-from gateway.plugins import collect, get_plugin_manager
-from gateway.testing import SmtpCatcher, shopify_headers, write_deployment
+from declic_gateway.config import load_config
+from declic_gateway.errors import ConfigError
+from declic_gateway.http.app import create_app, load
+from declic_gateway.plugins import collect, get_plugin_manager
+from declic_gateway.testing import SmtpCatcher, shopify_headers, write_deployment
 
 METRICS_TOKEN = "scrape-token-0123456789"
 ADMIN_TOKEN = "admin-token-0123456789abc"

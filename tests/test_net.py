@@ -9,7 +9,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.kit.net import Allowance, ForbiddenAddress, GuardedClient
+from declic_gateway.kit.net import Allowance, ForbiddenAddress, GuardedClient
 
 
 @pytest.fixture

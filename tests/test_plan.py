@@ -20,11 +20,11 @@ from click.testing import CliRunner
 from structlog.testing import capture_logs
 
 from conftest import BASE_CONFIG, SECRET, TEMPLATES, Deployment, fixture_json
-from gateway.cli import logs
-from gateway.cli.main import cli
-from gateway.http.app import create_app, load
-from gateway.http.running import GATEWAY_KEY
-from gateway.testing import FakeClock, SmtpCatcher, write_deployment
+from declic_gateway.cli import logs
+from declic_gateway.cli.main import cli
+from declic_gateway.http.app import create_app, load
+from declic_gateway.http.running import GATEWAY_KEY
+from declic_gateway.testing import FakeClock, SmtpCatcher, write_deployment
 
 SITE_SECRET = "site-secret-key-for-servers"
 T0 = datetime(2026, 3, 14, 8, 0, tzinfo=UTC)

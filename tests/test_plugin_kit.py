@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from gateway import hookspecs
-from gateway.cli.main import cli
+from declic_gateway import hookspecs
+from declic_gateway.cli.main import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = {"source": "4 passed", "sink": "3 passed"}
@@ -135,12 +135,12 @@ def _type_checking_names() -> dict[str, object]:
     import click
     import jinja2
 
-    from gateway.config import Settings
-    from gateway.kit.clock import Clock
-    from gateway.kit.events import Event
-    from gateway.kit.sinks import Sink
-    from gateway.kit.sources import Source
-    from gateway.store import Database
+    from declic_gateway.config import Settings
+    from declic_gateway.kit.clock import Clock
+    from declic_gateway.kit.events import Event
+    from declic_gateway.kit.sinks import Sink
+    from declic_gateway.kit.sources import Source
+    from declic_gateway.store import Database
 
     return {
         "click": click,

@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from conftest import SECRET, postgres_database
-from gateway.testing import SmtpCatcher, write_deployment
+from declic_gateway.testing import SmtpCatcher, write_deployment
 from processes import Server, Servers
 
 CONFIG = """\
@@ -111,7 +111,7 @@ def rows(engine: sa.Engine, query: str) -> list[tuple[object, ...]]:
 
 
 def test_the_difference_names_each_plugin_that_differs_and_how() -> None:
-    from gateway.store.replicas import difference
+    from declic_gateway.store.replicas import difference
 
     here = {"shopify": "declic 0.1", "extra": "declic-extra 1.3", "mine": "declic-mine 2.0"}
     there = {"shopify": "declic 0.1", "extra": "declic-extra 1.2", "theirs": "declic-theirs 0.5"}

@@ -13,12 +13,22 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway import ContactRef, Event, Fetched, PluginConfig, PollingSource, RawCall, RetryLater, Source, hookimpl
-from gateway.config import load_config
-from gateway.http.app import create_app
-from gateway.http.running import GATEWAY_KEY, RunningGateway
-from gateway.plugins import collect, get_plugin_manager
-from gateway.testing import FakeClock, write_deployment
+from declic_gateway import (
+    ContactRef,
+    Event,
+    Fetched,
+    PluginConfig,
+    PollingSource,
+    RawCall,
+    RetryLater,
+    Source,
+    hookimpl,
+)
+from declic_gateway.config import load_config
+from declic_gateway.http.app import create_app
+from declic_gateway.http.running import GATEWAY_KEY, RunningGateway
+from declic_gateway.plugins import collect, get_plugin_manager
+from declic_gateway.testing import FakeClock, write_deployment
 
 
 class FeedConfig(PluginConfig):

@@ -15,9 +15,9 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from conftest import BASE_CONFIG, DEFAULT_RULES, TEMPLATES, Deployment, Factory, fixture_json
-from gateway.cli import logs
-from gateway.cli.main import cli
-from gateway.testing import SmtpCatcher, write_deployment
+from declic_gateway.cli import logs
+from declic_gateway.cli.main import cli
+from declic_gateway.testing import SmtpCatcher, write_deployment
 
 CAMILLE = "camille.durand@example.org"
 TESTERS = "test_recipients: [qa@example.com, '+33 6 12 34 56 78']\n"

@@ -23,7 +23,7 @@ import pytest
 import sqlalchemy as sa
 
 from conftest import SECRET, postgres_database
-from gateway.testing import SmtpCatcher, free_port, write_deployment
+from declic_gateway.testing import SmtpCatcher, free_port, write_deployment
 from processes import Servers, buyer, post_order, recipients, sqlite_rows, wait_until
 
 # The start-up `reconcile` tick is a job too; these tests count webhook and step jobs.

@@ -22,14 +22,14 @@ from test_config import edit as config_edit
 from test_journeys import Plugin
 from test_twilio import ACCOUNT, TOKEN, FakeTwilio, created, error
 
-from gateway.cli.main import cli
-from gateway.cli.simulate import TimelineItem, decisions, load_timeline, play
-from gateway.config import load_config
-from gateway.http.app import create_app
-from gateway.http.running import GATEWAY_KEY, RunningGateway
-from gateway.insight.kpis import rule_kpis
-from gateway.plugins import collect, get_plugin_manager
-from gateway.testing import FakeClock, SmtpCatcher, write_deployment
+from declic_gateway.cli.main import cli
+from declic_gateway.cli.simulate import TimelineItem, decisions, load_timeline, play
+from declic_gateway.config import load_config
+from declic_gateway.http.app import create_app
+from declic_gateway.http.running import GATEWAY_KEY, RunningGateway
+from declic_gateway.insight.kpis import rule_kpis
+from declic_gateway.plugins import collect, get_plugin_manager
+from declic_gateway.testing import FakeClock, SmtpCatcher, write_deployment
 
 #: at, rule, step, contact, action, via, reason prefix (None: any)
 Expected = tuple[str, str, int | None, str, str, str | None, str | None]

@@ -16,8 +16,8 @@ from test_hubspot import NOW, ONE_CONTACT, raw, source
 from test_hubspot_note import CTX as NOTE_CTX
 from test_hubspot_note import MESSAGE as NOTE
 
-from gateway import Deployment, RetryLater
-from gateway.testing import FakeClock
+from declic_gateway import Deployment, RetryLater
+from declic_gateway.testing import FakeClock
 from plugins.fcm import FcmConfig, FcmSink
 from plugins.hubspot_note import HubSpotNote, HubSpotNoteConfig
 

@@ -15,9 +15,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from conftest import TEMPLATES, Deployment, Factory, fixture_bytes
-from gateway.errors import TemplateProblem
-from gateway.kit.templating import RenderLimits, make_environment, render_message
-from gateway.testing import SmtpCatcher
+from declic_gateway.errors import TemplateProblem
+from declic_gateway.kit.templating import RenderLimits, make_environment, render_message
+from declic_gateway.testing import SmtpCatcher
 
 ORDER = fixture_bytes("shopify/order.json")
 TEMPLATE = "order-confirmation.txt.j2"

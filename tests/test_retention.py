@@ -12,13 +12,13 @@ from typing import Any
 from click.testing import CliRunner
 
 from conftest import Deployment, Factory, fixture_json
-from gateway.cli.main import cli
-from gateway.config import RetentionSpec, Settings
-from gateway.http.app import load
-from gateway.insight import kpis
-from gateway.jobs import retention
-from gateway.jobs.retention import Periods
-from gateway.testing import SmtpCatcher
+from declic_gateway.cli.main import cli
+from declic_gateway.config import RetentionSpec, Settings
+from declic_gateway.http.app import load
+from declic_gateway.insight import kpis
+from declic_gateway.jobs import retention
+from declic_gateway.jobs.retention import Periods
+from declic_gateway.testing import SmtpCatcher
 
 RULES = """\
   - name: cart

@@ -15,13 +15,13 @@ from test_config import check as check_config
 from test_config import edit
 from test_journeys import Plugin, Scenario, check, write
 
-from gateway.cli.main import cli
-from gateway.cli.simulate import TimelineItem, decisions, load_timeline, play, run_until
-from gateway.config import load_config
-from gateway.http.app import create_app
-from gateway.http.running import GATEWAY_KEY, RunningGateway
-from gateway.plugins import collect, get_plugin_manager
-from gateway.testing import FakeClock, SmtpCatcher
+from declic_gateway.cli.main import cli
+from declic_gateway.cli.simulate import TimelineItem, decisions, load_timeline, play, run_until
+from declic_gateway.config import load_config
+from declic_gateway.http.app import create_app
+from declic_gateway.http.running import GATEWAY_KEY, RunningGateway
+from declic_gateway.plugins import collect, get_plugin_manager
+from declic_gateway.testing import FakeClock, SmtpCatcher
 
 # The README's recipes (## Recipes), word for word: a test below checks they are there.
 PRICING = """\
@@ -305,7 +305,7 @@ def test_bad_values_name_file_line_column_path(tmp_path: Path, case: str, text: 
 
 
 def test_new_keys_have_a_type_and_a_description_in_the_json_schema() -> None:
-    from gateway.config import RuleSpec
+    from declic_gateway.config import RuleSpec
 
     properties = RuleSpec.model_json_schema(by_alias=True)["properties"]
     for key in ("repeat_every", "max_times"):

@@ -16,12 +16,12 @@ import yaml
 from click.testing import CliRunner
 from pydantic import Field
 
-from gateway import SinkConfig, hookimpl
-from gateway.cli.main import cli
-from gateway.config import Settings
-from gateway.config.schema import build
-from gateway.kit.sinks import Sink
-from gateway.plugins import collect, get_plugin_manager
+from declic_gateway import SinkConfig, hookimpl
+from declic_gateway.cli.main import cli
+from declic_gateway.config import Settings
+from declic_gateway.config.schema import build
+from declic_gateway.kit.sinks import Sink
+from declic_gateway.plugins import collect, get_plugin_manager
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_FILE = ROOT / "docs" / "declic.schema.json"

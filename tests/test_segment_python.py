@@ -18,7 +18,7 @@ from segment.analytics import Client
 from segment.analytics.request import APIError
 
 from conftest import Deployment
-from gateway.testing import SmtpCatcher
+from declic_gateway.testing import SmtpCatcher
 from segment_site import CAMILLE, EVENT_OF_CALL, SECRET_KEY, WRITE_KEY, mailed, start_site
 
 

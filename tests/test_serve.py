@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from conftest import SECRET
-from gateway.testing import SmtpCatcher, free_port, write_deployment
+from declic_gateway.testing import SmtpCatcher, free_port, write_deployment
 from processes import Servers, Store, declic_command, post_order, request, wait_until
 
 TEMPLATES = {"followup.subject.j2": "Order {{ event.properties.name }}", "followup.txt.j2": "Thanks"}

@@ -19,10 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import FIXTURES, SHARED_PAYLOADS
+from declic_gateway import BadRequest, MalformedPayload, RawCall, SignatureError
+from declic_gateway.kit.clock import FakeClock
+from declic_gateway.kit.sources import Deployment
 from declic_plugins.shopify import Shopify, ShopifyConfig
-from gateway import BadRequest, MalformedPayload, RawCall, SignatureError
-from gateway.kit.clock import FakeClock
-from gateway.kit.sources import Deployment
 
 DEPLOYMENT = Deployment("https://hooks.example.com", "UTC", FakeClock())
 
@@ -282,8 +282,8 @@ TOPICS = (
 @pytest.fixture
 async def client(aiohttp_client: Any, tmp_path: Path) -> Any:
     """One app for every example (fixtures run per test, not per example)."""
-    from gateway.http.app import create_app, load
-    from gateway.testing import write_deployment
+    from declic_gateway.http.app import create_app, load
+    from declic_gateway.testing import write_deployment
 
     path = write_deployment(
         tmp_path,

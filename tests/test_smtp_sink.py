@@ -16,13 +16,13 @@ import pytest
 import trustme
 from pydantic import ValidationError
 
+from declic_gateway import Message, Outcome, SendContext
+from declic_gateway.config import load_config
+from declic_gateway.kit.clock import FakeClock
+from declic_gateway.kit.sources import Deployment
+from declic_gateway.plugins import collect, get_plugin_manager
+from declic_gateway.testing import SmtpCatcher, free_port, write_deployment
 from declic_plugins.smtp import SmtpConfig, SmtpSink
-from gateway import Message, Outcome, SendContext
-from gateway.config import load_config
-from gateway.kit.clock import FakeClock
-from gateway.kit.sources import Deployment
-from gateway.plugins import collect, get_plugin_manager
-from gateway.testing import SmtpCatcher, free_port, write_deployment
 
 CTX = SendContext(rule="r", step=1, kind="transactional", contact={"email": "to@example.org"}, event={})
 MESSAGE = Message(

@@ -16,13 +16,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from pydantic import SecretStr
 
-from gateway import ContactRef, Event, PluginConfig, RawCall, Source, hookimpl
-from gateway.config import load_config
-from gateway.errors import RetryLater
-from gateway.http.app import create_app
-from gateway.http.running import GATEWAY_KEY, RunningGateway
-from gateway.plugins import collect, get_plugin_manager
-from gateway.testing import FakeClock, write_deployment
+from declic_gateway import ContactRef, Event, PluginConfig, RawCall, Source, hookimpl
+from declic_gateway.config import load_config
+from declic_gateway.errors import RetryLater
+from declic_gateway.http.app import create_app
+from declic_gateway.http.running import GATEWAY_KEY, RunningGateway
+from declic_gateway.plugins import collect, get_plugin_manager
+from declic_gateway.testing import FakeClock, write_deployment
 
 
 class TokenConfig(PluginConfig):

@@ -22,15 +22,15 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from conftest import FIXTURES
+from declic_gateway import BadRequest, MalformedPayload, RawCall, SignatureError
+from declic_gateway.config import load_config
+from declic_gateway.http.app import create_app
+from declic_gateway.http.running import GATEWAY_KEY, RunningGateway
+from declic_gateway.kit.clock import FakeClock
+from declic_gateway.kit.sources import Deployment
+from declic_gateway.plugins import collect, get_plugin_manager
+from declic_gateway.testing import SmtpCatcher, write_deployment
 from declic_plugins.standard_webhooks import StandardWebhooks, StandardWebhooksConfig, dotted
-from gateway import BadRequest, MalformedPayload, RawCall, SignatureError
-from gateway.config import load_config
-from gateway.http.app import create_app
-from gateway.http.running import GATEWAY_KEY, RunningGateway
-from gateway.kit.clock import FakeClock
-from gateway.kit.sources import Deployment
-from gateway.plugins import collect, get_plugin_manager
-from gateway.testing import SmtpCatcher, write_deployment
 
 # Published vectors, verbatim from the reference libraries' own tests (standard-webhooks/standard-webhooks):
 # libraries/python/tests/test_webhooks.py, libraries/javascript/src/webhook.test.ts, libraries/go/webhook_test.go.

@@ -12,11 +12,11 @@ from alembic.runtime.migration import MigrationContext
 from click.testing import CliRunner
 from sqlmodel import SQLModel
 
-from gateway.cli.main import cli
-from gateway.errors import ConfigError
-from gateway.http.app import create_app, load
-from gateway.store import Database
-from gateway.testing import write_deployment
+from declic_gateway.cli.main import cli
+from declic_gateway.errors import ConfigError
+from declic_gateway.http.app import create_app, load
+from declic_gateway.store import Database
+from declic_gateway.testing import write_deployment
 
 
 def test_migrations_produce_exactly_the_tables_the_code_declares(db_url: str) -> None:

@@ -21,14 +21,14 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from conftest import FIXTURES, SHARED_PAYLOADS
+from declic_gateway import BadRequest, MalformedPayload, RawCall, SignatureError
+from declic_gateway.config import load_config
+from declic_gateway.http.app import create_app
+from declic_gateway.http.running import GATEWAY_KEY
+from declic_gateway.kit.sources import Deployment
+from declic_gateway.plugins import collect, get_plugin_manager
+from declic_gateway.testing import FakeClock, write_deployment
 from declic_plugins.track import SECRET, SECRET_SIGNED, WRITE, Track, TrackConfig, event_slug, push_subscription
-from gateway import BadRequest, MalformedPayload, RawCall, SignatureError
-from gateway.config import load_config
-from gateway.http.app import create_app
-from gateway.http.running import GATEWAY_KEY
-from gateway.kit.sources import Deployment
-from gateway.plugins import collect, get_plugin_manager
-from gateway.testing import FakeClock, write_deployment
 
 KEY = "site-write-key"
 SECRET_KEY = "site-secret-key-for-servers"

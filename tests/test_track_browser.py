@@ -21,7 +21,7 @@ import pytest
 from aiohttp import ClientSession, web
 
 from conftest import Deployment
-from gateway.testing import SmtpCatcher
+from declic_gateway.testing import SmtpCatcher
 from segment_site import CAMILLE, EVENT_OF_CALL, SECRET_KEY, WRITE_KEY, mailed, start_site
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.timeout(120)]

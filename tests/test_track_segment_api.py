@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from conftest import Deployment
-from gateway.config import load_config
-from gateway.errors import ConfigError
-from gateway.plugins import collect, get_plugin_manager
-from gateway.testing import SmtpCatcher, write_deployment
+from declic_gateway.config import load_config
+from declic_gateway.errors import ConfigError
+from declic_gateway.plugins import collect, get_plugin_manager
+from declic_gateway.testing import SmtpCatcher, write_deployment
 from segment_site import CAMILLE, SECRET_KEY, WRITE_KEY, start_site
 
 PAGE_ORIGIN = "https://www.boutique.example"

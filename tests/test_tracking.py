@@ -20,11 +20,11 @@ from hypothesis import strategies as st
 from selectolax.lexbor import LexborHTMLParser
 
 from conftest import BASE_CONFIG, SECRET, TEMPLATES, Deployment, fixture_bytes, locked_inbox
-from gateway.http.app import create_app, load
-from gateway.http.running import GATEWAY_KEY
-from gateway.insight.kpis import rule_kpis
-from gateway.send import links
-from gateway.testing import FakeClock, SmtpCatcher, write_deployment
+from declic_gateway.http.app import create_app, load
+from declic_gateway.http.running import GATEWAY_KEY
+from declic_gateway.insight.kpis import rule_kpis
+from declic_gateway.send import links
+from declic_gateway.testing import FakeClock, SmtpCatcher, write_deployment
 
 CUSTOMER = fixture_bytes("shopify/customer.json")  # customers/create, e-mail consent granted: welcome
 ORDER = fixture_bytes("shopify/order.json")  # orders/create: order confirmation (transactional)
@@ -306,7 +306,7 @@ async def test_the_person_gets_through_while_storage_is_unavailable(start: Any, 
 
 async def test_an_unreadable_stored_fetch_is_marked_failed_not_crashed(start: Any, smtp: SmtpCatcher) -> None:
     d: Deployment = await start()
-    from gateway.store.inbox import NewCall
+    from declic_gateway.store.inbox import NewCall
 
     await d.gateway.committer.submit(NewCall("~click", "bad", d.clock.now(), {}, b'{"contact": "x"}'))
     await d.advance(seconds=1)
@@ -320,7 +320,7 @@ SECRET_KEY = bytes(range(32))
 
 
 def rewrite(html: str, opens: bool = True, clicks: bool = True) -> tuple[str, list[links.Tracked]]:
-    from gateway.send.tracking import Tracking, track_html
+    from declic_gateway.send.tracking import Tracking, track_html
 
     tracking = Tracking("https://hooks.example.com", SECRET_KEY, 7, "dcl-" + "a" * 40, START, opens, clicks)
     out = track_html(html, tracking)
@@ -396,13 +396,13 @@ def test_a_fragment_gets_its_pixel_and_opens_alone_leave_links_alone() -> None:
 def test_machine_heuristics(
     kind: Any, method: str, agent: str, ip: str, after: timedelta | None, reasons: list[str]
 ) -> None:
-    from gateway import machine_reasons
+    from declic_gateway import machine_reasons
 
     assert machine_reasons(kind, method=method, user_agent=agent, ip=ip, after=after) == reasons
 
 
 def test_a_tracked_rule_without_public_url_is_a_config_error(tmp_path: Any) -> None:
-    from gateway.errors import ConfigError
+    from declic_gateway.errors import ConfigError
 
     config = BASE_CONFIG.format(
         db_url=f"sqlite:///{tmp_path}/d.db", secret=SECRET, smtp_port=25, rules=RULES, max_attempts=3, worker=""
@@ -439,7 +439,7 @@ async def test_whatever_the_token_the_answer_is_404_never_5xx(
 
 
 async def test_erasing_a_contact_erases_every_fetch_of_their_pixel_and_links(start: Any, smtp: SmtpCatcher) -> None:
-    from gateway.pipeline import contacts
+    from declic_gateway.pipeline import contacts
 
     d, mail = await welcome(start, smtp)
     [pixel] = pixels(mail)

@@ -35,6 +35,14 @@ from aiohttp.test_utils import TestServer
 from pydantic import SecretStr, ValidationError
 
 from conftest import fixture_json
+from declic_gateway import ConfigError, Message, Outcome, SendContext
+from declic_gateway.config import load_config
+from declic_gateway.http.app import create_app
+from declic_gateway.http.running import GATEWAY_KEY
+from declic_gateway.kit.net import retry_after
+from declic_gateway.kit.sources import Deployment
+from declic_gateway.plugins import collect, get_plugin_manager
+from declic_gateway.testing import FakeClock, ScriptedPlugin, free_port, shopify_headers, write_deployment
 from declic_plugins.twilio import (
     InvalidNumber,
     TwilioConfig,
@@ -44,14 +52,6 @@ from declic_plugins.twilio import (
     segments,
     to_e164,
 )
-from gateway import ConfigError, Message, Outcome, SendContext
-from gateway.config import load_config
-from gateway.http.app import create_app
-from gateway.http.running import GATEWAY_KEY
-from gateway.kit.net import retry_after
-from gateway.kit.sources import Deployment
-from gateway.plugins import collect, get_plugin_manager
-from gateway.testing import FakeClock, ScriptedPlugin, free_port, shopify_headers, write_deployment
 
 ACCOUNT = "AC" + "a" * 32  # the shape twilio-python's own tests use ("ACaaaa...")
 TOKEN = "auth-token-for-tests"

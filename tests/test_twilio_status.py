@@ -20,8 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import FIXTURES, SHARED_PAYLOADS
-from declic_plugins.twilio_status import TwilioStatus, TwilioStatusConfig, signatures, url_variants
-from gateway import (
+from declic_gateway import (
     BadRequest,
     ConfigError,
     DeliveryResult,
@@ -34,12 +33,13 @@ from gateway import (
     Sink,
     hookimpl,
 )
-from gateway.config import load_config
-from gateway.http.app import create_app
-from gateway.http.running import GATEWAY_KEY
-from gateway.kit.sources import Deployment
-from gateway.plugins import collect, get_plugin_manager
-from gateway.testing import FakeClock, write_deployment
+from declic_gateway.config import load_config
+from declic_gateway.http.app import create_app
+from declic_gateway.http.running import GATEWAY_KEY
+from declic_gateway.kit.sources import Deployment
+from declic_gateway.plugins import collect, get_plugin_manager
+from declic_gateway.testing import FakeClock, write_deployment
+from declic_plugins.twilio_status import TwilioStatus, TwilioStatusConfig, signatures, url_variants
 
 # Published vectors, copied verbatim from Twilio's SDK test suites:
 # twilio/twilio-python tests/unit/test_request_validator.py and twilio/twilio-node spec/validation.spec.js.

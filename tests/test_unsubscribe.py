@@ -9,9 +9,9 @@ from urllib.parse import urlsplit
 import pytest
 
 from conftest import Deployment, Factory, fixture_bytes, locked_inbox
-from gateway.cli import logs
-from gateway.insight.kpis import rule_kpis
-from gateway.testing import SmtpCatcher
+from declic_gateway.cli import logs
+from declic_gateway.insight.kpis import rule_kpis
+from declic_gateway.testing import SmtpCatcher
 
 CUSTOMER = fixture_bytes("shopify/customer.json")  # customers/create with email consent: welcome (marketing)
 ORDER = fixture_bytes("shopify/order.json")  # orders/create: order confirmation (transactional)

@@ -19,14 +19,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from pydantic import SecretStr, ValidationError
 
+from declic_gateway import Message, Outcome, SendContext
+from declic_gateway.config import load_config
+from declic_gateway.http.app import create_app
+from declic_gateway.http.running import GATEWAY_KEY
+from declic_gateway.kit.sources import Deployment
+from declic_gateway.plugins import collect, get_plugin_manager
+from declic_gateway.testing import FakeClock, ScriptedPlugin, free_port, write_deployment
 from declic_plugins.webhook import BODY_CAP, Webhook, WebhookConfig, sign
-from gateway import Message, Outcome, SendContext
-from gateway.config import load_config
-from gateway.http.app import create_app
-from gateway.http.running import GATEWAY_KEY
-from gateway.kit.sources import Deployment
-from gateway.plugins import collect, get_plugin_manager
-from gateway.testing import FakeClock, ScriptedPlugin, free_port, write_deployment
 
 # The secret and vector of the reference library's own tests:
 # standard-webhooks libraries/python/tests/test_webhooks.py (test_sign_function).

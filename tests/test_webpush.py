@@ -37,6 +37,13 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydantic import SecretStr, ValidationError
 
 import declic_plugins.webpush as webpush
+from declic_gateway import Message, Outcome, SendContext
+from declic_gateway.config import load_config
+from declic_gateway.http.app import create_app
+from declic_gateway.http.running import GATEWAY_KEY
+from declic_gateway.kit.sources import Deployment
+from declic_gateway.plugins import collect, get_plugin_manager
+from declic_gateway.testing import FakeClock, ScriptedPlugin, free_port, write_deployment
 from declic_plugins.webpush import (
     MAX_PLAINTEXT,
     WebPushConfig,
@@ -47,13 +54,6 @@ from declic_plugins.webpush import (
     generate_vapid_keys,
     load_private_key,
 )
-from gateway import Message, Outcome, SendContext
-from gateway.config import load_config
-from gateway.http.app import create_app
-from gateway.http.running import GATEWAY_KEY
-from gateway.kit.sources import Deployment
-from gateway.plugins import collect, get_plugin_manager
-from gateway.testing import FakeClock, ScriptedPlugin, free_port, write_deployment
 
 VAPID_PRIVATE, VAPID_PUBLIC = generate_vapid_keys()
 SUBJECT = "mailto:push@example.com"

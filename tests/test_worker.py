@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from gateway.config import load_config
-from gateway.http.app import build_gateway, create_app
-from gateway.http.running import GATEWAY_KEY
-from gateway.jobs.worker import Worker
-from gateway.plugins import collect, get_plugin_manager
-from gateway.testing import FakeClock, ScriptedPlugin, write_deployment
+from declic_gateway.config import load_config
+from declic_gateway.http.app import build_gateway, create_app
+from declic_gateway.http.running import GATEWAY_KEY
+from declic_gateway.jobs.worker import Worker
+from declic_gateway.plugins import collect, get_plugin_manager
+from declic_gateway.testing import FakeClock, ScriptedPlugin, write_deployment
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ RETRY_AFTER_SECONDS = "5"
 
 @dataclass
 class RunningGateway:
-    """One running deployment, as build_gateway() made it; plugins see it through `gateway.Gateway`."""
+    """One running deployment, as build_gateway() made it; plugins see it through `declic_gateway.Gateway`."""
 
     settings: Settings
     pm: pluggy.PluginManager

@@ -1,4 +1,4 @@
 """The plugin kit: the contracts plugins implement (Event, Source, Sink, PollingSource) and the tools they use.
 
-Plugin authors import these names from `gateway` itself; this folder is where they live.
+Plugin authors import these names from `declic_gateway` itself; this folder is where they live.
 """

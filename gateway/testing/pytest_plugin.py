@@ -3,7 +3,7 @@
 Install `declic[testing]` (pytest, pytest-aiohttp, aiosmtpd) and enable it in the plugin
 project's `tests/conftest.py` (with `asyncio_mode = "auto"` in the pytest settings):
 
-    pytest_plugins = ["gateway.testing.pytest_plugin"]
+    pytest_plugins = ["declic_gateway.testing.pytest_plugin"]
 
 Fixtures:
 
