@@ -16,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from conftest import SECRET, postgres_database
+from declic_gateway.plugins import DISTRIBUTION
 from declic_gateway.testing import SmtpCatcher, write_deployment
 from processes import Server, Servers
 
@@ -81,7 +82,7 @@ def test_a_replica_with_another_plugin_set_refuses_to_start_and_names_the_differ
             [(a_id, a_plugins)] = rows(engine, "SELECT id, plugins FROM replicas")
             assert f":{a.pid}:" in a_id
             assert json.loads(a_plugins)["extra-test"] == "declic-extra-test 1.2"
-            assert json.loads(a_plugins)["shopify"].startswith("declic ")  # built-ins load the same way
+            assert json.loads(a_plugins)["shopify"].startswith(f"{DISTRIBUTION} ")  # built-ins load the same way
 
             b = servers.start(config, name="b", env=old)  # the same set: it joins
             [b_id] = [row[0] for row in rows(engine, "SELECT id FROM replicas") if row[0] != a_id]
