@@ -240,6 +240,22 @@ ERRORS = [
         "20:9: rules[0].at: invalid time of day '25:00': write HH:MM, as 10:00 or 21:30",
     ),
     (
+        "a date on events without of",
+        edit("    when: customer.created\n", "    on_date: event.properties.starts_at\n"),
+        "18:5: rules[0]: a date rule on event.properties needs `of`: the event types that carry the date",
+    ),
+    (
+        "of on an event rule",
+        edit("    when: customer.created\n", "    when: customer.created\n    of: [order.placed]\n"),
+        "18:5: rules[0]: `of` is for inactive_for rules and for date rules on event.properties",
+    ),
+    (
+        "a date from nowhere",
+        edit("    when: customer.created\n", "    on_date: event.starts_at\n    of: ticket.ordered\n"),
+        "18:5: rules[0]: on_date must name a date, as contact.birthday, contact.attributes.NAME or "
+        "event.properties.NAME, not 'event.starts_at'",
+    ),
+    (
         "inactivity without of",
         edit("    when: customer.created\n", "    inactive_for: 90d\n"),
         "18:5: rules[0]: an inactive_for rule needs `of`: the event types that count as activity",

@@ -126,6 +126,56 @@ SCENARIOS = [
         [("2026-04-15T09:30:00Z", "trial-ending", 1, "trial@example.org", "send", None)],
     ),
     Scenario(
+        "concert reminder the day before at 10:00, from the date each ticket carries; too late is skipped",
+        """\
+  - name: concert-reminder
+    on_date: event.properties.starts_at
+    of: [ticket.ordered]
+    offset: -1d
+    at: "10:00"
+    send: {via: email, template: t}
+""",
+        """\
+- {at: "2026-05-01T00:00:00Z", type: ticket.ordered, properties: {starts_at: "2026-05-20T18:00:00Z"},
+   contact: {email: paris@example.org, timezone: Europe/Paris, consent: {email: granted}}}
+- {at: "2026-05-02T00:00:00Z", type: ticket.ordered, properties: {starts_at: "2026-06-10T17:00:00Z"},
+   contact: {email: paris@example.org}}
+- {at: "2026-05-25T12:00:00Z", type: ticket.ordered, properties: {starts_at: "2026-05-25T20:00:00Z"},
+   contact: {email: late@example.org, timezone: UTC, consent: {email: granted}}}
+- {at: "2026-05-26T00:00:00Z", type: ticket.ordered, properties: {note: "no date"},
+   contact: {email: nodate@example.org, timezone: UTC, consent: {email: granted}}}
+- {at: "2026-07-01T00:00:00Z", end: true}
+""",
+        [
+            ("2026-05-19T08:00:00Z", "concert-reminder", None, "paris@example.org", "enrolled", None),
+            ("2026-05-19T08:00:00Z", "concert-reminder", 1, "paris@example.org", "send", None),
+            ("2026-05-25T12:00:00Z", "concert-reminder", 1, "late@example.org", "suppressed", "missed: due 2026-05-24"),
+            ("2026-05-26T00:00:00Z", "concert-reminder", None, "nodate@example.org", "not_enrolled", "no date at "),
+            ("2026-06-09T08:00:00Z", "concert-reminder", None, "paris@example.org", "enrolled", None),
+            ("2026-06-09T08:00:00Z", "concert-reminder", 1, "paris@example.org", "send", None),
+        ],
+        enrolments=True,
+    ),
+    Scenario(
+        "membership anniversary, yearly, from a nested date the event carries",
+        """\
+  - name: anniversary
+    on_date: event.properties.member.joined_on
+    of: track.member_joined
+    repeat: yearly
+    send: {via: email, template: t}
+""",
+        """\
+- {at: "2026-03-10T00:00:00Z", type: track.member_joined, properties: {member: {joined_on: "2025-03-20"}},
+   contact: {email: member@example.org, timezone: UTC, consent: {email: granted}}}
+- {at: "2027-04-01T00:00:00Z", end: true}
+""",
+        [
+            ("2026-03-20T09:00:00Z", "anniversary", 1, "member@example.org", "send", None),
+            ("2027-03-20T09:00:00Z", "anniversary", 1, "member@example.org", "send", None),
+        ],
+    ),
+    Scenario(
         "inactivity fires once per quiet period and is re-armed by the next order",
         """\
   - name: win-back
@@ -542,3 +592,45 @@ async def test_a_date_rule_added_later_reaches_existing_contacts_once(tmp_path: 
         [(key, due)] = conn.exec_driver_sql("SELECT key, due_at FROM jobs WHERE kind = 'trigger'").all()
     assert key.startswith("date:birthday:") and str(due).startswith("2026-07-14 09:00")
     assert await second.db.run(second.router.reconcile, clock.now()) == 0  # unchanged rules: nothing to redo
+
+
+async def test_a_date_rule_on_events_added_later_reaches_tickets_already_sold_once(
+    tmp_path: Path, aiohttp_client: Any
+) -> None:
+    """Tickets sold before the reminder rule existed get their reminder; those whose moment has passed
+    are queued so that firing them says why they were skipped; a second reconcile adds nothing."""
+    pm = get_plugin_manager(extra=[ScriptedPlugin()])
+    base = (
+        "public_url: https://hooks.example.com\ntimezone: UTC\n"
+        + f"storage: {{url: 'sqlite:///{tmp_path}/r.db'}}\nsources:\n  in: {{plugin: scripted, url_token: tok}}\n"
+        + "sinks:\n  email: {plugin: smtp, host: 127.0.0.1, port: 1, tls: none, sender: s@example.com}\n"
+    )
+    rule = (
+        "rules:\n  - {name: reminder, on_date: event.properties.starts_at, of: ticket.ordered, offset: -1d,"
+        " at: '10:00', send: {via: email, template: t}}\n"
+    )
+    clock = FakeClock(datetime(2026, 6, 1, tzinfo=UTC))
+
+    async def start(text: str) -> RunningGateway:
+        settings = load_config(write_deployment(tmp_path, text, TEMPLATES), collect(pm), pm)
+        app = create_app(settings, pm=pm, clock=clock, role="web")
+        await aiohttp_client(app)
+        return app[GATEWAY_KEY]
+
+    first = await start(base)
+    tickets = [
+        {"type": "ticket.ordered", "contact": {"email": "a@example.org"}, "properties": {"starts_at": start}}
+        for start in ("2026-06-20T19:00:00Z", "2026-05-10T19:00:00Z")
+    ]
+    await first.committer.submit(NewCall("in", "1", clock.now(), {}, json.dumps(tickets).encode()))
+    await first.worker.drain()
+    first.db.close()
+
+    second = await start(base + rule)
+    with second.db.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM jobs WHERE kind = 'trigger'").scalar() == 0
+    assert await second.db.run(second.router.reconcile, clock.now()) == 2
+    with second.db.engine.connect() as conn:
+        due = sorted(str(row[0]) for row in conn.exec_driver_sql("SELECT due_at FROM jobs WHERE kind = 'trigger'"))
+    assert [d[:16] for d in due] == ["2026-05-09 10:00", "2026-06-19 10:00"]
+    assert await second.db.run(second.router.reconcile, clock.now()) == 0

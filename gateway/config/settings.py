@@ -222,11 +222,17 @@ def _percentage(value: Any) -> Any:
     return float(text[:-1]) / 100
 
 
+#: What a date rule reads: a contact attribute, or a property (maybe nested) of the triggering events.
+_DATE_PATH = r"contact\.(attributes\.)?[A-Za-z_][A-Za-z0-9_]*|event\.properties(\.[A-Za-z_][A-Za-z0-9_]*)+"
+
+
 class RuleSpec(_Strict):
     name: Name = Field(description="Unique name: lower case, digits, - and _.")
     when: str | None = Field(None, description="Trigger: the event type that enrols a contact.")
     on_date: str | None = Field(
-        None, description="Trigger: a contact date, `contact.birthday` or `contact.attributes.NAME`."
+        None,
+        description="Trigger: a date, `contact.birthday`, `contact.attributes.NAME` or, with `of`, "
+        "`event.properties.NAME` (the date an event of those types carries).",
     )
     inactive_for: Annotated[Duration, between("1m", "3650d")] | None = Field(
         None, description="Trigger: no event of `of` for this long, 1m to 3650d (10 years)."
@@ -249,7 +255,11 @@ class RuleSpec(_Strict):
         timedelta(days=1),
         description="Date rules: after downtime, fire what was missed within this, skip older; 0s to 366d.",
     )
-    of: list[str] = Field(default_factory=list, description="Inactivity rules: the event types that count as activity.")
+    of: list[str] = Field(
+        default_factory=list,
+        description="Inactivity rules: the event types that count as activity. Date rules on "
+        "`event.properties.NAME`: the event types that carry the date.",
+    )
     repeat_every: Annotated[Duration, between("1h", "3650d")] | None = Field(
         None,
         description="Inactivity rules: fire again this long after each firing while the contact stays inactive; "
@@ -335,13 +345,15 @@ class RuleSpec(_Strict):
             raise ValueError("a rule needs exactly one trigger: when, on_date, inactive_for or score_reaches")
         if self.inactive_for is not None and not self.of:
             raise ValueError("an inactive_for rule needs `of`: the event types that count as activity")
-        if self.on_date is not None and not re.fullmatch(
-            r"contact\.(attributes\.)?[A-Za-z_][A-Za-z0-9_]*", self.on_date
-        ):
+        if self.on_date is not None and not re.fullmatch(_DATE_PATH, self.on_date):
             raise ValueError(
-                f"on_date must name a contact date, as contact.birthday or contact.attributes.NAME, "
-                f"not {self.on_date!r}"
+                f"on_date must name a date, as contact.birthday, contact.attributes.NAME or "
+                f"event.properties.NAME, not {self.on_date!r}"
             )
+        if self.date_from_event and not self.of:
+            raise ValueError("a date rule on event.properties needs `of`: the event types that carry the date")
+        if self.of and not (self.date_from_event or self.inactive_for is not None):
+            raise ValueError("`of` is for inactive_for rules and for date rules on event.properties")
         if bool(self.send) == bool(self.steps):
             raise ValueError("a rule needs exactly one of `send` or `steps`")
         if sum((step.wait for step in self.steps), timedelta(0)) > MAX_DURATION:
@@ -381,6 +393,16 @@ class RuleSpec(_Strict):
     def date_attribute(self) -> str:
         """`contact.birthday` and `contact.attributes.birthday` both name attributes["birthday"]."""
         return (self.on_date or "").rsplit(".", 1)[-1]
+
+    @property
+    def date_from_event(self) -> bool:
+        """The date is carried by each event of `of` (a ticket's event start), not by the contact."""
+        return (self.on_date or "").startswith("event.")
+
+    @property
+    def date_property(self) -> tuple[str, ...]:
+        """`event.properties.venue.opens_at` -> ("venue", "opens_at"): the keys into the event's properties."""
+        return tuple((self.on_date or "").split(".")[2:])
 
     @property
     def yearly(self) -> bool:

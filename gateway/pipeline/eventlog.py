@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
@@ -41,3 +43,12 @@ def load_event(conn: Connection, event_id: str) -> dict[str, object]:
         "correlation": jsoncodec.loads(row.correlation),
         "properties": jsoncodec.loads(row.properties),
     }
+
+
+_PROPERTIES = sa.select(EVENTS.c.properties).where(EVENTS.c.id == sa.bindparam("event_id"))
+
+
+def event_properties(conn: Connection, event_id: str) -> dict[str, Any]:
+    """A stored event's properties; empty when retention or an erasure removed the event."""
+    stored = conn.execute(_PROPERTIES, {"event_id": event_id}).scalar()
+    return jsoncodec.loads(stored) if stored is not None else {}

@@ -31,7 +31,7 @@ from ..config import RuleSpec
 from ..kit.durations import format_duration
 from ..kit.templating import template_files
 from ..store import ENROLMENTS, JOBS, META, jsoncodec, sql
-from . import triggers
+from . import contacts, triggers
 
 SNAPSHOT_KEY = "plan:rules"
 #: What moves a date or inactivity rule's pending triggers (the router's reconcile fingerprint reads the same).
@@ -213,9 +213,16 @@ def _retimed(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
 
 def _firings(conn: Connection, spec: RuleSpec, timezone: str, now: datetime) -> tuple[int, ...]:
     """Contacts the rule fires for within each horizon, by the triggers' own scheduling logic."""
-    if spec.on_date:
-        contacts = triggers.contacts_with(conn, spec.date_attribute)
-        found = [triggers.next_occurrence(conn, spec, contact, timezone, now) for contact in contacts]
+    if spec.date_from_event:
+        carriers = triggers.events_carrying(conn, spec.of)
+        found = [
+            triggers.next_event_occurrence(conn, spec, contacts.load(conn, contact_id), event_id, props, timezone, now)
+            for contact_id, event_id, props in carriers
+        ]
+        dues = [o.fire_at for o in found if o is not None and o.fire_at >= now - spec.catch_up]
+    elif spec.on_date:
+        with_date = triggers.contacts_with(conn, spec.date_attribute)
+        found = [triggers.next_occurrence(conn, spec, contact, timezone, now) for contact in with_date]
         dues = [occurrence.fire_at for occurrence in found if occurrence is not None]
     else:
         assert spec.inactive_for is not None

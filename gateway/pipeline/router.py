@@ -27,7 +27,7 @@ from ..kit.events import ContactRef, Event
 from ..kit.templating import compile_condition, evaluate
 from ..store import ENROLMENTS, META, jobqueue, sql
 from . import contacts, history, moments, triggers
-from .eventlog import store_event
+from .eventlog import event_properties, store_event
 
 log = structlog.get_logger("declic.router")
 _FINGERPRINT = "reconcile:fingerprint"
@@ -98,7 +98,7 @@ class Router:
                 types = getattr(spec, kind)
                 for event_type in [types] if isinstance(types, str) else types or ():
                     index[event_type].append(rule)
-            if spec.on_date:
+            if spec.on_date and not spec.date_from_event:
                 self.date_rules.append(rule)
             if spec.score_reaches is not None:
                 self.score_rules.append(rule)
@@ -118,7 +118,14 @@ class Router:
         for rule in self._by["exit_on"].get(event.type, ()):
             end_journeys(conn, rule, event, contact["id"], base, "exited", f"exit_on {event.type}")
         for rule in self._by["of"].get(event.type, ()):
-            triggers.arm_inactivity(conn, rule.spec, contact["id"], event.id, base, base)
+            if rule.spec.date_from_event:
+                if not triggers.schedule_event_date(
+                    conn, rule.spec, contact, event.id, event.properties, self.timezone, base
+                ):
+                    why = f"no date at {rule.spec.on_date}"
+                    journal.record(conn, base, rule.name, contact["id"], "not_enrolled", reason=why, event_id=event.id)
+            else:
+                triggers.arm_inactivity(conn, rule.spec, contact["id"], event.id, base, base)
         view = history.ContactView(contact, conn, base, self.wheres)
         context = {"event": event_context(event), "contact": view}
         self._score(conn, event, contact, context, base)
@@ -191,7 +198,18 @@ class Router:
         if spec.inactive_for is not None:
             triggers.repeat_inactivity(conn, spec, contact_id, occurrence, due, now)
         if spec.on_date:
+            self._schedule_next(conn, spec, contact, occurrence, now)
+
+    def _schedule_next(
+        self, conn: Connection, spec: RuleSpec, contact: dict[str, Any], occurrence: str, now: datetime
+    ) -> None:
+        """After a date rule fired: the contact's next date (next year's birthday), or the event's."""
+        _, event_id = triggers.event_date_occurrence(occurrence)
+        if event_id is None:
             triggers.schedule_date(conn, spec, contact, self.timezone, now)
+        elif spec.yearly:
+            properties = event_properties(conn, event_id)
+            triggers.schedule_event_date(conn, spec, contact, event_id, properties, self.timezone, now)
 
     def synthetic_event(
         self,
@@ -204,7 +222,10 @@ class Router:
     ) -> Event:
         properties: dict[str, Any]
         if rule.spec.on_date:
-            kind, properties = "date.reached", {"rule": rule.name, "date": occurrence.removeprefix("date:")}
+            # A date carried by an event keeps that event's properties: the reminder names the concert.
+            day, event_id = triggers.event_date_occurrence(occurrence)
+            carried = event_properties(conn, event_id) if event_id else {}
+            kind, properties = "date.reached", {**carried, "rule": rule.name, "date": day}
         else:
             period, times = triggers.inactivity_period(occurrence)
             kind, properties = "contact.inactive", {"rule": rule.name, "since": period, "firing": times}
@@ -243,13 +264,19 @@ class Router:
         for rule in self.date_rules:
             units += [(rule, contact) for contact in triggers.contacts_with(conn, rule.spec.date_attribute)]
         for rule in self.rules.values():
+            if rule.spec.date_from_event:
+                units += [(rule, carrier) for carrier in triggers.events_carrying(conn, rule.spec.of)]
             if rule.spec.inactive_for is not None:
                 units += [(rule, activity) for activity in triggers.last_activity(conn, rule.spec.of)]
         return units
 
     def reconcile_chunk(self, conn: Connection, units: list[tuple[CompiledRule, Any]], now: datetime) -> None:
         for rule, unit in units:
-            if rule.spec.on_date:
+            if rule.spec.date_from_event:
+                contact_id, event_id, properties = unit
+                contact = contacts.load(conn, contact_id)
+                triggers.schedule_event_date(conn, rule.spec, contact, event_id, properties, self.timezone, now)
+            elif rule.spec.on_date:
                 triggers.schedule_date(conn, rule.spec, unit, self.timezone, now)
             else:
                 contact_id, event_id, at = unit

@@ -61,10 +61,12 @@ def in_year(day: date, year: int) -> date:
 class Occurrence:
     day: date  # the date the rule is about (the birthday of that year, the trial end)
     fire_at: datetime  # UTC
+    event_id: str | None = None  # the event that carried the date, for a date rule on event.properties
 
     @property
     def key(self) -> str:
-        return f"date:{self.day.isoformat()}"
+        """The enrolment's occurrence: once per date, and per event when an event carried it."""
+        return f"date:{self.day.isoformat()}" + (f"@{self.event_id}" if self.event_id else "")
 
 
 def occurrences(rule: RuleSpec, value: date, zone: ZoneInfo, around: datetime) -> list[Occurrence]:
@@ -81,6 +83,8 @@ def next_occurrence(
     conn: Connection, rule: RuleSpec, contact: dict[str, Any], default_zone: str, now: datetime
 ) -> Occurrence | None:
     """The first firing not older than `catch_up` and not already enrolled."""
+    if rule.date_from_event:
+        return _next_of_events(conn, rule, contact, default_zone, now)
     zone = zone_of(contact, default_zone)
     value = parse_date(contact.get("attributes", {}).get(rule.date_attribute), zone)
     if value is None:
@@ -92,6 +96,23 @@ def next_occurrence(
     return None
 
 
+def _next_of_events(
+    conn: Connection, rule: RuleSpec, contact: dict[str, Any], default_zone: str, now: datetime
+) -> Occurrence | None:
+    """The soonest firing to come among the dates the contact's events carry (for previews and plans)."""
+    rows = conn.execute(
+        sa.select(EVENTS.c.id, EVENTS.c.properties).where(
+            EVENTS.c.contact_id == contact["id"], EVENTS.c.type.in_(rule.of)
+        )
+    )
+    found = [
+        next_event_occurrence(conn, rule, contact, row.id, jsoncodec.loads(row.properties), default_zone, now)
+        for row in rows
+    ]
+    coming = [o for o in found if o is not None and o.fire_at >= now - rule.catch_up]
+    return min(coming, key=lambda o: o.fire_at) if coming else None
+
+
 def schedule_date(conn: Connection, rule: RuleSpec, contact: dict[str, Any], default_zone: str, now: datetime) -> None:
     """Put the contact's next firing of a date rule in the queue, replacing an outdated one."""
     occurrence = next_occurrence(conn, rule, contact, default_zone, now)
@@ -100,6 +121,69 @@ def schedule_date(conn: Connection, rule: RuleSpec, contact: dict[str, Any], def
         _cancel(conn, key, now)
         return
     _put(conn, key, rule, contact["id"], occurrence.key, occurrence.fire_at, now)
+
+
+def next_event_occurrence(
+    conn: Connection,
+    rule: RuleSpec,
+    contact: dict[str, Any],
+    event_id: str,
+    properties: dict[str, Any],
+    default_zone: str,
+    now: datetime,
+) -> Occurrence | None:
+    """The firing a date carried by an event calls for, keyed by that event; None without a date or once done.
+
+    A moment past by more than `catch_up` is returned all the same (so due at once): firing it journals
+    why it was skipped, where dropping it would leave no trace.
+    """
+    zone = zone_of(contact, default_zone)
+    value = parse_date(property_at(properties, rule.date_property), zone)
+    if value is None:
+        return None
+    done = set(conn.execute(_ENROLLED, {"rule": rule.name, "contact_id": contact["id"]}).scalars())
+    found = [
+        Occurrence(o.day, o.fire_at, event_id)
+        for o in occurrences(rule, value, zone, now)
+        if f"{o.key}@{event_id}" not in done
+    ]
+    coming = [o for o in found if o.fire_at >= now - rule.catch_up]
+    return coming[0] if coming else (found[-1] if found else None)
+
+
+def schedule_event_date(
+    conn: Connection,
+    rule: RuleSpec,
+    contact: dict[str, Any],
+    event_id: str,
+    properties: dict[str, Any],
+    default_zone: str,
+    now: datetime,
+) -> bool:
+    """Queue the firing for a date an event carries (a ticket's event start, minus a day); False when the
+    event carries no date there. One pending trigger per (rule, contact, event): two tickets for two
+    concerts are two reminders, a redelivered event is the same one."""
+    if parse_date(property_at(properties, rule.date_property)) is None:
+        return False
+    occurrence = next_event_occurrence(conn, rule, contact, event_id, properties, default_zone, now)
+    if occurrence is not None:
+        key = f"date:{rule.name}:{contact['id']}:{event_id}"
+        _put(conn, key, rule, contact["id"], occurrence.key, occurrence.fire_at, now)
+    return True
+
+
+def property_at(properties: dict[str, Any], path: tuple[str, ...]) -> Any:
+    """properties["venue"]["opens_at"] for ("venue", "opens_at"); None when any part is missing."""
+    value: Any = properties
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def event_date_occurrence(occurrence: str) -> tuple[str, str | None]:
+    """`date:2026-12-10@E1` -> ("2026-12-10", "E1"); a contact date has no event: ("1990-02-28", None)."""
+    day, _, event_id = occurrence.removeprefix("date:").partition("@")
+    return day, event_id or None
 
 
 def arm_inactivity(
@@ -221,6 +305,14 @@ def contacts_with(conn: Connection, attribute: str) -> list[dict[str, Any]]:
         if attribute in attributes:
             found.append({"id": row.id, "attributes": attributes, "timezone": row.timezone})
     return found
+
+
+def events_carrying(conn: Connection, types: list[str]) -> list[tuple[int, str, dict[str, Any]]]:
+    """Stored events of these types: (contact_id, event_id, properties), for a new date rule on them."""
+    rows = conn.execute(
+        sa.select(EVENTS.c.contact_id, EVENTS.c.id, EVENTS.c.properties).where(EVENTS.c.type.in_(types))
+    )
+    return [(row.contact_id, row.id, jsoncodec.loads(row.properties)) for row in rows]
 
 
 def last_activity(conn: Connection, types: list[str]) -> list[tuple[int, str, datetime]]:
