@@ -55,8 +55,7 @@ public_url: http://127.0.0.1:{port}
 timezone: UTC
 storage:
   url: sqlite:///{db}
-  keep_rendered: {keep_rendered}
-sources:
+{keep_rendered}sources:
   shop:
     plugin: shopify
     secret: {secret}
@@ -92,6 +91,25 @@ def templates(links: int) -> dict[str, str]:
         for i in range(links)
     )
     return {**TEMPLATES, "order-confirmation.html.j2": TEMPLATES["order-confirmation.html.j2"] + shop}
+
+
+CALLGRIND = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--trace-children=no"]
+
+
+def callgrind_control(pid: int, *options: str) -> None:
+    subprocess.run(["callgrind_control", *options, str(pid)], check=True, capture_output=True, timeout=120)
+
+
+def callgrind_total(pid: int, counts: Path) -> int:
+    """Stop counting, have callgrind write what it counted, and return the instructions (its `totals:`)."""
+    callgrind_control(pid, "--instr=off")
+    callgrind_control(pid, "--dump")
+    total = 0
+    for dump in counts.parent.glob(counts.name + ".*"):
+        for line in dump.read_text(errors="replace").splitlines():
+            if line.startswith(("totals:", "summary:")):
+                total = max(total, int(line.split()[1]))
+    return total
 
 
 class TimedCatcher(SmtpCatcher):
@@ -155,6 +173,13 @@ def main() -> None:
     parser.add_argument(
         "--no-keep-rendered", action="store_true", help="keep no copy of sent messages (storage.keep_rendered: false)"
     )
+    parser.add_argument("--declic", type=Path, default=DECLIC, help="the declic command to run (another checkout's)")
+    parser.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="run Declic under callgrind and count its instructions from the first post to the last e-mail: "
+        "a cost per e-mail that other load on the machine does not change (slow: ~50x)",
+    )
     args = parser.parse_args()
 
     run = uuid.uuid4().hex[:6]
@@ -195,17 +220,19 @@ def main() -> None:
                     worker=worker,
                     log_level=args.log_level,
                     track="    track: {opens: true, clicks: true}\n" if args.track else "",
-                    keep_rendered="false" if args.no_keep_rendered else "true",
+                    keep_rendered="  keep_rendered: false\n" if args.no_keep_rendered else "",
                 ),
                 templates(args.links),
             )
             with open(folder / "declic.log", "wb") as log:
-                server = subprocess.Popen(
-                    [str(DECLIC), "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)],
-                    stdout=log,
-                    stderr=log,
-                )
-                wait_for_port(port, server)
+                command = [str(args.declic), "serve", "--config", str(config), "--host", "127.0.0.1"]
+                counts = folder / "callgrind.out"
+                if args.callgrind:  # counting starts with the load, not at start-up
+                    command = [*CALLGRIND, f"--callgrind-out-file={counts}", *command]
+                server = subprocess.Popen([*command, "--port", str(port)], stdout=log, stderr=log)
+                wait_for_port(port, server, timeout=600 if args.callgrind else 30)
+                if args.callgrind:
+                    callgrind_control(server.pid, "--instr=on")
                 cpu_before, ticks_before = cpu_seconds(server.pid), machine_ticks()
                 result = asyncio.run(post_all(f"http://127.0.0.1:{port}/hooks/shop", orders, args.concurrency))
                 posts_done = time.perf_counter()
@@ -213,6 +240,7 @@ def main() -> None:
                 waited = time.perf_counter()
                 server_cpu = cpu_seconds(server.pid) - cpu_before
                 usage = machine_usage(ticks_before, machine_ticks())
+                instructions = callgrind_total(server.pid, counts) if args.callgrind else None
         finally:
             stop(server)
             catcher.stop()
@@ -260,6 +288,11 @@ def main() -> None:
         f"({server_cpu / (waited - first_post):.0%} of a core)"
     )
     print(f"        {usage}")
+    if instructions is not None:
+        print(
+            f" counted: {instructions / 1e9:.2f} G instructions from the first post to the last e-mail, "
+            f"{instructions / max(1, len(arrivals)) / 1e6:.2f} M per e-mail (callgrind)"
+        )
     if len(arrivals) < args.orders:
         print(f"   NOTE: {args.orders - len(arrivals)} e-mails had not arrived after the {args.timeout:g} s timeout")
 
