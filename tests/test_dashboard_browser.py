@@ -151,6 +151,24 @@ async def test_log_in_read_the_funnel_replay_the_dead_step_and_see_it_sent(
             assert "The dead letter is empty" in await page.inner_text("#dead")
             await page.goto(base + "rules/abandoned-cart")
             assert sent_on_page(await page.content(), 2) == sent[2] + 1
+
+            # Why did she get what she got: her timeline, each message as it was sent.
+            await page.click("a[href='/admin/contacts']")
+            await page.fill("#q", dead_to)
+            await page.click("form.search button[type=submit]")
+            await page.locator("#found a").click()
+            messages = page.locator("#timeline tr.message")
+            assert await messages.count() == 2
+            newest = messages.last.locator("details")  # the timeline reads oldest first
+            text = newest.locator("pre.message")
+            assert not await text.is_visible()  # folded: the timeline stays readable
+            await newest.locator("summary").click()
+            assert await text.is_visible()
+            summary = await newest.locator("summary").inner_text()
+            last = smtp.to(dead_to)[-1]
+            assert summary.startswith(f"{last['Subject']} to {dead_to}") and "step 2 via email" in summary
+            body = last.get_body(("plain",))
+            assert body is not None and str(body.get_content()).strip() in await text.inner_text()
         finally:
             await browser.close()
     assert errors == []
