@@ -32,6 +32,7 @@ from declic_gateway import (
 )
 from declic_gateway import hookspecs as specs
 from declic_gateway.cli.main import cli
+from declic_gateway.cli.simulate import load_timeline, simulate
 from declic_gateway.config import load_config
 from declic_gateway.http.app import create_app
 from declic_gateway.http.running import GATEWAY_KEY, RunningGateway
@@ -170,6 +171,19 @@ async def test_sources_sinks_startup_routes_jinja_and_events(
     assert [e.type for e in plugin.events] == ["track.echo"]  # event_received
     [(message, ctx)] = Recorder.sent  # register_sinks
     assert (message.to, message.text, ctx.rule) == ("ada@example.com", "ADA!", "greet")  # jinja filter
+
+
+async def test_a_simulation_is_not_shown_to_event_observers(
+    tmp_path: Path, plugin: EveryHook, pm: pluggy.PluginManager
+) -> None:
+    """`declic simulate` (and backtest) make up or replay events: a plugin forwarding events must not see them."""
+    path = write_deployment(tmp_path, CONFIG, {"greet.txt.j2": "{{ event.properties.name }}"})
+    settings = load_config(path, collect(pm), pm)
+    timeline = tmp_path / "timeline.yaml"
+    timeline.write_text('- {at: "2026-01-01T10:00:00Z", type: track.echo, contact: {email: ada@example.com}}\n')
+    seen, _ = await simulate(settings, pm, load_timeline(timeline, settings.timezone))
+    assert [d["action"] for d in seen if d["action"] == "send"] == ["send"]  # it did run
+    assert plugin.events == []
 
 
 def test_register_commands_adds_a_subcommand(pm: pluggy.PluginManager) -> None:

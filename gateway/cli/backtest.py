@@ -66,6 +66,7 @@ async def backtest(
             pm=pm,
             clock=clock,
             role="worker",
+            rehearsal=True,
             database_url=f"sqlite:///{folder}/backtest.db",
             wrap_sink=RecordingSink,
         )

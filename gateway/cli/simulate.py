@@ -240,6 +240,7 @@ async def simulate(
             pm=pm,
             clock=clock,
             role="worker",
+            rehearsal=True,
             database_url=f"sqlite:///{folder}/simulation.db",
             wrap_sink=record,
             extra_sources=timeline_source,

@@ -49,8 +49,11 @@ def build_gateway(
     database_url: str | None = None,
     wrap_sink: Callable[[Sink], Sink] | None = None,
     extra_sources: Callable[[Deployment], dict[str, Source]] | None = None,
+    rehearsal: bool = False,
 ) -> RunningGateway:
-    """The running parts of a deployment; `declic simulate` swaps the database and the sinks."""
+    """The running parts of a deployment; `declic simulate` swaps the database and the sinks. In a
+    rehearsal (simulate, backtest) plugins' `event_received` hooks are not called: an observer that
+    forwards events must not see made-up or replayed ones."""
     pm = pm or get_plugin_manager()
     clock = clock or SystemClock()
     deployment = Deployment(settings.public_url, settings.timezone, clock)
@@ -91,7 +94,7 @@ def build_gateway(
         {**sources, **internal},
         router,
         steps,
-        partial(notify_event_received, pm),
+        (lambda event: None) if rehearsal else partial(notify_event_received, pm),
         settings.phone_region,
         acks_waiting=lambda: committer.waiting > 0,  # the committer is made next; asked only once running
         metrics=metrics,
