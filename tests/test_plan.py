@@ -197,6 +197,14 @@ async def test_plan_says_what_a_new_config_does_and_the_deployment_then_does_it(
     assert cancelled == [("welcome", 0, "rule no longer in the config")]
     await d.advance(days=1)  # Camille's step 2 falls due: cancelled, the rule has one step now
     assert d.scalar("SELECT count(*) FROM jobs WHERE kind = 'step' AND status = 'cancelled'") == 2
+    # Neither journey stays active with nothing left to run (the plan's "active journeys" would count it).
+    ended = "SELECT status, ended_by FROM enrolments WHERE rule = :rule AND status <> 'active'"
+    assert d.rows(ended, rule="welcome") == [("exited", "rule removed")]
+    left_active = (
+        "SELECT count(*) FROM enrolments e JOIN jobs j ON j.enrolment_id = e.id "
+        "WHERE j.status = 'cancelled' AND e.status = 'active'"
+    )
+    assert d.scalar(left_active) == 0
     assert not [m for m in smtp.messages[sent:] if m["To"] == "camille.durand@example.org"]
     fired = "SELECT count(*) FROM enrolments WHERE rule = :rule"
     assert d.scalar(fired, rule="birthday") == 1  # within 24 h of the plan

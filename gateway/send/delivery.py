@@ -140,6 +140,10 @@ class StepRunner:
         rule = self.router.rules.get(enrolment.rule)
         if enrolment.status != "active" or rule is None or job.step >= len(rule.spec.steps):
             why = "rule no longer in the config" if rule is None else f"journey {enrolment.status}"
+            if enrolment.status == "active":  # no step left to run: ended, or it would stay active forever
+                ended = ("exited", "rule removed") if rule is None else ("completed", None)
+                why = why if rule is None else "the rule has fewer steps now"
+                conn.execute(_END, {"enrolment_id": enrolment.id, "status": ended[0], "by": ended[1], "now": now})
             jobqueue.finish(conn, job, self.worker_id, now, "cancelled", why)
             return None
         spec = rule.spec.steps[job.step]
@@ -685,6 +689,11 @@ _KEPT_VARIANT = (
     .where(D.variant.is_not(None), D.status == "sent")
     .order_by(D.id.desc())
     .limit(1)
+)
+_END = (
+    sa.update(ENROLMENTS)
+    .where(E.id == sa.bindparam("enrolment_id"), E.status == "active")
+    .values(status=sa.bindparam("status"), ended_by=sa.bindparam("by"), ended_at=sa.bindparam("now"))
 )
 _COMPLETE = (
     sa.update(ENROLMENTS)
