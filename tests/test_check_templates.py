@@ -181,6 +181,13 @@ TEMPLATE_MISTAKES = [
         "receipt.txt.j2:1:32: rules[1].send.template: unknown test 'tru' (did you mean 'true'?)",
     ),
     (
+        "a mistake in a translation",
+        None,
+        {"receipt.fr_CA.txt.j2": "Commande {{ event.properties.name | format_curency }}"},
+        "receipt.fr_CA.txt.j2:1:37: rules[1].send.template: unknown filter 'format_curency' "
+        "(did you mean 'format_currency'?)",
+    ),
+    (
         "a helper's duration that is not one",
         ('if: "event.properties.total_price > 20"', "if: \"contact.has('order.placed', within='2 weeks')\""),
         {},

@@ -6,6 +6,7 @@ The lint itself is kit/lint.py; this module knows the config: which names a rule
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 
 import jinja2
@@ -13,6 +14,7 @@ from jinja2 import nodes
 
 from ..kit.context import Scope
 from ..kit.lint import Finding, check_template
+from ..kit.locales import parse_locale
 from ..kit.templating import PARTS
 
 #: A template including itself, or a chain of includes, is read once per file.
@@ -35,6 +37,7 @@ def unset_links(kind: str, channel: str | None, public_url_known: bool, rule: st
 def check_parts(env: jinja2.Environment, folder: Path, name: str, scope: Scope) -> list[tuple[Path, Finding]]:
     """Every part of template `name` that exists, and every template they include, extend or import."""
     queue = [f"{name}.{part}.j2" for part in PARTS if (folder / f"{name}.{part}.j2").is_file()]
+    queue += _translations(folder, name)
     seen: set[str] = set()
     found: list[tuple[Path, Finding]] = []
     while queue and len(seen) < MAX_INCLUDED:
@@ -54,6 +57,17 @@ def check_parts(env: jinja2.Environment, folder: Path, name: str, scope: Scope) 
                 queue.append(included)
             else:
                 found.append((path, Finding(line, None, f"template {included!r} not found in {folder}")))
+    return found
+
+
+def _translations(folder: Path, name: str) -> list[str]:
+    """`welcome.fr.txt.j2`, `welcome.fr_CA.subject.j2`...: the parts of each translation (kit/locales.py
+    `translated` picks one by the contact's locale), checked like the default's."""
+    found = []
+    for path in sorted(folder.glob(f"{glob.escape(name)}.*.j2")):
+        locale, _, part = path.name[len(name) + 1 :].removesuffix(".j2").partition(".")
+        if part in PARTS and parse_locale(locale) is not None:
+            found.append(path.name)
     return found
 
 
