@@ -12,6 +12,10 @@ log = structlog.get_logger("declic.access")
 SECRET_PARAMETERS = frozenset({"token"})
 #: Probes that a load balancer or a health check sends every few seconds: at debug level when they succeed.
 PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
+#: Accepted webhooks are at debug level too: the inbox keeps each one and /metrics counts them by source
+#: and status, so an info line each would only double the log's volume (and a sizeable share of the CPU
+#: an e-mail costs, measured in docs/performance.md). Refused ones (4xx, 5xx) stay at info.
+WEBHOOKS = "/hooks/"
 #: An unmatched path is logged as sent (redaction still applies), cut to this many characters.
 MAX_PATH = 200
 
@@ -22,7 +26,7 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         path = route_path(request)
-        quiet = path in PROBES and response.status < 400
+        quiet = response.status < 400 and (path in PROBES or path.startswith(WEBHOOKS))
         (log.debug if quiet else log.info)(
             "request", method=request.method, path=path, status=response.status, ms=round(time * 1000, 1)
         )
