@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -173,6 +174,7 @@ def main() -> None:
     parser.add_argument(
         "--no-keep-rendered", action="store_true", help="keep no copy of sent messages (storage.keep_rendered: false)"
     )
+    parser.add_argument("--callgrind-keep", type=Path, help="with --callgrind: copy callgrind's file here")
     parser.add_argument("--declic", type=Path, default=DECLIC, help="the declic command to run (another checkout's)")
     parser.add_argument(
         "--callgrind",
@@ -241,6 +243,8 @@ def main() -> None:
                 server_cpu = cpu_seconds(server.pid) - cpu_before
                 usage = machine_usage(ticks_before, machine_ticks())
                 instructions = callgrind_total(server.pid, counts) if args.callgrind else None
+                if args.callgrind and args.callgrind_keep:
+                    shutil.copy(next(counts.parent.glob(counts.name + ".*")), args.callgrind_keep)
         finally:
             stop(server)
             catcher.stop()

@@ -130,6 +130,28 @@ async def test_preview_says_what_it_cannot_do(deploy: Factory, tmp_path: Path) -
     assert "Total 12.00 EUR" in shown
 
 
+async def test_preview_of_a_date_an_event_carries_is_what_is_sent_that_day(deploy: Factory, smtp: SmtpCatcher) -> None:
+    """A date rule on an event property: the preview finds the contact's coming date among her events."""
+    rules = (
+        "  - {name: follow-up, on_date: event.properties.completed_at, of: checkout.started, at: '10:00',"
+        " send: {via: email, template: cart-reminder}}\n"
+    )
+    d = await deploy(rules)
+    # `declic preview` reads the real time (the deployment's clock is fake): a date years ahead is to come for both.
+    body = fixture_json("shopify/checkout.json") | {"completed_at": "2036-03-20T15:00:00+01:00"}
+    assert (await d.post_shopify("checkouts/create", json.dumps(body).encode(), "c1")).status == 200
+    await d.advance(seconds=1)
+    code, shown, err = await declic(d, "preview", "follow-up", "--contact", CAMILLE)
+    assert code == 0, err
+    assert smtp.messages == []
+    await d.advance(days=3659, hours=1)  # 20 March 2036, 10:00 in Paris (09:00 UTC) has passed
+    [sent] = smtp.messages
+    assert headers_of(shown)["Subject"] == sent["Subject"]
+    text = sent.get_body(("plain",))
+    assert text is not None and text.get_content().rstrip() in shown  # the checkout's total, from the event
+    assert d.scalar("SELECT count(*) FROM events WHERE type = 'date.reached'") == 1  # the preview stored none
+
+
 VARIANT_RULES = """\
   - name: abandoned-cart
     when: checkout.started
