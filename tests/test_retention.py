@@ -169,6 +169,13 @@ async def test_retention_removes_what_aged_out_and_nothing_still_needed(deploy: 
     cutoff = d.clock.now() - timedelta(days=400)
     assert d.scalar("SELECT count(*) FROM decisions WHERE at < :cutoff", cutoff=cutoff.replace(tzinfo=None)) == 0
     assert d.scalar("SELECT count(*) FROM decisions") > 0
+    # Jobs: those that finished more than 30 days ago went (day 0's and their retries); day 380's finished
+    # ones, the retention tick and B's and C's pending second steps stay.
+    finished = "SELECT count(*) FROM jobs WHERE status IN ('done', 'cancelled') AND updated_at < :cutoff"
+    month_ago = (d.clock.now() - timedelta(days=30)).replace(tzinfo=None)
+    assert d.scalar(finished, cutoff=month_ago) == 0
+    assert d.scalar("SELECT count(*) FROM jobs WHERE status = 'done'") > 0
+    assert d.scalar("SELECT count(*) FROM jobs WHERE kind = 'step' AND status = 'pending'") == 2
     assert d.rows(LEDGER) == ledger_before
     assert snapshot_of_erased(d) == erased_before
     assert await d.gateway.db.run(kpis.rule_kpis, ["cart", "slow"], *window) == kpis_before

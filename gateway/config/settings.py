@@ -444,6 +444,11 @@ class RetentionSpec(_Strict):
         description="Messages (deliveries) older than this are deleted, never within the longest attribution or "
         "pressure window, nor those of an open journey. 1d to 3650d, null: never.",
     )
+    jobs: Annotated[Duration, between("1d", "3650d")] | None = Field(
+        timedelta(days=30),
+        description="Finished jobs (done or cancelled) are deleted this long after they finished; pending, "
+        "running and dead-lettered ones stay. 1d to 3650d, null: never.",
+    )
 
 
 class StorageSpec(_Strict):

@@ -25,7 +25,7 @@ BATCH = 1000
 EVERY = timedelta(days=1)
 NAME = "retention"
 #: What each run reports, in this order (the log line, the metric's `table` label).
-PARTS = ("inbox_bodies", "inbox_keys", "events", "decisions", "deliveries")
+PARTS = ("inbox_bodies", "inbox_keys", "events", "decisions", "deliveries", "jobs")
 
 IN, E, J, N, D, DE = INBOX.c, EVENTS.c, JOBS.c, ENROLMENTS.c, DELIVERIES.c, DECISIONS.c
 
@@ -39,6 +39,7 @@ class Periods:
     events: timedelta | None
     decisions: timedelta | None
     deliveries: timedelta | None
+    jobs: timedelta | None
 
     @classmethod
     def of(cls, settings: Settings) -> Periods:
@@ -50,7 +51,7 @@ class Periods:
             deliveries = max(
                 [deliveries, *(rule.attribution for rule in settings.rules), *([pressure.per] if pressure else [])]
             )
-        return cls(spec.inbox_bodies, spec.inbox_keys, spec.events, spec.decisions, deliveries)
+        return cls(spec.inbox_bodies, spec.inbox_keys, spec.events, spec.decisions, deliveries, spec.jobs)
 
 
 def schedule(conn: Connection, due: datetime, now: datetime) -> None:
@@ -137,6 +138,15 @@ def delete_deliveries(conn: Connection, cutoff: datetime, limit: int) -> int:
     return _count(conn.execute(sa.delete(DELIVERIES).where(D.id.in_([row.id for row in chosen]))))
 
 
+def delete_jobs(conn: Connection, cutoff: datetime, limit: int) -> int:
+    """Finished jobs go: the inbox, the deliveries and the enrolments hold what they did, and a replay queues a
+    new job. Pending, running and dead-lettered jobs stay. (A job is due before it finishes: the claim index
+    on (status, due_at) finds them.)"""
+    finished = sa.and_(J.status.in_(("done", "cancelled")), J.due_at < cutoff, J.updated_at < cutoff)
+    chosen = sa.select(J.id).where(finished).limit(limit)
+    return _count(conn.execute(sa.delete(JOBS).where(J.id.in_(chosen.scalar_subquery()))))
+
+
 def _count(result: sa.CursorResult[tuple[()]]) -> int:
     return int(result.rowcount)
 
@@ -148,6 +158,7 @@ BATCHES: dict[str, Callable[[Connection, datetime, int], int]] = {
     "events": delete_events,
     "decisions": delete_decisions,
     "deliveries": delete_deliveries,
+    "jobs": delete_jobs,
 }
 
 
