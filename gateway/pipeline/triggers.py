@@ -74,8 +74,11 @@ def occurrences(rule: RuleSpec, value: date, zone: ZoneInfo, around: datetime) -
     days = [in_year(value, year) for year in range(around.year - 1, around.year + 2)] if rule.yearly else [value]
     found = []
     for day in days:
-        local = datetime.combine(day, rule.at, tzinfo=zone) + rule.offset
-        found.append(Occurrence(day, local.astimezone(UTC)))
+        try:
+            local = datetime.combine(day, rule.at, tzinfo=zone) + rule.offset
+            found.append(Occurrence(day, local.astimezone(UTC)))
+        except OverflowError:  # a date such as 0001-01-01 shifted before year 1: no such moment
+            continue
     return sorted(found, key=lambda o: o.fire_at)
 
 
