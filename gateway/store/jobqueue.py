@@ -230,8 +230,11 @@ _OVERDUE = (
 
 def next_due(conn: Connection) -> datetime | None:
     """When the earliest pending job is due."""
-    due: datetime | None = conn.execute(sa.select(sa.func.min(J.due_at)).where(J.status == "pending")).scalar()
+    due: datetime | None = conn.execute(_NEXT_DUE).scalar()
     return due
+
+
+_NEXT_DUE = sa.select(sa.func.min(J.due_at)).where(J.status == "pending")
 
 
 def renew(conn: Connection, job_ids: list[int], worker: str, until: datetime) -> None:
