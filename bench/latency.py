@@ -185,7 +185,7 @@ def main() -> None:
                     sink_extra="",
                     worker="",
                     log_level=args.log_level,
-                    track=CONDITION,
+                    track=CONDITION,  # e2e.CONFIG's slot for the rule's lines before `send:`
                     keep_rendered="true",
                 ),
                 TEMPLATES,
