@@ -93,6 +93,7 @@ class Worker:
             db, lambda conn, outcome: steps.record(conn, *outcome)
         )
         self._wake = asyncio.Event()
+        self._starved = False  # the loop waits for free slots, not for work
         self._running: dict[int, asyncio.Task[None]] = {}
         self._stopping = False
         #: Claimed calls not yet applied, by inbox id: applied lowest first.
@@ -126,14 +127,18 @@ class Worker:
         heartbeat = asyncio.create_task(self._renew_leases())
         try:
             while not self._stopping:
-                claimed = await self._claim_some()
-                if claimed and len(self._running) < self.spec.concurrency:
-                    continue  # more may be due right now
-                # With no room for more jobs, only a finishing job (or stopping) matters: no query.
-                timeout = await self._until_next_due() if self._room() else self.spec.poll_interval.total_seconds()
+                room = self._room()
+                claimed, due = await self._claim_some(room)
+                if claimed == room > 0:
+                    continue  # a full batch: more may be due right now
+                # Less than asked for: nothing else is due, and a job made due now wakes us. With no room
+                # for more jobs, only a finishing job (or stopping) matters.
+                self._starved = not room
+                timeout = self._until(due) if room else self.spec.poll_interval.total_seconds()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
                 self._wake.clear()
+                self._starved = False
             # Stopping: jobs in flight finish (stop() bounds the wait by cancelling this task).
             await asyncio.gather(*self._running.values(), return_exceptions=True)
         finally:
@@ -160,13 +165,9 @@ class Worker:
             await asyncio.gather(*(work for _, work in self._units(jobs)))
             ran += len(jobs)
 
-    async def _until_next_due(self) -> float:
-        """Sleep until the next job is due, or `poll_interval` at most (other replicas add jobs too)."""
+    def _until(self, due: datetime | None) -> float:
+        """Seconds to sleep until the next job is due, `poll_interval` at most (other replicas add jobs too)."""
         ceiling = self.spec.poll_interval.total_seconds()
-        try:
-            due = await self.db.run(jobqueue.next_due)
-        except StorageUnavailable:
-            return ceiling
         if due is None:
             return ceiling
         return min(ceiling, max((due - self.clock.now()).total_seconds(), 0.005))
@@ -179,22 +180,27 @@ class Worker:
             return 0
         return min(free, self.spec.batch_size)
 
-    async def _claim_some(self) -> int:
-        room = self._room()
+    async def _claim_some(self, room: int) -> tuple[int, datetime | None]:
+        """Claim up to `room` jobs and start them; how many, and when the next pending job is due."""
         if not room:
-            return 0
+            return 0, None
         try:
-            jobs = await self.db.run(self._claim, room)
+            jobs, due = await self.db.run(self._claim_and_look, room)
         except StorageUnavailable as exc:
             log.warning("cannot claim jobs", error=str(exc))
-            return 0
+            return 0, None
         self._queue_calls(jobs)
         for unit, work in self._units(jobs):
             task = asyncio.create_task(work)
             for job in unit:
                 self._running[job.id] = task
             task.add_done_callback(self._done)
-        return len(jobs)
+        return len(jobs), due
+
+    def _claim_and_look(self, conn: Connection, limit: int) -> tuple[list[ClaimedJob], datetime | None]:
+        """The claim, and when it took less than `limit`, when the next job is due: one transaction for both."""
+        jobs = self._claim(conn, limit)
+        return jobs, (jobqueue.next_due(conn) if len(jobs) < limit else None)
 
     def _claim(self, conn: Connection, limit: int) -> list[ClaimedJob]:
         now = self.clock.now()
@@ -237,7 +243,10 @@ class Worker:
         for job_id, running in list(self._running.items()):
             if running is task:
                 del self._running[job_id]
-        self._wake.set()
+        # A free slot matters only to a loop waiting for room: otherwise waking it costs a claim for nothing
+        # (a job that makes work due now wakes the loop itself).
+        if self._starved and self._room():
+            self._wake.set()
 
     async def run_job(self, job: ClaimedJob) -> None:
         try:

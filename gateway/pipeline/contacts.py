@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 from typing import Any
 
@@ -372,13 +373,16 @@ def _claim(conn: Connection, keys: list[tuple[str, str]], contact_id: int) -> se
     """Link identities to the contact unless another contact holds them; return those linked."""
     if not keys:
         return set()
-    insert = sql.insert(conn.dialect.name, IDENTITIES)
     # executemany with RETURNING: one compiled statement whatever the number of identities.
-    rows = conn.execute(
-        insert.on_conflict_do_nothing(index_elements=["kind", "value"]).returning(I.kind, I.value),
-        [{"kind": k, "value": v, "contact_id": contact_id} for k, v in keys],
-    )
-    return {(r.kind, r.value) for r in rows}
+    rows = [{"kind": k, "value": v, "contact_id": contact_id} for k, v in keys]
+    return {(r.kind, r.value) for r in conn.execute(_link_identities(conn.dialect.name), rows)}
+
+
+@functools.cache
+def _link_identities(dialect: str) -> sa.Insert:
+    """Built once: SQLAlchemy then finds it in its compiled cache without rebuilding its cache key."""
+    insert = sql.insert(dialect, IDENTITIES)
+    return insert.on_conflict_do_nothing(index_elements=["kind", "value"]).returning(I.kind, I.value)
 
 
 def _fold_anonymous(conn: Connection, anonymous: int, into: int, ref: ContactRef) -> bool:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
+import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Connection
 
@@ -82,7 +84,6 @@ def commit_calls(conn: Connection, calls: list[NewCall]) -> list[Accepted]:
     for i, call in enumerate(calls):
         first.setdefault((call.source, call.dedupe_key), i)
     fresh = [calls[i] for i in sorted(first.values())]
-    insert = sql.insert(conn.dialect.name, INBOX)
     rows = [
         {
             "source": c.source,
@@ -94,9 +95,7 @@ def commit_calls(conn: Connection, calls: list[NewCall]) -> list[Accepted]:
         }
         for c in fresh
     ]
-    statement = insert.on_conflict_do_nothing(index_elements=["source", "dedupe_key"]).returning(
-        INBOX.c.id, INBOX.c.source, INBOX.c.dedupe_key
-    )
+    statement = _insert_calls(conn.dialect.name)
     inserted = {(r.source, r.dedupe_key): r.id for r in conn.execute(statement, rows)} if rows else {}
     if inserted:
         jobqueue.add_inbox_jobs(conn, list(inserted.values()), max(c.received_at for c in fresh))
@@ -106,6 +105,15 @@ def commit_calls(conn: Connection, calls: list[NewCall]) -> list[Accepted]:
         is_first = first[key] == i
         results.append(Accepted(inserted.get(key) if is_first else None, not (is_first and key in inserted)))
     return results
+
+
+@functools.cache
+def _insert_calls(dialect: str) -> sa.Insert:
+    """Built once, as SQLAlchemy's compiled cache wants: one insert per group commit, many rows."""
+    insert = sql.insert(dialect, INBOX)
+    return insert.on_conflict_do_nothing(index_elements=["source", "dedupe_key"]).returning(
+        INBOX.c.id, INBOX.c.source, INBOX.c.dedupe_key
+    )
 
 
 def fit_key(key: str, limit: int = 300) -> str:

@@ -97,29 +97,61 @@ def claim(
     contacts its source says it is about (`Source.about`), or everyone when it cannot tell, and
     only for `ordering_timeout` after it arrived: then the steps go ahead (see `overdue_calls`).
     """
-    due = sa.or_(
-        sa.and_(J.status == "pending", J.due_at <= now),
-        sa.and_(J.status == "running", J.locked_until < now),
-    )
     cutoff = now - ordering_timeout
-    anyone = sa.select(sa.func.min(J.created_at)).where(_waiting(cutoff), J.about.is_(None)).scalar_subquery()
-    in_order = [sa.or_(anyone.is_(None), J.due_at < anyone)]
-    for contact_id, arrived in _held_contacts(conn, cutoff).items():
-        in_order.append(sa.not_(sa.and_(J.due_at >= arrived, _of_contact(contact_id))))
+    in_order = [
+        sa.not_(sa.and_(J.due_at >= arrived, _of_contact(contact_id)))
+        for contact_id, arrived in _held_contacts(conn, cutoff).items()
+    ]
+    pg = conn.dialect.name == "postgresql"
+    # Nobody held (the usual case): a statement built once, so SQLAlchemy's compiled cache serves it.
+    statement = _claim_statement(in_order, skip_locked=pg) if in_order else _CLAIM_PG if pg else _CLAIM
+    values = {"now": now, "cutoff": cutoff, "limit": limit, "worker": worker, "until": now + lease}
+    claimed = sorted(conn.execute(statement, values), key=lambda row: (row.due_at, -row.priority, row.id))
+    return [ClaimedJob(*row[:-1]) for row in claimed]
+
+
+_NOW = sa.bindparam("now", type_=J.due_at.type)
+_CUTOFF = sa.bindparam("cutoff", type_=J.created_at.type)
+
+
+def _tried(cutoff: sa.ColumnElement[datetime]) -> sa.ColumnElement[bool]:
+    """A call tried before and still unprocessed, that arrived before the cutoff."""
+    retried = sa.or_(sa.and_(J.status == "pending", J.attempts > 0), sa.and_(J.status == "running", J.attempts > 1))
+    return sa.and_(J.kind == "inbox", retried, J.created_at < cutoff)
+
+
+def _waiting(cutoff: sa.ColumnElement[datetime]) -> sa.ColumnElement[bool]:
+    """A call still to be processed that holds steps back."""
+    return sa.and_(J.kind == "inbox", J.status.in_(("pending", "running")), sa.not_(_tried(cutoff)))
+
+
+def _claim_statement(in_order: list[sa.ColumnElement[bool]], skip_locked: bool = False) -> sa.Update:
+    """UPDATE ... RETURNING of the claim; `in_order` holds back the steps of the contacts held by a call."""
+    due = sa.or_(
+        sa.and_(J.status == "pending", J.due_at <= _NOW),
+        sa.and_(J.status == "running", J.locked_until < _NOW),
+    )
+    anyone = sa.select(sa.func.min(J.created_at)).where(_waiting(_CUTOFF), J.about.is_(None)).scalar_subquery()
     # Among steps due at the same moment (freed by the pressure cap), the rule's priority decides.
     candidates = (
         sa.select(J.id)
-        .where(due, sa.or_(J.kind == "inbox", sa.and_(*in_order)))
+        .where(due, sa.or_(J.kind == "inbox", sa.and_(sa.or_(anyone.is_(None), J.due_at < anyone), *in_order)))
         .order_by(J.due_at, J.priority.desc())
-        .limit(limit)
+        .limit(sa.bindparam("limit", type_=sa.Integer))
     )
-    if conn.dialect.name == "postgresql":
+    if skip_locked:
         # Two replicas never claim the same row, and neither waits for the other's locks.
         candidates = candidates.with_for_update(skip_locked=True)
-    rows = conn.execute(
+    return (
         sa.update(JOBS)
         .where(J.id.in_(candidates.scalar_subquery()))
-        .values(status="running", locked_by=worker, locked_until=now + lease, attempts=J.attempts + 1, updated_at=now)
+        .values(
+            status="running",
+            locked_by=sa.bindparam("worker"),
+            locked_until=sa.bindparam("until", type_=J.locked_until.type),
+            attempts=J.attempts + 1,
+            updated_at=_NOW,
+        )
         .returning(
             J.id,
             J.kind,
@@ -136,34 +168,27 @@ def claim(
             J.priority,
         )
     )
-    claimed = sorted(rows, key=lambda row: (row.due_at, -row.priority, row.id))
-    return [ClaimedJob(*row[:-1]) for row in claimed]
 
 
-def _tried(cutoff: datetime) -> sa.ColumnElement[bool]:
-    """A call tried before and still unprocessed, that arrived before the cutoff."""
-    retried = sa.or_(sa.and_(J.status == "pending", J.attempts > 0), sa.and_(J.status == "running", J.attempts > 1))
-    return sa.and_(J.kind == "inbox", retried, J.created_at < cutoff)
-
-
-def _waiting(cutoff: datetime) -> sa.ColumnElement[bool]:
-    """A call still to be processed that holds steps back."""
-    return sa.and_(J.kind == "inbox", J.status.in_(("pending", "running")), sa.not_(_tried(cutoff)))
+_CLAIM = _claim_statement([])
+_CLAIM_PG = _claim_statement([], skip_locked=True)
 
 
 def _held_contacts(conn: Connection, cutoff: datetime) -> dict[int, datetime]:
     """Contact id -> arrival of the oldest waiting call about them, for calls that said whom."""
-    rows = conn.execute(
-        sa.select(J.created_at, J.about)
-        .where(J.about.is_not(None), _waiting(cutoff))
-        .order_by(J.created_at)
-        .limit(MAX_HELD_CONTACTS)
-    ).all()
     held: dict[int, datetime] = {}
-    for row in rows:
+    for row in conn.execute(_HELD_CALLS, {"cutoff": cutoff}).all():
         for contact_id in _contacts(conn, row.about):
             held.setdefault(contact_id, row.created_at)
     return held
+
+
+_HELD_CALLS = (
+    sa.select(J.created_at, J.about)
+    .where(J.about.is_not(None), _waiting(_CUTOFF))
+    .order_by(J.created_at)
+    .limit(MAX_HELD_CONTACTS)
+)
 
 
 def _contacts(conn: Connection, about: str) -> frozenset[int]:
@@ -188,22 +213,28 @@ def _of_contact(contact_id: int) -> sa.ColumnElement[bool]:
 
 def overdue_calls(conn: Connection, cutoff: datetime, limit: int = MAX_HELD_CONTACTS) -> list[WaitingCall]:
     """The oldest calls that no longer hold steps back (see `claim`), and whom they are about."""
-    rows = conn.execute(
-        sa.select(J.inbox_id, J.created_at, J.about)
-        .where(_tried(cutoff), J.status == "pending")
-        .order_by(J.created_at)
-        .limit(limit)
-    )
+    rows = conn.execute(_OVERDUE, {"cutoff": cutoff, "limit": limit})
     return [
         WaitingCall(row.inbox_id, row.created_at, None if row.about is None else _contacts(conn, row.about))
         for row in rows
     ]
 
 
+_OVERDUE = (
+    sa.select(J.inbox_id, J.created_at, J.about)
+    .where(_tried(_CUTOFF), J.status == "pending")
+    .order_by(J.created_at)
+    .limit(sa.bindparam("limit", type_=sa.Integer))
+)
+
+
 def next_due(conn: Connection) -> datetime | None:
     """When the earliest pending job is due."""
-    due: datetime | None = conn.execute(sa.select(sa.func.min(J.due_at)).where(J.status == "pending")).scalar()
+    due: datetime | None = conn.execute(_NEXT_DUE).scalar()
     return due
+
+
+_NEXT_DUE = sa.select(sa.func.min(J.due_at)).where(J.status == "pending")
 
 
 def renew(conn: Connection, job_ids: list[int], worker: str, until: datetime) -> None:
@@ -329,7 +360,6 @@ def add_inbox_jobs(conn: Connection, inbox_ids: list[int], now: datetime) -> Non
     conn.execute(_ADD_INBOX_JOBS, {"ids": inbox_ids, "now": now})
 
 
-_NOW = sa.bindparam("now", type_=J.due_at.type)
 _ADD_INBOX_JOBS = sa.insert(JOBS).from_select(
     ["kind", "inbox_id", "step", "due_at", "status", "attempts", "created_at", "updated_at"],
     sa.select(
