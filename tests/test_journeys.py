@@ -631,6 +631,7 @@ async def test_a_date_rule_on_events_added_later_reaches_tickets_already_sold_on
     with second.db.engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM jobs WHERE kind = 'trigger'").scalar() == 0
     spec = second.router.rules["reminder"].spec
+    assert spec.summary == "on event.properties.starts_at of ticket.ordered, once"  # as `declic check` lists it
     # `declic plan` counts what the rule would fire: the 5 June concert's reminder within 7 days, none within 24 h.
     assert await second.db.run(plan._firings, spec, "UTC", clock.now()) == (0, 1)
     assert await second.db.run(second.router.reconcile, clock.now()) == 4  # year 1, minus a day: no such moment

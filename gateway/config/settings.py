@@ -380,7 +380,8 @@ class RuleSpec(_Strict):
     def summary(self) -> str:
         """The trigger in a few words, for `declic check`."""
         if self.on_date:
-            return f"on {self.on_date}, {'yearly' if self.yearly else 'once'}"
+            carriers = f" of {' or '.join(self.of)}" if self.date_from_event else ""
+            return f"on {self.on_date}{carriers}, {'yearly' if self.yearly else 'once'}"
         if self.inactive_for is not None:
             repeats = f", again every {_days(self.repeat_every)}" if self.repeat_every else ""
             limit = f", {self.max_times} times at most" if self.max_times else ""
