@@ -20,7 +20,7 @@ from .kit.durations import Duration
 from .kit.events import CANONICAL_TYPES, ConsentState, ConsentStatement, ContactRef, Event, PushRef
 from .kit.limits import SendLimiter
 from .kit.machines import machine_reasons
-from .kit.net import ForbiddenAddress, GuardedClient, retry_after
+from .kit.net import ForbiddenAddress, GuardedClient, api_client, retry_after
 from .kit.polling import Fetched, PollingSource
 from .kit.sinks import (
     DELIVERY_METADATA,
@@ -75,6 +75,7 @@ __all__ = [
     "SinkConfig",
     "Source",
     "TrackSpec",
+    "api_client",
     "hookimpl",
     "machine_reasons",
     "make_environment",

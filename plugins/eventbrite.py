@@ -35,11 +35,12 @@ from declic_gateway import (
     RawCall,
     RetryLater,
     Source,
+    api_client,
     hookimpl,
 )
 
 API_HOST = "www.eventbriteapi.com"
-TIMEOUT = aiohttp.ClientTimeout(total=20)
+TIMEOUT = 20.0  # seconds, the whole request
 #: An order with more attendee pages than this is refused rather than silently truncated.
 MAX_PAGES = 40
 #: A Retry-After beyond this is treated as this: the core's own backoff caps retries anyway.
@@ -124,20 +125,10 @@ class Eventbrite(Source):
 
     def __init__(self, key: str, config: EventbriteConfig, deployment: Any):
         super().__init__(key, config, deployment)
-        self._session: aiohttp.ClientSession | None = None
-
-    async def start(self) -> None:
-        self._open()
+        self._client = api_client(config.api_base, TIMEOUT, headers={"Accept": "application/json"})
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _open(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=TIMEOUT, headers={"Accept": "application/json"})
-        return self._session
+        await self._client.close()
 
     async def verify(self, request: web.Request, body: bytes) -> None:
         if not body:
@@ -194,7 +185,7 @@ class Eventbrite(Source):
         url = self.config.api_base + path
         headers = {"Authorization": f"Bearer {self.config.token.get_secret_value()}"}
         try:
-            async with self._open().get(url, params=params, headers=headers, allow_redirects=False) as response:
+            async with self._client.request("GET", url, params=params, headers=headers) as response:
                 status, body = response.status, await response.read()
                 retry_after = response.headers.get("Retry-After")
         except (aiohttp.ClientError, TimeoutError) as exc:

@@ -26,7 +26,6 @@ import aiohttp
 import structlog
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
-from yarl import URL
 
 from declic_gateway import (
     BadRequest,
@@ -43,6 +42,7 @@ from declic_gateway import (
     RetryLater,
     SignatureError,
     Source,
+    api_client,
     hookimpl,
     retry_after,
 )
@@ -391,7 +391,7 @@ class Crm:
         self.clock = clock
         self._auth = {"Authorization": f"Bearer {token.get_secret_value()}"}
         # The configured API host is trusted (a proxy may be local); a redirect is never followed.
-        self._client = GuardedClient(allow=[URL(self.base).raw_host or ""], timeout=10)
+        self._client = api_client(self.base, 10)
         #: Set when HubSpot said the rate-limit window is used up: the next call would only earn a 429.
         self._resume_at: datetime | None = None
 

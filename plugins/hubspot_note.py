@@ -20,17 +20,16 @@ from typing import Any
 
 import aiohttp
 from pydantic import Field, SecretStr, field_validator
-from yarl import URL
 
 from declic_gateway import (
     DeliveryResult,
     Deployment,
-    GuardedClient,
     Message,
     SendContext,
     SendLimiter,
     Sink,
     SinkConfig,
+    api_client,
     hookimpl,
     retry_after,
 )
@@ -100,7 +99,7 @@ class HubSpotNote(Sink):
         self._calls = SendLimiter(1000, config.rate)
         self._searches = SendLimiter(1000, SEARCH_RATE)
         # The configured API host is trusted (a proxy may be local); a redirect is never followed.
-        self._client = GuardedClient(allow=[URL(self.base).raw_host or ""], timeout=config.timeout)
+        self._client = api_client(self.base, config.timeout)
         #: Set when HubSpot said the rolling window is used up: until then a call would only earn a 429.
         self._resume_at: datetime | None = None
 

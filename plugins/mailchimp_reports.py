@@ -41,6 +41,7 @@ from declic_gateway import (
     RawCall,
     RetryLater,
     Source,
+    api_client,
     hookimpl,
     retry_after,
 )
@@ -57,7 +58,7 @@ _DATA_CENTER = re.compile(r"[a-z]{2,8}[0-9]{1,4}")
 CampaignId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 ACTIVITY_FIELDS = "emails.campaign_id,emails.list_id,emails.email_id,emails.email_address,emails.activity,total_items"
 SENT_TO_FIELDS = "sent_to.email_id,sent_to.email_address,sent_to.status,sent_to.list_id,total_items"
-TIMEOUT = aiohttp.ClientTimeout(total=60)  # a page of 1,000 recipients with their activity is large
+TIMEOUT = 60.0  # seconds: a page of 1,000 recipients with their activity is large
 #: The wait when Mailchimp names none. The core's backoff does not grow for polls (a deferred poll
 #: spends no attempt), so without this a failing poll would ask again every few seconds.
 RETRY_FLOOR = timedelta(minutes=1)
@@ -134,24 +135,12 @@ class MailchimpReports(PollingSource):
     def __init__(self, key: str, config: MailchimpReportsConfig, deployment: Deployment):
         super().__init__(key, config, deployment)
         self.interval = config.interval
-        self._session: aiohttp.ClientSession | None = None
-
-    async def start(self) -> None:
-        self._open()
+        # Requests go one at a time: Mailchimp allows 10 connections per account, shared with other tools.
+        headers = {"Accept": "application/json", "Authorization": basic_auth(config.api_key)}
+        self._client = api_client(config.api_base, TIMEOUT, headers)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _open(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            # Requests go one at a time: Mailchimp allows 10 connections per account, shared with other tools.
-            self._session = aiohttp.ClientSession(
-                timeout=TIMEOUT,
-                headers={"Accept": "application/json", "Authorization": basic_auth(self.config.api_key)},
-            )
-        return self._session
+        await self._client.close()
 
     async def poll(self, cursor: str | None, now: datetime) -> Fetched:
         """The cursor is where the next poll reads from: the latest activity seen, less `overlap`."""
@@ -233,7 +222,7 @@ class MailchimpReports(PollingSource):
     async def _get(self, path: str, params: dict[str, str]) -> dict[str, Any] | None:
         """The JSON object Mailchimp answers; None for a 404; RetryLater for anything else."""
         try:
-            async with self._open().get(self.config.api_base + path, params=params, allow_redirects=False) as reply:
+            async with self._client.request("GET", self.config.api_base + path, params=params) as reply:
                 status, body, wait = reply.status, await reply.read(), reply.headers.get("Retry-After")
         except (aiohttp.ClientError, TimeoutError) as exc:
             reason = f"Mailchimp API unreachable ({path}): {type(exc).__name__}: {exc}"

@@ -27,7 +27,17 @@ import structlog
 from pydantic import Field, SecretStr, field_validator, model_validator
 from yarl import URL
 
-from declic_gateway import ConfigError, DeliveryResult, Message, SendContext, Sink, SinkConfig, hookimpl, retry_after
+from declic_gateway import (
+    ConfigError,
+    DeliveryResult,
+    Message,
+    SendContext,
+    Sink,
+    SinkConfig,
+    api_client,
+    hookimpl,
+    retry_after,
+)
 
 log = structlog.get_logger("declic.twilio")
 
@@ -131,7 +141,8 @@ class TwilioSink(Sink):
         super().__init__(key, config, deployment)
         self.config: TwilioConfig = config
         self._url = f"{config.api_base}/2010-04-01/Accounts/{config.account_sid}/Messages.json"
-        self._session: aiohttp.ClientSession | None = None
+        headers = {"Accept": "application/json", "Authorization": self._basic_auth()}
+        self._client = api_client(config.api_base, config.timeout, headers)
 
     def address(self, contact: dict[str, Any]) -> str | None:
         """The number in E.164 when it reads as one; as written otherwise, so send() can report it invalid."""
@@ -158,20 +169,9 @@ class TwilioSink(Sink):
 
     async def start(self) -> None:
         _ = self.callback_url  # a missing public_url stops start-up, not the first send
-        self._open()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _open(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.config.timeout),
-                headers={"Accept": "application/json", "Authorization": self._basic_auth()},
-            )
-        return self._session
+        await self._client.close()
 
     def _basic_auth(self) -> str:
         """HTTP Basic AccountSid:AuthToken (aiohttp.BasicAuth is deprecated, its successor is 3.14+ only)."""
@@ -199,7 +199,7 @@ class TwilioSink(Sink):
             return DeliveryResult.permanent("the rendered SMS is empty: nothing sent")
         encoding, count = segments(message.text)
         try:
-            async with self._open().post(self._url, data=self.form(to, message.text), allow_redirects=False) as reply:
+            async with self._client.request("POST", self._url, data=self.form(to, message.text)) as reply:
                 status, body = reply.status, await reply.read()
                 after = retry_after(reply.headers.get("Retry-After"), self.deployment.clock.now())
         except TimeoutError:

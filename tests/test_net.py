@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -140,3 +142,16 @@ def test_embedded_ipv4_addresses_are_judged_by_the_ipv4_address() -> None:
         if Allowance(allow).permits("host.example", ipaddress.ip_address(address)) != expected
     ]
     assert wrong == []
+
+
+def test_every_outbound_http_session_is_the_guarded_one() -> None:
+    """A plugin that opened its own aiohttp session would skip the address checks and the no-redirect rule."""
+    root = Path(__file__).resolve().parent.parent
+    opened = [
+        f"{path.relative_to(root)}:{number}"
+        for folder in ("gateway", "plugins")
+        for path in sorted((root / folder).rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"\bClientSession\(", line)
+    ]
+    assert [where.split(":")[0] for where in opened] == ["gateway/kit/net.py"], opened

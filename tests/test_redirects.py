@@ -10,16 +10,24 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from test_eventbrite import envelope
+from test_eventbrite import make_source as eventbrite_source
+from test_eventbrite import raw as eventbrite_raw
 from test_fcm import MESSAGE as PUSH
 from test_fcm import context, key_file
 from test_hubspot import NOW, ONE_CONTACT, raw, source
 from test_hubspot_note import CTX as NOTE_CTX
 from test_hubspot_note import MESSAGE as NOTE
+from test_mailchimp_reports import source as mailchimp_reports_source
+from test_twilio import ACCOUNT, TOKEN
+from test_twilio import CTX as SMS_CTX
+from test_twilio import message as sms
 
-from declic_gateway import Deployment, RetryLater
+from declic_gateway import Deployment, MalformedPayload, RetryLater
 from declic_gateway.testing import FakeClock
 from plugins.fcm import FcmConfig, FcmSink
 from plugins.hubspot_note import HubSpotNote, HubSpotNoteConfig
+from plugins.twilio import TwilioConfig, TwilioSink
 
 #: What the redirect target answers: enough for any of the plugins to go on, had it followed.
 ANYTHING = {"id": "201", "properties": {}, "total": 0, "results": [], "access_token": "t", "expires_in": 3600}
@@ -108,7 +116,42 @@ async def fcm(api: str, tmp_path: Path) -> None:
     assert "302" in json.dumps(result.error or "")
 
 
-CALLERS: list[Callable[[str, Path], Awaitable[Any]]] = [hubspot_source, hubspot_note, fcm]
+async def eventbrite(api: str, tmp_path: Path) -> None:
+    src = eventbrite_source(api)
+    try:
+        with pytest.raises(MalformedPayload, match="answered 302"):  # failed, replayable: not a transient fault
+            await src.normalize(eventbrite_raw(envelope("order.placed")))
+    finally:
+        await src.close()
+
+
+async def mailchimp_reports(api: str, tmp_path: Path) -> None:
+    src = mailchimp_reports_source(api)
+    try:
+        with pytest.raises(RetryLater, match="302"):
+            await src.poll(None, NOW)
+    finally:
+        await src.close()
+
+
+async def twilio(api: str, tmp_path: Path) -> None:
+    options = {"account_sid": ACCOUNT, "auth_token": TOKEN, "sender": "+33700000000", "api_base": api, "timeout": 2}
+    sink = TwilioSink("sms", TwilioConfig.model_validate(options), Deployment(None, "UTC", FakeClock(NOW)))
+    try:
+        result = await sink.send(sms(), SMS_CTX)
+    finally:
+        await sink.close()
+    assert "302" in (result.error or "")
+
+
+CALLERS: list[Callable[[str, Path], Awaitable[Any]]] = [
+    hubspot_source,
+    hubspot_note,
+    fcm,
+    eventbrite,
+    mailchimp_reports,
+    twilio,
+]
 
 
 @pytest.mark.parametrize("call", CALLERS, ids=[c.__name__ for c in CALLERS])

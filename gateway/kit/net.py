@@ -80,6 +80,12 @@ def embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
     return None
 
 
+def api_client(api_base: str, timeout: float, headers: dict[str, str] | None = None) -> GuardedClient:
+    """A guarded client for a provider's API: its configured host is allowed (a local stand-in in tests,
+    a proxy in some deployments), every other address is checked, and no redirect is followed."""
+    return GuardedClient(allow=[URL(api_base).raw_host or ""], timeout=timeout, headers=headers)
+
+
 def check_url(url: str | URL, allowance: Allowance) -> URL:
     """Refuse what no resolver check can catch: other schemes, credentials in the URL, IP literals."""
     parsed = URL(url) if isinstance(url, str) else url
@@ -136,16 +142,19 @@ class GuardedResolver(AbstractResolver):
 class GuardedClient:
     """An aiohttp session for user-given URLs: addresses checked, no redirects, a total timeout."""
 
-    def __init__(self, allow: list[str] | tuple[str, ...] = (), timeout: float = 10.0):
+    def __init__(
+        self, allow: list[str] | tuple[str, ...] = (), timeout: float = 10.0, headers: dict[str, str] | None = None
+    ):
         self.allowance = Allowance(allow)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._headers = headers
         self._session: aiohttp.ClientSession | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
             connector = aiohttp.TCPConnector(resolver=GuardedResolver(self.allowance), use_dns_cache=False)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout, headers=self._headers)
         return self._session
 
     def request(self, method: str, url: str, **kwargs: Any) -> Any:
