@@ -503,9 +503,12 @@ async def test_site_visitor_becomes_a_known_contact_end_to_end(
     again = await client.post("/hooks/site/p", data=load("page.json"), headers=text_plain)
     assert (await again.json())["status"] == "duplicate"
     assert (await client.post("/hooks/site/x", data=load("page.json"))).status == 404
-    # The page's identify, signed with the public write key, links the visitor to cus_1042 and names
-    # them, but does not give a contact that already exists an address or a device: the server does.
-    assert rows("SELECT email, phone, first_name FROM contacts") == [(None, None, "Camille")]
+    # The page's identify, signed with the public write key, links the visitor to cus_1042, names them
+    # and gives the addresses the page views' contact did not have yet (as creating it would have), but
+    # no device: the server does that.
+    assert rows("SELECT email, phone, first_name FROM contacts") == [
+        ("camille.durand@example.org", "+33612345678", "Camille")
+    ]
     assert rows("SELECT count(*) FROM push_subscriptions") == [(0,)]
     relayed = {**{k: v for k, v in json.loads(load("identify.json")).items() if k != "writeKey"}, "messageId": "s-1"}
     server_key = {"Authorization": basic(SECRET_KEY)}

@@ -231,18 +231,51 @@ async def test_the_write_key_cannot_change_an_existing_contacts_consent(
     assert json.loads(d.scalar("SELECT consent FROM contacts"))["email"]["state"] == in_force
 
 
-async def test_a_visitor_who_browsed_first_needs_the_secret_key_to_opt_in(site: Factory) -> None:
-    """A page view already made the visitor a contact, so the write key's opt-in is refused: the
-    documented limit until the core lets a public key complete a contact that has no address yet."""
-    d = await site()
-    page = {"type": "page", "anonymousId": "mallory-browser", "writeKey": WRITE_KEY, "context": SIGNUP}
+async def page_view(d: Deployment, browser: str = "mallory-browser") -> None:
+    page = {"type": "page", "anonymousId": browser, "writeKey": WRITE_KEY, "context": SIGNUP}
     assert (await d.client.post("/hooks/site", data=json.dumps(page).encode())).status == 200
     await d.advance(seconds=1)
+
+
+async def test_a_visitor_who_browsed_first_signs_up_from_the_page_and_gets_mail(
+    site: Factory, smtp: SmtpCatcher
+) -> None:
+    """analytics.js's usual order: page views make the visitor a contact with no address, then the sign-up
+    form's `identify` gives the e-mail and the opt-in, with the write key. That completes the contact as
+    creating one would: the address and the evidenced grant count, and the cart reminder goes out."""
+    d = await site()
+    await page_view(d)
     await identify(d, OPT_IN, "page", context=SIGNUP)
-    assert [(r["state"], bool(r["applied"]), r["reason"]) for r in consents(d).values()] == [
-        ("granted", False, REFUSED),
-        ("granted", False, REFUSED),
-    ]
-    await identify(d, OPT_IN, "server, secret key", context=SIGNUP)
+    assert d.scalar("SELECT count(*) FROM contacts") == 1
     assert d.scalar("SELECT email FROM contacts") == VICTIM
-    assert json.loads(d.scalar("SELECT consent FROM contacts"))["email"]["state"] == "granted"
+    ledger = consents(d)
+    assert (ledger["email"]["state"], bool(ledger["email"]["applied"])) == ("granted", True)
+    assert ledger["email"]["evidence"]["signed_with"] == "write key"
+
+    await d.post_shopify("checkouts/create", checkout_without_consent())
+    await d.advance(hours=1, seconds=1)
+    assert reminders(smtp) == [([VICTIM], True)]
+    # Completed, the contact is an existing one: the write key can no longer move its address.
+    await identify(d, {"email": MALLORY}, "page")
+    assert d.scalar("SELECT email FROM contacts WHERE email IS NOT NULL") == VICTIM
+
+
+async def test_a_visitor_cannot_take_an_address_another_contact_holds_with_the_write_key(
+    site: Factory, smtp: SmtpCatcher
+) -> None:
+    """The address is Camille's (from her checkout): a browser that names it with the write key does not
+    get it, nor changes her consent; her reminder still goes to her alone."""
+    d = await site()
+    await abandoned_cart(d)
+    await page_view(d, "other-browser")
+    await identify(d, {"email": VICTIM, "consent": {"email": "withdrawn"}}, "page", anonymousId="other-browser")
+    assert d.scalar("SELECT count(*) FROM contacts WHERE email = :e", e=VICTIM) == 1
+    visitor = d.scalar("SELECT contact_id FROM identities WHERE value = 'other-browser'")
+    assert d.rows("SELECT state, applied, reason FROM consents WHERE contact_id = :c", c=visitor) == [
+        ("withdrawn", False, REFUSED)
+    ]
+    assert (
+        json.loads(d.scalar("SELECT consent FROM contacts WHERE email = :e", e=VICTIM))["email"]["state"] == "granted"
+    )
+    await d.advance(hours=1, seconds=1)
+    assert reminders(smtp) == [([VICTIM], True)]

@@ -85,9 +85,10 @@ def upsert(
         if _OWN in ref.external_ids:  # Declic's own ids name existing contacts; nobody can reserve one
             raise UnknownContact(f"no contact has Declic id {ref.external_ids[_OWN]!r}")
         return _create(conn, ref, keys, source, now, event, raw, double_opt_in)
-    if not ref.trusted:  # a stranger may name a contact, not move its addresses or devices
-        ref = ref.model_copy(update={"email": None, "phone": None, "previous_email": None, "push_subscriptions": []})
-        keys = [k for k in keys if k[0] not in ("email", "phone")]
+    existing = True
+    if not ref.trusted:
+        ref, existing = _as_stranger(conn, ref, known, contact_id)
+        keys = [k for k in keys if k[0] not in ("email", "phone")] + addresses(ref)
     for key in ref.previous_ids.items():
         holder = known.get(key)
         if holder is not None and holder != contact_id and _fold_anonymous(conn, holder, contact_id, ref):
@@ -97,7 +98,25 @@ def upsert(
     ref, for_holders = _leave_to_holders(ref, known, contact_id)
     for holder, consent in for_holders.items():
         _update(conn, holder, ContactRef(consent=consent), source, now, event, raw, double_opt_in)
-    return _update(conn, contact_id, ref, source, now, event, raw, double_opt_in)
+    return _update(conn, contact_id, ref, source, now, event, raw, double_opt_in, existing)
+
+
+def _as_stranger(
+    conn: Connection, ref: ContactRef, known: dict[tuple[str, str], int], contact_id: int
+) -> tuple[ContactRef, bool]:
+    """What a call signed with a public key may do to the contact it names: add to it, never move its
+    addresses or devices. A visitor whom page views made a contact before it gave any address may be
+    completed as a new contact may be created (an address nobody holds, consent with evidence): that
+    gives the key no power over anyone Declic already writes to. Returns the call as it may apply,
+    and whether the contact counts as existing."""
+    row = conn.execute(_ADDRESSES, {"contact_id": contact_id}).one()
+    given = addresses(ref)
+    completes = row.email is None and row.phone is None and row.email_status != "erased"
+    completes = completes and not any(key in known for key in given)  # nor someone else's address
+    update = {"email": None, "phone": None, "previous_email": None, "push_subscriptions": []}
+    if completes:
+        update.update({kind: getattr(ref, kind) for kind, _ in given})
+    return ref.model_copy(update=update), not completes
 
 
 #: The kind of identity that is each channel's address: consent on the channel is the address holder's.
@@ -129,6 +148,7 @@ def _leave_to_holders(
 
 _INSERT_CONTACT = sa.insert(CONTACTS).returning(C.id)
 _CONTACT = sa.select(CONTACTS).where(C.id == sa.bindparam("contact_id"))
+_ADDRESSES = sa.select(C.email, C.phone, C.email_status).where(C.id == sa.bindparam("contact_id"))
 _WRITABLE = (*_FIELDS, "phone_status", "attributes", "consent", "updated_at")
 _UPDATE_CONTACT = (
     sa.update(CONTACTS).where(C.id == sa.bindparam("contact_id")).values({f: sa.bindparam(f) for f in _WRITABLE})
@@ -185,11 +205,12 @@ def _update(
     event: Event | None,
     raw: RawCall | None,
     double_opt_in: frozenset[str],
+    existing: bool = True,
 ) -> tuple[dict[str, Any], frozenset[str]]:
     row = conn.execute(_CONTACT, {"contact_id": contact_id}).one()._asdict()
     if row["email_status"] == "erased":
         return _with_links(conn, row), frozenset()  # an erasure is final: later events bring nobody back
-    changes, moved, rulings = _merge(row, ref, source, now, event, existing=True, double_opt_in=double_opt_in)
+    changes, moved, rulings = _merge(row, ref, source, now, event, existing=existing, double_opt_in=double_opt_in)
     if changes:
         row.update(changes, updated_at=now)
         conn.execute(_UPDATE_CONTACT, {"contact_id": contact_id, **{f: row[f] for f in _WRITABLE}})
