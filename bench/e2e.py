@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/e2e.py [--orders 2000] [--concurrency 64] [--timeout 120] [--links N] [--track]
 
-`declic serve` (role all) runs in its own process on a fresh temporary SQLite database, with one
+`declic serve` (role all) runs in its own process on a fresh temporary SQLite database (or, with
+`--postgres URL`, a fresh database on that PostgreSQL server, dropped afterwards), with one
 Shopify source, one SMTP sink (`tls: none`) pointing at an aiosmtpd catcher (declic_gateway.testing.SmtpCatcher,
 in this process), and one rule: `when: order.placed`, `kind: transactional`, send immediately.
 This process posts N orders/create webhooks (distinct order ids, names and e-mail addresses) at the
@@ -12,6 +13,9 @@ subject, so each e-mail is matched to its post. `--links N` puts N shop links in
 measure what tracking costs the send path; `--no-keep-rendered` keeps no copy of sent messages,
 to measure what the timeline's copies cost. It prints e-mails/s from the first post to the last
 e-mail received and the end-to-end latency (post start -> e-mail received), p50 and p99.
+With `--postgres`, it also prints the CPU that the database's server processes used for it: the
+backends connected to the bench's database (read from pg_stat_activity before and after) and the
+WAL writer, which flushes every commit.
 A benchmark, not a test: it reports and asserts nothing about timings.
 """
 
@@ -20,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -55,7 +58,7 @@ CONFIG = """\
 public_url: http://127.0.0.1:{port}
 timezone: UTC
 storage:
-  url: sqlite:///{db}
+  url: {db}
 {keep_rendered}sources:
   shop:
     plugin: shopify
@@ -177,6 +180,9 @@ def main() -> None:
     parser.add_argument("--callgrind-keep", type=Path, help="with --callgrind: copy callgrind's file here")
     parser.add_argument("--declic", type=Path, default=DECLIC, help="the declic command to run (another checkout's)")
     parser.add_argument(
+        "--postgres", metavar="URL", help="run on a fresh database of this PostgreSQL server instead of SQLite"
+    )
+    parser.add_argument(
         "--callgrind",
         action="store_true",
         help="run Declic under callgrind and count its instructions from the first post to the last e-mail: "
@@ -206,7 +212,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="declic-e2e-") as tmp:
         folder = Path(tmp)
         port = free_port()
-        db = folder / "declic.db"
+        db = Postgres(args.postgres, run) if args.postgres else None
+        url = db.url if db else f"sqlite:///{folder / 'declic.db'}"
         sink_extra = f"    connections: {args.smtp_connections}\n" if args.smtp_connections else ""
         worker = f"worker:\n  concurrency: {args.worker_concurrency}\n" if args.worker_concurrency else ""
         try:
@@ -215,7 +222,7 @@ def main() -> None:
                 folder,
                 CONFIG.format(
                     port=port,
-                    db=db,
+                    db=url,
                     secret=SECRET,
                     smtp_port=catcher.port,
                     sink_extra=sink_extra,
@@ -226,6 +233,8 @@ def main() -> None:
                 ),
                 templates(args.links),
             )
+            if db:
+                subprocess.run([str(args.declic), "db", "upgrade", "--config", str(config)], check=True)
             with open(folder / "declic.log", "wb") as log:
                 command = [str(args.declic), "serve", "--config", str(config), "--host", "127.0.0.1"]
                 counts = folder / "callgrind.out"
@@ -236,11 +245,13 @@ def main() -> None:
                 if args.callgrind:
                     callgrind_control(server.pid, "--instr=on")
                 cpu_before, ticks_before = cpu_seconds(server.pid), machine_ticks()
+                db_before = db.cpu() if db else {}
                 result = asyncio.run(post_all(f"http://127.0.0.1:{port}/hooks/shop", orders, args.concurrency))
                 posts_done = time.perf_counter()
                 catcher.everything.wait(timeout=max(0.0, args.timeout - (posts_done - min(result["posted"].values()))))
                 waited = time.perf_counter()
                 server_cpu = cpu_seconds(server.pid) - cpu_before
+                db_cpu = {pid: cpu - db_before.get(pid, 0.0) for pid, cpu in db.cpu().items()} if db else {}
                 usage = machine_usage(ticks_before, machine_ticks())
                 instructions = callgrind_total(server.pid, counts) if args.callgrind else None
                 if args.callgrind and args.callgrind_keep:
@@ -248,8 +259,11 @@ def main() -> None:
         finally:
             stop(server)
             catcher.stop()
-        with sqlite3.connect(db) as conn:
-            sent = conn.execute("SELECT count(*) FROM deliveries WHERE status = 'sent'").fetchone()[0]
+            try:
+                sent = count_sent(url)
+            finally:
+                if db:
+                    db.drop()
         if len(catcher.arrivals) < args.orders:  # say why, before the temporary folder goes
             problems = [
                 line
@@ -291,6 +305,14 @@ def main() -> None:
         f"to the last e-mail, {server_cpu / max(1, len(arrivals)) * 1000:.1f} ms per e-mail "
         f"({server_cpu / (waited - first_post):.0%} of a core)"
     )
+    if db:
+        used = sum(db_cpu.values())
+        print(
+            f"     db: PostgreSQL's processes for it used {used:.1f} s of CPU, "
+            f"{used / max(1, len(arrivals)) * 1000:.1f} ms per e-mail ({len(db_cpu) - 1} backends and the WAL "
+            f"writer); Declic and the database together {(server_cpu + used) / max(1, len(arrivals)) * 1000:.1f} "
+            "ms per e-mail"
+        )
     print(f"        {usage}")
     if instructions is not None:
         print(
@@ -299,6 +321,47 @@ def main() -> None:
         )
     if len(arrivals) < args.orders:
         print(f"   NOTE: {args.orders - len(arrivals)} e-mails had not arrived after the {args.timeout:g} s timeout")
+
+
+def count_sent(url: str) -> int:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    with engine.connect() as conn:
+        sent = conn.execute(sa.text("SELECT count(*) FROM deliveries WHERE status = 'sent'")).scalar_one()
+    engine.dispose()
+    return int(sent)
+
+
+class Postgres:
+    """A fresh database on the given server for one run, and the CPU its server processes use."""
+
+    def __init__(self, server: str, run: str):
+        import sqlalchemy as sa
+
+        self.name = f"declic_bench_{run}"
+        base = sa.make_url(server).set(drivername="postgresql+psycopg")
+        self.admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+        with self.admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{self.name}"'))
+        self.url = sa.make_url(server).set(database=self.name).render_as_string(hide_password=False)
+
+    def cpu(self) -> dict[int, float]:
+        """CPU seconds so far of each backend connected to the database, and of the WAL writer (Linux /proc:
+        the server must run on this machine)."""
+        import sqlalchemy as sa
+
+        query = "SELECT pid FROM pg_stat_activity WHERE datname = :name OR backend_type = 'walwriter'"
+        with self.admin.connect() as conn:
+            pids = conn.execute(sa.text(query), {"name": self.name}).scalars().all()
+        return {pid: cpu_seconds(pid) for pid in pids if Path(f"/proc/{pid}").exists()}
+
+    def drop(self) -> None:
+        import sqlalchemy as sa
+
+        with self.admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)'))
+        self.admin.dispose()
 
 
 if __name__ == "__main__":
