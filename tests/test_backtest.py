@@ -270,3 +270,68 @@ async def test_a_grant_awaiting_confirmation_at_the_start_is_pending_until_the_r
     assert cart["suppressed"] == {"no email consent (state: pending)": 1}
     assert len(smtp.messages) == 2
     assert snapshot(db_url) == before
+
+
+HISTORY_RULES = """\
+  - name: win-back
+    inactive_for: 5d
+    repeat_every: 2d
+    max_times: 3
+    of: [order.placed]
+    kind: transactional
+    send: {via: email, template: welcome}
+  - name: second-order
+    when: order.placed
+    if: "contact.count('order.placed') >= 2"
+    kind: transactional
+    send: {via: email, template: welcome}
+"""
+
+
+def nth_order(order_id: int, customer_id: int, email: str) -> bytes:
+    body = fixture_json("shopify/order.json")
+    body.update(id=order_id, name=f"#{order_id}", checkout_token=None, email=email, created_at=None)
+    body["customer"] = {"id": customer_id, "email": email, "first_name": email.split("@")[0].title()}
+    return json.dumps(body).encode()
+
+
+async def test_history_before_the_period_counts_for_inactivity_and_conditions(
+    deploy: Factory, smtp: SmtpCatcher, db_url: str, tmp_path: Path
+) -> None:
+    """Olga and Paul ordered before the period, Paul and Quentin order during it. Replayed under a win-back
+    rule (5 days without an order, then every 2 days, 3 times in all) and a second-order rule, the
+    backtest sees the orders from before the period as the live deployment would have: Olga's firings
+    in the period are her 2nd and 3rd (the 1st fell before it), Paul's order in the period is his third."""
+    d = await deploy()
+    await d.post_shopify("orders/create", nth_order(1, 21, "olga@example.org"))  # 2026-03-14 08:00
+    await d.post_shopify("orders/create", nth_order(2, 22, "paul@example.org"))
+    await d.advance(days=3)
+    await d.post_shopify("orders/create", nth_order(3, 22, "paul@example.org"))  # 03-17 08:00
+    await d.advance(days=4)
+    await d.post_shopify("orders/create", nth_order(4, 22, "paul@example.org"))  # 03-21 08:00
+    await d.post_shopify("orders/create", nth_order(5, 23, "quentin@example.org"))
+    await d.advance(days=6)
+    before = snapshot(db_url)
+
+    folder = tmp_path / "history"
+    folder.mkdir()
+    text = BASE_CONFIG.format(
+        db_url=db_url,
+        secret=SECRET,
+        smtp_port=smtp.port,
+        rules=DEFAULT_RULES + HISTORY_RULES,
+        max_attempts=5,
+        worker="",
+    )
+    config = write_deployment(folder, text, TEMPLATES)
+    result = await run_cli(
+        "backtest", "--config", str(config), "--from", "2026-03-20", "--to", "2026-03-26", "--format", "json"
+    )
+    assert result.exit_code == 0, result.output
+    rules = {rule["rule"]: rule for rule in json.loads(result.stdout)["rules"]}
+    # Olga: 03-21 and 03-23 (03-19 was before the period). Paul: his 03-17 order's firing on 03-22 was
+    # called off by his 03-21 order, whose own comes on 03-26, after the period. Quentin: 03-26 too.
+    assert (rules["win-back"]["entered"], rules["win-back"]["sent"]) == (2, {"1": 2})
+    assert rules["second-order"]["entered"] == 1  # Paul; Quentin's first order is not a second one
+    assert rules["second-order"]["not_entered"] == {"if false: contact.count('order.placed') >= 2": 1}
+    assert snapshot(db_url) == before

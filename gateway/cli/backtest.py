@@ -25,7 +25,8 @@ from ..http.app import build_gateway
 from ..http.running import RunningGateway
 from ..insight.tally import RuleTally, reason_kind, tally
 from ..kit.clock import FakeClock
-from ..pipeline import backdate
+from ..pipeline import backdate, triggers
+from ..pipeline.router import Router
 from ..store import INBOX, jobqueue
 from ..store.inbox import NewCall, commit_calls
 from ..store.readonly import snapshot
@@ -74,6 +75,7 @@ async def backtest(
             gateway.db.upgrade()
             with snapshot(live_url) as live:
                 report.contacts = gateway.db.transaction(_copy_state, live, settings, start)
+                gateway.db.transaction(_arm_triggers, gateway.router, start)
                 report.calls = await _replay(gateway, clock, live, start, end)
             # `--to` is excluded: a step due then belongs to the next period, and counts as waiting.
             await run_until(gateway, clock, end - timedelta(microseconds=1))
@@ -89,6 +91,15 @@ def _copy_state(scratch: sa.Connection, live: sa.Connection, settings: Settings,
     if settings.policies.pressure is not None:
         backdate.copy_recent_sends(live, scratch, start, settings.policies.pressure.per)
     return backdate.copy_contacts(live, scratch, start)
+
+
+def _arm_triggers(conn: sa.Connection, router: Router, start: datetime) -> None:
+    """Date and inactivity triggers from the copied contacts and history, as a live start-up would arm
+    them; an inactivity firing due before the period moves to its first repeat in it, if any."""
+    router.reconcile(conn, start)
+    for rule in router.rules.values():
+        if rule.spec.inactive_for is not None:
+            triggers.skip_inactivity_before(conn, rule.spec, start)
 
 
 async def _replay(

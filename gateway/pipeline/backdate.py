@@ -5,6 +5,9 @@ Read from `live` (a read-only snapshot), written to `scratch` (a throwaway datab
   devices; their consent as the ledger had it then (the latest statement applied before the moment);
   names, attributes and e-mail/phone status as they are now, for no history of them is kept; the lead
   score only when it was last changed before the moment;
+- their events stored before the moment (their history: `contact.count(...)`, the last activity that
+  inactivity rules count from, dates carried by events), under ids of their own, as the replay
+  numbers its events from its own calls; Declic's own events (date reached, inactive) are left out;
 - the messages sent within the pressure window before the moment, so that the caps start full;
 - the stored calls received in a period, oldest first, to replay; a call to one of Declic's own
   endpoints names a contact by its live id, which the replay finds again by its identities.
@@ -20,11 +23,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from ..store import CONSENTS, CONTACTS, DELIVERIES, IDENTITIES, INBOX, PUSH_SUBSCRIPTIONS, jsoncodec
+from ..store import CONSENTS, CONTACTS, DELIVERIES, EVENTS, IDENTITIES, INBOX, PUSH_SUBSCRIPTIONS, jsoncodec
 from ..store.inbox import NewCall
 from .consent import PENDING_REASON
 
-C, L, P, D, IN = CONTACTS.c, CONSENTS.c, PUSH_SUBSCRIPTIONS.c, DELIVERIES.c, INBOX.c
+C, L, P, D, E, IN = CONTACTS.c, CONSENTS.c, PUSH_SUBSCRIPTIONS.c, DELIVERIES.c, EVENTS.c, INBOX.c
 I = IDENTITIES.c  # noqa: E741
 PAGE = 500
 
@@ -43,6 +46,7 @@ def copy_contacts(live: Connection, scratch: Connection, moment: datetime) -> in
         scratch.execute(sa.insert(CONTACTS), [_as_of(row._asdict(), consent.get(row.id, {}), moment) for row in rows])
         _copy(live, scratch, IDENTITIES, I.contact_id.in_(ids))
         _copy(live, scratch, PUSH_SUBSCRIPTIONS, sa.and_(P.contact_id.in_(ids), P.created_at < moment))
+        _copy_events(live, scratch, ids, moment)
         copied, after = copied + len(rows), ids[-1]
     _reserve_ids(live, scratch, moment)
     return copied
@@ -76,6 +80,16 @@ def _as_of(row: dict[str, Any], consent: dict[str, Any], moment: datetime) -> di
         "score": row["score"] if scored else 0.0,
         "score_at": row["score_at"] if scored else None,
     }
+
+
+def _copy_events(live: Connection, scratch: Connection, contact_ids: list[int], moment: datetime) -> None:
+    received_later = sa.exists().where(IN.id == E.inbox_id, IN.received_at >= moment)  # the replay makes those
+    query = sa.select(EVENTS).where(
+        E.contact_id.in_(contact_ids), E.occurred_at < moment, E.source != "declic", ~received_later
+    )
+    rows = [{**row._asdict(), "id": f"live-{row.id}", "inbox_id": None} for row in live.execute(query)]
+    if rows:
+        scratch.execute(sa.insert(EVENTS), rows)
 
 
 def _reserve_ids(live: Connection, scratch: Connection, moment: datetime) -> None:

@@ -113,7 +113,7 @@ def _as_stranger(
     given = addresses(ref)
     completes = row.email is None and row.phone is None and row.email_status != "erased"
     completes = completes and not any(key in known for key in given)  # nor someone else's address
-    update = {"email": None, "phone": None, "previous_email": None, "push_subscriptions": []}
+    update: dict[str, Any] = {"email": None, "phone": None, "previous_email": None, "push_subscriptions": []}
     if completes:
         update.update({kind: getattr(ref, kind) for kind, _ in given})
     return ref.model_copy(update=update), not completes

@@ -223,6 +223,30 @@ def repeat_inactivity(
     conn.execute(_insert_once(conn.dialect.name), row)
 
 
+def skip_inactivity_before(conn: Connection, rule: RuleSpec, moment: datetime) -> int:
+    """Move each pending trigger of this inactivity rule that fell due before `moment` to its first
+    firing at or after it (a repeat of the same period), or drop it when no firing is left; returns how
+    many were dropped. For `declic backtest`: the firings before its period happened in the live
+    deployment, whose journeys the backtest does not copy, and must not all fire at its start."""
+    dropped = 0
+    rows = conn.execute(
+        sa.select(J.id, J.due_at, J.occurrence).where(
+            J.kind == "trigger", J.rule == rule.name, J.status == "pending", J.due_at < moment
+        )
+    ).all()
+    for job_id, due, occurrence in rows:
+        period, times = inactivity_period(occurrence)
+        while due < moment and rule.repeat_every is not None and (rule.max_times is None or times < rule.max_times):
+            due, times = due + rule.repeat_every, times + 1
+        if due < moment:
+            conn.execute(sa.delete(JOBS).where(J.id == job_id))
+            dropped += 1
+        else:
+            following = period if times == 1 else f"{period}#{times}"
+            conn.execute(_MOVE, {"job_id": job_id, "due": due, "occurrence": following, "now": moment})
+    return dropped
+
+
 def _inactive_key(rule: RuleSpec, contact_id: int) -> str:
     return f"inactive:{rule.name}:{contact_id}"
 
