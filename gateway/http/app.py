@@ -17,7 +17,7 @@ from aiohttp import web
 from ..config import Settings
 from ..errors import ConfigError, StorageUnavailable
 from ..insight.metrics import Metrics
-from ..jobs import polls, retention
+from ..jobs import polls, retention, wakeup
 from ..jobs.worker import Worker, make_worker_id
 from ..kit.clock import Clock, SystemClock
 from ..kit.sinks import Sink
@@ -182,6 +182,9 @@ async def _start(gateway: RunningGateway) -> None:
     # Last: a job is claimed only once the database, the plugins and their start-up hooks are ready.
     if gateway.role != "web":
         gateway.tasks.append(asyncio.create_task(_supervise(gateway), name="declic-worker"))
+        if not db.is_sqlite:  # other replicas queue work too: hear of it at once, not at the next poll
+            listening = wakeup.listen(wakeup.libpq_url(db.engine.url), gateway.worker.wake)
+            gateway.tasks.append(asyncio.create_task(listening, name="declic-wakeup"))
     log.info(
         "gateway started",
         role=gateway.role,

@@ -17,6 +17,24 @@ MAX_RETRY_AFTER = 86400.0
 #: What a job does: process a stored call, run a journey step, fire a date or inactivity trigger,
 #: poll a provider, or run the clock's own work.
 KINDS = ("inbox", "step", "trigger", "poll", "tick")
+#: The PostgreSQL channel on which a transaction that queued work wakes every replica's worker.
+CHANNEL = "declic_jobs"
+_NOTIFY = sa.text(f"NOTIFY {CHANNEL}")
+
+
+def notify(conn: Connection) -> None:
+    """On PostgreSQL, wake the workers listening (jobs/wakeup.py) once this transaction commits.
+
+    PostgreSQL holds a NOTIFY until the commit (a rolled-back job wakes nobody) and folds repeats within
+    one transaction; the flag on the connection spares the round trip of asking again. SQLite: one
+    process, whose worker the caller wakes itself.
+    """
+    if conn.dialect.name != "postgresql":
+        return
+    transaction = conn.get_transaction()
+    if conn.info.get("declic_notified") is not transaction:
+        conn.execute(_NOTIFY)
+        conn.info["declic_notified"] = transaction
 
 
 @dataclass(frozen=True)
@@ -57,6 +75,7 @@ def add_step(
             "updated_at": now,
         },
     )
+    notify(conn)
 
 
 _INSERT = sa.insert(JOBS)
@@ -352,12 +371,14 @@ def requeue(conn: Connection, job_ids: list[int] | None, now: datetime) -> int:
         .where(where)
         .values(status="pending", attempts=0, due_at=now, locked_by=None, locked_until=None, updated_at=now)
     )
+    notify(conn)
     return result.rowcount
 
 
 def add_inbox_jobs(conn: Connection, inbox_ids: list[int], now: datetime) -> None:
     """One job per stored call, in one INSERT ... SELECT: the timestamps are bound once, not per row."""
     conn.execute(_ADD_INBOX_JOBS, {"ids": inbox_ids, "now": now})
+    notify(conn)
 
 
 _ADD_INBOX_JOBS = sa.insert(JOBS).from_select(
@@ -384,6 +405,7 @@ def add_unique(conn: Connection, kind: str, key: str, occurrence: str, due: date
             updated_at=now,
         ).on_conflict_do_nothing(index_elements=["key"], index_where=J.status == "pending")
     )
+    notify(conn)
 
 
 def add_tick(conn: Connection, name: str, now: datetime) -> None:

@@ -1,0 +1,225 @@
+"""Replicas on one PostgreSQL database, as real `declic serve` processes: what design.md promises
+for scale-out (issue 15). Work queued by one replica wakes the others at once (LISTEN/NOTIFY); calls
+are applied in the order they arrived whichever replica took them; a sink's rate holds for the whole
+deployment; clock jobs run once and survive the loss of the replica running them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from conftest import SECRET, fixture_json, postgres_database
+from declic_gateway.jobs import wakeup
+from declic_gateway.store import Database, jobqueue
+from declic_gateway.testing import SmtpCatcher, shopify_headers, write_deployment
+from processes import Answer, Servers, request, wait_until
+
+pytestmark = pytest.mark.postgres
+
+TEMPLATES = {
+    "cart.subject.j2": "Your cart",
+    "cart.txt.j2": "Come back",
+    "confirmation.subject.j2": "Order {{ event.properties.name }}",
+    "confirmation.txt.j2": "Thanks",
+    "followup.subject.j2": "More for you",
+    "followup.txt.j2": "News",
+}
+
+CONFIG = """\
+public_url: https://hooks.example.com
+timezone: Europe/Paris
+storage:
+  url: {db_url}
+sources:
+  shop:
+    plugin: shopify
+    secret: {secret}
+sinks:
+  email:
+    plugin: smtp
+    host: 127.0.0.1
+    port: {smtp_port}
+    tls: none
+    sender: "Boutique <shop@example.com>"
+    timeout: 5
+{rate}
+worker:
+  poll_interval: {poll_interval}
+  lease: {lease}
+  batch_size: 20
+  concurrency: 20
+rules:
+  - name: cart
+    when: checkout.started
+    exit_on: [order.placed]
+    steps:
+      - wait: {wait}
+        send: {{via: email, template: cart}}
+  - name: confirmation
+    when: order.placed
+    kind: transactional
+    send: {{via: email, template: confirmation}}
+  - name: followup
+    when: order.placed
+    steps:
+      - wait: {wait}
+        send: {{via: email, template: followup}}
+"""
+
+
+def config(
+    tmp_path: Path,
+    db_url: str,
+    smtp: SmtpCatcher,
+    *,
+    wait: str = "3s",
+    poll_interval: str = "200ms",
+    lease: str = "20s",
+    rate: str | None = None,
+) -> Path:
+    text = CONFIG.format(
+        db_url=db_url,
+        secret=SECRET,
+        smtp_port=smtp.port,
+        rate=f"    rate: {rate}" if rate else "",
+        poll_interval=poll_interval,
+        lease=lease,
+        wait=wait,
+    )
+    return write_deployment(tmp_path, text, TEMPLATES)
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    yield from postgres_database()
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[Servers]:
+    with Servers.running(tmp_path) as pool:
+        yield pool
+
+
+# --- webhooks about contact i --------------------------------------------------------------------------
+
+
+def email(i: int) -> str:
+    return f"shopper{i:04d}@example.org"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _customer(i: int) -> dict[str, Any]:
+    consent = {"state": "subscribed", "opt_in_level": "single_opt_in", "consent_updated_at": "2026-01-02T10:00:00Z"}
+    return {"id": 7_000_000 + i, "email": email(i), "first_name": f"S{i}", "email_marketing_consent": consent}
+
+
+def post(url: str, topic: str, body: dict[str, Any]) -> Answer:
+    data = json.dumps(body).encode()
+    return request(url + "/hooks/shop", data, shopify_headers(data, SECRET, topic, uuid.uuid4().hex))
+
+
+def checkout(url: str, i: int) -> Answer:
+    body = fixture_json("shopify/checkout.json")
+    body.update(
+        id=9_000_000 + i, token=f"tok{i}", email=email(i), created_at=_now(), updated_at=_now(), customer=_customer(i)
+    )
+    return post(url, "checkouts/create", body)
+
+
+def order(url: str, i: int) -> Answer:
+    body = fixture_json("shopify/order.json")
+    body.update(
+        id=8_000_000 + i,
+        name=f"#{i}",
+        email=email(i),
+        checkout_token=f"tok{i}",
+        created_at=_now(),
+        updated_at=_now(),
+        customer=_customer(i),
+    )
+    return post(url, "orders/create", body)
+
+
+def unsubscribe(url: str, i: int) -> Answer:
+    consent = {"state": "unsubscribed", "opt_in_level": "single_opt_in", "consent_updated_at": _now()}
+    body = {"customer_id": 7_000_000 + i, "email_address": email(i), "email_marketing_consent": consent}
+    return post(url, "customers_email_marketing_consent/update", body)
+
+
+def subjects(smtp: SmtpCatcher) -> Counter[str]:
+    return Counter(str(m["Subject"]) for m in list(smtp.messages))
+
+
+# --- LISTEN/NOTIFY ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+async def test_the_listener_wakes_on_a_queued_job_and_again_after_its_connection_is_cut(pg_url: str) -> None:
+    db = Database(pg_url)
+    woken = asyncio.Event()
+    listener = asyncio.create_task(wakeup.listen(wakeup.libpq_url(db.engine.url), woken.set))
+    admin = sa.create_engine(db.engine.url, isolation_level="AUTOCOMMIT")
+
+    def listening() -> list[int]:
+        with admin.connect() as conn:
+            query = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN %'"
+            return list(conn.execute(sa.text(query)).scalars())
+
+    async def queued_wakes_it() -> None:
+        await asyncio.wait_for(woken.wait(), 10)  # connected (it wakes once on connecting)
+        woken.clear()
+        now = datetime.now(UTC)
+        await db.run(jobqueue.add_tick, f"test-{uuid.uuid4().hex}", now)  # another process's transaction would do
+        await asyncio.wait_for(woken.wait(), 5)
+
+    try:
+        await queued_wakes_it()
+        # A transaction that queues nothing wakes nobody.
+        woken.clear()
+        await db.run(lambda conn: conn.execute(sa.text("SELECT 1")))
+        await asyncio.sleep(0.5)
+        assert not woken.is_set()
+        # A failover or a restart cuts the connection: the listener reconnects and hears again.
+        [pid] = await asyncio.to_thread(listening)
+        with admin.connect() as conn:
+            conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        woken.clear()
+        await queued_wakes_it()
+        assert (await asyncio.to_thread(listening)) != [pid]
+    finally:
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
+        admin.dispose()
+        db.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_a_worker_replica_hears_of_a_call_taken_by_a_web_replica_at_once(
+    tmp_path: Path, smtp: SmtpCatcher, pg_url: str, servers: Servers
+) -> None:
+    # Polling once a minute: only a notification can make the worker replica take the call within seconds.
+    path = config(tmp_path, pg_url, smtp, poll_interval="1m")
+    with servers.logs_on_failure():
+        web = servers.start(path, name="web", role="web")
+        servers.start(path, name="worker", role="worker")
+        time.sleep(1)  # the worker's start-up claims are over: it sleeps for its minute
+        for i in range(3):
+            answer = order(web.url, i)
+            assert answer.ok, answer
+            took = wait_until(lambda i=i: subjects(smtp)[f"Order #{i}"] == 1, 10, f"the confirmation of order {i}")
+            assert took < 5, f"the worker took {took:.1f}s to hear of a call"
