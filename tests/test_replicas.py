@@ -12,6 +12,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from conftest import SECRET, fixture_json, postgres_database
 from declic_gateway.jobs import wakeup
 from declic_gateway.store import Database, jobqueue
 from declic_gateway.testing import SmtpCatcher, shopify_headers, write_deployment
-from processes import Answer, Servers, request, wait_until
+from processes import Answer, Servers, Store, request, wait_until
 
 pytestmark = pytest.mark.postgres
 
@@ -223,3 +224,44 @@ def test_a_worker_replica_hears_of_a_call_taken_by_a_web_replica_at_once(
             assert answer.ok, answer
             took = wait_until(lambda i=i: subjects(smtp)[f"Order #{i}"] == 1, 10, f"the confirmation of order {i}")
             assert took < 5, f"the worker took {took:.1f}s to hear of a call"
+
+
+# --- calls in arrival order -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_calls_about_a_contact_are_applied_in_arrival_order_whichever_replica_took_them(
+    tmp_path: Path, smtp: SmtpCatcher, pg_url: str, servers: Servers
+) -> None:
+    """Per shopper: a checkout, then the order (which ends the cart journey), then an unsubscribe, each
+    sent once the previous one was acknowledged, alternately to either replica. No cart reminder may go
+    (the order came after the checkout) and no follow-up either (the unsubscribe came before it was due)."""
+    n, wait = 60, 4.0
+    path = config(tmp_path, pg_url, smtp, wait=f"{wait:.0f}s")
+    with servers.logs_on_failure():
+        replicas = [servers.start(path, name="a"), servers.start(path, name="b")]
+
+        def shopper(i: int) -> float:
+            first, second = replicas[i % 2].url, replicas[(i + 1) % 2].url
+            answers = [checkout(first, i), order(second, i), unsubscribe(first, i)]
+            assert all(answer.ok for answer in answers), answers
+            return answers[2].at - answers[1].at  # the follow-up is due `wait` after the order
+
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            spans = list(pool.map(shopper, range(n)))
+        assert max(spans) < wait, f"too slow to test: an unsubscribe came {max(spans):.1f}s after its order"
+        wait_until(lambda: subjects(smtp)["Order #0"] and sum(subjects(smtp).values()) >= n, 60, "confirmations")
+        time.sleep(wait + 2)  # every reminder and follow-up is due by now
+        got = subjects(smtp)
+        assert got == Counter({f"Order #{i}": 1 for i in range(n)}), got - Counter(f"Order #{i}" for i in range(n))
+        store = Store(pg_url)
+        try:
+            assert store.rows("SELECT status, count(*) FROM enrolments WHERE rule = 'cart' GROUP BY status") == [
+                ("exited", n)
+            ]
+            # Both replicas took calls: the order across them is what this test is about.
+            holders = store.rows("SELECT count(DISTINCT split_part(locked_by, ':', 2)) FROM jobs WHERE kind = 'inbox'")
+            assert holders == [(2,)]
+        finally:
+            store.close()

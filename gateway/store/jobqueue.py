@@ -122,8 +122,12 @@ def claim(
         for contact_id, arrived in _held_contacts(conn, cutoff).items()
     ]
     pg = conn.dialect.name == "postgresql"
+    calls = not pg or _calls_turn(conn)
     # Nobody held (the usual case): a statement built once, so SQLAlchemy's compiled cache serves it.
-    statement = _claim_statement(in_order, skip_locked=pg) if in_order else _CLAIM_PG if pg else _CLAIM
+    if in_order:
+        statement = _claim_statement(in_order, skip_locked=pg, calls=calls)
+    else:
+        statement = (_CLAIM_PG if calls else _CLAIM_PG_NO_CALLS) if pg else _CLAIM
     values = {"now": now, "cutoff": cutoff, "limit": limit, "worker": worker, "until": now + lease}
     claimed = sorted(conn.execute(statement, values), key=lambda row: (row.due_at, -row.priority, row.id))
     return [ClaimedJob(*row[:-1]) for row in claimed]
@@ -144,17 +148,52 @@ def _waiting(cutoff: sa.ColumnElement[datetime]) -> sa.ColumnElement[bool]:
     return sa.and_(J.kind == "inbox", J.status.in_(("pending", "running")), sa.not_(_tried(cutoff)))
 
 
-def _claim_statement(in_order: list[sa.ColumnElement[bool]], skip_locked: bool = False) -> sa.Update:
-    """UPDATE ... RETURNING of the claim; `in_order` holds back the steps of the contacts held by a call."""
+#: The advisory lock a claim of calls takes on PostgreSQL (see `_calls_turn`).
+CALLS_LOCK = 0x6465636C6963_01  # "declic", 1
+
+
+def _calls_turn(conn: Connection) -> bool:
+    """Whether this claim may take calls, on PostgreSQL, where replicas share the queue.
+
+    Calls are applied in the order they arrived, across replicas: one replica at a time holds calls,
+    and it applies them in order (`Worker._my_turn`). A claim takes calls only under an advisory lock,
+    which makes "no other replica holds calls" and "take them" one step; a replica that does not get
+    the lock at once claims steps only this time, and never waits for it.
+    """
+    return bool(conn.execute(_TRY_CALLS_LOCK).scalar())
+
+
+_TRY_CALLS_LOCK = sa.select(sa.func.pg_try_advisory_xact_lock(CALLS_LOCK))
+
+
+def _claim_statement(
+    in_order: list[sa.ColumnElement[bool]], skip_locked: bool = False, calls: bool = True
+) -> sa.Update:
+    """UPDATE ... RETURNING of the claim; `in_order` holds back the steps of the contacts held by a call.
+
+    On PostgreSQL (`skip_locked`), calls are taken only while no other worker holds calls on a live
+    lease, and, with `calls` False, not at all (see `_calls_turn`). This runs in a statement after the
+    lock's: its snapshot sees the calls the last holder of the lock claimed.
+    """
     due = sa.or_(
         sa.and_(J.status == "pending", J.due_at <= _NOW),
         sa.and_(J.status == "running", J.locked_until < _NOW),
     )
     anyone = sa.select(sa.func.min(J.created_at)).where(_waiting(_CUTOFF), J.about.is_(None)).scalar_subquery()
+    call = J.kind == "inbox"
+    if skip_locked:
+        others = JOBS.alias("others")
+        held_elsewhere = sa.exists().where(
+            others.c.kind == "inbox",
+            others.c.status == "running",
+            others.c.locked_by != sa.bindparam("worker"),
+            others.c.locked_until >= _NOW,
+        )
+        call = sa.and_(call, sa.not_(held_elsewhere)) if calls else sa.false()
     # Among steps due at the same moment (freed by the pressure cap), the rule's priority decides.
     candidates = (
         sa.select(J.id)
-        .where(due, sa.or_(J.kind == "inbox", sa.and_(sa.or_(anyone.is_(None), J.due_at < anyone), *in_order)))
+        .where(due, sa.or_(call, sa.and_(J.kind != "inbox", sa.or_(anyone.is_(None), J.due_at < anyone), *in_order)))
         .order_by(J.due_at, J.priority.desc())
         .limit(sa.bindparam("limit", type_=sa.Integer))
     )
@@ -191,6 +230,7 @@ def _claim_statement(in_order: list[sa.ColumnElement[bool]], skip_locked: bool =
 
 _CLAIM = _claim_statement([])
 _CLAIM_PG = _claim_statement([], skip_locked=True)
+_CLAIM_PG_NO_CALLS = _claim_statement([], skip_locked=True, calls=False)
 
 
 def _held_contacts(conn: Connection, cutoff: datetime) -> dict[int, datetime]:
