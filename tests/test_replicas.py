@@ -13,7 +13,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import sqlalchemy as sa
 
 from conftest import SECRET, fixture_json, postgres_database
 from declic_gateway.jobs import wakeup
-from declic_gateway.store import Database, jobqueue
+from declic_gateway.store import Database, jobqueue, sinkrates
 from declic_gateway.testing import SmtpCatcher, shopify_headers, write_deployment
 from processes import Answer, Servers, Store, request, wait_until
 
@@ -265,3 +265,45 @@ def test_calls_about_a_contact_are_applied_in_arrival_order_whichever_replica_to
             assert holders == [(2,)]
         finally:
             store.close()
+
+
+# --- a sink's rate, for the whole deployment -----------------------------------------------------------
+
+
+def test_a_sink_schedule_lets_the_burst_go_then_spaces_sends_at_the_rate(pg_url: str) -> None:
+    db = Database(pg_url)
+    try:
+        waits = [db.transaction(sinkrates.reserve, "email", 4, timedelta(seconds=2)) for _ in range(7)]
+    finally:
+        db.close()
+    assert waits[:4] == [0.0] * 4  # 4 at once after a quiet spell
+    # Then one per 0.5 s: the 5th waits about 0.5 s, the 7th about 1.5 s (less the time the calls took).
+    assert [round(wait * 2) / 2 for wait in waits[4:]] == [0.5, 1.0, 1.5], waits
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_two_replicas_together_keep_a_sinks_rate(
+    tmp_path: Path, smtp: SmtpCatcher, pg_url: str, servers: Servers
+) -> None:
+    n, count, period = 60, 5, 1.0  # rate 5/1s: a burst of 5, then one per 0.2 s
+    path = config(tmp_path, pg_url, smtp, wait="1h", rate=f"{count}/1s")
+    with servers.logs_on_failure():
+        replicas = [servers.start(path, name="a"), servers.start(path, name="b")]
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            answers = list(pool.map(lambda i: order(replicas[i % 2].url, i), range(n)))
+        assert all(answer.ok for answer in answers), answers
+        wait_until(lambda: len(smtp.messages) >= n, 60, f"{n} confirmations")
+        arrived = sorted(smtp.arrived)
+        # In any stretch of time, at most the burst plus what the rate allows in it (one more for jitter).
+        interval = period / count
+        worst = max((j - i + 1) - (arrived[j] - arrived[i]) / interval for i in range(n) for j in range(i, n))
+        assert worst <= count + 1, (
+            f"{worst:.1f} sends above the rate; arrivals {[round(t - arrived[0], 2) for t in arrived]}"
+        )
+        store = Store(pg_url)
+        try:
+            senders = store.rows("SELECT count(DISTINCT split_part(locked_by, ':', 2)) FROM jobs WHERE kind = 'step'")
+        finally:
+            store.close()
+        assert senders == [(2,)], "both replicas must have sent for this to prove anything"

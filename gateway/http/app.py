@@ -27,7 +27,7 @@ from ..pipeline import plan
 from ..pipeline.router import Router
 from ..plugins import Registry, collect, get_plugin_manager, notify_event_received, plugin_set
 from ..send.delivery import StepRunner
-from ..store import Database, jobqueue, replicas
+from ..store import Database, jobqueue, replicas, sinkrates
 from ..store.inbox import GroupCommitter
 from . import api, consent_links, dashboard, tracking
 from .auth import scope_of
@@ -163,6 +163,8 @@ async def _start(gateway: RunningGateway) -> None:
         raise ConfigError(["the database schema is not current: run `declic db upgrade --config FILE` first"])
     else:
         await _join_replicas(gateway)
+        for sink in gateway.sinks.values():  # a sink's rate is the deployment's, not each replica's
+            sink.limiter.share(partial(db.run, sinkrates.reserve, sink.key))
     await _note_rule_changes(gateway)
     # Date and inactivity triggers a config change added get scheduled once, by one replica.
     await db.run(jobqueue.add_tick, "reconcile", gateway.clock.now())

@@ -313,6 +313,16 @@ class Replica(SQLModel, table=True):
     heartbeat_at: datetime
 
 
+class SinkRate(SQLModel, table=True):
+    """A rated sink's send schedule, shared by the replicas on one PostgreSQL (store/sinkrates.py)."""
+
+    __tablename__ = "sink_rates"
+
+    sink: str = Field(primary_key=True, max_length=100)
+    #: GCRA's theoretical arrival time: when the sink is idle again at its rate.
+    tat: datetime
+
+
 def _table(model: type[SQLModel]) -> Table:
     return model.__table__  # type: ignore[attr-defined]
 
@@ -332,3 +342,4 @@ PUSH_SUBSCRIPTIONS = _table(PushSubscription)
 META = _table(Meta)
 RENDERED = _table(RenderedMessage)
 REPLICAS = _table(Replica)
+SINK_RATES = _table(SinkRate)
