@@ -7,7 +7,10 @@ deployment; clock jobs run once and survive the loss of the replica running them
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.server
 import json
+import threading
 import time
 import uuid
 from collections import Counter
@@ -21,7 +24,7 @@ import pytest
 import sqlalchemy as sa
 
 from conftest import SECRET, fixture_json, postgres_database
-from declic_gateway.jobs import wakeup
+from declic_gateway.jobs import polls, wakeup
 from declic_gateway.store import Database, jobqueue, sinkrates
 from declic_gateway.testing import SmtpCatcher, shopify_headers, write_deployment
 from processes import Answer, Servers, Store, request, wait_until
@@ -307,3 +310,114 @@ def test_two_replicas_together_keep_a_sinks_rate(
         finally:
             store.close()
         assert senders == [(2,)], "both replicas must have sent for this to prove anything"
+
+
+# --- clock jobs: once across replicas, taken over when their replica dies ----------------------------------
+
+
+class SlowMailchimp:
+    """Mailchimp's reports API as a real HTTP server: no activity, the first answer `hold` seconds late.
+    Keeps when each request came (time.monotonic())."""
+
+    def __init__(self, hold: float):
+        self.hold, self.asked = hold, list[float]()
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                owner.asked.append(time.monotonic())
+                if len(owner.asked) == 1:
+                    time.sleep(owner.hold)
+                body = json.dumps({"emails": [], "total_items": 0}).encode()
+                with contextlib.suppress(OSError):  # the poller was SIGKILLed meanwhile
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> SlowMailchimp:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_poll_runs_once_across_replicas_and_is_taken_over_within_a_lease_when_its_replica_dies(
+    tmp_path: Path, smtp: SmtpCatcher, pg_url: str, servers: Servers
+) -> None:
+    lease = 10.0  # the shortest a config allows
+    with SlowMailchimp(hold=8) as mailchimp:
+        path = config(tmp_path, pg_url, smtp, lease=f"{lease:.0f}s")
+        text = path.read_text().replace(
+            "sinks:",
+            f"  reports: {{plugin: mailchimp_reports, api_key: k-us1, api_base: '{mailchimp.url}', campaigns: [c1]}}\n"
+            "sinks:",
+        )
+        path.write_text(text)
+        store = Store(pg_url)
+        with servers.logs_on_failure():
+            a = servers.start(path, name="a")
+            wait_until(lambda: len(mailchimp.asked) == 1, 10, "the first poll")
+            # A second replica starting while the poll runs queues no second one: the poll is polled once.
+            b = servers.start(path, name="b")
+            time.sleep(1.5)
+            assert len(mailchimp.asked) == 1, "a second poll ran while the first one was running"
+            [(holder,)] = store.rows("SELECT locked_by FROM jobs WHERE kind = 'poll' AND status = 'running'")
+            assert int(holder.split(":")[1]) == a.pid
+            a.sigkill()
+            killed = time.monotonic()
+            wait_until(lambda: len(mailchimp.asked) == 2, lease + 5, "the poll taken over by b")
+            took = mailchimp.asked[1] - killed
+            assert took <= lease + 1, f"b polled {took:.1f}s after a died: more than a lease"
+            wait_until(
+                lambda: (
+                    store.rows("SELECT status FROM jobs WHERE kind = 'poll' AND status <> 'pending'") == [("done",)]
+                ),
+                5,
+                "the poll done",
+            )
+            time.sleep(1)
+            assert len(mailchimp.asked) == 2  # the next poll is an interval (15 min) away
+            assert store.rows("SELECT status, count(*) FROM jobs WHERE kind = 'poll' GROUP BY status ORDER BY 1") == [
+                ("done", 1),
+                ("pending", 1),
+            ]
+            assert b.alive()
+        store.close()
+
+
+def test_a_clock_job_is_queued_once_while_it_runs_and_queues_its_next_run_as_it_finishes(db_url: str) -> None:
+    db = Database(db_url)
+    db.upgrade()
+    now = datetime.now(UTC)
+    live = "SELECT status FROM jobs WHERE key = 'poll:reports' AND status IN ('pending', 'running')"
+    try:
+        db.transaction(polls.schedule, "reports", now, now)
+        [job] = db.transaction(jobqueue.claim, "w1", now, timedelta(seconds=20), 10)
+        db.transaction(polls.schedule, "reports", now, now)  # a replica starting meanwhile
+        assert db.transaction(lambda conn: conn.execute(sa.text(live)).all()) == [("running",)]
+
+        def finish_and_queue_next(conn: sa.Connection) -> None:
+            jobqueue.finish(conn, job, "w1", now)
+            polls.schedule(conn, "reports", now + timedelta(minutes=15), now)
+
+        db.transaction(finish_and_queue_next)
+        assert db.transaction(lambda conn: conn.execute(sa.text(live)).all()) == [("pending",)]
+    finally:
+        db.close()

@@ -422,9 +422,10 @@ class Worker:
 
     def _close_call(self, conn: Connection, job: ClaimedJob, work: Callable[[Connection, datetime], T]) -> T:
         now = self.clock.now()
-        result = work(conn, now)
+        # Finished first, in the same transaction: a poll or tick that queues its next run must not be
+        # running any more, or the one-live-clock-job index would refuse the next (`add_unique`).
         jobqueue.finish(conn, job, self.id, now)
-        return result
+        return work(conn, now)
 
     async def _run_step(self, job: ClaimedJob) -> None:
         send = await self._prepare(job)

@@ -430,7 +430,8 @@ _ADD_INBOX_JOBS = sa.insert(JOBS).from_select(
 
 
 def add_unique(conn: Connection, kind: str, key: str, occurrence: str, due: datetime, now: datetime) -> None:
-    """Queue a job unless one with the same key is pending: once, whatever the replicas."""
+    """Queue a clock job (`poll`, `tick`) unless one with the same key is pending or running: once,
+    whatever the replicas (`uq_jobs_clock_key`). A job that queues its own next run finishes first."""
     insert = sql.insert(conn.dialect.name, JOBS)
     conn.execute(
         insert.values(
@@ -443,7 +444,7 @@ def add_unique(conn: Connection, kind: str, key: str, occurrence: str, due: date
             attempts=0,
             created_at=now,
             updated_at=now,
-        ).on_conflict_do_nothing(index_elements=["key"], index_where=J.status == "pending")
+        ).on_conflict_do_nothing()  # whichever unique index the key meets
     )
     notify(conn)
 

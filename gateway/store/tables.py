@@ -8,6 +8,9 @@ import sqlalchemy as sa
 from sqlalchemy import Column, Index, LargeBinary, Table, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
+#: A clock job (jobqueue.add_unique) still to run or running: at most one per key.
+CLOCK_JOB_LIVE = "kind IN ('poll', 'tick') AND status IN ('pending', 'running')"
+
 
 class InboxCall(SQLModel, table=True):
     """Every accepted webhook call, byte for byte, before anything interprets it."""
@@ -47,6 +50,14 @@ class Job(SQLModel, table=True):
             unique=True,
             sqlite_where=text("status = 'pending'"),
             postgresql_where=text("status = 'pending'"),
+        ),
+        # One live clock job (a poll, a tick) per key: queued again while one runs, it is not doubled.
+        Index(
+            "uq_jobs_clock_key",
+            "key",
+            unique=True,
+            sqlite_where=text(CLOCK_JOB_LIVE),
+            postgresql_where=text(CLOCK_JOB_LIVE),
         ),
     )
 
