@@ -45,10 +45,38 @@ from _common import (
     wait_for_port,
     webhook_headers,
 )
-from e2e import CONFIG, TEMPLATES, TimedCatcher
+from e2e import TimedCatcher
 
-from declic_gateway.store import Database
 from declic_gateway.testing import write_deployment
+
+CONFIG = """\
+public_url: http://127.0.0.1:8000
+timezone: UTC
+storage:
+  url: {url}
+sources:
+  shop:
+    plugin: shopify
+    secret: {secret}
+sinks:
+  email:
+    plugin: smtp
+    host: 127.0.0.1
+    port: {smtp_port}
+    tls: none
+    sender: "Bench Boutique <bench@example.com>"
+rules:
+  - name: order-confirmation
+    when: order.placed
+    kind: transactional
+    send: {{via: email, template: order-confirmation}}
+logging:
+  level: warning
+"""
+TEMPLATES = {
+    "order-confirmation.subject.j2": "Order {{ event.properties.name }}",
+    "order-confirmation.txt.j2": "Hello {{ contact.first_name }}, thanks for order {{ event.properties.name }}.",
+}
 
 
 def roles(n: int, how: str) -> list[str]:
@@ -66,7 +94,7 @@ def postgres_pids(admin: sa.Engine, database: str) -> list[int]:
 
 async def post_all(urls: list[str], orders: list[tuple[str, bytes, str]], concurrency: int) -> dict[str, Any]:
     """Post every order, sender k to replica k mod len(urls), as a load balancer spreading connections."""
-    statuses: Counter[int] = Counter()
+    statuses: Counter[int | str] = Counter()
     queue = iter(orders)
     async with aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=60)
@@ -79,7 +107,7 @@ async def post_all(urls: list[str], orders: list[tuple[str, bytes, str]], concur
                         await reply.read()
                         statuses[reply.status] += 1
                 except (TimeoutError, aiohttp.ClientError) as exc:
-                    statuses[type(exc).__name__] += 1  # type: ignore[index]
+                    statuses[type(exc).__name__] += 1
 
         await asyncio.gather(*(sender(urls[k % len(urls)]) for k in range(concurrency)))
     return {"statuses": dict(statuses)}
@@ -90,9 +118,6 @@ def run(n: int, args: argparse.Namespace, admin: sa.Engine) -> bool:
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     url = sa.make_url(args.postgres).set(database=name).render_as_string(hide_password=False)
-    database = Database(url)
-    database.upgrade()
-    database.close()
     run_id = uuid.uuid4().hex[:6]
     orders = []
     for i in range(args.orders):
@@ -106,22 +131,25 @@ def run(n: int, args: argparse.Namespace, admin: sa.Engine) -> bool:
         catcher.start()
         with tempfile.TemporaryDirectory(prefix="declic-replicas-") as tmp:
             folder = Path(tmp)
-            text = CONFIG.format(
-                port=0,
-                db="",
-                secret=SECRET,
-                smtp_port=catcher.port,
-                sink_extra="",
-                worker="",
-                log_level="warning",
-                track="",
-                keep_rendered="",
-            ).replace("sqlite:///", url)
+            text = CONFIG.format(url=url, secret=SECRET, smtp_port=catcher.port)
             config = write_deployment(folder, text, TEMPLATES)
+            # Migrated by the Declic that runs (`--declic`: another checkout's, with its own migrations).
+            subprocess.run(
+                [str(args.declic), "db", "upgrade", "--config", str(config)], check=True, capture_output=True
+            )
             for k, role in enumerate(roles(n, args.roles)):
                 port = free_port()
                 log = open(folder / f"replica{k}.log", "wb")  # noqa: SIM115 (closed with the process)
-                command = [str(DECLIC), "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+                command = [
+                    str(args.declic),
+                    "serve",
+                    "--config",
+                    str(config),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                ]
                 proc = subprocess.Popen([*command, "--role", role], stdout=log, stderr=log)
                 log.close()
                 servers.append((role, proc, port))
@@ -184,6 +212,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64, help="posts in flight (default 64)")
     parser.add_argument("--roles", choices=["all", "split"], default="all", help="replica roles (default all)")
     parser.add_argument("--timeout", type=float, default=180.0, help="give up waiting for e-mails after (s)")
+    parser.add_argument("--declic", type=Path, default=DECLIC, help="the declic command to run (another checkout's)")
     parser.add_argument(
         "--postgres",
         default=os.environ.get("DECLIC_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"),
@@ -191,6 +220,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     print(f"machine: {machine()}")
+    print(f"running: {args.declic}")
     print(
         f"load: {args.orders} orders/create webhooks at concurrency {args.concurrency}, spread over the replicas "
         f"serving HTTP; rule order.placed -> transactional e-mail via SMTP to a catcher in this process",
