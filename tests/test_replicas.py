@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import http.server
 import json
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -183,18 +185,25 @@ async def test_the_listener_wakes_on_a_queued_job_and_again_after_its_connection
             query = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN %'"
             return list(conn.execute(sa.text(query)).scalars())
 
+    def queue_a_tick_in_another_process() -> None:
+        script = (
+            "import sys; from datetime import UTC, datetime; from declic_gateway.store import Database, jobqueue; "
+            "db = Database(sys.argv[1]); db.transaction(jobqueue.add_tick, sys.argv[2], datetime.now(UTC)); db.close()"
+        )
+        subprocess.run([sys.executable, "-c", script, pg_url, f"test-{uuid.uuid4().hex}"], check=True, timeout=30)
+
     async def queued_wakes_it() -> None:
         await asyncio.wait_for(woken.wait(), 10)  # connected (it wakes once on connecting)
         woken.clear()
-        now = datetime.now(UTC)
-        await db.run(jobqueue.add_tick, f"test-{uuid.uuid4().hex}", now)  # another process's transaction would do
+        await asyncio.to_thread(queue_a_tick_in_another_process)
         await asyncio.wait_for(woken.wait(), 5)
 
     try:
         await queued_wakes_it()
-        # A transaction that queues nothing wakes nobody.
+        # A transaction that queues nothing wakes nobody; nor does one of this process, whose worker wakes itself.
         woken.clear()
         await db.run(lambda conn: conn.execute(sa.text("SELECT 1")))
+        await db.run(jobqueue.add_tick, f"test-{uuid.uuid4().hex}", datetime.now(UTC))
         await asyncio.sleep(0.5)
         assert not woken.is_set()
         # A failover or a restart cuts the connection: the listener reconnects and hears again.

@@ -36,8 +36,9 @@ async def listen(url: str, wake: Callable[[], None]) -> None:
                 log.debug("listening for queued jobs", channel=jobqueue.CHANNEL)
                 delay = FIRST_DELAY
                 wake()  # whatever was queued while nobody listened
-                async for _ in conn.notifies():
-                    wake()
+                async for notification in conn.notifies():
+                    if notification.payload != jobqueue.ORIGIN:  # this process woke its worker itself
+                        wake()
         except (psycopg.Error, OSError) as exc:
             log.warning("job notifications lost; polling until reconnected", error=str(exc), seconds=delay)
         await asyncio.sleep(delay)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -19,15 +21,18 @@ MAX_RETRY_AFTER = 86400.0
 KINDS = ("inbox", "step", "trigger", "poll", "tick")
 #: The PostgreSQL channel on which a transaction that queued work wakes every replica's worker.
 CHANNEL = "declic_jobs"
-_NOTIFY = sa.text(f"NOTIFY {CHANNEL}")
+#: This process, as its notifications say: its own worker wakes without them (see `notify`).
+ORIGIN = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+_NOTIFY = sa.text(f"NOTIFY {CHANNEL}, '{ORIGIN}'")
 
 
 def notify(conn: Connection) -> None:
     """On PostgreSQL, wake the workers listening (jobs/wakeup.py) once this transaction commits.
 
     PostgreSQL holds a NOTIFY until the commit (a rolled-back job wakes nobody) and folds repeats within
-    one transaction; the flag on the connection spares the round trip of asking again. SQLite: one
-    process, whose worker the caller wakes itself.
+    one transaction; the flag on the connection spares the round trip of asking again. The process that
+    queued the work wakes its own worker already (a commit of calls, new steps): its listener skips
+    notifications from `ORIGIN`, which would only cost an empty claim. SQLite: one process.
     """
     if conn.dialect.name != "postgresql":
         return
