@@ -220,6 +220,20 @@ async def test_the_listener_wakes_on_a_queued_job_and_again_after_its_connection
         db.close()
 
 
+async def test_a_burst_of_notifications_wakes_the_worker_twice_a_lone_one_at_once() -> None:
+    woken: list[float] = []
+    loop = asyncio.get_running_loop()
+    wake_soon = wakeup.Coalesced(lambda: woken.append(loop.time()), gap=0.2)
+    started = loop.time()
+    for _ in range(50):  # the other replicas' group commits, under load
+        wake_soon()
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(0.4)
+    assert len(woken) == 2 and woken[0] - started < 0.05 and woken[1] - woken[0] >= 0.2
+    wake_soon()  # a lone one, after a quiet spell
+    assert len(woken) == 3
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_a_worker_replica_hears_of_a_call_taken_by_a_web_replica_at_once(

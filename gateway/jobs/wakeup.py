@@ -19,13 +19,39 @@ from ..store import jobqueue
 log = structlog.get_logger("declic.wakeup")
 #: Reconnection waits double from the first to the last.
 FIRST_DELAY, MAX_DELAY = 0.5, 30.0
+#: Under load, notifications from the other replicas (a group commit each, every few milliseconds)
+#: wake the worker at most this often: each wake costs a claim. A lone notification wakes at once.
+MIN_GAP = 0.05
+
+
+class Coalesced:
+    """`wake` at once, unless it ran less than `gap` seconds ago: then once, when the gap is over."""
+
+    def __init__(self, wake: Callable[[], None], gap: float = MIN_GAP):
+        self._wake, self._gap = wake, gap
+        self._last = -gap
+        self._later: asyncio.TimerHandle | None = None
+
+    def __call__(self) -> None:
+        loop = asyncio.get_running_loop()
+        early = self._last + self._gap - loop.time()
+        if early <= 0:
+            self._fire()
+        elif self._later is None:
+            self._later = loop.call_later(early, self._fire)
+
+    def _fire(self) -> None:
+        self._later = None
+        self._last = asyncio.get_running_loop().time()
+        self._wake()
 
 
 async def listen(url: str, wake: Callable[[], None]) -> None:
-    """Wake the worker on each notification, for ever; `url` is a libpq URL (postgresql://...)."""
+    """Wake the worker on notifications, for ever; `url` is a libpq URL (postgresql://...)."""
     import psycopg  # PostgreSQL deployments only (the `postgres` extra)
 
     delay = FIRST_DELAY
+    wake_soon = Coalesced(wake)
     while True:
         try:
             # Keepalives: a listener on a dead TCP connection would otherwise wait for ever, silently.
@@ -38,7 +64,7 @@ async def listen(url: str, wake: Callable[[], None]) -> None:
                 wake()  # whatever was queued while nobody listened
                 async for notification in conn.notifies():
                     if notification.payload != jobqueue.ORIGIN:  # this process woke its worker itself
-                        wake()
+                        wake_soon()
         except (psycopg.Error, OSError) as exc:
             log.warning("job notifications lost; polling until reconnected", error=str(exc), seconds=delay)
         await asyncio.sleep(delay)

@@ -199,11 +199,12 @@ class Worker:
 
     def _claim_and_look(self, conn: Connection, limit: int) -> tuple[list[ClaimedJob], datetime | None]:
         """The claim, and when it took less than `limit`, when the next job is due: one transaction for both."""
-        jobs = self._claim(conn, limit)
-        return jobs, (jobqueue.next_due(conn) if len(jobs) < limit else None)
-
-    def _claim(self, conn: Connection, limit: int) -> list[ClaimedJob]:
         now = self.clock.now()
+        jobs = self._claim(conn, limit, now)
+        return jobs, (jobqueue.next_due(conn, now) if len(jobs) < limit else None)
+
+    def _claim(self, conn: Connection, limit: int, now: datetime | None = None) -> list[ClaimedJob]:
+        now = now or self.clock.now()
         overdue = jobqueue.overdue_calls(conn, now - self.spec.ordering_timeout)  # before the claim may take one
         jobs = jobqueue.claim(conn, self.id, now, self.spec.lease, limit, self.spec.ordering_timeout)
         if overdue and any(job.kind == "step" for job in jobs):

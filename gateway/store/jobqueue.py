@@ -292,13 +292,22 @@ _OVERDUE = (
 )
 
 
-def next_due(conn: Connection) -> datetime | None:
-    """When the earliest pending job is due."""
-    due: datetime | None = conn.execute(_NEXT_DUE).scalar()
+def next_due(conn: Connection, after_claim: datetime | None = None) -> datetime | None:
+    """When the earliest pending job is due.
+
+    `after_claim` (the claim's `now`), on PostgreSQL: leave out the calls that were due then. The claim
+    left them because another replica holds calls (`_calls_turn`); that replica takes them itself, and
+    a worker that counted them as due would claim again every few milliseconds for nothing.
+    """
+    if after_claim is not None and conn.dialect.name == "postgresql":
+        due: datetime | None = conn.execute(_NEXT_DUE_NOT_CALLS, {"now": after_claim}).scalar()
+    else:
+        due = conn.execute(_NEXT_DUE).scalar()
     return due
 
 
 _NEXT_DUE = sa.select(sa.func.min(J.due_at)).where(J.status == "pending")
+_NEXT_DUE_NOT_CALLS = _NEXT_DUE.where(sa.not_(sa.and_(J.kind == "inbox", J.due_at <= _NOW)))
 
 
 def renew(conn: Connection, job_ids: list[int], worker: str, until: datetime) -> None:
