@@ -295,19 +295,21 @@ _OVERDUE = (
 def next_due(conn: Connection, after_claim: datetime | None = None) -> datetime | None:
     """When the earliest pending job is due.
 
-    `after_claim` (the claim's `now`), on PostgreSQL: leave out the calls that were due then. The claim
-    left them because another replica holds calls (`_calls_turn`); that replica takes them itself, and
-    a worker that counted them as due would claim again every few milliseconds for nothing.
+    `after_claim` (the claim's `now`), on PostgreSQL: only jobs due after it. What was due then and the
+    claim left is another replica's to take (calls while it holds the calls turn, `_calls_turn`) or held
+    back by calls (`claim`); a worker that counted them as due would claim again every few milliseconds
+    for nothing. It hears when they are free: applying calls queues steps, which notifies (`notify`),
+    and `worker.poll_interval` remains the fallback.
     """
     if after_claim is not None and conn.dialect.name == "postgresql":
-        due: datetime | None = conn.execute(_NEXT_DUE_NOT_CALLS, {"now": after_claim}).scalar()
+        due: datetime | None = conn.execute(_NEXT_DUE_LATER, {"now": after_claim}).scalar()
     else:
         due = conn.execute(_NEXT_DUE).scalar()
     return due
 
 
 _NEXT_DUE = sa.select(sa.func.min(J.due_at)).where(J.status == "pending")
-_NEXT_DUE_NOT_CALLS = _NEXT_DUE.where(sa.not_(sa.and_(J.kind == "inbox", J.due_at <= _NOW)))
+_NEXT_DUE_LATER = _NEXT_DUE.where(J.due_at > _NOW)
 
 
 def renew(conn: Connection, job_ids: list[int], worker: str, until: datetime) -> None:
