@@ -614,7 +614,9 @@ class TemplateLimitsSpec(_Strict):
 
 class WorkerSpec(_Strict):
     poll_interval: Annotated[Duration, between("10ms", "1m")] = Field(
-        timedelta(seconds=1), description="Look for due jobs at least this often; 10ms to 1m."
+        timedelta(seconds=1),
+        description="Look for due jobs at least this often; 10ms to 1m. On PostgreSQL, work another replica "
+        "queued wakes the worker at once (LISTEN/NOTIFY): this is the fallback.",
     )
     batch_size: int = Field(50, ge=1, le=1000, description="Jobs claimed per query, 1 to 1000.")
     concurrency: int = Field(100, ge=1, le=500, description="Jobs run at once per process, 1 to 500.")

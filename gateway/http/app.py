@@ -17,7 +17,7 @@ from aiohttp import web
 from ..config import Settings
 from ..errors import ConfigError, StorageUnavailable
 from ..insight.metrics import Metrics
-from ..jobs import polls, retention
+from ..jobs import polls, retention, wakeup
 from ..jobs.worker import Worker, make_worker_id
 from ..kit.clock import Clock, SystemClock
 from ..kit.sinks import Sink
@@ -27,7 +27,7 @@ from ..pipeline import plan
 from ..pipeline.router import Router
 from ..plugins import Registry, collect, get_plugin_manager, notify_event_received, plugin_set
 from ..send.delivery import StepRunner
-from ..store import Database, jobqueue, replicas
+from ..store import Database, jobqueue, replicas, sinkrates
 from ..store.inbox import GroupCommitter
 from . import api, consent_links, dashboard, tracking
 from .auth import scope_of
@@ -163,6 +163,8 @@ async def _start(gateway: RunningGateway) -> None:
         raise ConfigError(["the database schema is not current: run `declic db upgrade --config FILE` first"])
     else:
         await _join_replicas(gateway)
+        for sink in gateway.sinks.values():  # a sink's rate is the deployment's, not each replica's
+            sink.limiter.share(partial(db.run, sinkrates.reserve, sink.key))
     await _note_rule_changes(gateway)
     # Date and inactivity triggers a config change added get scheduled once, by one replica.
     await db.run(jobqueue.add_tick, "reconcile", gateway.clock.now())
@@ -182,6 +184,9 @@ async def _start(gateway: RunningGateway) -> None:
     # Last: a job is claimed only once the database, the plugins and their start-up hooks are ready.
     if gateway.role != "web":
         gateway.tasks.append(asyncio.create_task(_supervise(gateway), name="declic-worker"))
+        if not db.is_sqlite:  # other replicas queue work too: hear of it at once, not at the next poll
+            listening = wakeup.listen(wakeup.libpq_url(db.engine.url), gateway.worker.wake)
+            gateway.tasks.append(asyncio.create_task(listening, name="declic-wakeup"))
     log.info(
         "gateway started",
         role=gateway.role,

@@ -199,11 +199,12 @@ class Worker:
 
     def _claim_and_look(self, conn: Connection, limit: int) -> tuple[list[ClaimedJob], datetime | None]:
         """The claim, and when it took less than `limit`, when the next job is due: one transaction for both."""
-        jobs = self._claim(conn, limit)
-        return jobs, (jobqueue.next_due(conn) if len(jobs) < limit else None)
-
-    def _claim(self, conn: Connection, limit: int) -> list[ClaimedJob]:
         now = self.clock.now()
+        jobs = self._claim(conn, limit, now)
+        return jobs, (jobqueue.next_due(conn, now) if len(jobs) < limit else None)
+
+    def _claim(self, conn: Connection, limit: int, now: datetime | None = None) -> list[ClaimedJob]:
+        now = now or self.clock.now()
         overdue = jobqueue.overdue_calls(conn, now - self.spec.ordering_timeout)  # before the claim may take one
         jobs = jobqueue.claim(conn, self.id, now, self.spec.lease, limit, self.spec.ordering_timeout)
         if overdue and any(job.kind == "step" for job in jobs):
@@ -422,9 +423,10 @@ class Worker:
 
     def _close_call(self, conn: Connection, job: ClaimedJob, work: Callable[[Connection, datetime], T]) -> T:
         now = self.clock.now()
-        result = work(conn, now)
+        # Finished first, in the same transaction: a poll or tick that queues its next run must not be
+        # running any more, or the one-live-clock-job index would refuse the next (`add_unique`).
         jobqueue.finish(conn, job, self.id, now)
-        return result
+        return work(conn, now)
 
     async def _run_step(self, job: ClaimedJob) -> None:
         send = await self._prepare(job)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from types import TracebackType
 
@@ -44,16 +45,30 @@ class SendLimiter:
 
     def __init__(self, concurrency: int, rate: str | None = None):
         self._slots = asyncio.Semaphore(concurrency)
-        self._capacity, period = parse_rate(rate) if rate else (0, timedelta(seconds=1))
-        self._refill = self._capacity / period.total_seconds() if self._capacity else 0.0
+        self._capacity, self._period = parse_rate(rate) if rate else (0, timedelta(seconds=1))
+        self._refill = self._capacity / self._period.total_seconds() if self._capacity else 0.0
         self._tokens = float(self._capacity)
         self._stamp = time.monotonic()
         self._lock = asyncio.Lock()
+        self._shared: Callable[[int, timedelta], Awaitable[float]] | None = None
+
+    def share(self, reserve: Callable[[int, timedelta], Awaitable[float]]) -> None:
+        """Keep the rate together with other processes: `reserve(count, period)` takes a slot in a
+        schedule they share and answers the seconds to wait for it (replicas: store/sinkrates.py)."""
+        self._shared = reserve
 
     async def __aenter__(self) -> None:
         await self._slots.acquire()
-        if self._capacity:
-            await self._take_token()
+        try:
+            if self._capacity and self._shared is not None:
+                wait = await self._shared(self._capacity, self._period)
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            elif self._capacity:
+                await self._take_token()
+        except BaseException:  # cancelled, or the shared schedule unreachable: the slot is free again
+            self._slots.release()
+            raise
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

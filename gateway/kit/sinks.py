@@ -21,10 +21,13 @@ MAX_SEND_TIMEOUT = 600.0
 class SinkConfig(PluginConfig):
     """Options every sink has: what it may ask of its provider at once and per period."""
 
-    concurrency: int = Field(10, ge=1, le=1000, description="Sends in flight at once through this sink, 1 to 1000.")
+    concurrency: int = Field(
+        10, ge=1, le=1000, description="Sends in flight at once through this sink, per process, 1 to 1000."
+    )
     rate: str | None = Field(
         None,
-        description=f"At most COUNT sends per DURATION, e.g. 100/10s ({RATE_BOUNDS}); default: no limit.",
+        description=f"At most COUNT sends per DURATION, e.g. 100/10s ({RATE_BOUNDS}), for all replicas together "
+        "(COUNT may go at once after a quiet spell); default: no limit.",
     )
     timeout: float = Field(
         30.0,

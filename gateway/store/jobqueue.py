@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -17,6 +19,27 @@ MAX_RETRY_AFTER = 86400.0
 #: What a job does: process a stored call, run a journey step, fire a date or inactivity trigger,
 #: poll a provider, or run the clock's own work.
 KINDS = ("inbox", "step", "trigger", "poll", "tick")
+#: The PostgreSQL channel on which a transaction that queued work wakes every replica's worker.
+CHANNEL = "declic_jobs"
+#: This process, as its notifications say: its own worker wakes without them (see `notify`).
+ORIGIN = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+_NOTIFY = sa.text(f"NOTIFY {CHANNEL}, '{ORIGIN}'")
+
+
+def notify(conn: Connection) -> None:
+    """On PostgreSQL, wake the workers listening (jobs/wakeup.py) once this transaction commits.
+
+    PostgreSQL holds a NOTIFY until the commit (a rolled-back job wakes nobody) and folds repeats within
+    one transaction; the flag on the connection spares the round trip of asking again. The process that
+    queued the work wakes its own worker already (a commit of calls, new steps): its listener skips
+    notifications from `ORIGIN`, which would only cost an empty claim. SQLite: one process.
+    """
+    if conn.dialect.name != "postgresql":
+        return
+    transaction = conn.get_transaction()
+    if conn.info.get("declic_notified") is not transaction:
+        conn.execute(_NOTIFY)
+        conn.info["declic_notified"] = transaction
 
 
 @dataclass(frozen=True)
@@ -57,6 +80,7 @@ def add_step(
             "updated_at": now,
         },
     )
+    notify(conn)
 
 
 _INSERT = sa.insert(JOBS)
@@ -103,8 +127,12 @@ def claim(
         for contact_id, arrived in _held_contacts(conn, cutoff).items()
     ]
     pg = conn.dialect.name == "postgresql"
+    calls = not pg or _calls_turn(conn)
     # Nobody held (the usual case): a statement built once, so SQLAlchemy's compiled cache serves it.
-    statement = _claim_statement(in_order, skip_locked=pg) if in_order else _CLAIM_PG if pg else _CLAIM
+    if in_order:
+        statement = _claim_statement(in_order, skip_locked=pg, calls=calls)
+    else:
+        statement = (_CLAIM_PG if calls else _CLAIM_PG_NO_CALLS) if pg else _CLAIM
     values = {"now": now, "cutoff": cutoff, "limit": limit, "worker": worker, "until": now + lease}
     claimed = sorted(conn.execute(statement, values), key=lambda row: (row.due_at, -row.priority, row.id))
     return [ClaimedJob(*row[:-1]) for row in claimed]
@@ -125,17 +153,52 @@ def _waiting(cutoff: sa.ColumnElement[datetime]) -> sa.ColumnElement[bool]:
     return sa.and_(J.kind == "inbox", J.status.in_(("pending", "running")), sa.not_(_tried(cutoff)))
 
 
-def _claim_statement(in_order: list[sa.ColumnElement[bool]], skip_locked: bool = False) -> sa.Update:
-    """UPDATE ... RETURNING of the claim; `in_order` holds back the steps of the contacts held by a call."""
+#: The advisory lock a claim of calls takes on PostgreSQL (see `_calls_turn`).
+CALLS_LOCK = 0x6465636C6963_01  # "declic", 1
+
+
+def _calls_turn(conn: Connection) -> bool:
+    """Whether this claim may take calls, on PostgreSQL, where replicas share the queue.
+
+    Calls are applied in the order they arrived, across replicas: one replica at a time holds calls,
+    and it applies them in order (`Worker._my_turn`). A claim takes calls only under an advisory lock,
+    which makes "no other replica holds calls" and "take them" one step; a replica that does not get
+    the lock at once claims steps only this time, and never waits for it.
+    """
+    return bool(conn.execute(_TRY_CALLS_LOCK).scalar())
+
+
+_TRY_CALLS_LOCK = sa.select(sa.func.pg_try_advisory_xact_lock(CALLS_LOCK))
+
+
+def _claim_statement(
+    in_order: list[sa.ColumnElement[bool]], skip_locked: bool = False, calls: bool = True
+) -> sa.Update:
+    """UPDATE ... RETURNING of the claim; `in_order` holds back the steps of the contacts held by a call.
+
+    On PostgreSQL (`skip_locked`), calls are taken only while no other worker holds calls on a live
+    lease, and, with `calls` False, not at all (see `_calls_turn`). This runs in a statement after the
+    lock's: its snapshot sees the calls the last holder of the lock claimed.
+    """
     due = sa.or_(
         sa.and_(J.status == "pending", J.due_at <= _NOW),
         sa.and_(J.status == "running", J.locked_until < _NOW),
     )
     anyone = sa.select(sa.func.min(J.created_at)).where(_waiting(_CUTOFF), J.about.is_(None)).scalar_subquery()
+    call = J.kind == "inbox"
+    if skip_locked:
+        others = JOBS.alias("others")
+        held_elsewhere = sa.exists().where(
+            others.c.kind == "inbox",
+            others.c.status == "running",
+            others.c.locked_by != sa.bindparam("worker"),
+            others.c.locked_until >= _NOW,
+        )
+        call = sa.and_(call, sa.not_(held_elsewhere)) if calls else sa.false()
     # Among steps due at the same moment (freed by the pressure cap), the rule's priority decides.
     candidates = (
         sa.select(J.id)
-        .where(due, sa.or_(J.kind == "inbox", sa.and_(sa.or_(anyone.is_(None), J.due_at < anyone), *in_order)))
+        .where(due, sa.or_(call, sa.and_(J.kind != "inbox", sa.or_(anyone.is_(None), J.due_at < anyone), *in_order)))
         .order_by(J.due_at, J.priority.desc())
         .limit(sa.bindparam("limit", type_=sa.Integer))
     )
@@ -172,6 +235,7 @@ def _claim_statement(in_order: list[sa.ColumnElement[bool]], skip_locked: bool =
 
 _CLAIM = _claim_statement([])
 _CLAIM_PG = _claim_statement([], skip_locked=True)
+_CLAIM_PG_NO_CALLS = _claim_statement([], skip_locked=True, calls=False)
 
 
 def _held_contacts(conn: Connection, cutoff: datetime) -> dict[int, datetime]:
@@ -228,13 +292,24 @@ _OVERDUE = (
 )
 
 
-def next_due(conn: Connection) -> datetime | None:
-    """When the earliest pending job is due."""
-    due: datetime | None = conn.execute(_NEXT_DUE).scalar()
+def next_due(conn: Connection, after_claim: datetime | None = None) -> datetime | None:
+    """When the earliest pending job is due.
+
+    `after_claim` (the claim's `now`), on PostgreSQL: only jobs due after it. What was due then and the
+    claim left is another replica's to take (calls while it holds the calls turn, `_calls_turn`) or held
+    back by calls (`claim`); a worker that counted them as due would claim again every few milliseconds
+    for nothing. It hears when they are free: applying calls queues steps, which notifies (`notify`),
+    and `worker.poll_interval` remains the fallback.
+    """
+    if after_claim is not None and conn.dialect.name == "postgresql":
+        due: datetime | None = conn.execute(_NEXT_DUE_LATER, {"now": after_claim}).scalar()
+    else:
+        due = conn.execute(_NEXT_DUE).scalar()
     return due
 
 
 _NEXT_DUE = sa.select(sa.func.min(J.due_at)).where(J.status == "pending")
+_NEXT_DUE_LATER = _NEXT_DUE.where(J.due_at > _NOW)
 
 
 def renew(conn: Connection, job_ids: list[int], worker: str, until: datetime) -> None:
@@ -352,12 +427,14 @@ def requeue(conn: Connection, job_ids: list[int] | None, now: datetime) -> int:
         .where(where)
         .values(status="pending", attempts=0, due_at=now, locked_by=None, locked_until=None, updated_at=now)
     )
+    notify(conn)
     return result.rowcount
 
 
 def add_inbox_jobs(conn: Connection, inbox_ids: list[int], now: datetime) -> None:
     """One job per stored call, in one INSERT ... SELECT: the timestamps are bound once, not per row."""
     conn.execute(_ADD_INBOX_JOBS, {"ids": inbox_ids, "now": now})
+    notify(conn)
 
 
 _ADD_INBOX_JOBS = sa.insert(JOBS).from_select(
@@ -369,7 +446,8 @@ _ADD_INBOX_JOBS = sa.insert(JOBS).from_select(
 
 
 def add_unique(conn: Connection, kind: str, key: str, occurrence: str, due: datetime, now: datetime) -> None:
-    """Queue a job unless one with the same key is pending: once, whatever the replicas."""
+    """Queue a clock job (`poll`, `tick`) unless one with the same key is pending or running: once,
+    whatever the replicas (`uq_jobs_clock_key`). A job that queues its own next run finishes first."""
     insert = sql.insert(conn.dialect.name, JOBS)
     conn.execute(
         insert.values(
@@ -382,8 +460,9 @@ def add_unique(conn: Connection, kind: str, key: str, occurrence: str, due: date
             attempts=0,
             created_at=now,
             updated_at=now,
-        ).on_conflict_do_nothing(index_elements=["key"], index_where=J.status == "pending")
+        ).on_conflict_do_nothing()  # whichever unique index the key meets
     )
+    notify(conn)
 
 
 def add_tick(conn: Connection, name: str, now: datetime) -> None:

@@ -8,6 +8,9 @@ import sqlalchemy as sa
 from sqlalchemy import Column, Index, LargeBinary, Table, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
+#: A clock job (jobqueue.add_unique) still to run or running: at most one per key.
+CLOCK_JOB_LIVE = "kind IN ('poll', 'tick') AND status IN ('pending', 'running')"
+
 
 class InboxCall(SQLModel, table=True):
     """Every accepted webhook call, byte for byte, before anything interprets it."""
@@ -47,6 +50,14 @@ class Job(SQLModel, table=True):
             unique=True,
             sqlite_where=text("status = 'pending'"),
             postgresql_where=text("status = 'pending'"),
+        ),
+        # One live clock job (a poll, a tick) per key: queued again while one runs, it is not doubled.
+        Index(
+            "uq_jobs_clock_key",
+            "key",
+            unique=True,
+            sqlite_where=text(CLOCK_JOB_LIVE),
+            postgresql_where=text(CLOCK_JOB_LIVE),
         ),
     )
 
@@ -313,6 +324,16 @@ class Replica(SQLModel, table=True):
     heartbeat_at: datetime
 
 
+class SinkRate(SQLModel, table=True):
+    """A rated sink's send schedule, shared by the replicas on one PostgreSQL (store/sinkrates.py)."""
+
+    __tablename__ = "sink_rates"
+
+    sink: str = Field(primary_key=True, max_length=100)
+    #: GCRA's theoretical arrival time: when the sink is idle again at its rate.
+    tat: datetime
+
+
 def _table(model: type[SQLModel]) -> Table:
     return model.__table__  # type: ignore[attr-defined]
 
@@ -332,3 +353,4 @@ PUSH_SUBSCRIPTIONS = _table(PushSubscription)
 META = _table(Meta)
 RENDERED = _table(RenderedMessage)
 REPLICAS = _table(Replica)
+SINK_RATES = _table(SinkRate)
