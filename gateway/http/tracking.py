@@ -6,7 +6,8 @@ its delivery through the same path as a provider's feedback. Its source is inter
 back what these endpoints stored and is never served under /hooks.
 
 The person comes first: the pixel is served and the click redirected even when the fetch cannot
-be stored (storage down), since a broken image or link would not bring the event back. A click
+be stored (storage down), since a broken image or link would not bring the event back; the pixel
+is served even before the link key could be read (a click cannot be: its URL is sealed). A click
 goes only to the URL sealed in its token, the one the rendered message carried: nothing in the
 request can choose where it goes (no open redirect). An unknown or forged token gets a 404.
 """
@@ -101,9 +102,11 @@ SOURCES: tuple[type[TrackingSource], ...] = (OpenSource, ClickSource)
 
 async def handle_open(request: web.Request) -> web.Response:
     tracked = await _tracked(request, links.OPEN)
-    if isinstance(tracked, web.Response):
+    if isinstance(tracked, web.Response) and tracked.status != 503:
         return tracked
-    await _store(request, OPEN_SOURCE, tracked)
+    if not isinstance(tracked, web.Response):
+        await _store(request, OPEN_SOURCE, tracked)
+    # Storage down: the open cannot be read or kept, but a broken image would not bring it back either.
     return web.Response(body=PIXEL_GIF, content_type="image/gif", headers=NO_STORE)
 
 
