@@ -86,6 +86,7 @@ SUBJECT = re.compile(rb"^Subject: ([^\r\n]*)", re.MULTILINE)
 
 SERVE_CONFIG = """\
 public_url: http://127.0.0.1:{port}
+allow_http_public_url: true   # a local benchmark: no HTTPS in front
 timezone: UTC
 storage:
   url: sqlite:///{db}
