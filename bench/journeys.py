@@ -384,8 +384,11 @@ def insert_due_steps(url: str, tag: str, count: int, rate: float, lead: float, c
 
 
 def reconcile_done(db_path: Path) -> bool:
+    """The start-up reconcile tick ran (the daily retention tick stays pending: it is not waited for)."""
     with sqlite3.connect(db_path, timeout=30) as conn:
-        return not conn.execute("SELECT count(*) FROM jobs WHERE kind = 'tick' AND status != 'done'").fetchone()[0]
+        query = "SELECT status, count(*) FROM jobs WHERE key = 'tick:reconcile' GROUP BY status"
+        states = dict(conn.execute(query).fetchall())
+    return bool(states.get("done")) and not states.get("pending") and not states.get("running")
 
 
 def wait_for_mails(catcher: Catcher, prefix: str, expected: int, timeout: float) -> list[tuple[float, str]]:
