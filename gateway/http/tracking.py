@@ -101,33 +101,40 @@ SOURCES: tuple[type[TrackingSource], ...] = (OpenSource, ClickSource)
 
 
 async def handle_open(request: web.Request) -> web.Response:
-    tracked = await _tracked(request, links.OPEN)
-    if isinstance(tracked, web.Response) and tracked.status != 503:
+    try:
+        tracked = await _tracked(request, links.OPEN)
+    except StorageUnavailable:  # the link key cannot be read: the open is lost, the image served all the same
+        return _pixel()
+    if isinstance(tracked, web.Response):
         return tracked
-    if not isinstance(tracked, web.Response):
-        await _store(request, OPEN_SOURCE, tracked)
-    # Storage down: the open cannot be read or kept, but a broken image would not bring it back either.
-    return web.Response(body=PIXEL_GIF, content_type="image/gif", headers=NO_STORE)
+    await _store(request, OPEN_SOURCE, tracked)
+    return _pixel()
 
 
 async def handle_click(request: web.Request) -> web.Response:
-    tracked = await _tracked(request, links.CLICK)
+    try:
+        tracked = await _tracked(request, links.CLICK)
+    except StorageUnavailable:  # the link key cannot be read, so there is nowhere to send the person
+        retry = {"Retry-After": RETRY_AFTER_SECONDS}
+        return web.Response(status=503, text="Please try again in a moment.", headers=retry)
     if isinstance(tracked, web.Response):
         return tracked
     await _store(request, CLICK_SOURCE, tracked)
     return web.Response(status=302, headers={"Location": tracked.url, "Referrer-Policy": "no-referrer", **NO_STORE})
 
 
+def _pixel() -> web.Response:
+    return web.Response(body=PIXEL_GIF, content_type="image/gif", headers=NO_STORE)
+
+
 ROUTES = (("/t/o/{token}", handle_open), ("/t/c/{token}", handle_click))
 
 
 async def _tracked(request: web.Request, purpose: str) -> links.Tracked | web.Response:
+    """The token's content, or the 404 for an unknown or forged one; StorageUnavailable when the link key
+    cannot be read yet."""
     gateway: RunningGateway = request.app[GATEWAY_KEY]
-    try:
-        secret = await gateway.link_secret()
-    except StorageUnavailable:  # the token cannot be read, so there is nowhere to send the person
-        retry = {"Retry-After": RETRY_AFTER_SECONDS}
-        return web.Response(status=503, text="Please try again in a moment.", headers=retry)
+    secret = await gateway.link_secret()
     tracked = links.read_tracking_token(secret, request.match_info["token"], purpose)
     if tracked is None or (purpose == links.CLICK and not tracked.url):
         return web.Response(status=404, text="This link is not valid.", headers=NO_STORE)

@@ -145,11 +145,8 @@ def next_event_occurrence(
     if value is None:
         return None
     done = set(conn.execute(_ENROLLED, {"rule": rule.name, "contact_id": contact["id"]}).scalars())
-    found = [
-        Occurrence(o.day, o.fire_at, event_id)
-        for o in occurrences(rule, value, zone, now)
-        if f"{o.key}@{event_id}" not in done
-    ]
+    found = [Occurrence(o.day, o.fire_at, event_id) for o in occurrences(rule, value, zone, now)]
+    found = [o for o in found if o.key not in done]
     coming = [o for o in found if o.fire_at >= now - rule.catch_up]
     return coming[0] if coming else (found[-1] if found else None)
 

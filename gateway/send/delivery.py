@@ -627,7 +627,7 @@ class StepRunner:
             )
             jobqueue.add_step(conn, step.enrolment_id, following, due, now, step.rule.spec.priority)
         else:
-            conn.execute(_COMPLETE, {"enrolment_id": step.enrolment_id, "now": now})
+            conn.execute(_END, {"enrolment_id": step.enrolment_id, "status": "completed", "by": None, "now": now})
 
     def _record(
         self,
@@ -694,11 +694,6 @@ _END = (
     sa.update(ENROLMENTS)
     .where(E.id == sa.bindparam("enrolment_id"), E.status == "active")
     .values(status=sa.bindparam("status"), ended_by=sa.bindparam("by"), ended_at=sa.bindparam("now"))
-)
-_COMPLETE = (
-    sa.update(ENROLMENTS)
-    .where(E.id == sa.bindparam("enrolment_id"), E.status == "active")
-    .values(status="completed", ended_at=sa.bindparam("now"))
 )
 
 
