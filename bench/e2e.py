@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -37,6 +40,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
+    BENCH,
     DECLIC,
     SECRET,
     cpu_seconds,
@@ -188,6 +192,12 @@ def main() -> None:
         help="run Declic under callgrind and count its instructions from the first post to the last e-mail: "
         "a cost per e-mail that other load on the machine does not change (slow: ~50x)",
     )
+    parser.add_argument(
+        "--statements",
+        action="store_true",
+        help="count the SQL statements and transactions Declic runs from the first post to the last e-mail, "
+        "by statement (bench/_statements/sitecustomize.py)",
+    )
     args = parser.parse_args()
 
     run = uuid.uuid4().hex[:6]
@@ -240,10 +250,16 @@ def main() -> None:
                 counts = folder / "callgrind.out"
                 if args.callgrind:  # counting starts with the load, not at start-up
                     command = [*CALLGRIND, f"--callgrind-out-file={counts}", *command]
-                server = subprocess.Popen([*command, "--port", str(port)], stdout=log, stderr=log)
+                environment = dict(os.environ)
+                if args.statements:
+                    environment["PYTHONPATH"] = str(BENCH / "_statements")
+                    environment["DECLIC_STATEMENTS_OUT"] = str(folder / "statements.json")
+                server = subprocess.Popen([*command, "--port", str(port)], stdout=log, stderr=log, env=environment)
                 wait_for_port(port, server, timeout=600 if args.callgrind else 30)
                 if args.callgrind:
                     callgrind_control(server.pid, "--instr=on")
+                if args.statements:
+                    os.kill(server.pid, signal.SIGUSR1)
                 cpu_before, ticks_before = cpu_seconds(server.pid), machine_ticks()
                 db_before = db.cpu() if db else {}
                 result = asyncio.run(post_all(f"http://127.0.0.1:{port}/hooks/shop", orders, args.concurrency))
@@ -254,6 +270,7 @@ def main() -> None:
                 db_cpu = {pid: cpu - db_before.get(pid, 0.0) for pid, cpu in db.cpu().items()} if db else {}
                 usage = machine_usage(ticks_before, machine_ticks())
                 instructions = callgrind_total(server.pid, counts) if args.callgrind else None
+                statements = read_statements(server.pid, folder / "statements.json") if args.statements else None
                 if args.callgrind and args.callgrind_keep:
                     shutil.copy(next(counts.parent.glob(counts.name + ".*")), args.callgrind_keep)
         finally:
@@ -319,8 +336,34 @@ def main() -> None:
             f" counted: {instructions / 1e9:.2f} G instructions from the first post to the last e-mail, "
             f"{instructions / max(1, len(arrivals)) / 1e6:.2f} M per e-mail (callgrind)"
         )
+    if statements is not None:
+        print_statements(statements, len(arrivals))
     if len(arrivals) < args.orders:
         print(f"   NOTE: {args.orders - len(arrivals)} e-mails had not arrived after the {args.timeout:g} s timeout")
+
+
+def read_statements(pid: int, path: Path) -> dict[str, Any]:
+    """Have the server write its statement counts (SIGUSR2) and read them."""
+    os.kill(pid, signal.SIGUSR2)
+    for _ in range(100):
+        if path.exists() and path.stat().st_size:
+            time.sleep(0.1)  # written in one go, but give the writer time to close the file
+            return dict(json.loads(path.read_text()))
+        time.sleep(0.1)
+    raise RuntimeError("the server did not write its statement counts")
+
+
+def print_statements(counts: dict[str, Any], emails: int) -> None:
+    """Statements per e-mail, the most frequent first, and transactions per e-mail."""
+    statements: dict[str, int] = counts["statements"]
+    total = sum(statements.values())
+    per = max(1, emails)
+    print(
+        f" statements: {total} SQL statements in {counts['transactions']} transactions, {total / per:.2f} statements "
+        f"and {counts['transactions'] / per:.2f} transactions per e-mail; by statement, per e-mail:"
+    )
+    for text, count in sorted(statements.items(), key=lambda item: -item[1]):
+        print(f"   {count / per:6.2f}  {text[:150]}")
 
 
 def count_sent(url: str) -> int:
