@@ -105,6 +105,15 @@ async def test_erasure_forgets_the_person_and_ends_their_journeys(d: Deployment,
     assert "ada" not in json.dumps([list(r) for r in d.rows("SELECT properties, correlation FROM events")])
 
 
+async def test_an_erasure_in_the_same_call_also_blanks_what_that_call_journalled(d: Deployment) -> None:
+    # Journal rows are written when the transaction ends (store/appends.py): the erasure must reach them too.
+    ada = signed_up("ada@example.com", external_ids={"crm": "77"})
+    await d.emit(ada, ada, {"type": "contact.erased", "contact": {"external_ids": {"crm": "77"}}})
+    journal = d.rows("SELECT action, reason FROM decisions ORDER BY id")
+    assert [action for action, _ in journal] == ["enrolled", "not_enrolled"]
+    assert [reason for _, reason in journal] == [None, None]  # "already enrolled for signup:ada@..." is gone
+
+
 async def test_provider_feedback_lands_on_the_delivery(d: Deployment, smtp: SmtpCatcher) -> None:
     await d.emit(signed_up("ada@example.com"))
     [(provider_id,)] = d.rows("SELECT provider_id FROM deliveries")

@@ -7,7 +7,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from ..store import DECISIONS, ENROLMENTS
+from ..store import DECISIONS, ENROLMENTS, appends
 
 #: enrolled | not_enrolled (a trigger matched; why not) | send | held_out (holdout group: not sent) |
 #: suppressed | deferred | exited | goal | failed | overtook (went ahead of a stuck call) |
@@ -42,7 +42,8 @@ def record(
     event_id: str | None = None,
 ) -> None:
     assert action in ACTIONS, action
-    conn.execute(
+    appends.append(
+        conn,
         _INSERT,
         {
             "at": at,

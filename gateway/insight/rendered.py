@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..kit.sinks import Message
-from ..store import RENDERED, sql
+from ..store import RENDERED, appends, sql
 
 R = RENDERED.c
 
@@ -32,7 +32,7 @@ def keep(conn: Connection, delivery_key: str, contact_id: int, at: datetime, mes
     }
     packed = zlib.compress(json.dumps(body, ensure_ascii=False).encode(), 1)
     row = {"delivery_key": delivery_key, "contact_id": contact_id, "at": at, "body": packed}
-    conn.execute(_insert(conn.dialect.name), row)
+    appends.append(conn, _insert(conn.dialect.name), row)
 
 
 @functools.cache

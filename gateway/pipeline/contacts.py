@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -23,6 +24,7 @@ from ..store import (
     IDENTITIES,
     INBOX,
     PUSH_SUBSCRIPTIONS,
+    appends,
     jobqueue,
     jsoncodec,
     sql,
@@ -147,7 +149,6 @@ def _leave_to_holders(
 
 
 _INSERT_CONTACT = sa.insert(CONTACTS).returning(C.id)
-_CONTACT = sa.select(CONTACTS).where(C.id == sa.bindparam("contact_id"))
 _ADDRESSES = sa.select(C.email, C.phone, C.email_status).where(C.id == sa.bindparam("contact_id"))
 _WRITABLE = (*_FIELDS, "phone_status", "attributes", "consent", "updated_at")
 _UPDATE_CONTACT = (
@@ -207,15 +208,16 @@ def _update(
     double_opt_in: frozenset[str],
     existing: bool = True,
 ) -> tuple[dict[str, Any], frozenset[str]]:
-    row = conn.execute(_CONTACT, {"contact_id": contact_id}).one()._asdict()
+    found = conn.execute(_contact_with_links(conn.dialect.name), {"contact_id": contact_id}).one()._mapping
+    row = {column.name: found[column.name] for column in CONTACTS.c}
     if row["email_status"] == "erased":
-        return _with_links(conn, row), frozenset()  # an erasure is final: later events bring nobody back
+        return links_of(row, found), frozenset()  # an erasure is final: later events bring nobody back
     changes, moved, rulings = _merge(row, ref, source, now, event, existing=existing, double_opt_in=double_opt_in)
     if changes:
         row.update(changes, updated_at=now)
         conn.execute(_UPDATE_CONTACT, {"contact_id": contact_id, **{f: row[f] for f in _WRITABLE}})
     _write_links(conn, contact_id, ref, rulings, now, event, raw)
-    return _with_links(conn, row), moved
+    return (load(conn, contact_id) if ref.push_subscriptions else links_of(row, found)), moved
 
 
 def _merge(
@@ -324,7 +326,8 @@ def record_consent(
         evidence.update(event=event.type, occurred_at=event.occurred_at)
     if raw is not None:
         evidence.update(inbox_id=raw.id, webhook_id=raw.dedupe_key or None)
-    conn.execute(
+    appends.append(
+        conn,
         _INSERT_CONSENT,
         {
             "contact_id": contact_id,
@@ -432,32 +435,54 @@ def _adopt(conn: Connection, ours: int, theirs: int) -> int:
 
 
 P = PUSH_SUBSCRIPTIONS.c
-_DEVICES = sa.select(P.kind, P.address, P["keys"]).where(P.contact_id == sa.bindparam("contact_id")).order_by(P.id)
-#: Sorted by kind in Python: an ORDER BY could lead SQLite to walk the primary key instead of the contact index.
-_EXTERNAL_IDS = sa.select(I.kind, I.value).where(
-    I.contact_id == sa.bindparam("contact_id"), I.kind.not_in(("email", "phone"))
-)
+
+
+def links_columns(dialect: str, contact_id: sa.ColumnElement[int]) -> list[sa.Label[Any]]:
+    """The external ids and the devices of the contact `contact_id` names, as two JSON arrays read with the
+    row that holds it: one statement where three were (a step is prepared for each e-mail). `links_of`
+    reads them back."""
+    if dialect == "postgresql":
+        array, aggregate = sa.func.json_build_array, sa.func.json_agg
+    else:
+        array, aggregate = sa.func.json_array, sa.func.json_group_array
+    ids = sa.select(aggregate(array(I.kind, I.value))).where(
+        I.contact_id == contact_id, I.kind != "email", I.kind != "phone"
+    )
+    devices = sa.select(aggregate(array(P.id, P.kind, P.address, P["keys"]))).where(P.contact_id == contact_id)
+    return [ids.scalar_subquery().label("links__ids"), devices.scalar_subquery().label("links__devices")]
+
+
+@functools.cache
+def _contact_with_links(dialect: str) -> sa.Select[Any]:
+    return sa.select(CONTACTS, *links_columns(dialect, C.id)).where(C.id == sa.bindparam("contact_id"))
 
 
 def load(conn: Connection, contact_id: int) -> dict[str, Any]:
     """The contact as rules and templates see it."""
-    return _with_links(conn, conn.execute(_CONTACT, {"contact_id": contact_id}).one()._asdict())
+    row = conn.execute(_contact_with_links(conn.dialect.name), {"contact_id": contact_id}).one()._mapping
+    return links_of(row, row)
 
 
-def _with_links(conn: Connection, row: dict[str, Any]) -> dict[str, Any]:
-    """The contact row with its external ids and push subscriptions."""
-    devices = conn.execute(_DEVICES, {"contact_id": row["id"]})
-    external = conn.execute(_EXTERNAL_IDS, {"contact_id": row["id"]})
+def links_of(fields: Mapping[Any, Any], links: Mapping[Any, Any]) -> dict[str, Any]:
+    """The contact from its row (`fields`) and the two arrays of `links_columns` (in `links`)."""
+    devices = sorted(_array(links["links__devices"]))  # by id: the order they subscribed in
     return {
-        **_fields_of(row),
-        "external_ids": dict(sorted((r.kind, r.value) for r in external)),
+        **_fields_of(fields),
+        "external_ids": dict(sorted((kind, value) for kind, value in _array(links["links__ids"]))),
         "push_subscriptions": [
-            {"kind": d.kind, "address": d.address, "keys": jsoncodec.loads(d.keys)} for d in devices
+            {"kind": kind, "address": address, "keys": jsoncodec.loads(keys)} for _, kind, address, keys in devices
         ],
     }
 
 
-def _fields_of(row: dict[str, Any]) -> dict[str, Any]:
+def _array(value: str | list[Any] | None) -> list[Any]:
+    """A JSON array as the driver gives it: text (SQLite), decoded (PostgreSQL), or None for no rows."""
+    if value is None:
+        return []
+    return value if isinstance(value, list) else list(jsoncodec.loads(value))
+
+
+def _fields_of(row: Mapping[Any, Any]) -> dict[str, Any]:
     consent = jsoncodec.loads(row["consent"])
     return {
         "id": row["id"],
@@ -476,6 +501,7 @@ def erase(conn: Connection, contact_id: int, now: datetime) -> None:
     the same person starts a new contact with no history and no consent of the old one. The
     row stays, emptied, so counts (deliveries, conversions) keep adding up; active journeys end.
     """
+    appends.flush(conn)  # this transaction's journal rows and copies are erased too
     conn.execute(
         sa.update(CONTACTS)
         .where(C.id == contact_id)
@@ -507,9 +533,13 @@ def erase(conn: Connection, contact_id: int, now: datetime) -> None:
         jobqueue.cancel_pending(conn, ended, now)
 
 
-def view(conn: Connection, contact_id: int, now: datetime, wheres: Wheres | None = None) -> ContactView:
-    """The contact for a step being prepared, with its history: valid only within that transaction."""
-    return ContactView(load(conn, contact_id), conn, now, wheres)
+def view(
+    conn: Connection, contact_id: int, now: datetime, wheres: Wheres | None = None, row: dict[str, Any] | None = None
+) -> ContactView:
+    """The contact for a step being prepared, with its history: valid only within that transaction.
+    `row` is its row of the contacts table with the columns of `links_columns`, when the caller read it."""
+    fields = links_of(row, row) if row is not None else load(conn, contact_id)
+    return ContactView(fields, conn, now, wheres)
 
 
 def mark_email_bouncing(conn: Connection, contact_id: int, now: datetime) -> None:

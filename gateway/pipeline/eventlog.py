@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -34,14 +35,18 @@ _EVENT = sa.select(EVENTS).where(EVENTS.c.id == sa.bindparam("event_id"))
 
 
 def load_event(conn: Connection, event_id: str) -> dict[str, object]:
-    row = conn.execute(_EVENT, {"event_id": event_id}).one()
+    return event_of(conn.execute(_EVENT, {"event_id": event_id}).one()._mapping)
+
+
+def event_of(row: Mapping[Any, Any]) -> dict[str, object]:
+    """A row of the events table as rules and templates see the event."""
     return {
-        "id": row.id,
-        "source": row.source,
-        "type": row.type,
-        "occurred_at": row.occurred_at,
-        "correlation": jsoncodec.loads(row.correlation),
-        "properties": jsoncodec.loads(row.properties),
+        "id": row["id"],
+        "source": row["source"],
+        "type": row["type"],
+        "occurred_at": row["occurred_at"],
+        "correlation": jsoncodec.loads(row["correlation"]),
+        "properties": jsoncodec.loads(row["properties"]),
     }
 
 

@@ -25,11 +25,11 @@ from ..kit.locales import contact_locale, locale_chain, translated
 from ..kit.sinks import DeliveryResult, Message, Outcome, SendContext, Sink
 from ..kit.templating import RenderLimits, evaluate, render_message
 from ..pipeline import contacts, moments
-from ..pipeline.eventlog import load_event
+from ..pipeline.eventlog import event_of, load_event
 from ..pipeline.history import record_problems
 from ..pipeline.router import CompiledRule, Router, warn_once
 from ..pipeline.triggers import zone_of
-from ..store import CONTACTS, DELIVERIES, ENROLMENTS, jobqueue, sql
+from ..store import CONTACTS, DELIVERIES, ENROLMENTS, EVENTS, jobqueue, sql
 from ..store.jobqueue import ClaimedJob
 from ..store.tables import INTERNAL_KIND
 from . import links
@@ -136,7 +136,8 @@ class StepRunner:
     def prepare(self, conn: Connection, job: ClaimedJob) -> Send | None:
         """Decide what to send, or close (or defer) the job here when nothing should be sent now."""
         now = self.clock.now()
-        enrolment = conn.execute(_ENROLMENT, {"enrolment_id": job.enrolment_id}).one()
+        # The enrolment, its event and its contact in one read: a step is prepared for each e-mail.
+        enrolment = conn.execute(_step(conn.dialect.name), {"enrolment_id": job.enrolment_id}).one()
         rule = self.router.rules.get(enrolment.rule)
         if enrolment.status != "active" or rule is None or job.step >= len(rule.spec.steps):
             why = "rule no longer in the config" if rule is None else f"journey {enrolment.status}"
@@ -169,10 +170,13 @@ class StepRunner:
         if not left or any(statuses.get(k) in OVER for _, k in channels):
             self._advance(conn, step, now)  # the outcome was recorded, the job was not
             return None
+        read = _read_with(enrolment)
         if self._capped(rule) and not step.internal and conn.dialect.name == "postgresql":
-            # Serialise one contact's capped sends across workers, so two cannot both take the last slot.
+            # Serialise one contact's capped sends across workers, so two cannot both take the last slot;
+            # the contact is read again once it is locked.
             conn.execute(sa.select(CONTACTS.c.id).where(CONTACTS.c.id == enrolment.contact_id).with_for_update())
-        context = self._context(conn, rule, job.step, enrolment.contact_id, enrolment.event_id, now, variant)
+            read = _Read(read.event, None)
+        context = self._context(conn, rule, job.step, enrolment.contact_id, enrolment.event_id, now, variant, read)
         contact = context["contact"]
         reason = self._too_late(rule, job, contact, context)
         if reason is None:
@@ -248,10 +252,13 @@ class StepRunner:
         event_id: str,
         now: datetime,
         variant: str | None = None,
+        read: _Read | None = None,
     ) -> dict[str, Any]:
-        """What a step's `if` and templates see; `unsubscribe_url` is set once the channel is known."""
-        event = load_event(conn, event_id)
-        contact = contacts.view(conn, contact_id, now, self.router.wheres)
+        """What a step's `if` and templates see; `unsubscribe_url` is set once the channel is known. `read`
+        holds the event and the contact's row when prepare() read them with the enrolment."""
+        read = read or _Read(None, None)
+        event = read.event if read.event is not None else load_event(conn, event_id)
+        contact = contacts.view(conn, contact_id, now, self.router.wheres, read.contact)
         context: dict[str, Any] = {
             "event": Known("event", event),
             "contact": contact,
@@ -678,7 +685,41 @@ def _upsert_delivery(dialect: str) -> sa.Insert:
     )
 
 
-_ENROLMENT = sa.select(ENROLMENTS).where(E.id == sa.bindparam("enrolment_id"))
+@functools.cache
+def _step(dialect: str) -> sa.Select[Any]:
+    """The enrolment with its event and its contact (with its ids and devices), in one statement: the event
+    may be gone (retention), the contact never is."""
+    return (
+        sa.select(
+            ENROLMENTS,
+            *[column.label(f"event__{column.name}") for column in EVENTS.c],
+            *[column.label(f"contact__{column.name}") for column in CONTACTS.c],
+            *contacts.links_columns(dialect, E.contact_id),
+        )
+        .select_from(
+            ENROLMENTS.outerjoin(EVENTS, EVENTS.c.id == E.event_id).outerjoin(CONTACTS, CONTACTS.c.id == E.contact_id)
+        )
+        .where(E.id == sa.bindparam("enrolment_id"))
+    )
+
+
+@dataclass(frozen=True)
+class _Read:
+    """What prepare() read with the enrolment: the event as templates see it, the contact's row and links."""
+
+    event: dict[str, object] | None
+    contact: dict[str, Any] | None
+
+
+def _read_with(row: Any) -> _Read:
+    fields = row._mapping
+    event = {c.name: fields[f"event__{c.name}"] for c in EVENTS.c} if fields["event__id"] is not None else None
+    contact = {c.name: fields[f"contact__{c.name}"] for c in CONTACTS.c} if fields["contact__id"] is not None else None
+    if contact is not None:
+        contact.update(links__ids=fields["links__ids"], links__devices=fields["links__devices"])
+    return _Read(event_of(event) if event else None, contact)
+
+
 _DELIVERY_STATUSES = sa.select(D.idempotency_key, D.status).where(
     D.idempotency_key.in_(sa.bindparam("keys", expanding=True))
 )

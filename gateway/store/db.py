@@ -22,6 +22,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
 from ..errors import ConfigError, StorageUnavailable
+from . import appends
 
 __all__ = ["Database", "StorageUnavailable", "make_engine", "normalize_url"]
 
@@ -87,7 +88,7 @@ class Database:
     def transaction(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(conn, *args) in one transaction, in the calling thread."""
         try:
-            with self.engine.begin() as conn:
+            with self.engine.begin() as conn, appends.queued(conn):
                 return fn(conn, *args)
         except sa.exc.OperationalError as exc:
             self.on_unavailable()

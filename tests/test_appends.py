@@ -1,0 +1,55 @@
+"""Rows written at the end of a transaction (store/appends.py): with it or not at all, and at once elsewhere."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import pytest
+import sqlalchemy as sa
+
+from declic_gateway.insight import journal
+from declic_gateway.store import DECISIONS, Database
+
+NOW = datetime(2026, 6, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    database = Database(db_url)
+    database.upgrade()
+    yield database
+    database.close()
+
+
+def journalled(db: Database) -> list[tuple[str, str]]:
+    with db.engine.connect() as conn:
+        return [(r.rule, r.action) for r in conn.execute(sa.select(DECISIONS).order_by(DECISIONS.c.id))]
+
+
+def test_rows_queued_in_a_transaction_are_written_in_order_when_it_commits(db: Database) -> None:
+    def work(conn: sa.Connection) -> int:
+        for rule in ("a", "b", "c"):
+            journal.record(conn, NOW, rule, 1, "enrolled")
+        return len(conn.execute(sa.select(DECISIONS)).all())
+
+    assert db.transaction(work) == 0  # queued: one executemany when the work is done
+    assert journalled(db) == [("a", "enrolled"), ("b", "enrolled"), ("c", "enrolled")]
+
+
+def test_rows_of_a_transaction_that_fails_are_never_written(db: Database) -> None:
+    def work(conn: sa.Connection) -> None:
+        journal.record(conn, NOW, "a", 1, "enrolled")
+        raise ValueError("the call cannot be applied")
+
+    with pytest.raises(ValueError):
+        db.transaction(work)
+    db.transaction(lambda conn: journal.record(conn, NOW, "b", 1, "enrolled"))  # the connection is reused
+
+    assert journalled(db) == [("b", "enrolled")]
+
+
+def test_outside_a_database_transaction_a_row_is_written_at_once(db: Database) -> None:
+    with db.engine.begin() as conn:
+        journal.record(conn, NOW, "a", 1, "enrolled")
+        assert len(conn.execute(sa.select(DECISIONS)).all()) == 1
