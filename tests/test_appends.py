@@ -27,14 +27,30 @@ def journalled(db: Database) -> list[tuple[str, str]]:
         return [(r.rule, r.action) for r in conn.execute(sa.select(DECISIONS).order_by(DECISIONS.c.id))]
 
 
-def test_rows_queued_in_a_transaction_are_written_in_order_when_it_commits(db: Database) -> None:
-    def work(conn: sa.Connection) -> int:
+def test_rows_queued_in_a_transaction_are_written_by_one_statement_in_order(db: Database) -> None:
+    statements: list[str] = []
+    sa.event.listen(db.engine, "before_cursor_execute", lambda conn, cursor, sql, *_: statements.append(sql))
+
+    def work(conn: sa.Connection) -> None:
         for rule in ("a", "b", "c"):
             journal.record(conn, NOW, rule, 1, "enrolled")
-        return len(conn.execute(sa.select(DECISIONS)).all())
 
-    assert db.transaction(work) == 0  # queued: one executemany when the work is done
+    db.transaction(work)
+    assert len([sql for sql in statements if sql.startswith("INSERT INTO decisions")]) == 1  # an executemany
     assert journalled(db) == [("a", "enrolled"), ("b", "enrolled"), ("c", "enrolled")]
+
+
+def test_a_statement_on_a_table_with_queued_rows_sees_them(db: Database) -> None:
+    def work(conn: sa.Connection) -> tuple[int, int]:
+        journal.record(conn, NOW, "a", 1, "enrolled", reason="about ada@example.com")
+        before = len(conn.execute(sa.select(DECISIONS)).all())
+        conn.execute(sa.update(DECISIONS).values(reason=None))  # as an erasure does
+        journal.record(conn, NOW, "b", 1, "enrolled")
+        return before, len(conn.execute(sa.text("SELECT * FROM decisions")).all())  # text: tables unknown
+
+    assert db.transaction(work) == (1, 2)
+    with db.engine.connect() as conn:
+        assert list(conn.execute(sa.select(DECISIONS.c.reason))) == [(None,), (None,)]
 
 
 def test_rows_of_a_transaction_that_fails_are_never_written(db: Database) -> None:

@@ -501,7 +501,6 @@ def erase(conn: Connection, contact_id: int, now: datetime) -> None:
     the same person starts a new contact with no history and no consent of the old one. The
     row stays, emptied, so counts (deliveries, conversions) keep adding up; active journeys end.
     """
-    appends.flush(conn)  # this transaction's journal rows and copies are erased too
     conn.execute(
         sa.update(CONTACTS)
         .where(C.id == contact_id)

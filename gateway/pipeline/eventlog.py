@@ -9,13 +9,14 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..kit.events import Event
-from ..store import EVENTS, jsoncodec
+from ..store import EVENTS, appends, jsoncodec
 
 _INSERT_EVENT = sa.insert(EVENTS)
 
 
 def store_event(conn: Connection, event: Event, contact_id: int) -> None:
-    conn.execute(
+    appends.append(
+        conn,
         _INSERT_EVENT,
         {
             "id": event.id,

@@ -1,11 +1,12 @@
-"""Rows that nothing reads back in the transaction that writes them (the decisions journal, the consent
-ledger, the copies of sent messages): queued on the connection and written with one executemany per table
-just before the transaction commits, instead of one statement each.
+"""Rows written at the end of their transaction: the events, the decisions journal, the consent ledger and
+the copies of sent messages are queued on the connection and written with one executemany per table, instead
+of one statement each.
 
-A transaction applies ten calls or records many sends: that is two to four statements fewer per e-mail,
-and on PostgreSQL as many round trips fewer on the path that applies calls one batch after another
-(docs/performance.md). Only Database.transaction opens a queue; anywhere else `append` writes at once.
-Code that reads or changes those tables in a transaction that may have queued rows calls `flush` first.
+A transaction applies ten calls or records many sends: that is about five statements fewer per e-mail, and on
+PostgreSQL as many round trips fewer on the path that applies calls one batch after another
+(docs/performance.md). Only Database.transaction opens a queue (and drops it when its work raises); anywhere
+else `append` writes at once. Nothing is read stale: before any statement that names a table with queued rows
+(or whose tables are unknown, such as text), the queue is written first (`write_first`, an engine event).
 """
 
 from __future__ import annotations
@@ -16,14 +17,18 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
+from sqlalchemy.sql.util import find_tables
 
 #: Where the queue lives while a transaction runs: the connection's `info` (removed when it ends).
 _KEY = "declic.appends"
+#: Execution option of a statement that reads and writes no table (PostgreSQL's NOTIFY): it never writes the queue.
+NO_TABLE = "declic_no_table"
+_Queue = dict[sa.Executable, list[dict[str, Any]]]
 
 
-def append(conn: Connection, statement: sa.Executable, row: dict[str, Any]) -> None:
+def append(conn: Connection, statement: sa.Insert, row: dict[str, Any]) -> None:
     """Write `row` with `statement` before this transaction commits (at once when no queue is open)."""
-    queued: dict[sa.Executable, list[dict[str, Any]]] | None = conn.info.get(_KEY)
+    queued: _Queue | None = conn.info.get(_KEY)
     if queued is None:
         conn.execute(statement, row)
     else:
@@ -31,8 +36,8 @@ def append(conn: Connection, statement: sa.Executable, row: dict[str, Any]) -> N
 
 
 def flush(conn: Connection) -> None:
-    """Write what is queued now, in the order it was queued (table by table)."""
-    queued: dict[sa.Executable, list[dict[str, Any]]] | None = conn.info.get(_KEY)
+    """Write what is queued now, table by table, each table's rows in the order they came."""
+    queued: _Queue | None = conn.info.get(_KEY)
     while queued:
         statement = next(iter(queued))
         conn.execute(statement, queued.pop(statement))
@@ -48,3 +53,30 @@ def queued(conn: Connection) -> Iterator[None]:
         flush(conn)
     finally:
         conn.info.pop(_KEY, None)
+
+
+def write_first(conn: Connection, statement: Any, *_: Any) -> None:
+    """`before_execute` listener: a statement that may read or change a table with queued rows runs after them."""
+    queued: _Queue | None = conn.info.get(_KEY)
+    if not queued or (isinstance(statement, sa.Executable) and statement.get_execution_options().get(NO_TABLE)):
+        return
+    names = _tables(statement)
+    if names is None or any(names & (_tables(waiting) or frozenset()) for waiting in queued):
+        flush(conn)
+
+
+#: The tables each statement names, by id (the statement is kept so that its id is not reused); the hot paths'
+#: statements are built once, so this stays small; those built on each call are found again.
+_TABLES: dict[int, tuple[Any, frozenset[str] | None]] = {}
+
+
+def _tables(statement: Any) -> frozenset[str] | None:
+    """The tables a statement names, subqueries included; None when that cannot be known (text)."""
+    found = _TABLES.get(id(statement))
+    if found is None or found[0] is not statement:
+        tables = find_tables(statement, include_crud=True) if isinstance(statement, sa.ClauseElement) else []
+        names = frozenset(table.name for table in tables if isinstance(table, sa.Table))
+        if len(_TABLES) >= 4096:
+            _TABLES.clear()
+        found = _TABLES[id(statement)] = (statement, names or None)
+    return found[1]

@@ -49,14 +49,16 @@ def make_engine(url: str, busy_timeout: timedelta = timedelta(seconds=2)) -> Eng
         sa.event.listen(engine, "connect", _sqlite_on_connect)
         # Take the write lock up front: a transaction never fails half-way on a lock upgrade.
         sa.event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
-        return engine
-    timeout_ms = int(busy_timeout.total_seconds() * 1000)
-    return sa.create_engine(
-        url,
-        pool_size=8,
-        pool_pre_ping=True,
-        connect_args={"connect_timeout": 5, "options": f"-c lock_timeout={timeout_ms}"},
-    )
+    else:
+        timeout_ms = int(busy_timeout.total_seconds() * 1000)
+        engine = sa.create_engine(
+            url,
+            pool_size=8,
+            pool_pre_ping=True,
+            connect_args={"connect_timeout": 5, "options": f"-c lock_timeout={timeout_ms}"},
+        )
+    sa.event.listen(engine, "before_execute", appends.write_first)
+    return engine
 
 
 def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:

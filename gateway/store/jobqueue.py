@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import ENROLMENTS, IDENTITIES, INBOX, JOBS, sql
+from . import ENROLMENTS, IDENTITIES, INBOX, JOBS, appends, sql
 
 J = JOBS.c
 MAX_RETRY_AFTER = 86400.0
@@ -23,7 +23,7 @@ KINDS = ("inbox", "step", "trigger", "poll", "tick")
 CHANNEL = "declic_jobs"
 #: This process, as its notifications say: its own worker wakes without them (see `notify`).
 ORIGIN = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-_NOTIFY = sa.text(f"NOTIFY {CHANNEL}, '{ORIGIN}'")
+_NOTIFY = sa.text(f"NOTIFY {CHANNEL}, '{ORIGIN}'").execution_options(**{appends.NO_TABLE: True})
 
 
 def notify(conn: Connection) -> None:
