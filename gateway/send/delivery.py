@@ -29,7 +29,7 @@ from ..pipeline.eventlog import event_of, load_event
 from ..pipeline.history import record_problems
 from ..pipeline.router import CompiledRule, Router, warn_once
 from ..pipeline.triggers import zone_of
-from ..store import CONTACTS, DELIVERIES, ENROLMENTS, EVENTS, jobqueue, sql
+from ..store import CONTACTS, DELIVERIES, ENROLMENTS, EVENTS, appends, jobqueue, sql
 from ..store.jobqueue import ClaimedJob
 from ..store.tables import INTERNAL_KIND
 from . import links
@@ -619,7 +619,9 @@ class StepRunner:
         return first or now
 
     def _advance(self, conn: Connection, step: Step, now: datetime) -> None:
-        jobqueue.finish(conn, step.job, self.worker_id, now)
+        """The step is over: its job done, the next step queued or the journey completed (all written with the
+        transaction's other queued rows, store/appends.py)."""
+        jobqueue.finish_queued(conn, step.job, self.worker_id, now)
         following = step.job.step + 1
         steps = step.rule.spec.steps
         if following < len(steps):
@@ -634,7 +636,8 @@ class StepRunner:
             )
             jobqueue.add_step(conn, step.enrolment_id, following, due, now, step.rule.spec.priority)
         else:
-            conn.execute(_END, {"enrolment_id": step.enrolment_id, "status": "completed", "by": None, "now": now})
+            row = {"enrolment_id": step.enrolment_id, "status": "completed", "by": None, "now": now}
+            appends.append(conn, _END, row)
 
     def _record(
         self,

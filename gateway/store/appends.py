@@ -1,8 +1,8 @@
-"""Rows written at the end of their transaction: the events, the decisions journal, the consent ledger and
-the copies of sent messages are queued on the connection and written with one executemany per table, instead
-of one statement each.
+"""Writes done at the end of their transaction: the events, the decisions journal, the consent ledger, the
+copies of sent messages, new steps and finished ones are queued on the connection and written with one
+executemany per statement, instead of one statement each.
 
-A transaction applies ten calls or records many sends: that is about five statements fewer per e-mail, and on
+A transaction applies ten calls or records many sends: that is about seven statements fewer per e-mail, and on
 PostgreSQL as many round trips fewer on the path that applies calls one batch after another
 (docs/performance.md). Only Database.transaction opens a queue (and drops it when its work raises); anywhere
 else `append` writes at once. Nothing is read stale: before any statement that names a table with queued rows
@@ -26,8 +26,9 @@ NO_TABLE = "declic_no_table"
 _Queue = dict[sa.Executable, list[dict[str, Any]]]
 
 
-def append(conn: Connection, statement: sa.Insert, row: dict[str, Any]) -> None:
-    """Write `row` with `statement` before this transaction commits (at once when no queue is open)."""
+def append(conn: Connection, statement: sa.Insert | sa.Update, row: dict[str, Any]) -> None:
+    """Run `statement` with `row` before this transaction commits (at once when no queue is open): for writes
+    whose outcome (a row count, a returned id) nobody needs."""
     queued: _Queue | None = conn.info.get(_KEY)
     if queued is None:
         conn.execute(statement, row)

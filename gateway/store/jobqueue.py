@@ -65,7 +65,9 @@ class ClaimedJob:
 def add_step(
     conn: Connection, enrolment_id: int, step: int, due_at: datetime, now: datetime, priority: int = 0
 ) -> None:
-    conn.execute(
+    """Queue a step: written with the transaction's other queued rows (store/appends.py)."""
+    appends.append(
+        conn,
         _INSERT,
         {
             "kind": "step",
@@ -328,6 +330,12 @@ def finish(
         _FINISH, {"job_id": job.id, "worker": worker, "new_status": status, "error": error, "now": now}
     )
     return result.rowcount == 1
+
+
+def finish_queued(conn: Connection, job: ClaimedJob, worker: str, now: datetime) -> None:
+    """finish() as done, written with the transaction's other queued rows: for a caller that does not need to
+    know whether it still held the job (a step whose outcome is recorded: a later claim sees the delivery)."""
+    appends.append(conn, _FINISH, {"job_id": job.id, "worker": worker, "new_status": "done", "error": None, "now": now})
 
 
 #: Only while this worker holds the job: after a lost lease, another worker owns it.
