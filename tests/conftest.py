@@ -180,6 +180,15 @@ def postgres_database() -> Iterator[str]:
 
 
 @pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    """A migrated database (each of `db_url`'s), closed after the test."""
+    database = Database(db_url)
+    database.upgrade()
+    yield database
+    database.close()
+
+
+@pytest.fixture
 def smtp() -> Iterator[SmtpCatcher]:
     catcher = SmtpCatcher().start()
     yield catcher

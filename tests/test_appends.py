@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -12,14 +11,6 @@ from declic_gateway.insight import journal
 from declic_gateway.store import DECISIONS, Database
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    database = Database(db_url)
-    database.upgrade()
-    yield database
-    database.close()
 
 
 def journalled(db: Database) -> list[tuple[str, str]]:

@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
-import pytest
 import sqlalchemy as sa
 
 from declic_gateway.store import META, Database
 from declic_gateway.store.db import Grouped
-
-
-@pytest.fixture
-def db(db_url: str) -> Any:
-    database = Database(db_url)
-    database.upgrade()
-    yield database
-    database.close()
 
 
 def remember(conn: sa.Connection, key: str) -> str:

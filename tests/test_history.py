@@ -4,7 +4,6 @@ contact, bad arguments fail the condition with a reason, and they run within the
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -27,14 +26,6 @@ from declic_gateway.store import DELIVERIES, Database
 
 NOW = datetime(2026, 3, 14, 12, 0, tzinfo=UTC)
 ENV = make_environment(None)
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    database = Database(db_url)
-    database.upgrade()
-    yield database
-    database.close()
 
 
 def _event(index: int, contact_id: int, kind: str, ago: timedelta, **properties: Any) -> tuple[Event, int]:
