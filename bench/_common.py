@@ -201,28 +201,27 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[rank - 1]
 
 
-def revision() -> str:
-    """The Declic commit measured, and whether the work tree differs from it."""
+def revision(inside: Path = ROOT) -> str:
+    """The Declic commit measured (of the checkout that holds `inside`), and whether its work tree differs."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(inside), *args], capture_output=True, text=True, check=True).stdout
+
     try:
-        head = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "gateway", "plugins"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        top = git("rev-parse", "--show-toplevel").strip()
+        head = git("rev-parse", "--short", "HEAD").strip()
+        dirty = git("status", "--porcelain", "--", f"{top}/gateway", f"{top}/plugins").strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown revision"
     return f"commit {head}" + (" with uncommitted changes under gateway/ or plugins/" if dirty else "")
 
 
-def machine() -> str:
+def machine(declic: Path = DECLIC) -> str:
+    """The machine, its load, and the commit of the checkout whose `declic` command is measured."""
     load1, load5, _ = os.getloadavg()
     busy = "  <- other processes are busy: expect lower, noisier figures" if load1 > 0.5 else ""
     return (
         f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {os.uname().sysname} {os.uname().release}; "
         f"load average before the run {load1:.2f} (1 min), {load5:.2f} (5 min){busy}\n"
-        f"declic: {revision()}"
+        f"declic: {revision(declic.resolve().parent)}"
     )

@@ -206,7 +206,7 @@ def main() -> None:
         name = f"E2E-{run}-{i:06d}"
         body = order_body(i, email=f"bench+{run}-{i}@example.com", name=name)
         orders.append((name, body, sign(body)))
-    print(f"machine: {machine()}")
+    print(f"machine: {machine(args.declic)}")
     print(
         f"load: {args.orders} orders/create webhooks of ~{len(orders[0][1]) / 1024:.1f} KB at concurrency "
         f"{args.concurrency}; rule order.placed -> transactional e-mail via SMTP (tls none) to an aiosmtpd "
