@@ -114,6 +114,66 @@ async def test_an_erasure_in_the_same_call_also_blanks_what_that_call_journalled
     assert [reason for _, reason in journal] == [None, None]  # "already enrolled for signup:ada@..." is gone
 
 
+async def apply_together(d: Deployment, *calls: list[dict[str, Any]]) -> list[str]:
+    """Post the calls, then apply them in one batch; return the SQL statements that ran."""
+    statements: list[str] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement)
+
+    for events in calls:
+        assert (await d.client.post("/hooks/in/tok", data=json.dumps(events).encode())).status == 200
+    sa.event.listen(d.gateway.db.engine, "before_cursor_execute", capture)
+    try:
+        await d.gateway.worker.drain()
+    finally:
+        sa.event.remove(d.gateway.db.engine, "before_cursor_execute", capture)
+    return statements
+
+
+def lookups(statements: list[str]) -> int:
+    return sum(s.startswith("SELECT identities.kind, identities.value, identities.contact_id") for s in statements)
+
+
+async def test_calls_applied_together_look_up_their_contacts_once_and_see_each_others_writes(d: Deployment) -> None:
+    """A batch of calls reads who they are about in one statement (docs/performance.md), yet each call sees
+    the contacts the calls before it created or erased."""
+    statements = await apply_together(
+        d,
+        [signed_up("bob@example.com"), signed_up("BOB@example.com", first_name="Bob")],  # created, then found
+        [signed_up("bob@example.com", last_name="Lee")],
+        # Erased, then back in the same call: erasure sticks, the address starts a new contact.
+        [{"type": "contact.erased", "contact": {"email": "bob@example.com"}}, signed_up("bob@example.com")],
+        [signed_up("cy@example.com")],
+    )
+    assert d.rows("SELECT id, email, email_status FROM contacts ORDER BY id") == [
+        (1, None, "erased"),
+        (2, "bob@example.com", "ok"),
+        (3, "cy@example.com", "ok"),
+    ]
+    assert d.rows("SELECT contact_id FROM identities WHERE kind = 'email'") == [(2,), (3,)]
+    assert d.rows("SELECT contact_id FROM events ORDER BY id") == [(1,), (1,), (1,), (1,), (2,), (3,)]
+    # One for the batch; once the erasure removed identities, each event after it reads the database again.
+    assert lookups(statements) == 3
+    if d.gateway.db.engine.dialect.name == "postgresql":  # a new contact and its identities: one round trip
+        assert sum("INSERT INTO contacts" in s and "INSERT INTO identities" in s for s in statements) == 3
+        assert not [s for s in statements if s.startswith("INSERT INTO identities")]
+
+
+async def test_a_merge_in_a_batch_is_seen_by_the_calls_after_it(d: Deployment) -> None:
+    await d.emit({"type": "page.viewed", "contact": {"external_ids": {"site_anonymous": "b7"}}})  # anonymous: 1
+    await d.emit(signed_up("ada@example.com", external_ids={"crm": "c1"}))  # 2
+    aliased = {"external_ids": {"crm": "c1"}, "previous_ids": {"site_anonymous": "b7"}}
+    viewed = {"type": "page.viewed", "contact": {"external_ids": {"site_anonymous": "b7"}}}
+    statements = await apply_together(
+        d, [{**viewed, "properties": {"path": "/"}}], [{"type": "contact.aliased", "contact": aliased}, viewed]
+    )
+    # Ada's account named the visitor: its id moved to her, and the page view after it is hers.
+    assert d.rows("SELECT contact_id FROM identities WHERE value = 'b7'") == [(2,)]
+    assert d.rows("SELECT contact_id FROM events WHERE type = 'page.viewed' ORDER BY id") == [(1,), (1,), (2,)]
+    assert lookups(statements) == 2
+
+
 async def test_provider_feedback_lands_on_the_delivery(d: Deployment, smtp: SmtpCatcher) -> None:
     await d.emit(signed_up("ada@example.com"))
     [(provider_id,)] = d.rows("SELECT provider_id FROM deliveries")

@@ -59,6 +59,10 @@ class _Call:
     events: list[Event] = dataclasses.field(default_factory=list)
     failure: str | None = None
 
+    def applies(self) -> RawCall | None:
+        """The call to apply; None when it was processed already or cannot be."""
+        return self.raw if self.failure is None else None
+
 
 class Worker:
     def __init__(
@@ -362,21 +366,15 @@ class Worker:
 
     def _apply_in(self, conn: Connection, calls: list[_Call]) -> list[list[Event]]:
         now = self.clock.now()
-        stored: list[list[Event]] = []
-        processed = []
         for call in calls:
-            stored.append([])
-            if call.raw is None:
-                continue
-            if call.failure is not None:
+            if call.raw is not None and call.failure is not None:
                 inbound.fail_call(conn, call.raw.id, now, call.failure)
-            else:
-                stored[-1] = inbound.apply_events(conn, call.raw, call.events, self.router, now, self.phone_region)
-                processed.append(call.raw.id)
-        if processed:
-            inbound.mark_processed(conn, processed, now)
+        applying = [(raw, call.events) for call in calls if (raw := call.applies())]
+        applied = iter(inbound.apply_calls(conn, applying, self.router, now, self.phone_region))
+        if applying:
+            inbound.mark_processed(conn, [raw.id for raw, _ in applying], now)
         jobqueue.finish_many(conn, [call.job for call in calls], self.id, now)
-        return stored
+        return [next(applied) if call.applies() else [] for call in calls]
 
     async def _my_turn(self, inbox_id: int) -> None:
         """An unsubscribe received after a profile update is applied after it, even if normalised first."""

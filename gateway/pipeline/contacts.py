@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
 from ..errors import MalformedPayload
@@ -81,7 +83,7 @@ def upsert(
     `confirm:CHANNEL` when a grant now waits for its double opt-in confirmation.
     """
     keys = identities(ref)
-    known = _lookup(conn, keys)
+    known = _known(conn, keys)
     contact_id = next((known[k] for k in keys if k in known), None)
     if contact_id is None:
         if _OWN in ref.external_ids:  # Declic's own ids name existing contacts; nobody can reserve one
@@ -180,8 +182,8 @@ def _create(
     }
     changes, moved, rulings = _merge(row, ref, source, now, event, existing=False, double_opt_in=double_opt_in)
     row.update(changes)
-    row["id"] = contact_id = conn.execute(_INSERT_CONTACT, row).scalar_one()
-    won = _claim(conn, [(_OWN, str(contact_id)), *keys], contact_id)
+    contact_id, won = _insert(conn, row, keys)
+    row["id"] = contact_id
     if keys and keys[0] not in won:  # a concurrent transaction created the same person first: join theirs
         theirs = _adopt(conn, contact_id, _lookup(conn, keys[:1])[keys[0]])
         return _update(conn, theirs, ref, source, now, event, raw, double_opt_in)
@@ -385,12 +387,55 @@ _LOOKUP = sa.select(I.kind, I.value, I.contact_id).where(
 )
 
 
-def _lookup(conn: Connection, keys: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
-    if not keys:
-        return {}
-    rows = conn.execute(_LOOKUP, {"kinds": sorted({k for k, _ in keys}), "values": sorted({v for _, v in keys})})
+def _lookup(conn: Connection, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], int]:
     wanted = set(keys)
+    if not wanted:
+        return {}
+    rows = conn.execute(_LOOKUP, {"kinds": sorted({k for k, _ in wanted}), "values": sorted({v for _, v in wanted})})
     return {(r.kind, r.value): r.contact_id for r in rows if (r.kind, r.value) in wanted}
+
+
+#: Where `known_ahead` keeps who holds each identity (None: nobody) while a batch of calls is applied.
+_AHEAD = "declic.identities"
+
+
+@contextlib.contextmanager
+def known_ahead(conn: Connection, refs: Iterable[ContactRef]) -> Iterator[None]:
+    """Look up who the refs name in one statement, for a batch of calls applied in one transaction: one
+    round trip where each call took one (docs/performance.md). Every write to identities is in this
+    module and keeps the answers current (`_remember`) or drops them (`_forget`); a key not covered, or
+    one whose holder is no longer sure, is read from the database as before."""
+    keys = {key for ref in refs for key in identities(ref)}
+    found = _lookup(conn, keys)
+    conn.info[_AHEAD] = {key: found.get(key) for key in keys}
+    try:
+        yield
+    finally:
+        conn.info.pop(_AHEAD, None)
+
+
+def _known(conn: Connection, keys: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """Who holds each key: from what `known_ahead` read when it covers them all, else from the database."""
+    ahead: dict[tuple[str, str], int | None] | None = conn.info.get(_AHEAD)
+    if ahead is None or not all(key in ahead for key in keys):
+        return _lookup(conn, keys)
+    return {key: holder for key in keys if (holder := ahead[key]) is not None}
+
+
+def _remember(conn: Connection, keys: list[tuple[str, str]], won: set[tuple[str, str]], contact_id: int) -> None:
+    """After a claim: the keys won are the contact's; the others someone else's, read again if asked."""
+    ahead = conn.info.get(_AHEAD)
+    if ahead is not None:
+        for key in keys:
+            if key in won:
+                ahead[key] = contact_id
+            else:
+                ahead.pop(key, None)
+
+
+def _forget(conn: Connection) -> None:
+    """Identities moved or went (a merge, an erasure): the rest of the batch reads them from the database."""
+    conn.info.pop(_AHEAD, None)
 
 
 def _claim(conn: Connection, keys: list[tuple[str, str]], contact_id: int) -> set[tuple[str, str]]:
@@ -399,7 +444,47 @@ def _claim(conn: Connection, keys: list[tuple[str, str]], contact_id: int) -> se
         return set()
     # executemany with RETURNING: one compiled statement whatever the number of identities.
     rows = [{"kind": k, "value": v, "contact_id": contact_id} for k, v in keys]
-    return {(r.kind, r.value) for r in conn.execute(_link_identities(conn.dialect.name), rows)}
+    won = {(r.kind, r.value) for r in conn.execute(_link_identities(conn.dialect.name), rows)}
+    _remember(conn, keys, won, contact_id)
+    return won
+
+
+def _insert(conn: Connection, row: dict[str, Any], keys: list[tuple[str, str]]) -> tuple[int, set[tuple[str, str]]]:
+    """Insert a new contact and claim its identities, Declic's own id first; return its id and the keys won."""
+    if conn.dialect.name != "postgresql":
+        contact_id = conn.execute(_INSERT_CONTACT, row).scalar_one()
+        return contact_id, _claim(conn, [(_OWN, str(contact_id)), *keys], contact_id)
+    # PostgreSQL writes both in one statement (data-modifying CTEs): one round trip where there were two.
+    kinds, values = [kind for kind, _ in keys], [value for _, value in keys]
+    rows = conn.execute(_insert_and_claim(tuple(row)), {**row, "kinds": kinds, "values": values}).all()
+    contact_id = rows[0].id
+    won = {(r.kind, r.value) for r in rows if r.kind is not None}
+    _remember(conn, [(_OWN, str(contact_id)), *keys], won, contact_id)
+    return contact_id, won
+
+
+@functools.cache
+def _insert_and_claim(columns: tuple[str, ...]) -> sa.Select[Any]:
+    """WITH new AS (INSERT INTO contacts ... RETURNING id), claimed AS (INSERT INTO identities SELECT ('declic',
+    new.id) UNION ALL the given keys ON CONFLICT DO NOTHING RETURNING kind, value) SELECT new.id and the keys won."""
+    new = sa.insert(CONTACTS).values({c: sa.bindparam(c, type_=C[c].type) for c in columns}).returning(C.id).cte("new")
+    given = sa.func.unnest(
+        sa.bindparam("kinds", type_=postgresql.ARRAY(sa.String)),
+        sa.bindparam("values", type_=postgresql.ARRAY(sa.String)),
+    )
+    wanted = given.table_valued("kind", "value").render_derived(name="wanted")
+    rows = sa.union_all(
+        sa.select(sa.literal(_OWN), sa.cast(new.c.id, sa.String), new.c.id),
+        sa.select(wanted.c.kind, wanted.c.value, new.c.id).select_from(new).join(wanted, sa.true()),
+    )
+    claimed = (
+        postgresql.insert(IDENTITIES)
+        .from_select(["kind", "value", "contact_id"], rows)
+        .on_conflict_do_nothing(index_elements=["kind", "value"])
+        .returning(I.kind, I.value)
+        .cte("claimed")
+    )
+    return sa.select(new.c.id, claimed.c.kind, claimed.c.value).select_from(new).outerjoin(claimed, sa.true())
 
 
 @functools.cache
@@ -424,6 +509,7 @@ def _fold_anonymous(conn: Connection, anonymous: int, into: int, ref: ContactRef
     if devices or kinds - {_OWN, *ref.previous_ids}:
         return False
     conn.execute(sa.update(IDENTITIES).where(I.contact_id == anonymous, I.kind != _OWN).values(contact_id=into))
+    _forget(conn)
     return True
 
 
@@ -431,6 +517,7 @@ def _adopt(conn: Connection, ours: int, theirs: int) -> int:
     """A concurrent transaction created the same person first: keep theirs, fold ours into it."""
     conn.execute(sa.update(IDENTITIES).where(I.contact_id == ours).values(contact_id=theirs))
     conn.execute(sa.delete(CONTACTS).where(C.id == ours))
+    _forget(conn)
     return theirs
 
 
@@ -507,6 +594,7 @@ def erase(conn: Connection, contact_id: int, now: datetime) -> None:
         .values(**dict.fromkeys(_FIELDS), attributes="{}", consent="{}", email_status="erased", updated_at=now)
     )
     conn.execute(sa.delete(IDENTITIES).where(I.contact_id == contact_id))
+    _forget(conn)
     conn.execute(sa.delete(PUSH_SUBSCRIPTIONS).where(PUSH_SUBSCRIPTIONS.c.contact_id == contact_id))
     inbox_ids = sa.select(EVENTS.c.inbox_id).where(EVENTS.c.contact_id == contact_id).scalar_subquery()
     conn.execute(sa.update(INBOX).where(INBOX.c.id.in_(inbox_ids)).values(body=b"", headers="{}", status="erased"))

@@ -68,14 +68,32 @@ class Unprocessable(MalformedPayload):
     """Normalisation cannot succeed as things are: the call is marked failed, replayable after a fix."""
 
 
-def apply_events(
-    conn: Connection, raw: RawCall, events: list[Event], router: Router, now: datetime, phone_region: str | None = None
-) -> list[Event]:
-    """Resolve contacts, store and route each event; the caller marks the call processed."""
+def apply_calls(
+    conn: Connection,
+    calls: list[tuple[RawCall, list[Event]]],
+    router: Router,
+    now: datetime,
+    phone_region: str | None = None,
+) -> list[list[Event]]:
+    """Apply calls in the order given, in one transaction; the events stored, call by call. Who they are
+    about is looked up in one statement for all of them; the caller marks the calls processed."""
+    fitted = [
+        (raw, [fit(named(raw, index, event), phone_region) for index, event in enumerate(events)])
+        for raw, events in calls
+    ]
+    with contacts.known_ahead(conn, [event.contact for _, events in fitted for event in events]):
+        return [apply_events(conn, raw, events, router, now) for raw, events in fitted]
+
+
+def named(raw: RawCall, index: int, event: Event) -> Event:
+    """The event as stored: its id says which call it came from (named before `fit`, whose logs say which)."""
+    return event.model_copy(update={"id": f"{raw.id}.{index}", "source": raw.source, "raw_ref": raw.id})
+
+
+def apply_events(conn: Connection, raw: RawCall, events: list[Event], router: Router, now: datetime) -> list[Event]:
+    """Resolve contacts, store and route each event of a call, named and fitted (`apply_calls`)."""
     stored = []
-    for index, event in enumerate(events):
-        named = event.model_copy(update={"id": f"{raw.id}.{index}", "source": raw.source, "raw_ref": raw.id})
-        event = fit(named, phone_region)  # named first, so that what fit logs says which event
+    for event in events:
         if event.dedupe_key and seen_before(conn, raw.source, event.dedupe_key):
             continue
         contact, changed = contacts.upsert(conn, event.contact, raw.source, now, event, raw, router.double_opt_in)
