@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from alembic.runtime.migration import MigrationContext
 from click.testing import CliRunner
 from sqlmodel import SQLModel
 
+from conftest import postgres_database
 from declic_gateway.cli.main import cli
 from declic_gateway.errors import ConfigError
 from declic_gateway.http.app import create_app, load
@@ -79,3 +81,24 @@ async def test_a_second_process_on_one_sqlite_file_refuses_to_start(tmp_path: Pa
     again = TestServer(create_app(settings, pm=pm))  # the lock went with the first process's shutdown
     await again.start_server()
     await again.close()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    yield from postgres_database()
+
+
+@pytest.mark.postgres
+def test_a_connection_the_server_dropped_is_replaced_before_a_transaction_uses_it(pg_url: str) -> None:
+    """A server restart or a failover ends the pooled connections: the next transaction runs on a new one
+    instead of failing (the pool's check is the BEGIN each transaction sends anyway, store/db.py)."""
+    database = Database(pg_url)
+    backend = sa.text("SELECT pg_backend_pid()")
+    try:
+        first = database.transaction(lambda conn: conn.execute(backend).scalar_one())
+        admin = sa.create_engine(database.engine.url, poolclass=sa.pool.NullPool)
+        with admin.connect() as conn:
+            assert conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": first}).scalar()
+        assert database.transaction(lambda conn: conn.execute(backend).scalar_one()) != first
+    finally:
+        database.close()

@@ -52,13 +52,25 @@ def make_engine(url: str, busy_timeout: timedelta = timedelta(seconds=2)) -> Eng
     else:
         timeout_ms = int(busy_timeout.total_seconds() * 1000)
         engine = sa.create_engine(
-            url,
-            pool_size=8,
-            pool_pre_ping=True,
-            connect_args={"connect_timeout": 5, "options": f"-c lock_timeout={timeout_ms}"},
+            url, pool_size=8, connect_args={"connect_timeout": 5, "options": f"-c lock_timeout={timeout_ms}"}
         )
+        sa.event.listen(engine, "checkout", _begin_or_reconnect)
     sa.event.listen(engine, "before_execute", appends.write_first)
     return engine
+
+
+def _begin_or_reconnect(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+    """A connection taken from the pool starts its transaction at once, and that BEGIN is the check that it is
+    alive: psycopg sends no BEGIN of its own in a transaction already open. `pool_pre_ping` would spend a
+    round trip of its own (SELECT 1) before psycopg's BEGIN, on every transaction (docs/performance.md).
+    A dead connection (the server restarted) makes the pool drop every connection and open a new one."""
+    from psycopg import pq  # PostgreSQL's driver is an extra: imported where only PostgreSQL gets
+
+    pgconn = dbapi_conn.pgconn
+    if pgconn.transaction_status != pq.TransactionStatus.IDLE:
+        return
+    if pgconn.exec_(b"BEGIN").status != pq.ExecStatus.COMMAND_OK:
+        raise sa.exc.InvalidatePoolError(pgconn.get_error_message().strip())
 
 
 def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
