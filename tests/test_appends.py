@@ -8,7 +8,7 @@ import pytest
 import sqlalchemy as sa
 
 from declic_gateway.insight import journal
-from declic_gateway.store import DECISIONS, Database
+from declic_gateway.store import DECISIONS, Database, appends
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 
@@ -60,3 +60,18 @@ def test_outside_a_database_transaction_a_row_is_written_at_once(db: Database) -
     with db.engine.begin() as conn:
         journal.record(conn, NOW, "a", 1, "enrolled")
         assert len(conn.execute(sa.select(DECISIONS)).all()) == 1
+
+
+def test_a_queued_row_the_database_refuses_fails_its_transaction_as_any_statement_would(db: Database) -> None:
+    """On PostgreSQL the queue and the COMMIT go out together (store/sql.py, pipelined): the refusal still
+    comes back as SQLAlchemy's error, the transaction writes nothing, and the connection serves the next."""
+
+    def work(conn: sa.Connection) -> None:
+        journal.record(conn, NOW, "a", 1, "enrolled")
+        refused = {"at": NOW, "rule": "b", "step": None, "contact_id": None, "action": "enrolled"}  # NOT NULL
+        appends.append(conn, sa.insert(DECISIONS).inline(), {**refused, "via": None, "reason": None, "event_id": None})
+
+    with pytest.raises(sa.exc.IntegrityError):
+        db.transaction(work)
+    db.transaction(lambda conn: journal.record(conn, NOW, "c", 1, "enrolled"))
+    assert journalled(db) == [("c", "enrolled")]

@@ -58,7 +58,7 @@ def record(
     )
 
 
-_INSERT = sa.insert(DECISIONS)
+_INSERT = sa.insert(DECISIONS).inline()  # appended: no id read back (store/appends.py)
 
 
 def enrolments(conn: Connection, enrolment_ids: list[int]) -> dict[int, tuple[str, int]]:

@@ -37,7 +37,7 @@ def keep(conn: Connection, delivery_key: str, contact_id: int, at: datetime, mes
 
 @functools.cache
 def _insert(dialect: str) -> sa.Insert:
-    return sql.insert(dialect, RENDERED).on_conflict_do_nothing()
+    return sql.insert(dialect, RENDERED).on_conflict_do_nothing().inline()  # appended (store/appends.py)
 
 
 def of_contact(conn: Connection, contact_id: int) -> dict[str, dict[str, Any]]:

@@ -348,7 +348,7 @@ def record_consent(
     )
 
 
-_INSERT_CONSENT = sa.insert(CONSENTS)
+_INSERT_CONSENT = sa.insert(CONSENTS).inline()  # appended: no id read back (store/appends.py)
 
 
 def add_push_subscription(

@@ -11,7 +11,7 @@ from sqlalchemy.engine import Connection
 from ..kit.events import Event
 from ..store import EVENTS, appends, jsoncodec
 
-_INSERT_EVENT = sa.insert(EVENTS)
+_INSERT_EVENT = sa.insert(EVENTS).inline()  # appended: no id read back (store/appends.py)
 
 
 def store_event(conn: Connection, event: Event, contact_id: int) -> None:

@@ -28,7 +28,8 @@ _Queue = dict[sa.Executable, list[dict[str, Any]]]
 
 def append(conn: Connection, statement: sa.Insert | sa.Update, row: dict[str, Any]) -> None:
     """Run `statement` with `row` before this transaction commits (at once when no queue is open): for writes
-    whose outcome (a row count, a returned id) nobody needs."""
+    whose outcome (a row count, a returned id) nobody needs. An INSERT is built `.inline()`, so that SQLAlchemy
+    reads no generated id back: on PostgreSQL the queue goes out in a pipeline, where nothing is read."""
     queued: _Queue | None = conn.info.get(_KEY)
     if queued is None:
         conn.execute(statement, row)
@@ -46,12 +47,12 @@ def flush(conn: Connection) -> None:
 
 @contextlib.contextmanager
 def queued(conn: Connection) -> Iterator[None]:
-    """Queue appended rows while the block runs and write them when it ends without an error; drop them
-    when it raises, as the transaction rolls back anyway."""
+    """Queue appended rows while the block runs; the block flushes them before it commits (Database.transaction
+    sends both together). Rows still queued when the block ends are dropped: it raised, the transaction rolls
+    back anyway."""
     conn.info[_KEY] = {}
     try:
         yield
-        flush(conn)
     finally:
         conn.info.pop(_KEY, None)
 

@@ -85,7 +85,7 @@ def add_step(
     notify(conn)
 
 
-_INSERT = sa.insert(JOBS)
+_INSERT = sa.insert(JOBS).inline()  # appended: no id read back (store/appends.py)
 
 
 #: How long an unprocessed call holds back the steps due after it arrived, unless the worker says.

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
@@ -12,6 +15,28 @@ from .tables import META
 def insert(dialect: str, table: sa.Table) -> postgresql.Insert | sqlite.Insert:
     """An INSERT that takes ON CONFLICT clauses, in the flavour of `dialect` (`conn.dialect.name`)."""
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
+@contextlib.contextmanager
+def pipelined(conn: Connection) -> Iterator[None]:
+    """On PostgreSQL, send the block's statements without waiting for each answer (psycopg's pipeline mode):
+    for statements whose results nobody reads, ending with the COMMIT, which waits for all of them at once and
+    raises the first error as SQLAlchemy raises any. Elsewhere, the block runs as it is."""
+    if conn.dialect.name != "postgresql":
+        yield
+        return
+    from psycopg import pq  # PostgreSQL's driver is an extra: imported where only PostgreSQL gets
+
+    driver = conn.connection.driver_connection
+    assert driver is not None  # a connection in use has its driver's
+    try:
+        with driver.pipeline():
+            yield
+    finally:
+        # A statement refused in the pipeline aborts the COMMIT after it, which then never ends the transaction:
+        # end it, or the pool hands out a connection in a failed transaction (SQLAlchemy thinks it committed).
+        if not driver.closed and driver.pgconn.transaction_status == pq.TransactionStatus.INERROR:
+            driver.rollback()
 
 
 def put_meta(conn: Connection, key: str, value: str) -> None:
