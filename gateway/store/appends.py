@@ -19,6 +19,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.util import find_tables
 
+from . import sql
+
 #: Where the queue lives while a transaction runs: the connection's `info` (removed when it ends).
 _KEY = "declic.appends"
 #: Execution option of a statement that reads and writes no table (PostgreSQL's NOTIFY): it never writes the queue.
@@ -26,7 +28,7 @@ NO_TABLE = "declic_no_table"
 _Queue = dict[sa.Executable, list[dict[str, Any]]]
 
 
-def append(conn: Connection, statement: sa.Insert | sa.Update, row: dict[str, Any]) -> None:
+def append(conn: Connection, statement: sa.Insert | sa.Update | sa.TextClause, row: dict[str, Any]) -> None:
     """Run `statement` with `row` before this transaction commits (at once when no queue is open): for writes
     whose outcome (a row count, a returned id) nobody needs. An INSERT is built `.inline()`, so that SQLAlchemy
     reads no generated id back: on PostgreSQL the queue goes out in a pipeline, where nothing is read."""
@@ -43,6 +45,18 @@ def flush(conn: Connection) -> None:
     while queued:
         statement = next(iter(queued))
         conn.execute(statement, queued.pop(statement))
+
+
+def commit(conn: Connection) -> None:
+    """Write what is queued, then commit. On PostgreSQL the rows go out with the COMMIT in one pipeline
+    (`sql.pipelined`): two round trips (the COMMIT's and the pipeline's end) for any number of statements,
+    where each took one before the COMMIT's own."""
+    if not conn.info.get(_KEY):
+        conn.commit()
+        return
+    with sql.pipelined(conn):
+        flush(conn)
+        conn.commit()
 
 
 @contextlib.contextmanager

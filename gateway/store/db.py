@@ -22,7 +22,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
 from ..errors import ConfigError, StorageUnavailable
-from . import appends, sql
+from . import appends
 
 __all__ = ["Database", "StorageUnavailable", "make_engine", "normalize_url"]
 
@@ -104,9 +104,7 @@ class Database:
         try:
             with self.engine.connect() as conn, appends.queued(conn):  # closing a connection rolls back
                 result = fn(conn, *args)
-                with sql.pipelined(conn):  # the queued rows and the COMMIT: one round trip on PostgreSQL
-                    appends.flush(conn)
-                    conn.commit()
+                appends.commit(conn)
                 return result
         except sa.exc.OperationalError as exc:
             self.on_unavailable()

@@ -38,7 +38,7 @@ def notify(conn: Connection) -> None:
         return
     transaction = conn.get_transaction()
     if conn.info.get("declic_notified") is not transaction:
-        conn.execute(_NOTIFY)
+        appends.append(conn, _NOTIFY, {})  # held until the commit anyway: it goes out with the queued rows
         conn.info["declic_notified"] = transaction
 
 

@@ -1,0 +1,168 @@
+"""What one of Declic's transactions costs on PostgreSQL, in round trips' worth of time.
+
+    .venv/bin/python bench/transactions.py [--postgres URL] [--transactions 2000] [--rounds 5] [--delay MS]
+
+On a fresh database (dropped afterwards), in this process, it times `Database.transaction` for
+two kinds of work, each `--transactions` times per round:
+- `empty`: one SELECT 1, what every transaction pays around its work (checkout, BEGIN, COMMIT);
+- `queued`: four rows queued on the transaction (an event, a journal row, a consent-ledger row and a
+  step, as applying a call queues them: store/appends.py), then written with the COMMIT.
+The baseline, measured in the same run on a connection of its own: one bare round trip (a SELECT 1
+in autocommit, psycopg alone). Each kind is printed as wall time and CPU per transaction, and as
+round trips' worth of wall time: what a change to the transaction's round trips saves shows there,
+whatever the machine's speed. `--delay MS` puts a proxy (a process of its own) between this process
+and the server that holds each packet MS milliseconds each way: a database on another host, where
+every round trip costs what the network does, as in most deployments on PostgreSQL. Run it from
+each checkout to compare two commits. A benchmark, not a test: it asserts nothing about timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import multiprocessing
+import socket
+import statistics
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+from _common import machine
+
+from declic_gateway.insight import journal
+from declic_gateway.kit.events import ContactRef, Event
+from declic_gateway.pipeline.eventlog import store_event
+from declic_gateway.store import ENROLMENTS, Database, jobqueue
+from declic_gateway.store.db import normalize_url
+
+NOW = datetime(2026, 6, 1, tzinfo=UTC)
+
+
+SELECT_1 = sa.select(sa.literal(1))
+#: As applying a call reads or writes enrolments between its queued rows (which it never writes first).
+OWN_STATEMENT = sa.select(ENROLMENTS.c.id).where(ENROLMENTS.c.id == -1)
+EVENT_IDS = itertools.count()
+
+
+def empty(conn: sa.Connection, _: int) -> None:
+    conn.execute(SELECT_1)
+
+
+def queued(conn: sa.Connection, n: int) -> None:
+    event = Event(id=f"e{next(EVENT_IDS)}", source="bench", type="order.placed", occurred_at=NOW, contact=ContactRef())
+    store_event(conn, event, 1)
+    journal.record(conn, NOW, "bench", 1, "enrolled", event_id=event.id)
+    conn.execute(OWN_STATEMENT)
+    jobqueue.add_step(conn, n, 0, NOW, NOW, 0)
+    jobqueue.finish_queued(conn, jobqueue.ClaimedJob(n, "step", None, n, 0, NOW, 1), "bench", NOW)
+
+
+def timed(run: Callable[[int], Any], count: int) -> tuple[float, float]:
+    """Wall and CPU seconds per call of run(i), for i in range(count)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    for i in range(count):
+        run(i)
+    return (time.perf_counter() - wall) / count, (time.process_time() - cpu) / count
+
+
+async def _forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
+    """Copy one direction, each chunk `delay` seconds after it came, in order."""
+    loop = asyncio.get_running_loop()
+    chunks: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+    async def send() -> None:
+        while True:
+            due, data = await chunks.get()
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            if not data:
+                writer.close()
+                return
+            writer.write(data)
+
+    sender = asyncio.create_task(send())
+    while data := await reader.read(65536):
+        chunks.put_nowait((loop.time() + delay, data))
+    chunks.put_nowait((loop.time() + delay, b""))
+    await sender
+
+
+def proxy(listen: socket.socket, host: str, port: int, delay: float) -> None:
+    """Serve on `listen`: each connection goes on to host:port, delayed `delay` seconds each way."""
+
+    async def serve() -> None:
+        async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            upstream_reader, upstream_writer = await asyncio.open_connection(host, port)
+            for sock in (writer.get_extra_info("socket"), upstream_writer.get_extra_info("socket")):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await asyncio.gather(_forward(reader, upstream_writer, delay), _forward(upstream_reader, writer, delay))
+
+        server = await asyncio.start_server(connection, sock=listen)
+        await server.serve_forever()
+
+    asyncio.run(serve())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test", metavar="URL")
+    parser.add_argument("--transactions", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--delay", type=float, default=0.0, metavar="MS", help="network delay each way (ms)")
+    args = parser.parse_args()
+    print("machine:", machine())
+
+    base = sa.make_url(normalize_url(args.postgres))
+    name = f"declic_bench_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    target = base.set(database=name)
+    delayed = None
+    if args.delay:
+        listen = socket.create_server(("127.0.0.1", 0))
+        where = (base.host or "127.0.0.1", base.port or 5432, args.delay / 1000)
+        delayed = multiprocessing.Process(target=proxy, args=(listen, *where), daemon=True)
+        delayed.start()
+        target = target.set(host="127.0.0.1", port=listen.getsockname()[1])
+        print(f"through a proxy that holds each packet {args.delay} ms each way")
+    db = Database(target.render_as_string(hide_password=False))
+    try:
+        db.upgrade()
+        bare = psycopg.connect(target.set(drivername="postgresql").render_as_string(False), autocommit=True)
+        kinds: dict[str, Callable[[int], Any]] = {
+            "round trip": lambda i: bare.execute("SELECT 1").fetchone(),
+            "empty": lambda i: db.transaction(empty, i),
+            "queued": lambda i: db.transaction(queued, i),
+        }
+        for run in kinds.values():  # warm up: connections, compiled statements, prepared statements
+            timed(run, 200)
+        results: dict[str, list[tuple[float, float]]] = {kind: [] for kind in kinds}
+        for _ in range(args.rounds):  # interleaved, so that a slower minute weighs on each kind alike
+            for kind, run in kinds.items():
+                results[kind].append(timed(run, args.transactions))
+        bare.close()
+    finally:
+        db.close()
+        if delayed is not None:
+            delayed.terminate()
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+    trip = statistics.median(wall for wall, _ in results["round trip"])
+    print(f"{args.rounds} rounds of {args.transactions} each; medians over the rounds:")
+    for kind, rounds in results.items():
+        wall = statistics.median(w for w, _ in rounds)
+        cpu = statistics.median(c for _, c in rounds)
+        print(
+            f"  {kind:>10}: {wall * 1e6:6.0f} us wall, {cpu * 1e6:6.0f} us CPU, {wall / trip:4.1f} round trips' worth"
+        )
+
+
+if __name__ == "__main__":
+    main()
