@@ -89,16 +89,23 @@ def pg_url() -> Iterator[str]:
 
 
 @pytest.mark.postgres
-def test_a_connection_the_server_dropped_is_replaced_before_a_transaction_uses_it(pg_url: str) -> None:
-    """A server restart or a failover ends the pooled connections: the next transaction runs on a new one
-    instead of failing (the pool's check is the BEGIN each transaction sends anyway, store/db.py)."""
+@pytest.mark.parametrize("ended_by", ["the server", "the network"])
+def test_a_dead_pooled_connection_is_replaced_before_a_transaction_uses_it(pg_url: str, ended_by: str) -> None:
+    """A server restart, a failover or a network cut ends the pooled connections: the next transaction runs on
+    a new one instead of failing (the pool's check is the BEGIN each transaction sends anyway, store/db.py)."""
     database = Database(pg_url)
     backend = sa.text("SELECT pg_backend_pid()")
     try:
-        first = database.transaction(lambda conn: conn.execute(backend).scalar_one())
-        admin = sa.create_engine(database.engine.url, poolclass=sa.pool.NullPool)
-        with admin.connect() as conn:
-            assert conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": first}).scalar()
+        first, driver = database.transaction(
+            lambda conn: (conn.execute(backend).scalar_one(), conn.connection.driver_connection)
+        )
+        if ended_by == "the server":
+            admin = sa.create_engine(database.engine.url, poolclass=sa.pool.NullPool)
+            with admin.connect() as conn:
+                assert conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": first}).scalar()
+            admin.dispose()
+        else:
+            driver.pgconn.finish()  # the socket closed on this side, the connection still in the pool
         assert database.transaction(lambda conn: conn.execute(backend).scalar_one()) != first
     finally:
         database.close()

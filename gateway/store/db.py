@@ -64,12 +64,18 @@ def _begin_or_reconnect(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
     alive: psycopg sends no BEGIN of its own in a transaction already open. `pool_pre_ping` would spend a
     round trip of its own (SELECT 1) before psycopg's BEGIN, on every transaction (docs/performance.md).
     A dead connection (the server restarted) makes the pool drop every connection and open a new one."""
-    from psycopg import pq  # PostgreSQL's driver is an extra: imported where only PostgreSQL gets
+    import psycopg  # PostgreSQL's driver is an extra: imported where only PostgreSQL gets
+    from psycopg import pq
 
     pgconn = dbapi_conn.pgconn
-    if pgconn.transaction_status != pq.TransactionStatus.IDLE:
-        return
-    if pgconn.exec_(b"BEGIN").status != pq.ExecStatus.COMMAND_OK:
+    alive = pgconn.status == pq.ConnStatus.OK
+    if alive and pgconn.transaction_status != pq.TransactionStatus.IDLE:
+        return  # a transaction is open already
+    try:
+        began = alive and pgconn.exec_(b"BEGIN").status == pq.ExecStatus.COMMAND_OK
+    except psycopg.Error:  # no answer at all: the socket is gone
+        began = False
+    if not began:
         raise sa.exc.InvalidatePoolError(pgconn.get_error_message().strip())
 
 
