@@ -67,12 +67,9 @@ def _begin_or_reconnect(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
     import psycopg  # PostgreSQL's driver is an extra: imported where only PostgreSQL gets
     from psycopg import pq
 
-    pgconn = dbapi_conn.pgconn
-    alive = pgconn.status == pq.ConnStatus.OK
-    if alive and pgconn.transaction_status != pq.TransactionStatus.IDLE:
-        return  # a transaction is open already
+    pgconn = dbapi_conn.pgconn  # idle: the pool rolled back whatever its last user left open
     try:
-        began = alive and pgconn.exec_(b"BEGIN").status == pq.ExecStatus.COMMAND_OK
+        began = pgconn.status == pq.ConnStatus.OK and pgconn.exec_(b"BEGIN").status == pq.ExecStatus.COMMAND_OK
     except psycopg.Error:  # no answer at all: the socket is gone
         began = False
     if not began:

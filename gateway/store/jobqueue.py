@@ -30,7 +30,7 @@ def notify(conn: Connection) -> None:
     """On PostgreSQL, wake the workers listening (jobs/wakeup.py) once this transaction commits.
 
     PostgreSQL holds a NOTIFY until the commit (a rolled-back job wakes nobody) and folds repeats within
-    one transaction; the flag on the connection spares the round trip of asking again. The process that
+    one transaction; the flag on the connection spares sending it again. The process that
     queued the work wakes its own worker already (a commit of calls, new steps): its listener skips
     notifications from `ORIGIN`, which would only cost an empty claim. SQLite: one process.
     """
