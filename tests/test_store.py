@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from declic_gateway.cli.main import cli
 from declic_gateway.errors import ConfigError
 from declic_gateway.http.app import create_app, load
 from declic_gateway.store import Database
+from declic_gateway.store.db import PriorityLane
 from declic_gateway.testing import write_deployment
 
 
@@ -108,4 +112,73 @@ def test_a_dead_pooled_connection_is_replaced_before_a_transaction_uses_it(pg_ur
             driver.pgconn.finish()  # the socket closed on this side, the connection still in the pool
         assert database.transaction(lambda conn: conn.execute(backend).scalar_one()) != first
     finally:
+        database.close()
+
+
+def test_urgent_work_runs_before_the_backlog_queued_ahead_of_it() -> None:
+    """Acknowledging a webhook waits for no queued step: with every lane busy, urgent work queued last runs
+    first once a lane frees, and the rest in the order it came."""
+    lanes = PriorityLane(2)
+    busy, release, ran = threading.Barrier(3), threading.Event(), []
+
+    def occupy() -> None:
+        busy.wait()  # both lanes are taken before anything else is queued
+        release.wait()
+
+    try:
+        blockers = [lanes.submit(occupy) for _ in range(2)]
+        busy.wait()
+        queued = [lanes.submit(ran.append, f"step {n}") for n in range(3)]
+        urgent = lanes.submit_with(True, ran.append, "ack")
+        release.set()
+        for future in [*blockers, *queued, urgent]:
+            future.result(timeout=10)
+        assert ran[0] == "ack"
+        assert [name for name in ran if name != "ack"] == ["step 0", "step 1", "step 2"]
+    finally:
+        release.set()
+        lanes.shutdown()
+    with pytest.raises(RuntimeError, match="after shutdown"):  # refused, not queued where no thread runs it
+        lanes.submit(ran.append, "too late")
+
+
+@pytest.mark.postgres
+async def test_on_postgresql_an_acknowledgement_is_not_held_behind_a_transaction_waiting_for_a_lock(
+    pg_url: str,
+) -> None:
+    """A transaction blocked by another process's lock (a migration, a long report, another replica) leaves a
+    lane free: webhooks are still acknowledged while it waits."""
+    database = Database(pg_url, busy_timeout=timedelta(seconds=30))
+    other = sa.create_engine(database.engine.url, poolclass=sa.pool.NullPool)
+    meta = sa.table("meta", sa.column("key"), sa.column("value"))
+    database.transaction(lambda conn: conn.execute(sa.insert(meta).values(key="held", value="free")))
+    waiting = sa.text(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    try:
+        with other.connect() as holder, other.connect() as watcher:
+            # `holder` keeps its transaction open: the row stays locked until it commits.
+            holder.execute(sa.update(meta).where(meta.c.key == "held").values(value="by another process"))
+            stuck = asyncio.ensure_future(
+                database.run(
+                    lambda conn: conn.execute(sa.update(meta).where(meta.c.key == "held").values(value="mine"))
+                )
+            )
+            for _ in range(500):
+                if watcher.execute(waiting).scalar_one():
+                    break
+                await asyncio.sleep(0.01)
+                watcher.rollback()  # a fresh snapshot of the activity view each time
+            else:
+                pytest.fail("the transaction never waited for the lock")
+            inbox_rows = await database.run(
+                lambda conn: conn.execute(sa.text("SELECT count(*) FROM inbox")).scalar_one(), urgent=True
+            )
+            assert inbox_rows == 0
+            assert not stuck.done()  # still waiting for the lock: the answer above did not wait for it
+            holder.commit()
+        await stuck
+        assert database.transaction(lambda conn: conn.execute(sa.select(meta.c.value)).scalar_one()) == "mine"
+    finally:
+        other.dispose()
         database.close()

@@ -8,7 +8,7 @@ import itertools
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -30,6 +30,10 @@ T = TypeVar("T")
 I = TypeVar("I")  # noqa: E741
 R = TypeVar("R")
 MIGRATIONS = Path(__file__).parent / "migrations"
+#: Threads running transactions on PostgreSQL: two, so that one runs Python while the other waits for the
+#: server. More only contend for the GIL, and work that queues is committed in bigger batches: with eight,
+#: bench/e2e.py mailed 20-45 % less for 20-40 % more CPU per e-mail (docs/performance.md, session 10).
+POSTGRES_LANES = 2
 
 
 def normalize_url(url: str) -> str:
@@ -92,13 +96,10 @@ class Database:
     def __init__(self, url: str, busy_timeout: timedelta = timedelta(seconds=2)):
         self.engine = make_engine(url, busy_timeout)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
-        # SQLite has one writer; a single thread serialises writes instead of contending.
         self._lock: IO[str] | None = None
-        # SQLite has one writer: a single thread serialises writes instead of contending, and lets
-        # urgent work (acknowledging webhooks) go before the worker's backlog.
-        self._executor: Executor = (
-            PriorityLane() if self.is_sqlite else ThreadPoolExecutor(max_workers=8, thread_name_prefix="declic-db")
-        )
+        # Urgent work (acknowledging webhooks) goes before the worker's backlog. SQLite has one writer: one
+        # thread serialises writes instead of contending. PostgreSQL gets POSTGRES_LANES threads.
+        self._executor = PriorityLane(1 if self.is_sqlite else POSTGRES_LANES)
         #: Called (from a database thread) each time storage is unavailable: the metrics count it.
         self.on_unavailable: Callable[[], None] = lambda: None
 
@@ -114,11 +115,8 @@ class Database:
             raise StorageUnavailable(str(exc.orig or exc).splitlines()[0]) from exc
 
     async def run(self, fn: Callable[..., T], *args: Any, urgent: bool = False) -> T:
-        """Run fn(conn, *args) in one transaction on the database thread; `urgent` work goes first."""
-        if isinstance(self._executor, PriorityLane):
-            return await asyncio.wrap_future(self._executor.submit_with(urgent, self.transaction, fn, *args))
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.transaction, fn, *args)
+        """Run fn(conn, *args) in one transaction on a database thread; `urgent` work goes first."""
+        return await asyncio.wrap_future(self._executor.submit_with(urgent, self.transaction, fn, *args))
 
     def lock_sqlite_file(self) -> None:
         """SQLite serves one process: a second `declic serve` on the same file refuses to start.
@@ -240,20 +238,27 @@ async def together_or_alone(db: Database, work: Callable[[Any, list[I]], list[R]
 
 
 class PriorityLane(Executor):
-    """One thread, two queues in one: urgent work runs before everything queued behind it."""
+    """A few threads, two queues in one: urgent work runs before everything queued behind it."""
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int = 1) -> None:
         self._queue: queue.PriorityQueue[tuple[int, int, Any]] = queue.PriorityQueue()
         self._order = itertools.count()
-        self._thread = threading.Thread(target=self._serve, name="declic-db", daemon=True)
-        self._thread.start()
+        self._closed, self._closing = False, threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"declic-db-{n}", daemon=True) for n in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         return self.submit_with(False, fn, *args, **kwargs)
 
     def submit_with(self, urgent: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
         future: Future[T] = Future()
-        self._queue.put((0 if urgent else 1, next(self._order), (future, fn, args, kwargs)))
+        with self._closing:
+            if self._closed:  # as any Executor: no thread would ever run it
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._queue.put((0 if urgent else 1, next(self._order), (future, fn, args, kwargs)))
         return future
 
     def _serve(self) -> None:
@@ -270,10 +275,14 @@ class PriorityLane(Executor):
                 future.set_exception(exc)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        if self._thread.is_alive():
-            self._queue.put((2, next(self._order), None))  # after everything already queued
-            if wait:
-                self._thread.join()
+        with self._closing:
+            self._closed = True
+            alive = [thread for thread in self._threads if thread.is_alive()]
+            for _ in alive:  # one stop per thread, after everything already queued
+                self._queue.put((2, next(self._order), None))
+        if wait:
+            for thread in alive:
+                thread.join()
 
 
 def _alembic_config() -> AlembicConfig:
