@@ -160,6 +160,41 @@ async def test_calls_applied_together_look_up_their_contacts_once_and_see_each_o
         assert not [s for s in statements if s.startswith("INSERT INTO identities")]
 
 
+async def test_on_postgresql_a_batch_of_calls_and_its_sends_wait_for_the_server_only_where_they_read(
+    d: Deployment, smtp: SmtpCatcher
+) -> None:
+    """On a database across a network each wait for an answer costs a round trip: applying calls waits for the
+    contacts' lookup and, per call, its new contact and its enrolment (their ids are needed); closing the calls,
+    recording the sends and finishing their steps go out with the COMMIT, in psycopg's pipeline mode."""
+    if d.gateway.db.engine.dialect.name != "postgresql":
+        pytest.skip("round trips are PostgreSQL's: SQLite runs in the process")
+    from psycopg import pq
+
+    waited: list[tuple[str, bool]] = []  # (statement, run in the pipeline: nothing waits for its answer)
+
+    def capture(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        pipelined = conn.connection.driver_connection.pgconn.pipeline_status != pq.PipelineStatus.OFF
+        waited.append((" ".join(statement.split()), pipelined))
+
+    await d.gateway.worker.drain()  # the start-up's own jobs (triggers, retention) first
+    for email in ["ana@example.com", "ben@example.com", "cy@example.com"]:
+        assert (await d.client.post("/hooks/in/tok", data=json.dumps([signed_up(email)]).encode())).status == 200
+    sa.event.listen(d.gateway.db.engine, "before_cursor_execute", capture)
+    try:
+        await d.gateway.worker.drain()
+    finally:
+        sa.event.remove(d.gateway.db.engine, "before_cursor_execute", capture)
+    assert len(smtp.messages) == 3
+    writes = [(s, piped) for s, piped in waited if s.startswith(("INSERT", "UPDATE"))]
+    # Nobody reads the answer of a write without RETURNING: none waits for it on its own.
+    assert [s for s, piped in writes if "RETURNING" not in s and not piped] == []
+    for closing in ["UPDATE inbox", "UPDATE jobs", "INSERT INTO events", "INSERT INTO deliveries", "INSERT INTO jobs"]:
+        assert any(s.startswith(closing) and piped for s, piped in writes), closing
+    # What does wait, per call: its new contact (with its identities) and its enrolment, whose ids are needed.
+    assert sum(s.startswith('WITH "new" AS (INSERT INTO contacts') and not piped for s, piped in waited) == 3
+    assert sum(s.startswith("INSERT INTO enrolments") and not piped for s, piped in waited) == 3
+
+
 async def test_a_merge_in_a_batch_is_seen_by_the_calls_after_it(d: Deployment) -> None:
     await d.emit({"type": "page.viewed", "contact": {"external_ids": {"site_anonymous": "b7"}}})  # anonymous: 1
     await d.emit(signed_up("ada@example.com", external_ids={"crm": "c1"}))  # 2

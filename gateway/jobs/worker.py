@@ -373,7 +373,8 @@ class Worker:
         applied = iter(inbound.apply_calls(conn, applying, self.router, now, self.phone_region))
         if applying:
             inbound.mark_processed(conn, [raw.id for raw, _ in applying], now)
-        jobqueue.finish_many(conn, [call.job for call in calls], self.id, now)
+        for call in calls:
+            jobqueue.finish_queued(conn, call.job, self.id, now)
         return [next(applied) if call.applies() else [] for call in calls]
 
     async def _my_turn(self, inbox_id: int) -> None:

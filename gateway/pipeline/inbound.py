@@ -15,7 +15,7 @@ from ..errors import InvalidAddress, MalformedPayload, RetryLater
 from ..kit.addresses import e164, parse_email
 from ..kit.events import ERASE_TYPE, FEEDBACK_TYPES, ContactRef, Event
 from ..kit.sources import RawCall, Source
-from ..store import EVENTS, INBOX, jobqueue
+from ..store import EVENTS, INBOX, appends, jobqueue
 from ..store.inbox import fit_key
 from . import contacts, feedback
 from .eventlog import store_event
@@ -136,12 +136,14 @@ def confirmation_requests(event: Event, changed: frozenset[str]) -> list[Event]:
 
 
 def mark_processed(conn: Connection, inbox_ids: list[int], now: datetime) -> None:
-    conn.execute(_MARK_PROCESSED, {"ids": inbox_ids, "processed_at": now})
+    """Written with the transaction's other queued rows (store/appends.py): on PostgreSQL, with its COMMIT."""
+    for inbox_id in inbox_ids:
+        appends.append(conn, _MARK_PROCESSED, {"inbox_id": inbox_id, "processed_at": now})
 
 
 _MARK_PROCESSED = (
     sa.update(INBOX)
-    .where(IN.id.in_(sa.bindparam("ids", expanding=True)))
+    .where(IN.id == sa.bindparam("inbox_id"))
     .values(status="processed", error=None, processed_at=sa.bindparam("processed_at"))
 )
 

@@ -649,7 +649,8 @@ class StepRunner:
         provider_id: str | None = None,
         sent_at: datetime | None = None,
     ) -> None:
-        """One row per step, whatever the attempts: written over on each outcome, in one statement."""
+        """One row per step, whatever the attempts: written over on each outcome, in one statement, queued with the
+        transaction's other rows (store/appends.py): a statement that reads deliveries writes them first."""
         row = {
             "idempotency_key": step.key,
             "enrolment_id": step.enrolment_id,
@@ -667,12 +668,12 @@ class StepRunner:
             "provider_id": provider_id,
             "sent_at": sent_at,
         }
-        conn.execute(_upsert_delivery(conn.dialect.name), row)
+        appends.append(conn, _upsert_delivery(conn.dialect.name), row)
 
 
 @functools.cache
 def _upsert_delivery(dialect: str) -> sa.Insert:
-    insert = sql.insert(dialect, DELIVERIES)
+    insert = sql.insert(dialect, DELIVERIES).inline()  # appended: no id read back
     excluded = insert.excluded
     return insert.on_conflict_do_update(
         index_elements=["idempotency_key"],

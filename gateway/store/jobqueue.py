@@ -334,13 +334,13 @@ def finish(
 
 def finish_queued(conn: Connection, job: ClaimedJob, worker: str, now: datetime) -> None:
     """finish() as done, written with the transaction's other queued rows: for a caller that does not need to
-    know whether it still held the job (a step whose outcome is recorded: a later claim sees the delivery)."""
+    know whether it still held the job: a step whose outcome is recorded (a later claim sees the delivery), calls
+    marked processed (a later claim finds nothing left to do)."""
     appends.append(conn, _FINISH, {"job_id": job.id, "worker": worker, "new_status": "done", "error": None, "now": now})
 
 
 #: Only while this worker holds the job: after a lost lease, another worker owns it.
-_HELD_BY = sa.and_(J.locked_by == sa.bindparam("worker"), J.status == "running")
-_HELD = sa.and_(J.id == sa.bindparam("job_id"), _HELD_BY)
+_HELD = sa.and_(J.id == sa.bindparam("job_id"), J.locked_by == sa.bindparam("worker"), J.status == "running")
 _FINISH = (
     sa.update(JOBS)
     .where(_HELD)
@@ -351,18 +351,6 @@ _FINISH = (
         last_error=sa.bindparam("error"),
         updated_at=sa.bindparam("now"),
     )
-)
-
-
-def finish_many(conn: Connection, jobs: list[ClaimedJob], worker: str, now: datetime) -> None:
-    """Close claimed jobs done together, in one statement."""
-    conn.execute(_FINISH_MANY, {"job_ids": [job.id for job in jobs], "worker": worker, "now": now})
-
-
-_FINISH_MANY = (
-    sa.update(JOBS)
-    .where(J.id.in_(sa.bindparam("job_ids", expanding=True)), _HELD_BY)
-    .values(status="done", locked_until=None, about=None, last_error=None, updated_at=sa.bindparam("now"))
 )
 
 
