@@ -5,11 +5,13 @@ Not a test module: nothing here asserts on timings.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import hashlib
 import hmac
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -225,3 +227,49 @@ def machine(declic: Path = DECLIC) -> str:
         f"load average before the run {load1:.2f} (1 min), {load5:.2f} (5 min){busy}\n"
         f"declic: {revision(declic.resolve().parent)}"
     )
+
+
+async def _forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
+    """Copy one direction, each chunk `delay` seconds after it came, in order."""
+    loop = asyncio.get_running_loop()
+    chunks: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+    async def send() -> None:
+        while True:
+            due, data = await chunks.get()
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            if not data:
+                writer.close()
+                return
+            writer.write(data)
+
+    sender = asyncio.create_task(send())
+    while data := await reader.read(65536):
+        chunks.put_nowait((loop.time() + delay, data))
+    chunks.put_nowait((loop.time() + delay, b""))
+    await sender
+
+
+def proxy(listen: socket.socket, host: str, port: int, delay: float) -> None:
+    """Serve on `listen`: each connection goes on to host:port, delayed `delay` seconds each way."""
+
+    async def serve() -> None:
+        async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            upstream_reader, upstream_writer = await asyncio.open_connection(host, port)
+            for sock in (writer.get_extra_info("socket"), upstream_writer.get_extra_info("socket")):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await asyncio.gather(_forward(reader, upstream_writer, delay), _forward(upstream_reader, writer, delay))
+
+        server = await asyncio.start_server(connection, sock=listen)
+        await server.serve_forever()
+
+    asyncio.run(serve())
+
+
+def delaying_proxy(host: str, port: int, delay_ms: float) -> tuple[multiprocessing.Process, int]:
+    """A proxy to host:port in a process of its own (terminate it when done), and the port it listens on:
+    each packet is held `delay_ms` each way, as on a network between Declic and its database."""
+    listen = socket.create_server(("127.0.0.1", 0))
+    process = multiprocessing.Process(target=proxy, args=(listen, host, port, delay_ms / 1000), daemon=True)
+    process.start()
+    return process, listen.getsockname()[1]

@@ -13,6 +13,8 @@ subject, so each e-mail is matched to its post. `--links N` puts N shop links in
 measure what tracking costs the send path; `--no-keep-rendered` keeps no copy of sent messages,
 to measure what the timeline's copies cost. It prints e-mails/s from the first post to the last
 e-mail received and the end-to-end latency (post start -> e-mail received), p50 and p99.
+`--delay MS` (with `--postgres`) puts a proxy process between Declic and the database that holds
+each packet MS ms each way, as a database on another host (bench/_common.py, `delaying_proxy`).
 With `--postgres`, it also prints the CPU that the database's server processes used for it: the
 backends connected to the bench's database (read from pg_stat_activity before and after) and the
 WAL writer, which flushes every commit.
@@ -44,6 +46,7 @@ from _common import (
     DECLIC,
     SECRET,
     cpu_seconds,
+    delaying_proxy,
     free_port,
     machine,
     machine_ticks,
@@ -187,6 +190,14 @@ def main() -> None:
         "--postgres", metavar="URL", help="run on a fresh database of this PostgreSQL server instead of SQLite"
     )
     parser.add_argument(
+        "--delay",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="with --postgres: reach the database through a proxy that holds each packet MS ms each way, as a "
+        "database on another host",
+    )
+    parser.add_argument(
         "--callgrind",
         action="store_true",
         help="run Declic under callgrind and count its instructions from the first post to the last e-mail: "
@@ -212,7 +223,8 @@ def main() -> None:
         f"{args.concurrency}; rule order.placed -> transactional e-mail via SMTP (tls none) to an aiosmtpd "
         f"catcher in the bench process; log level {args.log_level}; {args.links} links in the HTML part, "
         f"tracking {'on' if args.track else 'off'}, "
-        f"copies of sent messages {'not ' if args.no_keep_rendered else ''}kept",
+        f"copies of sent messages {'not ' if args.no_keep_rendered else ''}kept"
+        + (f"; PostgreSQL through a proxy holding each packet {args.delay} ms each way" if args.delay else ""),
         flush=True,
     )
 
@@ -222,7 +234,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="declic-e2e-") as tmp:
         folder = Path(tmp)
         port = free_port()
-        db = Postgres(args.postgres, run) if args.postgres else None
+        db = Postgres(args.postgres, run, args.delay) if args.postgres else None
         url = db.url if db else f"sqlite:///{folder / 'declic.db'}"
         sink_extra = f"    connections: {args.smtp_connections}\n" if args.smtp_connections else ""
         worker = f"worker:\n  concurrency: {args.worker_concurrency}\n" if args.worker_concurrency else ""
@@ -379,7 +391,7 @@ def count_sent(url: str) -> int:
 class Postgres:
     """A fresh database on the given server for one run, and the CPU its server processes use."""
 
-    def __init__(self, server: str, run: str):
+    def __init__(self, server: str, run: str, delay_ms: float = 0.0):
         import sqlalchemy as sa
 
         self.name = f"declic_bench_{run}"
@@ -387,7 +399,12 @@ class Postgres:
         self.admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
         with self.admin.connect() as conn:
             conn.execute(sa.text(f'CREATE DATABASE "{self.name}"'))
-        self.url = sa.make_url(server).set(database=self.name).render_as_string(hide_password=False)
+        url = sa.make_url(server).set(database=self.name)
+        self.proxy = None
+        if delay_ms:  # Declic reaches the database through it; this process's own queries do not
+            self.proxy, port = delaying_proxy(url.host or "127.0.0.1", url.port or 5432, delay_ms)
+            url = url.set(host="127.0.0.1", port=port)
+        self.url = url.render_as_string(hide_password=False)
 
     def cpu(self) -> dict[int, float]:
         """CPU seconds so far of each backend connected to the database, and of the WAL writer (Linux /proc:
@@ -402,6 +419,8 @@ class Postgres:
     def drop(self) -> None:
         import sqlalchemy as sa
 
+        if self.proxy is not None:
+            self.proxy.terminate()
         with self.admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)'))
         self.admin.dispose()

@@ -19,10 +19,7 @@ each checkout to compare two commits. A benchmark, not a test: it asserts nothin
 from __future__ import annotations
 
 import argparse
-import asyncio
 import itertools
-import multiprocessing
-import socket
 import statistics
 import time
 import uuid
@@ -32,7 +29,7 @@ from typing import Any
 
 import psycopg
 import sqlalchemy as sa
-from _common import machine
+from _common import delaying_proxy, machine
 
 from declic_gateway.insight import journal
 from declic_gateway.kit.events import ContactRef, Event
@@ -70,43 +67,6 @@ def timed(run: Callable[[int], Any], count: int) -> tuple[float, float]:
     return (time.perf_counter() - wall) / count, (time.process_time() - cpu) / count
 
 
-async def _forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
-    """Copy one direction, each chunk `delay` seconds after it came, in order."""
-    loop = asyncio.get_running_loop()
-    chunks: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
-
-    async def send() -> None:
-        while True:
-            due, data = await chunks.get()
-            await asyncio.sleep(max(0.0, due - loop.time()))
-            if not data:
-                writer.close()
-                return
-            writer.write(data)
-
-    sender = asyncio.create_task(send())
-    while data := await reader.read(65536):
-        chunks.put_nowait((loop.time() + delay, data))
-    chunks.put_nowait((loop.time() + delay, b""))
-    await sender
-
-
-def proxy(listen: socket.socket, host: str, port: int, delay: float) -> None:
-    """Serve on `listen`: each connection goes on to host:port, delayed `delay` seconds each way."""
-
-    async def serve() -> None:
-        async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            upstream_reader, upstream_writer = await asyncio.open_connection(host, port)
-            for sock in (writer.get_extra_info("socket"), upstream_writer.get_extra_info("socket")):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await asyncio.gather(_forward(reader, upstream_writer, delay), _forward(upstream_reader, writer, delay))
-
-        server = await asyncio.start_server(connection, sock=listen)
-        await server.serve_forever()
-
-    asyncio.run(serve())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test", metavar="URL")
@@ -124,11 +84,8 @@ def main() -> None:
     target = base.set(database=name)
     delayed = None
     if args.delay:
-        listen = socket.create_server(("127.0.0.1", 0))
-        where = (base.host or "127.0.0.1", base.port or 5432, args.delay / 1000)
-        delayed = multiprocessing.Process(target=proxy, args=(listen, *where), daemon=True)
-        delayed.start()
-        target = target.set(host="127.0.0.1", port=listen.getsockname()[1])
+        delayed, port = delaying_proxy(base.host or "127.0.0.1", base.port or 5432, args.delay)
+        target = target.set(host="127.0.0.1", port=port)
         print(f"through a proxy that holds each packet {args.delay} ms each way")
     db = Database(target.render_as_string(hide_password=False))
     try:
