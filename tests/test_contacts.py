@@ -195,6 +195,26 @@ async def test_on_postgresql_a_batch_of_calls_and_its_sends_wait_for_the_server_
     assert sum(s.startswith("INSERT INTO enrolments") and not piped for s, piped in waited) == 3
 
 
+async def test_steps_prepared_together_read_their_enrolments_and_deliveries_once(
+    d: Deployment, smtp: SmtpCatcher
+) -> None:
+    """Steps due together are prepared in one transaction (`Grouped`), which reads their enrolments, events and
+    contacts in one statement and their delivery rows in another, instead of two statements per step."""
+    people = [f"p{n}@example.com" for n in range(10)]
+    await d.gateway.worker.drain()  # the start-up's own jobs (triggers, retention) first
+    statements = await apply_together(d, [signed_up(email) for email in people])  # ten steps due at once
+    assert sorted(m["To"] for m in smtp.messages) == sorted(people)
+    enrolment_reads = [s for s in statements if s.startswith("SELECT enrolments.id, enrolments.rule")]
+    delivery_reads = [s for s in statements if s.startswith("SELECT deliveries.idempotency_key, deliveries.status")]
+    # The first claimed step is prepared alone (nobody waited with it), the nine others together.
+    assert (len(enrolment_reads), len(delivery_reads)) == (2, 2)
+    await d.advance(days=1)  # the second steps: what was read ahead did not stand in for the first steps' rows
+    assert len(smtp.messages) == 20
+    assert d.rows("SELECT count(*), count(DISTINCT idempotency_key) FROM deliveries WHERE status = 'sent'") == [
+        (20, 20)
+    ]
+
+
 async def test_a_merge_in_a_batch_is_seen_by_the_calls_after_it(d: Deployment) -> None:
     await d.emit({"type": "page.viewed", "contact": {"external_ids": {"site_anonymous": "b7"}}})  # anonymous: 1
     await d.emit(signed_up("ada@example.com", external_ids={"crm": "c1"}))  # 2

@@ -92,7 +92,7 @@ class Worker:
         self._cpu_clock = cpu_clock  # (wall, process CPU) seconds
         self._cpu_marks = (cpu_clock(), cpu_clock())
         # Steps run side by side; their transactions are shared when they coincide.
-        self._prepare = Grouped(db, steps.prepare)
+        self._prepare = Grouped(db, steps.prepare, ahead=steps.reading_ahead)
         self._record: Grouped[tuple[Send, DeliveryResult, Message | None], None] = Grouped(
             db, lambda conn, outcome: steps.record(conn, *outcome)
         )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -136,8 +138,11 @@ class StepRunner:
     def prepare(self, conn: Connection, job: ClaimedJob) -> Send | None:
         """Decide what to send, or close (or defer) the job here when nothing should be sent now."""
         now = self.clock.now()
-        # The enrolment, its event and its contact in one read: a step is prepared for each e-mail.
-        enrolment = conn.execute(_step(conn.dialect.name), {"enrolment_id": job.enrolment_id}).one()
+        ahead: _Ahead | None = conn.info.get(_AHEAD)
+        # The enrolment, its event and its contact in one read (or one for the batch): one per e-mail.
+        enrolment = ahead.enrolments.pop(job.id, None) if ahead else None
+        if enrolment is None:
+            enrolment = conn.execute(_step(conn.dialect.name), {"enrolment_id": job.enrolment_id}).one()
         rule = self.router.rules.get(enrolment.rule)
         if enrolment.status != "active" or rule is None or job.step >= len(rule.spec.steps):
             why = "rule no longer in the config" if rule is None else f"journey {enrolment.status}"
@@ -150,10 +155,7 @@ class StepRunner:
         spec = rule.spec.steps[job.step]
         key = idempotency_key(enrolment.rule, enrolment.contact_id, enrolment.occurrence, job.step)
         channels = channel_keys(key, spec.send.vias)
-        statuses: dict[str, str] = {
-            row.idempotency_key: row.status
-            for row in conn.execute(_DELIVERY_STATUSES, {"keys": [k for _, k in channels]})
-        }
+        statuses = _statuses(conn, [k for _, k in channels], ahead)
         left = [(via, k) for i, (via, k) in enumerate(channels) if not _spent(statuses.get(k), i == len(channels) - 1)]
         first = left[0] if left else channels[0]
         variant = self._variant(conn, rule, job.step, enrolment.contact_id) if spec.send.variants else None
@@ -208,6 +210,33 @@ class StepRunner:
         draft = self._draft(conn, rule, job.step, step.sink, step.key, context, now, variant=variant)
         send_context = SendContext(rule.name, job.step + 1, rule.spec.kind, dict(contact), context["event"])
         return Send(job, rule, enrolment.id, step.contact_id, step.sink, draft, send_context, variant=variant)
+
+    @contextlib.contextmanager
+    def reading_ahead(self, conn: Connection, jobs: list[ClaimedJob]) -> Iterator[None]:
+        """For steps prepared together in one transaction: their enrolments (with event and contact) and their
+        delivery rows are read in one statement each, where each step read both (docs/performance.md). Each
+        step's rows are its own: preparing one step writes only its enrolment and its deliveries, so what was
+        read ahead for the others stays current. A step whose enrolment is in the batch twice reads its own."""
+        enrolment_ids = [job.enrolment_id for job in jobs]
+        if len(jobs) < 2 or len(set(enrolment_ids)) < len(jobs):
+            yield
+            return
+        rows = {row.id: row for row in conn.execute(_steps(conn.dialect.name), {"ids": enrolment_ids})}
+        enrolments, keys = {}, []
+        for job in jobs:
+            row = rows.get(job.enrolment_id)
+            rule = self.router.rules.get(row.rule) if row is not None else None
+            if row is None or rule is None or job.step >= len(rule.spec.steps):
+                continue  # prepare() closes it, reading it again
+            enrolments[job.id] = row
+            key = idempotency_key(row.rule, row.contact_id, row.occurrence, job.step)
+            keys += [k for _, k in channel_keys(key, rule.spec.steps[job.step].send.vias)]
+        found = _read_statuses(conn, keys) if keys else {}
+        conn.info[_AHEAD] = _Ahead(enrolments, {key: found.get(key) for key in keys})
+        try:
+            yield
+        finally:
+            conn.info.pop(_AHEAD, None)
 
     def _variant(self, conn: Connection, rule: CompiledRule, index: int, contact_id: int) -> str | None:
         """The contact's variant of this step: the one it was sent before, else its draw."""
@@ -689,22 +718,48 @@ def _upsert_delivery(dialect: str) -> sa.Insert:
     )
 
 
+def _with_event_and_contact(dialect: str) -> sa.Select[Any]:
+    """Enrolments with their event and their contact (with its ids and devices), in one statement: the event
+    may be gone (retention), the contact never is."""
+    return sa.select(
+        ENROLMENTS,
+        *[column.label(f"event__{column.name}") for column in EVENTS.c],
+        *[column.label(f"contact__{column.name}") for column in CONTACTS.c],
+        *contacts.links_columns(dialect, E.contact_id),
+    ).select_from(
+        ENROLMENTS.outerjoin(EVENTS, EVENTS.c.id == E.event_id).outerjoin(CONTACTS, CONTACTS.c.id == E.contact_id)
+    )
+
+
 @functools.cache
 def _step(dialect: str) -> sa.Select[Any]:
-    """The enrolment with its event and its contact (with its ids and devices), in one statement: the event
-    may be gone (retention), the contact never is."""
-    return (
-        sa.select(
-            ENROLMENTS,
-            *[column.label(f"event__{column.name}") for column in EVENTS.c],
-            *[column.label(f"contact__{column.name}") for column in CONTACTS.c],
-            *contacts.links_columns(dialect, E.contact_id),
-        )
-        .select_from(
-            ENROLMENTS.outerjoin(EVENTS, EVENTS.c.id == E.event_id).outerjoin(CONTACTS, CONTACTS.c.id == E.contact_id)
-        )
-        .where(E.id == sa.bindparam("enrolment_id"))
-    )
+    return _with_event_and_contact(dialect).where(E.id == sa.bindparam("enrolment_id"))
+
+
+@functools.cache
+def _steps(dialect: str) -> sa.Select[Any]:
+    return _with_event_and_contact(dialect).where(E.id.in_(sa.bindparam("ids", expanding=True)))
+
+
+#: Where `reading_ahead` keeps what it read, by step job id, on the connection while the batch is prepared.
+_AHEAD = "declic.steps_ahead"
+
+
+@dataclass
+class _Ahead:
+    enrolments: dict[int, Any]  # by job id; taken by the step's prepare()
+    statuses: dict[str, str | None]  # by delivery key; None: no row
+
+
+def _statuses(conn: Connection, keys: list[str], ahead: _Ahead | None) -> dict[str, str]:
+    """The status of each channel's delivery row that exists: read ahead for the batch, or now."""
+    if ahead is not None and all(key in ahead.statuses for key in keys):
+        return {key: status for key in keys if (status := ahead.statuses.pop(key)) is not None}
+    return _read_statuses(conn, keys)
+
+
+def _read_statuses(conn: Connection, keys: list[str]) -> dict[str, str]:
+    return {row.idempotency_key: row.status for row in conn.execute(_DELIVERY_STATUSES, {"keys": keys})}
 
 
 @dataclass(frozen=True)

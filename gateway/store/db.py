@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import itertools
 import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -164,13 +166,19 @@ class Database:
 
 class Grouped(Generic[I, R]):
     """`await grouped(item)` runs work(conn, item); items that arrive while a transaction runs share the
-    next one, so a busy worker pays one commit for many steps and an idle one waits for nobody.
+    next one, so a busy worker pays one commit for many steps and an idle one waits for nobody. The items of a
+    transaction run inside `ahead(conn, items)`, when given.
 
     If a shared transaction fails, its items run again one transaction each, so a bad item fails alone.
     """
 
-    def __init__(self, db: Database, work: Callable[[Any, I], R]):
-        self._db, self._work = db, work
+    def __init__(
+        self,
+        db: Database,
+        work: Callable[[Any, I], R],
+        ahead: Callable[[Any, list[I]], AbstractContextManager[object]] | None = None,
+    ) -> None:
+        self._db, self._work, self._ahead = db, work, ahead
         self._pending: list[tuple[I, asyncio.Future[R]]] = []
         self._flushing = False
 
@@ -192,7 +200,9 @@ class Grouped(Generic[I, R]):
         return await future
 
     def _all(self, conn: Any, items: list[I]) -> list[R]:
-        return [self._work(conn, item) for item in items]
+        # `ahead`: e.g. one statement reads for all the items what each would read on its own.
+        with self._ahead(conn, items) if self._ahead else contextlib.nullcontext():
+            return [self._work(conn, item) for item in items]
 
     async def _flush(self, batch: list[tuple[I, asyncio.Future[R]]]) -> None:
         try:
