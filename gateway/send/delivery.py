@@ -216,7 +216,7 @@ class StepRunner:
         """For steps prepared together in one transaction: their enrolments (with event and contact) and their
         delivery rows are read in one statement each, where each step read both (docs/performance.md). Each
         step's rows are its own: preparing one step writes only its enrolment and its deliveries, so what was
-        read ahead for the others stays current. A step whose enrolment is in the batch twice reads its own."""
+        read ahead for the others stays current. A batch with one enrolment twice reads step by step, as alone."""
         enrolment_ids = [job.enrolment_id for job in jobs]
         if len(jobs) < 2 or len(set(enrolment_ids)) < len(jobs):
             yield
