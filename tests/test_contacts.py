@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from conftest import postgres_database
 from declic_gateway.config import load_config
 from declic_gateway.http.app import create_app
 from declic_gateway.http.running import GATEWAY_KEY
@@ -160,15 +162,22 @@ async def test_calls_applied_together_look_up_their_contacts_once_and_see_each_o
         assert not [s for s in statements if s.startswith("INSERT INTO identities")]
 
 
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    yield from postgres_database()
+
+
+@pytest.mark.postgres
 async def test_on_postgresql_a_batch_of_calls_and_its_sends_wait_for_the_server_only_where_they_read(
-    d: Deployment, smtp: SmtpCatcher
+    aiohttp_client: Any, tmp_path: Path, pg_url: str, smtp: SmtpCatcher
 ) -> None:
-    """On a database across a network each wait for an answer costs a round trip: applying calls waits for the
-    contacts' lookup and, per call, its new contact and its enrolment (their ids are needed); closing the calls,
-    recording the sends and finishing their steps go out with the COMMIT, in psycopg's pipeline mode."""
-    if d.gateway.db.engine.dialect.name != "postgresql":
-        pytest.skip("round trips are PostgreSQL's: SQLite runs in the process")
+    """On a database across a network each wait for an answer costs a round trip (SQLite runs in the process):
+    applying calls waits for the contacts' lookup and, per call, its new contact and its enrolment (their ids
+    are needed); closing the calls, recording the sends and finishing their steps go out with the COMMIT, in
+    psycopg's pipeline mode."""
     from psycopg import pq
+
+    d = await deployment(aiohttp_client, tmp_path, pg_url, smtp)
 
     waited: list[tuple[str, bool]] = []  # (statement, run in the pipeline: nothing waits for its answer)
 
