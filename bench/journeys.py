@@ -684,6 +684,7 @@ async def birthday_morning(folder: Path, contacts: int) -> None:
     (config_dir / "declic.yaml").write_text(
         textwrap.dedent(
             f"""\
+            public_url: https://hooks.example.com   # unsubscribe links; nothing is served in this phase
             timezone: UTC
             storage: {{url: 'sqlite:///{config_dir / "morning.db"}'}}
             sinks:

@@ -179,14 +179,14 @@ def main() -> None:
                 folder,
                 CONFIG.format(
                     port=port,
-                    db=folder / "declic.db",
+                    db=f"sqlite:///{folder / 'declic.db'}",
                     secret=SECRET,
                     smtp_port=catcher.port,
                     sink_extra="",
                     worker="",
                     log_level=args.log_level,
                     track=CONDITION,  # e2e.CONFIG's slot for the rule's lines before `send:`
-                    keep_rendered="true",
+                    keep_rendered="",  # copies of sent messages kept, as shipped
                 ),
                 TEMPLATES,
             )

@@ -1,0 +1,79 @@
+"""The benchmarks still run: each script of bench/, at a tiny size, against this checkout.
+
+bench/ measures issue 15's targets; a script that no longer starts measures nothing, and two had
+stopped (a config key had changed under them) without any test noticing. These run each script as a
+user would (a subprocess, its own `declic serve` where it starts one) and check the line that says the
+work was done, never a timing. Slow: CI runs them, `-m "not slow"` skips them locally.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import POSTGRES_ENV
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bench(script: str, *args: str, timeout: float = 300) -> str:
+    """Run bench/SCRIPT with ARGS; its output, after checking that it ended well."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, f"{script} exited with {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def postgres_url() -> str:
+    url = os.environ.get(POSTGRES_ENV)
+    if not url:
+        pytest.skip(f"runs when {POSTGRES_ENV} is set")
+    return url
+
+
+def test_e2e_mails_every_order_once() -> None:
+    assert "20/20 received (0 duplicates)" in bench("e2e.py", "--orders", "20", "--concurrency", "4")
+
+
+@pytest.mark.postgres
+def test_e2e_on_postgresql_mails_every_order_once() -> None:
+    out = bench("e2e.py", "--orders", "20", "--concurrency", "4", "--postgres", postgres_url())
+    assert "20/20 received (0 duplicates)" in out
+    assert "PostgreSQL's processes for it used" in out
+
+
+def test_latency_mails_every_webhook_of_each_phase() -> None:
+    out = bench("latency.py", "--rates", "5", "--seconds", "1", "--warmup", "0")
+    assert "mail: 5/5 received, 0 duplicates" in out
+
+
+def test_ingest_stores_one_row_per_acknowledgement() -> None:
+    out = bench("ingest.py", "--seconds", "1", "--warmup", "0", "--concurrency", "4")
+    assert "rows in inbox -> equal" in out
+
+
+@pytest.mark.postgres
+def test_replicas_lose_and_double_nothing() -> None:
+    out = bench("replicas.py", "--replicas", "1,2", "--orders", "20", "--postgres", postgres_url())
+    assert out.count("lost 0, doubled 0") == 2
+
+
+def test_journeys_clock_phase_fires_and_sends_the_birthdays() -> None:
+    out = bench("journeys.py", "--phases", "clock", "--contacts", "50", "--morning", "50")
+    assert "sent 50 in" in out
+
+
+def test_history_and_kpis_run() -> None:
+    assert bench("history.py", "--sizes", "100", "--own", "10", "--runs", "1")
+    assert bench("kpis.py", "--deliveries", "200", "--rules", "2", "--runs", "1")
