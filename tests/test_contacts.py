@@ -45,7 +45,20 @@ async def d(aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCatcher)
     return await deployment(aiohttp_client, tmp_path, db_url, smtp)
 
 
-async def deployment(aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCatcher) -> Deployment:
+NURTURE = """\
+  - name: nurture
+    when: track.signed_up
+    kind: transactional
+    steps:
+      - send: {via: email, template: hello}
+      - wait: 1d
+        send: {via: email, template: hello}
+"""
+
+
+async def deployment(
+    aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCatcher, rules: str = NURTURE
+) -> Deployment:
     pm = get_plugin_manager(extra=[ScriptedPlugin()])
     config = f"""\
 storage: {{url: '{db_url}'}}
@@ -54,14 +67,7 @@ sources:
 sinks:
   email: {{plugin: smtp, host: 127.0.0.1, port: {smtp.port}, tls: none, sender: shop@example.com}}
 rules:
-  - name: nurture
-    when: track.signed_up
-    kind: transactional
-    steps:
-      - send: {{via: email, template: hello}}
-      - wait: 1d
-        send: {{via: email, template: hello}}
-"""
+{rules}"""
     path = write_deployment(tmp_path, config, {"hello.txt.j2": "Hello", "hello.subject.j2": "Hi"})
     settings = load_config(path, collect(pm), pm)
     clock = FakeClock(datetime(2026, 6, 1, tzinfo=UTC))
@@ -114,6 +120,50 @@ async def test_an_erasure_in_the_same_call_also_blanks_what_that_call_journalled
     journal = d.rows("SELECT action, reason FROM decisions ORDER BY id")
     assert [action for action, _ in journal] == ["enrolled", "not_enrolled"]
     assert [reason for _, reason in journal] == [None, None]  # "already enrolled for signup:ada@..." is gone
+
+
+async def test_a_contact_new_in_a_batch_is_enrolled_once_per_occurrence_and_within_reenter(
+    aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCatcher
+) -> None:
+    """On PostgreSQL, a contact created by the batch of calls being applied is enrolled without asking the
+    database whether it already is (nobody else has seen it): the batch's own enrolments of it still count,
+    for the same occurrence and for `reenter: never`."""
+    rules = """\
+  - name: cart
+    when: checkout.started
+    kind: transactional
+    send: {via: email, template: hello}
+  - name: first-checkout
+    when: checkout.started
+    kind: transactional
+    reenter: never
+    send: {via: email, template: hello}
+"""
+    d = await deployment(aiohttp_client, tmp_path, db_url, smtp, rules)
+
+    def checkout(key: str) -> dict[str, Any]:
+        return {"type": "checkout.started", "contact": {"email": "eve@example.com"}, "correlation": [key]}
+
+    await apply_together(d, [checkout("checkout:1"), checkout("checkout:1")], [checkout("checkout:2")])
+    assert d.rows("SELECT rule, occurrence FROM enrolments ORDER BY id") == [
+        ("cart", "checkout:1"),
+        ("first-checkout", "checkout:1"),
+        ("cart", "checkout:2"),
+    ]
+    journal = d.rows("SELECT rule, action, reason FROM decisions WHERE action != 'send' ORDER BY id")
+    assert [(rule, action) for rule, action, _ in journal] == [
+        ("cart", "enrolled"),
+        ("first-checkout", "enrolled"),
+        ("cart", "not_enrolled"),
+        ("first-checkout", "not_enrolled"),
+        ("cart", "enrolled"),
+        ("first-checkout", "not_enrolled"),
+    ]
+    assert journal[2][2] == "already enrolled for occurrence checkout:1"
+    assert journal[3][2].startswith("reenter never: enrolled")
+    assert journal[5][2].startswith("reenter never: enrolled")
+    assert len(smtp.messages) == 3  # one per enrolment, none twice
+    assert d.rows("SELECT count(*) FROM jobs WHERE kind = 'step'") == [(3,)]
 
 
 async def apply_together(d: Deployment, *calls: list[dict[str, Any]]) -> list[str]:
@@ -172,9 +222,10 @@ async def test_on_postgresql_a_batch_of_calls_and_its_sends_wait_for_the_server_
     aiohttp_client: Any, tmp_path: Path, pg_url: str, smtp: SmtpCatcher
 ) -> None:
     """On a database across a network each wait for an answer costs a round trip (SQLite runs in the process):
-    applying calls waits for the contacts' lookup and, per call, its new contact and its enrolment (their ids
-    are needed); closing the calls, recording the sends and finishing their steps go out with the COMMIT, in
-    psycopg's pipeline mode."""
+    applying calls waits for the contacts' lookup and, per call, its new contact (its id is needed); a new
+    contact's enrolment cannot conflict, so it takes an id read ahead (one read for the batch) and goes out
+    with the COMMIT, as closing the calls, recording the sends and finishing their steps do (psycopg's
+    pipeline mode)."""
     from psycopg import pq
 
     d = await deployment(aiohttp_client, tmp_path, pg_url, smtp)
@@ -197,11 +248,14 @@ async def test_on_postgresql_a_batch_of_calls_and_its_sends_wait_for_the_server_
     writes = [(s, piped) for s, piped in waited if s.startswith(("INSERT", "UPDATE"))]
     # Nobody reads the answer of a write without RETURNING: none waits for it on its own.
     assert [s for s, piped in writes if "RETURNING" not in s and not piped] == []
-    for closing in ["UPDATE inbox", "UPDATE jobs", "INSERT INTO events", "INSERT INTO deliveries", "INSERT INTO jobs"]:
-        assert any(s.startswith(closing) and piped for s, piped in writes), closing
-    # What does wait, per call: its new contact (with its identities) and its enrolment, whose ids are needed.
+    closing = ["UPDATE inbox", "UPDATE jobs", "INSERT INTO events", "INSERT INTO deliveries", "INSERT INTO jobs"]
+    for statement in [*closing, "INSERT INTO enrolments"]:
+        assert any(s.startswith(statement) and piped for s, piped in writes), statement
+    # What does wait, per call: its new contact (with its identities), whose id is needed; per batch, the ids
+    # of its enrolments, read ahead from the sequence.
     assert sum(s.startswith('WITH "new" AS (INSERT INTO contacts') and not piped for s, piped in waited) == 3
-    assert sum(s.startswith("INSERT INTO enrolments") and not piped for s, piped in waited) == 3
+    assert [s for s, piped in waited if s.startswith("INSERT INTO enrolments") and not piped] == []
+    assert sum(s.startswith("SELECT nextval(") for s, _ in waited) == 1
 
 
 async def test_steps_prepared_together_read_their_enrolments_and_deliveries_once(

@@ -188,6 +188,9 @@ def _create(
         theirs = _adopt(conn, contact_id, _lookup(conn, keys[:1])[keys[0]])
         return _update(conn, theirs, ref, source, now, event, raw, double_opt_in)
     _write_links(conn, contact_id, ref, rulings, now, event, raw)
+    created: dict[int, set[tuple[str, str]]] | None = conn.info.get(_NEW)
+    if created is not None:
+        created[contact_id] = set()
     devices = {
         (d.kind, d.address): {"kind": d.kind, "address": d.address, "keys": d.keys} for d in ref.push_subscriptions
     }
@@ -408,6 +411,8 @@ def _lookup(conn: Connection, keys: Iterable[tuple[str, str]]) -> dict[tuple[str
 
 #: Where `known_ahead` keeps who holds each identity (None: nobody) while a batch of calls is applied.
 _AHEAD = "declic.identities"
+#: And the contacts the batch created, each with the (rule, occurrence) pairs it was enrolled in since.
+_NEW = "declic.new_contacts"
 
 
 @contextlib.contextmanager
@@ -419,10 +424,20 @@ def known_ahead(conn: Connection, refs: Iterable[ContactRef]) -> Iterator[None]:
     keys = {key for ref in refs for key in identities(ref)}
     found = _lookup(conn, keys)
     conn.info[_AHEAD] = {key: found.get(key) for key in keys}
+    conn.info[_NEW] = {}
     try:
         yield
     finally:
         conn.info.pop(_AHEAD, None)
+        conn.info.pop(_NEW, None)
+
+
+def enrolled_since_created(conn: Connection, contact_id: int) -> set[tuple[str, str]] | None:
+    """For a contact this batch of calls created: the (rule, occurrence) pairs it was enrolled in since (the
+    caller adds to them). None for any other contact. No other transaction sees an uncommitted contact, so
+    these are all its enrolments: one can be written without asking the database (router.enrol)."""
+    created: dict[int, set[tuple[str, str]]] | None = conn.info.get(_NEW)
+    return None if created is None else created.get(contact_id)
 
 
 def _known(conn: Connection, keys: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
@@ -445,8 +460,10 @@ def _remember(conn: Connection, keys: list[tuple[str, str]], won: set[tuple[str,
 
 
 def _forget(conn: Connection) -> None:
-    """Identities moved or went (a merge, an erasure): the rest of the batch reads them from the database."""
+    """Identities moved or went (a merge, an erasure): the rest of the batch reads them from the database, and
+    no contact counts as new any more."""
     conn.info.pop(_AHEAD, None)
+    conn.info.pop(_NEW, None)
 
 
 def _claim(conn: Connection, keys: list[tuple[str, str]], contact_id: int) -> set[tuple[str, str]]:
