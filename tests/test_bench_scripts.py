@@ -17,7 +17,10 @@ import pytest
 
 from conftest import POSTGRES_ENV
 
-pytestmark = pytest.mark.slow
+#: Each script waits at most 30 s for its last e-mails (`--timeout`), then says what was missing: well within the
+#: tests' own limit, so that a failure shows the script's report rather than pytest-timeout's traceback.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+WAIT = ("--timeout", "30")
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,18 +46,18 @@ def postgres_url() -> str:
 
 
 def test_e2e_mails_every_order_once() -> None:
-    assert "20/20 received (0 duplicates)" in bench("e2e.py", "--orders", "20", "--concurrency", "4")
+    assert "20/20 received (0 duplicates)" in bench("e2e.py", "--orders", "20", "--concurrency", "4", *WAIT)
 
 
 @pytest.mark.postgres
 def test_e2e_on_postgresql_mails_every_order_once() -> None:
-    out = bench("e2e.py", "--orders", "20", "--concurrency", "4", "--postgres", postgres_url())
+    out = bench("e2e.py", "--orders", "20", "--concurrency", "4", "--postgres", postgres_url(), *WAIT)
     assert "20/20 received (0 duplicates)" in out
     assert "PostgreSQL's processes for it used" in out
 
 
 def test_latency_mails_every_webhook_of_each_phase() -> None:
-    out = bench("latency.py", "--rates", "5", "--seconds", "1", "--warmup", "0")
+    out = bench("latency.py", "--rates", "5", "--seconds", "1", "--warmup", "0", *WAIT)
     assert "mail: 5/5 received, 0 duplicates" in out
 
 
@@ -65,7 +68,7 @@ def test_ingest_stores_one_row_per_acknowledgement() -> None:
 
 @pytest.mark.postgres
 def test_replicas_lose_and_double_nothing() -> None:
-    out = bench("replicas.py", "--replicas", "1,2", "--orders", "20", "--postgres", postgres_url())
+    out = bench("replicas.py", "--replicas", "1,2", "--orders", "20", "--postgres", postgres_url(), *WAIT)
     assert out.count("lost 0, doubled 0") == 2
 
 
