@@ -8,6 +8,7 @@ import random
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -156,9 +157,15 @@ def _tried(cutoff: sa.ColumnElement[datetime]) -> sa.ColumnElement[bool]:
 _OPEN = ("pending", "running")
 
 
-def _waiting(cutoff: sa.ColumnElement[datetime], status: str) -> sa.ColumnElement[bool]:
-    """A call in `status` (one of _OPEN) still to be processed, that holds steps back."""
-    return sa.and_(J.kind == "inbox", J.status == status, sa.not_(_tried(cutoff)))
+def _waiting(*columns: sa.ColumnElement[Any], where: sa.ColumnElement[bool]) -> sa.Subquery:
+    """`columns` of the calls still to be processed that hold steps back and match `where`: one SELECT per
+    state of _OPEN, as one subquery."""
+    return sa.union_all(
+        *(
+            sa.select(*columns).where(J.kind == "inbox", J.status == status, sa.not_(_tried(_CUTOFF)), where)
+            for status in _OPEN
+        )
+    ).subquery()
 
 
 #: The advisory lock a claim of calls takes on PostgreSQL (see `_calls_turn`).
@@ -192,8 +199,7 @@ def _claim_statement(
         sa.and_(J.status == "pending", J.due_at <= _NOW),
         sa.and_(J.status == "running", J.locked_until < _NOW),
     )
-    oldest = sa.func.min(J.created_at).label("at")
-    firsts = sa.union_all(*(sa.select(oldest).where(_waiting(_CUTOFF, s), J.about.is_(None)) for s in _OPEN)).subquery()
+    firsts = _waiting(sa.func.min(J.created_at).label("at"), where=J.about.is_(None))
     anyone = sa.select(sa.func.min(firsts.c.at)).scalar_subquery()
     call = J.kind == "inbox"
     if skip_locked:
@@ -257,9 +263,7 @@ def _held_contacts(conn: Connection, cutoff: datetime) -> dict[int, datetime]:
     return held
 
 
-_SAYING_WHOM = sa.union_all(
-    *(sa.select(J.created_at, J.about).where(J.about.is_not(None), _waiting(_CUTOFF, s)) for s in _OPEN)
-).subquery()
+_SAYING_WHOM = _waiting(J.created_at, J.about, where=J.about.is_not(None))
 _HELD_CALLS = (
     sa.select(_SAYING_WHOM.c.created_at, _SAYING_WHOM.c.about)
     .order_by(_SAYING_WHOM.c.created_at)
