@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import Factory, fixture_bytes
 from declic_gateway.cli import logs
@@ -136,6 +138,61 @@ def test_credentials_written_in_text_are_masked(json_logs: Any) -> None:
     [masked, words] = json_logs()
     assert masked["event"] == "GET /x?token=*** Authorization: Bearer ***, Basic ***"
     assert words["event"] == "Bearer token missing: basic auth refused, token expired"
+
+
+#: Pieces that make up log texts where a pattern may start or stop matching, non-ASCII digits and spaces included.
+_PIECES = st.sampled_from(
+    [
+        "Bearer ",
+        "basic\u00a0",
+        "token=",
+        "api_key=",
+        "a",
+        "Z",
+        "é",
+        "@",
+        ".",
+        "-",
+        "+",
+        "(",
+        ")",
+        " ",
+        "0",
+        "6",
+        "1",
+        "33",
+        "415",
+        "\u0666",
+        "\u3000",
+        "\u202f",
+        "\n",
+        "=",
+        "/",
+        "x.example",
+        "münchen",
+        "ü",
+        "%",
+        "_",
+    ]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_PIECES, max_size=24).map("".join))
+def test_redaction_skips_no_text_a_pattern_would_change(text: str) -> None:
+    """The cheap checks that let most values through unsearched never let through what a pattern masks."""
+    every = logs._CREDENTIAL.sub(lambda m: f"{m.group(1) or m.group(3)}{m.group(2) or m.group(4)}***", text)
+    every = logs._EMAIL.sub(lambda m: logs._tag("email", m.group()), every)
+    every = logs._PHONE.sub(lambda m: logs._tag("phone", m.group()), every)
+    assert logs.redact_text(text) == every
+
+
+def test_a_field_named_like_structlogs_own_is_redacted_inside_a_value(json_logs: Any) -> None:
+    """Only the line's own time and level skip redaction, not a payload's keys of the same name."""
+    structlog.get_logger().info("call", payload={"timestamp": "ada@example.com", "level": "+33 6 12 34 56 78"})
+    payload = json_logs()[0]["payload"]
+    assert re.fullmatch("<email:[0-9a-f]{8}>", payload["timestamp"])
+    assert re.fullmatch("<phone:[0-9a-f]{8}>", payload["level"])
 
 
 def test_library_errors_come_out_as_one_redacted_json_line(json_logs: Any, capsys: pytest.CaptureFixture[str]) -> None:

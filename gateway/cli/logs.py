@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -49,10 +50,21 @@ def _tag(kind: str, value: str) -> str:
     return f"<{kind}:{hashlib.blake2s(value.lower().encode(), key=_SALT, digest_size=4).hexdigest()}>"
 
 
+#: What each pattern cannot match without: a credential follows `=` or a space, an address holds `@`, a
+#: number digits. Most values logged (ids, rule and sink names) hold none of these, and a search for one
+#: character costs a tenth of the three substitutions (a log line's redaction was half its cost).
+_MAY_HOLD_CREDENTIAL = re.compile(r"[=\s]")
+_MAY_HOLD_NUMBER = re.compile(r"\d")
+
+
 def redact_text(text: str) -> str:
-    text = _CREDENTIAL.sub(lambda m: f"{m.group(1) or m.group(3)}{m.group(2) or m.group(4)}***", text)
-    text = _EMAIL.sub(lambda m: _tag("email", m.group()), text)
-    return _PHONE.sub(lambda m: _tag("phone", m.group()), text)
+    if _MAY_HOLD_CREDENTIAL.search(text):
+        text = _CREDENTIAL.sub(lambda m: f"{m.group(1) or m.group(3)}{m.group(2) or m.group(4)}***", text)
+    if "@" in text:
+        text = _EMAIL.sub(lambda m: _tag("email", m.group()), text)
+    if _MAY_HOLD_NUMBER.search(text):
+        text = _PHONE.sub(lambda m: _tag("phone", m.group()), text)
+    return text
 
 
 def _redact(value: Any) -> Any:
@@ -66,22 +78,38 @@ def _redact(value: Any) -> Any:
 
 
 #: Ids that merely look like addresses (a Message-ID is <id@sender-domain>): operators need them verbatim.
-_ID_KEYS = frozenset({"provider_id", "message_id", "idempotency_key"})
+_VERBATIM_KEYS = frozenset({"provider_id", "message_id", "idempotency_key"})
+#: What structlog's processors put on every line, from its own values: nothing personal to search for.
+_STRUCTLOG_KEYS = frozenset({"timestamp", "level"})
 
 
 def _redact_field(key: str, value: Any) -> Any:
-    if key in _ID_KEYS:
+    kind = _kind_of_key(key)
+    if not kind:  # most fields: the value's own text is searched
+        return redact_text(value) if isinstance(value, str) else _redact(value)
+    if kind == "verbatim":
         return value
-    if _SECRET_KEYS.search(key) and value is not None:
+    if kind == "secret" and value is not None:
         return "***"
-    if _PERSONAL_KEYS.match(key) and isinstance(value, str) and value:
+    if kind == "personal" and isinstance(value, str) and value:
         kind = "email" if "@" in value else "phone" if _PHONE.fullmatch(value.strip()) else "pii"
         return _tag(kind, value)
     return _redact(value)
 
 
+@functools.lru_cache(maxsize=1024)
+def _kind_of_key(key: str) -> str:
+    """What a key says of its value: an id kept verbatim, a secret, personal data, or nothing. Log lines use
+    a few dozen keys, so each is matched once (two regexes per field were a fifth of a line's redaction)."""
+    if key in _VERBATIM_KEYS:
+        return "verbatim"
+    if _SECRET_KEYS.search(key):
+        return "secret"
+    return "personal" if _PERSONAL_KEYS.match(key) else ""
+
+
 def redact_processor(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-    return _redact(event_dict)
+    return {k: v if k in _STRUCTLOG_KEYS else _redact_field(k, v) for k, v in event_dict.items()}
 
 
 def configure(level: str = "info", redact: bool = True, as_json: bool | None = None) -> None:
