@@ -125,9 +125,9 @@ async def test_an_erasure_in_the_same_call_also_blanks_what_that_call_journalled
 async def test_a_contact_new_in_a_batch_is_enrolled_once_per_occurrence_and_within_reenter(
     aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCatcher
 ) -> None:
-    """On PostgreSQL, a contact created by the batch of calls being applied is enrolled without asking the
-    database whether it already is (nobody else has seen it): the batch's own enrolments of it still count,
-    for the same occurrence and for `reenter: never`."""
+    """A contact created by the batch of calls being applied is enrolled without asking the database whether
+    it already is (nobody else has seen it): the batch's own enrolments of it still count, for the same
+    occurrence and for `reenter: never`."""
     rules = """\
   - name: cart
     when: checkout.started
@@ -256,6 +256,46 @@ async def test_on_postgresql_a_batch_of_calls_and_its_sends_wait_for_the_server_
     assert sum(s.startswith('WITH "new" AS (INSERT INTO contacts') and not piped for s, piped in waited) == 3
     assert [s for s, piped in waited if s.startswith("INSERT INTO enrolments") and not piped] == []
     assert sum(s.startswith("SELECT nextval(") for s, _ in waited) == 1
+
+
+async def test_on_sqlite_a_batchs_new_contacts_and_their_enrolments_are_written_one_statement_per_table(
+    aiohttp_client: Any, tmp_path: Path, smtp: SmtpCatcher
+) -> None:
+    """SQLite's transaction holds the only write lock, so the ids of new contacts and of their enrolments are
+    the tables' next ones: their rows go out with the batch's other queued rows, and ids carry on from what
+    is stored, also when a known contact's enrolment (which asks the database) comes between new ones."""
+    d = await deployment(aiohttp_client, tmp_path, f"sqlite:///{tmp_path}/declic.db", smtp)
+    await d.gateway.worker.drain()
+    inserts = await apply_together(d, [signed_up("ana@example.com")], [signed_up("ben@example.com")])
+    assert sum(s.startswith("INSERT INTO contacts") for s in inserts) == 1
+    assert sum(s.startswith("INSERT INTO identities") for s in inserts) == 1
+    assert sum(s.startswith("INSERT INTO enrolments") for s in inserts) == 1
+    again = {"type": "track.signed_up", "contact": {"email": "ana@example.com"}, "correlation": ["signup:again"]}
+    await apply_together(d, [signed_up("cy@example.com")], [again], [signed_up("dee@example.com")])
+    assert d.rows("SELECT id, email FROM contacts ORDER BY id") == [
+        (1, "ana@example.com"),
+        (2, "ben@example.com"),
+        (3, "cy@example.com"),
+        (4, "dee@example.com"),
+    ]
+    assert d.rows("SELECT kind, value, contact_id FROM identities ORDER BY contact_id, kind") == [
+        (kind, value, n)
+        for n, email in enumerate(["ana", "ben", "cy", "dee"], start=1)
+        for kind, value in [("declic", str(n)), ("email", f"{email}@example.com")]
+    ]
+    assert d.rows("SELECT id, contact_id, occurrence FROM enrolments ORDER BY id") == [
+        (1, 1, "signup:ana@example.com"),
+        (2, 2, "signup:ben@example.com"),
+        (3, 3, "signup:cy@example.com"),
+        (4, 1, "signup:again"),
+        (5, 4, "signup:dee@example.com"),
+    ]
+    assert d.rows("SELECT enrolment_id FROM jobs WHERE kind = 'step' AND step = 0 ORDER BY enrolment_id") == [
+        (n,) for n in range(1, 6)
+    ]
+    assert sorted(m["To"] for m in smtp.messages) == sorted(
+        f"{name}@example.com" for name in ["ana", "ben", "cy", "ana", "dee"]
+    )
 
 
 async def test_steps_prepared_together_read_their_enrolments_and_deliveries_once(

@@ -27,6 +27,7 @@ from ..store import (
     INBOX,
     PUSH_SUBSCRIPTIONS,
     appends,
+    ids,
     jobqueue,
     jsoncodec,
     sql,
@@ -150,7 +151,8 @@ def _leave_to_holders(
     return ref.model_copy(update={"consent": kept, **fields}), for_holders
 
 
-_INSERT_CONTACT = sa.insert(CONTACTS).returning(C.id)
+_QUEUE_CONTACT = sa.insert(CONTACTS).inline()  # appended, with the id given (store/appends.py, store/ids.py)
+_QUEUE_IDENTITY = sa.insert(IDENTITIES).inline()
 _ADDRESSES = sa.select(C.email, C.phone, C.email_status).where(C.id == sa.bindparam("contact_id"))
 _WRITABLE = (*_FIELDS, "phone_status", "attributes", "consent", "updated_at")
 _UPDATE_CONTACT = (
@@ -480,8 +482,17 @@ def _claim(conn: Connection, keys: list[tuple[str, str]], contact_id: int) -> se
 def _insert(conn: Connection, row: dict[str, Any], keys: list[tuple[str, str]]) -> tuple[int, set[tuple[str, str]]]:
     """Insert a new contact and claim its identities, Declic's own id first; return its id and the keys won."""
     if conn.dialect.name != "postgresql":
-        contact_id = conn.execute(_INSERT_CONTACT, row).scalar_one()
-        return contact_id, _claim(conn, [(_OWN, str(contact_id)), *keys], contact_id)
+        # The transaction holds SQLite's only write lock from its BEGIN (IMMEDIATE): nobody else can have linked
+        # keys that `upsert` found free, nor taken the id. So the contact and its keys are queued with the
+        # transaction's other rows (store/ids.py), not written a statement each; with no ON CONFLICT, a conflict
+        # that cannot happen would fail the batch, never pass unseen.
+        contact_id = ids.next_id(conn, _QUEUE_CONTACT)
+        appends.append(conn, _QUEUE_CONTACT, {**row, "id": contact_id})
+        linked = [(_OWN, str(contact_id)), *keys]
+        for kind, value in linked:
+            appends.append(conn, _QUEUE_IDENTITY, {"kind": kind, "value": value, "contact_id": contact_id})
+        _remember(conn, linked, set(linked), contact_id)
+        return contact_id, set(linked)
     # PostgreSQL writes both in one statement (data-modifying CTEs): one round trip where there were two.
     kinds, values = [kind for kind, _ in keys], [value for _, value in keys]
     rows = conn.execute(_insert_and_claim(tuple(row)), {**row, "kinds": kinds, "values": values}).all()
@@ -560,11 +571,11 @@ def links_columns(dialect: str, contact_id: sa.ColumnElement[int]) -> list[sa.La
         array, aggregate = sa.func.json_build_array, sa.func.json_agg
     else:
         array, aggregate = sa.func.json_array, sa.func.json_group_array
-    ids = sa.select(aggregate(array(I.kind, I.value))).where(
+    external = sa.select(aggregate(array(I.kind, I.value))).where(
         I.contact_id == contact_id, I.kind != "email", I.kind != "phone"
     )
     devices = sa.select(aggregate(array(P.id, P.kind, P.address, P["keys"]))).where(P.contact_id == contact_id)
-    return [ids.scalar_subquery().label("links__ids"), devices.scalar_subquery().label("links__devices")]
+    return [external.scalar_subquery().label("links__ids"), devices.scalar_subquery().label("links__devices")]
 
 
 @functools.cache

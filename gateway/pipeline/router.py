@@ -413,11 +413,10 @@ _EARLIER = (
 
 
 def _first_for(conn: Connection, contact_id: int, rule: str, occurrence: str) -> bool:
-    """Whether this enrolment is known to be the contact's first for (rule, occurrence) without asking, on
-    PostgreSQL, where asking is a round trip: the contact is new in this batch of calls, and the batch has not
-    enrolled it for that pair yet (contacts.enrolled_since_created). The pair is then counted as enrolled."""
-    if conn.dialect.name != "postgresql":
-        return False
+    """Whether this enrolment is known to be the contact's first for (rule, occurrence) without asking (a round
+    trip on PostgreSQL, a statement of its own on SQLite): the contact is new in this batch of calls, and the
+    batch has not enrolled it for that pair yet (contacts.enrolled_since_created). The pair then counts as
+    enrolled."""
     enrolled = contacts.enrolled_since_created(conn, contact_id)
     if enrolled is None or (rule, occurrence) in enrolled:
         return False
@@ -428,7 +427,7 @@ def _first_for(conn: Connection, contact_id: int, rule: str, occurrence: str) ->
 def _enrol_new(conn: Connection, row: dict[str, Any]) -> int:
     """Write an enrolment that cannot conflict, with an id taken ahead: queued, nothing to wait for. Had it
     conflicted after all, the INSERT would fail and the batch with it, never enrol twice (no ON CONFLICT)."""
-    enrolment_id = ids.next_id(conn, ENROLMENTS)
+    enrolment_id = ids.next_id(conn, _ENROL_NEW)
     appends.append(conn, _ENROL_NEW, {**row, "id": enrolment_id})
     return enrolment_id
 

@@ -39,6 +39,12 @@ def append(conn: Connection, statement: sa.Insert | sa.Update | sa.TextClause, r
         queued.setdefault(statement, []).append(row)
 
 
+def pending(conn: Connection, statement: sa.Executable) -> list[dict[str, Any]]:
+    """The rows of `statement` still queued in this transaction, in the order they came (none when nothing is)."""
+    queued: _Queue | None = conn.info.get(_KEY)
+    return queued.get(statement, []) if queued else []
+
+
 def flush(conn: Connection) -> None:
     """Write what is queued now, table by table, each table's rows in the order they came."""
     queued: _Queue | None = conn.info.get(_KEY)
