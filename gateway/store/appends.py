@@ -25,7 +25,25 @@ from . import sql
 _KEY = "declic.appends"
 #: Execution option of a statement that reads and writes no table (PostgreSQL's NOTIFY): it never writes the queue.
 NO_TABLE = "declic_no_table"
-_Queue = dict[sa.Executable, list[dict[str, Any]]]
+
+
+class _Queue:
+    """The rows waiting, by statement in the order statements first came, and the tables those statements name:
+    each statement run checks its tables against that one set (it was checked against each queued statement's,
+    a few percent of a busy process's time)."""
+
+    __slots__ = ("rows", "tables")
+
+    def __init__(self) -> None:
+        self.rows: dict[sa.Executable, list[dict[str, Any]]] = {}
+        self.tables: set[str] = set()
+
+    def add(self, statement: sa.Executable, row: dict[str, Any]) -> None:
+        rows = self.rows.get(statement)
+        if rows is None:
+            rows = self.rows[statement] = []
+            self.tables |= _tables(statement) or frozenset()
+        rows.append(row)
 
 
 def append(conn: Connection, statement: sa.Insert | sa.Update | sa.TextClause, row: dict[str, Any]) -> None:
@@ -36,28 +54,32 @@ def append(conn: Connection, statement: sa.Insert | sa.Update | sa.TextClause, r
     if queued is None:
         conn.execute(statement, row)
     else:
-        queued.setdefault(statement, []).append(row)
+        queued.add(statement, row)
 
 
 def pending(conn: Connection, statement: sa.Executable) -> list[dict[str, Any]]:
     """The rows of `statement` still queued in this transaction, in the order they came (none when nothing is)."""
     queued: _Queue | None = conn.info.get(_KEY)
-    return queued.get(statement, []) if queued else []
+    return queued.rows.get(statement, []) if queued else []
 
 
 def flush(conn: Connection) -> None:
-    """Write what is queued now, table by table, each table's rows in the order they came."""
+    """Write what is queued now, table by table, each table's rows in the order they came. The queue is swapped
+    for an empty one first: nothing runs between its statements, so none of them need look at the rest."""
     queued: _Queue | None = conn.info.get(_KEY)
-    while queued:
-        statement = next(iter(queued))
-        conn.execute(statement, queued.pop(statement))
+    if not queued or not queued.rows:
+        return
+    conn.info[_KEY] = _Queue()
+    for statement, rows in queued.rows.items():
+        conn.execute(statement, rows)
 
 
 def commit(conn: Connection) -> None:
     """Write what is queued, then commit. On PostgreSQL the rows go out with the COMMIT in one pipeline
     (`sql.pipelined`): two round trips (the COMMIT's and the pipeline's end) for any number of statements,
     where each took one before the COMMIT's own."""
-    if not conn.info.get(_KEY):
+    queued: _Queue | None = conn.info.get(_KEY)
+    if not queued or not queued.rows:
         conn.commit()
         return
     with sql.pipelined(conn):
@@ -70,7 +92,7 @@ def queued(conn: Connection) -> Iterator[None]:
     """Queue appended rows while the block runs; the block flushes them before it commits (Database.transaction
     sends both together). Rows still queued when the block ends are dropped: it raised, the transaction rolls
     back anyway."""
-    conn.info[_KEY] = {}
+    conn.info[_KEY] = _Queue()
     try:
         yield
     finally:
@@ -80,10 +102,12 @@ def queued(conn: Connection) -> Iterator[None]:
 def write_first(conn: Connection, statement: Any, *_: Any) -> None:
     """`before_execute` listener: a statement that may read or change a table with queued rows runs after them."""
     queued: _Queue | None = conn.info.get(_KEY)
-    if not queued or (isinstance(statement, sa.Executable) and statement.get_execution_options().get(NO_TABLE)):
+    if not queued or not queued.rows:
+        return
+    if isinstance(statement, sa.Executable) and statement.get_execution_options().get(NO_TABLE):
         return
     names = _tables(statement)
-    if names is None or any(names & (_tables(waiting) or frozenset()) for waiting in queued):
+    if names is None or not names.isdisjoint(queued.tables):
         flush(conn)
 
 
