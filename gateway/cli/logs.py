@@ -14,8 +14,6 @@ import structlog
 import structlog.tracebacks
 from aiohttp.http_exceptions import HttpProcessingError
 
-from ..kit import logcontext
-
 #: Letters and marks outside ASCII (ü, δ, 例, the signs of Devanagari...), not spaces nor punctuation (« » “ ” 、).
 _INTL = (
     r"\u00c0-\u1fff\u2070-\u218f\u2c00-\u2fff\u3040-\ud7ff\uf900-\ufe2f\ufe70-\ufefe\uff10-\uff19"
@@ -118,7 +116,7 @@ def configure(level: str = "info", redact: bool = True, as_json: bool | None = N
     if as_json is None:
         as_json = not sys.stderr.isatty()
     processors: list[Any] = [
-        logcontext.merge,
+        structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         # Off a terminal a traceback is data inside the one JSON line (frames without locals), never loose text.

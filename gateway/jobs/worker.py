@@ -21,7 +21,6 @@ from ..config import WorkerSpec
 from ..errors import MalformedPayload, RetryLater, StorageUnavailable
 from ..insight import journal
 from ..insight.metrics import Metrics
-from ..kit import logcontext
 from ..kit.events import Event
 from ..kit.sinks import DeliveryResult, Message
 from ..kit.sources import RawCall, Source
@@ -433,7 +432,7 @@ class Worker:
         if send is None:
             self.wake()
             return
-        with logcontext.bound(
+        with structlog.contextvars.bound_contextvars(
             event_id=send.context.event["id"], rule=send.rule.name, sink=send.sink.key, step=job.step + 1
         ):
             result, message = await call_sink(send)

@@ -12,7 +12,6 @@ from sqlalchemy.engine import Connection
 
 from ..config.settings import CONFIRM_EVENT
 from ..errors import InvalidAddress, MalformedPayload, RetryLater
-from ..kit import logcontext
 from ..kit.addresses import e164, parse_email
 from ..kit.events import ERASE_TYPE, FEEDBACK_TYPES, ContactRef, Event
 from ..kit.sources import RawCall, Source
@@ -111,7 +110,7 @@ def apply_events(conn: Connection, raw: RawCall, events: list[Event], router: Ro
         stored.append(event)
         if feedback.is_machine(event) and not router.machine_events:
             continue  # kept and flagged for the record; journeys and scores are about people
-        with logcontext.bound(event_id=event.id, source=raw.source):
+        with structlog.contextvars.bound_contextvars(event_id=event.id, source=raw.source):
             router.route(conn, event, contact, raw.received_at, changed)
             for request in confirmation_requests(event, changed):
                 store_event(conn, request, contact["id"])
