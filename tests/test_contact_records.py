@@ -4,12 +4,17 @@ that sticks. Real Shopify webhooks over HTTP, a real SMTP server, SQLite and Pos
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from click.testing import CliRunner
 
 from conftest import Deployment, Factory, fixture_json
 from declic_gateway.cli.main import cli
+from declic_gateway.insight import rendered
+from declic_gateway.kit.sinks import Message
+from declic_gateway.store import Database
 from declic_gateway.testing import SmtpCatcher
 
 CAMILLE = "camille.durand@example.org"
@@ -117,3 +122,24 @@ async def test_a_deployment_can_keep_no_copy_of_what_it_sent(deploy: Factory, sm
     record = json.loads(declic(d, "export", CAMILLE)[1])
     assert [m["status"] for m in record["messages"]] == ["sent"] and record["messages_as_sent"] == []
     assert "message" not in {entry["what"] for entry in timeline(d, CAMILLE)}
+
+
+@pytest.mark.parametrize("html_size", [0, 300, 5_000, 200_000])
+def test_a_kept_copy_reads_back_exactly_whatever_its_size(db_url: str, html_size: int) -> None:
+    """Copies are compressed with a window sized to the message: a one-line mail and a long newsletter
+    (with non-ASCII text) both come back as they were sent."""
+    database = Database(db_url)
+    database.upgrade()
+    html = "".join(f"<tr><td>Article n°{n} – {n * 7919 % 1000} €</td></tr>" for n in range(html_size))[:html_size]
+    message = Message(to=CAMILLE, subject="Vos nouveautés", text="Bonjour Camille", html=html, headers={"X-A": "1"})
+    at = datetime(2026, 12, 5, tzinfo=UTC)
+    database.transaction(rendered.keep, "key-1", 7, at, message)
+    [copy] = database.transaction(rendered.of_contact, 7).values()
+    database.close()
+    assert copy == {
+        "to": CAMILLE,
+        "headers": {"X-A": "1"},
+        "subject": "Vos nouveautés",
+        "text": "Bonjour Camille",
+        "html": html,
+    }
