@@ -92,8 +92,8 @@ def _redact_field(key: str, value: Any) -> Any:
     if kind == "secret" and value is not None:
         return "***"
     if kind == "personal" and isinstance(value, str) and value:
-        kind = "email" if "@" in value else "phone" if _PHONE.fullmatch(value.strip()) else "pii"
-        return _tag(kind, value)
+        tag = "email" if "@" in value else "phone" if _PHONE.fullmatch(value.strip()) else "pii"
+        return _tag(tag, value)
     return _redact(value)
 
 

@@ -486,8 +486,7 @@ def _insert(conn: Connection, row: dict[str, Any], keys: list[tuple[str, str]]) 
         # keys that `upsert` found free, nor taken the id. So the contact and its keys are queued with the
         # transaction's other rows (store/ids.py), not written a statement each; with no ON CONFLICT, a conflict
         # that cannot happen would fail the batch, never pass unseen.
-        contact_id = ids.next_id(conn, _QUEUE_CONTACT)
-        appends.append(conn, _QUEUE_CONTACT, {**row, "id": contact_id})
+        contact_id = ids.queue_insert(conn, _QUEUE_CONTACT, row)
         linked = [(_OWN, str(contact_id)), *keys]
         for kind, value in linked:
             appends.append(conn, _QUEUE_IDENTITY, {"kind": kind, "value": value, "contact_id": contact_id})

@@ -25,7 +25,7 @@ from ..kit.context import EVENT_FIELDS, Known
 from ..kit.durations import format_duration
 from ..kit.events import ContactRef, Event
 from ..kit.templating import compile_condition, evaluate
-from ..store import ENROLMENTS, META, appends, ids, jobqueue, sql
+from ..store import ENROLMENTS, META, ids, jobqueue, sql
 from . import contacts, history, moments, triggers
 from .eventlog import event_properties, store_event
 
@@ -379,7 +379,7 @@ def enrol(
         "created_at": base,
     }
     if _first_for(conn, contact_id, rule.name, occurrence):
-        enrolment_id: int | None = _enrol_new(conn, row)
+        enrolment_id: int | None = ids.queue_insert(conn, _ENROL_NEW, row)
     else:
         enrolment_id = conn.execute(_enrol_once(conn.dialect.name), row).scalar_one_or_none()
     if enrolment_id is None:
@@ -424,15 +424,9 @@ def _first_for(conn: Connection, contact_id: int, rule: str, occurrence: str) ->
     return True
 
 
-def _enrol_new(conn: Connection, row: dict[str, Any]) -> int:
-    """Write an enrolment that cannot conflict, with an id taken ahead: queued, nothing to wait for. Had it
-    conflicted after all, the INSERT would fail and the batch with it, never enrol twice (no ON CONFLICT)."""
-    enrolment_id = ids.next_id(conn, _ENROL_NEW)
-    appends.append(conn, _ENROL_NEW, {**row, "id": enrolment_id})
-    return enrolment_id
-
-
-_ENROL_NEW = sa.insert(ENROLMENTS).inline()  # appended: the id is given (store/appends.py)
+#: An enrolment that cannot conflict (`_first_for`), queued with its id (store/ids.py): nothing to wait for. Had
+#: it conflicted after all, the INSERT would fail and the batch with it, never enrol twice (no ON CONFLICT).
+_ENROL_NEW = sa.insert(ENROLMENTS).inline()
 
 
 @functools.cache

@@ -38,6 +38,9 @@ class _Queue:
         self.rows: dict[sa.Executable, list[dict[str, Any]]] = {}
         self.tables: set[str] = set()
 
+    def __bool__(self) -> bool:
+        return bool(self.rows)
+
     def add(self, statement: sa.Executable, row: dict[str, Any]) -> None:
         rows = self.rows.get(statement)
         if rows is None:
@@ -67,7 +70,7 @@ def flush(conn: Connection) -> None:
     """Write what is queued now, table by table, each table's rows in the order they came. The queue is swapped
     for an empty one first: nothing runs between its statements, so none of them need look at the rest."""
     queued: _Queue | None = conn.info.get(_KEY)
-    if not queued or not queued.rows:
+    if not queued:
         return
     conn.info[_KEY] = _Queue()
     for statement, rows in queued.rows.items():
@@ -79,7 +82,7 @@ def commit(conn: Connection) -> None:
     (`sql.pipelined`): two round trips (the COMMIT's and the pipeline's end) for any number of statements,
     where each took one before the COMMIT's own."""
     queued: _Queue | None = conn.info.get(_KEY)
-    if not queued or not queued.rows:
+    if not queued:
         conn.commit()
         return
     with sql.pipelined(conn):
@@ -102,7 +105,7 @@ def queued(conn: Connection) -> Iterator[None]:
 def write_first(conn: Connection, statement: Any, *_: Any) -> None:
     """`before_execute` listener: a statement that may read or change a table with queued rows runs after them."""
     queued: _Queue | None = conn.info.get(_KEY)
-    if not queued or not queued.rows:
+    if not queued:
         return
     if isinstance(statement, sa.Executable) and statement.get_execution_options().get(NO_TABLE):
         return

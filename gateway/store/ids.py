@@ -1,4 +1,4 @@
-"""Ids known before their rows are written, so that an INSERT whose id is needed can still be queued."""
+"""Rows whose id is needed at once, queued all the same: the id is known before the row is written."""
 
 from __future__ import annotations
 
@@ -18,16 +18,22 @@ _TAKE = sa.text("SELECT nextval(pg_get_serial_sequence(:table, 'id')) FROM gener
 )
 
 
-def next_id(conn: Connection, insert: sa.Insert) -> int:
-    """An id for a new row that `insert` (given ids, `.inline()`) will write from the queue (store/appends.py),
-    where a RETURNING statement of its own made the transaction wait for the id.
+def queue_insert(conn: Connection, insert: sa.Insert, row: dict[str, Any]) -> int:
+    """Queue `row` for `insert` (built `.inline()`, the id given) with the transaction's other rows
+    (store/appends.py), and return its id, where an `INSERT ... RETURNING` of its own made the transaction wait.
 
     PostgreSQL: ids come from the table's sequence AT_ONCE at a time, in one round trip; a sequence never hands
     a value out twice, even to a transaction that rolls back, so those left over serve the connection's next
     transactions. SQLite: the transaction holds the database's only write lock from its BEGIN (IMMEDIATE), so
-    the next ids are the table's largest and up, counted from the rows still queued; once they are written (any
-    statement naming the table writes them first), the table's largest is read again. That is the id SQLite
-    would give itself; it costs a statement per table and transaction where each row took one."""
+    the next id is the largest of the rows still queued plus one, or, once they are written (any statement
+    naming the table writes them first), the table's largest plus one: the id SQLite would give itself, for a
+    statement per table and transaction where each row took one."""
+    row_id = _next_id(conn, insert)
+    appends.append(conn, insert, {**row, "id": row_id})
+    return row_id
+
+
+def _next_id(conn: Connection, insert: sa.Insert) -> int:
     table = insert.table
     assert isinstance(table, sa.Table)
     if conn.dialect.name != "postgresql":
