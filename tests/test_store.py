@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -20,7 +22,7 @@ from conftest import postgres_database
 from declic_gateway.cli.main import cli
 from declic_gateway.errors import ConfigError
 from declic_gateway.http.app import create_app, load
-from declic_gateway.store import Database
+from declic_gateway.store import Database, jobqueue
 from declic_gateway.store.db import PriorityLane
 from declic_gateway.testing import write_deployment
 
@@ -182,3 +184,34 @@ async def test_on_postgresql_an_acknowledgement_is_not_held_behind_a_transaction
     finally:
         other.dispose()
         database.close()
+
+
+def test_the_queues_statements_carry_the_job_states_in_their_text(db_url: str) -> None:
+    """SQLite compares a bound value with the constant of a partial index's WHERE (uq_jobs_pending_key:
+    `status = 'pending'`) and then prepares the statement again every time it runs: a claim cost 150-170 µs
+    where it runs in 25. The states the queue asks for are written into its statements, never bound."""
+    database = Database(db_url)
+    database.upgrade()
+    ran: list[str] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if "jobs" in statement:
+            ran.append(statement)
+
+    now = datetime(2026, 12, 5, 10, 0, tzinfo=UTC)
+    sa.event.listen(database.engine, "before_cursor_execute", capture)
+    try:
+        with database.engine.begin() as conn:
+            jobqueue.add_unique(conn, "tick", "tick:test", "tick:test", now, now)
+            claimed = jobqueue.claim(conn, "worker-1", now, timedelta(seconds=30), limit=10)
+            jobqueue.renew(conn, [job.id for job in claimed], "worker-1", now + timedelta(seconds=60))
+            jobqueue.overdue_calls(conn, now - timedelta(seconds=30))
+            jobqueue.next_due(conn)
+            jobqueue.cancel_pending(conn, [1], now)
+    finally:
+        sa.event.remove(database.engine, "before_cursor_execute", capture)
+        database.close()
+    assert [job.kind for job in claimed] == ["tick"]  # the statements ran and found what they were for
+    bound = [statement for statement in ran if re.search(r"\.status (=|!=|IN) (\?|%\()", statement)]
+    assert bound == []
+    assert any("jobs.status = 'pending'" in statement for statement in ran)

@@ -20,7 +20,7 @@ import structlog
 from sqlalchemy.engine import Connection
 
 from ..config import RuleSpec
-from ..store import CONTACTS, ENROLMENTS, EVENTS, JOBS, jsoncodec, sql
+from ..store import CONTACTS, ENROLMENTS, EVENTS, JOBS, jobqueue, jsoncodec, sql
 
 log = structlog.get_logger("declic.triggers")
 J = JOBS.c
@@ -228,7 +228,7 @@ def skip_inactivity_before(conn: Connection, rule: RuleSpec, moment: datetime) -
     dropped = 0
     rows = conn.execute(
         sa.select(J.id, J.due_at, J.occurrence).where(
-            J.kind == "trigger", J.rule == rule.name, J.status == "pending", J.due_at < moment
+            J.kind == "trigger", J.rule == rule.name, jobqueue.status_is("pending"), J.due_at < moment
         )
     ).all()
     for job_id, due, occurrence in rows:
@@ -281,7 +281,7 @@ def _row(key: str, rule: RuleSpec, contact_id: int, occurrence: str, due: dateti
 _ENROLLED = sa.select(ENROLMENTS.c.occurrence).where(
     ENROLMENTS.c.rule == sa.bindparam("rule"), ENROLMENTS.c.contact_id == sa.bindparam("contact_id")
 )
-_PENDING = sa.select(J.id, J.due_at, J.occurrence).where(J.key == sa.bindparam("key"), J.status == "pending")
+_PENDING = sa.select(J.id, J.due_at, J.occurrence).where(J.key == sa.bindparam("key"), jobqueue.status_is("pending"))
 _MOVE = (
     sa.update(JOBS)
     .where(J.id == sa.bindparam("job_id"))
@@ -296,7 +296,9 @@ def _insert_once(dialect: str) -> sa.Insert:
 
 
 def _cancel(conn: Connection, key: str, now: datetime) -> None:
-    conn.execute(sa.update(JOBS).where(J.key == key, J.status == "pending").values(status="cancelled", updated_at=now))
+    conn.execute(
+        sa.update(JOBS).where(J.key == key, jobqueue.status_is("pending")).values(status="cancelled", updated_at=now)
+    )
 
 
 def decayed(score: float, since: datetime | None, now: datetime, half_life: timedelta | None) -> float:
