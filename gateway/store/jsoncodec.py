@@ -24,9 +24,16 @@ def _decode(obj: dict[str, Any]) -> Any:
     return obj
 
 
+# One encoder and one decoder for the process: json.dumps and json.loads build a new one (and its C scanner)
+# on every call that passes an option, which was a third of each call's time (py-spy, docs/performance.md).
+# Both are stateless between calls, so threads may share them.
+_ENCODER = json.JSONEncoder(default=_encode, separators=(",", ":"), ensure_ascii=False)
+_DECODER = json.JSONDecoder(object_hook=_decode)
+
+
 def dumps(value: Any) -> str:
-    return json.dumps(value, default=_encode, separators=(",", ":"), ensure_ascii=False)
+    return _ENCODER.encode(value)
 
 
 def loads(text: str) -> Any:
-    return json.loads(text, object_hook=_decode)
+    return _DECODER.decode(text)
