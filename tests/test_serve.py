@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,7 @@ def test_the_log_is_json_lines_from_start_to_stop_with_one_access_line_per_reque
     events = [line["event"] for line in lines]
     assert events[:2] == ["listening", "gateway started"] and events[-2:] == ["gateway stopping", "gateway stopped"]
     assert lines[0]["port"] == server.port
+    assert lines[0]["event_loop"] == ("asyncio" if sys.platform == "win32" else "uvloop")  # a dependency elsewhere
     access = [line for line in lines if line["event"] == "request"]
     assert [(a["method"], a["path"], a["status"]) for a in access] == [
         ("POST", "/hooks/shop", 401),  # refused; the accepted order before it is at debug level, like probes
