@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy as sa
 
 from conftest import Deployment, Factory, fixture_bytes
 from declic_gateway.testing import SmtpCatcher
@@ -64,3 +70,66 @@ async def test_marketing_email_needs_consent_transactional_does_not(deploy: Fact
     assert [m["Subject"] for m in smtp.messages] == ["Order #1042"]
     [(status, reason)] = d.rows("SELECT status, reason FROM deliveries WHERE rule = 'welcome'")
     assert status == "suppressed" and reason == "no email consent (state: none)"
+
+
+async def test_a_running_worker_claims_twice_for_an_order_confirmation_and_then_rests(
+    deploy: Factory, smtp: SmtpCatcher
+) -> None:
+    """Light load pays each claim as a transaction of its own: the worker claims the call (reading it in that
+    same transaction), then the step the call made due, and nothing once the step is recorded: the
+    confirmation ends its journey and queues nothing more to claim."""
+    d = await deploy(role="all", worker="  poll_interval: 1m\n")  # no claim from the timer during the test
+    claims: list[str] = []
+    transactions: list[object] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("UPDATE jobs SET status=") and "attempts=(jobs.attempts +" in statement:
+            claims.append(statement)
+
+    started = "SELECT count(*) FROM jobs WHERE status IN ('pending', 'running') AND occurrence != 'retention'"
+    await until(lambda: d.scalar(started) == 0)  # start-up's own work (retention runs a day later)
+    await asyncio.sleep(0.2)
+    sa.event.listen(d.gateway.db.engine, "before_cursor_execute", capture)
+    sa.event.listen(d.gateway.db.engine, "begin", gateways_own(transactions.append))
+    response = await d.post_shopify("orders/create", fixture_bytes("shopify/order.json"))
+    assert response.status == 200
+    await until(lambda: d.scalar("SELECT status FROM deliveries") == "sent")
+    await asyncio.sleep(0.3)  # time for a claim the worker would make after recording the send
+
+    assert [m["Subject"] for m in smtp.messages] == ["Order #1042"]
+    assert d.scalar("SELECT status FROM enrolments WHERE rule = 'order-confirmation'") == "completed"
+    assert len(claims) == 2
+    # The acknowledgement, the two claims, applying the call, preparing the step and recording it.
+    assert len(transactions) == 6
+
+
+async def test_a_running_worker_sends_a_step_due_at_once_after_the_one_before_without_waiting_for_its_timer(
+    deploy: Factory, smtp: SmtpCatcher
+) -> None:
+    """Recording a step that queues the next one, due now, wakes the worker: the timer is a minute away."""
+    rules = """\
+  - name: order-and-thanks
+    when: order.placed
+    kind: transactional
+    steps:
+      - send: {via: email, template: order-confirmation}
+      - send: {via: email, template: order-confirmation}
+"""
+    d = await deploy(rules, role="all", worker="  poll_interval: 1m\n")
+    assert (await d.post_shopify("orders/create", fixture_bytes("shopify/order.json"))).status == 200
+    await until(lambda: len(smtp.messages) == 2, seconds=5)
+    assert d.scalar("SELECT count(*) FROM deliveries WHERE status = 'sent'") == 2
+
+
+def gateways_own(listener: Callable[[Any], None]) -> Callable[[Any], None]:
+    """`listener`, for the gateway's own transactions: those run in its database threads, the test's in this one."""
+    return lambda conn: None if threading.current_thread() is threading.main_thread() else listener(conn)
+
+
+async def until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    """Wait for something the running worker does on its own; fail after `seconds`."""
+    for _ in range(int(seconds / 0.05)):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the condition never held")

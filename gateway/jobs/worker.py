@@ -93,7 +93,7 @@ class Worker:
         self._cpu_marks = (cpu_clock(), cpu_clock())
         # Steps run side by side; their transactions are shared when they coincide.
         self._prepare = Grouped(db, steps.prepare, ahead=steps.reading_ahead)
-        self._record: Grouped[tuple[Send, DeliveryResult, Message | None], None] = Grouped(
+        self._record: Grouped[tuple[Send, DeliveryResult, Message | None], bool] = Grouped(
             db, lambda conn, outcome: steps.record(conn, *outcome)
         )
         self._wake = asyncio.Event()
@@ -189,23 +189,29 @@ class Worker:
         if not room:
             return 0, None
         try:
-            jobs, due = await self.db.run(self._claim_and_look, room)
+            jobs, due, raws = await self.db.run(self._claim_and_look, room)
         except StorageUnavailable as exc:
             log.warning("cannot claim jobs", error=str(exc))
             return 0, None
         self._queue_calls(jobs)
-        for unit, work in self._units(jobs):
+        for unit, work in self._units(jobs, raws):
             task = asyncio.create_task(work)
             for job in unit:
                 self._running[job.id] = task
             task.add_done_callback(self._done)
         return len(jobs), due
 
-    def _claim_and_look(self, conn: Connection, limit: int) -> tuple[list[ClaimedJob], datetime | None]:
-        """The claim, and when it took less than `limit`, when the next job is due: one transaction for both."""
+    def _claim_and_look(
+        self, conn: Connection, limit: int
+    ) -> tuple[list[ClaimedJob], datetime | None, dict[int, RawCall]]:
+        """The claim, when it took less than `limit` when the next job is due, and the calls it claimed as stored:
+        one transaction for all three (reading the calls in a transaction of their own cost one per webhook at
+        light load, docs/performance.md)."""
         now = self.clock.now()
         jobs = self._claim(conn, limit, now)
-        return jobs, (jobqueue.next_due(conn, now) if len(jobs) < limit else None)
+        due = jobqueue.next_due(conn, now) if len(jobs) < limit else None
+        calls = [job.inbox_id for job in jobs if job.inbox_id is not None]
+        return jobs, due, (inbound.load_calls(conn, sorted(calls)) if calls else {})
 
     def _claim(self, conn: Connection, limit: int, now: datetime | None = None) -> list[ClaimedJob]:
         now = now or self.clock.now()
@@ -238,10 +244,13 @@ class Worker:
         if noted:
             log.warning("steps went ahead of an unprocessed call", steps=noted)
 
-    def _units(self, jobs: list[ClaimedJob]) -> list[tuple[list[ClaimedJob], Coroutine[Any, Any, None]]]:
-        """The claimed calls go through together, in one transaction; every other job runs alone."""
+    def _units(
+        self, jobs: list[ClaimedJob], raws: dict[int, RawCall] | None = None
+    ) -> list[tuple[list[ClaimedJob], Coroutine[Any, Any, None]]]:
+        """The claimed calls go through together, in one transaction; every other job runs alone. `raws`: the
+        claimed calls as stored, when the claim read them (else they are read first)."""
         calls = [job for job in jobs if job.kind == "inbox"]
-        units = [(calls, self._process_calls(calls))] if calls else []
+        units = [(calls, self._process_calls(calls, raws))] if calls else []
         return units + [([job], self.run_job(job)) for job in jobs if job.kind != "inbox"]
 
     def _done(self, task: asyncio.Task[None]) -> None:
@@ -301,13 +310,14 @@ class Worker:
             if job.inbox_id is not None:
                 bisect.insort(self._calls_in_order, job.inbox_id)
 
-    async def _process_calls(self, jobs: list[ClaimedJob]) -> None:
+    async def _process_calls(self, jobs: list[ClaimedJob], raws: dict[int, RawCall] | None = None) -> None:
         """Normalise the calls side by side (maybe slowly, fetching from the provider), then apply them
         in the order they arrived, CALLS_PER_TRANSACTION at a time: one commit for many calls, and
         acknowledgements never wait long for the database."""
         ids = sorted(job.inbox_id for job in jobs if job.inbox_id is not None)
         try:
-            raws = await self.db.run(inbound.load_calls, ids)
+            if raws is None:
+                raws = await self.db.run(inbound.load_calls, ids)
             calls = await asyncio.gather(*(self._normalize(job, raws.get(job.inbox_id or 0)) for job in jobs))
             ready = sorted((call for call in calls if call is not None), key=lambda call: call.job.inbox_id or 0)
             if ready:
@@ -438,8 +448,9 @@ class Worker:
             result, message = await call_sink(send)
             self.metrics.sent(send.sink.key, result.outcome)
             log.info("step " + result.outcome.value, provider_id=result.provider_id, error=result.error)
-            await self._record((send, result, message))
-        self.wake()
+            queued = await self._record((send, result, message))
+        if queued:  # the journey's last step (most transactional mail) queues nothing: no claim for it
+            self.wake()
 
     async def _retry_later(
         self, job: ClaimedJob, error: str, after: float | None = None, about: list[tuple[str, str]] | None = None

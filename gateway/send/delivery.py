@@ -549,9 +549,15 @@ class StepRunner:
         )
         log.info("step deferred", rule=step.rule.name, step=step.job.step + 1, reason=deferral.reason)
 
-    def record(self, conn: Connection, send: Send, result: DeliveryResult, message: Message | None = None) -> None:
+    def record(self, conn: Connection, send: Send, result: DeliveryResult, message: Message | None = None) -> bool:
         """Store the sink's answer (and the message as sent) and move the journey on (or to the step's next
-        channel), in one transaction."""
+        channel), in one transaction. True when that made a job pending (the next step, this one again, a
+        retry): the worker claims again only then."""
+        made = jobqueue.pending_made(conn)
+        self._record_outcome(conn, send, result, message)
+        return jobqueue.pending_made(conn) != made
+
+    def _record_outcome(self, conn: Connection, send: Send, result: DeliveryResult, message: Message | None) -> None:
         now = self.clock.now()
         job, rule = send.job, send.rule
         step = Step(

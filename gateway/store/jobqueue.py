@@ -42,6 +42,21 @@ def status_is(status: str, column: sa.ColumnElement[str] = J.status) -> sa.Colum
     return column == sa.literal_column(f"'{status}'", J.status.type)
 
 
+#: How many times work on this connection made a job pending (queued one, or put one back): work that reads the
+#: count before and after knows whether it gave a worker something to claim (`pending_made`).
+_PENDING_MADE = "declic.pending_made"
+
+
+def pending_made(conn: Connection) -> int:
+    """The count of jobs made pending on this connection so far; compare two readings."""
+    count: int = conn.info.get(_PENDING_MADE, 0)
+    return count
+
+
+def _made_pending(conn: Connection) -> None:
+    conn.info[_PENDING_MADE] = pending_made(conn) + 1
+
+
 def notify(conn: Connection) -> None:
     """On PostgreSQL, wake the workers listening (jobs/wakeup.py) once this transaction commits.
 
@@ -50,6 +65,7 @@ def notify(conn: Connection) -> None:
     queued the work wakes its own worker already (a commit of calls, new steps): its listener skips
     notifications from `ORIGIN`, which would only cost an empty claim. SQLite: one process.
     """
+    _made_pending(conn)
     if conn.dialect.name != "postgresql":
         return
     transaction = conn.get_transaction()
@@ -391,6 +407,7 @@ def reschedule(
     about: list[tuple[str, str]] | None = None,
 ) -> bool:
     """Put a job back until `due_at`; a call may say whom it is about (see `claim`)."""
+    _made_pending(conn)
     values = {"job_id": job.id, "worker": worker, "due": due_at, "error": error, "now": now}
     statement = _RESCHEDULE if about is None else _RESCHEDULE.values(about=json.dumps(about))
     return conn.execute(statement, values).rowcount == 1
@@ -423,6 +440,7 @@ def cancel_pending(conn: Connection, enrolment_ids: list[int], now: datetime) ->
 
 def defer(conn: Connection, job: ClaimedJob, worker: str, until: datetime, now: datetime, reason: str) -> bool:
     """Put a step back until `until` without spending an attempt: waiting is not failing."""
+    _made_pending(conn)
     values = {"job_id": job.id, "worker": worker, "due": until, "error": reason, "now": now}
     return conn.execute(_DEFER, values).rowcount == 1
 
