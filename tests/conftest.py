@@ -3,6 +3,7 @@ and a deployment factory that serves the real app over real HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -289,3 +290,12 @@ def locked_inbox(db_url: str) -> Iterator[None]:
         conn.execute(sa.text("LOCK TABLE inbox IN ACCESS EXCLUSIVE MODE"))
         yield
     engine.dispose()
+
+
+async def until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    """Wait for something the running worker does on its own; fail after `seconds`."""
+    for _ in range(int(seconds / 0.05)):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the condition never held")

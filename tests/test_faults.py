@@ -7,10 +7,9 @@ Real HTTP into the real app, a real SMTP server, SQLite and PostgreSQL.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 import structlog
 from aiohttp import web
 
-from conftest import SECRET, TEMPLATES, Deployment, Factory, fixture_json
+from conftest import SECRET, TEMPLATES, Deployment, Factory, fixture_json, until
 from declic_gateway.http.app import create_app, load
 from declic_gateway.http.running import GATEWAY_KEY
 from declic_gateway.testing import FakeClock, SmtpCatcher, write_deployment
@@ -219,12 +218,3 @@ async def test_a_worker_that_dies_is_logged_turns_readyz_not_ready_and_is_restar
     await d.post_shopify("orders/create", order(1))  # the restarted worker processes what comes
     await until(lambda: len(smtp.messages) == 1)
     assert (await d.client.get("/readyz")).status == 200
-
-
-async def until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
-    """Wait for something the running worker does on its own; fail after `seconds`."""
-    for _ in range(int(seconds / 0.05)):
-        if condition():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("the condition never held")

@@ -10,7 +10,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from conftest import Deployment, Factory, fixture_bytes
+from conftest import Deployment, Factory, fixture_bytes, until
 from declic_gateway.testing import SmtpCatcher
 
 CAMILLE = "camille.durand@example.org"
@@ -124,12 +124,3 @@ async def test_a_running_worker_sends_a_step_due_at_once_after_the_one_before_wi
 def gateways_own(listener: Callable[[Any], None]) -> Callable[[Any], None]:
     """`listener`, for the gateway's own transactions: those run in its database threads, the test's in this one."""
     return lambda conn: None if threading.current_thread() is threading.main_thread() else listener(conn)
-
-
-async def until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
-    """Wait for something the running worker does on its own; fail after `seconds`."""
-    for _ in range(int(seconds / 0.05)):
-        if condition():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("the condition never held")
