@@ -85,9 +85,9 @@ def serve(config_path: str, host: str, port: int, role: str) -> None:
 async def _freeze_what_started(_app: object) -> None:
     """Move what start-up built (config, plugins, SQLAlchemy's tables and compiled statements: ~150,000 objects)
     out of the garbage collector's sight: they live as long as the process, yet each full collection walked them
-    all, pausing everything for up to 50 ms, and collections took 2.5 % of the CPU under load. Frozen, the
-    collector walks only what requests and jobs create (docs/performance.md, session 13). `declic serve` only: a
-    test process starts many gateways and must be able to collect them."""
+    all, which pushed the slowest acknowledgement under load to 90 ms, and collections took 2.5 % of the CPU.
+    Frozen, the collector walks only what requests and jobs create (docs/performance.md, session 13). `declic
+    serve` only: a test process starts many gateways and must be able to collect them."""
     gc.freeze()
 
 

@@ -204,9 +204,9 @@ class Worker:
     def _claim_and_look(
         self, conn: Connection, limit: int
     ) -> tuple[list[ClaimedJob], datetime | None, dict[int, RawCall]]:
-        """The claim, when it took less than `limit` when the next job is due, and the calls it claimed as stored:
-        one transaction for all three (reading the calls in a transaction of their own cost one per webhook at
-        light load, docs/performance.md)."""
+        """The claim; when it took fewer than `limit`, when the next job is due; and the calls it claimed, as
+        stored: one transaction for all three (reading the calls in one of their own cost a transaction per
+        webhook at light load, docs/performance.md)."""
         now = self.clock.now()
         jobs = self._claim(conn, limit, now)
         due = jobqueue.next_due(conn, now) if len(jobs) < limit else None
