@@ -10,6 +10,8 @@ import itertools
 
 from aiohttp import web
 
+from declic_gateway.cli.listen import event_loop
+
 _ids = itertools.count(1)
 
 
@@ -26,14 +28,8 @@ def main() -> None:
     args = parser.parse_args()
     app = web.Application(client_max_size=1024 * 1024)
     app.router.add_post("/hooks/{source}", handle)
-    # The event loop `declic serve` runs on (uvloop where installed): the ratio compares the servers, not the loops.
-    try:
-        import uvloop
-    except ImportError:
-        loop = None
-    else:
-        loop = uvloop.new_event_loop()
-    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, loop=loop)
+    # The event loop `declic serve` runs on: the ratio compares the servers, not the loops.
+    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, loop=event_loop())
 
 
 if __name__ == "__main__":

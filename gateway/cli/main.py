@@ -7,7 +7,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import click
 import sqlalchemy as sa
@@ -24,9 +24,6 @@ from .contacts import contacts
 from .kpis import kpis
 from .plan import plan
 from .preview import preview, send_test
-
-if TYPE_CHECKING:
-    import asyncio
 
 
 @click.group()
@@ -53,7 +50,7 @@ def serve(config_path: str, host: str, port: int, role: str) -> None:
     from ..http.accesslog import AccessLogger
     from ..http.app import create_app
     from ..http.running import Role
-    from .listen import bind
+    from .listen import bind, event_loop
 
     settings, pm, _ = _load(config_path)
     logs.configure(settings.logging.level, settings.logging.redact)
@@ -64,7 +61,7 @@ def serve(config_path: str, host: str, port: int, role: str) -> None:
     except OSError as exc:
         log.error(f"cannot listen on {host}:{port}: {exc.strerror or exc}", host=host, port=port)
         raise SystemExit(1) from None
-    loop = _event_loop()
+    loop = event_loop()
     log.info("listening", host=host, port=port, role=role, event_loop=type(loop).__module__.split(".")[0])
     try:
         app = create_app(settings, pm=pm, role=cast(Role, role))
@@ -89,19 +86,6 @@ async def _freeze_what_started(_app: object) -> None:
     Frozen, the collector walks only what requests and jobs create (docs/performance.md, session 13). `declic
     serve` only: a test process starts many gateways and must be able to collect them."""
     gc.freeze()
-
-
-def _event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop's event loop where it is installed (a dependency except on Windows, which it does not support): 7.6 %
-    fewer instructions per e-mail than asyncio's own loop, whose Python scheduling and socket transports carry
-    every webhook, SMTP command and database hand-off (docs/performance.md, session 13); else asyncio's."""
-    import asyncio
-
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 @cli.command()

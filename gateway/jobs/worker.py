@@ -162,11 +162,11 @@ class Worker:
         """Run every job due now, and those they make due now, then return how many ran."""
         ran = 0
         while True:
-            jobs = await self.db.run(self._claim, self.spec.batch_size)
+            jobs, raws = await self.db.run(self._claim, self.spec.batch_size)
             if not jobs:
                 return ran
             self._queue_calls(jobs)
-            await asyncio.gather(*(work for _, work in self._units(jobs)))
+            await asyncio.gather(*(work for _, work in self._units(jobs, raws)))
             ran += len(jobs)
 
     def _until(self, due: datetime | None) -> float:
@@ -204,22 +204,23 @@ class Worker:
     def _claim_and_look(
         self, conn: Connection, limit: int
     ) -> tuple[list[ClaimedJob], datetime | None, dict[int, RawCall]]:
-        """The claim; when it took fewer than `limit`, when the next job is due; and the calls it claimed, as
-        stored: one transaction for all three (reading the calls in one of their own cost a transaction per
-        webhook at light load, docs/performance.md)."""
+        """The claim, and when it took fewer than `limit`, when the next job is due: one transaction for both."""
         now = self.clock.now()
-        jobs = self._claim(conn, limit, now)
-        due = jobqueue.next_due(conn, now) if len(jobs) < limit else None
-        calls = [job.inbox_id for job in jobs if job.inbox_id is not None]
-        return jobs, due, (inbound.load_calls(conn, sorted(calls)) if calls else {})
+        jobs, raws = self._claim(conn, limit, now)
+        return jobs, (jobqueue.next_due(conn, now) if len(jobs) < limit else None), raws
 
-    def _claim(self, conn: Connection, limit: int, now: datetime | None = None) -> list[ClaimedJob]:
+    def _claim(
+        self, conn: Connection, limit: int, now: datetime | None = None
+    ) -> tuple[list[ClaimedJob], dict[int, RawCall]]:
+        """Up to `limit` due jobs, and the calls among them as stored, read in the claim's transaction (in one of
+        their own they cost a transaction per webhook at light load, docs/performance.md)."""
         now = now or self.clock.now()
         overdue = jobqueue.overdue_calls(conn, now - self.spec.ordering_timeout)  # before the claim may take one
         jobs = jobqueue.claim(conn, self.id, now, self.spec.lease, limit, self.spec.ordering_timeout)
         if overdue and any(job.kind == "step" for job in jobs):
             self._note_overtaken(conn, jobs, overdue, now)
-        return jobs
+        calls = sorted(job.inbox_id for job in jobs if job.inbox_id is not None)
+        return jobs, (inbound.load_calls(conn, calls) if calls else {})
 
     def _note_overtaken(
         self, conn: Connection, jobs: list[ClaimedJob], overdue: list[jobqueue.WaitingCall], now: datetime
@@ -245,10 +246,10 @@ class Worker:
             log.warning("steps went ahead of an unprocessed call", steps=noted)
 
     def _units(
-        self, jobs: list[ClaimedJob], raws: dict[int, RawCall] | None = None
+        self, jobs: list[ClaimedJob], raws: dict[int, RawCall]
     ) -> list[tuple[list[ClaimedJob], Coroutine[Any, Any, None]]]:
-        """The claimed calls go through together, in one transaction; every other job runs alone. `raws`: the
-        claimed calls as stored, when the claim read them (else they are read first)."""
+        """The claimed calls (`raws`: as stored) go through together, in one transaction; every other job runs
+        alone."""
         calls = [job for job in jobs if job.kind == "inbox"]
         units = [(calls, self._process_calls(calls, raws))] if calls else []
         return units + [([job], self.run_job(job)) for job in jobs if job.kind != "inbox"]
@@ -310,14 +311,12 @@ class Worker:
             if job.inbox_id is not None:
                 bisect.insort(self._calls_in_order, job.inbox_id)
 
-    async def _process_calls(self, jobs: list[ClaimedJob], raws: dict[int, RawCall] | None = None) -> None:
+    async def _process_calls(self, jobs: list[ClaimedJob], raws: dict[int, RawCall]) -> None:
         """Normalise the calls side by side (maybe slowly, fetching from the provider), then apply them
         in the order they arrived, CALLS_PER_TRANSACTION at a time: one commit for many calls, and
         acknowledgements never wait long for the database."""
         ids = sorted(job.inbox_id for job in jobs if job.inbox_id is not None)
         try:
-            if raws is None:
-                raws = await self.db.run(inbound.load_calls, ids)
             calls = await asyncio.gather(*(self._normalize(job, raws.get(job.inbox_id or 0)) for job in jobs))
             ready = sorted((call for call in calls if call is not None), key=lambda call: call.job.inbox_id or 0)
             if ready:
