@@ -4,8 +4,8 @@
 
 `declic serve` (role all) runs in its own process on a fresh temporary SQLite database (or, with
 `--postgres URL`, a fresh database on that PostgreSQL server, dropped afterwards), with one
-Shopify source, one SMTP sink (`tls: none`) pointing at an aiosmtpd catcher (declic_gateway.testing.SmtpCatcher,
-in this process), and one rule: `when: order.placed`, `kind: transactional`, send immediately.
+Shopify source, one SMTP sink (`tls: none`) pointing at an aiosmtpd catcher in a process of its own
+(bench/_catcher.py), and one rule: `when: order.placed`, `kind: transactional`, send immediately.
 This process posts N orders/create webhooks (distinct order ids, names and e-mail addresses) at the
 given concurrency, and timestamps each e-mail as the catcher receives it; the order name is in the
 subject, so each e-mail is matched to its post. `--links N` puts N shop links in the HTML part;
@@ -32,7 +32,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _catcher import TimedCatcher
 from _common import (
     BENCH,
     DECLIC,
@@ -59,7 +59,7 @@ from _common import (
     webhook_headers,
 )
 
-from declic_gateway.testing import SmtpCatcher, write_deployment
+from declic_gateway.testing import write_deployment
 
 CONFIG = """\
 public_url: http://127.0.0.1:{port}
@@ -121,24 +121,6 @@ def callgrind_total(pid: int, counts: Path) -> int:
             if line.startswith(("totals:", "summary:")):
                 total = max(total, int(line.split()[1]))
     return total
-
-
-class TimedCatcher(SmtpCatcher):
-    """SmtpCatcher that also notes when each message arrived, by subject."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.arrivals: list[tuple[float, str]] = []
-        self.everything = threading.Event()
-        self.expected = 0
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        answer = await super().handle_DATA(server, session, envelope)
-        arrived = time.perf_counter()
-        self.arrivals.append((arrived, str(self.messages[-1]["Subject"])))
-        if len(self.arrivals) >= self.expected:
-            self.everything.set()
-        return answer
 
 
 async def post_all(url: str, orders: list[tuple[str, bytes, str]], concurrency: int) -> dict[str, Any]:
@@ -204,12 +186,21 @@ def main() -> None:
         "a cost per e-mail that other load on the machine does not change (slow: ~50x)",
     )
     parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="run bench/_floor_server.py instead of Declic, on SQLite: the least a durable gateway on Declic's "
+        "stack does per e-mail (checked HMAC, the call committed before the 200, rendered templates, the send "
+        "recorded), to compare Declic's cost per e-mail with",
+    )
+    parser.add_argument(
         "--statements",
         action="store_true",
         help="count the SQL statements and transactions Declic runs from the first post to the last e-mail, "
         "by statement (bench/_statements/sitecustomize.py)",
     )
     args = parser.parse_args()
+    if args.floor and (args.postgres or args.statements):
+        parser.error("--floor runs on SQLite and counts no statements")
 
     run = uuid.uuid4().hex[:6]
     orders = []
@@ -218,10 +209,12 @@ def main() -> None:
         body = order_body(i, email=f"bench+{run}-{i}@example.com", name=name)
         orders.append((name, body, sign(body)))
     print(f"machine: {machine(args.declic)}")
+    if args.floor:
+        print("server: the floor (bench/_floor_server.py), not Declic")
     print(
         f"load: {args.orders} orders/create webhooks of ~{len(orders[0][1]) / 1024:.1f} KB at concurrency "
         f"{args.concurrency}; rule order.placed -> transactional e-mail via SMTP (tls none) to an aiosmtpd "
-        f"catcher in the bench process; log level {args.log_level}; {args.links} links in the HTML part, "
+        f"catcher in its own process; log level {args.log_level}; {args.links} links in the HTML part, "
         f"tracking {'on' if args.track else 'off'}, "
         f"copies of sent messages {'not ' if args.no_keep_rendered else ''}kept"
         + (f"; PostgreSQL through a proxy holding each packet {args.delay} ms each way" if args.delay else ""),
@@ -259,6 +252,9 @@ def main() -> None:
                 subprocess.run([str(args.declic), "db", "upgrade", "--config", str(config)], check=True)
             with open(folder / "declic.log", "wb") as log:
                 command = [str(args.declic), "serve", "--config", str(config), "--host", "127.0.0.1"]
+                if args.floor:
+                    command = [sys.executable, str(BENCH / "_floor_server.py"), "--db", str(folder / "floor.db")]
+                    command += ["--smtp-port", str(catcher.port), "--secret", SECRET]
                 counts = folder / "callgrind.out"
                 if args.callgrind:  # counting starts with the load, not at start-up
                     command = [*CALLGRIND, f"--callgrind-out-file={counts}", *command]
@@ -289,7 +285,7 @@ def main() -> None:
             stop(server)
             catcher.stop()
             try:
-                sent = count_sent(url)
+                sent = count_sent(f"sqlite:///{folder / 'floor.db'}", "inbox") if args.floor else count_sent(url)
             finally:
                 if db:
                     db.drop()
@@ -378,12 +374,12 @@ def print_statements(counts: dict[str, Any], emails: int) -> None:
         print(f"   {count / per:6.2f}  {text[:150]}")
 
 
-def count_sent(url: str) -> int:
+def count_sent(url: str, table: str = "deliveries") -> int:
     import sqlalchemy as sa
 
     engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
     with engine.connect() as conn:
-        sent = conn.execute(sa.text("SELECT count(*) FROM deliveries WHERE status = 'sent'")).scalar_one()
+        sent = conn.execute(sa.text(f"SELECT count(*) FROM {table} WHERE status = 'sent'")).scalar_one()
     engine.dispose()
     return int(sent)
 

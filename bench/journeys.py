@@ -9,7 +9,7 @@
 A benchmark, not a test: it prints figures and asserts nothing about timings. Three parts:
 
 serve   A real `declic serve` (role all, its own process, SQLite file) with an SMTP sink (`tls: none`)
-        to an aiosmtpd catcher in another process of this script, which timestamps each message.
+        to an aiosmtpd catcher in another process (bench/_catcher.py), which timestamps each message.
         Two runs on databases prepared alike: --contacts contacts with a birthday (and a birthday
         rule), and 0 (baseline) or --pending pending journey steps with their enrolments, due 30 to
         365 days ahead (bulk-inserted with INSERT ... SELECT). Each run: the claim query's time and
@@ -43,7 +43,6 @@ import base64
 import json
 import os
 import random
-import re
 import signal
 import sqlite3
 import subprocess
@@ -52,7 +51,7 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -64,6 +63,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from _catcher import TimedCatcher  # noqa: E402
 from _common import DECLIC, cpu_seconds, free_port, machine, percentile, stop, wait_for_port  # noqa: E402
 
 from declic_gateway.cli import logs  # noqa: E402
@@ -82,7 +82,6 @@ from declic_gateway.store.db import make_engine  # noqa: E402
 WRITE_KEY = "bench-write-key"
 ZONES = ("Europe/Paris", "America/New_York", "Asia/Tokyo", "UTC", "Australia/Sydney")
 BATCH = 50_000
-SUBJECT = re.compile(rb"^Subject: ([^\r\n]*)", re.MULTILINE)
 
 SERVE_CONFIG = """\
 public_url: http://127.0.0.1:{port}
@@ -227,68 +226,6 @@ def seed_pending(conn: sa.Connection, count: int, contacts: int, now: datetime) 
     )
 
 
-# ------------------------------------------------------------------------------------------ SMTP catcher
-
-
-def run_catcher(port: int, out: str) -> None:
-    """Child process: an aiosmtpd server that writes `arrival-epoch subject` per message, line-buffered."""
-    from aiosmtpd.smtp import SMTP
-
-    sink = open(out, "w", buffering=1)  # noqa: SIM115  (open for the process's life)
-
-    class Handler:
-        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-            arrived = time.time()
-            found = SUBJECT.search(envelope.content)
-            sink.write(f"{arrived:.6f} {found.group(1).decode() if found else '?'}\n")
-            return "250 OK"
-
-    async def serve() -> None:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(
-            lambda: SMTP(Handler(), hostname="catcher.bench", ident="bench catcher"), "127.0.0.1", port
-        )
-        print("ready", flush=True)
-        stopping = asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, stopping.set)
-        await stopping.wait()
-        server.close()
-
-    asyncio.run(serve())
-    sink.close()
-
-
-@dataclass
-class Catcher:
-    out: Path
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[str] | None = None
-
-    def start(self) -> Catcher:
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--catcher-port", str(self.port), "--catcher-out", str(self.out)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        if self.proc.stdout.readline().strip() != "ready":
-            raise RuntimeError("the SMTP catcher did not start")
-        return self
-
-    def lines(self) -> list[tuple[float, str]]:
-        if not self.out.exists():
-            return []
-        found = []
-        for line in self.out.read_text().splitlines():
-            at, _, subject = line.partition(" ")
-            with suppress(ValueError):
-                found.append((float(at), subject))
-        return found
-
-    def stop(self) -> None:
-        stop(self.proc)
-
-
 # ------------------------------------------------------------------------------------------ serve phase
 
 
@@ -391,10 +328,10 @@ def reconcile_done(db_path: Path) -> bool:
     return bool(states.get("done")) and not states.get("pending") and not states.get("running")
 
 
-def wait_for_mails(catcher: Catcher, prefix: str, expected: int, timeout: float) -> list[tuple[float, str]]:
+def wait_for_mails(catcher: TimedCatcher, prefix: str, expected: int, timeout: float) -> list[tuple[float, str]]:
     deadline = time.monotonic() + timeout
     while True:
-        got = [(at, subject) for at, subject in catcher.lines() if subject.startswith(prefix)]
+        got = [(at, subject) for at, subject in list(catcher.arrivals) if subject.startswith(prefix)]
         if len(got) >= expected or time.monotonic() > deadline:
             return got
         time.sleep(0.25)
@@ -478,7 +415,7 @@ def serve_run(args: argparse.Namespace, folder: Path, label: str, pending: int) 
         flush=True,
     )
     result.notes["claim"] = claim_probe(db_path)
-    catcher = Catcher(folder / f"{label}-mails.txt").start()
+    catcher = TimedCatcher(clock="time").start()  # arrivals against due times in epoch seconds
     port = free_port()
     sink_extra = f"    connections: {args.smtp_connections}\n" if args.smtp_connections else ""
     worker = {
@@ -960,12 +897,7 @@ def main() -> None:
     parser.add_argument("--router-rules", type=int, default=1000, help="rules in the config (1,000)")
     parser.add_argument("--router-events", type=int, default=5000, help="events routed per case, at most (5,000)")
     parser.add_argument("--router-budget", type=float, default=2.0, help="seconds of routing per case, about (2)")
-    parser.add_argument("--catcher-port", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--catcher-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.catcher_port:
-        run_catcher(args.catcher_port, args.catcher_out)
-        return
     args.date_rules = [int(n) for n in args.date_rules.split(",") if n]
     args.rates = [float(n) for n in args.rates.split(",") if n]
     phases = {p.strip() for p in args.phases.split(",")}

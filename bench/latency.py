@@ -3,8 +3,8 @@
     .venv/bin/python bench/latency.py [--rates 50,500] [--seconds 10] [--warmup 1]
 
 `declic serve` (role all) on a fresh SQLite file, a Shopify source, an SMTP sink (`tls: none`) to an
-aiosmtpd catcher in this process, and one rule: `when: order.placed`, `if: total_price > 20`,
-transactional, send immediately (the pieces of bench/e2e.py). For each rate, this process posts
+aiosmtpd catcher in a process of its own (bench/_catcher.py), and one rule: `when: order.placed`,
+`if: total_price > 20`, transactional, send immediately (the pieces of bench/e2e.py). For each rate, this process posts
 orders/create webhooks on a fixed schedule, one every 1/rate s, whether or not the earlier ones were
 answered (an open loop: a slow answer does not slow the arrivals, as with a real shop), for
 `--warmup` + `--seconds` seconds, and then waits for every e-mail of the phase.
@@ -31,7 +31,9 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _catcher import TimedCatcher
 from _common import (
+    BENCH,
     DECLIC,
     SECRET,
     cpu_seconds,
@@ -46,7 +48,7 @@ from _common import (
     wait_for_port,
     webhook_headers,
 )
-from e2e import CONFIG, TEMPLATES, TimedCatcher
+from e2e import CONFIG, TEMPLATES
 
 from declic_gateway.testing import write_deployment
 
@@ -157,14 +159,22 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds sent first and not counted (default 1)")
     parser.add_argument("--timeout", type=float, default=60.0, help="wait this long for a phase's last e-mails")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="run bench/_floor_server.py instead of Declic: what the least a durable gateway on Declic's stack "
+        "does per e-mail leaves of these latencies on this machine (see bench/e2e.py --floor)",
+    )
     args = parser.parse_args()
     rates = [int(rate) for rate in args.rates.split(",")]
 
     print(f"machine: {machine()}")
+    if args.floor:
+        print("server: the floor (bench/_floor_server.py), not Declic")
     print(
         f"load: open loop at {', '.join(map(str, rates))} orders/create webhooks/s, {args.warmup:g} s warm-up + "
         f"{args.seconds:g} s each; rule order.placed if total_price > 20 -> transactional e-mail via SMTP "
-        f"(tls none) to an aiosmtpd catcher in the bench process; log level {args.log_level}",
+        f"(tls none) to an aiosmtpd catcher in its own process; log level {args.log_level}",
         flush=True,
     )
     catcher = TimedCatcher()
@@ -191,11 +201,11 @@ def main() -> None:
                 TEMPLATES,
             )
             with open(folder / "declic.log", "wb") as log:
-                server = subprocess.Popen(
-                    [str(DECLIC), "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)],
-                    stdout=log,
-                    stderr=log,
-                )
+                command = [str(DECLIC), "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+                if args.floor:
+                    command = [sys.executable, str(BENCH / "_floor_server.py"), "--db", str(folder / "floor.db")]
+                    command += ["--smtp-port", str(catcher.port), "--secret", SECRET, "--port", str(port)]
+                server = subprocess.Popen(command, stdout=log, stderr=log)
                 wait_for_port(port, server)
                 time.sleep(1.0)  # start-up work (migrations, the first clock jobs) is not the idle cost
                 idle_before = cpu_seconds(server.pid)

@@ -5,8 +5,8 @@
 
 For each N, a fresh database is created on the PostgreSQL server (and dropped afterwards), N
 replicas start on it with the bench/e2e.py deployment (one Shopify source, one SMTP sink to an
-aiosmtpd catcher in this process, one transactional rule sending at once), and the orders are
-posted round robin over the replicas that serve HTTP (`--roles all`: every replica does all;
+aiosmtpd catcher in a process of its own (bench/_catcher.py), one transactional rule sending at once), and
+the orders are posted round robin over the replicas that serve HTTP (`--roles all`: every replica does all;
 `split`: half web, half worker, one `all` when N is 1). It prints e-mails/s from the first post
 to the last e-mail, the CPU each replica used per e-mail, the database server's share, and checks
 that nothing was lost or doubled, counting e-mails at the SMTP catcher by Message-ID and order.
@@ -31,6 +31,7 @@ import aiohttp
 import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _catcher import TimedCatcher
 from _common import (
     DECLIC,
     SECRET,
@@ -45,7 +46,6 @@ from _common import (
     wait_for_port,
     webhook_headers,
 )
-from e2e import TimedCatcher
 
 from declic_gateway.testing import write_deployment
 
@@ -177,8 +177,8 @@ def run(n: int, args: argparse.Namespace, admin: sa.Engine) -> bool:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
-    ids = Counter(str(message["Message-ID"]) for message in catcher.messages)
-    subjects = Counter(str(message["Subject"]) for message in catcher.messages)
+    ids = Counter(catcher.message_ids)
+    subjects = Counter(subject for _, subject in catcher.arrivals)
     mails = len(ids)
     lost = args.orders - len({s for s in subjects if s.removeprefix("Order ") in {o for o, _, _ in orders}})
     doubled = sum(count - 1 for count in ids.values()) + sum(count - 1 for count in subjects.values())
@@ -223,7 +223,7 @@ def main() -> None:
     print(f"running: {args.declic}")
     print(
         f"load: {args.orders} orders/create webhooks at concurrency {args.concurrency}, spread over the replicas "
-        f"serving HTTP; rule order.placed -> transactional e-mail via SMTP to a catcher in this process",
+        f"serving HTTP; rule order.placed -> transactional e-mail via SMTP to a catcher in its own process",
         flush=True,
     )
     admin = sa.create_engine(

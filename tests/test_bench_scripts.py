@@ -49,6 +49,16 @@ def test_e2e_mails_every_order_once() -> None:
     assert "20/20 received (0 duplicates)" in bench("e2e.py", "--orders", "20", "--concurrency", "4", *WAIT)
 
 
+def test_the_floor_mails_every_order_once_and_records_each_send() -> None:
+    out = bench("e2e.py", "--floor", "--orders", "20", "--concurrency", "4", *WAIT)
+    assert "server: the floor" in out
+    assert "20/20 received (0 duplicates)" in out
+    assert "20 deliveries recorded as sent" in out
+    assert "mail: 5/5 received, 0 duplicates" in bench(
+        "latency.py", "--floor", "--rates", "5", "--seconds", "1", "--warmup", "0", *WAIT
+    )
+
+
 @pytest.mark.postgres
 def test_e2e_on_postgresql_mails_every_order_once() -> None:
     out = bench("e2e.py", "--orders", "20", "--concurrency", "4", "--postgres", postgres_url(), *WAIT)
