@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import sqlalchemy as sa
 
 from declic_gateway.store import META, Database
@@ -43,3 +44,24 @@ async def test_a_bad_item_fails_alone(db: Database) -> None:
     assert results[:2] == ["K1", "K2"] and results[3] == "K3"
     assert isinstance(results[2], ValueError)
     assert stored(db) == ["k1", "k2", "k3"]
+
+
+async def test_a_failed_transaction_leaves_nothing_behind_for_the_next_on_the_database_thread(db: Database) -> None:
+    """SQLite's database thread keeps its connection between transactions: what a failed one wrote at once, or
+    a statement the database refused, must not reach the next one's COMMIT."""
+
+    def half_done(conn: sa.Connection) -> None:
+        conn.execute(sa.insert(META).values(key="k-half", value="x"))  # written at once, not queued
+        raise ValueError("the call cannot be applied")
+
+    def refused(conn: sa.Connection) -> None:
+        conn.execute(sa.insert(META).values(key="k-refused", value="x"))
+        conn.execute(sa.insert(META).values(key="k-refused", value="y"))  # the same primary key
+
+    with pytest.raises(ValueError):
+        await db.run(half_done)
+    with pytest.raises(sa.exc.IntegrityError):
+        await db.run(refused)
+    assert await db.run(remember, "k-next") == "K-NEXT"
+
+    assert stored(db) == ["k-next"]

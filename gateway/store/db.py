@@ -21,7 +21,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from ..errors import ConfigError, StorageUnavailable
 from . import appends
@@ -104,21 +104,49 @@ class Database:
         self._executor = PriorityLane(1 if self.is_sqlite else POSTGRES_LANES)
         #: Called (from a database thread) each time storage is unavailable: the metrics count it.
         self.on_unavailable: Callable[[], None] = lambda: None
+        #: SQLite's database thread keeps its connection between transactions (`_on_kept`).
+        self._kept: Connection | None = None
 
     def transaction(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(conn, *args) in one transaction, in the calling thread."""
         try:
-            with self.engine.connect() as conn, appends.queued(conn):  # closing a connection rolls back
-                result = fn(conn, *args)
-                appends.commit(conn)
-                return result
+            with self.engine.connect() as conn:  # closing a connection rolls back
+                return _committed(conn, fn, args)
         except sa.exc.OperationalError as exc:
-            self.on_unavailable()
-            raise StorageUnavailable(str(exc.orig or exc).splitlines()[0]) from exc
+            raise self._unavailable(exc) from exc
 
     async def run(self, fn: Callable[..., T], *args: Any, urgent: bool = False) -> T:
         """Run fn(conn, *args) in one transaction on a database thread; `urgent` work goes first."""
-        return await asyncio.wrap_future(self._executor.submit_with(urgent, self.transaction, fn, *args))
+        work = self._on_kept if self.is_sqlite else self.transaction
+        return await asyncio.wrap_future(self._executor.submit_with(urgent, work, fn, *args))
+
+    def _on_kept(self, fn: Callable[..., T], *args: Any) -> T:
+        """`transaction` on the connection that SQLite's one database thread keeps between transactions: taking
+        one from the pool and giving it back (its reset, SQLAlchemy's Connection) cost 3.8 % of the instructions
+        per e-mail when webhooks come one at a time (docs/performance.md, session 14). PostgreSQL's threads still
+        take one per transaction: their BEGIN at check-out is the check that the server is still there."""
+        conn = self._kept
+        if conn is None or conn.closed:
+            conn = self._kept = self.engine.connect()
+        try:
+            return _committed(conn, fn, args)
+        except sa.exc.OperationalError as exc:
+            self._drop_kept(conn)  # whatever state it is in, the next transaction starts on a fresh connection
+            raise self._unavailable(exc) from exc
+        except BaseException:
+            try:
+                conn.rollback()  # as giving it back to the pool would
+            except sa.exc.DBAPIError:
+                self._drop_kept(conn)
+            raise
+
+    def _drop_kept(self, conn: Connection) -> None:
+        self._kept = None
+        conn.invalidate()
+
+    def _unavailable(self, exc: sa.exc.OperationalError) -> StorageUnavailable:
+        self.on_unavailable()
+        return StorageUnavailable(str(exc.orig or exc).splitlines()[0])
 
     def lock_sqlite_file(self) -> None:
         """SQLite serves one process: a second `declic serve` on the same file refuses to start.
@@ -158,10 +186,21 @@ class Database:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+        if self._kept is not None:
+            self._kept.close()
+            self._kept = None
         self.engine.dispose()
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+
+def _committed(conn: Connection, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+    """fn(conn, *args), then what it queued and the COMMIT (store/appends.py); raises before committing."""
+    with appends.queued(conn):
+        result = fn(conn, *args)
+        appends.commit(conn)
+        return result
 
 
 class Grouped(Generic[I, R]):
