@@ -326,7 +326,8 @@ def main() -> None:
         f"p99 {percentile(e2e, 99) * 1000:.0f} ms, max {e2e[-1] * 1000 if e2e else float('nan'):.0f} ms"
     )
     print(
-        f" ledger: {sent} deliveries recorded as sent; Declic used {server_cpu:.1f} s of CPU from the first post "
+        f" ledger: {sent} deliveries recorded as sent; {'the floor' if args.floor else 'Declic'} used "
+        f"{server_cpu:.1f} s of CPU from the first post "
         f"to the last e-mail, {server_cpu / max(1, len(arrivals)) * 1000:.1f} ms per e-mail "
         f"({server_cpu / (waited - first_post):.0%} of a core)"
     )

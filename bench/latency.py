@@ -102,7 +102,15 @@ def verdict(value: float, bound: float | None) -> str:
 
 
 def phase(
-    url: str, catcher: TimedCatcher, pid: int, run: str, rate: int, seconds: float, warmup: float, timeout: float
+    url: str,
+    catcher: TimedCatcher,
+    pid: int,
+    run: str,
+    rate: int,
+    seconds: float,
+    warmup: float,
+    timeout: float,
+    server: str = "Declic",
 ) -> None:
     count = round(rate * (warmup + seconds))
     skip = round(rate * warmup)
@@ -144,7 +152,7 @@ def phase(
             f"p99 {ms(e2e, 99)} ms{verdict(percentile(e2e, 99), target_p99)}, max {ms(e2e, 100)} ms"
         )
     print(
-        f"   mail: {len(arrivals)}/{count} received, {duplicates} duplicates; Declic used {server_cpu:.2f} s of CPU, "
+        f"   mail: {len(arrivals)}/{count} received, {duplicates} duplicates; {server} used {server_cpu:.2f} s of CPU, "
         f"{server_cpu / max(1, len(arrivals)) * 1000:.2f} ms per e-mail"
     )
     print(f"         {usage}")
@@ -210,7 +218,8 @@ def main() -> None:
                 time.sleep(1.0)  # start-up work (migrations, the first clock jobs) is not the idle cost
                 idle_before = cpu_seconds(server.pid)
                 time.sleep(2.0)
-                print(f"idle: Declic used {(cpu_seconds(server.pid) - idle_before) / 2 * 1000:.0f} ms of CPU per s")
+                who = "the floor" if args.floor else "Declic"
+                print(f"idle: {who} used {(cpu_seconds(server.pid) - idle_before) / 2 * 1000:.0f} ms of CPU per s")
                 for rate in rates:
                     phase(
                         f"http://127.0.0.1:{port}/hooks/shop",
@@ -221,6 +230,7 @@ def main() -> None:
                         args.seconds,
                         args.warmup,
                         args.timeout,
+                        who,
                     )
                     time.sleep(1.0)  # let the worker go idle between phases
         finally:
