@@ -127,6 +127,7 @@ class Floor:
         self.secret = secret.encode()
         self.smtp_port = smtp_port
         self.queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+        self.sending = 0  # taken from the queue, the send not yet recorded
         self.connections: asyncio.Queue[aiosmtplib.SMTP] = asyncio.Queue()
         env = SandboxedEnvironment(autoescape=False)
         html_env = SandboxedEnvironment(autoescape=True)
@@ -154,15 +155,19 @@ class Floor:
     async def send(self) -> None:
         while True:
             webhook_id, order = await self.queue.get()
-            subject, text, html = (render(order=order) for render in self.render)
-            to = order["email"]
-            data = message(subject, text, html, to)
-            smtp = await self.connections.get()
+            self.sending += 1
             try:
-                await smtp.sendmail(SENDER, [to], data)
+                subject, text, html = (render(order=order) for render in self.render)
+                to = order["email"]
+                data = message(subject, text, html, to)
+                smtp = await self.connections.get()
+                try:
+                    await smtp.sendmail(SENDER, [to], data)
+                finally:
+                    self.connections.put_nowait(smtp)
+                await self.writer.write("UPDATE inbox SET status = 'sent' WHERE webhook_id = ?", (webhook_id,))
             finally:
-                self.connections.put_nowait(smtp)
-            await self.writer.write("UPDATE inbox SET status = 'sent' WHERE webhook_id = ?", (webhook_id,))
+                self.sending -= 1
 
     async def start(self, app: web.Application) -> None:
         for _ in range(CONNECTIONS):
@@ -170,6 +175,13 @@ class Floor:
             await smtp.connect()
             self.connections.put_nowait(smtp)
         app["senders"] = [asyncio.create_task(self.send()) for _ in range(SENDERS)]
+
+    async def finish(self, app: web.Application) -> None:
+        """On SIGTERM, the sends under way are recorded before the process ends (as Declic's stop does)."""
+        for _ in range(1000):
+            if not self.sending and self.queue.empty():
+                return
+            await asyncio.sleep(0.01)
 
 
 def main() -> None:
@@ -184,6 +196,7 @@ def main() -> None:
     app = web.Application(client_max_size=1024 * 1024)
     app.router.add_post("/hooks/{source}", floor.hook)
     app.on_startup.append(floor.start)
+    app.on_shutdown.append(floor.finish)
     web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, loop=event_loop())
 
 
