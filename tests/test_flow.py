@@ -6,6 +6,7 @@ import asyncio
 import json
 import threading
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -72,12 +73,12 @@ async def test_marketing_email_needs_consent_transactional_does_not(deploy: Fact
     assert status == "suppressed" and reason == "no email consent (state: none)"
 
 
-async def test_a_running_worker_claims_twice_for_an_order_confirmation_and_then_rests(
+async def test_a_running_worker_claims_an_order_confirmation_in_two_claims_and_five_transactions(
     deploy: Factory, smtp: SmtpCatcher
 ) -> None:
-    """Light load pays each claim as a transaction of its own: the worker claims the call (reading it in that
-    same transaction), then the step the call made due, and nothing once the step is recorded: the
-    confirmation ends its journey and queues nothing more to claim."""
+    """Light load pays each transaction for one webhook: the worker claims the call (reading it in that same
+    transaction), claims the step the call made due in the transaction that applied the call, and claims
+    nothing once the step is recorded: the confirmation ends its journey and queues nothing more to claim."""
     d = await deploy(role="all", worker="  poll_interval: 1m\n")  # no claim from the timer during the test
     claims: list[str] = []
     transactions: list[object] = []
@@ -99,8 +100,8 @@ async def test_a_running_worker_claims_twice_for_an_order_confirmation_and_then_
     assert [m["Subject"] for m in smtp.messages] == ["Order #1042"]
     assert d.scalar("SELECT status FROM enrolments WHERE rule = 'order-confirmation'") == "completed"
     assert len(claims) == 2
-    # The acknowledgement, the two claims, applying the call, preparing the step and recording it.
-    assert len(transactions) == 6
+    # The acknowledgement, the call's claim, applying it (and claiming its step), preparing the step, recording it.
+    assert len(transactions) == 5
 
 
 async def test_a_running_worker_sends_a_step_due_at_once_after_the_one_before_without_waiting_for_its_timer(
@@ -124,3 +125,23 @@ async def test_a_running_worker_sends_a_step_due_at_once_after_the_one_before_wi
 def gateways_own(listener: Callable[[Any], None]) -> Callable[[Any], None]:
     """`listener`, for the gateway's own transactions: those run in its database threads, the test's in this one."""
     return lambda conn: None if threading.current_thread() is threading.main_thread() else listener(conn)
+
+
+async def test_a_step_a_call_makes_due_in_two_seconds_goes_out_then_not_at_the_next_poll(
+    deploy: Factory, smtp: SmtpCatcher
+) -> None:
+    """The transaction that applies a call claims what is due now; a step it made due later must still move
+    the worker's timer, which is a minute away here."""
+    rules = """\
+  - name: order-follow-up
+    when: order.placed
+    kind: transactional
+    steps:
+      - wait: 2s
+        send: {via: email, template: order-confirmation}
+"""
+    d = await deploy(rules, role="all", worker="  poll_interval: 1m\n")
+    assert (await d.post_shopify("orders/create", fixture_bytes("shopify/order.json"))).status == 200
+    await until(lambda: d.scalar("SELECT count(*) FROM jobs WHERE kind = 'step' AND status = 'pending'") >= 1)
+    d.clock.advance(timedelta(seconds=2))
+    await until(lambda: any(m["Subject"] == "Order #1042" for m in smtp.messages), seconds=5)

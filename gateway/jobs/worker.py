@@ -11,7 +11,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Coroutine
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import structlog
@@ -64,6 +64,10 @@ class _Call:
         return self.raw if self.failure is None else None
 
 
+#: What a claim returns: the jobs, when the next pending one is due (when it took fewer than asked), the calls.
+_Claim = tuple[list[ClaimedJob], datetime | None, dict[int, RawCall]]
+
+
 class Worker:
     def __init__(
         self,
@@ -98,6 +102,12 @@ class Worker:
         )
         self._wake = asyncio.Event()
         self._starved = False  # the loop waits for free slots, not for work
+        #: When the sleeping loop claims next by itself (None while it is not sleeping); and whether it runs
+        #: at all (drain() runs what it claims itself). See _claimed_along.
+        self._wake_at: datetime | None = None
+        self._looping = False
+        #: Slots promised to claims made in a transaction applying calls, not yet started.
+        self._reserved = 0
         self._running: dict[int, asyncio.Task[None]] = {}
         self._stopping = False
         #: Claimed calls not yet applied, by inbox id: applied lowest first.
@@ -129,6 +139,7 @@ class Worker:
 
     async def run(self) -> None:
         heartbeat = asyncio.create_task(self._renew_leases())
+        self._looping = True
         try:
             while not self._stopping:
                 room = self._room()
@@ -139,13 +150,16 @@ class Worker:
                 # for more jobs, only a finishing job (or stopping) matters.
                 self._starved = not room
                 timeout = self._until(due) if room else self.spec.poll_interval.total_seconds()
+                self._wake_at = self.clock.now() + timedelta(seconds=timeout)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
+                self._wake_at = None
                 self._wake.clear()
                 self._starved = False
             # Stopping: jobs in flight finish (stop() bounds the wait by cancelling this task).
             await asyncio.gather(*self._running.values(), return_exceptions=True)
         finally:
+            self._looping = False
             heartbeat.cancel()
             for task in list(self._running.values()):
                 task.cancel()
@@ -179,7 +193,7 @@ class Worker:
     def _room(self) -> int:
         """How many jobs to claim now. With work in flight, wait for a batch's worth of free slots:
         one claim per finished job would cost a transaction per send."""
-        free = self.spec.concurrency - len(self._running)
+        free = self.spec.concurrency - len(self._running) - self._reserved
         if free <= 0 or (self._running and free < min(self.spec.batch_size, self.spec.concurrency) // 2):
             return 0
         return min(free, self.spec.batch_size)
@@ -193,13 +207,16 @@ class Worker:
         except StorageUnavailable as exc:
             log.warning("cannot claim jobs", error=str(exc))
             return 0, None
+        self._start(jobs, raws)
+        return len(jobs), due
+
+    def _start(self, jobs: list[ClaimedJob], raws: dict[int, RawCall]) -> None:
         self._queue_calls(jobs)
         for unit, work in self._units(jobs, raws):
             task = asyncio.create_task(work)
             for job in unit:
                 self._running[job.id] = task
             task.add_done_callback(self._done)
-        return len(jobs), due
 
     def _claim_and_look(
         self, conn: Connection, limit: int
@@ -326,7 +343,6 @@ class Worker:
                 stored = await self._apply(ready[first : first + CALLS_PER_TRANSACTION])
                 for event in stored:
                     self._on_event(event)
-                self.wake()  # steps due now were just created
                 await asyncio.sleep(self.pause_after(self._cpu_applying - cpu))
         except Exception as exc:  # e.g. the database is locked: every call is tried again later
             log.warning("calls not processed, retrying", calls=len(jobs), error=str(exc))
@@ -337,11 +353,29 @@ class Worker:
                 await self._done_with_call(inbox_id)
 
     async def _apply(self, calls: list[_Call]) -> list[Event]:
-        outcomes = await together_or_alone(self.db, self._close_calls, calls)
+        """Apply the calls; the transaction that applies the last one also claims what is due now, the steps
+        the calls just made due among it: at light load a claim of its own cost a transaction per webhook."""
+        room = self._room() if self._looping and not self._stopping else 0
+        last = calls[-1]
+
+        def apply_then_claim(conn: Connection, batch: list[_Call]) -> list[tuple[list[Event], _Claim | None]]:
+            applied = self._close_calls(conn, batch)
+            # One claim per _apply: in the shared transaction, or in the last call's own (together_or_alone).
+            claim = self._claim_and_look(conn, room) if room and batch[-1] is last else None
+            return [(events, claim if i == len(applied) - 1 else None) for i, events in enumerate(applied)]
+
+        self._reserved += room
+        try:
+            outcomes = await together_or_alone(self.db, apply_then_claim, calls)
+        finally:
+            self._reserved -= room
+        # Started first: jobs claimed and left unstarted would wait for their lease to run out.
+        claims = [outcome[1] for outcome in outcomes if not isinstance(outcome, Failed) and outcome[1]]
+        self._claimed_along(claims[0] if claims else None, room)
         stored: list[Event] = []
         for call, outcome in zip(calls, outcomes, strict=True):
             if not isinstance(outcome, Failed):
-                stored += outcome
+                stored += outcome[0]
             else:
                 # Not the database (together_or_alone raises that): this call's own data cannot be
                 # stored (a lone surrogate, a value too long) or hit a bug. Retrying cannot help and
@@ -351,6 +385,17 @@ class Worker:
                 failure = _reason(outcome.error)
                 await self.db.run(self._close_calls, [dataclasses.replace(call, failure=failure)])
         return stored
+
+    def _claimed_along(self, claimed: _Claim | None, room: int) -> None:
+        """Start what the calls' transaction claimed, and wake the loop only if it must claim sooner than it
+        would by itself: a full batch (more may be due), or a job due before its timer."""
+        if claimed is None:
+            self.wake()  # steps due now may have been created: the loop claims them
+            return
+        jobs, due, raws = claimed
+        self._start(jobs, raws)
+        if len(jobs) == room or self._wake_at is None or (due is not None and due < self._wake_at):
+            self.wake()
 
     async def _normalize(self, job: ClaimedJob, raw: RawCall | None) -> _Call | None:
         """What to do with one call; None when it must wait (the provider said retry later)."""
