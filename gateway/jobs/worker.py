@@ -359,10 +359,14 @@ class Worker:
         last = calls[-1]
 
         def apply_then_claim(conn: Connection, batch: list[_Call]) -> list[tuple[list[Event], _Claim | None]]:
-            applied = self._close_calls(conn, batch)
-            # One claim per _apply: in the shared transaction, or in the last call's own (together_or_alone).
-            claim = self._claim_and_look(conn, room) if room and batch[-1] is last else None
-            return [(events, claim if i == len(applied) - 1 else None) for i, events in enumerate(applied)]
+            applied: list[tuple[list[Event], _Claim | None]] = [
+                (events, None) for events in self._close_calls(conn, batch)
+            ]
+            # One claim per _apply, carried by the last call's outcome: in the shared transaction, or in the last
+            # call's own (together_or_alone); a transaction that fails takes its claim with it.
+            if room and batch[-1] is last:
+                applied[-1] = (applied[-1][0], self._claim_and_look(conn, room))
+            return applied
 
         self._reserved += room
         try:
@@ -370,8 +374,7 @@ class Worker:
         finally:
             self._reserved -= room
         # Started first: jobs claimed and left unstarted would wait for their lease to run out.
-        claims = [outcome[1] for outcome in outcomes if not isinstance(outcome, Failed) and outcome[1]]
-        self._claimed_along(claims[0] if claims else None, room)
+        self._claimed_along(None if isinstance(outcomes[-1], Failed) else outcomes[-1][1], room)
         stored: list[Event] = []
         for call, outcome in zip(calls, outcomes, strict=True):
             if not isinstance(outcome, Failed):

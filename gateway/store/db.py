@@ -126,7 +126,7 @@ class Database:
         per e-mail when webhooks come one at a time (docs/performance.md, session 14). PostgreSQL's threads still
         take one per transaction: their BEGIN at check-out is the check that the server is still there."""
         conn = self._kept
-        if conn is None or conn.closed:
+        if conn is None:
             conn = self._kept = self.engine.connect()
         try:
             return _committed(conn, fn, args)
