@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from declic_gateway.config import load_config
 from declic_gateway.http.app import build_gateway, create_app
@@ -65,6 +66,26 @@ async def test_a_large_batch_is_applied_in_arrival_order_across_its_transactions
 
     assert rows(gateway, "SELECT first_name FROM contacts") == [("v45",)]
     assert rows(gateway, "SELECT status, COUNT(*) FROM inbox GROUP BY status") == [("processed", 45)]
+
+
+async def test_sqlite_applies_ten_calls_per_transaction_postgresql_thirty(deployment: Any) -> None:
+    """SQLite's one writer keeps acknowledgements waiting behind at most ten calls; PostgreSQL acknowledges on
+    another database thread and applies calls one transaction at a time across replicas, so it takes more."""
+    client, gateway = deployment
+    for n in range(45):
+        events = [{"type": "profile.updated", "contact": {"email": f"c{n}@example.com"}}]
+        assert (await client.post("/hooks/in/tok", data=json.dumps(events).encode())).status == 200
+    marked: list[int] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, many: bool) -> None:
+        if statement.startswith("UPDATE inbox SET status"):  # each transaction marks its calls processed at once
+            marked.append(len(parameters) if many else 1)
+
+    sa.event.listen(gateway.db.engine, "before_cursor_execute", count)
+    await gateway.worker.drain()
+
+    assert rows(gateway, "SELECT status, COUNT(*) FROM inbox GROUP BY status") == [("processed", 45)]
+    assert marked == ([10, 10, 10, 10, 5] if gateway.db.is_sqlite else [30, 15])
 
 
 @pytest.mark.parametrize(
