@@ -9,7 +9,6 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
 from ..errors import MalformedPayload
@@ -184,11 +183,7 @@ def _create(
     }
     changes, moved, rulings = _merge(row, ref, source, now, event, existing=False, double_opt_in=double_opt_in)
     row.update(changes)
-    contact_id, won = _insert(conn, row, keys)
-    row["id"] = contact_id
-    if keys and keys[0] not in won:  # a concurrent transaction created the same person first: join theirs
-        theirs = _adopt(conn, contact_id, _lookup(conn, keys[:1])[keys[0]])
-        return _update(conn, theirs, ref, source, now, event, raw, double_opt_in)
+    contact_id = row["id"] = _insert(conn, row, keys)
     _write_links(conn, contact_id, ref, rulings, now, event, raw)
     created: dict[int, set[tuple[str, str]]] | None = conn.info.get(_NEW)
     if created is not None:
@@ -198,7 +193,9 @@ def _create(
     }
     contact = {
         **_fields_of(row),
-        "external_ids": {kind: value for kind, value in sorted(won) if kind not in ("email", "phone")},
+        "external_ids": {
+            kind: value for kind, value in sorted([(_OWN, str(contact_id)), *keys]) if kind not in ("email", "phone")
+        },
         "push_subscriptions": list(devices.values()),
     }
     return contact, moved
@@ -479,50 +476,21 @@ def _claim(conn: Connection, keys: list[tuple[str, str]], contact_id: int) -> se
     return won
 
 
-def _insert(conn: Connection, row: dict[str, Any], keys: list[tuple[str, str]]) -> tuple[int, set[tuple[str, str]]]:
-    """Insert a new contact and claim its identities, Declic's own id first; return its id and the keys won."""
-    if conn.dialect.name != "postgresql":
-        # The transaction holds SQLite's only write lock from its BEGIN (IMMEDIATE): nobody else can have linked
-        # keys that `upsert` found free, nor taken the id. So the contact and its keys are queued with the
-        # transaction's other rows (store/ids.py), not written a statement each; with no ON CONFLICT, a conflict
-        # that cannot happen would fail the batch, never pass unseen.
-        contact_id = ids.queue_insert(conn, _QUEUE_CONTACT, row)
-        linked = [(_OWN, str(contact_id)), *keys]
-        for kind, value in linked:
-            appends.append(conn, _QUEUE_IDENTITY, {"kind": kind, "value": value, "contact_id": contact_id})
-        _remember(conn, linked, set(linked), contact_id)
-        return contact_id, set(linked)
-    # PostgreSQL writes both in one statement (data-modifying CTEs): one round trip where there were two.
-    kinds, values = [kind for kind, _ in keys], [value for _, value in keys]
-    rows = conn.execute(_insert_and_claim(tuple(row)), {**row, "kinds": kinds, "values": values}).all()
-    contact_id = rows[0].id
-    won = {(r.kind, r.value) for r in rows if r.kind is not None}
-    _remember(conn, [(_OWN, str(contact_id)), *keys], won, contact_id)
-    return contact_id, won
+def _insert(conn: Connection, row: dict[str, Any], keys: list[tuple[str, str]]) -> int:
+    """Queue a new contact and its identities, Declic's own id first, with the transaction's other rows
+    (store/ids.py): `upsert` read every key free, and no statement waits for an answer here.
 
-
-@functools.cache
-def _insert_and_claim(columns: tuple[str, ...]) -> sa.Select[Any]:
-    """WITH new AS (INSERT INTO contacts ... RETURNING id), claimed AS (INSERT INTO identities SELECT ('declic',
-    new.id) UNION ALL the given keys ON CONFLICT DO NOTHING RETURNING kind, value) SELECT new.id and the keys won."""
-    new = sa.insert(CONTACTS).values({c: sa.bindparam(c, type_=C[c].type) for c in columns}).returning(C.id).cte("new")
-    given = sa.func.unnest(
-        sa.bindparam("kinds", type_=postgresql.ARRAY(sa.String)),
-        sa.bindparam("values", type_=postgresql.ARRAY(sa.String)),
-    )
-    wanted = given.table_valued("kind", "value").render_derived(name="wanted")
-    rows = sa.union_all(
-        sa.select(sa.literal(_OWN), sa.cast(new.c.id, sa.String), new.c.id),
-        sa.select(wanted.c.kind, wanted.c.value, new.c.id).select_from(new).join(wanted, sa.true()),
-    )
-    claimed = (
-        postgresql.insert(IDENTITIES)
-        .from_select(["kind", "value", "contact_id"], rows)
-        .on_conflict_do_nothing(index_elements=["kind", "value"])
-        .returning(I.kind, I.value)
-        .cte("claimed")
-    )
-    return sa.select(new.c.id, claimed.c.kind, claimed.c.value).select_from(new).outerjoin(claimed, sa.true())
+    SQLite: the transaction holds the database's only write lock from its BEGIN (IMMEDIATE), so nobody else can
+    link a key meanwhile. PostgreSQL: a concurrent transaction may link one first; the identities' INSERT (no ON
+    CONFLICT) then fails on their primary key, and `Database.transaction` runs the whole transaction again, which
+    reads the key as theirs. Each new contact took a round trip of its own (an INSERT ... RETURNING) on the path
+    that applies calls one transaction at a time (docs/performance.md, session 15)."""
+    contact_id = ids.queue_insert(conn, _QUEUE_CONTACT, row)
+    linked = [(_OWN, str(contact_id)), *keys]
+    for kind, value in linked:
+        appends.append(conn, _QUEUE_IDENTITY, {"kind": kind, "value": value, "contact_id": contact_id})
+    _remember(conn, linked, set(linked), contact_id)
+    return contact_id
 
 
 @functools.cache
@@ -549,14 +517,6 @@ def _fold_anonymous(conn: Connection, anonymous: int, into: int, ref: ContactRef
     conn.execute(sa.update(IDENTITIES).where(I.contact_id == anonymous, I.kind != _OWN).values(contact_id=into))
     _forget(conn)
     return True
-
-
-def _adopt(conn: Connection, ours: int, theirs: int) -> int:
-    """A concurrent transaction created the same person first: keep theirs, fold ours into it."""
-    conn.execute(sa.update(IDENTITIES).where(I.contact_id == ours).values(contact_id=theirs))
-    conn.execute(sa.delete(CONTACTS).where(C.id == ours))
-    _forget(conn)
-    return theirs
 
 
 P = PUSH_SUBSCRIPTIONS.c

@@ -36,6 +36,12 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 #: server. More only contend for the GIL, and work that queues is committed in bigger batches: with eight,
 #: bench/e2e.py mailed 20-45 % less for 20-40 % more CPU per e-mail (docs/performance.md, session 10).
 POSTGRES_LANES = 2
+#: Unique keys that a transaction on PostgreSQL counts on staying free after reading them free, without asking
+#: again (a new contact's identities, queued with the transaction's other rows: pipeline/contacts.py). When a
+#: concurrent transaction takes one first, the write fails on the key and the whole transaction runs again: it
+#: then reads the key as theirs. At most RUNS times, for a key that keeps being taken from under it.
+FOUND_FREE = frozenset({"identities_pkey"})
+RUNS = 3
 
 
 def normalize_url(url: str) -> str:
@@ -108,12 +114,19 @@ class Database:
         self._kept: Connection | None = None
 
     def transaction(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run fn(conn, *args) in one transaction, in the calling thread."""
-        try:
-            with self.engine.connect() as conn:  # closing a connection rolls back
-                return _committed(conn, fn, args)
-        except sa.exc.OperationalError as exc:
-            raise self._unavailable(exc) from exc
+        """Run fn(conn, *args) in one transaction, in the calling thread; again when a key it found free was
+        taken meanwhile (FOUND_FREE)."""
+        runs = 1
+        while True:
+            try:
+                with self.engine.connect() as conn:  # closing a connection rolls back
+                    return _committed(conn, fn, args)
+            except sa.exc.OperationalError as exc:
+                raise self._unavailable(exc) from exc
+            except sa.exc.IntegrityError as exc:
+                if runs == RUNS or getattr(getattr(exc.orig, "diag", None), "constraint_name", None) not in FOUND_FREE:
+                    raise
+                runs += 1
 
     async def run(self, fn: Callable[..., T], *args: Any, urgent: bool = False) -> T:
         """Run fn(conn, *args) in one transaction on a database thread; `urgent` work goes first."""
