@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
+from conftest import postgres_database
 from declic_gateway.insight import journal
-from declic_gateway.store import DECISIONS, Database, appends
+from declic_gateway.store import DECISIONS, META, Database, appends
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 
@@ -75,3 +78,42 @@ def test_a_queued_row_the_database_refuses_fails_its_transaction_as_any_statemen
         db.transaction(work)
     db.transaction(lambda conn: journal.record(conn, NOW, "c", 1, "enrolled"))
     assert journalled(db) == [("c", "enrolled")]
+
+
+@pytest.fixture
+def pg_db() -> Iterator[Database]:
+    for url in postgres_database():
+        database = Database(url)
+        yield database
+        database.close()
+
+
+@pytest.mark.postgres
+def test_on_postgresql_rows_queued_for_several_tables_go_out_in_one_round_trip_before_a_read(
+    pg_db: Database, tmp_path: Path
+) -> None:
+    """A read of a table with queued rows writes the queue first: every queued statement in one pipeline, one
+    round trip, where each took one (the claim made along with applying calls reads the jobs just queued)."""
+    trace = tmp_path / "libpq.trace"
+
+    def work(conn: sa.Connection) -> int:
+        for rule in ("a", "b"):
+            journal.record(conn, NOW, rule, 1, "enrolled")
+        for key in ("k1", "k2"):
+            appends.append(conn, sa.insert(META).inline(), {"key": key, "value": "v"})
+        pgconn = conn.connection.driver_connection.pgconn  # type: ignore[union-attr]
+        with trace.open("w") as out:
+            pgconn.trace(out.fileno())
+            try:
+                return len(conn.execute(sa.select(DECISIONS)).all())
+            finally:
+                pgconn.untrace()
+
+    assert pg_db.transaction(work) == 2
+    sent = [line.split("\t") for line in trace.read_text().splitlines()]
+    # The server ends each exchange the client waits for with ReadyForQuery: the queue's pipeline, then the read.
+    assert sum(1 for fields in sent if fields[1:2] == ["B"] and fields[3:4] == ["ReadyForQuery"]) == 2
+    with pg_db.engine.connect() as conn:
+        assert (
+            conn.execute(sa.select(sa.func.count()).select_from(META).where(META.c.key.in_(["k1", "k2"]))).scalar() == 2
+        )

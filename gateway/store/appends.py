@@ -111,7 +111,8 @@ def write_first(conn: Connection, statement: Any, *_: Any) -> None:
         return
     names = _tables(statement)
     if names is None or not names.isdisjoint(queued.tables):
-        flush(conn)
+        with sql.pipelined(conn):  # on PostgreSQL, one round trip for all the statements queued
+            flush(conn)
 
 
 #: The tables each statement names, by id (the statement is kept so that its id is not reused); the hot paths'
