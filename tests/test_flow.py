@@ -12,6 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from conftest import Deployment, Factory, fixture_bytes, until
+from declic_gateway.store import jobqueue
 from declic_gateway.testing import SmtpCatcher
 
 CAMILLE = "camille.durand@example.org"
@@ -145,3 +146,24 @@ async def test_a_step_a_call_makes_due_in_two_seconds_goes_out_then_not_at_the_n
     await until(lambda: d.scalar("SELECT count(*) FROM jobs WHERE kind = 'step' AND status = 'pending'") >= 1)
     d.clock.advance(timedelta(seconds=2))
     await until(lambda: any(m["Subject"] == "Order #1042" for m in smtp.messages), seconds=5)
+
+
+async def test_a_running_worker_sweeps_the_claims_index_on_postgresql_only(
+    deploy: Factory, smtp: SmtpCatcher, monkeypatch: Any
+) -> None:
+    """Between VACUUMs, the claim's index fills with the entries of jobs since processed; the worker reads them
+    in plain index scans every SWEEP_EVERY so that they are marked dead (jobqueue.sweep_claim_index). SQLite
+    removes an index entry with its row version: nothing to sweep there."""
+    monkeypatch.setattr(jobqueue, "SWEEP_EVERY", 0.05)
+    d = await deploy(role="all")
+    swept: list[str] = []
+    sa.event.listen(
+        d.gateway.db.engine,
+        "before_cursor_execute",
+        lambda _conn, _cursor, statement, *_: swept.append(statement) if "enable_bitmapscan" in statement else None,
+    )
+    if d.gateway.db.is_sqlite:
+        await asyncio.sleep(0.3)
+        assert swept == []
+    else:
+        await until(lambda: len(swept) >= 2)

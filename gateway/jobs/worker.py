@@ -143,6 +143,7 @@ class Worker:
 
     async def run(self) -> None:
         heartbeat = asyncio.create_task(self._renew_leases())
+        sweeper = asyncio.create_task(self._sweep_claim_index())
         self._looping = True
         try:
             while not self._stopping:
@@ -165,9 +166,10 @@ class Worker:
         finally:
             self._looping = False
             heartbeat.cancel()
+            sweeper.cancel()
             for task in list(self._running.values()):
                 task.cancel()
-            await asyncio.gather(*self._running.values(), heartbeat, return_exceptions=True)
+            await asyncio.gather(*self._running.values(), heartbeat, sweeper, return_exceptions=True)
 
     async def stop(self, grace: float) -> None:
         """Claim nothing more and let jobs in flight finish, for up to `grace` seconds."""
@@ -521,6 +523,17 @@ class Worker:
             await self.db.run(work)
         except StorageUnavailable:
             log.warning("could not reschedule; the lease will expire and the job run again", job_id=job.id)
+
+    async def _sweep_claim_index(self) -> None:
+        """On PostgreSQL, keep the claim fast between VACUUMs (jobqueue.sweep_claim_index)."""
+        if self.db.is_sqlite:  # SQLite removes an index entry with its row version
+            return
+        while True:
+            await asyncio.sleep(jobqueue.SWEEP_EVERY)
+            try:
+                await self.db.run(jobqueue.sweep_claim_index, self.clock.now())
+            except StorageUnavailable as exc:
+                log.warning("cannot sweep the claim's index", error=str(exc))
 
     async def _renew_leases(self) -> None:
         # Four heartbeats per lease: a live worker keeps its jobs through a few missed beats, a
