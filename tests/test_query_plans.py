@@ -73,20 +73,23 @@ def rows_read_for_nothing(plan: dict[str, Any]) -> int:
     return sum(n.get("Rows Removed by Filter", 0) + n.get("Rows Removed by Index Recheck", 0) for n in nodes(plan))
 
 
+def fill_jobs(engine: sa.Engine, n: int, values: str) -> None:
+    """n jobs, `values` for i in 1..n (:t an hour ago), with autovacuum off for the table: no ANALYZE, no VACUUM."""
+    columns = "kind, inbox_id, enrolment_id, step, priority, due_at, status, attempts, created_at, updated_at"
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE jobs SET (autovacuum_enabled = false)")
+        conn.execute(
+            sa.text(f"INSERT INTO jobs ({columns}) SELECT {values} FROM generate_series(1, :n) AS i"),
+            {"t": NOW - timedelta(hours=1), "n": n},
+        )
+
+
 def test_a_claim_reads_none_of_the_processed_calls_kept_before_the_first_analyze(engine: sa.Engine) -> None:
     """The claim asks for the oldest call still to be processed (steps never overtake one). Asked as
     `status IN ('pending', 'running')`, PostgreSQL read ix_jobs_backlog by kind alone on a table without
     statistics and filtered out every processed call still kept, on every claim."""
+    fill_jobs(engine, 3000, "'inbox', i, NULL, 0, 0, :t - i * interval '1 ms', 'done', 1, :t - i * interval '1 ms', :t")
     with engine.begin() as conn:
-        conn.exec_driver_sql("ALTER TABLE jobs SET (autovacuum_enabled = false)")  # no ANALYZE comes
-        conn.execute(
-            sa.text(
-                "INSERT INTO jobs (kind, inbox_id, step, priority, due_at, status, attempts, created_at, updated_at)"
-                " SELECT 'inbox', i, 0, 0, :t - i * interval '1 ms', 'done', 1, :t - i * interval '1 ms', :t"
-                " FROM generate_series(1, 3000) AS i"
-            ),
-            {"t": NOW - timedelta(hours=1)},
-        )
         jobqueue.add_step(conn, 7, 0, NOW - timedelta(seconds=1), NOW - timedelta(minutes=1))
     claimed, plans = plans_of(engine, lambda conn: jobqueue.claim(conn, "w", NOW, timedelta(minutes=1), 10), "jobs")
     assert [job.enrolment_id for job in claimed] == [7]
@@ -100,15 +103,7 @@ def test_after_a_sweep_a_claim_does_not_read_what_the_jobs_processed_before_left
     """Each job leaves an entry in ix_jobs_claim per state it passed through, until a VACUUM (on a large table,
     days apart). The claim's bitmap scans read them all, on every claim: 43 ms a claim after 500,000 jobs. The
     worker's sweep reads them once in plain index scans, which mark them dead; bitmap scans skip marked entries."""
-    with engine.begin() as conn:
-        conn.exec_driver_sql("ALTER TABLE jobs SET (autovacuum_enabled = false)")  # no VACUUM comes
-        conn.execute(
-            sa.text(
-                "INSERT INTO jobs (kind, enrolment_id, step, priority, due_at, status, attempts, created_at,"
-                " updated_at) SELECT 'step', i, 0, 0, :t, 'pending', 0, :t, :t FROM generate_series(1, 20000) AS i"
-            ),
-            {"t": NOW - timedelta(hours=1)},
-        )
+    fill_jobs(engine, 20000, "'step', NULL, i, 0, 0, :t, 'pending', 0, :t, :t")
     for state in ("running", "done"):  # as the worker takes them through, a transaction each
         with engine.begin() as conn:
             conn.exec_driver_sql(f"UPDATE jobs SET status = '{state}' WHERE status != 'done'")
