@@ -1,6 +1,6 @@
 """Latency under light load: an open loop of signed webhooks -> rule -> e-mail received by SMTP.
 
-    .venv/bin/python bench/latency.py [--rates 50,500] [--seconds 10] [--warmup 1]
+    .venv/bin/python bench/latency.py [--rates 50,500] [--seconds 10] [--warmup 1] [--statements]
 
 `declic serve` (role all) on a fresh SQLite file, a Shopify source, an SMTP sink (`tls: none`) to an
 aiosmtpd catcher in a process of its own (bench/_catcher.py), and one rule: `when: order.placed`,
@@ -13,13 +13,17 @@ Latencies are measured from each request's scheduled time (so a late sender coun
 figure, not in its favour): to its acknowledgement, and to its e-mail's arrival at the SMTP server
 (matched by the order name in the subject). Requests of the warm-up are sent but not counted. It
 prints p50 / p99 / max of each, against issue 15's targets, and Declic's CPU time per e-mail in
-the phase. A benchmark, not a test: it reports and asserts nothing about timings.
+the phase. `--statements` also counts the SQL statements and transactions per e-mail of each phase, by
+statement: what a webhook costs the database when it comes alone. A benchmark, not a test: it reports and
+asserts nothing about timings.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -48,7 +52,7 @@ from _common import (
     wait_for_port,
     webhook_headers,
 )
-from e2e import CONFIG, TEMPLATES
+from e2e import CONFIG, TEMPLATES, print_statements, read_statements
 
 from declic_gateway.testing import write_deployment
 
@@ -111,6 +115,7 @@ def phase(
     warmup: float,
     timeout: float,
     server: str = "Declic",
+    statements: Path | None = None,
 ) -> None:
     count = round(rate * (warmup + seconds))
     skip = round(rate * warmup)
@@ -122,11 +127,15 @@ def phase(
     catcher.arrivals.clear()
     catcher.everything.clear()
     catcher.expected = count
+    if statements:
+        statements.unlink(missing_ok=True)
+        os.kill(pid, signal.SIGUSR1)
     cpu_before, ticks_before = cpu_seconds(pid), machine_ticks()
     result = asyncio.run(open_loop(url, orders, rate))
     catcher.everything.wait(timeout=timeout)
     server_cpu = cpu_seconds(pid) - cpu_before
     usage = machine_usage(ticks_before, machine_ticks())
+    counts = read_statements(pid, statements) if statements else None
 
     measured = {name for name, _, _ in orders[skip:]}
     scheduled, acked = result["scheduled"], result["acked"]
@@ -156,6 +165,8 @@ def phase(
         f"{server_cpu / max(1, len(arrivals)) * 1000:.2f} ms per e-mail"
     )
     print(f"         {usage}")
+    if counts is not None:  # the warm-up's too: per e-mail of the whole phase
+        print_statements(counts, len(arrivals))
     if len(arrivals) < count:
         print(f"   NOTE: {count - len(arrivals)} e-mails had not arrived after the {timeout:g} s timeout")
 
@@ -173,7 +184,15 @@ def main() -> None:
         help="run bench/_floor_server.py instead of Declic: what the least a durable gateway on Declic's stack "
         "does per e-mail leaves of these latencies on this machine (see bench/e2e.py --floor)",
     )
+    parser.add_argument(
+        "--statements",
+        action="store_true",
+        help="count the SQL statements and transactions Declic runs in each phase, by statement "
+        "(bench/_statements/sitecustomize.py)",
+    )
     args = parser.parse_args()
+    if args.floor and args.statements:
+        parser.error("--floor counts no statements")
     rates = [int(rate) for rate in args.rates.split(",")]
 
     print(f"machine: {machine()}")
@@ -213,7 +232,11 @@ def main() -> None:
                 if args.floor:
                     command = [sys.executable, str(BENCH / "_floor_server.py"), "--db", str(folder / "floor.db")]
                     command += ["--smtp-port", str(catcher.port), "--secret", SECRET, "--port", str(port)]
-                server = subprocess.Popen(command, stdout=log, stderr=log)
+                environment = dict(os.environ)
+                if args.statements:
+                    environment["PYTHONPATH"] = str(BENCH / "_statements")
+                    environment["DECLIC_STATEMENTS_OUT"] = str(folder / "statements.json")
+                server = subprocess.Popen(command, stdout=log, stderr=log, env=environment)
                 wait_for_port(port, server)
                 time.sleep(1.0)  # start-up work (migrations, the first clock jobs) is not the idle cost
                 idle_before = cpu_seconds(server.pid)
@@ -231,6 +254,7 @@ def main() -> None:
                         args.warmup,
                         args.timeout,
                         who,
+                        folder / "statements.json" if args.statements else None,
                     )
                     time.sleep(1.0)  # let the worker go idle between phases
         finally:

@@ -9,6 +9,7 @@ work was done, never a timing. Slow: CI runs them, `-m "not slow"` skips them lo
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,9 +67,11 @@ def test_e2e_on_postgresql_mails_every_order_once() -> None:
     assert "PostgreSQL's processes for it used" in out
 
 
-def test_latency_mails_every_webhook_of_each_phase() -> None:
-    out = bench("latency.py", "--rates", "5", "--seconds", "1", "--warmup", "0", *WAIT)
+def test_latency_mails_every_webhook_of_each_phase_and_counts_its_statements() -> None:
+    out = bench("latency.py", "--rates", "5", "--seconds", "1", "--warmup", "0", "--statements", *WAIT)
     assert "mail: 5/5 received, 0 duplicates" in out
+    assert re.search(r"statements: \d+ SQL statements in \d+ transactions", out)
+    assert "   1.00  INSERT INTO inbox " in out  # per e-mail: each webhook stored once
 
 
 def test_ingest_stores_one_row_per_acknowledgement() -> None:
