@@ -100,6 +100,15 @@ _REQUIRED_IN_CI = {
 _SKIPPED_IN_CI: dict[str, list[str]] = {marker: [] for marker in _REQUIRED_IN_CI}
 
 
+#: Test processes at most (`-n auto`, pytest-xdist): each PostgreSQL test opens up to a dozen connections (its
+#: pools, replicas' processes), and a default server allows 100. On two cores, two halve the suite's time.
+MAX_TEST_PROCESSES = 4
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    return max(1, min(MAX_TEST_PROCESSES, os.cpu_count() or 1))
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     for marker, skipped in _SKIPPED_IN_CI.items():
         if report.skipped and marker in report.keywords:
