@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from aiohttp import web
 from conftest import BASE_CONFIG, DEFAULT_RULES, SECRET, TEMPLATES, Deployment, Factory, fixture_bytes, locked_inbox
 from declic_gateway import hookimpl
 from declic_gateway.http.app import create_app, load
-from declic_gateway.store.inbox import NewCall, commit_calls
+from declic_gateway.store.inbox import NewCall, Taking, commit_and_take, commit_calls
 from declic_gateway.testing import shopify_headers, write_deployment
 
 ORDER = fixture_bytes("shopify/order.json")
@@ -198,3 +199,32 @@ async def test_readyz_keeps_the_database_host_and_port_for_the_admin(deploy: Fac
     details = await admin.json()
     assert admin.status == 503 and details["migrations"] == "unknown"
     assert str(url.database) in details["database"]
+
+
+async def test_calls_are_taken_as_they_are_stored_only_while_no_call_stored_before_waits(db: Any) -> None:
+    """The worker may take calls in the transaction that stores them (SQLite, at light load), as its claim would:
+    running under its lease, a first attempt. Never ahead of a call still waiting to be claimed: the calls it has
+    no room for wait, and so does every call stored after them, until the worker's claim takes them in order."""
+    now = datetime.now(UTC)
+    taking = Taking("worker-1", now + timedelta(minutes=1), room=2)
+
+    def calls(*keys: str) -> list[NewCall]:
+        return [NewCall("shop", key, now, {"X-Shopify-Topic": "orders/create"}, ORDER) for key in keys]
+
+    def jobs() -> list[tuple[Any, ...]]:
+        with db.engine.connect() as conn:
+            query = "SELECT inbox_id, status, locked_by, attempts FROM jobs WHERE kind = 'inbox' ORDER BY inbox_id"
+            return [tuple(row) for row in conn.exec_driver_sql(query)]
+
+    accepted, taken = await db.run(commit_and_take, calls("a", "b", "c", "a"), taking)
+    assert [a.duplicate for a in accepted] == [False, False, False, True]
+    first, second, third = (a.inbox_id for a in accepted[:3])
+    assert [(job.inbox_id, job.attempts, call.dedupe_key) for job, call in taken] == [(first, 1, "a"), (second, 1, "b")]
+    assert jobs() == [
+        (first, "running", "worker-1", 1),
+        (second, "running", "worker-1", 1),
+        (third, "pending", None, 0),
+    ]
+
+    accepted, taken = await db.run(commit_and_take, calls("d"), taking)  # "c" still waits: "d" waits behind it
+    assert taken == [] and jobs()[-1] == (accepted[0].inbox_id, "pending", None, 0)

@@ -100,7 +100,7 @@ def build_gateway(
         metrics=metrics,
         retention_periods=retention.Periods.of(settings),
     )
-    committer = GroupCommitter(db, on_commit=worker.wake)
+    committer = GroupCommitter(db, on_commit=worker.wake, taker=worker)
     return RunningGateway(settings, pm, clock, db, sources, sinks, env, router, committer, worker, metrics, role)
 
 

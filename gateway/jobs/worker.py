@@ -29,6 +29,7 @@ from ..pipeline.router import Router
 from ..send.delivery import Send, StepRunner, call_sink
 from ..store import Database, jobqueue
 from ..store.db import Failed, Grouped, together_or_alone
+from ..store.inbox import NewCall, Taking
 from ..store.jobqueue import ClaimedJob
 from . import polls, retention
 
@@ -120,6 +121,25 @@ class Worker:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def offer(self, calls: int) -> Taking | None:
+        """Take calls in the transaction that stores them (store/inbox.py: `commit_and_take`), on SQLite, while
+        the loop runs and has room: their slots are reserved until `taken`."""
+        room = min(calls, self._room()) if self.db.is_sqlite and self._looping and not self._stopping else 0
+        if room <= 0:
+            return None
+        self._reserved += room
+        return Taking(self.id, self.clock.now() + self.spec.lease, room)
+
+    def taken(self, taking: Taking, calls: list[tuple[ClaimedJob, NewCall]]) -> None:
+        self._reserved -= taking.room
+        raws = {
+            job.inbox_id: RawCall(job.inbox_id, call.source, call.received_at, call.headers, call.body, call.dedupe_key)
+            for job, call in calls
+            if job.inbox_id is not None
+        }
+        if calls:
+            self._start([job for job, _ in calls], raws)
 
     def pause_after(self, spent: float) -> float:
         """Seconds to pause after processing calls took `spent` seconds of CPU.

@@ -9,6 +9,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
 import sqlalchemy as sa
 import structlog
@@ -16,6 +17,7 @@ from sqlalchemy.engine import Connection
 
 from ..errors import StorageUnavailable
 from . import INBOX, Database, jobqueue, sql
+from .jobqueue import ClaimedJob
 
 log = structlog.get_logger("declic.ingest")
 
@@ -35,13 +37,34 @@ class Accepted:
     duplicate: bool
 
 
+@dataclass(frozen=True)
+class Taking:
+    """A worker's offer to take up to `room` of the calls a transaction stores, claimed by it until `until`."""
+
+    worker: str
+    until: datetime
+    room: int
+
+
+class Taker(Protocol):
+    """The process's worker, when it can take calls as they are stored (SQLite: see `commit_and_take`)."""
+
+    def offer(self, calls: int) -> Taking | None: ...
+
+    def taken(self, taking: Taking, calls: list[tuple[ClaimedJob, NewCall]]) -> None:
+        """What the offer took once committed (none when the transaction failed): start them."""
+
+
 class GroupCommitter:
     """Many requests, one transaction: a 2xx always means durable, without one fsync per call."""
 
-    def __init__(self, db: Database, on_commit: Callable[[], None], max_batch: int = 512):
+    def __init__(
+        self, db: Database, on_commit: Callable[[], None], max_batch: int = 512, taker: Taker | None = None
+    ) -> None:
         self._db = db
         self._on_commit = on_commit
         self._max_batch = max_batch
+        self._taker = taker
         self._queue: asyncio.Queue[tuple[NewCall, asyncio.Future[Accepted]]] = asyncio.Queue()
         #: Calls submitted and not yet answered: requests waiting for their acknowledgement.
         self.waiting = 0
@@ -60,9 +83,13 @@ class GroupCommitter:
             batch = [await self._queue.get()]
             while len(batch) < self._max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            calls = [call for call, _ in batch]
+            taking = self._taker.offer(len(calls)) if self._taker else None
             try:
-                results = await self._db.run(commit_calls, [call for call, _ in batch], urgent=True)
+                results, taken = await self._db.run(commit_and_take, calls, taking, urgent=True)
             except Exception as exc:  # every waiter must hear back, whatever went wrong
+                if taking and self._taker:
+                    self._taker.taken(taking, [])
                 if not isinstance(exc, StorageUnavailable):  # counted already when it is
                     self._db.on_unavailable()
                 error = exc if isinstance(exc, StorageUnavailable) else StorageUnavailable(repr(exc))
@@ -71,15 +98,27 @@ class GroupCommitter:
                     if not future.done():
                         future.set_exception(error)
                 continue
+            if taking and self._taker:
+                self._taker.taken(taking, taken)
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)
-            if any(not r.duplicate for r in results):
+            if sum(not r.duplicate for r in results) > len(taken):  # calls left for the worker's claim
                 self._on_commit()
 
 
 def commit_calls(conn: Connection, calls: list[NewCall]) -> list[Accepted]:
     """Insert new calls and their processing jobs; report duplicates without failing."""
+    return commit_and_take(conn, calls, None)[0]
+
+
+def commit_and_take(
+    conn: Connection, calls: list[NewCall], taking: Taking | None
+) -> tuple[list[Accepted], list[tuple[ClaimedJob, NewCall]]]:
+    """`commit_calls`, and with `taking` (SQLite, whose one writer makes this exact), the worker takes the first
+    calls at once when no call stored before waits to be claimed: at light load its claim was a transaction of
+    its own per webhook, with five statements and a disk flush (docs/performance.md, session 16). Calls it does
+    not take are left for its claim, in order: once one waits, the calls after it wait behind it."""
     first: dict[tuple[str, str], int] = {}
     for i, call in enumerate(calls):
         first.setdefault((call.source, call.dedupe_key), i)
@@ -97,14 +136,21 @@ def commit_calls(conn: Connection, calls: list[NewCall]) -> list[Accepted]:
     ]
     statement = _insert_calls(conn.dialect.name)
     inserted = {(r.source, r.dedupe_key): r.id for r in conn.execute(statement, rows)} if rows else {}
+    taken: list[ClaimedJob] = []
     if inserted:
-        jobqueue.add_inbox_jobs(conn, list(inserted.values()), max(c.received_at for c in fresh))
+        ids, now = sorted(inserted.values()), max(c.received_at for c in fresh)
+        if taking and not jobqueue.call_waiting(conn, now):
+            taken = jobqueue.add_taken_inbox_jobs(conn, ids[: taking.room], taking.worker, taking.until, now)
+            ids = ids[taking.room :]
+        if ids:
+            jobqueue.add_inbox_jobs(conn, ids, now)
     results = []
     for i, call in enumerate(calls):
         key = (call.source, call.dedupe_key)
         is_first = first[key] == i
         results.append(Accepted(inserted.get(key) if is_first else None, not (is_first and key in inserted)))
-    return results
+    by_id = {inserted[(c.source, c.dedupe_key)]: c for c in fresh if (c.source, c.dedupe_key) in inserted}
+    return results, [(job, by_id[job.inbox_id or 0]) for job in taken]
 
 
 @functools.cache

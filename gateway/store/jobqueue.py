@@ -510,6 +510,51 @@ _ADD_INBOX_JOBS = sa.insert(JOBS).from_select(
 )
 
 
+def call_waiting(conn: Connection, now: datetime) -> bool:
+    """Whether a stored call is due and not claimed yet: calls stored after it wait behind it."""
+    return conn.execute(_CALL_WAITING, {"now": now}).first() is not None
+
+
+_CALL_WAITING = sa.select(J.id).where(J.kind == "inbox", status_is("pending"), J.due_at <= _NOW).limit(1)
+
+
+def add_taken_inbox_jobs(
+    conn: Connection, inbox_ids: list[int], worker: str, until: datetime, now: datetime
+) -> list[ClaimedJob]:
+    """Jobs for stored calls that `worker` takes in the transaction storing them: written as its claim would leave
+    them (running, its lease, a first attempt), so that no claim of its own is needed."""
+    values = {"ids": inbox_ids, "now": now, "worker": worker, "until": until}
+    taken = [
+        ClaimedJob(row.id, "inbox", row.inbox_id, None, 0, now, 1, created_at=now)
+        for row in conn.execute(_ADD_TAKEN_INBOX_JOBS, values)
+    ]
+    return sorted(taken, key=lambda job: job.inbox_id or 0)
+
+
+_ADD_TAKEN_INBOX_JOBS = (
+    sa.insert(JOBS)
+    .from_select(
+        [
+            *("kind", "inbox_id", "step", "due_at", "status", "attempts"),
+            *("locked_by", "locked_until", "created_at", "updated_at"),
+        ],
+        sa.select(
+            sa.literal("inbox"),
+            INBOX.c.id,
+            sa.literal(0),
+            _NOW,
+            sa.literal("running"),
+            sa.literal(1),
+            sa.bindparam("worker", type_=J.locked_by.type),
+            sa.bindparam("until", type_=J.locked_until.type),
+            _NOW,
+            _NOW,
+        ).where(INBOX.c.id.in_(sa.bindparam("ids", expanding=True))),
+    )
+    .returning(J.id, J.inbox_id)
+)
+
+
 def add_unique(conn: Connection, kind: str, key: str, occurrence: str, due: datetime, now: datetime) -> None:
     """Queue a clock job (`poll`, `tick`) unless one with the same key is pending or running: once,
     whatever the replicas (`uq_jobs_clock_key`). A job that queues its own next run finishes first."""
