@@ -133,13 +133,10 @@ class Worker:
 
     def taken(self, taking: Taking, calls: list[tuple[ClaimedJob, NewCall]]) -> None:
         self._reserved -= taking.room
-        raws = {
-            job.inbox_id: RawCall(job.inbox_id, call.source, call.received_at, call.headers, call.body, call.dedupe_key)
-            for job, call in calls
-            if job.inbox_id is not None
-        }
-        if calls:
-            self._start([job for job, _ in calls], raws)
+        raws = [
+            RawCall(job.inbox_id or 0, c.source, c.received_at, c.headers, c.body, c.dedupe_key) for job, c in calls
+        ]
+        self._start([job for job, _ in calls], {raw.id: raw for raw in raws})
 
     def pause_after(self, spent: float) -> float:
         """Seconds to pause after processing calls took `spent` seconds of CPU.

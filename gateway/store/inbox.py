@@ -85,11 +85,10 @@ class GroupCommitter:
                 batch.append(self._queue.get_nowait())
             calls = [call for call, _ in batch]
             taking = self._taker.offer(len(calls)) if self._taker else None
+            taken: list[tuple[ClaimedJob, NewCall]] = []
             try:
                 results, taken = await self._db.run(commit_and_take, calls, taking, urgent=True)
             except Exception as exc:  # every waiter must hear back, whatever went wrong
-                if taking and self._taker:
-                    self._taker.taken(taking, [])
                 if not isinstance(exc, StorageUnavailable):  # counted already when it is
                     self._db.on_unavailable()
                 error = exc if isinstance(exc, StorageUnavailable) else StorageUnavailable(repr(exc))
@@ -98,8 +97,9 @@ class GroupCommitter:
                     if not future.done():
                         future.set_exception(error)
                 continue
-            if taking and self._taker:
-                self._taker.taken(taking, taken)
+            finally:  # the offer's slots come back, with what it took when committed
+                if self._taker and taking:
+                    self._taker.taken(taking, taken)
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)

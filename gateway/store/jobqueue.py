@@ -502,12 +502,15 @@ def add_inbox_jobs(conn: Connection, inbox_ids: list[int], now: datetime) -> Non
     notify(conn)
 
 
-_ADD_INBOX_JOBS = sa.insert(JOBS).from_select(
-    ["kind", "inbox_id", "step", "due_at", "status", "attempts", "created_at", "updated_at"],
-    sa.select(
-        sa.literal("inbox"), INBOX.c.id, sa.literal(0), _NOW, sa.literal("pending"), sa.literal(0), _NOW, _NOW
-    ).where(INBOX.c.id.in_(sa.bindparam("ids", expanding=True))),
-)
+def _inbox_jobs(**values: Any) -> sa.Insert:
+    """INSERT ... SELECT of one job per stored call (`ids`), due `now`, with `values` for its other columns."""
+    columns = {"kind": sa.literal("inbox"), "inbox_id": INBOX.c.id, "step": sa.literal(0), "due_at": _NOW}
+    columns |= values | {"created_at": _NOW, "updated_at": _NOW}
+    rows = sa.select(*columns.values()).where(INBOX.c.id.in_(sa.bindparam("ids", expanding=True)))
+    return sa.insert(JOBS).from_select(list(columns), rows)
+
+
+_ADD_INBOX_JOBS = _inbox_jobs(status=sa.literal("pending"), attempts=sa.literal(0))
 
 
 def call_waiting(conn: Connection, now: datetime) -> bool:
@@ -531,28 +534,12 @@ def add_taken_inbox_jobs(
     return sorted(taken, key=lambda job: job.inbox_id or 0)
 
 
-_ADD_TAKEN_INBOX_JOBS = (
-    sa.insert(JOBS)
-    .from_select(
-        [
-            *("kind", "inbox_id", "step", "due_at", "status", "attempts"),
-            *("locked_by", "locked_until", "created_at", "updated_at"),
-        ],
-        sa.select(
-            sa.literal("inbox"),
-            INBOX.c.id,
-            sa.literal(0),
-            _NOW,
-            sa.literal("running"),
-            sa.literal(1),
-            sa.bindparam("worker", type_=J.locked_by.type),
-            sa.bindparam("until", type_=J.locked_until.type),
-            _NOW,
-            _NOW,
-        ).where(INBOX.c.id.in_(sa.bindparam("ids", expanding=True))),
-    )
-    .returning(J.id, J.inbox_id)
-)
+_ADD_TAKEN_INBOX_JOBS = _inbox_jobs(
+    status=sa.literal("running"),
+    attempts=sa.literal(1),
+    locked_by=sa.bindparam("worker", type_=J.locked_by.type),
+    locked_until=sa.bindparam("until", type_=J.locked_until.type),
+).returning(J.id, J.inbox_id)
 
 
 def add_unique(conn: Connection, kind: str, key: str, occurrence: str, due: datetime, now: datetime) -> None:
