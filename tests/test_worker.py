@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -10,12 +12,16 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from declic_gateway import hookimpl
 from declic_gateway.config import load_config
 from declic_gateway.http.app import build_gateway, create_app
 from declic_gateway.http.running import GATEWAY_KEY
 from declic_gateway.jobs.worker import Worker
+from declic_gateway.kit.events import Event
+from declic_gateway.kit.sources import RawCall, Source
 from declic_gateway.plugins import collect, get_plugin_manager
-from declic_gateway.testing import FakeClock, ScriptedPlugin, write_deployment
+from declic_gateway.testing import FakeClock, ScriptedPlugin, ScriptedSource, write_deployment
+from tests.conftest import until
 
 
 @pytest.fixture
@@ -86,6 +92,65 @@ async def test_sqlite_applies_ten_calls_per_transaction_postgresql_thirty(deploy
 
     assert rows(gateway, "SELECT status, COUNT(*) FROM inbox GROUP BY status") == [("processed", 45)]
     assert marked == ([10, 10, 10, 10, 5] if gateway.db.is_sqlite else [30, 15])
+
+
+class SlowProviderSource(ScriptedSource):
+    """`scripted`, except that a call whose first event is `order.placed` waits for its provider (`answer`)."""
+
+    name = "slow-provider"
+    asked = asyncio.Event()
+    answer = asyncio.Event()
+
+    async def normalize(self, raw: RawCall) -> list[Event]:
+        events = super().normalize(raw)
+        if events and events[0].type == "order.placed":
+            SlowProviderSource.asked.set()
+            await SlowProviderSource.answer.wait()
+        return events
+
+
+class SlowProviderPlugin:
+    @hookimpl
+    def register_sources(self, register: Callable[[type[Source]], None]) -> None:
+        register(SlowProviderSource)
+
+
+async def test_calls_claimed_one_by_one_wait_behind_a_slow_one_and_go_through_in_one_transaction(
+    aiohttp_client: Any, tmp_path: Path, db_url: str
+) -> None:
+    """At light load each call is claimed alone (on SQLite, taken as it is stored). Calls that wait for their turn
+    go through together once it comes, in arrival order: applied one transaction each, they kept the database
+    busy and queued up behind one another (docs/performance.md, session 17)."""
+    SlowProviderSource.asked, SlowProviderSource.answer = asyncio.Event(), asyncio.Event()
+    pm = get_plugin_manager(extra=[SlowProviderPlugin()])
+    config = f"storage: {{url: '{db_url}'}}\nsources:\n  in: {{plugin: slow-provider, url_token: tok}}\n"
+    settings = load_config(write_deployment(tmp_path, config, {}), collect(pm), pm)
+    app = create_app(settings, pm=pm, clock=FakeClock(datetime(2026, 6, 1, tzinfo=UTC)), role="all")
+    client = await aiohttp_client(app)
+    gateway = app[GATEWAY_KEY]
+    marked: list[int] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, many: bool) -> None:
+        if statement.startswith("UPDATE inbox SET status"):  # once per transaction applying calls
+            marked.append(len(parameters) if many else 1)
+
+    sa.event.listen(gateway.db.engine, "before_cursor_execute", count)
+    order = [{"type": "order.placed", "contact": {"email": "ada@example.com", "first_name": "Ordered"}}]
+    assert (await client.post("/hooks/in/tok", data=json.dumps(order).encode())).status == 200
+    await asyncio.wait_for(SlowProviderSource.asked.wait(), 10)
+    for n in range(1, 6):  # each claimed as it comes: the worker is idle but for the slow call
+        update = [{"type": "profile.updated", "contact": {"email": "ada@example.com", "first_name": f"v{n}"}}]
+        assert (await client.post("/hooks/in/tok", data=json.dumps(update).encode())).status == 200
+        claimed = f"SELECT count(*) FROM jobs WHERE kind = 'inbox' AND status = 'running' AND inbox_id = {n + 1}"
+        await until(lambda query=claimed: rows(gateway, query) == [(1,)])  # type: ignore[misc]
+    assert marked == []  # nothing goes ahead of the slow call
+
+    SlowProviderSource.answer.set()
+    await until(lambda: rows(gateway, "SELECT count(*) FROM inbox WHERE status = 'processed'") == [(6,)])
+
+    assert marked == [6]
+    assert rows(gateway, "SELECT first_name FROM contacts") == [("v5",)]  # applied in arrival order
+    assert rows(gateway, "SELECT inbox_id FROM events ORDER BY id") == [(n,) for n in range(1, 7)]
 
 
 @pytest.mark.parametrize(

@@ -115,9 +115,11 @@ class Worker:
         self._reserved = 0
         self._running: dict[int, asyncio.Task[None]] = {}
         self._stopping = False
-        #: Claimed calls not yet applied, by inbox id: applied lowest first.
-        self._calls_in_order: list[int] = []
-        self._turn = asyncio.Condition()
+        #: Claimed calls not yet applied, as (inbox id, job id): applied lowest first; those normalised wait in
+        #: `_ready` with what their claim awaits, and go through in runs from the lowest (`_apply_ready`).
+        self._calls_in_order: list[tuple[int, int]] = []
+        self._ready: dict[int, tuple[_Call, asyncio.Future[None]]] = {}
+        self._applying = False
 
     def wake(self) -> None:
         self._wake.set()
@@ -348,33 +350,91 @@ class Worker:
 
     def _queue_calls(self, jobs: list[ClaimedJob]) -> None:
         for job in jobs:
-            if job.inbox_id is not None:
-                bisect.insort(self._calls_in_order, job.inbox_id)
+            if job.kind == "inbox":
+                bisect.insort(self._calls_in_order, (job.inbox_id or 0, job.id))
 
     async def _process_calls(self, jobs: list[ClaimedJob], raws: dict[int, RawCall]) -> None:
-        """Normalise the calls side by side (maybe slowly, fetching from the provider), then apply them
-        in the order they arrived, CALLS_PER_TRANSACTION at a time: one commit for many calls, and
-        acknowledgements never wait long for the database."""
-        at_once = CALLS_PER_TRANSACTION["sqlite" if self.db.is_sqlite else "postgresql"]
-        ids = sorted(job.inbox_id for job in jobs if job.inbox_id is not None)
+        """Normalise the calls side by side (maybe slowly, fetching from the provider), then have them applied in
+        the order they arrived, with those of other claims (`_apply_ready`)."""
+        waiting: list[tuple[ClaimedJob, asyncio.Future[None]]] = []
         try:
             calls = await asyncio.gather(*(self._normalize(job, raws.get(job.inbox_id or 0)) for job in jobs))
-            ready = sorted((call for call in calls if call is not None), key=lambda call: call.job.inbox_id or 0)
-            if ready:
-                await self._my_turn(ids[0])
-            for first in range(0, len(ready), at_once):
-                cpu = self._cpu_applying
-                stored = await self._apply(ready[first : first + at_once])
-                for event in stored:
-                    self._on_event(event)
-                await asyncio.sleep(self.pause_after(self._cpu_applying - cpu))
-        except Exception as exc:  # e.g. the database is locked: every call is tried again later
+            waiting = [(call.job, self._make_ready(call)) for call in calls if call is not None]
+        except Exception as exc:  # a bug normalising: every call is tried again later
             log.warning("calls not processed, retrying", calls=len(jobs), error=str(exc))
             for job in jobs:
                 await self._retry_later(job, f"{type(exc).__name__}: {exc}")
         finally:
-            for inbox_id in ids:
-                await self._done_with_call(inbox_id)
+            # Calls that wait for a later claim (the provider said retry later) hold back no call behind them.
+            self._forget([job for job in jobs if job.id not in self._ready])
+        await self._apply_ready()
+        for job, applied in waiting:
+            try:
+                await applied
+            except Exception as exc:
+                log.warning("call not processed, retrying", job_id=job.id, error=str(exc))
+                await self._retry_later(job, f"{type(exc).__name__}: {exc}")
+
+    def _make_ready(self, call: _Call) -> asyncio.Future[None]:
+        applied: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._ready[call.job.id] = (call, applied)
+        return applied
+
+    def _forget(self, jobs: list[ClaimedJob]) -> None:
+        for job in jobs:
+            self._ready.pop(job.id, None)
+            with contextlib.suppress(ValueError):
+                self._calls_in_order.remove((job.inbox_id or 0, job.id))
+
+    def _next_run(self) -> list[_Call]:
+        """The normalised calls first in arrival order, CALLS_PER_TRANSACTION at most; none while the first claimed
+        is still being normalised: an unsubscribe received after a profile update is applied after it."""
+        at_once = CALLS_PER_TRANSACTION["sqlite" if self.db.is_sqlite else "postgresql"]
+        run: list[_Call] = []
+        for _, job_id in self._calls_in_order[:at_once]:
+            if job_id not in self._ready:
+                break
+            run.append(self._ready[job_id][0])
+        return run
+
+    async def _apply_ready(self) -> None:
+        """Apply the normalised calls in arrival order, one transaction per run of them, whichever claim they came
+        with: taken one by one as they are stored (light load), calls would otherwise cost a transaction each and
+        keep the database thread busy with them, while those behind them wait (docs/performance.md, session 17).
+        One caller applies at a time, until no run is ready; the others only wait for their calls."""
+        if self._applying:
+            return
+        self._applying = True
+        run: list[_Call] = []
+        try:
+            while run := self._next_run():
+                cpu = self._cpu_applying
+                try:
+                    stored = await self._apply(run)
+                except Exception as exc:  # e.g. the database is locked: its calls are tried again later
+                    self._settle(run, exc)
+                    continue
+                self._settle(run)
+                for event in stored:
+                    self._on_event(event)
+                await asyncio.sleep(self.pause_after(self._cpu_applying - cpu))
+        finally:
+            self._applying = False
+            cancelled = [call for call in run if call.job.id in self._ready]  # cancelled mid-run (stopping)
+            for call in cancelled:  # nobody may wait forever; the jobs run again once their lease is over
+                self._ready[call.job.id][1].cancel()
+            self._forget([call.job for call in cancelled])
+
+    def _settle(self, run: list[_Call], error: Exception | None = None) -> None:
+        futures = [self._ready[call.job.id][1] for call in run]
+        self._forget([call.job for call in run])
+        for applied in futures:
+            if applied.done():
+                continue
+            if error is None:
+                applied.set_result(None)
+            else:
+                applied.set_exception(error)
 
     async def _apply(self, calls: list[_Call]) -> list[Event]:
         """Apply the calls; the transaction that applies the last one also claims what is due now, the steps
@@ -457,17 +517,6 @@ class Worker:
         for call in calls:
             jobqueue.finish_queued(conn, call.job, self.id, now)
         return [next(applied) if call.applies() else [] for call in calls]
-
-    async def _my_turn(self, inbox_id: int) -> None:
-        """An unsubscribe received after a profile update is applied after it, even if normalised first."""
-        async with self._turn:
-            await self._turn.wait_for(lambda: not self._calls_in_order or self._calls_in_order[0] >= inbox_id)
-
-    async def _done_with_call(self, inbox_id: int) -> None:
-        async with self._turn:
-            if inbox_id in self._calls_in_order:
-                self._calls_in_order.remove(inbox_id)
-            self._turn.notify_all()
 
     async def _reconcile(self, job: ClaimedJob) -> None:
         """Schedule the triggers a config change added, a chunk per transaction so webhooks keep flowing."""

@@ -207,7 +207,7 @@ def _calls_turn(conn: Connection) -> bool:
     """Whether this claim may take calls, on PostgreSQL, where replicas share the queue.
 
     Calls are applied in the order they arrived, across replicas: one replica at a time holds calls,
-    and it applies them in order (`Worker._my_turn`). A claim takes calls only under an advisory lock,
+    and it applies them in order (`Worker._apply_ready`). A claim takes calls only under an advisory lock,
     which makes "no other replica holds calls" and "take them" one step; a replica that does not get
     the lock at once claims steps only this time, and never waits for it.
     """
