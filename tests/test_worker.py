@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import sqlalchemy as sa
 
 from declic_gateway import hookimpl
 from declic_gateway.config import load_config
+from declic_gateway.errors import RetryLater, StorageUnavailable
 from declic_gateway.http.app import build_gateway, create_app
 from declic_gateway.http.running import GATEWAY_KEY
 from declic_gateway.jobs.worker import Worker
@@ -21,7 +23,7 @@ from declic_gateway.kit.events import Event
 from declic_gateway.kit.sources import RawCall, Source
 from declic_gateway.plugins import collect, get_plugin_manager
 from declic_gateway.testing import FakeClock, ScriptedPlugin, ScriptedSource, write_deployment
-from tests.conftest import until
+from tests.conftest import locked_inbox, until
 
 
 @pytest.fixture
@@ -95,17 +97,22 @@ async def test_sqlite_applies_ten_calls_per_transaction_postgresql_thirty(deploy
 
 
 class SlowProviderSource(ScriptedSource):
-    """`scripted`, except that a call whose first event is `order.placed` waits for its provider (`answer`)."""
+    """`scripted`, where a provider is asked about some calls: `order.placed` waits for its answer (`answer`);
+    `checkout.started` is told to retry later the first time."""
 
     name = "slow-provider"
     asked = asyncio.Event()
     answer = asyncio.Event()
+    retried: ClassVar[set[int]] = set()
 
     async def normalize(self, raw: RawCall) -> list[Event]:
         events = super().normalize(raw)
         if events and events[0].type == "order.placed":
             SlowProviderSource.asked.set()
             await SlowProviderSource.answer.wait()
+        if events and events[0].type == "checkout.started" and raw.id not in SlowProviderSource.retried:
+            SlowProviderSource.retried.add(raw.id)
+            raise RetryLater("the provider is busy")
         return events
 
 
@@ -115,19 +122,32 @@ class SlowProviderPlugin:
         register(SlowProviderSource)
 
 
-async def test_calls_claimed_one_by_one_wait_behind_a_slow_one_and_go_through_in_one_transaction(
-    aiohttp_client: Any, tmp_path: Path, db_url: str
-) -> None:
-    """At light load each call is claimed alone (on SQLite, taken as it is stored). Calls that wait for their turn
-    go through together once it comes, in arrival order: applied one transaction each, they kept the database
-    busy and queued up behind one another (docs/performance.md, session 17)."""
+@pytest.fixture
+async def slow_provider(aiohttp_client: Any, tmp_path: Path, db_url: str) -> Any:
+    """Start a deployment whose source asks a slow provider (role `web`, or `all` for a running worker)."""
     SlowProviderSource.asked, SlowProviderSource.answer = asyncio.Event(), asyncio.Event()
-    pm = get_plugin_manager(extra=[SlowProviderPlugin()])
-    config = f"storage: {{url: '{db_url}'}}\nsources:\n  in: {{plugin: slow-provider, url_token: tok}}\n"
-    settings = load_config(write_deployment(tmp_path, config, {}), collect(pm), pm)
-    app = create_app(settings, pm=pm, clock=FakeClock(datetime(2026, 6, 1, tzinfo=UTC)), role="all")
-    client = await aiohttp_client(app)
-    gateway = app[GATEWAY_KEY]
+    SlowProviderSource.retried = set()
+
+    async def start(role: str) -> Any:
+        pm = get_plugin_manager(extra=[SlowProviderPlugin()])
+        config = (
+            f"storage: {{url: '{db_url}', busy_timeout: 1s}}\n"
+            "sources:\n  in: {plugin: slow-provider, url_token: tok}\n"
+        )
+        settings = load_config(write_deployment(tmp_path, config, {}), collect(pm), pm)
+        app = create_app(settings, pm=pm, clock=FakeClock(datetime(2026, 6, 1, tzinfo=UTC)), role=role)
+        return await aiohttp_client(app), app[GATEWAY_KEY]
+
+    return start
+
+
+def post(client: Any, kind: str, first_name: str) -> Any:
+    events = [{"type": kind, "contact": {"email": "ada@example.com", "first_name": first_name}}]
+    return client.post("/hooks/in/tok", data=json.dumps(events).encode())
+
+
+def count_applying(gateway: Any) -> list[int]:
+    """The calls each transaction applying calls marks processed, as they run."""
     marked: list[int] = []
 
     def count(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, many: bool) -> None:
@@ -135,12 +155,21 @@ async def test_calls_claimed_one_by_one_wait_behind_a_slow_one_and_go_through_in
             marked.append(len(parameters) if many else 1)
 
     sa.event.listen(gateway.db.engine, "before_cursor_execute", count)
-    order = [{"type": "order.placed", "contact": {"email": "ada@example.com", "first_name": "Ordered"}}]
-    assert (await client.post("/hooks/in/tok", data=json.dumps(order).encode())).status == 200
+    return marked
+
+
+async def test_calls_claimed_one_by_one_wait_behind_a_slow_one_and_go_through_in_one_transaction(
+    slow_provider: Any,
+) -> None:
+    """At light load each call is claimed alone (on SQLite, taken as it is stored). Calls that wait for their turn
+    go through together once it comes, in arrival order: applied one transaction each, in turn, they queued up
+    behind one another (docs/performance.md, session 17)."""
+    client, gateway = await slow_provider("all")
+    marked = count_applying(gateway)
+    assert (await post(client, "order.placed", "Ordered")).status == 200
     await asyncio.wait_for(SlowProviderSource.asked.wait(), 10)
     for n in range(1, 6):  # each claimed as it comes: the worker is idle but for the slow call
-        update = [{"type": "profile.updated", "contact": {"email": "ada@example.com", "first_name": f"v{n}"}}]
-        assert (await client.post("/hooks/in/tok", data=json.dumps(update).encode())).status == 200
+        assert (await post(client, "profile.updated", f"v{n}")).status == 200
         claimed = f"SELECT count(*) FROM jobs WHERE kind = 'inbox' AND status = 'running' AND inbox_id = {n + 1}"
         await until(lambda query=claimed: rows(gateway, query) == [(1,)])  # type: ignore[misc]
     assert marked == []  # nothing goes ahead of the slow call
@@ -151,6 +180,54 @@ async def test_calls_claimed_one_by_one_wait_behind_a_slow_one_and_go_through_in
     assert marked == [6]
     assert rows(gateway, "SELECT first_name FROM contacts") == [("v5",)]  # applied in arrival order
     assert rows(gateway, "SELECT inbox_id FROM events ORDER BY id") == [(n,) for n in range(1, 7)]
+
+
+async def test_a_call_told_to_retry_later_holds_back_no_call_behind_it(slow_provider: Any) -> None:
+    client, gateway = await slow_provider("web")
+    for kind, name in [("checkout.started", "Cart"), ("profile.updated", "v1"), ("profile.updated", "v2")]:
+        assert (await post(client, kind, name)).status == 200
+
+    await asyncio.wait_for(gateway.worker.drain(), 10)
+
+    assert rows(gateway, "SELECT id, status FROM inbox ORDER BY id") == [
+        (1, "received"),
+        (2, "processed"),
+        (3, "processed"),
+    ]
+    [(status, attempts, error)] = rows(gateway, "SELECT status, attempts, last_error FROM jobs WHERE inbox_id = 1")
+    assert (status, attempts, error) == ("pending", 1, "the provider is busy")
+    assert rows(gateway, "SELECT inbox_id FROM events ORDER BY inbox_id") == [(2,), (3,)]
+    gateway.clock.advance(timedelta(hours=1))
+    await asyncio.wait_for(gateway.worker.drain(), 10)
+    assert rows(gateway, "SELECT status FROM inbox WHERE id = 1") == [("processed",)]
+    assert rows(gateway, "SELECT inbox_id FROM events ORDER BY inbox_id") == [(1,), (2,), (3,)]
+
+
+async def test_calls_the_database_could_not_apply_are_applied_once_when_it_is_back(
+    slow_provider: Any, db_url: str
+) -> None:
+    """A run of calls whose transaction fails (the database locked past its timeout) is tried again later, every
+    call of it, and applied once."""
+    client, gateway = await slow_provider("web")
+    for kind, name in [("order.placed", "Ordered"), ("profile.updated", "v1"), ("profile.updated", "v2")]:
+        assert (await post(client, kind, name)).status == 200
+    draining = asyncio.ensure_future(gateway.worker.drain())
+    await asyncio.wait_for(SlowProviderSource.asked.wait(), 10)
+    with locked_inbox(db_url), contextlib.suppress(StorageUnavailable):  # SQLite: drain's next claim fails too
+        SlowProviderSource.answer.set()
+        await asyncio.wait_for(draining, 30)
+    assert rows(gateway, "SELECT count(*) FROM inbox WHERE status = 'processed'") == [(0,)]
+
+    gateway.clock.advance(timedelta(hours=1))  # past the retry, or the lease of a job that could not be rescheduled
+    await asyncio.wait_for(gateway.worker.drain(), 10)
+
+    assert rows(gateway, "SELECT id, status FROM inbox ORDER BY id") == [
+        (1, "processed"),
+        (2, "processed"),
+        (3, "processed"),
+    ]
+    assert rows(gateway, "SELECT inbox_id FROM events ORDER BY inbox_id") == [(1,), (2,), (3,)]
+    assert rows(gateway, "SELECT first_name FROM contacts") == [("v2",)]
 
 
 @pytest.mark.parametrize(
