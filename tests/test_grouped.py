@@ -32,8 +32,22 @@ async def test_items_arriving_together_share_one_transaction(db: Database) -> No
 
     assert results == [f"K{i}" for i in range(20)]
     assert stored(db) == sorted(f"k{i}" for i in range(20))
-    # The first item goes alone (nobody waited with it); the other 19 arrived meanwhile and share one.
-    assert len(transactions) == 2
+    # All twenty came before the transaction began.
+    assert len(transactions) == 1
+
+
+async def test_a_caller_has_its_result_once_its_transaction_commits_while_items_keep_coming(db: Database) -> None:
+    """A busy worker's steps come as a stream; the first of them is not held until the stream ends."""
+    grouped = Grouped(db, remember)
+    first = asyncio.ensure_future(grouped("k0"))
+    later = []
+    while not first.done() and len(later) < 2000:
+        later.append(asyncio.ensure_future(grouped(f"k{len(later) + 1}")))
+        await asyncio.sleep(0)
+
+    assert first.done() and first.result() == "K0"
+    assert len(later) < 2000  # had the stream to end first
+    assert await asyncio.gather(*later) == [f"K{n}" for n in range(1, len(later) + 1)]
 
 
 async def test_a_bad_item_fails_alone(db: Database) -> None:
