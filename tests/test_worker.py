@@ -233,20 +233,21 @@ async def test_calls_the_database_could_not_apply_are_applied_once_when_it_is_ba
 @pytest.mark.parametrize(
     ("share", "acks_waiting", "busy", "pause"),
     [
-        (0.25, True, 1.0, 0.3),  # processing took 0.1 s of CPU: acknowledgements get the next 0.3 s
-        (0.5, True, 0.9, 0.1),
-        (0.25, False, 1.0, 0.0),  # nobody waits for an acknowledgement: no reason to pause
-        (0.25, True, 0.5, 0.0),  # half a core is idle: acknowledgements do not need processing to step aside
-        (1.0, True, 1.0, 0.0),  # no limit
+        (0.25, 64, 1.0, 0.3),  # processing took 0.1 s of CPU: acknowledgements get the next 0.3 s
+        (0.5, 16, 0.9, 0.1),
+        (0.25, 0, 1.0, 0.0),  # nobody waits for an acknowledgement: no reason to pause
+        (0.25, 15, 1.0, 0.0),  # a stream, not a flood: pausing would only delay e-mails
+        (0.25, 64, 0.5, 0.0),  # half a core is idle: acknowledgements do not need processing to step aside
+        (1.0, 64, 1.0, 0.0),  # no limit
     ],
 )
-def test_processing_makes_way_for_waiting_acknowledgements(
-    tmp_path: Path, share: float, acks_waiting: bool, busy: float, pause: float
+def test_processing_makes_way_for_a_flood_of_waiting_acknowledgements(
+    tmp_path: Path, share: float, acks_waiting: int, busy: float, pause: float
 ) -> None:
     pm = get_plugin_manager()
     path = write_deployment(tmp_path, f"worker: {{processing_share: {share}}}\n", {})
     gateway = build_gateway(load_config(path, collect(pm), pm), pm=pm)
-    gateway.committer.waiting = 1 if acks_waiting else 0  # webhooks in the group commit's queue
+    gateway.committer.waiting = acks_waiting  # webhooks in the group commit's queue
     readings = iter([(0.0, 0.0), (0.0, 0.0), (0.6, 0.6 * busy)])  # (wall, process CPU) seconds
     worker = Worker(
         gateway.db,
@@ -255,7 +256,7 @@ def test_processing_makes_way_for_waiting_acknowledgements(
         gateway.router,
         gateway.worker.steps,
         lambda event: None,
-        acks_waiting=lambda: gateway.committer.waiting > 0,
+        acks_waiting=lambda: gateway.committer.waiting,
         cpu_clock=lambda: next(readings),
     )
     assert worker.pause_after(0.1) == pytest.approx(pause)

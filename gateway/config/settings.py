@@ -624,9 +624,9 @@ class WorkerSpec(_Strict):
         0.1,
         gt=0,
         le=1,
-        description="When the process is short of CPU and webhooks wait for their acknowledgement, the share "
-        "of the CPU that processing stored calls keeps, above 0 and up to 1; acknowledging gets the rest "
-        "(1: no limit).",
+        description="When the process is short of CPU and a flood of webhooks (16 or more at once) waits for "
+        "its acknowledgement, the share of the CPU that processing stored calls keeps, above 0 and up to 1; "
+        "acknowledging gets the rest (1: no limit).",
     )
     lease: Annotated[Duration, between("10s", "1d")] = Field(
         timedelta(seconds=20),

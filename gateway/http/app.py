@@ -96,7 +96,7 @@ def build_gateway(
         steps,
         (lambda event: None) if rehearsal else partial(notify_event_received, pm),
         settings.phone_region,
-        acks_waiting=lambda: committer.waiting > 0,  # the committer is made next; asked only once running
+        acks_waiting=lambda: committer.waiting,  # the committer is made next; asked only once running
         metrics=metrics,
         retention_periods=retention.Periods.of(settings),
     )

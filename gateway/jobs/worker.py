@@ -43,6 +43,12 @@ T = TypeVar("T")
 CALLS_PER_TRANSACTION = {"sqlite": 10, "postgresql": 30}
 #: Share of a core above which the process counts as short of CPU (waits on the disk keep it under 1).
 SATURATED = 0.8
+#: Webhooks waiting for their acknowledgement that make a flood, to which processing gives way. A steady stream at
+#: the edge of what one process mails keeps fewer waiting (about the arrival rate times an acknowledgement's
+#: latency, which a faster or slower machine scales both ways): at most 15 at 450/s here (bench/latency.py), where
+#: a closed loop of 64 senders keeps 60 and more (bench/ingest.py). Pausing for a stream only delays e-mails the
+#: process would keep up with (docs/performance.md, session 17).
+ACKS_FLOOD = 16
 
 
 def _reason(error: BaseException) -> str:
@@ -83,7 +89,7 @@ class Worker:
         steps: StepRunner,
         on_event: Callable[[Event], None],
         phone_region: str | None = None,
-        acks_waiting: Callable[[], bool] = lambda: False,
+        acks_waiting: Callable[[], int] = lambda: 0,
         cpu_clock: Callable[[], tuple[float, float]] = lambda: (time.monotonic(), time.process_time()),
         metrics: Metrics | None = None,
         retention_periods: retention.Periods | None = None,
@@ -143,12 +149,12 @@ class Worker:
     def pause_after(self, spent: float) -> float:
         """Seconds to pause after processing calls took `spent` seconds of CPU.
 
-        When the process is short of CPU and webhooks wait for their acknowledgement, those go first:
-        stored calls are durable and can wait, the provider cannot. Processing keeps `processing_share`
-        of the CPU, so it never stops; with CPU to spare, it never pauses.
+        When the process is short of CPU and a flood of webhooks waits for its acknowledgement (ACKS_FLOOD), those
+        go first: stored calls are durable and can wait, the provider cannot. Processing keeps `processing_share`
+        of the CPU, so it never stops; with CPU to spare, or webhooks coming as a stream, it never pauses.
         """
         share = self.spec.processing_share
-        if share >= 1 or not self._acks_waiting() or not self._saturated():
+        if share >= 1 or self._acks_waiting() < ACKS_FLOOD or not self._saturated():
             return 0.0
         return spent * (1 - share) / share
 
@@ -189,6 +195,8 @@ class Worker:
             for task in list(self._running.values()):
                 task.cancel()
             await asyncio.gather(*self._running.values(), heartbeat, sweeper, return_exceptions=True)
+            # What cancelled jobs handed over still commits: a send made is recorded, not sent again.
+            await asyncio.gather(self._prepare.finish(), self._record.finish())
 
     async def stop(self, grace: float) -> None:
         """Claim nothing more and let jobs in flight finish, for up to `grace` seconds."""
@@ -401,7 +409,8 @@ class Worker:
         """Apply the normalised calls in arrival order, one transaction per run of them, whichever claim they came
         with: taken one by one as they are stored (light load), calls would otherwise cost a transaction each and
         keep the database thread busy with them, while those behind them wait (docs/performance.md, session 17).
-        One caller applies at a time, until no run is ready; the others only wait for their calls."""
+        One caller applies at a time, until no run is ready; the others only wait for their calls. (A step's caller
+        does not run its Grouped transactions so: its e-mail would wait. Here only the claim's job slots do.)"""
         if self._applying:
             return
         self._applying = True
