@@ -1,6 +1,6 @@
 """Latency under light load: an open loop of signed webhooks -> rule -> e-mail received by SMTP.
 
-    .venv/bin/python bench/latency.py [--rates 50,500] [--seconds 10] [--warmup 1] [--statements]
+    .venv/bin/python bench/latency.py [--rates 50,150,300,500] [--seconds 10] [--warmup 1] [--statements]
 
 `declic serve` (role all) on a fresh SQLite file, a Shopify source, an SMTP sink (`tls: none`) to an
 aiosmtpd catcher in a process of its own (bench/_catcher.py), and one rule: `when: order.placed`,
@@ -13,7 +13,9 @@ Latencies are measured from each request's scheduled time (so a late sender coun
 figure, not in its favour): to its acknowledgement, and to its e-mail's arrival at the SMTP server
 (matched by the order name in the subject). Requests of the warm-up are sent but not counted. It
 prints p50 / p99 / max of each, against issue 15's targets, and Declic's CPU time per e-mail in
-the phase. `--statements` also counts the SQL statements and transactions per e-mail of each phase, by
+the phase. Issue 15 sets targets at 50 and 500/s; the phases at 150 and 300/s have none and are there because
+e-mails were once half a second late at those rates while both ends looked fine (docs/performance.md, session
+17). `--statements` also counts the SQL statements and transactions per e-mail of each phase, by
 statement: what a webhook costs the database when it comes alone. A benchmark, not a test: it reports and
 asserts nothing about timings.
 """
@@ -173,7 +175,9 @@ def phase(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rates", default="50,500", help="webhooks per second, one phase each (default 50,500)")
+    parser.add_argument(
+        "--rates", default="50,150,300,500", help="webhooks per second, one phase each (default 50,150,300,500)"
+    )
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per phase (default 10)")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds sent first and not counted (default 1)")
     parser.add_argument("--timeout", type=float, default=60.0, help="wait this long for a phase's last e-mails")
