@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/latency.py [--rates 50,150,300,500] [--seconds 10] [--warmup 1] [--statements]
 
-`declic serve` (role all) on a fresh SQLite file, a Shopify source, an SMTP sink (`tls: none`) to an
+`declic serve` (role all) on a fresh SQLite file (or, with `--postgres URL`, a fresh database on that
+PostgreSQL server, dropped afterwards, as bench/e2e.py does), a Shopify source, an SMTP sink (`tls: none`) to an
 aiosmtpd catcher in a process of its own (bench/_catcher.py), and one rule: `when: order.placed`,
 `if: total_price > 20`, transactional, send immediately (the pieces of bench/e2e.py). For each rate, this process posts
 orders/create webhooks on a fixed schedule, one every 1/rate s, whether or not the earlier ones were
@@ -54,7 +55,7 @@ from _common import (
     wait_for_port,
     webhook_headers,
 )
-from e2e import CONFIG, TEMPLATES, print_statements, read_statements
+from e2e import CONFIG, TEMPLATES, Postgres, print_statements, read_statements
 
 from declic_gateway.testing import write_deployment
 
@@ -194,9 +195,12 @@ def main() -> None:
         help="count the SQL statements and transactions Declic runs in each phase, by statement "
         "(bench/_statements/sitecustomize.py)",
     )
+    parser.add_argument(
+        "--postgres", metavar="URL", help="run on a fresh database of this PostgreSQL server instead of SQLite"
+    )
     args = parser.parse_args()
-    if args.floor and args.statements:
-        parser.error("--floor counts no statements")
+    if args.floor and (args.statements or args.postgres):
+        parser.error("--floor runs on SQLite and counts no statements")
     rates = [int(rate) for rate in args.rates.split(",")]
 
     print(f"machine: {machine()}")
@@ -214,13 +218,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="declic-latency-") as tmp:
         folder = Path(tmp)
         port = free_port()
+        db = Postgres(args.postgres, run) if args.postgres else None
         try:
             catcher.start()
             config = write_deployment(
                 folder,
                 CONFIG.format(
                     port=port,
-                    db=f"sqlite:///{folder / 'declic.db'}",
+                    db=db.url if db else f"sqlite:///{folder / 'declic.db'}",
                     secret=SECRET,
                     smtp_port=catcher.port,
                     sink_extra="",
@@ -231,6 +236,8 @@ def main() -> None:
                 ),
                 TEMPLATES,
             )
+            if db:
+                subprocess.run([str(DECLIC), "db", "upgrade", "--config", str(config)], check=True)
             with open(folder / "declic.log", "wb") as log:
                 command = [str(DECLIC), "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
                 if args.floor:
@@ -264,6 +271,8 @@ def main() -> None:
         finally:
             stop(server)
             catcher.stop()
+            if db:
+                db.drop()
 
 
 if __name__ == "__main__":

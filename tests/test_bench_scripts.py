@@ -74,6 +74,13 @@ def test_latency_mails_every_webhook_of_each_phase_and_counts_its_statements() -
     assert "   1.00  INSERT INTO inbox " in out  # per e-mail: each webhook stored once
 
 
+@pytest.mark.postgres
+def test_latency_on_postgresql_mails_every_webhook_of_each_phase() -> None:
+    out = bench("latency.py", "--rates", "5,10", "--seconds", "1", "--warmup", "0", "--postgres", postgres_url(), *WAIT)
+    assert "mail: 5/5 received, 0 duplicates" in out
+    assert "mail: 10/10 received, 0 duplicates" in out
+
+
 def test_ingest_stores_one_row_per_acknowledgement() -> None:
     out = bench("ingest.py", "--seconds", "1", "--warmup", "0", "--concurrency", "4")
     assert "rows in inbox -> equal" in out
