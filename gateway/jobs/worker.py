@@ -122,10 +122,11 @@ class Worker:
         self._running: dict[int, asyncio.Task[None]] = {}
         self._stopping = False
         #: Claimed calls not yet applied, as (inbox id, job id): applied lowest first; those normalised wait in
-        #: `_ready` with what their claim awaits, and go through in runs from the lowest (`_apply_ready`).
+        #: `_ready` with what their claim awaits, and go through in runs from the lowest (`_apply_ready`, run by
+        #: `_applier` while it has work).
         self._calls_in_order: list[tuple[int, int]] = []
         self._ready: dict[int, tuple[_Call, asyncio.Future[None]]] = {}
-        self._applying = False
+        self._applier: asyncio.Task[None] | None = None
 
     def wake(self) -> None:
         self._wake.set()
@@ -192,9 +193,14 @@ class Worker:
             self._looping = False
             heartbeat.cancel()
             sweeper.cancel()
-            for task in list(self._running.values()):
+            tasks = [*self._running.values(), *([self._applier] if self._applier else [])]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*self._running.values(), heartbeat, sweeper, return_exceptions=True)
+            await asyncio.gather(*tasks, heartbeat, sweeper, return_exceptions=True)
+            # The calls of cancelled claims run again once their lease is over: none may hold the queue's head
+            # when this worker is started again (app._supervise restarts a worker that died).
+            self._forget([call.job for call, _ in self._ready.values()])
+            self._calls_in_order.clear()
             # What cancelled jobs handed over still commits: a send made is recorded, not sent again.
             await asyncio.gather(self._prepare.finish(), self._record.finish())
 
@@ -375,7 +381,8 @@ class Worker:
         finally:
             # Calls that wait for a later claim (the provider said retry later) hold back no call behind them.
             self._forget([job for job in jobs if job.id not in self._ready])
-        await self._apply_ready()
+        if self._applier is None:
+            self._applier = asyncio.create_task(self._apply_ready())
         for job, applied in waiting:
             try:
                 await applied
@@ -389,8 +396,11 @@ class Worker:
         return applied
 
     def _forget(self, jobs: list[ClaimedJob]) -> None:
+        """Out of the queue; a claim still waiting for one of them is cancelled (nobody may wait forever)."""
         for job in jobs:
-            self._ready.pop(job.id, None)
+            _, applied = self._ready.pop(job.id, (None, None))
+            if applied is not None and not applied.done():
+                applied.cancel()
             with contextlib.suppress(ValueError):
                 self._calls_in_order.remove((job.inbox_id or 0, job.id))
 
@@ -407,13 +417,9 @@ class Worker:
 
     async def _apply_ready(self) -> None:
         """Apply the normalised calls in arrival order, one transaction per run of them, whichever claim they came
-        with: taken one by one as they are stored (light load), calls would otherwise cost a transaction each and
-        keep the database thread busy with them, while those behind them wait (docs/performance.md, session 17).
-        One caller applies at a time, until no run is ready; the others only wait for their calls. (A step's caller
-        does not run its Grouped transactions so: its e-mail would wait. Here only the claim's job slots do.)"""
-        if self._applying:
-            return
-        self._applying = True
+        with, until no run is ready: taken one by one as they are stored (light load), calls cost a transaction
+        each, in turn, while those behind them waited (docs/performance.md, session 17). It runs as a task of its
+        own, as Grouped's transactions do: the claims only wait for their calls."""
         run: list[_Call] = []
         try:
             while run := self._next_run():
@@ -428,22 +434,19 @@ class Worker:
                     self._on_event(event)
                 await asyncio.sleep(self.pause_after(self._cpu_applying - cpu))
         finally:
-            self._applying = False
-            cancelled = [call for call in run if call.job.id in self._ready]  # cancelled mid-run (stopping)
-            for call in cancelled:  # nobody may wait forever; the jobs run again once their lease is over
-                self._ready[call.job.id][1].cancel()
-            self._forget([call.job for call in cancelled])
+            self._applier = None
+            self._forget([call.job for call in run])  # cancelled mid-run (stopping): see run()
 
     def _settle(self, run: list[_Call], error: Exception | None = None) -> None:
-        futures = [self._ready[call.job.id][1] for call in run]
-        self._forget([call.job for call in run])
-        for applied in futures:
+        for call in run:
+            applied = self._ready[call.job.id][1]
             if applied.done():
                 continue
             if error is None:
                 applied.set_result(None)
             else:
                 applied.set_exception(error)
+        self._forget([call.job for call in run])
 
     async def _apply(self, calls: list[_Call]) -> list[Event]:
         """Apply the calls; the transaction that applies the last one also claims what is due now, the steps
