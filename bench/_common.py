@@ -5,6 +5,7 @@ Not a test module: nothing here asserts on timings.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import copy
@@ -173,6 +174,40 @@ def stop(proc: subprocess.Popen[Any] | None, timeout: float = 15.0) -> None:
         proc.wait()
     except ProcessLookupError:
         pass
+
+
+def add_cpu_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cpu",
+        type=int,
+        metavar="N",
+        help="run the server alone on CPU N, and this process and the SMTP catcher on the others, as issue 15's "
+        "harness ran each system under test on one core (Linux; default: nothing pinned). Declic runs Python on "
+        "one core at a time anyway (the GIL); kept on one, its threads hand the GIL to each other without waking "
+        "another core (docs/performance.md, session 18)",
+    )
+
+
+def keep_off(cpu: int | None) -> str:
+    """Move this process, and the children it starts from now on, off `cpu`, which the server gets to itself
+    (`on_cpu`); what the run's header says of it."""
+    if cpu is None:
+        return "nothing pinned"
+    cpus = os.sched_getaffinity(0)
+    if cpu not in cpus or len(cpus) < 2:
+        raise SystemExit(f"--cpu {cpu}: this process may run on CPUs {sorted(cpus)}; N must be one of two or more")
+    os.sched_setaffinity(0, cpus - {cpu})
+    return f"the server alone on CPU {cpu}, the load and the catcher on CPUs {sorted(cpus - {cpu})}"
+
+
+def on_cpu(cpu: int | None) -> Any:
+    """`preexec_fn` that pins a child (the server) to `cpu`; None when nothing is pinned."""
+    return None if cpu is None else lambda: os.sched_setaffinity(0, {cpu})
+
+
+def where_it_runs(pid: int) -> str:
+    """The CPUs a started server may run on, read back from the kernel: what `--cpu` did."""
+    return f"the server (pid {pid}) may run on CPUs {sorted(os.sched_getaffinity(pid))}"
 
 
 def cpu_seconds(pid: int) -> float:

@@ -1,6 +1,6 @@
 """End-to-end benchmark: signed webhook -> rule -> e-mail received by a local SMTP server.
 
-    .venv/bin/python bench/e2e.py [--orders 2000] [--concurrency 64] [--timeout 120] [--links N] [--track]
+    .venv/bin/python bench/e2e.py [--orders 2000] [--concurrency 64] [--timeout 120] [--links N] [--track] [--cpu N]
 
 `declic serve` (role all) runs in its own process on a fresh temporary SQLite database (or, with
 `--postgres URL`, a fresh database on that PostgreSQL server, dropped afterwards), with one
@@ -45,18 +45,22 @@ from _common import (
     BENCH,
     DECLIC,
     SECRET,
+    add_cpu_option,
     cpu_seconds,
     delaying_proxy,
     free_port,
+    keep_off,
     machine,
     machine_ticks,
     machine_usage,
+    on_cpu,
     order_body,
     percentile,
     sign,
     stop,
     wait_for_port,
     webhook_headers,
+    where_it_runs,
 )
 
 from declic_gateway.testing import write_deployment
@@ -198,6 +202,7 @@ def main() -> None:
         help="count the SQL statements and transactions Declic runs from the first post to the last e-mail, "
         "by statement (bench/_statements/sitecustomize.py)",
     )
+    add_cpu_option(parser)
     args = parser.parse_args()
     if args.floor and (args.postgres or args.statements):
         parser.error("--floor runs on SQLite and counts no statements")
@@ -209,6 +214,7 @@ def main() -> None:
         body = order_body(i, email=f"bench+{run}-{i}@example.com", name=name)
         orders.append((name, body, sign(body)))
     print(f"machine: {machine(args.declic)}")
+    print(f"cpus: {keep_off(args.cpu)}")
     if args.floor:
         print("server: the floor (bench/_floor_server.py), not Declic")
     print(
@@ -262,8 +268,16 @@ def main() -> None:
                 if args.statements:
                     environment["PYTHONPATH"] = str(BENCH / "_statements")
                     environment["DECLIC_STATEMENTS_OUT"] = str(folder / "statements.json")
-                server = subprocess.Popen([*command, "--port", str(port)], stdout=log, stderr=log, env=environment)
+                server = subprocess.Popen(
+                    [*command, "--port", str(port)],
+                    stdout=log,
+                    stderr=log,
+                    env=environment,
+                    preexec_fn=on_cpu(args.cpu),
+                )
                 wait_for_port(port, server, timeout=600 if args.callgrind else 30)
+                if args.cpu is not None:
+                    print(f"cpus: {where_it_runs(server.pid)}", flush=True)
                 if args.callgrind:
                     callgrind_control(server.pid, "--instr=on")
                 if args.statements:

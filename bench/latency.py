@@ -1,6 +1,6 @@
 """Latency under light load: an open loop of signed webhooks -> rule -> e-mail received by SMTP.
 
-    .venv/bin/python bench/latency.py [--rates 50,150,300,500] [--seconds 10] [--warmup 1] [--statements]
+    .venv/bin/python bench/latency.py [--rates 50,150,300,500] [--seconds 10] [--warmup 1] [--statements] [--cpu N]
 
 `declic serve` (role all) on a fresh SQLite file (or, with `--postgres URL`, a fresh database on that
 PostgreSQL server, dropped afterwards, as bench/e2e.py does), a Shopify source, an SMTP sink (`tls: none`) to an
@@ -43,17 +43,21 @@ from _common import (
     BENCH,
     DECLIC,
     SECRET,
+    add_cpu_option,
     cpu_seconds,
     free_port,
+    keep_off,
     machine,
     machine_ticks,
     machine_usage,
+    on_cpu,
     order_body,
     percentile,
     sign,
     stop,
     wait_for_port,
     webhook_headers,
+    where_it_runs,
 )
 from e2e import CONFIG, TEMPLATES, Postgres, print_statements, read_statements
 
@@ -198,12 +202,14 @@ def main() -> None:
     parser.add_argument(
         "--postgres", metavar="URL", help="run on a fresh database of this PostgreSQL server instead of SQLite"
     )
+    add_cpu_option(parser)
     args = parser.parse_args()
     if args.floor and (args.statements or args.postgres):
         parser.error("--floor runs on SQLite and counts no statements")
     rates = [int(rate) for rate in args.rates.split(",")]
 
     print(f"machine: {machine()}")
+    print(f"cpus: {keep_off(args.cpu)}")
     if args.floor:
         print("server: the floor (bench/_floor_server.py), not Declic")
     print(
@@ -247,8 +253,10 @@ def main() -> None:
                 if args.statements:
                     environment["PYTHONPATH"] = str(BENCH / "_statements")
                     environment["DECLIC_STATEMENTS_OUT"] = str(folder / "statements.json")
-                server = subprocess.Popen(command, stdout=log, stderr=log, env=environment)
+                server = subprocess.Popen(command, stdout=log, stderr=log, env=environment, preexec_fn=on_cpu(args.cpu))
                 wait_for_port(port, server)
+                if args.cpu is not None:
+                    print(f"cpus: {where_it_runs(server.pid)}", flush=True)
                 time.sleep(1.0)  # start-up work (migrations, the first clock jobs) is not the idle cost
                 idle_before = cpu_seconds(server.pid)
                 time.sleep(2.0)

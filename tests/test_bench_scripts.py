@@ -61,6 +61,14 @@ def test_the_floor_mails_every_order_once_and_records_each_send() -> None:
 
 
 @pytest.mark.postgres
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs: one for the server, one for the load")
+def test_latency_can_run_the_server_alone_on_one_cpu() -> None:
+    cpu = max(os.sched_getaffinity(0))
+    out = bench("latency.py", "--cpu", str(cpu), "--rates", "5", "--seconds", "1", "--warmup", "0", *WAIT)
+    assert re.search(rf"the server \(pid \d+\) may run on CPUs \[{cpu}\]", out), out
+    assert "mail: 5/5 received, 0 duplicates" in out
+
+
 def test_e2e_on_postgresql_mails_every_order_once() -> None:
     out = bench("e2e.py", "--orders", "20", "--concurrency", "4", "--postgres", postgres_url(), *WAIT)
     assert "20/20 received (0 duplicates)" in out
