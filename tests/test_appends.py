@@ -10,8 +10,9 @@ import pytest
 import sqlalchemy as sa
 
 from conftest import postgres_database
-from declic_gateway.insight import journal
-from declic_gateway.store import DECISIONS, META, Database, appends
+from declic_gateway.insight import journal, rendered
+from declic_gateway.pipeline import inbound, router
+from declic_gateway.store import DECISIONS, ENROLMENTS, INBOX, JOBS, META, RENDERED, Database, appends, jobqueue
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 
@@ -78,6 +79,135 @@ def test_a_queued_row_the_database_refuses_fails_its_transaction_as_any_statemen
         db.transaction(work)
     db.transaction(lambda conn: journal.record(conn, NOW, "c", 1, "enrolled"))
     assert journalled(db) == [("c", "enrolled")]
+
+
+AT = datetime(2026, 6, 1, 12, 30, 15, 123456, tzinfo=UTC)
+#: Rows for the appended statements, by the table's name: each is written twice, with two ids.
+ROWS = {
+    "decisions": (
+        journal._INSERT,
+        {
+            "at": AT,
+            "rule": "r",
+            "step": None,
+            "contact_id": 7,
+            "action": "enrolled",
+            "via": None,
+            "reason": "é 例",
+            "event_id": "3.0",
+        },
+    ),
+    "enrolments": (
+        router._ENROL_NEW,
+        {
+            "rule": "r",
+            "contact_id": 7,
+            "event_id": "3.0",
+            "occurrence": "o",
+            "correlation": None,
+            "status": "active",
+            "held_out": True,
+            "created_at": AT,
+        },
+    ),
+    "jobs": (
+        jobqueue._INSERT,
+        {
+            "kind": "step",
+            "enrolment_id": 5,
+            "step": 0,
+            "due_at": AT,
+            "first_due_at": AT,
+            "priority": -2,
+            "status": "pending",
+            "attempts": 0,
+            "created_at": AT,
+            "updated_at": AT,
+        },
+    ),
+    "rendered_messages": (None, {"contact_id": 7, "at": AT, "body": b"\x00\xffzlib"}),
+}
+
+
+def stored(conn: sa.Connection, table: sa.Table, key: str, values: list[object]) -> list[tuple[object, ...]]:
+    """The rows as the driver returns them, without SQLAlchemy's processing, the key column left out."""
+    columns = [c.name for c in table.columns if c.name not in ("id", key)]
+    select = sa.select(*(table.c[name] for name in columns)).where(table.c[key].in_(values)).order_by(table.c[key])
+    sql = str(select.compile(conn, compile_kwargs={"literal_binds": True}))
+    return [tuple(row) for row in conn.exec_driver_sql(sql)]
+
+
+def test_rows_written_from_the_queue_are_stored_as_sqlalchemy_stores_them(db: Database) -> None:
+    """The queue binds each row's values itself (appends._executemany): each column must hold what
+    `conn.execute` stores for the same row, on both databases: datetimes, NULLs, booleans, bytes, non-ASCII text,
+    and in an UPDATE the values the statement holds itself beside those the rows bind."""
+    tables = {"decisions": DECISIONS, "enrolments": ENROLMENTS, "jobs": JOBS, "rendered_messages": RENDERED}
+    keys = {
+        "decisions": "event_id",
+        "enrolments": "occurrence",
+        "jobs": "enrolment_id",
+        "rendered_messages": "delivery_key",
+    }
+
+    def rows(name: str, n: int) -> tuple[sa.Insert, dict[str, object]]:
+        """The table's row, told apart from its twin by `keys[name]` (and an id where the statement takes one)."""
+        statement, row = ROWS[name]
+        statement = statement if statement is not None else rendered._insert(db.engine.dialect.name)
+        own = {keys[name]: n if name == "jobs" else f"k{n}"} | ({"id": n} if name == "enrolments" else {})
+        return statement, {**row, **own}
+
+    def queued(conn: sa.Connection) -> None:
+        for name in tables:
+            statement, row = rows(name, 1)
+            appends.append(conn, statement, row)
+
+    db.transaction(queued)
+    with db.engine.begin() as conn:
+        for name in tables:
+            conn.execute(*rows(name, 2))
+    with db.engine.connect() as conn:
+        for name, table in tables.items():
+            queued_row, executed_row = stored(conn, table, keys[name], [rows(name, n)[1][keys[name]] for n in (1, 2)])
+            assert queued_row == executed_row, name
+    dialect = db.engine.dialect.name
+    planned = {statement: plan for (_, name, _), (statement, plan) in appends._PLANS.items() if name == dialect}
+    assert all(planned.get(rows(name, 1)[0]) for name in tables)  # the queue's own way was taken for each
+
+    def finish(conn: sa.Connection, job_id: int) -> None:
+        appends.append(
+            conn, jobqueue._FINISH, {"job_id": job_id, "worker": "w", "new_status": "done", "error": "é", "now": AT}
+        )
+
+    with db.engine.begin() as conn:
+        for enrolment in (11, 12):
+            conn.execute(jobqueue._INSERT, {**ROWS["jobs"][1], "enrolment_id": enrolment, "status": "running"})
+        conn.execute(sa.update(JOBS).values(locked_by="w", locked_until=AT, about="[]"))
+        found = conn.execute(sa.select(JOBS.c.enrolment_id, JOBS.c.id).where(JOBS.c.enrolment_id.in_([11, 12])))
+        ids = {row.enrolment_id: row.id for row in found}
+    db.transaction(finish, ids[11])
+    with db.engine.begin() as conn:
+        conn.execute(
+            jobqueue._FINISH, [{"job_id": ids[12], "worker": "w", "new_status": "done", "error": "é", "now": AT}]
+        )
+    with db.engine.connect() as conn:
+        queued_job, executed_job = stored(conn, JOBS, "enrolment_id", [11, 12])
+    assert queued_job == executed_job
+    assert "done" in queued_job and None in queued_job  # status, and locked_until set to NULL by the statement
+
+    with db.engine.begin() as conn:  # a value the statement holds itself: status="processed"
+        for key in ("c1", "c2"):
+            call = {"source": "s", "dedupe_key": key, "received_at": AT, "headers": "{}", "body": b"{}"}
+            conn.execute(sa.insert(INBOX), {**call, "status": "received", "error": "x"})
+        calls = {row.dedupe_key: row.id for row in conn.execute(sa.select(INBOX.c.dedupe_key, INBOX.c.id))}
+    db.transaction(
+        lambda conn: appends.append(conn, inbound._MARK_PROCESSED, {"inbox_id": calls["c1"], "processed_at": AT})
+    )
+    with db.engine.begin() as conn:
+        conn.execute(inbound._MARK_PROCESSED, [{"inbox_id": calls["c2"], "processed_at": AT}])
+    with db.engine.connect() as conn:
+        queued_call, executed_call = stored(conn, INBOX, "dedupe_key", ["c1", "c2"])
+    assert queued_call == executed_call
+    assert "processed" in queued_call and "x" not in queued_call
 
 
 @pytest.fixture
