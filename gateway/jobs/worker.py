@@ -502,7 +502,7 @@ class Worker:
             return _Call(job, None)
         source = self.sources.get(raw.source)
         try:
-            return _Call(job, raw, await inbound.normalize(source, raw))
+            return _Call(job, raw, await inbound.normalize(source, raw, self.phone_region))
         except RetryLater as exc:  # the provider will answer later: back off, never drop the call
             await self._retry_later(job, exc.reason, exc.after, inbound.about(source, raw))
             return None
@@ -523,7 +523,7 @@ class Worker:
             if call.raw is not None and call.failure is not None:
                 inbound.fail_call(conn, call.raw.id, now, call.failure)
         applying = [(raw, call.events) for call in calls if (raw := call.applies())]
-        applied = iter(inbound.apply_calls(conn, applying, self.router, now, self.phone_region))
+        applied = iter(inbound.apply_calls(conn, applying, self.router, now))
         if applying:
             inbound.mark_processed(conn, [raw.id for raw, _ in applying], now)
         for call in calls:

@@ -38,18 +38,24 @@ def load_calls(conn: Connection, inbox_ids: list[int]) -> dict[int, RawCall]:
     }
 
 
-async def normalize(source: Source | None, raw: RawCall) -> list[Event]:
-    """Run the plugin's normalize (plain or async). Raises Unprocessable or RetryLater."""
+async def normalize(source: Source | None, raw: RawCall, phone_region: str | None = None) -> list[Event]:
+    """Run the plugin's normalize (plain or async), then name and fit its events for the tables (`named`, `fit`).
+    Raises Unprocessable or RetryLater.
+
+    Fitting is done here, on the event loop, not in the transaction that applies the call: it needs no
+    database, and SQLite's one database thread, which applies calls in turn, is where the queue forms near
+    capacity (docs/performance.md, session 18)."""
     if source is None:
         raise Unprocessable(f"source {raw.source!r} is no longer in the config")
     try:
         result = source.normalize(raw)
-        return await result if inspect.isawaitable(result) else result
+        events = await result if inspect.isawaitable(result) else result
     except (MalformedPayload, RetryLater):
         raise
     except Exception as exc:  # a plugin bug must not stop the queue; the call stays replayable
         log.exception("normalize crashed", source=raw.source, inbox_id=raw.id)
         raise Unprocessable(f"{type(source).__name__}.normalize crashed: {exc!r}") from exc
+    return [fit(named(raw, index, event), phone_region) for index, event in enumerate(events)]
 
 
 def about(source: Source | None, raw: RawCall) -> list[tuple[str, str]] | None:
@@ -69,20 +75,13 @@ class Unprocessable(MalformedPayload):
 
 
 def apply_calls(
-    conn: Connection,
-    calls: list[tuple[RawCall, list[Event]]],
-    router: Router,
-    now: datetime,
-    phone_region: str | None = None,
+    conn: Connection, calls: list[tuple[RawCall, list[Event]]], router: Router, now: datetime
 ) -> list[list[Event]]:
-    """Apply calls in the order given, in one transaction; the events stored, call by call. Who they are
-    about is looked up in one statement for all of them; the caller marks the calls processed."""
-    fitted = [
-        (raw, [fit(named(raw, index, event), phone_region) for index, event in enumerate(events)])
-        for raw, events in calls
-    ]
-    with contacts.known_ahead(conn, [event.contact for _, events in fitted for event in events]):
-        return [apply_events(conn, raw, events, router, now) for raw, events in fitted]
+    """Apply calls (their events as `normalize` gives them) in the order given, in one transaction; the events
+    stored, call by call. Who they are about is looked up in one statement for all of them; the caller marks
+    the calls processed."""
+    with contacts.known_ahead(conn, [event.contact for _, events in calls for event in events]):
+        return [apply_events(conn, raw, events, router, now) for raw, events in calls]
 
 
 def named(raw: RawCall, index: int, event: Event) -> Event:
@@ -91,7 +90,7 @@ def named(raw: RawCall, index: int, event: Event) -> Event:
 
 
 def apply_events(conn: Connection, raw: RawCall, events: list[Event], router: Router, now: datetime) -> list[Event]:
-    """Resolve contacts, store and route each event of a call, named and fitted (`apply_calls`)."""
+    """Resolve contacts, store and route each event of a call, named and fitted (`normalize`)."""
     stored = []
     for event in events:
         if event.dedupe_key and seen_before(conn, raw.source, event.dedupe_key):
