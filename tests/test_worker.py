@@ -64,6 +64,65 @@ async def test_calls_applied_together_keep_their_order_and_a_bad_one_fails_alone
     assert rows(gateway, "SELECT status, COUNT(*) FROM jobs WHERE kind = 'inbox' GROUP BY status") == [("done", 3)]
 
 
+class Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("no text for this one")
+
+
+class OddValuesSource(ScriptedSource):
+    """`scripted`, where an event whose first name is "Odd" carries an external id that cannot be written as text,
+    as a plugin building its events without validating them could."""
+
+    name = "odd-values"
+
+    def normalize(self, raw: RawCall) -> list[Event]:
+        events = super().normalize(raw)
+        return [
+            event.model_copy(
+                update={
+                    "contact": event.contact.model_construct(
+                        **{**dict(event.contact), "external_ids": {"k": Unprintable()}}
+                    )
+                }
+            )
+            if event.contact.first_name == "Odd"
+            else event
+            for event in events
+        ]
+
+
+class OddValuesPlugin:
+    @hookimpl
+    def register_sources(self, register: Callable[[type[Source]], None]) -> None:
+        register(OddValuesSource)
+
+
+async def test_a_call_whose_events_cannot_be_fitted_fails_alone_and_is_not_retried(
+    aiohttp_client: Any, tmp_path: Path, db_url: str
+) -> None:
+    """Fitting (addresses, E.164, keys cut to the columns) runs when a call is normalised: a crash there fails
+    that call, visibly and replayable, and neither holds back nor delays the calls claimed with it."""
+    pm = get_plugin_manager(extra=[OddValuesPlugin()])
+    config = f"storage: {{url: '{db_url}'}}\nsources:\n  in: {{plugin: odd-values, url_token: tok}}\n"
+    settings = load_config(write_deployment(tmp_path, config, {}), collect(pm), pm)
+    app = create_app(settings, pm=pm, clock=FakeClock(datetime(2026, 6, 1, tzinfo=UTC)), role="web")
+    client, gateway = await aiohttp_client(app), app[GATEWAY_KEY]
+    for first_name in ("Ada", "Odd", "Bea"):
+        events = [
+            {"type": "profile.updated", "contact": {"email": f"{first_name}@example.com", "first_name": first_name}}
+        ]
+        assert (await client.post("/hooks/in/tok", data=json.dumps(events).encode())).status == 200
+
+    await gateway.worker.drain()
+
+    assert rows(gateway, "SELECT first_name FROM contacts ORDER BY id") == [("Ada",), ("Bea",)]
+    statuses = rows(gateway, "SELECT status, error FROM inbox ORDER BY id")
+    assert [status for status, _ in statuses] == ["processed", "failed", "processed"]
+    assert "could not be stored" in statuses[1][1] and "no text for this one" in statuses[1][1]
+    # Each call's job ran once and is closed: the failing one is not tried again, nor are its neighbours.
+    assert rows(gateway, "SELECT status, attempts FROM jobs WHERE kind = 'inbox' ORDER BY id") == [("done", 1)] * 3
+
+
 async def test_a_large_batch_is_applied_in_arrival_order_across_its_transactions(deployment: Any) -> None:
     client, gateway = deployment
     for n in range(1, 46):  # more calls than one claim takes, and several transactions per claim

@@ -55,7 +55,13 @@ async def normalize(source: Source | None, raw: RawCall, phone_region: str | Non
     except Exception as exc:  # a plugin bug must not stop the queue; the call stays replayable
         log.exception("normalize crashed", source=raw.source, inbox_id=raw.id)
         raise Unprocessable(f"{type(source).__name__}.normalize crashed: {exc!r}") from exc
-    return [fit(named(raw, index, event), phone_region) for index, event in enumerate(events)]
+    try:
+        return [fit(named(raw, index, event), phone_region) for index, event in enumerate(events)]
+    except MalformedPayload:
+        raise
+    except Exception as exc:  # odd values from a plugin (or a bug here): this call fails, not its neighbours
+        log.exception("events could not be fitted", source=raw.source, inbox_id=raw.id)
+        raise Unprocessable(f"the events of {type(source).__name__}.normalize could not be stored: {exc!r}") from exc
 
 
 def about(source: Source | None, raw: RawCall) -> list[tuple[str, str]] | None:
