@@ -112,6 +112,20 @@ async def test_webhooks_sends_and_the_queue_are_counted(deploy: Factory, smtp: S
     assert len(smtp.messages) == 2
 
 
+async def test_the_database_threads_time_is_counted(deploy: Factory, smtp: SmtpCatcher) -> None:
+    """Near capacity calls queue for the database thread: its busy seconds (waits included) and its CPU show it."""
+    d = await deploy(extra=TOKENS)
+    before = await scrape(d.client)
+    for i in range(3):
+        assert await post(d, order(i, f"n{i}@example.org"), webhook_id=f"hook-{i}") == 200
+    await d.advance(seconds=5)
+    after = await scrape(d.client)
+    assert len(smtp.messages) == 3
+    busy = after("declic_database_busy_seconds_total") - before("declic_database_busy_seconds_total")
+    cpu = after("declic_database_cpu_seconds_total") - before("declic_database_cpu_seconds_total")
+    assert 0 < cpu <= busy  # one thread's CPU never exceeds its wall time
+
+
 async def test_queue_gauges_are_read_once_per_five_seconds(deploy: Factory) -> None:
     d = await deploy(extra=TOKENS)
     assert (await scrape(d.client))("declic_inbox_backlog_calls") == 0

@@ -75,6 +75,7 @@ def build_gateway(
     db = Database(database_url or settings.database_url, settings.storage.busy_timeout)
     metrics = Metrics(sources, sinks)
     db.on_unavailable = metrics.storage_unavailable
+    db.on_work = metrics.database_work
     steps = StepRunner(
         router,
         sinks,

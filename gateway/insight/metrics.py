@@ -86,6 +86,17 @@ class Metrics:
             registry=registry,
         )
         self._storage_errors.inc(0)
+        self._database_busy = Counter(
+            "declic_database_busy_seconds",
+            "Wall time the database threads spent running transactions, waits for the disk and the GIL included: "
+            "its rate near the number of threads (1 on SQLite, 2 on PostgreSQL) means work queues for them.",
+            registry=registry,
+        )
+        self._database_cpu = Counter(
+            "declic_database_cpu_seconds",
+            "CPU time the database threads spent running transactions.",
+            registry=registry,
+        )
         self._retained = Counter(
             "declic_retention_removed",
             "Rows the retention job removed, by part: inbox_bodies (blanked), inbox_keys, events, decisions, "
@@ -133,6 +144,11 @@ class Metrics:
     def storage_unavailable(self) -> None:
         """A transaction failed for want of storage; may be called from any thread."""
         self._storage_errors.inc()
+
+    def database_work(self, busy: float, cpu: float) -> None:
+        """A database thread ran a transaction for `busy` seconds of wall time, `cpu` of its CPU; any thread."""
+        self._database_busy.inc(busy)
+        self._database_cpu.inc(cpu)
 
     async def refresh(self, db: Database, now: datetime) -> None:
         """Read the queue gauges from the database, unless a recent read is still fresh."""

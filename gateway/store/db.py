@@ -8,6 +8,7 @@ import fcntl
 import itertools
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from contextlib import AbstractContextManager
@@ -107,9 +108,12 @@ class Database:
         self._lock: IO[str] | None = None
         # Urgent work (acknowledging webhooks) goes before the worker's backlog. SQLite has one writer: one
         # thread serialises writes instead of contending. PostgreSQL gets POSTGRES_LANES threads.
-        self._executor = PriorityLane(1 if self.is_sqlite else POSTGRES_LANES)
+        self._executor = PriorityLane(1 if self.is_sqlite else POSTGRES_LANES, lambda *spent: self.on_work(*spent))
         #: Called (from a database thread) each time storage is unavailable: the metrics count it.
         self.on_unavailable: Callable[[], None] = lambda: None
+        #: Called (from a database thread) after each piece of work with its wall and CPU seconds: the metrics
+        #: add them up, so that a database thread always busy (where calls queue near capacity) shows.
+        self.on_work: Callable[[float, float], None] = lambda busy, cpu: None
         #: SQLite's database thread keeps its connection between transactions (`_on_kept`).
         self._kept: Connection | None = None
 
@@ -313,9 +317,11 @@ async def together_or_alone(db: Database, work: Callable[[Any, list[I]], list[R]
 
 
 class PriorityLane(Executor):
-    """A few threads, two queues in one: urgent work runs before everything queued behind it."""
+    """A few threads, two queues in one: urgent work runs before everything queued behind it. `on_work` hears the
+    wall and CPU seconds each piece of work took, on its thread."""
 
-    def __init__(self, threads: int = 1) -> None:
+    def __init__(self, threads: int = 1, on_work: Callable[[float, float], None] = lambda busy, cpu: None) -> None:
+        self._on_work = on_work
         self._queue: queue.PriorityQueue[tuple[int, int, Any]] = queue.PriorityQueue()
         self._order = itertools.count()
         self._closed, self._closing = False, threading.Lock()
@@ -344,10 +350,15 @@ class PriorityLane(Executor):
             future, fn, args, kwargs = work
             if not future.set_running_or_notify_cancel():
                 continue
+            began, cpu = time.perf_counter(), time.thread_time()
             try:
-                future.set_result(fn(*args, **kwargs))
+                result = fn(*args, **kwargs)
             except BaseException as exc:
+                self._on_work(time.perf_counter() - began, time.thread_time() - cpu)
                 future.set_exception(exc)
+            else:
+                self._on_work(time.perf_counter() - began, time.thread_time() - cpu)
+                future.set_result(result)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._closing:
