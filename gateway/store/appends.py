@@ -12,8 +12,8 @@ else `append` writes at once. Nothing is read stale: before any statement that n
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -26,6 +26,7 @@ from . import sql
 _KEY = "declic.appends"
 #: Execution option of a statement that reads and writes no table (PostgreSQL's NOTIFY): it never writes the queue.
 NO_TABLE = "declic_no_table"
+T = TypeVar("T")
 
 
 class _Queue:
@@ -95,7 +96,7 @@ def _executemany(conn: Connection, statement: sa.Executable, rows: list[dict[str
     """`conn.execute(statement, rows)`, with each row's values bound as SQLAlchemy binds them (the columns' own
     types) and handed to the driver in the compiled statement's order. SQLAlchemy builds and processes each row's
     parameters again on every run, a cost per row that is most of what writing one costs Python here: 8.75 ->
-    8.36 M instructions per e-mail (docs/performance.md, session 18). A statement this does not cover (defaults
+    8.32 M instructions per e-mail (docs/performance.md, session 18). A statement this does not cover (defaults
     computed in Python, expanding or escaped parameters, rows naming different columns) goes through SQLAlchemy."""
     keys = rows[0].keys()
     plan = _plan(statement, conn.dialect, tuple(keys)) if isinstance(statement, (sa.Insert, sa.Update)) else None
@@ -108,10 +109,11 @@ def _executemany(conn: Connection, statement: sa.Executable, rows: list[dict[str
 class _Plan:
     """A statement compiled for one set of row keys, and how each of its parameters is bound."""
 
-    __slots__ = ("binds", "positional", "sql")
+    __slots__ = ("binds", "names", "positional", "sql")
 
     def __init__(self, sql: str, binds: list[tuple[str, Any, Any]], positional: bool) -> None:
         self.sql, self.binds, self.positional = sql, binds, positional
+        self.names = [name for name, _, _ in binds]
 
     def parameters(self, row: dict[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
         """The row's values (or the statement's own, for parameters the row does not name), each through its
@@ -121,24 +123,15 @@ class _Plan:
             for name, default, process in self.binds
             for value in (row.get(name, default),)
         ]
-        if self.positional:
-            return tuple(values)
-        return dict(zip([name for name, _, _ in self.binds], values, strict=True))
+        return tuple(values) if self.positional else dict(zip(self.names, values, strict=True))
 
 
-#: Plans by (statement id, dialect, row keys); the statement is kept so that its id is not reused. Appended
-#: statements are built once, so this stays small.
+#: Plans by (statement id, dialect, row keys): see `_memo`.
 _PLANS: dict[tuple[int, str, tuple[str, ...]], tuple[Any, _Plan | None]] = {}
 
 
 def _plan(statement: sa.Insert | sa.Update, dialect: Any, keys: tuple[str, ...]) -> _Plan | None:
-    key = (id(statement), dialect.name, keys)
-    found = _PLANS.get(key)
-    if found is None or found[0] is not statement:
-        if len(_PLANS) >= 4096:
-            _PLANS.clear()
-        found = _PLANS[key] = (statement, _make_plan(statement, dialect, keys))
-    return found[1]
+    return _memo(_PLANS, statement, (id(statement), dialect.name, keys), lambda: _make_plan(statement, dialect, keys))
 
 
 def _make_plan(statement: sa.Insert | sa.Update, dialect: Any, keys: tuple[str, ...]) -> _Plan | None:
@@ -186,18 +179,27 @@ def write_first(conn: Connection, statement: Any, *_: Any) -> None:
             flush(conn)
 
 
-#: The tables each statement names, by id (the statement is kept so that its id is not reused); the hot paths'
-#: statements are built once, so this stays small; those built on each call are found again.
+#: The tables each statement names, by id: see `_memo`.
 _TABLES: dict[int, tuple[Any, frozenset[str] | None]] = {}
 
 
 def _tables(statement: Any) -> frozenset[str] | None:
     """The tables a statement names, subqueries included; None when that cannot be known (text)."""
-    found = _TABLES.get(id(statement))
-    if found is None or found[0] is not statement:
+
+    def named() -> frozenset[str] | None:
         tables = find_tables(statement, include_crud=True) if isinstance(statement, sa.ClauseElement) else []
-        names = frozenset(table.name for table in tables if isinstance(table, sa.Table))
-        if len(_TABLES) >= 4096:
-            _TABLES.clear()
-        found = _TABLES[id(statement)] = (statement, names or None)
+        return frozenset(table.name for table in tables if isinstance(table, sa.Table)) or None
+
+    return _memo(_TABLES, statement, id(statement), named)
+
+
+def _memo(cache: dict[Any, tuple[Any, T]], statement: Any, key: Any, make: Callable[[], T]) -> T:
+    """`make()`, kept in `cache` under `key`, which holds the statement's id: the statement is kept beside the value
+    so that its id is not reused. The hot paths' statements are built once, so caches stay small; those built on
+    each call are found again, and a cache is emptied past 4,096."""
+    found = cache.get(key)
+    if found is None or found[0] is not statement:
+        if len(cache) >= 4096:
+            cache.clear()
+        found = cache[key] = (statement, make())
     return found[1]

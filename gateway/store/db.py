@@ -351,14 +351,16 @@ class PriorityLane(Executor):
             if not future.set_running_or_notify_cancel():
                 continue
             began, cpu = time.perf_counter(), time.thread_time()
+            result, error = None, None
             try:
                 result = fn(*args, **kwargs)
             except BaseException as exc:
-                self._on_work(time.perf_counter() - began, time.thread_time() - cpu)
-                future.set_exception(exc)
-            else:
-                self._on_work(time.perf_counter() - began, time.thread_time() - cpu)
+                error = exc
+            self._on_work(time.perf_counter() - began, time.thread_time() - cpu)  # before the caller hears
+            if error is None:
                 future.set_result(result)
+            else:
+                future.set_exception(error)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._closing:
