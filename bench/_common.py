@@ -19,8 +19,12 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
@@ -214,6 +218,76 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+#: Opens the bench server's /metrics (the config's `metrics.token`), where it counts its database threads' time.
+METRICS_TOKEN = "bench-metrics-token-0123456789"
+METRICS_CONFIG = f"metrics:\n  token: {METRICS_TOKEN}\n"
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """A server's CPU so far: (user, kernel) seconds by thread id from /proc, and the (CPU, busy) seconds of its
+    database transactions from its own /metrics (`declic_database_*_seconds_total`; None where there is none)."""
+
+    threads: dict[int, tuple[float, float]]
+    database: tuple[float, float] | None
+
+
+def cpu_sample(pid: int, port: int | None = None) -> CpuSample:
+    tick = os.sysconf("SC_CLK_TCK")
+    threads = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+        except OSError:  # the thread ended while it was read
+            continue
+        threads[int(task.name)] = (int(fields[11]) / tick, int(fields[12]) / tick)
+    return CpuSample(threads, database_seconds(port) if port else None)
+
+
+def database_seconds(port: int) -> tuple[float, float] | None:
+    """(CPU, busy) seconds the server's database transactions took so far, read from its /metrics."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            text = answer.read().decode()
+    except OSError:  # the floor serves no metrics
+        return None
+    values = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name in ("declic_database_cpu_seconds_total", "declic_database_busy_seconds_total")
+    }
+    if len(values) < 2:
+        return None
+    return values["declic_database_cpu_seconds_total"], values["declic_database_busy_seconds_total"]
+
+
+def where_cpu_went(pid: int, before: CpuSample, after: CpuSample, emails: int) -> str:
+    """Per e-mail, between two samples: the event loop's thread (the main one), the other threads, and the database
+    transactions among them. Which thread spends the CPU says which stage is the bottleneck: the database thread
+    runs every transaction, one at a time on SQLite (docs/performance.md, session 19)."""
+    per = 1000 / max(1, emails)
+
+    def spent(tids: set[int]) -> tuple[float, float]:
+        user = sum(after.threads[t][0] - before.threads.get(t, (0.0, 0.0))[0] for t in tids)
+        kernel = sum(after.threads[t][1] - before.threads.get(t, (0.0, 0.0))[1] for t in tids)
+        return user + kernel, kernel
+
+    loop, loop_kernel = spent({pid} & after.threads.keys())
+    others, others_kernel = spent(after.threads.keys() - {pid})
+    said = (
+        f"where: per e-mail, the event loop's thread {loop * per:.2f} ms of CPU ({loop_kernel * per:.2f} in the "
+        f"kernel), the other threads {others * per:.2f} ms ({others_kernel * per:.2f} in the kernel)"
+    )
+    if before.database and after.database:
+        cpu, busy = (a - b for a, b in zip(after.database, before.database, strict=True))
+        said += f", of which database transactions {cpu * per:.2f} ms of CPU over {busy * per:.2f} ms busy"
+    return said
 
 
 def machine_ticks() -> tuple[int, int, int]:

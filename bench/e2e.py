@@ -12,7 +12,9 @@ subject, so each e-mail is matched to its post. `--links N` puts N shop links in
 `--track` turns on Declic's own open pixel and click redirects for the rule (`track:`), to
 measure what tracking costs the send path; `--no-keep-rendered` keeps no copy of sent messages,
 to measure what the timeline's copies cost. It prints e-mails/s from the first post to the last
-e-mail received and the end-to-end latency (post start -> e-mail received), p50 and p99.
+e-mail received and the end-to-end latency (post start -> e-mail received), p50 and p99, and
+where Declic's CPU went per e-mail: its event loop's thread, its other threads, and the database
+transactions among them (as Declic counts them on /metrics), each with its share in the kernel.
 `--delay MS` (with `--postgres`) puts a proxy process between Declic and the database that holds
 each packet MS ms each way, as a database on another host (bench/_common.py, `delaying_proxy`).
 With `--postgres`, it also prints the CPU that the database's server processes used for it: the
@@ -44,8 +46,10 @@ from _catcher import TimedCatcher
 from _common import (
     BENCH,
     DECLIC,
+    METRICS_CONFIG,
     SECRET,
     add_cpu_option,
+    cpu_sample,
     cpu_seconds,
     delaying_proxy,
     free_port,
@@ -60,12 +64,14 @@ from _common import (
     stop,
     wait_for_port,
     webhook_headers,
+    where_cpu_went,
     where_it_runs,
 )
 
 from declic_gateway.testing import write_deployment
 
-CONFIG = """\
+CONFIG = (
+    """\
 public_url: http://127.0.0.1:{port}
 timezone: UTC
 storage:
@@ -89,6 +95,8 @@ sinks:
 {worker}logging:
   level: {log_level}
 """
+    + METRICS_CONFIG
+)
 
 TEMPLATES = {
     "order-confirmation.subject.j2": "Order {{ event.properties.name }}",
@@ -282,13 +290,16 @@ def main() -> None:
                     callgrind_control(server.pid, "--instr=on")
                 if args.statements:
                     os.kill(server.pid, signal.SIGUSR1)
+                metrics_port = None if args.floor else port
                 cpu_before, ticks_before = cpu_seconds(server.pid), machine_ticks()
+                threads_before = cpu_sample(server.pid, metrics_port)
                 db_before = db.cpu() if db else {}
                 result = asyncio.run(post_all(f"http://127.0.0.1:{port}/hooks/shop", orders, args.concurrency))
                 posts_done = time.perf_counter()
                 catcher.everything.wait(timeout=max(0.0, args.timeout - (posts_done - min(result["posted"].values()))))
                 waited = time.perf_counter()
                 server_cpu = cpu_seconds(server.pid) - cpu_before
+                threads_after = cpu_sample(server.pid, metrics_port)
                 db_cpu = {pid: cpu - db_before.get(pid, 0.0) for pid, cpu in db.cpu().items()} if db else {}
                 usage = machine_usage(ticks_before, machine_ticks())
                 instructions = callgrind_total(server.pid, counts) if args.callgrind else None
@@ -345,6 +356,7 @@ def main() -> None:
         f"to the last e-mail, {server_cpu / max(1, len(arrivals)) * 1000:.1f} ms per e-mail "
         f"({server_cpu / (waited - first_post):.0%} of a core)"
     )
+    print(f"        {where_cpu_went(server.pid, threads_before, threads_after, len(arrivals))}")
     if db:
         used = sum(db_cpu.values())
         print(

@@ -44,6 +44,7 @@ from _common import (
     DECLIC,
     SECRET,
     add_cpu_option,
+    cpu_sample,
     cpu_seconds,
     free_port,
     keep_off,
@@ -57,6 +58,7 @@ from _common import (
     stop,
     wait_for_port,
     webhook_headers,
+    where_cpu_went,
     where_it_runs,
 )
 from e2e import CONFIG, TEMPLATES, Postgres, print_statements, read_statements
@@ -123,6 +125,7 @@ def phase(
     timeout: float,
     server: str = "Declic",
     statements: Path | None = None,
+    metrics_port: int | None = None,
 ) -> None:
     count = round(rate * (warmup + seconds))
     skip = round(rate * warmup)
@@ -138,9 +141,11 @@ def phase(
         statements.unlink(missing_ok=True)
         os.kill(pid, signal.SIGUSR1)
     cpu_before, ticks_before = cpu_seconds(pid), machine_ticks()
+    threads_before = cpu_sample(pid, metrics_port)
     result = asyncio.run(open_loop(url, orders, rate))
     catcher.everything.wait(timeout=timeout)
     server_cpu = cpu_seconds(pid) - cpu_before
+    threads_after = cpu_sample(pid, metrics_port)
     usage = machine_usage(ticks_before, machine_ticks())
     counts = read_statements(pid, statements) if statements else None
 
@@ -171,6 +176,7 @@ def phase(
         f"   mail: {len(arrivals)}/{count} received, {duplicates} duplicates; {server} used {server_cpu:.2f} s of CPU, "
         f"{server_cpu / max(1, len(arrivals)) * 1000:.2f} ms per e-mail"
     )
+    print(f"         {where_cpu_went(pid, threads_before, threads_after, len(arrivals))}")
     print(f"         {usage}")
     if counts is not None:  # the warm-up's too: per e-mail of the whole phase
         print_statements(counts, len(arrivals))
@@ -274,6 +280,7 @@ def main() -> None:
                         args.timeout,
                         who,
                         folder / "statements.json" if args.statements else None,
+                        None if args.floor else port,
                     )
                     time.sleep(1.0)  # let the worker go idle between phases
         finally:

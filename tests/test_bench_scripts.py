@@ -46,8 +46,11 @@ def postgres_url() -> str:
     return url
 
 
-def test_e2e_mails_every_order_once() -> None:
-    assert "20/20 received (0 duplicates)" in bench("e2e.py", "--orders", "20", "--concurrency", "4", *WAIT)
+def test_e2e_mails_every_order_once_and_says_where_its_cpu_went() -> None:
+    out = bench("e2e.py", "--orders", "20", "--concurrency", "4", *WAIT)
+    assert "20/20 received (0 duplicates)" in out
+    # The database's share comes from the server's own /metrics: the bench's token opened it.
+    assert re.search(r"where: per e-mail, the event loop's thread [\d.]+ ms .* of which database transactions", out)
 
 
 def test_the_floor_mails_every_order_once_and_records_each_send() -> None:
@@ -55,6 +58,7 @@ def test_the_floor_mails_every_order_once_and_records_each_send() -> None:
     assert "server: the floor" in out
     assert "20/20 received (0 duplicates)" in out
     assert "20 deliveries recorded as sent" in out
+    assert "where: per e-mail, the event loop's thread" in out and "database transactions" not in out  # no /metrics
     assert "mail: 5/5 received, 0 duplicates" in bench(
         "latency.py", "--floor", "--rates", "5", "--seconds", "1", "--warmup", "0", *WAIT
     )
@@ -80,6 +84,7 @@ def test_latency_mails_every_webhook_of_each_phase_and_counts_its_statements() -
     assert "mail: 5/5 received, 0 duplicates" in out
     assert re.search(r"statements: \d+ SQL statements in \d+ transactions", out)
     assert "   1.00  INSERT INTO inbox " in out  # per e-mail: each webhook stored once
+    assert "of which database transactions" in out
 
 
 @pytest.mark.postgres
