@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
+import threading
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,7 +19,8 @@ from aiohttp import web
 from conftest import BASE_CONFIG, DEFAULT_RULES, SECRET, TEMPLATES, Deployment, Factory, fixture_bytes, locked_inbox
 from declic_gateway import hookimpl
 from declic_gateway.http.app import create_app, load
-from declic_gateway.store.inbox import NewCall, Taking, commit_and_take, commit_calls
+from declic_gateway.store import Database
+from declic_gateway.store.inbox import SQLITE_LINGER, GroupCommitter, NewCall, Taking, commit_and_take, commit_calls
 from declic_gateway.testing import shopify_headers, write_deployment
 
 ORDER = fixture_bytes("shopify/order.json")
@@ -228,3 +233,87 @@ async def test_calls_are_taken_as_they_are_stored_only_while_no_call_stored_befo
 
     accepted, taken = await db.run(commit_and_take, calls("d"), taking)  # "c" still waits: "d" waits behind it
     assert taken == [] and jobs()[-1] == (accepted[0].inbox_id, "pending", None, 0)
+
+
+@pytest.mark.parametrize(("linger", "transactions"), [(0.0, 4), (1.0, 3)])
+async def test_while_calls_queue_behind_a_commit_the_next_one_lingers_for_more(
+    tmp_path: Path, linger: float, transactions: int
+) -> None:
+    """SQLite's acknowledgements go before any other work of its one database thread: small commits in a row
+    kept the calls they stored from being applied. While calls queue behind a commit, the next waits up to
+    `linger` after it for more to share it (without, the call that comes meanwhile takes a commit of its own)."""
+    async with _committing(tmp_path, linger=linger) as (committer, db, ran):
+        release = await _hold(db)  # the database thread is busy: "a" waits for it
+        first = asyncio.create_task(committer.submit(_call("a")))
+        await _turns()  # the committer took "a" alone
+        queued = [asyncio.create_task(committer.submit(_call(key))) for key in ("b", "c")]
+        await _turns()
+        await release()
+        await first  # committed: "b" and "c" waited behind it
+        late = asyncio.create_task(committer.submit(_call("d")))
+        answers = await asyncio.wait_for(asyncio.gather(*queued, late), 30)
+    assert [a.duplicate for a in answers] == [False, False, False]
+    assert len(ran) == transactions  # the hold, "a", then "b" "c" "d" together (or "b" "c", then "d")
+
+
+async def test_a_call_with_nothing_ahead_of_it_is_committed_at_once_however_long_the_linger(tmp_path: Path) -> None:
+    """Lingering is for calls that queue: one that finds the queue empty is not kept waiting (an hour here), nor
+    is a batch once `enough` calls wait."""
+    async with _committing(tmp_path, linger=3600, enough=2) as (committer, db, _):
+        for key in ("a", "b"):  # one after the other: each alone
+            assert not (await asyncio.wait_for(committer.submit(_call(key)), 30)).duplicate
+        release = await _hold(db)
+        first = asyncio.create_task(committer.submit(_call("c")))
+        await _turns()
+        queued = [asyncio.create_task(committer.submit(_call(key))) for key in ("d", "e", "f")]
+        await _turns()
+        await release()
+        await first
+        # "d" in hand, "e" and "f" waiting: enough (2) to go without lingering
+        answers = await asyncio.wait_for(asyncio.gather(*queued), 30)
+    assert [a.duplicate for a in answers] == [False, False, False]
+
+
+async def test_only_sqlite_acknowledgements_linger(deploy: Factory, db_url: str) -> None:
+    """PostgreSQL's acknowledgements have database threads of their own: they keep no other work waiting."""
+    d = await deploy()
+    assert d.gateway.committer.linger == (SQLITE_LINGER if db_url.startswith("sqlite") else 0.0)
+
+
+@contextlib.asynccontextmanager
+async def _committing(tmp_path: Path, **options: Any) -> AsyncIterator[tuple[GroupCommitter, Database, list[float]]]:
+    """A running GroupCommitter on a fresh SQLite database, and the database transactions run so far."""
+    db = Database(f"sqlite:///{tmp_path}/declic.db")
+    db.upgrade()
+    ran: list[float] = []
+    db.on_work = lambda busy, cpu: ran.append(busy)
+    committer = GroupCommitter(db, on_commit=lambda: None, **options)
+    running = asyncio.create_task(committer.run())
+    try:
+        yield committer, db, ran
+    finally:
+        running.cancel()
+        db.close()
+
+
+def _call(key: str) -> NewCall:
+    return NewCall("shop", key, datetime.now(UTC), {"X-Shopify-Topic": "orders/create"}, ORDER)
+
+
+async def _hold(db: Database) -> Callable[[], Awaitable[None]]:
+    """Keep the database thread busy until the returned function is awaited."""
+    started, release = threading.Event(), threading.Event()
+    holding = asyncio.create_task(db.run(lambda conn: (started.set(), release.wait(30))))
+    await asyncio.to_thread(started.wait, 30)
+
+    async def done() -> None:
+        release.set()
+        await holding
+
+    return done
+
+
+async def _turns(count: int = 100) -> None:
+    """Let the event loop run other tasks' next steps (no time passes on purpose)."""
+    for _ in range(count):
+        await asyncio.sleep(0)

@@ -18,7 +18,7 @@ from ..config import Settings
 from ..errors import ConfigError, StorageUnavailable
 from ..insight.metrics import Metrics
 from ..jobs import polls, retention, wakeup
-from ..jobs.worker import Worker, make_worker_id
+from ..jobs.worker import ACKS_FLOOD, Worker, make_worker_id
 from ..kit.clock import Clock, SystemClock
 from ..kit.sinks import Sink
 from ..kit.sources import Deployment, Source
@@ -28,7 +28,7 @@ from ..pipeline.router import Router
 from ..plugins import Registry, collect, get_plugin_manager, notify_event_received, plugin_set
 from ..send.delivery import StepRunner
 from ..store import Database, jobqueue, replicas, sinkrates
-from ..store.inbox import GroupCommitter
+from ..store.inbox import SQLITE_LINGER, GroupCommitter
 from . import api, consent_links, dashboard, tracking
 from .auth import scope_of
 from .hooks import handle_hook, handle_ping, handle_preflight, json_error_middleware_factory
@@ -101,7 +101,9 @@ def build_gateway(
         metrics=metrics,
         retention_periods=retention.Periods.of(settings),
     )
-    committer = GroupCommitter(db, on_commit=worker.wake, taker=worker)
+    # PostgreSQL's acknowledgements have database threads of their own: they make no other work wait.
+    linger = SQLITE_LINGER if db.is_sqlite else 0.0
+    committer = GroupCommitter(db, on_commit=worker.wake, taker=worker, linger=linger, enough=ACKS_FLOOD)
     return RunningGateway(settings, pm, clock, db, sources, sinks, env, router, committer, worker, metrics, role)
 
 
