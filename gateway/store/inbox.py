@@ -67,7 +67,7 @@ class GroupCommitter:
     one started, or until `enough` calls wait, so that more calls share it. A call that finds nothing ahead of it
     is committed at once. On SQLite, where an acknowledgement goes before any other work of the one database
     thread, commits of three calls every few milliseconds at 500 webhooks/s took a third of that thread's time
-    and kept the calls stored from being applied; 15 ms apart, they share seven or eight and e-mails come 3-5 times
+    and kept the calls stored from being applied; 15 ms apart, they share seven or eight and e-mails come several times
     sooner (docs/performance.md, session 19).
     """
 
