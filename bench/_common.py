@@ -216,8 +216,14 @@ def where_it_runs(pid: int) -> str:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(_user_and_kernel(Path(f"/proc/{pid}/stat")))
+
+
+def _user_and_kernel(stat: Path) -> tuple[float, float]:
+    """User and kernel CPU seconds from a process's or thread's /proc `stat` file."""
+    fields = stat.read_text().rpartition(")")[2].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 #: Opens the bench server's /metrics (the config's `metrics.token`), where it counts its database threads' time.
@@ -235,14 +241,12 @@ class CpuSample:
 
 
 def cpu_sample(pid: int, port: int | None = None) -> CpuSample:
-    tick = os.sysconf("SC_CLK_TCK")
     threads = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            fields = (task / "stat").read_text().rpartition(")")[2].split()
+            threads[int(task.name)] = _user_and_kernel(task / "stat")
         except OSError:  # the thread ended while it was read
             continue
-        threads[int(task.name)] = (int(fields[11]) / tick, int(fields[12]) / tick)
     return CpuSample(threads, database_seconds(port) if port else None)
 
 

@@ -103,8 +103,9 @@ class GroupCommitter:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        crowded, started = False, 0.0
+        started = 0.0
         while True:
+            crowded = not self._queue.empty()  # calls queued behind the last commit
             batch = [await self._queue.get()]
             if crowded:
                 await self._gather(started + self.linger - loop.time())
@@ -133,7 +134,6 @@ class GroupCommitter:
                     future.set_result(result)
             if sum(not r.duplicate for r in results) > len(taken):  # calls left for the worker's claim
                 self._on_commit()
-            crowded = not self._queue.empty()
 
     async def _gather(self, seconds: float) -> None:
         """Wait `seconds` at most, less once `enough` calls wait."""
