@@ -58,6 +58,7 @@ def test_redaction_can_be_turned_off(capsys: pytest.CaptureFixture[str]) -> None
 async def test_each_line_of_the_flow_carries_event_source_rule_and_sink(
     deploy: Factory, smtp: SmtpCatcher, json_logs: Any
 ) -> None:
+    logs.configure("debug", redact=True, as_json=True)  # where an enrolment and a send that went through are
     d = await deploy()
     await d.post_shopify("orders/create", fixture_bytes("shopify/order.json"))
     await d.advance(seconds=1)
@@ -72,6 +73,31 @@ async def test_each_line_of_the_flow_carries_event_source_rule_and_sink(
     [enrolled] = [line for line in lines if line["event"] == "enrolled"]
     assert enrolled["source"] == "shop" and enrolled["event_id"] == "1.0"
     assert "camille" not in json.dumps(lines)
+
+
+async def test_at_info_a_mail_that_goes_through_logs_no_line_and_a_refused_one_logs_its_outcome(
+    deploy: Factory, smtp: SmtpCatcher, json_logs: Any
+) -> None:
+    """The journal, the deliveries table and /metrics keep every enrolment and send: at info the log is what
+    needs the operator's eye, not two lines per e-mail (docs/performance.md, session 20)."""
+    smtp.refuse["noah.martin@example.org"] = "550 5.1.1 no such user"
+    d = await deploy()
+    await d.post_shopify("orders/create", fixture_bytes("shopify/order.json"))
+    await d.post_shopify(
+        "orders/create",
+        fixture_bytes("shopify/order.json")
+        .replace(b"7001002003", b"7001002004")
+        .replace(b"camille.durand@example.org", b"noah.martin@example.org")
+        .replace(b"5550001", b"5550002")
+        .replace(b"+33612345678", b"+33698765432"),
+    )
+    await d.advance(seconds=1)
+    assert sorted(m["To"] for m in smtp.messages) == ["camille.durand@example.org"]
+    lines = json_logs()
+    assert not [line for line in lines if line["event"] in ("enrolled", "step sent")]
+    [refused] = [line for line in lines if line["event"].startswith("step ")]
+    assert refused["event"] == "step address_invalid" and refused["level"] == "info"
+    assert refused["rule"] == "order-confirmation" and refused["sink"] == "email" and "550 5.1.1" in refused["error"]
 
 
 def test_message_ids_are_not_mistaken_for_addresses(json_logs: Any) -> None:

@@ -391,7 +391,8 @@ def enrol(
     jobqueue.add_step(conn, enrolment_id, 0, due, base, rule.spec.priority)
     held = f"held out ({rule.spec.holdout:.0%} holdout): no message will be sent" if held_out else None
     journal.record(conn, base, rule.name, contact_id, "enrolled", reason=held, event_id=event_id)
-    log.info("enrolled", rule=rule.name, event_id=event_id, contact_id=contact_id, held_out=held_out)
+    # At debug, as a send that went through (jobs/worker.py): the journal just recorded it.
+    log.debug("enrolled", rule=rule.name, event_id=event_id, contact_id=contact_id, held_out=held_out)
     return enrolment_id
 
 
