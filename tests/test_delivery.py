@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,8 @@ from declic_gateway.cli.main import cli
 from declic_gateway.config import WorkerSpec
 from declic_gateway.http.app import create_app, load
 from declic_gateway.http.running import GATEWAY_KEY
+from declic_gateway.kit.sinks import DeliveryResult
+from declic_gateway.store import jobqueue
 from declic_gateway.testing import FakeClock, SmtpCatcher, write_deployment
 
 ORDER = fixture_bytes("shopify/order.json")
@@ -182,4 +186,50 @@ async def test_unsubscribe_between_steps_suppresses_the_next_step(deploy: Factor
     assert d.rows("SELECT step, status, reason FROM deliveries ORDER BY step") == [
         (1, "sent", None),
         (2, "suppressed", "no email consent (state: withdrawn)"),
+    ]
+
+
+async def test_preparing_a_step_and_recording_another_send_share_a_transaction(deploy: Factory) -> None:
+    """Steps run side by side: what arrives while a transaction runs, a step to prepare or a sink's answer to
+    record, shares the next one (docs/performance.md, session 20)."""
+    d = await deploy()
+    checkout = fixture_bytes("shopify/checkout.json")
+    await d.post_shopify("checkouts/create", checkout)
+    await d.post_shopify(
+        "checkouts/create",
+        checkout.replace(b"981726354", b"981726355")
+        .replace(b"c0ffee5ca7e1", b"c0ffee5ca7e2")
+        .replace(CAMILLE.encode(), b"noah.martin@example.org")
+        .replace(b"5550001", b"5550002")
+        .replace(b"+33612345678", b"+33698765432"),
+    )
+    await d.advance(seconds=1)  # the calls applied; each cart reminder is due an hour later
+    d.clock.advance(timedelta(hours=1))
+    worker, db = d.gateway.worker, d.gateway.db
+    jobs = await db.run(jobqueue.claim, worker.id, d.clock.now(), timedelta(minutes=5), 10)
+    first, second = sorted((job for job in jobs if job.kind == "step"), key=lambda job: job.id)
+    send = await worker.prepare_step(first)
+    assert send is not None
+    transactions: list[float] = []
+    counted = db.on_work
+    db.on_work = lambda busy, cpu: (transactions.append(busy), counted(busy, cpu))  # one per transaction run
+    try:
+        started, release = threading.Event(), threading.Event()
+        holding = asyncio.create_task(db.run(lambda conn: (started.set(), release.wait(30))))
+        await asyncio.to_thread(started.wait, 30)  # the database thread is busy: both wait for it
+        both = asyncio.gather(
+            worker.prepare_step(second), worker.record_send(send, DeliveryResult.sent("<a@declic.test>"), None)
+        )
+        for _ in range(100):
+            await asyncio.sleep(0)
+        release.set()
+        await holding
+        prepared, queued = await asyncio.wait_for(both, 30)
+    finally:
+        db.on_work = counted
+    assert len(transactions) == 2, "the hold, then one transaction for the step and the send together"
+    assert prepared is not None and prepared.job == second
+    assert queued is True  # the cart's second reminder, a day later
+    assert d.rows("SELECT status FROM deliveries WHERE idempotency_key = :key", key=send.draft.idempotency_key) == [
+        ("sent",)
     ]
