@@ -58,7 +58,7 @@ def test_redaction_can_be_turned_off(capsys: pytest.CaptureFixture[str]) -> None
 async def test_each_line_of_the_flow_carries_event_source_rule_and_sink(
     deploy: Factory, smtp: SmtpCatcher, json_logs: Any
 ) -> None:
-    logs.configure("debug", redact=True, as_json=True)  # where an enrolment and a send that went through are
+    logs.configure("debug", redact=True, as_json=True)  # an enrolment and a send that went through: at debug
     d = await deploy()
     await d.post_shopify("orders/create", fixture_bytes("shopify/order.json"))
     await d.advance(seconds=1)
