@@ -20,6 +20,10 @@ each packet MS ms each way, as a database on another host (bench/_common.py, `de
 With `--postgres`, it also prints the CPU that the database's server processes used for it: the
 backends connected to the bench's database (read from pg_stat_activity before and after) and the
 WAL writer, which flushes every commit.
+`--against-floor` runs the floor (bench/_floor_server.py, `--floor` alone) on the same orders first, then
+Declic, and prints Declic's CPU per e-mail as a multiple of the floor's measured in the same run, and with
+`--callgrind` its instructions per e-mail as a multiple of the floor's: target 1 as a ratio that does not
+depend on how fast the machine is that hour.
 A benchmark, not a test: it reports and asserts nothing about timings.
 """
 
@@ -37,7 +41,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 
@@ -205,6 +209,13 @@ def main() -> None:
         "recorded), to compare Declic's cost per e-mail with",
     )
     parser.add_argument(
+        "--against-floor",
+        action="store_true",
+        help="run the floor, then Declic, on the same orders, and print Declic's CPU per e-mail (and with "
+        "--callgrind its instructions) as a multiple of the floor's measured in the same run: target 1 as a ratio "
+        "that does not depend on the machine's speed",
+    )
+    parser.add_argument(
         "--statements",
         action="store_true",
         help="count the SQL statements and transactions Declic runs from the first post to the last e-mail, "
@@ -212,8 +223,10 @@ def main() -> None:
     )
     add_cpu_option(parser)
     args = parser.parse_args()
-    if args.floor and (args.postgres or args.statements):
-        parser.error("--floor runs on SQLite and counts no statements")
+    if (args.floor or args.against_floor) and (args.postgres or args.statements):
+        parser.error("the floor runs on SQLite and counts no statements")
+    if args.floor and args.against_floor:
+        parser.error("--against-floor runs the floor itself")
 
     run = uuid.uuid4().hex[:6]
     orders = []
@@ -225,6 +238,8 @@ def main() -> None:
     print(f"cpus: {keep_off(args.cpu)}")
     if args.floor:
         print("server: the floor (bench/_floor_server.py), not Declic")
+    elif args.against_floor:
+        print("server: the floor (bench/_floor_server.py), then Declic, on the same orders")
     print(
         f"load: {args.orders} orders/create webhooks of ~{len(orders[0][1]) / 1024:.1f} KB at concurrency "
         f"{args.concurrency}; rule order.placed -> transactional e-mail via SMTP (tls none) to an aiosmtpd "
@@ -235,13 +250,40 @@ def main() -> None:
         flush=True,
     )
 
+    if not args.against_floor:
+        measure(args, orders, args.floor)
+        return
+    print("--- the floor")
+    floor = measure(args, orders, floor=True)
+    print("--- Declic")
+    declic = measure(args, orders, floor=False)
+    print(
+        f"against the floor, same run: Declic's CPU per e-mail {declic.cpu * 1000:.2f} ms = "
+        f"{declic.cpu / floor.cpu:.2f} x the floor's {floor.cpu * 1000:.2f} ms; {declic.rate:.0f} e-mails/s = "
+        f"{declic.rate / floor.rate:.0%} of the floor's {floor.rate:.0f}"
+        + (
+            f"; {declic.instructions / floor.instructions:.2f} x its instructions per e-mail"
+            if declic.instructions and floor.instructions
+            else ""
+        )
+    )
+
+
+class Measured(NamedTuple):
+    rate: float  # e-mails/s, from the first post to the last e-mail
+    cpu: float  # the server's CPU seconds per e-mail
+    instructions: float | None  # per e-mail, with --callgrind
+
+
+def measure(args: argparse.Namespace, orders: list[tuple[str, bytes, str]], floor: bool) -> Measured:
+    """One server (Declic, or the floor), the orders posted, its e-mails awaited; prints what it measured."""
     catcher = TimedCatcher()
     catcher.expected = args.orders
     server = None
     with tempfile.TemporaryDirectory(prefix="declic-e2e-") as tmp:
         folder = Path(tmp)
         port = free_port()
-        db = Postgres(args.postgres, run, args.delay) if args.postgres else None
+        db = Postgres(args.postgres, uuid.uuid4().hex[:6], args.delay) if args.postgres else None
         url = db.url if db else f"sqlite:///{folder / 'declic.db'}"
         sink_extra = f"    connections: {args.smtp_connections}\n" if args.smtp_connections else ""
         worker = f"worker:\n  concurrency: {args.worker_concurrency}\n" if args.worker_concurrency else ""
@@ -266,7 +308,7 @@ def main() -> None:
                 subprocess.run([str(args.declic), "db", "upgrade", "--config", str(config)], check=True)
             with open(folder / "declic.log", "wb") as log:
                 command = [str(args.declic), "serve", "--config", str(config), "--host", "127.0.0.1"]
-                if args.floor:
+                if floor:
                     command = [sys.executable, str(BENCH / "_floor_server.py"), "--db", str(folder / "floor.db")]
                     command += ["--smtp-port", str(catcher.port), "--secret", SECRET]
                 counts = folder / "callgrind.out"
@@ -290,7 +332,7 @@ def main() -> None:
                     callgrind_control(server.pid, "--instr=on")
                 if args.statements:
                     os.kill(server.pid, signal.SIGUSR1)
-                metrics_port = None if args.floor else port
+                metrics_port = None if floor else port
                 cpu_before, ticks_before = cpu_seconds(server.pid), machine_ticks()
                 threads_before = cpu_sample(server.pid, metrics_port)
                 db_before = db.cpu() if db else {}
@@ -310,7 +352,7 @@ def main() -> None:
             stop(server)
             catcher.stop()
             try:
-                sent = count_sent(f"sqlite:///{folder / 'floor.db'}", "inbox") if args.floor else count_sent(url)
+                sent = count_sent(f"sqlite:///{folder / 'floor.db'}", "inbox") if floor else count_sent(url)
             finally:
                 if db:
                     db.drop()
@@ -351,7 +393,7 @@ def main() -> None:
         f"p99 {percentile(e2e, 99) * 1000:.0f} ms, max {e2e[-1] * 1000 if e2e else float('nan'):.0f} ms"
     )
     print(
-        f" ledger: {sent} deliveries recorded as sent; {'the floor' if args.floor else 'Declic'} used "
+        f" ledger: {sent} deliveries recorded as sent; {'the floor' if floor else 'Declic'} used "
         f"{server_cpu:.1f} s of CPU from the first post "
         f"to the last e-mail, {server_cpu / max(1, len(arrivals)) * 1000:.1f} ms per e-mail "
         f"({server_cpu / (waited - first_post):.0%} of a core)"
@@ -375,6 +417,8 @@ def main() -> None:
         print_statements(statements, len(arrivals))
     if len(arrivals) < args.orders:
         print(f"   NOTE: {args.orders - len(arrivals)} e-mails had not arrived after the {args.timeout:g} s timeout")
+    per = max(1, len(arrivals))
+    return Measured(len(arrivals) / (last_mail - first_post), server_cpu / per, instructions and instructions / per)
 
 
 def read_statements(pid: int, path: Path) -> dict[str, Any]:

@@ -64,6 +64,14 @@ def test_the_floor_mails_every_order_once_and_records_each_send() -> None:
     )
 
 
+def test_e2e_prints_declics_cost_as_a_multiple_of_the_floors_in_the_same_run() -> None:
+    out = bench("e2e.py", "--against-floor", "--orders", "20", "--concurrency", "4", *WAIT)
+    floor, declic = out.split("--- Declic")
+    assert "20 deliveries recorded as sent; the floor used" in floor and "20/20 received (0 duplicates)" in floor
+    assert "20 deliveries recorded as sent; Declic used" in declic and "20/20 received (0 duplicates)" in declic
+    assert re.search(r"against the floor, same run: Declic's CPU per e-mail [\d.]+ ms = [\d.]+ x the floor's", out)
+
+
 @pytest.mark.postgres
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs: one for the server, one for the load")
 def test_latency_can_run_the_server_alone_on_one_cpu() -> None:
