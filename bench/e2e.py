@@ -392,10 +392,11 @@ def measure(args: argparse.Namespace, orders: list[tuple[str, bytes, str]], floo
         f"    e2e: post start -> e-mail received: p50 {percentile(e2e, 50) * 1000:.0f} ms, "
         f"p99 {percentile(e2e, 99) * 1000:.0f} ms, max {e2e[-1] * 1000 if e2e else float('nan'):.0f} ms"
     )
+    cpu_per_email = server_cpu / max(1, len(arrivals))
     print(
         f" ledger: {sent} deliveries recorded as sent; {'the floor' if floor else 'Declic'} used "
         f"{server_cpu:.1f} s of CPU from the first post "
-        f"to the last e-mail, {server_cpu / max(1, len(arrivals)) * 1000:.1f} ms per e-mail "
+        f"to the last e-mail, {cpu_per_email * 1000:.1f} ms per e-mail "
         f"({server_cpu / (waited - first_post):.0%} of a core)"
     )
     print(f"        {where_cpu_went(server.pid, threads_before, threads_after, len(arrivals))}")
@@ -417,8 +418,8 @@ def measure(args: argparse.Namespace, orders: list[tuple[str, bytes, str]], floo
         print_statements(statements, len(arrivals))
     if len(arrivals) < args.orders:
         print(f"   NOTE: {args.orders - len(arrivals)} e-mails had not arrived after the {args.timeout:g} s timeout")
-    per = max(1, len(arrivals))
-    return Measured(len(arrivals) / (last_mail - first_post), server_cpu / per, instructions and instructions / per)
+    per_email = None if instructions is None else instructions / max(1, len(arrivals))
+    return Measured(len(arrivals) / (last_mail - first_post), cpu_per_email, per_email)
 
 
 def read_statements(pid: int, path: Path) -> dict[str, Any]:

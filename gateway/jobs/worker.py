@@ -611,7 +611,7 @@ class Worker:
             result, message = await call_sink(send)
             self.metrics.sent(send.sink.key, result.outcome)
             # A send that went through is at debug, as its enrolment (pipeline/router.py): the journal, the
-            # deliveries table and /metrics keep each one, and these two info lines were 4.5 % of the CPU an
+            # deliveries table and /metrics keep each one, and these two info lines were 4 % of the CPU an
             # e-mail costs (docs/performance.md, session 20). Any other outcome is news for the operator.
             (log.debug if result.outcome is Outcome.SENT else log.info)(
                 "step " + result.outcome.value, provider_id=result.provider_id, error=result.error
