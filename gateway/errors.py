@@ -69,6 +69,13 @@ class StorageUnavailable(DeclicError):
     """The database did not accept a write in time; callers answer 503."""
 
 
+class TransactionConflict(StorageUnavailable):
+    """PostgreSQL gave up one transaction for another's sake (a lock not granted in time, a deadlock, a
+    serialisation failure): the database is there, and the same work can go through on its own. Work shared
+    with other items' in one transaction (store/db.py, `together_or_alone`) runs again item by item, so that
+    one contact's locked row does not fail a send's record beside it."""
+
+
 class TemplateProblem(DeclicError):
     """A template is missing or fails to render."""
 

@@ -260,6 +260,7 @@ async def deploy(aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCat
         smtp_port: int | None = None,
         worker: str = "",
         storage: str = "",
+        policies: str = "",
     ) -> Deployment:
         text = (
             BASE_CONFIG.format(
@@ -269,7 +270,9 @@ async def deploy(aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCat
                 rules=rules,
                 max_attempts=max_attempts,
                 worker=worker,
-            ).replace("  busy_timeout: 1s\n", "  busy_timeout: 1s\n" + storage)
+            )
+            .replace("  busy_timeout: 1s\n", "  busy_timeout: 1s\n" + storage)
+            .replace("  consent: {email: required}\n", "  consent: {email: required}\n" + policies)
             + extra
         )
         path = write_deployment(tmp_path, text, templates or TEMPLATES)

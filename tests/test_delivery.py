@@ -8,20 +8,26 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+import sqlalchemy as sa
 from click.testing import CliRunner
 
 from conftest import SECRET, TEMPLATES, Deployment, Factory, fixture_bytes
 from declic_gateway.cli.main import cli
 from declic_gateway.config import WorkerSpec
+from declic_gateway.errors import TransactionConflict
 from declic_gateway.http.app import create_app, load
 from declic_gateway.http.running import GATEWAY_KEY
 from declic_gateway.kit.sinks import DeliveryResult
+from declic_gateway.send.delivery import call_sink
 from declic_gateway.store import jobqueue
+from declic_gateway.store.db import normalize_url
 from declic_gateway.testing import FakeClock, SmtpCatcher, write_deployment
 
 ORDER = fixture_bytes("shopify/order.json")
 CUSTOMER = fixture_bytes("shopify/customer.json")
 CAMILLE = "camille.durand@example.org"
+NOAH = "noah.martin@example.org"
 
 
 def declic(*args: str) -> str:
@@ -199,7 +205,7 @@ async def test_preparing_a_step_and_recording_another_send_share_a_transaction(d
         "checkouts/create",
         checkout.replace(b"981726354", b"981726355")
         .replace(b"c0ffee5ca7e1", b"c0ffee5ca7e2")
-        .replace(CAMILLE.encode(), b"noah.martin@example.org")
+        .replace(CAMILLE.encode(), NOAH.encode())
         .replace(b"5550001", b"5550002")
         .replace(b"+33612345678", b"+33698765432"),
     )
@@ -233,3 +239,48 @@ async def test_preparing_a_step_and_recording_another_send_share_a_transaction(d
     assert d.rows("SELECT status FROM deliveries WHERE idempotency_key = :key", key=send.draft.idempotency_key) == [
         ("sent",)
     ]
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
+async def test_a_contact_locked_elsewhere_holds_back_its_own_step_not_a_send_recorded_beside_it(
+    deploy: Factory, smtp: SmtpCatcher, db_url: str
+) -> None:
+    """Under a pressure cap a step locks its contact's row while it is prepared (PostgreSQL). Held elsewhere past
+    busy_timeout, that fails the step's transaction: a send recorded in the same transaction must still be
+    recorded (then the transaction runs again item by item), or its job would be retried and the mail sent again."""
+    d = await deploy(policies="  pressure: {max: 10, per: 1d}\n")
+    checkout = fixture_bytes("shopify/checkout.json")
+    await d.post_shopify("checkouts/create", checkout)
+    await d.post_shopify(
+        "checkouts/create",
+        checkout.replace(b"981726354", b"981726355")
+        .replace(b"c0ffee5ca7e1", b"c0ffee5ca7e2")
+        .replace(CAMILLE.encode(), NOAH.encode())
+        .replace(b"5550001", b"5550002")
+        .replace(b"+33612345678", b"+33698765432"),
+    )
+    await d.advance(seconds=1)
+    d.clock.advance(timedelta(hours=1))
+    worker, db = d.gateway.worker, d.gateway.db
+    jobs = await db.run(jobqueue.claim, worker.id, d.clock.now(), timedelta(minutes=5), 10)
+    first, second = sorted((job for job in jobs if job.kind == "step"), key=lambda job: job.id)
+    send = await worker.prepare_step(first)
+    assert send is not None and send.draft.to == CAMILLE
+    result, message = await call_sink(send)
+    noah = d.scalar("SELECT contact_id FROM enrolments WHERE id = :e", e=second.enrolment_id)
+    engine = sa.create_engine(normalize_url(db_url))
+    try:
+        with engine.connect() as other, other.begin():  # another replica's capped step, an API write...
+            other.execute(sa.text("SELECT id FROM contacts WHERE id = :id FOR UPDATE"), {"id": noah})
+            prepared, recorded = await asyncio.gather(
+                worker.prepare_step(second), worker.record_send(send, result, message), return_exceptions=True
+            )
+    finally:
+        engine.dispose()
+    assert isinstance(prepared, TransactionConflict)
+    assert recorded is True  # the cart's second reminder queued, a day later
+    assert d.rows("SELECT status FROM deliveries WHERE idempotency_key = :key", key=send.draft.idempotency_key) == [
+        ("sent",)
+    ]
+    await d.advance(minutes=6)  # Noah's step, still claimed, is taken again once its lease is over
+    assert [len(smtp.to(CAMILLE)), len(smtp.to(NOAH))] == [1, 1]

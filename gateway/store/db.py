@@ -24,7 +24,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
 
-from ..errors import ConfigError, StorageUnavailable
+from ..errors import ConfigError, StorageUnavailable, TransactionConflict
 from . import appends
 
 __all__ = ["Database", "StorageUnavailable", "make_engine", "normalize_url"]
@@ -43,6 +43,9 @@ POSTGRES_LANES = 2
 #: then reads the key as theirs. At most RUNS times, for a key that keeps being taken from under it.
 FOUND_FREE = frozenset({"identities_pkey"})
 RUNS = 3
+#: PostgreSQL's SQLSTATEs for a transaction given up for another's sake (lock_timeout, deadlock, serialisation
+#: failure): psycopg raises them as OperationalError, as it does a server gone away (TransactionConflict).
+CONFLICTS = frozenset({"55P03", "40P01", "40001"})
 
 
 def normalize_url(url: str) -> str:
@@ -162,8 +165,9 @@ class Database:
         conn.invalidate()
 
     def _unavailable(self, exc: sa.exc.OperationalError) -> StorageUnavailable:
-        self.on_unavailable()
-        return StorageUnavailable(str(exc.orig or exc).splitlines()[0])
+        self.on_unavailable()  # a lock past busy_timeout counts too (docs/metrics.md)
+        said = str(exc.orig or exc).splitlines()[0]
+        return (TransactionConflict if getattr(exc.orig, "sqlstate", None) in CONFLICTS else StorageUnavailable)(said)
 
     def lock_sqlite_file(self) -> None:
         """SQLite serves one process: a second `declic serve` on the same file refuses to start.
@@ -296,24 +300,30 @@ async def together_or_alone(db: Database, work: Callable[[Any, list[I]], list[R]
     """work(conn, items) in one transaction, giving one result per item. If that fails, each item runs
     again in a transaction of its own, so a bad item fails alone and the others go through.
 
-    StorageUnavailable is raised, not retried item by item: it is the database, not an item.
+    StorageUnavailable is raised, not retried item by item: it is the database, not an item. A
+    TransactionConflict is an item's: one step's contact locked elsewhere must not fail a send's record that
+    shared its transaction (the send would be made again).
     """
     try:
         return list(await db.run(work, items))
-    except StorageUnavailable:
-        raise
     except Exception as exc:
+        if _the_database(exc):
+            raise
         if len(items) == 1:
             return [Failed(exc)]
     outcomes: list[R | Failed] = []
     for item in items:
         try:
             outcomes += await db.run(work, [item])
-        except StorageUnavailable:
-            raise
         except Exception as exc:
+            if _the_database(exc):
+                raise
             outcomes.append(Failed(exc))
     return outcomes
+
+
+def _the_database(exc: Exception) -> bool:
+    return isinstance(exc, StorageUnavailable) and not isinstance(exc, TransactionConflict)
 
 
 class PriorityLane(Executor):
