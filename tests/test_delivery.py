@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -284,3 +285,31 @@ async def test_a_contact_locked_elsewhere_holds_back_its_own_step_not_a_send_rec
     ]
     await d.advance(minutes=6)  # Noah's step, still claimed, is taken again once its lease is over
     assert [len(smtp.to(CAMILLE)), len(smtp.to(NOAH))] == [1, 1]
+
+
+async def test_a_send_recorded_after_its_lease_was_taken_over_leaves_the_next_step_to_the_new_holder(
+    deploy: Factory, smtp: SmtpCatcher
+) -> None:
+    """A worker that missed its heartbeats still records the send it made; the worker that took the job over
+    finds it recorded and moves the journey on. Only that one queues the next step: queued by both, it would
+    be two jobs, each sending it."""
+    d = await deploy()
+    await d.post_shopify("checkouts/create", fixture_bytes("shopify/checkout.json"))
+    await d.advance(seconds=1)
+    d.clock.advance(timedelta(hours=1))
+    worker, db = d.gateway.worker, d.gateway.db
+    jobs = await db.run(jobqueue.claim, worker.id, d.clock.now(), timedelta(seconds=20), 10)
+    [job] = [job for job in jobs if job.kind == "step"]
+    send = await worker.prepare_step(job)
+    assert send is not None
+    result, message = await call_sink(send)  # the first reminder goes out
+    d.clock.advance(timedelta(seconds=30))  # the lease ran out: another worker takes the job
+    other = dataclasses.replace(worker.steps, worker_id="other")
+    [taken] = await db.run(jobqueue.claim, "other", d.clock.now(), timedelta(seconds=20), 10)
+    assert taken.id == job.id
+    await worker.record_send(send, result, message)  # the first worker's record commits now
+    assert await db.run(other.prepare, taken) is None  # the new holder sees it sent, and moves on
+    assert d.rows("SELECT step, status FROM jobs WHERE kind = 'step' ORDER BY id") == [(0, "done"), (1, "pending")]
+    await d.advance(days=1, hours=1)
+    assert len(smtp.to(CAMILLE)) == 2  # each reminder once
+    assert d.rows("SELECT step, status FROM deliveries ORDER BY step") == [(1, "sent"), (2, "sent")]

@@ -669,7 +669,7 @@ class StepRunner:
                 self.timezone,
                 now,
             )
-            jobqueue.add_step(conn, step.enrolment_id, following, due, now, step.rule.spec.priority)
+            jobqueue.add_next_step(conn, step.job, self.worker_id, following, due, now, step.rule.spec.priority)
         else:
             row = {"enrolment_id": step.enrolment_id, "status": "completed", "by": None, "now": now}
             appends.append(conn, _END, row)

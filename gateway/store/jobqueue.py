@@ -120,6 +120,37 @@ def add_step(
 _INSERT = sa.insert(JOBS).inline()  # appended: no id read back (store/appends.py)
 
 
+def add_next_step(
+    conn: Connection, finished: ClaimedJob, worker: str, step: int, due_at: datetime, now: datetime, priority: int = 0
+) -> None:
+    """Queue the step after `finished`, which this transaction closes with finish_queued: only if this worker
+    still held it. Once its lease was taken over, the new holder moves the journey on (it finds the delivery
+    recorded); a next step queued by both would be two jobs, each sending it."""
+    row = {"job_id": finished.id, "worker": worker, "enrolment_id": finished.enrolment_id, "step": step}
+    appends.append(conn, _INSERT_NEXT, {**row, "due_at": due_at, "priority": priority, "now": now})
+    notify(conn)
+
+
+_INSERT_NEXT = sa.insert(JOBS).from_select(
+    ["kind", "enrolment_id", "step", "due_at", "first_due_at", "priority", "status", "attempts", "created_at"]
+    + ["updated_at"],
+    sa.select(
+        sa.literal("step"),
+        sa.bindparam("enrolment_id", type_=J.enrolment_id.type),
+        sa.bindparam("step", type_=J.step.type),
+        sa.bindparam("due_at", type_=J.due_at.type),
+        sa.bindparam("due_at", type_=J.due_at.type),
+        sa.bindparam("priority", type_=J.priority.type),
+        sa.literal("pending"),
+        sa.literal(0),
+        sa.bindparam("now", type_=J.created_at.type),
+        sa.bindparam("now", type_=J.created_at.type),
+    ).where(  # finish_queued's row, written before this one (store/appends.py writes statements in order)
+        sa.exists().where(J.id == sa.bindparam("job_id"), J.locked_by == sa.bindparam("worker"), status_is("done"))
+    ),
+)
+
+
 #: How long an unprocessed call holds back the steps due after it arrived, unless the worker says.
 ORDERING_TIMEOUT = timedelta(minutes=5)
 #: Contacts held back one by one at most; calls about more count as about everyone (safe, coarser).
