@@ -24,6 +24,7 @@ from declic_gateway.errors import ConfigError
 from declic_gateway.http.app import create_app, load
 from declic_gateway.store import Database, jobqueue
 from declic_gateway.store.db import PriorityLane
+from declic_gateway.store.inbox import NewCall, commit_calls
 from declic_gateway.testing import write_deployment
 
 
@@ -215,3 +216,14 @@ def test_the_queues_statements_carry_the_job_states_in_their_text(db_url: str) -
     bound = [statement for statement in ran if re.search(r"\.status (=|!=|IN) (\?|%\()", statement)]
     assert bound == []
     assert any("jobs.status = 'pending'" in statement for statement in ran)
+
+
+def test_a_claim_that_takes_some_calls_of_a_commit_takes_the_first_ones(db: Database) -> None:
+    """The calls of one group commit are due at one moment; a claim with less room takes them in arrival order,
+    wherever the database keeps their rows (PostgreSQL rewrites a row elsewhere on every update)."""
+    now = datetime(2026, 3, 14, 8, 0, tzinfo=UTC)
+    db.transaction(commit_calls, [NewCall("shop", f"call-{n}", now, {}, b"{}") for n in range(60)])
+    with db.engine.begin() as conn:  # the first rows touched, as a renewed lease would
+        conn.execute(sa.text("UPDATE jobs SET updated_at = updated_at WHERE id IN (SELECT id FROM jobs LIMIT 5)"))
+    claimed = db.transaction(jobqueue.claim, "w", now, timedelta(minutes=1), 50)
+    assert sorted(job.inbox_id for job in claimed) == list(range(1, 51))

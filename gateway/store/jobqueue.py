@@ -273,11 +273,13 @@ def _claim_statement(
             others.c.locked_until >= _NOW,
         )
         call = sa.and_(call, sa.not_(held_elsewhere)) if calls else sa.false()
-    # Among steps due at the same moment (freed by the pressure cap), the rule's priority decides.
+    # Among steps due at the same moment (freed by the pressure cap), the rule's priority decides; among the
+    # calls of one group commit (one due_at), arrival: a claim that takes some must take the first ones. Without
+    # the id, PostgreSQL returns ties in the order it finds the rows, which drifts as the table is rewritten.
     candidates = (
         sa.select(J.id)
         .where(due, sa.or_(call, sa.and_(J.kind != "inbox", sa.or_(anyone.is_(None), J.due_at < anyone), *in_order)))
-        .order_by(J.due_at, J.priority.desc())
+        .order_by(J.due_at, J.priority.desc(), J.id)
         .limit(sa.bindparam("limit", type_=sa.Integer))
     )
     if skip_locked:
@@ -538,7 +540,8 @@ def _inbox_jobs(**values: Any) -> sa.Insert:
     columns = {"kind": sa.literal("inbox"), "inbox_id": INBOX.c.id, "step": sa.literal(0), "due_at": _NOW}
     columns |= values | {"created_at": _NOW, "updated_at": _NOW}
     rows = sa.select(*columns.values()).where(INBOX.c.id.in_(sa.bindparam("ids", expanding=True)))
-    return sa.insert(JOBS).from_select(list(columns), rows)
+    # Job ids in the calls' order: the claim takes the calls of one commit by job id.
+    return sa.insert(JOBS).from_select(list(columns), rows.order_by(INBOX.c.id))
 
 
 _ADD_INBOX_JOBS = _inbox_jobs(status=sa.literal("pending"), attempts=sa.literal(0))
