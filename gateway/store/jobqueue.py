@@ -132,8 +132,18 @@ def add_next_step(
 
 
 _INSERT_NEXT = sa.insert(JOBS).from_select(
-    ["kind", "enrolment_id", "step", "due_at", "first_due_at", "priority", "status", "attempts", "created_at"]
-    + ["updated_at"],
+    [
+        "kind",
+        "enrolment_id",
+        "step",
+        "due_at",
+        "first_due_at",
+        "priority",
+        "status",
+        "attempts",
+        "created_at",
+        "updated_at",
+    ],
     sa.select(
         sa.literal("step"),
         sa.bindparam("enrolment_id", type_=J.enrolment_id.type),
