@@ -8,6 +8,7 @@ import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import sqlalchemy as sa
@@ -20,7 +21,7 @@ from declic_gateway.errors import TransactionConflict
 from declic_gateway.http.app import create_app, load
 from declic_gateway.http.running import GATEWAY_KEY
 from declic_gateway.kit.sinks import DeliveryResult
-from declic_gateway.send.delivery import call_sink
+from declic_gateway.send.delivery import Send, call_sink
 from declic_gateway.store import jobqueue
 from declic_gateway.store.db import normalize_url
 from declic_gateway.testing import FakeClock, SmtpCatcher, write_deployment
@@ -313,3 +314,42 @@ async def test_a_send_recorded_after_its_lease_was_taken_over_leaves_the_next_st
     await d.advance(days=1, hours=1)
     assert len(smtp.to(CAMILLE)) == 2  # each reminder once
     assert d.rows("SELECT step, status FROM deliveries ORDER BY step") == [(1, "sent"), (2, "sent")]
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
+async def test_the_link_key_made_in_a_transaction_that_rolled_back_is_not_used_for_links(
+    deploy: Factory, smtp: SmtpCatcher, db_url: str
+) -> None:
+    """A new deployment makes its link key with its first link, in the transaction that prepares that step. When
+    that transaction fails (another step in it waited for a locked contact), the key is not stored: links signed
+    with it would be refused by /u/, whatever the worker said in the e-mail."""
+    d = await deploy(policies="  pressure: {max: 10, per: 1d}\n")
+    checkout = fixture_bytes("shopify/checkout.json")
+    await d.post_shopify("checkouts/create", checkout)
+    await d.post_shopify(
+        "checkouts/create",
+        checkout.replace(b"981726354", b"981726355")
+        .replace(b"c0ffee5ca7e1", b"c0ffee5ca7e2")
+        .replace(CAMILLE.encode(), NOAH.encode())
+        .replace(b"5550001", b"5550002")
+        .replace(b"+33612345678", b"+33698765432"),
+    )
+    await d.advance(seconds=1)
+    d.clock.advance(timedelta(hours=1))
+    worker, db = d.gateway.worker, d.gateway.db
+    jobs = await db.run(jobqueue.claim, worker.id, d.clock.now(), timedelta(minutes=5), 10)
+    first, second = sorted((job for job in jobs if job.kind == "step"), key=lambda job: job.id)
+    noah = d.scalar("SELECT contact_id FROM enrolments WHERE id = :e", e=second.enrolment_id)
+    engine = sa.create_engine(normalize_url(db_url))
+    try:
+        with engine.connect() as other, other.begin():
+            other.execute(sa.text("SELECT id FROM contacts WHERE id = :id FOR UPDATE"), {"id": noah})
+            send, _ = await asyncio.gather(
+                worker.prepare_step(first), worker.prepare_step(second), return_exceptions=True
+            )
+    finally:
+        engine.dispose()
+    assert isinstance(send, Send)  # prepared again on its own once the shared transaction failed
+    unsubscribe = send.draft.headers["List-Unsubscribe"].strip("<>")
+    answer = await d.client.get(urlsplit(unsubscribe).path)
+    assert answer.status == 200

@@ -134,6 +134,7 @@ class StepRunner:
     keep_rendered: bool = True
     locale: str = "en"
     _secret: bytes | None = None
+    _made: tuple[object, bytes] | None = None  # a link key made by a transaction not known to be committed
 
     def prepare(self, conn: Connection, job: ClaimedJob) -> Send | None:
         """Decide what to send, or close (or defer) the job here when nothing should be sent now."""
@@ -442,9 +443,20 @@ class StepRunner:
         return f"{(self.public_url or '').rstrip('/')}/{path}/{token}"
 
     def _link_secret(self, conn: Connection) -> bytes:
-        if self._secret is None:
-            self._secret = links.link_secret(conn)
-        return self._secret
+        """The link key, kept for the process once it was found stored. One this transaction made is kept for the
+        transaction only: if it rolls back (it prepared other steps too, and one failed), links signed with that
+        key would be refused by /u/ and the redirects, in every e-mail sent with it."""
+        if self._secret is not None:
+            return self._secret
+        transaction = conn.get_transaction()
+        if self._made is not None and self._made[0] is transaction:
+            return self._made[1]
+        secret, made = links.made_link_secret(conn)
+        if made:
+            self._made = (transaction, secret)
+        else:
+            self._secret = secret
+        return secret
 
     def _tracking(
         self, conn: Connection, rule: CompiledRule, sink: Sink, contact_id: int, key: str, now: datetime

@@ -35,10 +35,16 @@ _NONCE_BYTES = 12
 
 def link_secret(conn: Connection) -> bytes:
     """The deployment's link key, made once and kept in the database."""
-    conn.execute(
-        sql.insert(conn.dialect.name, META).values(key=SECRET_KEY, value=secrets.token_hex(32)).on_conflict_do_nothing()
-    )
-    return bytes.fromhex(conn.execute(sa.select(META.c.value).where(META.c.key == SECRET_KEY)).scalar_one())
+    return made_link_secret(conn)[0]
+
+
+def made_link_secret(conn: Connection) -> tuple[bytes, bool]:
+    """The link key, and whether this transaction made it: then it is kept only if the transaction commits."""
+    insert = sql.insert(conn.dialect.name, META).values(key=SECRET_KEY, value=secrets.token_hex(32))
+    made = conn.execute(insert.on_conflict_do_nothing().returning(META.c.value)).scalar()
+    if made is not None:
+        return bytes.fromhex(made), True
+    return bytes.fromhex(conn.execute(sa.select(META.c.value).where(META.c.key == SECRET_KEY)).scalar_one()), False
 
 
 @dataclass(frozen=True)
