@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from conftest import SECRET, TEMPLATES, Deployment, Factory, fixture_bytes
+from conftest import SECRET, TEMPLATES, Deployment, Factory, fixture_bytes, locked_inbox, until
 from declic_gateway.cli.main import cli
 from declic_gateway.config import WorkerSpec
 from declic_gateway.errors import TransactionConflict
@@ -353,3 +355,50 @@ async def test_the_link_key_made_in_a_transaction_that_rolled_back_is_not_used_f
     unsubscribe = send.draft.headers["List-Unsubscribe"].strip("<>")
     answer = await d.client.get(urlsplit(unsubscribe).path)
     assert answer.status == 200
+
+
+@contextlib.contextmanager
+def deliveries_locked(db_url: str) -> Iterator[None]:
+    """No send can be recorded: SQLite's file, or PostgreSQL's deliveries table, locked from another connection."""
+    if db_url.startswith("sqlite"):
+        with locked_inbox(db_url):  # BEGIN EXCLUSIVE: the whole file
+            yield
+        return
+    engine = sa.create_engine(normalize_url(db_url))
+    try:
+        with engine.connect() as conn, conn.begin():
+            conn.execute(sa.text("LOCK TABLE deliveries IN ACCESS EXCLUSIVE MODE"))
+            yield
+    finally:
+        engine.dispose()
+
+
+async def test_a_send_whose_record_fails_is_recorded_once_the_database_answers_and_never_sent_again(
+    deploy: Factory, smtp: SmtpCatcher, db_url: str
+) -> None:
+    """The e-mail went out; the database did not take its record (locked past busy_timeout, or down). The worker
+    tries the record again until it goes in: sending the job back to the queue would send the e-mail again."""
+    d = await deploy()
+    await d.post_shopify("checkouts/create", fixture_bytes("shopify/checkout.json"))
+    await d.advance(seconds=1)
+    d.clock.advance(timedelta(hours=1))  # the cart reminder is due
+    worker, db = d.gateway.worker, d.gateway.db
+    [job] = await db.run(jobqueue.claim, worker.id, d.clock.now(), timedelta(minutes=5), 10)
+    send = await worker.prepare_step(job)
+    assert send is not None
+    result, message = await call_sink(send)
+    failures: list[int] = []
+    counted = db.on_unavailable
+    db.on_unavailable = lambda: (failures.append(1), counted())  # type: ignore[func-returns-value]
+    try:
+        with deliveries_locked(d.gateway.settings.storage.url):
+            recording = asyncio.create_task(worker.record_send(send, result, message))
+            await until(lambda: len(failures) >= 1)  # one attempt refused after busy_timeout
+            assert not recording.done()
+        assert await asyncio.wait_for(recording, 10) is True  # the second reminder queued, a day later
+    finally:
+        db.on_unavailable = counted
+    assert d.rows("SELECT step, status FROM deliveries") == [(1, "sent")]
+    assert d.rows("SELECT step, status FROM jobs WHERE kind = 'step' ORDER BY id") == [(0, "done"), (1, "pending")]
+    await d.advance(minutes=10)  # past the lease the job had: nothing runs it again
+    assert len(smtp.to(CAMILLE)) == 1

@@ -49,6 +49,8 @@ SATURATED = 0.8
 #: a closed loop of 64 senders keeps 60 and more (bench/ingest.py). Pausing for a stream only delays e-mails the
 #: process would keep up with (docs/performance.md, session 17).
 ACKS_FLOOD = 16
+#: Seconds before a send's record is tried again while the database is unavailable, doubling up to a heartbeat.
+RECORD_PAUSE = 0.25
 
 
 def _reason(error: BaseException) -> str:
@@ -586,8 +588,20 @@ class Worker:
         return send
 
     async def record_send(self, send: Send, result: DeliveryResult, message: Message | None) -> bool:
-        """Record the sink's answer and move the journey on; True when that made a job pending."""
-        return await self._steps(_Sent(send, result, message)) is True
+        """Record the sink's answer and move the journey on; True when that made a job pending.
+
+        The sink has answered: while the database is unavailable the record is tried again, never the send (the
+        job sent back to the queue would send it again). The job stays claimed meanwhile, its lease renewed once
+        the database answers; only stopping ends the wait, and then the job runs again, as one in flight at a kill.
+        """
+        pause = RECORD_PAUSE
+        while True:
+            try:
+                return await self._steps(_Sent(send, result, message)) is True
+            except StorageUnavailable as exc:
+                log.warning("cannot record a send yet, trying again", job_id=send.job.id, error=str(exc), seconds=pause)
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, self.spec.lease.total_seconds() / 4)
 
     def _step_work(self, conn: Connection, item: ClaimedJob | _Sent) -> Send | bool | None:
         if isinstance(item, _Sent):
