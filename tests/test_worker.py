@@ -22,6 +22,7 @@ from declic_gateway.jobs.worker import Worker
 from declic_gateway.kit.events import Event
 from declic_gateway.kit.sources import RawCall, Source
 from declic_gateway.plugins import collect, get_plugin_manager
+from declic_gateway.store.db import normalize_url
 from declic_gateway.testing import FakeClock, ScriptedPlugin, ScriptedSource, write_deployment
 from tests.conftest import locked_inbox, until
 
@@ -331,3 +332,26 @@ async def test_credentials_sent_with_a_webhook_are_not_stored(deployment: Any) -
     kept = {name.lower(): value for name, value in json.loads(stored[0]).items()}
     assert "authorization" not in kept and "cookie" not in kept
     assert kept["x-request-id"] == "r-1"
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
+async def test_a_call_whose_contact_is_locked_elsewhere_is_tried_again_not_failed(deployment: Any, db_url: str) -> None:
+    """A lock that another transaction holds past busy_timeout is the moment's, not the call's: the call goes back
+    to the queue (not to the failed calls, where only a replay would bring it back), and is applied later."""
+    client, gateway = deployment
+    for name in ("v1", "v2"):
+        events = [{"type": "profile.updated", "contact": {"email": "ada@example.com", "first_name": name}}]
+        assert (await client.post("/hooks/in/tok", data=json.dumps(events).encode())).status == 200
+        if name == "v1":
+            await gateway.worker.drain()
+    engine = sa.create_engine(normalize_url(db_url))
+    try:
+        with engine.connect() as other, other.begin():  # an API write, another replica's capped step...
+            other.execute(sa.text("SELECT id FROM contacts FOR UPDATE"))
+            await asyncio.wait_for(gateway.worker.drain(), 30)
+    finally:
+        engine.dispose()
+    assert rows(gateway, "SELECT id, status FROM inbox ORDER BY id") == [(1, "processed"), (2, "received")]
+    gateway.clock.advance(timedelta(hours=1))
+    await asyncio.wait_for(gateway.worker.drain(), 10)
+    assert rows(gateway, "SELECT first_name FROM contacts") == [("v2",)]

@@ -478,7 +478,9 @@ class Worker:
 
         self._reserved += room
         try:
-            outcomes = await together_or_alone(self.db, apply_then_claim, calls)
+            # A conflict (a contact locked elsewhere) fails the run, tried again later: failed alone, the call
+            # would be failed for good, and applied alone, the calls behind it would overtake it.
+            outcomes = await together_or_alone(self.db, apply_then_claim, calls, conflicts_alone=False)
         finally:
             self._reserved -= room
         # Started first: jobs claimed and left unstarted would wait for their lease to run out.

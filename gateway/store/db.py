@@ -296,18 +296,25 @@ class Failed:
     error: Exception
 
 
-async def together_or_alone(db: Database, work: Callable[[Any, list[I]], list[R]], items: list[I]) -> list[R | Failed]:
+async def together_or_alone(
+    db: Database, work: Callable[[Any, list[I]], list[R]], items: list[I], conflicts_alone: bool = True
+) -> list[R | Failed]:
     """work(conn, items) in one transaction, giving one result per item. If that fails, each item runs
     again in a transaction of its own, so a bad item fails alone and the others go through.
 
     StorageUnavailable is raised, not retried item by item: it is the database, not an item. A
-    TransactionConflict is an item's: one step's contact locked elsewhere must not fail a send's record that
-    shared its transaction (the send would be made again).
+    TransactionConflict is an item's (`conflicts_alone`): one step's contact locked elsewhere must not fail a
+    send's record that shared its transaction (the send would be made again). Without it, a conflict is raised as
+    StorageUnavailable is: for calls, a lock of the moment must not fail a call for good.
     """
+
+    def the_database(exc: Exception) -> bool:
+        return isinstance(exc, StorageUnavailable) and not (conflicts_alone and isinstance(exc, TransactionConflict))
+
     try:
         return list(await db.run(work, items))
     except Exception as exc:
-        if _the_database(exc):
+        if the_database(exc):
             raise
         if len(items) == 1:
             return [Failed(exc)]
@@ -316,14 +323,10 @@ async def together_or_alone(db: Database, work: Callable[[Any, list[I]], list[R]
         try:
             outcomes += await db.run(work, [item])
         except Exception as exc:
-            if _the_database(exc):
+            if the_database(exc):
                 raise
             outcomes.append(Failed(exc))
     return outcomes
-
-
-def _the_database(exc: Exception) -> bool:
-    return isinstance(exc, StorageUnavailable) and not isinstance(exc, TransactionConflict)
 
 
 class PriorityLane(Executor):
