@@ -355,3 +355,32 @@ async def test_a_call_whose_contact_is_locked_elsewhere_is_tried_again_not_faile
     gateway.clock.advance(timedelta(hours=1))
     await asyncio.wait_for(gateway.worker.drain(), 10)
     assert rows(gateway, "SELECT first_name FROM contacts") == [("v2",)]
+
+
+async def test_calls_of_ours_claimed_again_after_their_lease_ran_out_are_applied_once(slow_provider: Any) -> None:
+    """Calls waiting in memory (behind one whose provider is slow) while the database was out of reach for a
+    lease, so their lease was not renewed: the worker's next claim takes them again. Their first run keeps them:
+    each is applied once, and processed, not failed by a second run."""
+    client, gateway = await slow_provider("all")
+    assert (await post(client, "order.placed", "Ordered")).status == 200
+    await asyncio.wait_for(SlowProviderSource.asked.wait(), 10)
+    for name in ("v1", "v2"):
+        assert (await post(client, "profile.updated", name)).status == 200
+    await until(
+        lambda: rows(gateway, "SELECT count(*) FROM jobs WHERE kind = 'inbox' AND status = 'running'") == [(3,)]
+    )
+    gateway.clock.advance(timedelta(minutes=1))  # past the lease, never renewed
+    gateway.worker.wake()
+    await until(lambda: rows(gateway, "SELECT min(attempts) FROM jobs WHERE kind = 'inbox'") == [(2,)])
+    SlowProviderSource.answer.set()
+    await until(lambda: rows(gateway, "SELECT count(*) FROM jobs WHERE kind = 'inbox' AND status = 'done'") == [(3,)])
+    assert (await post(client, "profile.updated", "v3")).status == 200
+    await until(lambda: rows(gateway, "SELECT count(*) FROM inbox WHERE status = 'processed'") == [(4,)])
+    assert rows(gateway, "SELECT status FROM inbox ORDER BY id") == [("processed",)] * 4
+    assert rows(gateway, "SELECT inbox_id, count(*) FROM events GROUP BY inbox_id ORDER BY inbox_id") == [
+        (1, 1),
+        (2, 1),
+        (3, 1),
+        (4, 1),
+    ]
+    assert rows(gateway, "SELECT first_name FROM contacts WHERE email = 'ada@example.com'") == [("v3",)]

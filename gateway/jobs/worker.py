@@ -262,6 +262,10 @@ class Worker:
         return len(jobs), due
 
     def _start(self, jobs: list[ClaimedJob], raws: dict[int, RawCall]) -> None:
+        # A job of ours whose lease ran out unrenewed (the database out of reach for a lease) comes back in our own
+        # claim while its first run goes on: that run keeps it, under the new lease. Run twice, a call applied by
+        # the first would be failed by the second, and the order of the calls held would hold it twice.
+        jobs = [job for job in jobs if job.id not in self._running]
         self._queue_calls(jobs)
         for unit, work in self._units(jobs, raws):
             task = asyncio.create_task(work)
