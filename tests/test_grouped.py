@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import sqlalchemy as sa
@@ -81,3 +82,22 @@ async def test_a_failed_transaction_leaves_nothing_behind_for_the_next_on_the_da
     assert await db.run(remember, "k-next") == "K-NEXT"
 
     assert stored(db) == ["k-next"]
+
+
+async def test_a_waiter_for_the_queued_items_cancelled_leaves_them_to_commit(db: Database) -> None:
+    """A stopping worker waits for the records it queued (`finish`); cancelled again while it waits, it must not
+    take them down with it: a send whose record is dropped is sent again after a restart."""
+    grouped = Grouped(db, remember)
+    started, release = threading.Event(), threading.Event()
+    holding = asyncio.ensure_future(db.run(lambda conn: (started.set(), release.wait(30))))
+    await asyncio.to_thread(started.wait, 30)  # the database thread is busy: the item waits in the queue
+    item = asyncio.ensure_future(grouped("k1"))
+    await asyncio.sleep(0)
+    finishing = asyncio.ensure_future(grouped.finish())
+    await asyncio.sleep(0)
+    finishing.cancel()
+    item.cancel()  # its caller gone too, as a stopping worker's jobs are
+    release.set()
+    await holding
+    await asyncio.wait_for(grouped.finish(), 10)
+    assert stored(db) == ["k1"]

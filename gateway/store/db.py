@@ -254,9 +254,10 @@ class Grouped(Generic[I, R]):
         return await future
 
     async def finish(self) -> None:
-        """Wait for the transactions under way and those of the items waiting (a stopping worker)."""
+        """Wait for the transactions under way and those of the items waiting (a stopping worker). A waiter
+        cancelled meanwhile (a second Ctrl-C) leaves them to commit: a send's record dropped would send it again."""
         if self._flushing is not None:
-            await asyncio.gather(self._flushing, return_exceptions=True)
+            await asyncio.wait([self._flushing])  # gather would cancel the flush with its waiter
 
     async def _flush_pending(self) -> None:
         batch: list[tuple[I, asyncio.Future[R]]] = []
