@@ -402,3 +402,47 @@ async def test_a_send_whose_record_fails_is_recorded_once_the_database_answers_a
     assert d.rows("SELECT step, status FROM jobs WHERE kind = 'step' ORDER BY id") == [(0, "done"), (1, "pending")]
     await d.advance(minutes=10)  # past the lease the job had: nothing runs it again
     assert len(smtp.to(CAMILLE)) == 1
+
+
+async def test_a_step_prepared_with_the_record_of_a_refused_address_does_not_send_to_it(
+    deploy: Factory, smtp: SmtpCatcher
+) -> None:
+    """Two journeys mail Camille at the same hour; the first send is refused (no such user) and its record marks
+    the address bouncing, in the transaction that prepares the second: that one must see the address bouncing."""
+    rules = "".join(
+        f"  - name: {name}\n    when: checkout.started\n    steps:\n      - wait: 1h\n"
+        "        send: {via: email, template: cart-reminder}\n"
+        for name in ("cart-a", "cart-b")
+    )
+    d = await deploy(rules)
+    checkout = fixture_bytes("shopify/checkout.json")
+    await d.post_shopify("checkouts/create", checkout)
+    await d.post_shopify(
+        "checkouts/create",
+        checkout.replace(b"981726354", b"981726355")
+        .replace(b"c0ffee5ca7e1", b"c0ffee5ca7e2")
+        .replace(CAMILLE.encode(), NOAH.encode())
+        .replace(b"5550001", b"5550002")
+        .replace(b"+33612345678", b"+33698765432"),
+    )
+    await d.advance(seconds=1)
+    d.clock.advance(timedelta(hours=1))
+    worker, db = d.gateway.worker, d.gateway.db
+    jobs = {
+        job.enrolment_id: job
+        for job in await db.run(jobqueue.claim, worker.id, d.clock.now(), timedelta(minutes=5), 10)
+    }
+    enrolments = d.rows("SELECT e.id, e.rule, c.email FROM enrolments e JOIN contacts c ON c.id = e.contact_id")
+    step = {(rule, email): jobs[enrolment] for enrolment, rule, email in enrolments}
+    send = await worker.prepare_step(step["cart-a", CAMILLE])
+    assert send is not None
+    refused = DeliveryResult.address_invalid("550 5.1.1 no such user")
+    _, second, noahs = await asyncio.gather(  # one transaction: Noah's step makes it a batch that reads ahead
+        worker.record_send(send, refused, None),
+        worker.prepare_step(step["cart-b", CAMILLE]),
+        worker.prepare_step(step["cart-a", NOAH]),
+    )
+    assert second is None and noahs is not None
+    assert d.rows("SELECT rule, status, reason FROM deliveries WHERE rule = 'cart-b'") == [
+        ("cart-b", "suppressed", "email address is bouncing")
+    ]

@@ -617,7 +617,10 @@ class Worker:
     def _reading_ahead(
         self, conn: Connection, items: list[ClaimedJob | _Sent]
     ) -> contextlib.AbstractContextManager[None]:
-        """The steps to prepare read what they need in one statement (recording a send reads nothing ahead)."""
+        """The steps to prepare read what they need in one statement (recording a send reads nothing ahead), unless
+        a send recorded with them changes its contact: then each reads its own when it comes."""
+        if any(isinstance(item, _Sent) and self.steps.changes_contact(item.result) for item in items):
+            return contextlib.nullcontext()
         return self.steps.reading_ahead(conn, [item for item in items if isinstance(item, ClaimedJob)])
 
     async def _run_step(self, job: ClaimedJob) -> None:

@@ -569,6 +569,12 @@ class StepRunner:
         self._record_outcome(conn, send, result, message)
         return jobqueue.pending_made(conn) != made
 
+    @staticmethod
+    def changes_contact(result: DeliveryResult) -> bool:
+        """Whether recording `result` may change its contact (an address refused, an opt-out): steps prepared in
+        the same transaction must then read their contacts after it, not ahead of it (`reading_ahead`)."""
+        return bool(result.invalid_addresses) or result.outcome in (Outcome.OPTED_OUT, Outcome.ADDRESS_INVALID)
+
     def _record_outcome(self, conn: Connection, send: Send, result: DeliveryResult, message: Message | None) -> None:
         now = self.clock.now()
         job, rule = send.job, send.rule
