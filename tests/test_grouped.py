@@ -8,13 +8,16 @@ import threading
 import pytest
 import sqlalchemy as sa
 
+from declic_gateway.errors import StorageUnavailable
 from declic_gateway.store import META, Database
-from declic_gateway.store.db import Grouped
+from declic_gateway.store.db import Failed, Grouped, together_or_alone
 
 
 def remember(conn: sa.Connection, key: str) -> str:
     if key == "bad":
         raise ValueError("this one is bad")
+    if key == "gone":  # the database going away just then
+        raise StorageUnavailable("server closed the connection unexpectedly")
     conn.execute(sa.insert(META).values(key=key, value="x"))
     return key.upper()
 
@@ -101,3 +104,21 @@ async def test_a_waiter_for_the_queued_items_cancelled_leaves_them_to_commit(db:
     await holding
     await asyncio.wait_for(grouped.finish(), 10)
     assert stored(db) == ["k1"]
+
+
+async def test_items_written_alone_before_the_database_went_away_keep_their_results(db: Database) -> None:
+    """A bad item fails the shared transaction; the items then run alone, and the database goes away under the
+    fourth. The first three keep their outcomes (two are written: told they failed, a caller would do them again,
+    a send's record twice); the database's error is the outcome of the fourth and of every item after it."""
+    outcomes = await together_or_alone(
+        db, lambda conn, keys: [remember(conn, k) for k in keys], ["k1", "bad", "k2", "gone", "k3"]
+    )
+    assert outcomes[0] == "K1" and outcomes[2] == "K2"
+    assert [type(o.error) if isinstance(o, Failed) else None for o in outcomes] == [
+        None,
+        ValueError,
+        None,
+        StorageUnavailable,
+        StorageUnavailable,
+    ]
+    assert stored(db) == ["k1", "k2"]

@@ -49,8 +49,28 @@ SATURATED = 0.8
 #: a closed loop of 64 senders keeps 60 and more (bench/ingest.py). Pausing for a stream only delays e-mails the
 #: process would keep up with (docs/performance.md, session 17).
 ACKS_FLOOD = 16
-#: Seconds before a send's record is tried again while the database is unavailable, doubling up to a heartbeat.
+#: Seconds before a send's record, or a run of calls, is tried again while the database is unavailable, doubling.
 RECORD_PAUSE = 0.25
+
+
+class Waiting:
+    """Pauses before trying again what the database did not take: RECORD_PAUSE, doubling, until `limit` seconds
+    after the first failure (then None: give up), on the monotonic clock, as leases run out in real time."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit, self.since, self.next = limit, -1.0, RECORD_PAUSE
+
+    def pause(self) -> float | None:
+        now = time.monotonic()
+        self.since = now if self.since < 0 else self.since
+        if now - self.since >= self.limit:
+            self.reset()
+            return None
+        pause, self.next = self.next, min(2 * self.next, self.limit / 2)
+        return pause
+
+    def reset(self) -> None:
+        self.since, self.next = -1.0, RECORD_PAUSE
 
 
 def _reason(error: BaseException) -> str:
@@ -437,17 +457,31 @@ class Worker:
         each, in turn, while those behind them waited (docs/performance.md, session 17). It runs as a task of its
         own, as Grouped's transactions do: the claims only wait for their calls."""
         run: list[_Call] = []
+        waiting = Waiting(self.spec.lease.total_seconds() / 2)
         try:
             while run := self._next_run():
                 cpu = self._cpu_applying
                 try:
-                    stored = await self._apply(run)
-                except Exception as exc:  # e.g. the database is locked: its calls are tried again later
+                    stored, left, error = await self._apply(run)
+                except StorageUnavailable as exc:  # nothing of the run written
+                    stored, left, error = [], len(run), exc
+                except Exception as exc:  # a bug: its calls are tried again later
                     self._settle(run, exc)
                     continue
-                self._settle(run)
+                self._settle(run[: len(run) - left])
                 for event in stored:
                     self._on_event(event)
+                if error is not None:
+                    # The database did not take the last `left`: the same calls again, before those behind them,
+                    # once it answers; as long as their lease surely holds, then they go back to the queue.
+                    pause = waiting.pause()
+                    if pause is None:
+                        self._settle(run[len(run) - left :], error)
+                        continue
+                    log.warning("cannot apply calls yet, trying again", calls=left, error=str(error), seconds=pause)
+                    await asyncio.sleep(pause)
+                    continue
+                waiting.reset()
                 await asyncio.sleep(self.pause_after(self._cpu_applying - cpu))
         finally:
             self._applier = None
@@ -464,9 +498,11 @@ class Worker:
                 applied.set_exception(error)
         self._forget([call.job for call in run])
 
-    async def _apply(self, calls: list[_Call]) -> list[Event]:
+    async def _apply(self, calls: list[_Call]) -> tuple[list[Event], int, StorageUnavailable | None]:
         """Apply the calls; the transaction that applies the last one also claims what is due now, the steps
-        the calls just made due among it: at light load a claim of its own cost a transaction per webhook."""
+        the calls just made due among it: at light load a claim of its own cost a transaction per webhook.
+        Returns the events stored, and how many of the last calls the database did not take, and why (the
+        others are applied or failed for good). StorageUnavailable: nothing was written."""
         room = self._room() if self._looping and not self._stopping else 0
         last = calls[-1]
 
@@ -490,18 +526,22 @@ class Worker:
         # Started first: jobs claimed and left unstarted would wait for their lease to run out.
         self._claimed_along(None if isinstance(outcomes[-1], Failed) else outcomes[-1][1], room)
         stored: list[Event] = []
-        for call, outcome in zip(calls, outcomes, strict=True):
+        for n, (call, outcome) in enumerate(zip(calls, outcomes, strict=True)):
             if not isinstance(outcome, Failed):
                 stored += outcome[0]
-            else:
-                # Not the database (together_or_alone raises that): this call's own data cannot be
-                # stored (a lone surrogate, a value too long) or hit a bug. Retrying cannot help and
-                # would hold back the steps behind it: failed now, visible, replayable after a fix.
-                if not isinstance(outcome.error, MalformedPayload):
-                    log.error("call failed", job_id=call.job.id, inbox_id=call.job.inbox_id, exc_info=outcome.error)
-                failure = _reason(outcome.error)
+                continue
+            if isinstance(outcome.error, StorageUnavailable):  # the database's, and so for every call after it
+                return stored, len(calls) - n, outcome.error
+            # This call's own data cannot be stored (a lone surrogate, a value too long) or hit a bug. Retrying
+            # cannot help and would hold back the steps behind it: failed now, visible, replayable after a fix.
+            if not isinstance(outcome.error, MalformedPayload):
+                log.error("call failed", job_id=call.job.id, inbox_id=call.job.inbox_id, exc_info=outcome.error)
+            failure = _reason(outcome.error)
+            try:
                 await self.db.run(self._close_calls, [dataclasses.replace(call, failure=failure)])
-        return stored
+            except StorageUnavailable as exc:
+                return stored, len(calls) - n, exc
+        return stored, 0, None
 
     def _claimed_along(self, claimed: _Claim | None, room: int) -> None:
         """Start what the calls' transaction claimed, and wake the loop only if it must claim sooner than it

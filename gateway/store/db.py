@@ -303,10 +303,12 @@ async def together_or_alone(
     """work(conn, items) in one transaction, giving one result per item. If that fails, each item runs
     again in a transaction of its own, so a bad item fails alone and the others go through.
 
-    StorageUnavailable is raised, not retried item by item: it is the database, not an item. A
-    TransactionConflict is an item's (`conflicts_alone`): one step's contact locked elsewhere must not fail a
-    send's record that shared its transaction (the send would be made again). Without it, a conflict is raised as
-    StorageUnavailable is: for calls, a lock of the moment must not fail a call for good.
+    StorageUnavailable is the database, not an item: raised when the shared transaction meets it (nothing is
+    written); met while the items run alone, it ends the run, and it is the outcome of that item and of every
+    item after it, while the items before keep theirs (they are written: told otherwise, a caller would do them
+    again). A TransactionConflict is an item's (`conflicts_alone`): one step's contact locked elsewhere must not
+    fail a send's record that shared its transaction (the send would be made again). Without it, a conflict is
+    the database's: for calls, a lock of the moment must not fail a call for good.
     """
 
     def the_database(exc: Exception) -> bool:
@@ -325,7 +327,7 @@ async def together_or_alone(
             outcomes += await db.run(work, [item])
         except Exception as exc:
             if the_database(exc):
-                raise
+                return outcomes + [Failed(exc)] * (len(items) - len(outcomes))
             outcomes.append(Failed(exc))
     return outcomes
 
