@@ -408,3 +408,26 @@ async def test_calls_of_ours_claimed_again_after_their_lease_ran_out_are_applied
         (4, 1),
     ]
     assert rows(gateway, "SELECT first_name FROM contacts WHERE email = 'ada@example.com'") == [("v3",)]
+
+
+async def test_a_stopping_worker_gives_back_at_once_the_calls_it_did_not_apply(slow_provider: Any) -> None:
+    """Calls claimed and waiting (behind one whose provider is slow) when the process stops go back to the queue
+    at once, not when their lease ends: the next process or another replica takes them first, and a call stored
+    meanwhile waits behind them instead of being taken, and applied, ahead of them."""
+    client, gateway = await slow_provider("all")
+    assert (await post(client, "order.placed", "Ordered")).status == 200
+    await asyncio.wait_for(SlowProviderSource.asked.wait(), 10)
+    for name in ("v1", "v2"):
+        assert (await post(client, "profile.updated", name)).status == 200
+    await until(
+        lambda: rows(gateway, "SELECT count(*) FROM jobs WHERE kind = 'inbox' AND status = 'running'") == [(3,)]
+    )
+    await gateway.worker.stop(grace=0)  # the app stopping, with no grace: the worker is cancelled at once
+    await asyncio.sleep(0.1)  # once it has heard of the stop: a cancel racing with its wake-up may be lost
+    for task in gateway.tasks:
+        task.cancel()
+    await asyncio.wait_for(asyncio.gather(*gateway.tasks, return_exceptions=True), 10)
+    assert (
+        rows(gateway, "SELECT status, locked_by, attempts FROM jobs WHERE kind = 'inbox' ORDER BY id")
+        == [("pending", None, 0)] * 3
+    )

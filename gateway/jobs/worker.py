@@ -219,22 +219,30 @@ class Worker:
                 self._wake_at = None
                 self._wake.clear()
                 self._starved = False
-            # Stopping: jobs in flight finish (stop() bounds the wait by cancelling this task).
-            await asyncio.gather(*self._running.values(), return_exceptions=True)
+            # Stopping: jobs in flight finish (stop() bounds the wait by cancelling this task; `wait`, as
+            # `gather` would cancel them with it, and the calls they hold must be known below).
+            if self._running:
+                await asyncio.wait(list(self._running.values()))
         finally:
             self._looping = False
+            held = [job_id for _, job_id in self._calls_in_order]  # claimed calls, maybe not applied
             heartbeat.cancel()
             sweeper.cancel()
             tasks = [*self._running.values(), *([self._applier] if self._applier else [])]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, heartbeat, sweeper, return_exceptions=True)
-            # The calls of cancelled claims run again once their lease is over: none may hold the queue's head
-            # when this worker is started again (app._supervise restarts a worker that died).
+            # None of the calls of cancelled claims may hold the queue's head when this worker is started again
+            # (app._supervise restarts a worker that died).
             self._forget([call.job for call, _ in self._ready.values()])
             self._calls_in_order.clear()
             # What cancelled jobs handed over still commits: a send made is recorded, not sent again.
             await self._steps.finish()
+            # The calls not applied go back to the queue now, not when their lease ends: calls stored meanwhile
+            # wait behind them instead of being taken at once (applied first), and another replica may take them.
+            if held:
+                with contextlib.suppress(StorageUnavailable):  # then their lease ends as before
+                    await self.db.run(jobqueue.release, held, self.id, self.clock.now())
 
     async def stop(self, grace: float) -> None:
         """Claim nothing more and let jobs in flight finish, for up to `grace` seconds."""

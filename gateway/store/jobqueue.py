@@ -611,6 +611,19 @@ def add_tick(conn: Connection, name: str, now: datetime) -> None:
     add_unique(conn, "tick", f"tick:{name}", name, now, now)
 
 
+def release(conn: Connection, job_ids: list[int], worker: str, now: datetime) -> int:
+    """Claimed jobs that this worker will not run after all (it is stopping) back to the queue at once, their
+    attempt not counted; those it finished meanwhile stay finished."""
+    released = conn.execute(
+        sa.update(JOBS)
+        .where(J.id.in_(job_ids), J.locked_by == worker, status_is("running"))
+        .values(status="pending", locked_by=None, locked_until=None, attempts=J.attempts - 1, updated_at=now)
+    ).rowcount
+    if released:
+        notify(conn)
+    return released
+
+
 def release_orphans(conn: Connection, now: datetime) -> int:
     """On a single-process SQLite deployment, a job still `running` at start-up lost its worker."""
     result = conn.execute(
