@@ -26,6 +26,7 @@ from declic_gateway.kit.sinks import DeliveryResult
 from declic_gateway.send.delivery import Send, call_sink
 from declic_gateway.store import jobqueue
 from declic_gateway.store.db import normalize_url
+from declic_gateway.store.jobqueue import ClaimedJob
 from declic_gateway.testing import FakeClock, SmtpCatcher, write_deployment
 
 ORDER = fixture_bytes("shopify/order.json")
@@ -199,10 +200,8 @@ async def test_unsubscribe_between_steps_suppresses_the_next_step(deploy: Factor
     ]
 
 
-async def test_preparing_a_step_and_recording_another_send_share_a_transaction(deploy: Factory) -> None:
-    """Steps run side by side: what arrives while a transaction runs, a step to prepare or a sink's answer to
-    record, shares the next one (docs/performance.md, session 20)."""
-    d = await deploy()
+async def two_carts_due(d: Deployment) -> list[ClaimedJob]:
+    """Camille's and Noah's checkouts, applied, then an hour later their cart reminders claimed, in that order."""
     checkout = fixture_bytes("shopify/checkout.json")
     await d.post_shopify("checkouts/create", checkout)
     await d.post_shopify(
@@ -213,11 +212,18 @@ async def test_preparing_a_step_and_recording_another_send_share_a_transaction(d
         .replace(b"5550001", b"5550002")
         .replace(b"+33612345678", b"+33698765432"),
     )
-    await d.advance(seconds=1)  # the calls applied; each cart reminder is due an hour later
+    await d.advance(seconds=1)
     d.clock.advance(timedelta(hours=1))
+    jobs = await d.gateway.db.run(jobqueue.claim, d.gateway.worker.id, d.clock.now(), timedelta(minutes=5), 10)
+    return sorted((job for job in jobs if job.kind == "step"), key=lambda job: job.id)
+
+
+async def test_preparing_a_step_and_recording_another_send_share_a_transaction(deploy: Factory) -> None:
+    """Steps run side by side: what arrives while a transaction runs, a step to prepare or a sink's answer to
+    record, shares the next one (docs/performance.md, session 20)."""
+    d = await deploy()
+    first, second = await two_carts_due(d)
     worker, db = d.gateway.worker, d.gateway.db
-    jobs = await db.run(jobqueue.claim, worker.id, d.clock.now(), timedelta(minutes=5), 10)
-    first, second = sorted((job for job in jobs if job.kind == "step"), key=lambda job: job.id)
     send = await worker.prepare_step(first)
     assert send is not None
     transactions: list[float] = []
@@ -253,21 +259,8 @@ async def test_a_contact_locked_elsewhere_holds_back_its_own_step_not_a_send_rec
     busy_timeout, that fails the step's transaction: a send recorded in the same transaction must still be
     recorded (then the transaction runs again item by item), or its job would be retried and the mail sent again."""
     d = await deploy(policies="  pressure: {max: 10, per: 1d}\n")
-    checkout = fixture_bytes("shopify/checkout.json")
-    await d.post_shopify("checkouts/create", checkout)
-    await d.post_shopify(
-        "checkouts/create",
-        checkout.replace(b"981726354", b"981726355")
-        .replace(b"c0ffee5ca7e1", b"c0ffee5ca7e2")
-        .replace(CAMILLE.encode(), NOAH.encode())
-        .replace(b"5550001", b"5550002")
-        .replace(b"+33612345678", b"+33698765432"),
-    )
-    await d.advance(seconds=1)
-    d.clock.advance(timedelta(hours=1))
-    worker, db = d.gateway.worker, d.gateway.db
-    jobs = await db.run(jobqueue.claim, worker.id, d.clock.now(), timedelta(minutes=5), 10)
-    first, second = sorted((job for job in jobs if job.kind == "step"), key=lambda job: job.id)
+    first, second = await two_carts_due(d)
+    worker = d.gateway.worker
     send = await worker.prepare_step(first)
     assert send is not None and send.draft.to == CAMILLE
     result, message = await call_sink(send)
@@ -326,21 +319,8 @@ async def test_the_link_key_made_in_a_transaction_that_rolled_back_is_not_used_f
     that transaction fails (another step in it waited for a locked contact), the key is not stored: links signed
     with it would be refused by /u/, whatever the worker said in the e-mail."""
     d = await deploy(policies="  pressure: {max: 10, per: 1d}\n")
-    checkout = fixture_bytes("shopify/checkout.json")
-    await d.post_shopify("checkouts/create", checkout)
-    await d.post_shopify(
-        "checkouts/create",
-        checkout.replace(b"981726354", b"981726355")
-        .replace(b"c0ffee5ca7e1", b"c0ffee5ca7e2")
-        .replace(CAMILLE.encode(), NOAH.encode())
-        .replace(b"5550001", b"5550002")
-        .replace(b"+33612345678", b"+33698765432"),
-    )
-    await d.advance(seconds=1)
-    d.clock.advance(timedelta(hours=1))
-    worker, db = d.gateway.worker, d.gateway.db
-    jobs = await db.run(jobqueue.claim, worker.id, d.clock.now(), timedelta(minutes=5), 10)
-    first, second = sorted((job for job in jobs if job.kind == "step"), key=lambda job: job.id)
+    first, second = await two_carts_due(d)
+    worker = d.gateway.worker
     noah = d.scalar("SELECT contact_id FROM enrolments WHERE id = :e", e=second.enrolment_id)
     engine = sa.create_engine(normalize_url(db_url))
     try:
@@ -415,23 +395,8 @@ async def test_a_step_prepared_with_the_record_of_a_refused_address_does_not_sen
         for name in ("cart-a", "cart-b")
     )
     d = await deploy(rules)
-    checkout = fixture_bytes("shopify/checkout.json")
-    await d.post_shopify("checkouts/create", checkout)
-    await d.post_shopify(
-        "checkouts/create",
-        checkout.replace(b"981726354", b"981726355")
-        .replace(b"c0ffee5ca7e1", b"c0ffee5ca7e2")
-        .replace(CAMILLE.encode(), NOAH.encode())
-        .replace(b"5550001", b"5550002")
-        .replace(b"+33612345678", b"+33698765432"),
-    )
-    await d.advance(seconds=1)
-    d.clock.advance(timedelta(hours=1))
-    worker, db = d.gateway.worker, d.gateway.db
-    jobs = {
-        job.enrolment_id: job
-        for job in await db.run(jobqueue.claim, worker.id, d.clock.now(), timedelta(minutes=5), 10)
-    }
+    jobs = {job.enrolment_id: job for job in await two_carts_due(d)}
+    worker = d.gateway.worker
     enrolments = d.rows("SELECT e.id, e.rule, c.email FROM enrolments e JOIN contacts c ON c.id = e.contact_id")
     step = {(rule, email): jobs[enrolment] for enrolment, rule, email in enrolments}
     send = await worker.prepare_step(step["cart-a", CAMILLE])

@@ -381,10 +381,8 @@ async def test_a_run_of_calls_the_database_refused_for_a_moment_goes_first_when_
     assert rows(gateway, "SELECT first_name FROM contacts") == [("v34",)]
 
 
-async def test_calls_of_ours_claimed_again_after_their_lease_ran_out_are_applied_once(slow_provider: Any) -> None:
-    """Calls waiting in memory (behind one whose provider is slow) while the database was out of reach for a
-    lease, so their lease was not renewed: the worker's next claim takes them again. Their first run keeps them:
-    each is applied once, and processed, not failed by a second run."""
+async def three_calls_held(slow_provider: Any) -> Any:
+    """A running worker holding three calls of Ada's: v1 and v2 wait behind an order whose provider is slow."""
     client, gateway = await slow_provider("all")
     assert (await post(client, "order.placed", "Ordered")).status == 200
     await asyncio.wait_for(SlowProviderSource.asked.wait(), 10)
@@ -393,6 +391,14 @@ async def test_calls_of_ours_claimed_again_after_their_lease_ran_out_are_applied
     await until(
         lambda: rows(gateway, "SELECT count(*) FROM jobs WHERE kind = 'inbox' AND status = 'running'") == [(3,)]
     )
+    return client, gateway
+
+
+async def test_calls_of_ours_claimed_again_after_their_lease_ran_out_are_applied_once(slow_provider: Any) -> None:
+    """Calls waiting in memory (behind one whose provider is slow) while the database was out of reach for a
+    lease, so their lease was not renewed: the worker's next claim takes them again. Their first run keeps them:
+    each is applied once, and processed, not failed by a second run."""
+    client, gateway = await three_calls_held(slow_provider)
     gateway.clock.advance(timedelta(minutes=1))  # past the lease, never renewed
     gateway.worker.wake()
     await until(lambda: rows(gateway, "SELECT min(attempts) FROM jobs WHERE kind = 'inbox'") == [(2,)])
@@ -414,14 +420,7 @@ async def test_a_stopping_worker_gives_back_at_once_the_calls_it_did_not_apply(s
     """Calls claimed and waiting (behind one whose provider is slow) when the process stops go back to the queue
     at once, not when their lease ends: the next process or another replica takes them first, and a call stored
     meanwhile waits behind them instead of being taken, and applied, ahead of them."""
-    client, gateway = await slow_provider("all")
-    assert (await post(client, "order.placed", "Ordered")).status == 200
-    await asyncio.wait_for(SlowProviderSource.asked.wait(), 10)
-    for name in ("v1", "v2"):
-        assert (await post(client, "profile.updated", name)).status == 200
-    await until(
-        lambda: rows(gateway, "SELECT count(*) FROM jobs WHERE kind = 'inbox' AND status = 'running'") == [(3,)]
-    )
+    _, gateway = await three_calls_held(slow_provider)
     await gateway.worker.stop(grace=0)  # the app stopping, with no grace: the worker is cancelled at once
     await asyncio.sleep(0.1)  # once it has heard of the stop: a cancel racing with its wake-up may be lost
     for task in gateway.tasks:
