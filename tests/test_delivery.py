@@ -411,3 +411,27 @@ async def test_a_step_prepared_with_the_record_of_a_refused_address_does_not_sen
     assert d.rows("SELECT rule, status, reason FROM deliveries WHERE rule = 'cart-b'") == [
         ("cart-b", "suppressed", "email address is bouncing")
     ]
+
+
+async def test_a_record_tried_again_after_its_commit_went_through_unanswered_writes_nothing_twice(
+    deploy: Factory, smtp: SmtpCatcher
+) -> None:
+    """The database took a send's record but its answer was lost (the connection dropped during COMMIT): the
+    worker tries the record again. The step's job is closed by it already: nothing is written a second time (no
+    second `send` in the journal, no second job for the next step)."""
+    d = await deploy()
+    first, _ = await two_carts_due(d)
+    worker = d.gateway.worker
+    send = await worker.prepare_step(first)
+    assert send is not None
+    result, message = await call_sink(send)
+    assert await worker.record_send(send, result, message) is True
+    again = await d.gateway.db.run(worker.steps.record, send, result, message, True)
+    assert again is False
+    assert d.rows("SELECT action, step FROM decisions WHERE action = 'send'") == [("send", 1)]
+    assert d.rows(
+        "SELECT step, status FROM jobs WHERE kind = 'step' AND enrolment_id = :e ORDER BY id", e=first.enrolment_id
+    ) == [
+        (0, "done"),
+        (1, "pending"),
+    ]

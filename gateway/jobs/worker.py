@@ -104,6 +104,7 @@ class _Sent:
     send: Send
     result: DeliveryResult
     message: Message | None
+    again: bool = False  # tried again after the database failed to answer
 
 
 #: What a claim returns: the jobs, when the next pending one is due (when it took fewer than asked), the calls.
@@ -648,18 +649,19 @@ class Worker:
         job sent back to the queue would send it again). The job stays claimed meanwhile, its lease renewed once
         the database answers; only stopping ends the wait, and then the job runs again, as one in flight at a kill.
         """
-        pause = RECORD_PAUSE
+        pause, again = RECORD_PAUSE, False
         while True:
             try:
-                return await self._steps(_Sent(send, result, message)) is True
+                return await self._steps(_Sent(send, result, message, again)) is True
             except StorageUnavailable as exc:
+                again = True
                 log.warning("cannot record a send yet, trying again", job_id=send.job.id, error=str(exc), seconds=pause)
                 await asyncio.sleep(pause)
                 pause = min(2 * pause, self.spec.lease.total_seconds() / 4)
 
     def _step_work(self, conn: Connection, item: ClaimedJob | _Sent) -> Send | bool | None:
         if isinstance(item, _Sent):
-            return self.steps.record(conn, item.send, item.result, item.message)
+            return self.steps.record(conn, item.send, item.result, item.message, item.again)
         return self.steps.prepare(conn, item)
 
     def _reading_ahead(

@@ -561,10 +561,16 @@ class StepRunner:
         )
         log.info("step deferred", rule=step.rule.name, step=step.job.step + 1, reason=deferral.reason)
 
-    def record(self, conn: Connection, send: Send, result: DeliveryResult, message: Message | None = None) -> bool:
+    def record(
+        self, conn: Connection, send: Send, result: DeliveryResult, message: Message | None = None, again: bool = False
+    ) -> bool:
         """Store the sink's answer (and the message as sent) and move the journey on (or to the step's next
         channel), in one transaction. True when that made a job pending (the next step, this one again, a
-        retry): the worker claims again only then."""
+        retry): the worker claims again only then. `again`: the record is tried again because the database did
+        not answer; if it closed the step's job all the same (the COMMIT went through, its answer was lost), the
+        answer is recorded already: written twice, the journal would say it twice."""
+        if again and jobqueue.finished_by(conn, send.job, self.worker_id):
+            return False
         made = jobqueue.pending_made(conn)
         self._record_outcome(conn, send, result, message)
         return jobqueue.pending_made(conn) != made

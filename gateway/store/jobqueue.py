@@ -442,6 +442,19 @@ def finish(
     return result.rowcount == 1
 
 
+def finished_by(conn: Connection, job: ClaimedJob, worker: str) -> bool:
+    """Whether `worker` closed the job (done, dead or cancelled; not put back in the queue)."""
+    found = conn.execute(_FINISHED_BY, {"job_id": job.id, "worker": worker}).first()
+    return found is not None
+
+
+_FINISHED_BY = sa.select(J.id).where(
+    J.id == sa.bindparam("job_id"),
+    J.locked_by == sa.bindparam("worker"),
+    sa.or_(*(status_is(closed) for closed in ("done", "dead", "cancelled"))),
+)
+
+
 def finish_queued(conn: Connection, job: ClaimedJob, worker: str, now: datetime) -> None:
     """finish() as done, written with the transaction's other queued rows: for a caller that does not need to
     know whether it still held the job: a step whose outcome is recorded (a later claim sees the delivery), calls
