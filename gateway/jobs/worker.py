@@ -6,6 +6,7 @@ import asyncio
 import bisect
 import contextlib
 import dataclasses
+import math
 import os
 import socket
 import time
@@ -49,28 +50,31 @@ SATURATED = 0.8
 #: a closed loop of 64 senders keeps 60 and more (bench/ingest.py). Pausing for a stream only delays e-mails the
 #: process would keep up with (docs/performance.md, session 17).
 ACKS_FLOOD = 16
-#: Seconds before a send's record, or a run of calls, is tried again while the database is unavailable, doubling.
-RECORD_PAUSE = 0.25
+#: Seconds before what the database did not take (a send's record, a run of calls) is tried again, then doubling.
+FIRST_PAUSE = 0.25
 
 
 class Waiting:
-    """Pauses before trying again what the database did not take: RECORD_PAUSE, doubling, until `limit` seconds
-    after the first failure (then None: give up), on the monotonic clock, as leases run out in real time."""
+    """The pauses before trying again what the database did not take: FIRST_PAUSE, doubling up to `longest`, for
+    `limit` seconds after the first failure (then None: give up), on the monotonic clock: leases run out in real
+    time."""
 
-    def __init__(self, limit: float) -> None:
-        self.limit, self.since, self.next = limit, -1.0, RECORD_PAUSE
+    def __init__(self, longest: float, limit: float = math.inf) -> None:
+        self.longest, self.limit = longest, limit
+        self.since: float | None = None
+        self.next = FIRST_PAUSE
 
     def pause(self) -> float | None:
         now = time.monotonic()
-        self.since = now if self.since < 0 else self.since
+        self.since = now if self.since is None else self.since
         if now - self.since >= self.limit:
             self.reset()
             return None
-        pause, self.next = self.next, min(2 * self.next, self.limit / 2)
+        pause, self.next = self.next, min(2 * self.next, self.longest)
         return pause
 
     def reset(self) -> None:
-        self.since, self.next = -1.0, RECORD_PAUSE
+        self.since, self.next = None, FIRST_PAUSE
 
 
 def _reason(error: BaseException) -> str:
@@ -466,7 +470,8 @@ class Worker:
         each, in turn, while those behind them waited (docs/performance.md, session 17). It runs as a task of its
         own, as Grouped's transactions do: the claims only wait for their calls."""
         run: list[_Call] = []
-        waiting = Waiting(self.spec.lease.total_seconds() / 2)
+        lease = self.spec.lease.total_seconds()
+        waiting = Waiting(longest=lease / 4, limit=lease / 2)
         try:
             while run := self._next_run():
                 cpu = self._cpu_applying
@@ -481,8 +486,8 @@ class Worker:
                 for event in stored:
                     self._on_event(event)
                 if error is not None:
-                    # The database did not take the last `left`: the same calls again, before those behind them,
-                    # once it answers; as long as their lease surely holds, then they go back to the queue.
+                    # The database did not take the last `left` calls: they go again, before the calls behind
+                    # them, while their lease surely holds (half of it); after that, back to the queue.
                     pause = waiting.pause()
                     if pause is None:
                         self._settle(run[len(run) - left :], error)
@@ -649,15 +654,14 @@ class Worker:
         job sent back to the queue would send it again). The job stays claimed meanwhile, its lease renewed once
         the database answers; only stopping ends the wait, and then the job runs again, as one in flight at a kill.
         """
-        pause, again = RECORD_PAUSE, False
+        waiting, again = Waiting(longest=self.spec.lease.total_seconds() / 4), False
         while True:
             try:
                 return await self._steps(_Sent(send, result, message, again)) is True
             except StorageUnavailable as exc:
-                again = True
+                pause, again = waiting.pause() or FIRST_PAUSE, True  # no limit: never None
                 log.warning("cannot record a send yet, trying again", job_id=send.job.id, error=str(exc), seconds=pause)
                 await asyncio.sleep(pause)
-                pause = min(2 * pause, self.spec.lease.total_seconds() / 4)
 
     def _step_work(self, conn: Connection, item: ClaimedJob | _Sent) -> Send | bool | None:
         if isinstance(item, _Sent):
