@@ -317,3 +317,30 @@ async def _turns(count: int = 100) -> None:
     """Let the event loop run other tasks' next steps (no time passes on purpose)."""
     for _ in range(count):
         await asyncio.sleep(0)
+
+
+class FailingTaker:
+    """A worker whose offer, or start of what it took, fails (a bug of its own): webhooks must still be answered."""
+
+    def __init__(self, fails_in: str) -> None:
+        self.fails_in = fails_in
+
+    def offer(self, calls: int) -> Taking | None:
+        if self.fails_in == "offer":
+            raise RuntimeError("a bug in offer")
+        return Taking("worker-1", datetime.now(UTC) + timedelta(minutes=1), room=calls)
+
+    def taken(self, taking: Taking, calls: list[Any]) -> None:
+        raise RuntimeError("a bug in taken")
+
+
+@pytest.mark.parametrize("fails_in", ["offer", "taken"])
+async def test_a_worker_failing_to_take_calls_never_stops_the_webhooks_answers(tmp_path: Path, fails_in: str) -> None:
+    """Every acknowledgement goes through the committer's one loop: a failure in the worker's side of it (its offer
+    to take the calls, or starting the calls it took) is logged, and this webhook and every later one answered."""
+    async with _committing(tmp_path, taker=FailingTaker(fails_in)) as (committer, db, _):
+        for key in ("a", "b"):
+            assert not (await asyncio.wait_for(committer.submit(_call(key)), 10)).duplicate
+    with db.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM inbox").scalar() == 2
+        assert conn.exec_driver_sql("SELECT count(*) FROM jobs WHERE kind = 'inbox'").scalar() == 2

@@ -113,7 +113,7 @@ class GroupCommitter:
             while len(batch) < self._max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             calls = [call for call, _ in batch]
-            taking = self._taker.offer(len(calls)) if self._taker else None
+            taking = self._offer(len(calls))
             taken: list[tuple[ClaimedJob, NewCall]] = []
             try:
                 results, taken = await self._db.run(commit_and_take, calls, taking, urgent=True)
@@ -128,12 +128,24 @@ class GroupCommitter:
                 continue
             finally:  # the offer's slots come back, with what it took when committed
                 if self._taker and taking:
-                    self._taker.taken(taking, taken)
+                    try:
+                        self._taker.taken(taking, taken)
+                    except Exception:  # the calls are stored: their lease gives them back to the queue
+                        log.exception("the worker could not start the calls it took", calls=len(taken))
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)
             if sum(not r.duplicate for r in results) > len(taken):  # calls left for the worker's claim
                 self._on_commit()
+
+    def _offer(self, calls: int) -> Taking | None:
+        """The worker's offer to take the calls; none when it cannot say. Every webhook's answer goes through this
+        loop: nothing the worker does may stop it."""
+        try:
+            return self._taker.offer(calls) if self._taker else None
+        except Exception:
+            log.exception("the worker could not offer to take calls", calls=calls)
+            return None
 
     async def _gather(self, seconds: float) -> None:
         """Wait `seconds` at most, less once `enough` calls wait."""
