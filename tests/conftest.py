@@ -286,8 +286,9 @@ async def deploy(aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCat
 
 
 @contextlib.contextmanager
-def locked_inbox(db_url: str) -> Iterator[None]:
-    """Hold a lock on the inbox from another connection for longer than the 1s busy timeout."""
+def locked(db_url: str, postgresql: str, **params: Any) -> Iterator[None]:
+    """Hold a lock from another connection while the block runs (longer than the 1s busy timeout, as another
+    process, replica or API write would): SQLite's whole file; on PostgreSQL, what `postgresql` locks."""
     if db_url.startswith("sqlite"):
         locker = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None)
         locker.execute("BEGIN EXCLUSIVE")
@@ -298,10 +299,17 @@ def locked_inbox(db_url: str) -> Iterator[None]:
             locker.close()
         return
     engine = sa.create_engine(normalize_url(db_url))
-    with engine.connect() as conn, conn.begin():
-        conn.execute(sa.text("LOCK TABLE inbox IN ACCESS EXCLUSIVE MODE"))
-        yield
-    engine.dispose()
+    try:
+        with engine.connect() as conn, conn.begin():
+            conn.execute(sa.text(postgresql), params)
+            yield
+    finally:
+        engine.dispose()
+
+
+def locked_inbox(db_url: str) -> contextlib.AbstractContextManager[None]:
+    """The inbox locked: no webhook can be stored."""
+    return locked(db_url, "LOCK TABLE inbox IN ACCESS EXCLUSIVE MODE")
 
 
 async def until(condition: Callable[[], bool], seconds: float = 10.0) -> None:

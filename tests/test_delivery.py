@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-import sqlalchemy as sa
 from click.testing import CliRunner
 
-from conftest import SECRET, TEMPLATES, Deployment, Factory, fixture_bytes, locked_inbox, until
+from conftest import SECRET, TEMPLATES, Deployment, Factory, fixture_bytes, locked, until
 from declic_gateway.cli.main import cli
 from declic_gateway.config import WorkerSpec
 from declic_gateway.errors import TransactionConflict
@@ -25,7 +22,6 @@ from declic_gateway.http.running import GATEWAY_KEY
 from declic_gateway.kit.sinks import DeliveryResult
 from declic_gateway.send.delivery import Send, call_sink
 from declic_gateway.store import jobqueue
-from declic_gateway.store.db import normalize_url
 from declic_gateway.store.jobqueue import ClaimedJob
 from declic_gateway.testing import FakeClock, SmtpCatcher, write_deployment
 
@@ -33,6 +29,8 @@ ORDER = fixture_bytes("shopify/order.json")
 CUSTOMER = fixture_bytes("shopify/customer.json")
 CAMILLE = "camille.durand@example.org"
 NOAH = "noah.martin@example.org"
+#: Noah's contact row held by another transaction (PostgreSQL).
+NOAH_LOCKED = "SELECT id FROM contacts WHERE id = :id FOR UPDATE"
 
 
 def declic(*args: str) -> str:
@@ -265,15 +263,10 @@ async def test_a_contact_locked_elsewhere_holds_back_its_own_step_not_a_send_rec
     assert send is not None and send.draft.to == CAMILLE
     result, message = await call_sink(send)
     noah = d.scalar("SELECT contact_id FROM enrolments WHERE id = :e", e=second.enrolment_id)
-    engine = sa.create_engine(normalize_url(db_url))
-    try:
-        with engine.connect() as other, other.begin():  # another replica's capped step, an API write...
-            other.execute(sa.text("SELECT id FROM contacts WHERE id = :id FOR UPDATE"), {"id": noah})
-            prepared, recorded = await asyncio.gather(
-                worker.prepare_step(second), worker.record_send(send, result, message), return_exceptions=True
-            )
-    finally:
-        engine.dispose()
+    with locked(db_url, NOAH_LOCKED, id=noah):  # another replica's capped step, an API write...
+        prepared, recorded = await asyncio.gather(
+            worker.prepare_step(second), worker.record_send(send, result, message), return_exceptions=True
+        )
     assert isinstance(prepared, TransactionConflict)
     assert recorded is True  # the cart's second reminder queued, a day later
     assert d.rows("SELECT status FROM deliveries WHERE idempotency_key = :key", key=send.draft.idempotency_key) == [
@@ -322,35 +315,12 @@ async def test_the_link_key_made_in_a_transaction_that_rolled_back_is_not_used_f
     first, second = await two_carts_due(d)
     worker = d.gateway.worker
     noah = d.scalar("SELECT contact_id FROM enrolments WHERE id = :e", e=second.enrolment_id)
-    engine = sa.create_engine(normalize_url(db_url))
-    try:
-        with engine.connect() as other, other.begin():
-            other.execute(sa.text("SELECT id FROM contacts WHERE id = :id FOR UPDATE"), {"id": noah})
-            send, _ = await asyncio.gather(
-                worker.prepare_step(first), worker.prepare_step(second), return_exceptions=True
-            )
-    finally:
-        engine.dispose()
+    with locked(db_url, NOAH_LOCKED, id=noah):
+        send, _ = await asyncio.gather(worker.prepare_step(first), worker.prepare_step(second), return_exceptions=True)
     assert isinstance(send, Send)  # prepared again on its own once the shared transaction failed
     unsubscribe = send.draft.headers["List-Unsubscribe"].strip("<>")
     answer = await d.client.get(urlsplit(unsubscribe).path)
     assert answer.status == 200
-
-
-@contextlib.contextmanager
-def deliveries_locked(db_url: str) -> Iterator[None]:
-    """No send can be recorded: SQLite's file, or PostgreSQL's deliveries table, locked from another connection."""
-    if db_url.startswith("sqlite"):
-        with locked_inbox(db_url):  # BEGIN EXCLUSIVE: the whole file
-            yield
-        return
-    engine = sa.create_engine(normalize_url(db_url))
-    try:
-        with engine.connect() as conn, conn.begin():
-            conn.execute(sa.text("LOCK TABLE deliveries IN ACCESS EXCLUSIVE MODE"))
-            yield
-    finally:
-        engine.dispose()
 
 
 async def test_a_send_whose_record_fails_is_recorded_once_the_database_answers_and_never_sent_again(
@@ -371,7 +341,7 @@ async def test_a_send_whose_record_fails_is_recorded_once_the_database_answers_a
     counted = db.on_unavailable
     db.on_unavailable = lambda: (failures.append(1), counted())  # type: ignore[func-returns-value]
     try:
-        with deliveries_locked(d.gateway.settings.storage.url):
+        with locked(d.gateway.settings.storage.url, "LOCK TABLE deliveries IN ACCESS EXCLUSIVE MODE"):
             recording = asyncio.create_task(worker.record_send(send, result, message))
             await until(lambda: len(failures) >= 1)  # one attempt refused after busy_timeout
             assert not recording.done()

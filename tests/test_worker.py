@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,9 +22,8 @@ from declic_gateway.jobs.worker import Worker
 from declic_gateway.kit.events import Event
 from declic_gateway.kit.sources import RawCall, Source
 from declic_gateway.plugins import collect, get_plugin_manager
-from declic_gateway.store.db import normalize_url
 from declic_gateway.testing import FakeClock, ScriptedPlugin, ScriptedSource, write_deployment
-from tests.conftest import locked_inbox, until
+from tests.conftest import locked, locked_inbox, until
 
 
 @pytest.fixture
@@ -335,22 +334,6 @@ async def test_credentials_sent_with_a_webhook_are_not_stored(deployment: Any) -
     assert kept["x-request-id"] == "r-1"
 
 
-@contextlib.contextmanager
-def contact_locked(db_url: str) -> Iterator[None]:
-    """The contacts held from another connection past busy_timeout: SQLite's whole file, PostgreSQL's rows."""
-    if db_url.startswith("sqlite"):
-        with locked_inbox(db_url):
-            yield
-        return
-    engine = sa.create_engine(normalize_url(db_url))
-    try:
-        with engine.connect() as other, other.begin():  # an API write, another replica's capped step...
-            other.execute(sa.text("SELECT id FROM contacts FOR UPDATE"))
-            yield
-    finally:
-        engine.dispose()
-
-
 async def test_a_run_of_calls_the_database_refused_for_a_moment_goes_first_when_it_answers(
     slow_provider: Any, db_url: str
 ) -> None:
@@ -371,7 +354,7 @@ async def test_a_run_of_calls_the_database_refused_for_a_moment_goes_first_when_
     try:
         draining = asyncio.ensure_future(gateway.worker.drain())
         await asyncio.wait_for(SlowProviderSource.asked.wait(), 10)  # claimed: the calls wait for the first
-        with contact_locked(db_url):
+        with locked(db_url, "SELECT id FROM contacts FOR UPDATE"):  # an API write, another replica's step...
             SlowProviderSource.answer.set()
             await until(lambda: len(failures) >= 1)  # the first run refused
         await asyncio.wait_for(draining, 30)

@@ -457,8 +457,9 @@ _FINISHED_BY = sa.select(J.id).where(
 
 def finish_queued(conn: Connection, job: ClaimedJob, worker: str, now: datetime) -> None:
     """finish() as done, written with the transaction's other queued rows: for a caller that does not need to
-    know whether it still held the job: a step whose outcome is recorded (a later claim sees the delivery), calls
-    marked processed (a later claim finds nothing left to do)."""
+    know whether it still held the job: a step whose outcome is recorded (a later claim sees the delivery; what
+    follows it is queued only if this worker held it, `add_next_step`), calls marked processed (a later claim
+    finds nothing left to do)."""
     appends.append(conn, _FINISH, {"job_id": job.id, "worker": worker, "new_status": "done", "error": None, "now": now})
 
 
