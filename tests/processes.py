@@ -52,7 +52,9 @@ def declic_command() -> list[str]:
 
 @dataclass
 class Server:
-    """One `declic serve` subprocess; stderr and stdout go to a file in tmp_path."""
+    """One `declic serve` subprocess; stderr and stdout go to a file in tmp_path. Port 0 until the process has
+    bound one: the port is read from its own `listening` line, so no other test's server can answer for it (a
+    port chosen here and passed on could be handed to a second test before the first process binds it)."""
 
     name: str
     config: Path
@@ -62,6 +64,8 @@ class Server:
     proc: subprocess.Popen[bytes] | None = None
     #: Extra environment for this process only (e.g. PYTHONPATH to a plugin only it has).
     env: dict[str, str] = field(default_factory=dict)
+    #: Where this start's lines begin in the log (a restart appends to it).
+    log_from: int = 0
 
     @property
     def url(self) -> str:
@@ -79,6 +83,7 @@ class Server:
         env["PYTHONUNBUFFERED"] = "1"
         env.update(self.env)
         with open(self.log_path, "ab") as log:
+            self.log_from = log.tell()
             log.write(f"----- start {self.name} on port {self.port} -----\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
@@ -107,6 +112,9 @@ class Server:
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(f"{self.name} exited with {self.proc.returncode} before it was ready")
+            if not self.port and not self._bound_port():
+                time.sleep(0.05)
+                continue
             try:
                 with urllib.request.urlopen(self.url + "/readyz", timeout=2) as response:
                     if response.status == 200:
@@ -115,6 +123,15 @@ class Server:
                 pass
             time.sleep(0.05)
         raise AssertionError(f"{self.name} not ready on port {self.port} after {timeout}s")
+
+    def _bound_port(self) -> int:
+        """The port from this start's `listening` line, once it is written (0 before)."""
+        with open(self.log_path, "rb") as log:
+            log.seek(self.log_from)
+            for line in log.read().splitlines():
+                if line.startswith(b"{") and b'"listening"' in line:
+                    self.port = int(json.loads(line)["port"])
+        return self.port
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -160,7 +177,7 @@ class Servers:
         ready: bool = True,
     ) -> Server:
         """Start a process and wait until it is ready (or, with ready=False, only start it)."""
-        server = Server(name, config, port or free_port(), role, self.tmp_path / f"{name}.log", env=env or {})
+        server = Server(name, config, port or 0, role, self.tmp_path / f"{name}.log", env=env or {})
         self.all.append(server)
         server.start()
         if ready:

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from conftest import SECRET
-from declic_gateway.testing import SmtpCatcher, free_port, write_deployment
+from declic_gateway.cli.listen import bind
+from declic_gateway.testing import SmtpCatcher, write_deployment
 from processes import Servers, Store, declic_command, post_order, request, wait_until
 
 TEMPLATES = {"followup.subject.j2": "Order {{ event.properties.name }}", "followup.txt.j2": "Thanks"}
@@ -124,8 +125,20 @@ def test_a_port_in_use_stops_serve_with_one_line_before_any_job_is_claimed(
         assert smtp.messages == []
 
         with servers.logs_on_failure():
-            again = servers.start(config, name="again", port=free_port())
+            again = servers.start(config, name="again")
             wait_until(lambda: len(smtp.messages) == 1, 20, "the follow-up")
             assert "left running" not in again.log_text()
     finally:
         store.close()
+
+
+def test_port_0_listens_on_one_free_port_for_every_address_the_host_resolves_to() -> None:
+    """`--port 0` (the harness above starts every server so): one port, said by the `listening` line, whether the
+    host is one address or all of IPv4 and IPv6, so that one URL reaches the gateway."""
+    sockets = bind("", 0)
+    try:
+        ports = {sock.getsockname()[1] for sock in sockets}
+        assert len(ports) == 1 and 0 not in ports, [sock.getsockname() for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()

@@ -8,7 +8,8 @@ import socket
 
 
 def bind(host: str, port: int) -> list[socket.socket]:
-    """One socket per address `host` resolves to, bound (not yet listening); OSError if any fails."""
+    """One socket per address `host` resolves to, bound (not yet listening); OSError if any fails. Port 0: the
+    kernel picks a free port for the first address, and the others take the same one."""
     found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     sockets: list[socket.socket] = []
     try:
@@ -19,7 +20,8 @@ def bind(host: str, port: int) -> list[socket.socket]:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
+            sock.bind((address[0], port, *address[2:]))
+            port = port or sock.getsockname()[1]
     except OSError:
         for sock in sockets:
             sock.close()

@@ -35,7 +35,9 @@ def cli() -> None:
 @cli.command()
 @CONFIG_OPTION
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8080, show_default=True, type=int)
+@click.option(
+    "--port", default=8080, show_default=True, type=int, help="0: a free port, which the `listening` log line gives."
+)
 @click.option(
     "--role",
     type=click.Choice(["all", "web", "worker"]),
@@ -62,7 +64,8 @@ def serve(config_path: str, host: str, port: int, role: str) -> None:
         log.error(f"cannot listen on {host}:{port}: {exc.strerror or exc}", host=host, port=port)
         raise SystemExit(1) from None
     loop = event_loop()
-    log.info("listening", host=host, port=port, role=role, event_loop=type(loop).__module__.split(".")[0])
+    bound = sockets[0].getsockname()[1]  # the kernel's choice for --port 0
+    log.info("listening", host=host, port=bound, role=role, event_loop=type(loop).__module__.split(".")[0])
     try:
         app = create_app(settings, pm=pm, role=cast(Role, role))
         app.on_startup.append(_freeze_what_started)  # last: after the gateway's own start-up
