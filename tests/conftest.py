@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -105,6 +106,18 @@ _SKIPPED_IN_CI: dict[str, list[str]] = {marker: [] for marker in _REQUIRED_IN_CI
 MAX_TEST_PROCESSES = 4
 
 
+#: Where test folders go when nothing else is said: memory (tmpfs), where the machine has it. SQLite commits with
+#: `synchronous=FULL`, an fsync each: 1.2 ms on this machine's disk against 0.01 ms in memory, and the suite commits
+#: some hundred thousand times. Durability against a power cut is not what a test checks (a killed process loses
+#: nothing either way: its writes are in the kernel). pytest's own variable; a run that sets it is left alone.
+MEMORY_FOLDER = Path("/dev/shm")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.option.basetemp is None and MEMORY_FOLDER.is_dir() and os.access(MEMORY_FOLDER, os.W_OK):
+        os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", str(MEMORY_FOLDER))
+
+
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return max(1, min(MAX_TEST_PROCESSES, os.cpu_count() or 1))
 
@@ -117,6 +130,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """In CI the PostgreSQL half of the suite and the browser tests must run: a skip there is a failure."""
+    while _migrated:
+        _drop_database(os.environ[POSTGRES_ENV], _migrated.pop())
     if not os.environ.get("CI"):
         return
     for marker, skipped in _SKIPPED_IN_CI.items():
@@ -161,11 +176,29 @@ def fixture_json(name: str) -> dict[str, Any]:
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+def db_url(request: pytest.FixtureRequest, tmp_path: Path, migrated_sqlite: Path) -> Iterator[str]:
+    """A migrated database for one test: a copy of this process's migrated SQLite file, or a PostgreSQL database."""
     if request.param == "sqlite":
+        shutil.copyfile(migrated_sqlite, tmp_path / "declic.db")
         yield f"sqlite:///{tmp_path}/declic.db"
         return
     yield from postgres_database()
+
+
+@pytest.fixture(scope="session")
+def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Migrated once per test process: a copy takes 1 ms, a migration 70-150 ms, at each of some thousand starts."""
+    path = tmp_path_factory.mktemp("migrated") / "declic.db"
+    database = Database(f"sqlite:///{path}")
+    database.upgrade()
+    database.close()
+    return path
+
+
+#: This test process's migrated database, copied for each test (`CREATE DATABASE ... TEMPLATE`): 0.05 s a test
+#: instead of 0.3 s for a migration, over some 460 PostgreSQL tests. Nobody connects to it after the migration
+#: (a template in use cannot be copied); dropped when the process's session ends.
+_migrated: list[str] = []
 
 
 def postgres_database() -> Iterator[str]:
@@ -173,19 +206,38 @@ def postgres_database() -> Iterator[str]:
     base = os.environ.get(POSTGRES_ENV)
     if not base:
         pytest.skip(f"PostgreSQL tests run when {POSTGRES_ENV} is set, e.g. postgresql://postgres@127.0.0.1:5432/test")
-    name = f"declic_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(sa.make_url(base).set(drivername="postgresql+psycopg"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.make_url(base).set(database=name).render_as_string(hide_password=False)
-    database = Database(url)
-    database.upgrade()
-    database.close()
+    if not _migrated:
+        _migrated.append(_create_database(base, migrate=True))
+    name = _create_database(base, template=_migrated[0])
     try:
-        yield url
+        yield sa.make_url(base).set(database=name).render_as_string(hide_password=False)
     finally:
+        _drop_database(base, name)
+
+
+def _create_database(base: str, *, template: str | None = None, migrate: bool = False) -> str:
+    name = f"declic_test_{uuid.uuid4().hex[:12]}"
+    with _admin(base) as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else "")))
+    if migrate:
+        database = Database(sa.make_url(base).set(database=name).render_as_string(hide_password=False))
+        database.upgrade()
+        database.close()
+    return name
+
+
+def _drop_database(base: str, name: str) -> None:
+    with _admin(base) as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@contextlib.contextmanager
+def _admin(base: str) -> Iterator[sa.Connection]:
+    admin = sa.create_engine(sa.make_url(base).set(drivername="postgresql+psycopg"), isolation_level="AUTOCOMMIT")
+    try:
         with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            yield conn
+    finally:
         admin.dispose()
 
 
