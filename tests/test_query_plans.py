@@ -114,7 +114,7 @@ def test_after_a_sweep_a_claim_does_not_read_what_the_jobs_processed_before_left
 
     # The worker sweeps every minute; here three sweeps a moment apart. An entry is marked dead only once no
     # snapshot can still see its row; one sweep, beside a busy test run on the shared server, once left 287 of
-    # 741 pages to read (a backend starting up holds a snapshot for every database for a moment).
+    # 741 pages to read (an autovacuum ANALYZE of the new database, say, holds a snapshot for a moment).
     for _ in range(3):
         with engine.begin() as conn:
             jobqueue.sweep_claim_index(conn, NOW)
