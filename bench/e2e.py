@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -219,7 +220,8 @@ def main() -> None:
         "--statements",
         action="store_true",
         help="count the SQL statements and transactions Declic runs from the first post to the last e-mail, "
-        "by statement (bench/_statements/sitecustomize.py)",
+        "by statement (bench/_statements/sitecustomize.py); on SQLite, run them again on the bare sqlite3 cursor "
+        "and print their CPU per e-mail: what the rows cost without the Python around them",
     )
     add_cpu_option(parser)
     args = parser.parse_args()
@@ -318,6 +320,8 @@ def measure(args: argparse.Namespace, orders: list[tuple[str, bytes, str]], floo
                 if args.statements:
                     environment["PYTHONPATH"] = str(BENCH / "_statements")
                     environment["DECLIC_STATEMENTS_OUT"] = str(folder / "statements.json")
+                    if not db:  # kept to be replayed on the bare sqlite3 cursor
+                        environment["DECLIC_STATEMENTS_LOG"] = str(folder / "statements.pickle")
                 server = subprocess.Popen(
                     [*command, "--port", str(port)],
                     stdout=log,
@@ -331,6 +335,8 @@ def measure(args: argparse.Namespace, orders: list[tuple[str, bytes, str]], floo
                 if args.callgrind:
                     callgrind_control(server.pid, "--instr=on")
                 if args.statements:
+                    if not db:  # the database as the log starts, for the replay
+                        copy_database(folder / "declic.db", folder / "replay.db")
                     os.kill(server.pid, signal.SIGUSR1)
                 metrics_port = None if floor else port
                 cpu_before, ticks_before = cpu_seconds(server.pid), machine_ticks()
@@ -346,6 +352,8 @@ def measure(args: argparse.Namespace, orders: list[tuple[str, bytes, str]], floo
                 usage = machine_usage(ticks_before, machine_ticks())
                 instructions = callgrind_total(server.pid, counts) if args.callgrind else None
                 statements = read_statements(server.pid, folder / "statements.json") if args.statements else None
+                if statements is not None and not db:
+                    statements["replay"] = replay(folder / "replay.db", folder / "statements.pickle", args.cpu)
                 if args.callgrind and args.callgrind_keep:
                     shutil.copy(next(counts.parent.glob(counts.name + ".*")), args.callgrind_keep)
         finally:
@@ -433,8 +441,25 @@ def read_statements(pid: int, path: Path) -> dict[str, Any]:
     raise RuntimeError("the server did not write its statement counts")
 
 
+def copy_database(source: Path, target: Path) -> None:
+    """A consistent copy of a SQLite database another process has open (SQLite's online backup)."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(source)) as live, contextlib.closing(sqlite3.connect(target)) as copy:
+        live.backup(copy)
+
+
+def replay(database: Path, log: Path, cpu: int | None) -> dict[str, Any]:
+    """The server's statements run again on the bare sqlite3 cursor (bench/_statements/replay.py), in a process
+    of their own on the server's CPU: what they cost SQLite and the disk with no Python around them."""
+    command = [sys.executable, str(BENCH / "_statements" / "replay.py"), str(database), str(log)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True, preexec_fn=on_cpu(cpu))
+    return dict(json.loads(done.stdout))
+
+
 def print_statements(counts: dict[str, Any], emails: int) -> None:
-    """Statements per e-mail, the most frequent first, and transactions per e-mail."""
+    """Statements per e-mail, the most frequent first, and transactions per e-mail; on SQLite, what they cost
+    replayed on the bare cursor."""
     statements: dict[str, int] = counts["statements"]
     total = sum(statements.values())
     per = max(1, emails)
@@ -444,6 +469,15 @@ def print_statements(counts: dict[str, Any], emails: int) -> None:
     )
     for text, count in sorted(statements.items(), key=lambda item: -item[1]):
         print(f"   {count / per:6.2f}  {text[:150]}")
+    if "replay" in counts:
+        again = counts["replay"]
+        print(
+            f"    replayed on the bare sqlite3 cursor (same statements, values and transactions, a copy of the "
+            f"database as they began; bench/_statements/replay.py): {again['cpu'] / per * 1000:.3f} ms of CPU and "
+            f"{again['wall'] / per * 1000:.3f} ms of wall time per e-mail; {again['sent']} deliveries recorded as "
+            "sent in the copy"
+            + (f"; NOTE: {again['failed']} statements failed in the replay" if again["failed"] else "")
+        )
 
 
 def count_sent(url: str, table: str = "deliveries") -> int:

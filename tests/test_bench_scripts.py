@@ -72,6 +72,14 @@ def test_e2e_prints_declics_cost_as_a_multiple_of_the_floors_in_the_same_run() -
     assert re.search(r"against the floor, same run: Declic's CPU per e-mail [\d.]+ ms = [\d.]+ x the floor's", out)
 
 
+def test_e2e_replays_declics_statements_on_the_bare_sqlite_cursor() -> None:
+    out = bench("e2e.py", "--statements", "--orders", "20", "--concurrency", "4", *WAIT)
+    assert "20/20 received (0 duplicates)" in out
+    # The replay did the server's work again, every statement of it: the copy records the 20 sends too.
+    assert re.search(r"replayed on the bare sqlite3 cursor .*: [\d.]+ ms of CPU .* 20 deliveries recorded as sent", out)
+    assert "failed in the replay" not in out
+
+
 @pytest.mark.postgres
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs: one for the server, one for the load")
 def test_latency_can_run_the_server_alone_on_one_cpu() -> None:
