@@ -268,6 +268,78 @@ async def test_a_withdrawal_stops_marketing_even_where_consent_is_not_required(
     assert smtp.messages == []
 
 
+@pytest.mark.parametrize("shopify_state", ["not_subscribed", "pending"])
+async def test_only_a_grant_lifts_an_unsubscribe(
+    consent_deploy: Factory, smtp: SmtpCatcher, shopify_state: str
+) -> None:
+    """No policy: marketing goes where nobody said no. After the one-click unsubscribe, Shopify reports the
+    customer as not subscribed, or pending (its own double opt-in, not confirmed), dated later: nobody granted
+    anything, the withdrawal stands."""
+    d = await consent_deploy(policies="")
+    await d.post_shopify("checkouts/create", checkout("first"))
+    await d.advance(hours=1, seconds=1)
+    assert len(smtp.messages) == 1
+    await unsubscribe_from_mail(d, smtp)
+    later = {"state": shopify_state, "opt_in_level": "confirmed_opt_in", "consent_updated_at": "2026-03-14T12:00:00Z"}
+    d.clock.set(datetime(2026, 3, 14, 12, 0, 5, tzinfo=UTC))
+    await d.post_shopify("checkouts/create", checkout("second", consent=later))
+    await d.advance(hours=1, seconds=1)
+    assert len(smtp.messages) == 1, "marketing resumed to a person who unsubscribed and never granted again"
+    assert email_consent(d) == "withdrawn"
+    state = {"not_subscribed": "none", "pending": "pending"}[shopify_state]
+    assert ledger(d)[-1] == ("shop", state, False, f"a withdrawal is lifted only by a grant, not by {state!r}")
+    # A grant made after it still lifts it.
+    await d.post_shopify("customers/update", customer_update("subscribed", "2026-03-14T13:10:00Z"))
+    await d.advance(seconds=1)
+    assert email_consent(d) == "granted"
+
+
+async def test_a_grant_dated_ahead_of_its_arrival_does_not_outrank_a_later_unsubscribe(
+    consent_deploy: Factory, smtp: SmtpCatcher
+) -> None:
+    """Shopify's clock runs a minute ahead of Declic's: the customer ticks "email me", then, 20 seconds later
+    by Declic's clock but 40 seconds before the time Shopify gave the grant, follows the unsubscribe link."""
+    d = await consent_deploy()
+    await d.post_shopify("checkouts/create", checkout("first"))
+    await d.advance(hours=1, seconds=1)
+    assert len(smtp.messages) == 1
+    d.clock.set(datetime(2026, 3, 14, 9, 0, 10, tzinfo=UTC))
+    await d.post_shopify("customers/update", customer_update("subscribed", "2026-03-14T09:01:10Z"))
+    await d.advance(seconds=1)
+    d.clock.set(datetime(2026, 3, 14, 9, 0, 30, tzinfo=UTC))
+    await unsubscribe_from_mail(d, smtp)
+    assert email_consent(d) == "withdrawn", ledger(d)[-1]
+    # The grant counts as made when it arrived; the time Shopify gave is kept for the auditor.
+    [grant] = d.rows(
+        "SELECT stated_at, evidence FROM consents WHERE source = 'shop' AND channel = 'email' ORDER BY id DESC LIMIT 1"
+    )
+    assert str(grant.stated_at)[:19] == "2026-03-14 09:00:10"
+    assert json.loads(grant.evidence)["stated_at_given"] == "2026-03-14T09:01:10+00:00"
+
+
+async def test_an_undated_withdrawal_stands_against_grants_made_before_it_arrived(
+    consent_deploy: Factory, smtp: SmtpCatcher
+) -> None:
+    """A checkout's customer says `unsubscribed` with no time (consent_updated_at null): in force, undated. A
+    Mailchimp sign-up from 2025 (a failed call replayed after a fix) cannot tell it was made after that
+    withdrawal, so it does not lift it; a sign-up made after the withdrawal reached Declic does."""
+    d = await consent_deploy()
+    undated_out = {"state": "unsubscribed", "opt_in_level": "single_opt_in", "consent_updated_at": None}
+    await d.post_shopify("checkouts/create", checkout("first", consent=undated_out))
+    await d.advance(seconds=1)
+    assert email_consent(d) == "withdrawn"
+    await mailchimp(d, "subscribe", "2025-06-01 10:00:00")
+    await d.advance(seconds=1)
+    await d.post_shopify("checkouts/create", checkout("second", consent=undated_out))
+    await d.advance(hours=1, seconds=1)
+    assert smtp.messages == [], ledger(d)
+    assert ledger(d)[1][1:3] == ("granted", False)
+    assert ledger(d)[1][3].startswith("the withdrawal in force gave no time and reached Declic at 2026-03-14 08:00:00")
+    await mailchimp(d, "subscribe", "2026-03-14 09:30:00")
+    await d.advance(seconds=1)
+    assert email_consent(d) == "granted"
+
+
 async def test_internal_sources_are_not_served_under_hooks(consent_deploy: Factory) -> None:
     d = await consent_deploy()
     for path in ("/hooks/~unsubscribe", "/hooks/%7Eunsubscribe"):
@@ -335,6 +407,31 @@ async def test_unsubscribe_tokens_do_not_show_the_contact_id(consent_deploy: Fac
             ConsentStatement(state="granted", stated_at=datetime(2026, 3, 10, 1, tzinfo=UTC)),
             True,
             "restates the state in force",
+        ),
+        (
+            {"state": "withdrawn", "at": "2026-03-10T00:00:00+00:00"},
+            ConsentStatement(state="none", stated_at=datetime(2026, 3, 11, tzinfo=UTC)),
+            False,
+            "a withdrawal is lifted only by a grant, not by 'none'",
+        ),
+        (
+            {"state": "withdrawn", "at": None, "received": "2026-03-10T00:00:00+00:00"},
+            ConsentStatement(state="granted", stated_at=datetime(2026, 3, 9, tzinfo=UTC), action=True),
+            False,
+            "the withdrawal in force gave no time and reached Declic at 2026-03-10 00:00:00 UTC, after this "
+            "statement was made",
+        ),
+        (
+            {"state": "withdrawn", "at": None, "received": "2026-03-10T00:00:00+00:00"},
+            ConsentStatement(state="granted", stated_at=datetime(2026, 3, 10, 0, 0, 1, tzinfo=UTC), action=True),
+            True,
+            "newer than the statement in force",
+        ),
+        (
+            {"state": "withdrawn", "at": None},  # recorded before Declic kept the arrival: as before
+            ConsentStatement(state="granted", stated_at=datetime(2026, 3, 9, tzinfo=UTC), action=True),
+            True,
+            "newer than the statement in force",
         ),
     ],
 )

@@ -181,7 +181,8 @@ def _create(
         "created_at": now,
         "updated_at": now,
     }
-    changes, moved, rulings = _merge(row, ref, source, now, event, existing=False, double_opt_in=double_opt_in)
+    arrived = raw.received_at if raw else now
+    changes, moved, rulings = _merge(row, ref, source, now, event, False, double_opt_in, arrived)
     row.update(changes)
     contact_id = row["id"] = _insert(conn, row, keys)
     _write_links(conn, contact_id, ref, rulings, now, event, raw)
@@ -216,7 +217,8 @@ def _update(
     row = {column.name: found[column.name] for column in CONTACTS.c}
     if row["email_status"] == "erased":
         return links_of(row, found), frozenset()  # an erasure is final: later events bring nobody back
-    changes, moved, rulings = _merge(row, ref, source, now, event, existing=existing, double_opt_in=double_opt_in)
+    arrived = raw.received_at if raw else now
+    changes, moved, rulings = _merge(row, ref, source, now, event, existing, double_opt_in, arrived)
     if changes:
         row.update(changes, updated_at=now)
         conn.execute(_UPDATE_CONTACT, {"contact_id": contact_id, **{f: row[f] for f in _WRITABLE}})
@@ -232,9 +234,12 @@ def _merge(
     event: Event | None,
     existing: bool,
     double_opt_in: frozenset[str] = frozenset(),
+    arrived: datetime | None = None,
 ) -> tuple[dict[str, Any], frozenset[str], list[Ruling]]:
     """What the event changes in the stored row: the new column values, what moved (fields, and
-    `attributes.NAME`), and a ruling on each consent statement for the ledger."""
+    `attributes.NAME`), and a ruling on each consent statement for the ledger. `arrived`: when the call
+    that states it reached Declic (default `now`)."""
+    arrived = arrived or now
     changes: dict[str, Any] = _given_fields(ref)
     if ref.phone and ref.phone != row["phone"]:
         changes["phone_status"] = "ok"  # a new number gets a fresh start
@@ -247,12 +252,12 @@ def _merge(
     if ref.consent:
         consent = jsoncodec.loads(row["consent"])
         for channel, statement in ref.consent.items():
-            statement = dated(statement, event)
+            statement = dated(statement, event, arrived)
             veto = None if ref.trusted else _untrusted_veto(statement, existing)
             if veto is not None:
                 ruling = Ruling(channel, statement, source, False, veto)
             else:
-                ruling = rule_on(consent.get(channel), channel, statement, source)
+                ruling = rule_on(consent.get(channel), channel, statement, source, received=arrived)
             in_force = consent.get(channel, {}).get("state")
             if in_force != "granted":  # a confirmed subscriber restating a grant is not asked again
                 ruling = awaiting_confirmation(ruling, double_opt_in)
@@ -306,7 +311,7 @@ def withdraw(conn: Connection, contact_id: int, channel: str, source: str, now: 
     statement = ConsentStatement(
         state="withdrawn", stated_at=now, action=True, evidence={"provider_error": evidence} if evidence else {}
     )
-    ruling = rule_on(consent.get(channel), channel, statement, source)
+    ruling = rule_on(consent.get(channel), channel, statement, source, received=now)
     if ruling.applied:
         consent[channel] = ruling.entry
         conn.execute(
