@@ -25,7 +25,7 @@ from declic_gateway.errors import ConfigError
 from declic_gateway.http.app import create_app, load
 from declic_gateway.http.running import GATEWAY_KEY
 from declic_gateway.kit.events import ConsentStatement
-from declic_gateway.pipeline.consent import rule_on
+from declic_gateway.pipeline.consent import PENDING_REASON, rule_on
 from declic_gateway.plugins import collect, get_plugin_manager
 from declic_gateway.store.inbox import NewCall
 from declic_gateway.testing import FakeClock, SmtpCatcher, write_deployment
@@ -36,6 +36,7 @@ MC_TOKEN = "mc-url-token-0123456789"
 MANDRILL_KEY = "mandrill-key"
 TWILIO_TOKEN = "twilio-auth-token"
 PUBLIC = "https://hooks.example.com"
+NEW_ADDRESS = "c.durand@another-company.example"
 
 CONFIG = """\
 public_url: {public}
@@ -544,6 +545,48 @@ async def test_double_opt_in_grants_consent_only_once_the_link_is_followed(
     await d.advance(hours=1, seconds=1)
     assert [m["Subject"] for m in smtp.messages] == ["Please confirm", "Your cart, Camille"]
     assert d.scalar("SELECT count(*) FROM deliveries WHERE rule = 'declic-double-opt-in'") == 1  # asked once
+
+
+async def test_a_confirmed_grant_does_not_follow_the_contact_to_a_new_address(
+    double_opt_in: Deployment, smtp: SmtpCatcher
+) -> None:
+    """Camille confirms camille.durand@; then the shop moves her customer record to another address. That
+    address confirmed nothing: the grant stays with the old one, and the shop's `subscribed` for the new one
+    waits for its own confirmation, sent there."""
+    d = double_opt_in
+    await mailchimp(d, "subscribe", "2026-03-14 07:59:00")
+    await d.advance(seconds=1)
+    link = smtp.messages[0].get_content().strip().removeprefix("Confirm: ")
+    assert (await d.client.post(urlsplit(link).path)).status == 200
+    await d.post_shopify("customers/update", customer_update("subscribed", "2026-01-02T10:00:00+01:00"))
+    await d.advance(seconds=1)
+    assert email_consent(d) == "granted"
+    moved = json.loads(customer_update("subscribed", "2026-01-02T10:00:00+01:00")) | {"email": NEW_ADDRESS}
+    await d.post_shopify("customers/update", json.dumps(moved).encode())
+    await d.advance(seconds=1)
+    cart = json.loads(checkout("cart"))
+    cart["email"] = cart["customer"]["email"] = NEW_ADDRESS
+    await d.post_shopify("checkouts/create", json.dumps(cart).encode())
+    await d.advance(hours=1, seconds=1)
+    assert [(str(m["To"]), str(m["Subject"])) for m in smtp.messages] == [
+        ("camille.durand@example.org", "Please confirm"),
+        (NEW_ADDRESS, "Please confirm"),
+    ], "marketing went to an address that never confirmed"
+    consent = json.loads(d.scalar("SELECT consent FROM contacts WHERE email = :e", e=NEW_ADDRESS))
+    assert consent["email"]["state"] == "pending"
+    reason = f"the email changed: {PENDING_REASON} at the new one"
+    assert ("shop", "granted", True, reason) in ledger(d)
+
+
+async def test_a_withdrawal_follows_the_contact_to_a_new_address(double_opt_in: Deployment) -> None:
+    d = double_opt_in
+    await mailchimp(d, "unsubscribe", "2026-03-14 07:59:00")
+    await d.post_shopify("customers/update", customer_update("unsubscribed", None))
+    moved = json.loads(customer_update("unsubscribed", None)) | {"email": NEW_ADDRESS}
+    await d.post_shopify("customers/update", json.dumps(moved).encode())
+    await d.advance(seconds=1)
+    consent = json.loads(d.scalar("SELECT consent FROM contacts WHERE email = :e", e=NEW_ADDRESS))
+    assert consent["email"]["state"] == "withdrawn"
 
 
 def test_double_opt_in_needs_its_confirmation_message(tmp_path: Path) -> None:

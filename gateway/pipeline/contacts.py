@@ -32,7 +32,7 @@ from ..store import (
     sql,
 )
 from . import feedback
-from .consent import Ruling, awaiting_confirmation, dated, rule_on
+from .consent import PENDING_REASON, Ruling, awaiting_confirmation, dated, rule_on, utc
 from .history import ContactView, Wheres
 
 C = CONTACTS.c
@@ -248,9 +248,10 @@ def _merge(
         before = jsoncodec.loads(row["attributes"])
         moved |= {f"attributes.{k}" for k, v in ref.attributes.items() if before.get(k) != v}
         changes["attributes"] = jsoncodec.dumps({**before, **ref.attributes})
-    rulings: list[Ruling] = []
+    consent = jsoncodec.loads(row["consent"])
+    rulings = _new_addresses(row, changes, consent, source, arrived, double_opt_in)
+    moved |= {f"confirm:{ruling.channel}" for ruling in rulings}
     if ref.consent:
-        consent = jsoncodec.loads(row["consent"])
         for channel, statement in ref.consent.items():
             statement = dated(statement, event, arrived)
             veto = None if ref.trusted else _untrusted_veto(statement, existing)
@@ -266,9 +267,35 @@ def _merge(
                 if ruling.becomes == "pending" and in_force != "pending":  # one confirmation message per request
                     moved.add(f"confirm:{channel}")
                 consent[channel] = ruling.entry
-        if any(r.applied for r in rulings):
-            changes["consent"] = jsoncodec.dumps(consent)
+    if any(r.applied for r in rulings):
+        changes["consent"] = jsoncodec.dumps(consent)
     return changes, frozenset(moved), rulings
+
+
+def _new_addresses(
+    row: dict[str, Any],
+    changes: dict[str, Any],
+    consent: dict[str, Any],
+    source: str,
+    arrived: datetime,
+    double_opt_in: frozenset[str],
+) -> list[Ruling]:
+    """Under double opt-in a grant counts once the address proved it reads its mail: when a contact's address
+    changes, the new one has proved nothing, so a grant (or one awaiting confirmation) waits again for the new
+    address to confirm (`consent` is changed in place). Elsewhere consent is the person's and follows them."""
+    rulings = []
+    for channel, field in ADDRESS_KINDS.items():
+        old, new = row[field], changes.get(field)
+        if channel not in double_opt_in or old is None or new is None or new == old:
+            continue
+        if consent.get(channel, {}).get("state") not in ("granted", "pending"):
+            continue  # nothing to confirm; a withdrawal stays, whatever the address
+        statement = ConsentStatement(state="granted", stated_at=utc(arrived), evidence={"changed": field})
+        reason = f"the {field} changed: {PENDING_REASON} at the new one"
+        ruling = Ruling(channel, statement, source, True, reason, becomes="pending")
+        consent[channel] = ruling.entry
+        rulings.append(ruling)
+    return rulings
 
 
 def _untrusted_veto(statement: ConsentStatement, existing: bool) -> str | None:
