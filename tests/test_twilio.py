@@ -468,6 +468,7 @@ def test_config_defaults_and_normalising() -> None:
 
 CONFIG = """\
 public_url: https://hooks.example.com
+phone_region: FR
 storage: {{url: '{db_url}'}}
 worker: {{retry_base: 10s}}
 sources:
@@ -492,6 +493,33 @@ rules:
       - wait: 1d
         send: {{via: sms, template: order-sms}}
 """
+
+
+@pytest.mark.parametrize(
+    ("region", "problem"),
+    [
+        ("", "sinks.sms.default_region: numbers without +country code are stored as written (`phone_region:`) "
+         "and this sink texts them as FR numbers: a STOP would not reach the contact it was sent to; set "
+         "`phone_region: FR` at the top level"),
+        ("phone_region: GB\n", "are stored as GB numbers (`phone_region:`) and this sink texts them as FR numbers"),
+        ("phone_region: FR\n", None),
+    ],
+)  # fmt: skip
+def test_the_sinks_region_must_be_the_deployments(tmp_path: Path, region: str, problem: str | None) -> None:
+    """A number is stored as an identity read in `phone_region` and texted as read in the sink's
+    `default_region`: with two countries, a STOP from +33612345678 would reach another contact than the one
+    stored as "06 12 34 56 78", which would still be texted."""
+    pm = get_plugin_manager(extra=[ScriptedPlugin()])
+    text = region + CONFIG.replace("phone_region: FR\n", "").format(
+        db_url=f"sqlite:///{tmp_path}/d.db", token=TOKEN, account=ACCOUNT, api_base="http://127.0.0.1:9"
+    )
+    path = write_deployment(tmp_path, text, {"order-sms.txt.j2": "x"})
+    if problem is None:
+        assert load_config(path, collect(pm), pm).phone_region == "FR"
+        return
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, collect(pm), pm)
+    assert any(problem in line for line in raised.value.problems), raised.value.problems
 
 
 class Running:

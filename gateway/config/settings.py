@@ -921,6 +921,7 @@ def load_config(
         _check_unsubscribe_links(settings, report)
         _check_tracking(settings, report)
     _check_confirmation(settings, report, pm, broken)
+    _check_phone_region(settings, report)
     report.raise_if_any()
     return settings
 
@@ -1218,6 +1219,24 @@ def _check_confirmation(
         _check_template(env, settings.templates_dir, confirmation.template, (*where, "template"), scope, report)
     if settings.public_url is None and ("public_url",) not in broken:
         report.add(where, "double opt-in needs `public_url:`: the confirmation link points there")
+
+
+def _check_phone_region(settings: Settings, report: _Report) -> None:
+    """A number written without its country code is stored as a contact's identity read in `phone_region`, and
+    texted as read in the SMS sink's `default_region`. Two countries (or one unset) give one number two forms:
+    the STOP from +33612345678 would reach another contact than the one stored as 06 12 34 56 78, which would
+    still be texted. So a sink's region must be the deployment's."""
+    for key, (cls, config) in settings._sinks.items():
+        region = getattr(config, "default_region", None)
+        if cls.channel != "sms" or region is None or region == settings.phone_region:
+            continue
+        stored = f"as {settings.phone_region} numbers" if settings.phone_region else "as written"
+        report.add(
+            ("sinks", key, "default_region"),
+            f"numbers without +country code are stored {stored} (`phone_region:`) and this sink texts them as "
+            f"{region} numbers: a STOP would not reach the contact it was sent to; set `phone_region: {region}` "
+            "at the top level (the sink then needs no default_region)",
+        )
 
 
 def _check_expression(
