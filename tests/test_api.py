@@ -10,6 +10,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from conftest import Deployment, Factory, fixture_bytes, fixture_json
+from declic_gateway.cli import logs
 from declic_gateway.testing import SmtpCatcher
 
 CAMILLE = "camille.durand@example.org"
@@ -240,6 +241,11 @@ async def test_lists_page_by_id(deploy: Factory, smtp: SmtpCatcher) -> None:
         ("GET", "/contacts/0/timeline", None, "value"),
         ("GET", "/contacts/2147483648/export", None, "value"),  # past the 32-bit INTEGER column
         ("GET", "/rules?since=yesterday", None, "since"),
+        # Moments near the calendar's ends: converted to UTC, or 30 days taken off, they would overflow (a 500).
+        ("GET", "/rules?until=0001-01-01T00:00:00Z", None, "until"),
+        ("GET", "/rules/welcome?since=0001-01-01T00:00:00%2B14:00", None, "since"),
+        ("GET", "/rules?until=9999-12-31T23:59:59-05:00", None, "until"),
+        ("GET", "/rules/welcome?since=1969-12-31T23:59:59Z", None, "since"),
         ("POST", "/dead-letter/replay", b"", None),
         ("POST", "/dead-letter/replay", b"{not json", None),
         ("POST", "/dead-letter/replay", b"{}", None),
@@ -258,3 +264,26 @@ async def test_bad_input_is_a_422_that_says_what(
     assert problem["error"] == "invalid request" and problem["detail"]
     if field is not None:
         assert field in [str(part) for error in problem["detail"] for part in error["loc"]]
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("/contacts?q=shopify:Camille%20Durand%00", "q"),
+        ("/contacts?q=camille.durand%00@example.org", "q"),
+        ("/deliveries?rule=%00", "rule"),
+        ("/deliveries?status=%00", "status"),
+    ],
+)
+async def test_a_nul_in_a_text_filter_is_a_422_and_the_search_stays_out_of_the_log(
+    deploy: Factory, capsys: pytest.CaptureFixture[str], query: str, field: str
+) -> None:
+    """SQLite would search for a NUL, PostgreSQL refuses it: on both, a 422 before any query, and no traceback
+    quoting the search (a name, an address)."""
+    logs.configure("info", redact=True, as_json=True)
+    d = await deploy(extra=TOKENS)
+    response = await d.client.get(f"/api/v1{query}", headers=bearer(READER))
+    assert response.status == 422, await response.text()
+    assert [part for error in (await response.json())["detail"] for part in error["loc"]] == [field]
+    logged = capsys.readouterr().err
+    assert "Camille Durand" not in logged and "camille.durand" not in logged

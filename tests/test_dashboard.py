@@ -7,7 +7,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
+
 from conftest import Deployment, Factory, fixture_bytes
+from declic_gateway.cli import logs
 from declic_gateway.http.dashboard.sessions import COOKIE
 from declic_gateway.testing import SmtpCatcher
 
@@ -213,7 +216,9 @@ async def test_bad_addresses_get_a_clear_4xx(deploy: Factory) -> None:
     assert (await v.get("/admin/rules/no-such-rule")).status == 404
     assert (await v.get("/admin/rules/welcome?days=-3")).status == 400
     assert (await v.get("/admin/rules/welcome?days=99999999999999999999")).status == 400
+    assert (await v.get("/admin/rules/welcome?days=%C2%B3")).status == 400  # "³": a digit to str.isdigit()
     assert (await v.get("/admin/contacts/999999")).status == 404
+    assert (await v.get("/admin/contacts/99999999999")).status == 404  # past the INTEGER column
     # An address under /admin/ that names no page: a page a person can read, with the way back.
     lost = await v.get("/admin/no-such-page")
     assert (lost.status, lost.content_type) == (404, "text/html")
@@ -221,3 +226,47 @@ async def test_bad_addresses_get_a_clear_4xx(deploy: Factory) -> None:
     assert (await v.request("DELETE", "/admin/")).content_type == "text/html"
     assert (await v.get("/nowhere")).content_type == "application/json"  # elsewhere, machines still get JSON
     assert (await v.get("/admin/contacts", params={"q": "x" * 5000})).status == 200
+
+
+async def test_a_search_with_a_nul_is_a_400_and_stays_out_of_the_log(
+    deploy: Factory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SQLite would search for it, PostgreSQL refuses it: on both, a 400 before any query, and no traceback
+    quoting the search."""
+    logs.configure("info", redact=True, as_json=True)
+    v = Visitor(await deploy(extra=ADMIN))
+    await login(v, READ_TOKEN)
+    response = await v.get("/admin/contacts?q=camille.durand%00@example.org")
+    assert response.status == 400 and "NUL" in await response.text()
+    assert "camille.durand" not in capsys.readouterr().err
+
+
+async def test_ids_past_the_integer_columns_replay_nothing(deploy: Factory) -> None:
+    v = Visitor(await deploy(extra=ADMIN))
+    await login(v, ADMIN_TOKEN)
+    csrf = csrf_of(await (await v.get("/admin/failures")).text())
+    for kind in ("jobs", "calls"):
+        assert (await v.post(f"/admin/failures/{kind}/99999999999/replay", {"csrf": csrf})).status == 404
+
+
+async def test_a_form_that_cannot_be_read_is_a_400(deploy: Factory) -> None:
+    """An unknown charset or transfer encoding, multipart without its boundary, bytes not in the charset."""
+    d = await deploy(extra=ADMIN)
+    v = Visitor(d)
+    await login(v, ADMIN_TOKEN)
+    csrf = csrf_of(await (await v.get("/admin/failures")).text())
+    part = 'Content-Disposition: form-data; name="csrf"\r\n'
+    unreadable = [
+        ("application/x-www-form-urlencoded; charset=x-bogus", f"csrf={csrf}&token=x".encode()),
+        ("multipart/form-data", f"csrf={csrf}&token=x".encode()),
+        ("application/x-www-form-urlencoded", f"csrf={csrf}&token=\xe9".encode("latin-1")),
+        (
+            "multipart/form-data; boundary=b",
+            f"--b\r\n{part}Content-Transfer-Encoding: x\r\n\r\n{csrf}\r\n--b--".encode(),
+        ),
+    ]
+    for path in ("/admin/login", "/admin/failures/jobs/1/replay"):
+        for content_type, body in unreadable:
+            headers = {"Cookie": f"{COOKIE}={v.cookie}", "Content-Type": content_type}
+            response = await d.client.post(path, data=body, headers=headers, allow_redirects=False)
+            assert (response.status, response.content_type) == (400, "text/html"), (path, content_type)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,12 +16,22 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from aiohttp import web
+from structlog.testing import capture_logs
 
 from conftest import BASE_CONFIG, DEFAULT_RULES, SECRET, TEMPLATES, Deployment, Factory, fixture_bytes, locked_inbox
 from declic_gateway import hookimpl
+from declic_gateway.errors import StorageUnavailable
 from declic_gateway.http.app import create_app, load
 from declic_gateway.store import Database
-from declic_gateway.store.inbox import SQLITE_LINGER, GroupCommitter, NewCall, Taking, commit_and_take, commit_calls
+from declic_gateway.store.inbox import (
+    SQLITE_LINGER,
+    Accepted,
+    GroupCommitter,
+    NewCall,
+    Taking,
+    commit_and_take,
+    commit_calls,
+)
 from declic_gateway.testing import shopify_headers, write_deployment
 
 ORDER = fixture_bytes("shopify/order.json")
@@ -60,6 +71,50 @@ async def test_status_codes(
     if error:
         assert error in payload["error"]
     assert d.scalar("SELECT count(*) FROM inbox") == (1 if status == 200 else 0)
+
+
+async def raw(d: Deployment, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
+    """A request written byte by byte, for what aiohttp's client will not send (a header byte that is not
+    UTF-8); the answer's status and body."""
+    reader, writer = await asyncio.open_connection(d.client.server.host, d.client.server.port)
+    try:
+        writer.write(head + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    status, _, rest = answer.partition(b"\r\n")
+    return int(status.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+@pytest.mark.parametrize("webhook_id", [b"abc\xff", b"\xff" * 400, b"abc\tdef"], ids=["latin-1", "long", "tab"])
+async def test_a_delivery_id_that_is_not_text_is_a_400_and_nothing_is_stored(
+    deploy: Factory, webhook_id: bytes
+) -> None:
+    """Shopify does not sign X-Shopify-Webhook-Id, yet it is the call's dedupe key: a byte that is not UTF-8 (kept
+    by aiohttp as a lone surrogate, which no database stores) or a control character is refused, for every source."""
+    d = await deploy()
+    head = "POST /hooks/shop HTTP/1.1\r\nHost: x\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in signed().items() if k != "X-Shopify-Webhook-Id")
+    status, body = await raw(d, head.encode() + b"X-Shopify-Webhook-Id: " + webhook_id + b"\r\n", ORDER)
+    assert status == 400 and "not UTF-8" in json.loads(body)["error"]
+    assert d.scalar("SELECT count(*) FROM inbox") == 0
+
+
+async def test_a_call_the_database_cannot_store_fails_alone_not_with_its_batch(deploy: Factory) -> None:
+    """A call whose own data cannot be stored fails the batch's transaction; that is not the database failing:
+    the batch's calls are committed one by one, and only that call is refused."""
+    d = await deploy()
+    now = d.clock.now()
+    hostile = NewCall("shop", "demo.myshopify.com:abc\udcff", now, {}, b"{}")  # a lone surrogate: no driver encodes it
+    honest = NewCall("shop", "demo.myshopify.com:honest", now, {}, b"{}")
+    with capture_logs() as logged:
+        refused, accepted = await asyncio.gather(
+            d.gateway.committer.submit(hostile), d.gateway.committer.submit(honest), return_exceptions=True
+        )
+    assert {"event": "inbox commit failed: one call at a time", "calls": 2}.items() <= logged[0].items()
+    assert isinstance(refused, StorageUnavailable) and "UnicodeEncodeError" in str(refused)
+    assert isinstance(accepted, Accepted) and not accepted.duplicate
+    assert [row.dedupe_key for row in d.rows("SELECT dedupe_key FROM inbox")] == ["demo.myshopify.com:honest"]
 
 
 async def test_get_on_a_hook_is_405_with_json(deploy: Factory) -> None:
@@ -161,6 +216,17 @@ async def test_readyz_says_ready_to_anyone_and_why_only_to_the_admin(
     assert (await d.client.get("/healthz")).status == 200
     ready = await d.client.get("/readyz", headers={"Authorization": authorization} if authorization else {})
     assert (ready.status, await ready.json()) == (200, body)
+
+
+async def test_a_token_with_a_byte_that_is_not_utf8_is_no_token(deploy: Factory) -> None:
+    """aiohttp keeps the byte as a lone surrogate, which no configured token holds: the answer to no token."""
+    d = await deploy(extra=ADMIN)
+    answers = {}
+    for path in ("/readyz", "/metrics", "/api/v1/rules"):
+        head = f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_TOKEN}\xe9\r\n"
+        answers[path] = await raw(d, head.encode("latin-1"))
+    assert (answers["/readyz"][0], json.loads(answers["/readyz"][1])) == (200, {"status": "ok"})
+    assert answers["/metrics"][0] == answers["/api/v1/rules"][0] == 401
 
 
 async def test_readyz_gives_no_details_when_no_admin_token_is_set(deploy: Factory) -> None:

@@ -5,16 +5,22 @@ from __future__ import annotations
 import json
 import logging
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
+from aiohttp.test_utils import TestServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import Factory, fixture_bytes
+from conftest import BASE_CONFIG, DEFAULT_RULES, SECRET, TEMPLATES, Factory, fixture_bytes, until
 from declic_gateway.cli import logs
-from declic_gateway.testing import SmtpCatcher
+from declic_gateway.http.accesslog import AccessLogger
+from declic_gateway.http.app import create_app, load
+from declic_gateway.http.running import GATEWAY_KEY
+from declic_gateway.send import links
+from declic_gateway.testing import SmtpCatcher, write_deployment
 
 
 @pytest.fixture
@@ -244,3 +250,41 @@ def test_library_info_lines_stay_out(json_logs: Any) -> None:
     logging.getLogger("alembic.runtime.migration").info("Context impl SQLiteImpl.")
     logging.getLogger("asyncio").warning("Executing took 0.2 seconds")
     assert [line["event"] for line in json_logs()] == ["Executing took 0.2 seconds"]
+
+
+async def test_a_token_in_a_path_no_route_matches_stays_out_of_the_access_log(
+    aiohttp_client: Any, tmp_path: Path, smtp: SmtpCatcher, json_logs: Any
+) -> None:
+    """`/u/TOKEN/` (a slash added to the link) matches no route, and the token still unsubscribes whoever POSTs
+    it; a source's URL token under a misspelt prefix is a credential too. A path no route matches is logged by
+    its first segment only."""
+    config = BASE_CONFIG.format(
+        db_url=f"sqlite:///{tmp_path}/d.db",
+        secret=SECRET,
+        smtp_port=smtp.port,
+        rules=DEFAULT_RULES,
+        max_attempts=3,
+        worker="",
+    )
+    settings, pm, _ = load(str(write_deployment(tmp_path, config, TEMPLATES)))
+    app = create_app(settings, pm=pm, role="web")
+    server = TestServer(app)
+    await server.start_server(access_log_class=AccessLogger)  # as `declic serve` does
+    client = await aiohttp_client(server)
+    token = links.make_token(await app[GATEWAY_KEY].link_secret(), 1, "email")
+    for path in (f"/u/{token}", f"/u/{token}/", f"/hook/shop/{token}", "/wp-login.php"):
+        await client.get(path)
+    requests: list[dict[str, Any]] = []
+
+    def logged() -> bool:
+        requests.extend(line for line in json_logs() if line["event"] == "request")
+        return len(requests) == 4
+
+    await until(logged)
+    assert [(line["path"], line["status"]) for line in requests] == [
+        ("/u/***", 200),
+        ("/u/***", 404),
+        ("/hook/***", 404),
+        ("/wp-login.php", 404),
+    ]
+    assert token not in json.dumps(requests)

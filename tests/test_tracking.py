@@ -273,6 +273,21 @@ async def test_a_click_never_redirects_where_the_request_says(start: Any, smtp: 
     assert (await d.client.get(f"/t/c/{token}", allow_redirects=False)).status == 404
 
 
+async def test_a_link_sealed_with_a_newline_redirects_where_a_browser_would_go(start: Any, smtp: SmtpCatcher) -> None:
+    """Links sent before sealing dropped tabs and newlines still work; one with another control character, which no
+    Location header may carry, is a 404 rather than a dropped connection."""
+    d, _ = await welcome(start, smtp)
+    secret = await d.gateway.link_secret()
+
+    async def click(url: str) -> Any:
+        token = links.make_tracking_token(secret, links.CLICK, links.Tracked(1, "dcl-" + "0" * 40, START, url, 1))
+        return await d.client.get(f"/t/c/{token}", allow_redirects=False)
+
+    response = await click(f"{SHOP}/new\r\n?ref=\tx")
+    assert (response.status, response.headers["Location"]) == (302, f"{SHOP}/new?ref=x")
+    assert (await click(f"{SHOP}/n\x01ew")).status == 404
+
+
 async def test_transactional_mail_is_not_tracked_unless_its_rule_says_so(start: Any, smtp: SmtpCatcher) -> None:
     d: Deployment = await start()
     await d.post_shopify("orders/create", ORDER)
@@ -337,6 +352,10 @@ def rewrite(html: str, opens: bool = True, clicks: bool = True) -> tuple[str, li
         ('<a href="HTTP://A.example/Y">upper case</a>', ["HTTP://A.example/Y"]),
         ('<a href="  https://a.example/?a=1&amp;b=2 ">entities, spaces</a>', ["https://a.example/?a=1&b=2"]),
         ('<a href="https://a.example/é?q=ü">non-ASCII</a>', ["https://a.example/é?q=ü"]),
+        # Tabs and newlines go as browsers drop them; any other control character: left for the browser to read.
+        ('<a href="https://a.example/new\n?ref=x">newline</a>', ["https://a.example/new?ref=x"]),
+        ('<a href="\thttps://a.example/\r\nx\t?\ty">tabs, returns</a>', ["https://a.example/x?y"]),
+        ('<a href="https://a.example/\x01x">control</a><a href="https://a.example/\x7f">DEL</a>', []),
         ('<a href="https://hooks.example.com/u/tok">own link</a>', []),
         ('<a href="javascript:alert(1)">js</a><a href="ftp://a.example/">ftp</a><a href="//a.example/">rel</a>', []),
         ('<a href="https://a.example/' + "x" * 2100 + '">very long</a>', []),

@@ -16,7 +16,7 @@ PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
 #: and status, so an info line each would only double the log's volume (and a sizeable share of the CPU
 #: an e-mail costs, measured in docs/performance.md). Refused ones (4xx, 5xx) stay at info.
 WEBHOOKS = "/hooks/"
-#: An unmatched path is logged as sent (redaction still applies), cut to this many characters.
+#: Paths are cut to this many characters.
 MAX_PATH = 200
 
 
@@ -37,9 +37,16 @@ def route_path(request: BaseRequest) -> str:
     info = request.match_info if isinstance(request, Request) else None  # None: the request line was bad
     resource = info.route.resource if info is not None else None
     if info is None or resource is None:  # no route matched (404, 405): nothing to mask by name
-        return request.path[:MAX_PATH]
+        return unmatched_path(request.path)
     values = {name: "***" if name in SECRET_PARAMETERS else value for name, value in info.items()}
     try:
         return resource.canonical.format_map(values)[:MAX_PATH]
     except (KeyError, IndexError, ValueError):  # a canonical form with braces of its own
         return resource.canonical[:MAX_PATH]
+
+
+def unmatched_path(path: str) -> str:
+    """Its first segment only: what follows may be a token whatever the path, a link's with a slash added
+    (`/u/TOKEN/` is `/u/***`) or a source's under a misspelt prefix (`/hook/shop/TOKEN` is `/hook/***`)."""
+    first, slash, _ = path[1:].partition("/")
+    return ("/" + first)[:MAX_PATH] + ("/***" if slash else "")

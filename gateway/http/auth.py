@@ -16,7 +16,13 @@ def bearer_token(request: web.Request) -> str | None:
     """The token of `Authorization: Bearer TOKEN` (the scheme in any case, RFC 9110), or None."""
     scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
     token = token.strip()
-    return token if scheme.lower() == "bearer" and token else None
+    if scheme.lower() != "bearer" or not token:
+        return None
+    try:  # aiohttp keeps a header's bytes that are not UTF-8 as lone surrogates: no configured token has one
+        token.encode()
+    except UnicodeEncodeError:
+        return None
+    return token
 
 
 def scope_of(request: web.Request, admin: AdminSpec) -> Scope | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -10,7 +11,7 @@ import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from ..errors import RejectedRequest, StorageUnavailable
+from ..errors import BadRequest, RejectedRequest, StorageUnavailable
 from ..insight.metrics import UNKNOWN_SOURCE
 from ..kit.sources import PEER_HEADER, Source
 from ..store.inbox import NewCall, fit_key
@@ -22,6 +23,9 @@ log = structlog.get_logger("declic.ingest")
 _UNSTORED_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 #: How long a browser may reuse a preflight's answer (Chromium caps it at 2 hours).
 _PREFLIGHT_MAX_AGE = "7200"
+#: What a dedupe key may not hold: control characters, and the lone surrogates aiohttp keeps for a header's
+#: bytes that are not UTF-8, which no database can store.
+_NOT_TEXT = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def _source(request: web.Request) -> Source | web.Response:
@@ -105,6 +109,8 @@ async def _receive(request: web.Request, gateway: RunningGateway, source: Source
     try:
         await source.verify(request, body)
         key = source.dedupe_key(request, body)
+        if _NOT_TEXT.search(key):
+            raise BadRequest("the delivery id (dedupe key) holds a control character or a byte that is not UTF-8")
         stored = source.stored_body(request, body)
     except RejectedRequest as exc:
         log.info("webhook rejected", source=name, status=exc.status, reason=exc.reason)

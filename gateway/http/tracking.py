@@ -14,6 +14,7 @@ request can choose where it goes (no open redirect). An unknown or forged token 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from datetime import datetime, timedelta
@@ -29,7 +30,7 @@ from ..kit.machines import machine_reasons
 from ..kit.sources import RawCall, Source
 from ..pipeline.feedback import CLICK_SOURCE, OPEN_SOURCE, fetch_key
 from ..send import links
-from ..send.tracking import PIXEL_GIF
+from ..send.tracking import PIXEL_GIF, followed
 from ..store.inbox import NewCall
 from .running import GATEWAY_KEY, RETRY_AFTER_SECONDS, RunningGateway
 
@@ -136,7 +137,11 @@ async def _tracked(request: web.Request, purpose: str) -> links.Tracked | web.Re
     gateway: RunningGateway = request.app[GATEWAY_KEY]
     secret = await gateway.link_secret()
     tracked = links.read_tracking_token(secret, request.match_info["token"], purpose)
-    if tracked is None or (purpose == links.CLICK and not tracked.url):
+    if tracked is not None and purpose == links.CLICK:
+        # Links sealed before sealing cleaned them may hold a newline: followed as a browser would.
+        url = followed(tracked.url)
+        tracked = dataclasses.replace(tracked, url=url) if url else None
+    if tracked is None:
         return web.Response(status=404, text="This link is not valid.", headers=NO_STORE)
     return tracked
 

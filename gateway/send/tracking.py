@@ -27,6 +27,13 @@ MAX_TRACKED_URL = 2000
 #: standards" mode, where images in table cells leave no gap. Only this one leading token is matched.
 _DOCTYPE = re.compile(r"\ufeff?\s*(<!doctype\s[^>]*>)", re.IGNORECASE)
 _WRITTEN_DOCTYPE = "<!DOCTYPE html>"
+#: What browsers' URL parser (WHATWG URL Standard) strips from an href's ends, C0 controls and space, and
+#: removes from anywhere in it, ASCII tab and newline: `https://shop.example.com/new\n?ref=x` is followed
+#: as `https://shop.example.com/new?ref=x`.
+_ENDS = "".join(map(chr, range(0x21)))
+_TAB_OR_NEWLINE = str.maketrans("", "", "\t\n\r")
+#: What no Location header may carry (aiohttp refuses to send it, and the click would be a dropped connection).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 #: A transparent 1x1 GIF, the smallest image every mail client shows.
 PIXEL_GIF = bytes.fromhex("47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b")
 
@@ -51,8 +58,8 @@ def track_html(html: str, tracking: Tracking) -> str:
     if tracking.clicks:
         number = 0
         for anchor in tree.tags("a"):
-            url = (anchor.attributes.get("href") or "").strip()
-            if not _trackable(url, base):
+            url = followed(anchor.attributes.get("href") or "")
+            if url is None or not _trackable(url, base):  # a control character left: the browser's to read
                 continue
             number += 1
             token = links.make_tracking_token(tracking.secret, links.CLICK, _tracked(tracking, url, number))
@@ -67,6 +74,12 @@ def track_html(html: str, tracking: Tracking) -> str:
     if doctype and written.startswith(_WRITTEN_DOCTYPE):
         written = doctype[1] + written[len(_WRITTEN_DOCTYPE) :]
     return written
+
+
+def followed(href: str) -> str | None:
+    """The URL a browser follows for this href, or None when a control character is left in it."""
+    url = href.strip(_ENDS).translate(_TAB_OR_NEWLINE)
+    return None if _CONTROL.search(url) else url
 
 
 @functools.cache

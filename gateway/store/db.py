@@ -58,9 +58,13 @@ def normalize_url(url: str) -> str:
 
 def make_engine(url: str, busy_timeout: timedelta = timedelta(seconds=2)) -> Engine:
     url = normalize_url(url)
+    # hide_parameters: SQLAlchemy's errors would quote the statement's values (a search, an address, a
+    # webhook's body) in the log, and in a job's last error that the dashboard and API show.
     if url.startswith("sqlite"):
         engine = sa.create_engine(
-            url, connect_args={"timeout": busy_timeout.total_seconds(), "check_same_thread": False}
+            url,
+            connect_args={"timeout": busy_timeout.total_seconds(), "check_same_thread": False},
+            hide_parameters=True,
         )
         sa.event.listen(engine, "connect", _sqlite_on_connect)
         # Take the write lock up front: a transaction never fails half-way on a lock upgrade.
@@ -68,7 +72,10 @@ def make_engine(url: str, busy_timeout: timedelta = timedelta(seconds=2)) -> Eng
     else:
         timeout_ms = int(busy_timeout.total_seconds() * 1000)
         engine = sa.create_engine(
-            url, pool_size=8, connect_args={"connect_timeout": 5, "options": f"-c lock_timeout={timeout_ms}"}
+            url,
+            pool_size=8,
+            connect_args={"connect_timeout": 5, "options": f"-c lock_timeout={timeout_ms}"},
+            hide_parameters=True,
         )
         sa.event.listen(engine, "checkout", _begin_or_reconnect)
     sa.event.listen(engine, "before_execute", appends.write_first)
@@ -311,25 +318,38 @@ async def together_or_alone(
     the database's: for calls, a lock of the moment must not fail a call for good.
     """
 
-    def the_database(exc: Exception) -> bool:
-        return isinstance(exc, StorageUnavailable) and not (conflicts_alone and isinstance(exc, TransactionConflict))
-
     try:
         return list(await db.run(work, items))
     except Exception as exc:
-        if the_database(exc):
+        if _the_database(exc, conflicts_alone):
             raise
         if len(items) == 1:
             return [Failed(exc)]
+    return await one_by_one(db, work, items, conflicts_alone)
+
+
+async def one_by_one(
+    db: Database,
+    work: Callable[[Any, list[I]], list[R]],
+    items: list[I],
+    conflicts_alone: bool = True,
+    urgent: bool = False,
+) -> list[R | Failed]:
+    """work(conn, [item]) for each item in a transaction of its own: together_or_alone's second half, for a
+    caller whose shared transaction failed otherwise (the inbox's group commit)."""
     outcomes: list[R | Failed] = []
     for item in items:
         try:
-            outcomes += await db.run(work, [item])
+            outcomes += await db.run(work, [item], urgent=urgent)
         except Exception as exc:
-            if the_database(exc):
+            if _the_database(exc, conflicts_alone):
                 return outcomes + [Failed(exc)] * (len(items) - len(outcomes))
             outcomes.append(Failed(exc))
     return outcomes
+
+
+def _the_database(exc: Exception, conflicts_alone: bool) -> bool:
+    return isinstance(exc, StorageUnavailable) and not (conflicts_alone and isinstance(exc, TransactionConflict))
 
 
 class PriorityLane(Executor):

@@ -18,6 +18,7 @@ from sqlalchemy.engine import Connection
 
 from ..errors import StorageUnavailable
 from . import INBOX, Database, jobqueue, sql
+from .db import Failed, one_by_one
 from .jobqueue import ClaimedJob
 
 log = structlog.get_logger("declic.ingest")
@@ -91,6 +92,7 @@ class GroupCommitter:
         self.waiting = 0
 
     async def submit(self, call: NewCall) -> Accepted:
+        """The call once durable (or a duplicate); StorageUnavailable when it is not stored."""
         future: asyncio.Future[Accepted] = asyncio.get_running_loop().create_future()
         self.waiting += 1
         try:
@@ -113,30 +115,41 @@ class GroupCommitter:
             while len(batch) < self._max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             calls = [call for call, _ in batch]
-            taking = self._offer(len(calls))
-            taken: list[tuple[ClaimedJob, NewCall]] = []
-            try:
-                results, taken = await self._db.run(commit_and_take, calls, taking, urgent=True)
-            except Exception as exc:  # every waiter must hear back, whatever went wrong
-                if not isinstance(exc, StorageUnavailable):  # counted already when it is
-                    self._db.on_unavailable()
-                error = exc if isinstance(exc, StorageUnavailable) else StorageUnavailable(repr(exc))
-                log.error("inbox commit failed", error=str(error), calls=len(batch))
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(error)
-                continue
-            finally:  # the offer's slots come back, with what it took when committed
-                if self._taker and taking:
-                    try:
-                        self._taker.taken(taking, taken)
-                    except Exception:  # the calls are stored: their lease gives them back to the queue
-                        log.exception("the worker could not start the calls it took", calls=len(taken))
-            for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
-            if sum(not r.duplicate for r in results) > len(taken):  # calls left for the worker's claim
+            outcomes, taken = await self._commit(calls)
+            for (_, future), outcome in zip(batch, outcomes, strict=True):
+                if future.done():  # its caller was cancelled
+                    continue
+                if isinstance(outcome, Failed):  # every waiter must hear back, whatever went wrong
+                    future.set_exception(outcome.error)
+                else:
+                    future.set_result(outcome)
+            if sum(isinstance(o, Accepted) and not o.duplicate for o in outcomes) > taken:  # calls left for its claim
                 self._on_commit()
+
+    async def _commit(self, calls: list[NewCall]) -> tuple[list[Accepted | Failed], int]:
+        """The calls' outcomes, and how many of them the worker took. One transaction for all; when it fails for
+        another reason than the database (a key a call cannot store), one each, so that only that call fails."""
+        taking = self._offer(len(calls))
+        taken: list[tuple[ClaimedJob, NewCall]] = []
+        try:
+            results, taken = await self._db.run(commit_and_take, calls, taking, urgent=True)
+            return list(results), len(taken)
+        except StorageUnavailable as exc:
+            log.error("inbox commit failed", error=str(exc), calls=len(calls))
+            return [Failed(exc)] * len(calls), 0
+        except Exception as exc:
+            failed = exc
+        finally:  # the offer's slots come back, with what it took when committed
+            if self._taker and taking:
+                try:
+                    self._taker.taken(taking, taken)
+                except Exception:  # the calls are stored: their lease gives them back to the queue
+                    log.exception("the worker could not start the calls it took", calls=len(taken))
+        if len(calls) == 1:
+            return [_unstored(calls[0], Failed(failed))], 0
+        log.warning("inbox commit failed: one call at a time", error=type(failed).__name__, calls=len(calls))
+        outcomes = await one_by_one(self._db, commit_calls, calls, conflicts_alone=False, urgent=True)
+        return [_unstored(call, outcome) for call, outcome in zip(calls, outcomes, strict=True)], 0
 
     def _offer(self, calls: int) -> Taking | None:
         """The worker's offer to take the calls; none when it cannot say. Every webhook's answer goes through this
@@ -154,6 +167,16 @@ class GroupCommitter:
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._filled.wait(), seconds)
+
+
+def _unstored(call: NewCall, outcome: Accepted | Failed) -> Accepted | Failed:
+    """A call's own failure as what `submit` raises for any call not stored: StorageUnavailable, named by its
+    type alone (the message may quote the call: its key, its body)."""
+    if not isinstance(outcome, Failed) or isinstance(outcome.error, StorageUnavailable):
+        return outcome
+    error = type(outcome.error).__name__
+    log.error("inbox call not stored", source=call.source, error=error)
+    return Failed(StorageUnavailable(f"this call could not be stored ({error})"))
 
 
 def commit_calls(conn: Connection, calls: list[NewCall]) -> list[Accepted]:

@@ -27,6 +27,34 @@ def _as_utc(value: datetime) -> datetime:
 #: A moment, always written with its offset (`Z`) in answers, read as UTC when a query omits it.
 Moment = Annotated[datetime, AfterValidator(_as_utc)]
 
+#: The moments a query may name: far wider than any data, and far enough from the calendar's ends that
+#: converting one to UTC or counting 30 days back from it cannot overflow (a 500, not a 422).
+EARLIEST, LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(9999, 1, 1, tzinfo=UTC)
+BOUNDS = f"from {EARLIEST:%Y-%m-%d} to {LATEST:%Y-%m-%d}"
+
+
+def _in_bounds(value: datetime) -> datetime:
+    """As UTC, once within bounds: comparing aware moments cannot overflow, converting one near year 1 can."""
+    aware = value if value.tzinfo else value.replace(tzinfo=UTC)
+    if not EARLIEST <= aware < LATEST:
+        raise ValueError(f"must be {BOUNDS}")
+    return aware.astimezone(UTC)
+
+
+#: A moment a query names.
+QueryMoment = Annotated[datetime, AfterValidator(_in_bounds)]
+
+
+def _no_nul(value: str) -> str:
+    # SQLite stores a NUL, PostgreSQL refuses it (a driver error): both answer 422 here instead.
+    if "\0" in value:
+        raise ValueError("must not contain a NUL character")
+    return value
+
+
+#: Text a query compares with stored text.
+Text = Annotated[str, AfterValidator(_no_nul)]
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -51,12 +79,14 @@ class ContactId(_Model):
 class RuleName(_Model):
     """A path's {name}."""
 
-    value: str = Field(max_length=100)
+    value: Text = Field(max_length=100)
 
 
 class KpiRange(_Model):
-    since: Moment | None = Field(None, description="Start, ISO 8601 (UTC when no offset); default: 30 days ago.")
-    until: Moment | None = Field(None, description="End, excluded; default: now.")
+    since: QueryMoment | None = Field(
+        None, description=f"Start, ISO 8601 (UTC when no offset), {BOUNDS}; default: 30 days before `until`."
+    )
+    until: QueryMoment | None = Field(None, description=f"End, excluded, {BOUNDS}; default: now.")
 
     @model_validator(mode="after")
     def _ordered(self) -> KpiRange:
@@ -66,7 +96,7 @@ class KpiRange(_Model):
 
 
 class ContactSearch(_Model):
-    q: str = Field(
+    q: Text = Field(
         min_length=1,
         max_length=400,
         description="An e-mail, a phone number, SOURCE_KIND:ID (e.g. shopify:207119551) or #ID (Declic's id).",
@@ -79,9 +109,9 @@ class TimelinePage(_Model):
 
 
 class DeliveryFilter(Page):
-    rule: str | None = Field(None, max_length=100, description="Only this rule's messages.")
+    rule: Text | None = Field(None, max_length=100, description="Only this rule's messages.")
     contact_id: DbId | None = Field(None, description="Only this contact's messages.")
-    status: str | None = Field(None, max_length=20, description="Only this status: sent, failed, suppressed...")
+    status: Text | None = Field(None, max_length=20, description="Only this status: sent, failed, suppressed...")
 
 
 class Replay(_Model):

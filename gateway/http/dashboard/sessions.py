@@ -23,9 +23,11 @@ import hmac
 import json
 import secrets
 from base64 import urlsafe_b64encode
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from cryptography.fernet import Fernet, InvalidToken
 
 from ...config import AdminSpec
@@ -104,9 +106,19 @@ class Sessions:
         )
 
 
+async def form(request: web.Request) -> Mapping[str, object]:
+    """The posted form, or a 400 for one that cannot be read: an unknown charset (LookupError), multipart
+    without its boundary or bytes not in the charset (ValueError), a part in an unknown transfer encoding
+    (RuntimeError), with too many headers (HttpProcessingError), or a body cut short."""
+    try:
+        return await request.post()
+    except (LookupError, ValueError, RuntimeError, HttpProcessingError, web.RequestPayloadError) as exc:
+        raise web.HTTPBadRequest(reason="Bad form") from exc
+
+
 async def csrf_ok(request: web.Request, session: Session) -> bool:
     """The posted form's `csrf` field is the session's token (constant-time comparison)."""
     if session.new:
         return False
-    given = (await request.post()).get("csrf")
+    given = (await form(request)).get("csrf")
     return isinstance(given, str) and hmac.compare_digest(given.encode(), session.csrf.encode())

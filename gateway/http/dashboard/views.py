@@ -148,7 +148,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     session = request[SESSION] = await dashboard.sessions.load(request)
     if not await sessions.csrf_ok(request, session):
         return await dashboard.refuse(request, 403, "This form is out of date: open the login page again.")
-    token = (await request.post()).get("token")
+    token = (await sessions.form(request)).get("token")
     if not isinstance(token, str) or not token or dashboard.gateway.settings.admin.scope_of(token) is None:
         error = "That token is not one of this deployment's."
         return await dashboard.render(request, "login.html", status=403, error=error)
@@ -182,12 +182,12 @@ async def rule_page(request: web.Request) -> web.StreamResponse:
     name = request.match_info["name"]
     if name not in [rule.name for rule in dashboard.gateway.settings.rules]:
         return await dashboard.refuse(request, 404, "No rule has that name in this deployment's config.")
-    days = request.query.get("days", "30")
-    if not days.isdigit() or int(days) not in RANGES:
+    days = {str(offered): offered for offered in RANGES}.get(request.query.get("days", "30"))
+    if days is None:  # matched as written: "³" is a digit to isdigit(), not to int()
         return await dashboard.refuse(request, 400, f"days must be one of {', '.join(map(str, RANGES))}.")
     now = dashboard.gateway.clock.now()
     until = now + timedelta(seconds=1)  # the range ends before `until`: include this very moment's sends
-    since = now - timedelta(days=int(days))
+    since = now - timedelta(days=days)
     [found] = await dashboard.gateway.db.run(kpis.rule_kpis, [name], since, until)
     dead = await dashboard.gateway.db.run(overview.dead_jobs, LISTED, name)
     return await dashboard.render(
@@ -195,7 +195,7 @@ async def rule_page(request: web.Request) -> web.StreamResponse:
         "rule.html",
         kpi=found,
         funnel=charts.funnel(found.steps),
-        days=int(days),
+        days=days,
         ranges=RANGES,
         since=since,
         until=now,
@@ -207,6 +207,8 @@ async def rule_page(request: web.Request) -> web.StreamResponse:
 async def contacts_page(request: web.Request) -> web.StreamResponse:
     dashboard = request.app[DASHBOARD]
     query = request.query.get("q", "")[:320]
+    if "\0" in query:  # SQLite would search for it, PostgreSQL refuses it
+        return await dashboard.refuse(request, 400, "A search cannot hold a NUL character.")
     found: list[dict[str, Any]] = []
     if query.strip():
         found = await dashboard.gateway.db.run(_cards, query, dashboard.gateway.settings.phone_region)
@@ -221,7 +223,7 @@ def _cards(conn: Any, query: str, phone_region: str | None) -> list[dict[str, An
 @needs("read")
 async def contact_page(request: web.Request) -> web.StreamResponse:
     dashboard = request.app[DASHBOARD]
-    contact_id = int(request.match_info["id"])
+    contact_id = _path_id(request)
     found = await dashboard.gateway.db.run(_record, contact_id)
     if found is None:
         return await dashboard.refuse(request, 404, f"No contact #{contact_id}.")
@@ -250,7 +252,7 @@ async def failures_page(request: web.Request) -> web.StreamResponse:
 async def replay_job(request: web.Request) -> web.StreamResponse:
     """Queue a dead-lettered job again with a fresh attempt budget, as `declic replay ID` does."""
     gateway = request.app[DASHBOARD].gateway
-    job_id = int(request.match_info["id"])
+    job_id = _path_id(request)
     count = await gateway.db.run(jobqueue.requeue, [job_id], gateway.clock.now())
     gateway.worker.wake()
     raise web.HTTPSeeOther(f"/admin/failures?replayed={'job' if count else 'none'}")
@@ -260,10 +262,18 @@ async def replay_job(request: web.Request) -> web.StreamResponse:
 async def replay_call(request: web.Request) -> web.StreamResponse:
     """Send a failed call through its source again, as `declic replay --failed ID` does."""
     gateway = request.app[DASHBOARD].gateway
-    call_id = int(request.match_info["id"])
+    call_id = _path_id(request)
     done = await gateway.db.run(inbound.replay_failed, [call_id], gateway.clock.now())
     gateway.worker.wake()
     raise web.HTTPSeeOther(f"/admin/failures?replayed={'call' if done else 'none'}")
+
+
+def _path_id(request: web.Request) -> int:
+    """The path's {id}; past the INTEGER columns (32-bit on PostgreSQL, a driver error there) it names nothing."""
+    value = int(request.match_info["id"])
+    if value > records.MAX_ID:
+        raise web.HTTPNotFound()
+    return value
 
 
 # --- template filters -------------------------------------------------------------------------------
