@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,7 +14,7 @@ from urllib.parse import urlsplit
 import pytest
 from click.testing import CliRunner
 
-from conftest import SECRET, TEMPLATES, Deployment, Factory, fixture_bytes, locked, until
+from conftest import BASE_CONFIG, DEFAULT_RULES, SECRET, TEMPLATES, Deployment, Factory, fixture_bytes, locked, until
 from declic_gateway.cli.main import cli
 from declic_gateway.config import WorkerSpec
 from declic_gateway.errors import TransactionConflict
@@ -198,18 +199,22 @@ async def test_unsubscribe_between_steps_suppresses_the_next_step(deploy: Factor
     ]
 
 
-async def two_carts_due(d: Deployment) -> list[ClaimedJob]:
-    """Camille's and Noah's checkouts, applied, then an hour later their cart reminders claimed, in that order."""
-    checkout = fixture_bytes("shopify/checkout.json")
-    await d.post_shopify("checkouts/create", checkout)
-    await d.post_shopify(
-        "checkouts/create",
+def other_checkout(checkout: bytes) -> bytes:
+    """Camille's checkout made Noah's (customer 5550002)."""
+    return (
         checkout.replace(b"981726354", b"981726355")
         .replace(b"c0ffee5ca7e1", b"c0ffee5ca7e2")
         .replace(CAMILLE.encode(), NOAH.encode())
         .replace(b"5550001", b"5550002")
-        .replace(b"+33612345678", b"+33698765432"),
+        .replace(b"+33612345678", b"+33698765432")
     )
+
+
+async def two_carts_due(d: Deployment) -> list[ClaimedJob]:
+    """Camille's and Noah's checkouts, applied, then an hour later their cart reminders claimed, in that order."""
+    checkout = fixture_bytes("shopify/checkout.json")
+    await d.post_shopify("checkouts/create", checkout)
+    await d.post_shopify("checkouts/create", other_checkout(checkout))
     await d.advance(seconds=1)
     d.clock.advance(timedelta(hours=1))
     jobs = await d.gateway.db.run(jobqueue.claim, d.gateway.worker.id, d.clock.now(), timedelta(minutes=5), 10)
@@ -404,4 +409,121 @@ async def test_a_record_tried_again_after_its_commit_went_through_unanswered_wri
     ) == [
         (0, "done"),
         (1, "pending"),
+    ]
+
+
+def refuse(d: Deployment, table: str, when: str = "true") -> None:
+    """From now on the database refuses new rows of `table` for which `when` holds, as it refuses a value it cannot
+    hold (a string too long for its column, a NUL on PostgreSQL): an error of the data's, not the database away."""
+    if d.gateway.db.is_sqlite:
+        statements = [
+            f"CREATE TRIGGER refuse BEFORE INSERT ON {table} WHEN {when} BEGIN SELECT RAISE(ABORT, 'no'); END"
+        ]
+    else:
+        statements = [
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'no'; END $$",
+            f"CREATE TRIGGER refuse BEFORE INSERT ON {table} FOR EACH ROW WHEN ({when}) EXECUTE FUNCTION refuse()",
+        ]
+    with d.gateway.db.engine.begin() as conn:
+        for statement in statements:
+            conn.exec_driver_sql(statement)
+
+
+async def test_a_send_whose_record_is_refused_is_recorded_without_its_copy_and_never_sent_again(
+    deploy: Factory, smtp: SmtpCatcher
+) -> None:
+    """The e-mail went out; the database refuses the copy kept of it (a value it cannot hold). That is no reason to
+    send it again, as the job put back in the queue did: the outcome is recorded without the copy."""
+    d = await deploy()
+    refuse(d, "rendered_messages")
+    await d.post_shopify("orders/create", ORDER)
+    await d.advance(seconds=1)
+    await d.advance(hours=2)  # past any retry
+    assert len(smtp.to(CAMILLE)) == 1
+    assert d.rows("SELECT status, attempts FROM deliveries") == [("sent", 1)]
+    assert d.rows("SELECT status FROM jobs WHERE kind = 'step'") == [("done",)]
+    assert d.rows("SELECT action FROM decisions WHERE action = 'send'") == [("send",)]
+    assert d.scalar("SELECT count(*) FROM rendered_messages") == 0
+
+
+async def test_a_send_no_record_of_which_is_taken_goes_to_the_dead_letter_saying_it_went_out(
+    deploy: Factory, smtp: SmtpCatcher
+) -> None:
+    """When even the outcome alone is refused, nothing records that the e-mail went out but the job: it goes to the
+    dead letter, saying so (a replay would send it again), and the e-mail is not sent again meanwhile."""
+    d = await deploy()
+    refuse(d, "deliveries", "NEW.status = 'sent'")
+    await d.post_shopify("orders/create", ORDER)
+    await d.advance(seconds=1)
+    await d.advance(hours=2)
+    assert len(smtp.to(CAMILLE)) == 1
+    [(status, error)] = d.rows("SELECT status, last_error FROM jobs WHERE kind = 'step'")
+    assert status == "dead"
+    assert error.startswith("email answered sent (the message went out) but the database refused its record, so a")
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
+@pytest.mark.parametrize(
+    ("wait", "due"), [("4d", {"days": 4}), ("1h", {"hours": 1})], ids=["scheduled-4-days-ahead", "control-1-hour-ahead"]
+)
+async def test_a_step_due_days_after_it_was_scheduled_that_meets_a_lock_is_tried_again_not_dead_lettered(
+    deploy: Factory, smtp: SmtpCatcher, db_url: str, wait: str, due: dict[str, float]
+) -> None:
+    """A capped step locks its contact while it is prepared (PostgreSQL); held elsewhere past busy_timeout, the
+    preparation fails, to be tried again. `retry_for` (3 days) was counted from the job's created_at, when the step
+    was scheduled: one scheduled more than 3 days ahead went to the dead letter at its first failure, never sent."""
+    rules = (
+        "  - name: win-back\n    when: order.placed\n    steps:\n"
+        f"      - wait: {wait}\n        send: {{via: email, template: order-confirmation}}\n"
+    )
+    d = await deploy(rules, policies="  pressure: {max: 10, per: 1d}\n")
+    await d.post_shopify("orders/create", ORDER)
+    await d.advance(seconds=1)
+    contact = d.scalar("SELECT contact_id FROM enrolments")
+    with locked(db_url, "SELECT id FROM contacts WHERE id = :id FOR UPDATE", id=contact):
+        await d.advance(**due, seconds=1)  # due: its preparation waits for the lock, 1 s, and fails
+    assert d.rows("SELECT status, attempts FROM jobs WHERE kind = 'step'") == [("pending", 1)]
+    await d.advance(hours=2)
+    assert len(smtp.to(CAMILLE)) == 1
+
+
+SINK_WAIT = "  sink_wait: 1s\n"
+
+
+async def test_an_unsubscribe_applied_while_a_prepared_step_waits_for_the_sink_s_rate_is_seen(
+    aiohttp_client: Any, tmp_path: Path, db_url: str, smtp: SmtpCatcher
+) -> None:
+    """Consent is checked when a step is prepared, then the step waits for its sink: here its rate, one e-mail per
+    4 s. Noah's unsubscribe applied meanwhile was not seen: the reminder went out against his will. A decision that
+    waited more than `worker.sink_wait` (1 s here) is checked again before the send, and the step prepared again,
+    now suppressed."""
+    text = BASE_CONFIG.format(
+        db_url=db_url, secret=SECRET, smtp_port=smtp.port, rules=DEFAULT_RULES, max_attempts=5, worker=SINK_WAIT
+    ).replace("    timeout: 5\n", "    timeout: 5\n    rate: 1/4s\n")
+    settings, pm, _ = load(str(write_deployment(tmp_path, text, TEMPLATES)))
+    clock = FakeClock(datetime(2026, 3, 14, 8, 0, tzinfo=UTC))
+    app = create_app(settings, pm=pm, clock=clock, role="web")
+    d = Deployment(await aiohttp_client(app), app[GATEWAY_KEY], clock, tmp_path)
+    checkout = fixture_bytes("shopify/checkout.json")
+    await d.post_shopify("checkouts/create", checkout)
+    await d.post_shopify("checkouts/create", other_checkout(checkout))
+    await d.advance(seconds=1)
+    clock.advance(timedelta(hours=1))
+    sending = asyncio.create_task(d.gateway.worker.drain())  # both reminders prepared; one waits for the rate
+    await until(lambda: len(smtp.messages) == 1)
+    [first] = smtp.messages
+    customer, waiting = (5550001, NOAH) if first["To"] == CAMILLE else (5550002, CAMILLE)
+    unsubscribe = {
+        "customer_id": customer,
+        "email_address": waiting,
+        "email_marketing_consent": {"state": "unsubscribed", "consent_updated_at": None},
+    }
+    await d.post_shopify("customers_email_marketing_consent/update", json.dumps(unsubscribe).encode())
+    await d.gateway.worker.drain()  # the unsubscribe applied
+    assert not sending.done()
+    await asyncio.wait_for(sending, 10)
+    assert [m["To"] for m in smtp.messages] == [first["To"]]
+    assert d.rows("SELECT c.email, d.status, d.reason FROM deliveries d JOIN contacts c ON c.id = d.contact_id") == [
+        (first["To"], "sent", None),
+        (waiting, "suppressed", "no email consent (state: withdrawn)"),
     ]

@@ -621,3 +621,44 @@ async def test_a_rule_pushes_to_every_browser_and_forgets_the_gone_one(
         "url": "https://shop.example.com/cart",
     }
     assert set(plaintexts) == {"/push/live", "/push/gone"}
+
+
+async def test_a_push_to_three_browsers_is_recorded_and_made_once_whatever_the_length_of_their_ids(
+    aiohttp_client: Any, tmp_path: Path, db_url: str, service: PushService, clock: FakeClock
+) -> None:
+    """Each push service names the message it took in its Location (RFC 8030 5), 100-odd characters at Mozilla's
+    autopush; the sink joins them, one per browser: longer than deliveries.provider_id for three browsers. The id is
+    cut to fit: PostgreSQL refused the record, and the job, back in the queue, pushed again at every retry."""
+    pm = get_plugin_manager(load_entry_points=False, extra=[ScriptedPlugin(), webpush])
+    text = CONFIG.format(db_url=db_url, key=VAPID_PRIVATE, subject=SUBJECT)
+    settings = load_config(write_deployment(tmp_path, text, TEMPLATES), collect(pm), pm)
+    app = create_app(settings, pm=pm, clock=clock, role="web")
+    client = await aiohttp_client(app)
+    names = ("laptop", "phone", "tablet")
+    browsers = [
+        service.browser(name, Reply(headers={"Location": f"https://updates.push.services.mozilla.com/m/{name:x<150}"}))
+        for name in names
+    ]
+    event = {
+        "type": "track.cart_left",
+        "contact": {
+            "email": "ada@example.com",
+            "first_name": "Ada",
+            "consent": {"push": "granted"},
+            "push_subscriptions": [browser.subscription() for browser in browsers],
+        },
+        "properties": {"count": 2, "url": "https://shop.example.com/cart"},
+        "correlation": ["cart:1"],
+    }
+    assert (await client.post("/hooks/in/tok", data=json.dumps([event]).encode())).status == 200
+    gateway = app[GATEWAY_KEY]
+    await gateway.worker.drain()
+    for _ in range(3):  # past any retry
+        clock.advance(timedelta(hours=1))
+        await gateway.worker.drain()
+    assert sorted(r.path for r in service.received) == [f"/push/{name}" for name in names]
+    with gateway.db.engine.connect() as conn:
+        status, provider_id = conn.execute(sa.text("SELECT status, provider_id FROM deliveries")).one()
+        job = conn.execute(sa.text("SELECT status FROM jobs WHERE kind = 'step'")).scalar()
+    assert (status, job, len(provider_id)) == ("sent", "done", 300)
+    assert provider_id.startswith("https://updates.push.services.mozilla.com/m/laptop") and provider_id[-1] == "…"

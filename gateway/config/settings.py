@@ -633,6 +633,12 @@ class WorkerSpec(_Strict):
         description="A claimed job returns to the queue if its worker has not renewed its claim for this long, "
         "10s to 1d (a live worker renews four times per lease): a crashed replica's jobs are taken over this fast.",
     )
+    sink_wait: Annotated[Duration, between("1s", "1h")] = Field(
+        timedelta(seconds=10),
+        description="A step that waited this long for its sink (its concurrency or rate) is checked again before "
+        "it is sent (the journey, consent, the address), and a step still far back in a busy or hung sink's line "
+        "goes back to the queue until about its turn, so that other sinks' mail is not held behind it. 1s to 1h.",
+    )
     ordering_timeout: Annotated[Duration, between("1s", "1d")] = Field(
         timedelta(minutes=5),
         description="A step waits for calls received before it was due that may be about its contact; a call "

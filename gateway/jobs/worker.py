@@ -11,7 +11,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -28,11 +28,12 @@ from ..kit.sources import RawCall, Source
 from ..pipeline import inbound
 from ..pipeline.router import Router
 from ..send.delivery import Send, StepRunner, call_sink
-from ..store import Database, jobqueue
+from ..store import Database, jobqueue, sql
 from ..store.db import Failed, Grouped, together_or_alone
 from ..store.inbox import NewCall, Taking
 from ..store.jobqueue import ClaimedJob
 from . import polls, retention
+from .backlog import Backlogs
 
 log = structlog.get_logger("declic.worker")
 T = TypeVar("T")
@@ -78,9 +79,19 @@ class Waiting:
 
 
 def _reason(error: BaseException) -> str:
-    """An error as text the database can hold: no lone surrogates, not too long."""
-    text = f"{type(error).__name__}: {error}"
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")[:2000]
+    """An error as text the database can hold: no NUL or lone surrogate, not too long."""
+    return sql.storable(f"{type(error).__name__}: {error}", 2000)
+
+
+def _failing_since(job: ClaimedJob, now: datetime) -> datetime:
+    """When a job that failed began to fail, at the earliest. A call is tried as it arrives. Any other job was
+    waiting until it was first due (`created_at` is when a step or trigger was scheduled, maybe months ahead), and
+    at its first attempt it fails now (a step the pressure cap deferred for days was waiting, not failing)."""
+    if job.kind == "inbox":
+        return job.created_at or now
+    if job.attempts <= 1:
+        return now
+    return job.first_due_at or job.due_at
 
 
 def make_worker_id() -> str:
@@ -109,6 +120,37 @@ class _Sent:
     result: DeliveryResult
     message: Message | None
     again: bool = False  # tried again after the database failed to answer
+
+
+@dataclasses.dataclass(frozen=True)
+class _Recheck:
+    """A prepared step that waited for its sink: does the decision to send it still hold?"""
+
+    send: Send
+
+
+@dataclasses.dataclass(frozen=True)
+class _TakenBack:
+    """A prepared step that left its sink's line: back to the queue until `until`, to be prepared again then."""
+
+    send: Send
+    until: datetime
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Later:
+    """A claimed step whose sinks would not take it soon: back to the queue until `until`, unprepared."""
+
+    job: ClaimedJob
+    until: datetime
+    reason: str
+
+
+def _bare(result: DeliveryResult) -> DeliveryResult:
+    """The outcome alone, for a record refused with what the provider said (its id, its error, the addresses)."""
+    error = None if result.error is None else f"{result.outcome.value} (the provider's answer could not be stored)"
+    return DeliveryResult(result.outcome, retry_after=result.retry_after, error=error)
 
 
 #: What a claim returns: the jobs, when the next pending one is due (when it took fewer than asked), the calls.
@@ -145,9 +187,10 @@ class Worker:
         # Steps run side by side: preparing them and recording what their sinks answered share transactions
         # when they coincide. Two kinds of transactions, one for each, took 0.37 transactions per e-mail on
         # PostgreSQL where one kind takes 0.32, and mailed 4 % less (docs/performance.md, session 20).
-        self._steps: Grouped[ClaimedJob | _Sent, Send | bool | None] = Grouped(
+        self._steps: Grouped[ClaimedJob | _Sent | _Recheck | _TakenBack | _Later, Send | bool | None] = Grouped(
             db, self._step_work, ahead=self._reading_ahead
         )
+        self._backlogs = Backlogs(steps.sinks, spec.sink_wait.total_seconds())
         self._wake = asyncio.Event()
         self._starved = False  # the loop waits for free slots, not for work
         #: When the sleeping loop claims next by itself (None while it is not sleeping); and whether it runs
@@ -650,26 +693,86 @@ class Worker:
     async def record_send(self, send: Send, result: DeliveryResult, message: Message | None) -> bool:
         """Record the sink's answer and move the journey on; True when that made a job pending.
 
-        The sink has answered: while the database is unavailable the record is tried again, never the send (the
-        job sent back to the queue would send it again). The job stays claimed meanwhile, its lease renewed once
-        the database answers; only stopping ends the wait, and then the job runs again, as one in flight at a kill.
+        The sink has answered: the step is never sent again for want of its record. While the database is
+        unavailable the record is tried again (the job sent back to the queue would send it again). The job stays
+        claimed meanwhile, its lease renewed once the database answers; only stopping ends the wait, and then the
+        job runs again, as one in flight at a kill. A record the database refuses for a reason of its own (a value
+        it cannot hold, a bug) is made again with the outcome alone (`_bare`, no copy kept); if that is refused
+        too, the job goes to the dead letter saying what went out (a step whose sink said retry is tried again).
         """
+        try:
+            return await self._recorded(send, lambda again: self._steps(_Sent(send, result, message, again))) is True
+        except Exception as exc:  # StorageUnavailable is waited out
+            log.error("a send's record was refused, recording its outcome alone", job_id=send.job.id, exc_info=exc)
+        bare = _bare(result)
+        try:
+            return await self._recorded(send, lambda again: self._steps(_Sent(send, bare, None, again))) is True
+        except Exception as exc:
+            if result.outcome is Outcome.RETRY:
+                raise  # nothing went out: the step is tried again later, as any job that failed
+            await self._dead_unrecorded(send, result, exc)
+            return False
+
+    async def _recorded(self, send: Send, write: Callable[[bool], Awaitable[T]]) -> T:
+        """write(again) until the database is there to take it: `again` once it was not, without limit."""
         waiting, again = Waiting(longest=self.spec.lease.total_seconds() / 4), False
         while True:
             try:
-                return await self._steps(_Sent(send, result, message, again)) is True
+                return await write(again)
             except StorageUnavailable as exc:
                 pause, again = waiting.pause() or FIRST_PAUSE, True  # no limit: never None
                 log.warning("cannot record a send yet, trying again", job_id=send.job.id, error=str(exc), seconds=pause)
                 await asyncio.sleep(pause)
 
-    def _step_work(self, conn: Connection, item: ClaimedJob | _Sent) -> Send | bool | None:
+    async def _dead_unrecorded(self, send: Send, result: DeliveryResult, error: Exception) -> None:
+        """Close the job of a step whose sink answered but whose record no database would take: in the dead letter,
+        visible, its reason saying that a replay would send it again (nothing else knows it went out)."""
+        went = "the message went out" if result.outcome is Outcome.SENT else "nothing went out"
+        reason = sql.storable(
+            f"{send.sink.key} answered {result.outcome.value} ({went}) but the database refused its record, "
+            f"so a replay sends it again: {_reason(error)}",
+            2000,
+        )
+        log.error("a send's record was refused, its job goes to the dead letter", job_id=send.job.id, reason=reason)
+        now = self.clock.now()
+        await self._recorded(send, lambda again: self.db.run(jobqueue.finish, send.job, self.id, now, "dead", reason))
+
+    async def _still_holds(self, send: Send) -> bool:
+        """StepRunner.still_holds for a step that waited for its sink. Unable to tell, it is not sent: its job stays
+        claimed until its lease runs out, then it is prepared again."""
+        try:
+            return await self._steps(_Recheck(send)) is True
+        except Exception as exc:
+            log.warning("cannot check a step again before its send", job_id=send.job.id, error=str(exc))
+            return False
+
+    async def _leave_line(self, send: Send) -> None:
+        """A step far back in a slow or hung sink's line goes back to the queue for about its turn (jobs/backlog.py).
+        Unable to, it stays claimed until its lease runs out, then it is prepared again."""
+        seconds = self._backlogs.take_turn(send.sink.key)
+        until = self.clock.now() + timedelta(seconds=seconds)
+        reason = f"sink {send.sink.key} busy: its turn in about {seconds:.1f} s"
+        try:
+            await self._steps(_TakenBack(send, until, reason))
+        except Exception as exc:
+            log.warning("cannot send a step back to the queue", job_id=send.job.id, error=str(exc))
+
+    def _step_work(
+        self, conn: Connection, item: ClaimedJob | _Sent | _Recheck | _TakenBack | _Later
+    ) -> Send | bool | None:
         if isinstance(item, _Sent):
             return self.steps.record(conn, item.send, item.result, item.message, item.again)
+        if isinstance(item, _Recheck):
+            return self.steps.still_holds(conn, item.send)
+        if isinstance(item, _TakenBack):
+            self.steps.take_back(conn, item.send, item.until, item.reason)
+            return None
+        if isinstance(item, _Later):
+            return jobqueue.defer(conn, item.job, self.id, item.until, self.clock.now(), item.reason)
         return self.steps.prepare(conn, item)
 
     def _reading_ahead(
-        self, conn: Connection, items: list[ClaimedJob | _Sent]
+        self, conn: Connection, items: list[ClaimedJob | _Sent | _Recheck | _TakenBack | _Later]
     ) -> contextlib.AbstractContextManager[None]:
         """The steps to prepare read what they need in one statement (recording a send reads nothing ahead), unless
         a send recorded with them changes its contact: then each reads its own when it comes."""
@@ -678,6 +781,8 @@ class Worker:
         return self.steps.reading_ahead(conn, [item for item in items if isinstance(item, ClaimedJob)])
 
     async def _run_step(self, job: ClaimedJob) -> None:
+        if await self._sent_back(job):
+            return
         send = await self.prepare_step(job)
         if send is None:
             self.wake()
@@ -685,7 +790,13 @@ class Worker:
         with structlog.contextvars.bound_contextvars(
             event_id=send.context.event["id"], rule=send.rule.name, sink=send.sink.key, step=job.step + 1
         ):
-            result, message = await call_sink(send)
+            # With one sink there is no other mail to make room for: a step waits in its line as long as it takes.
+            leave = self._leave_line if len(self.steps.sinks) > 1 else None
+            sent = await call_sink(send, self._still_holds, leave, self.spec.sink_wait.total_seconds())
+            if sent is None:  # taken back after waiting for its sink: prepared again at once
+                self.wake()
+                return
+            result, message = sent
             self.metrics.sent(send.sink.key, result.outcome)
             # A send that went through is at debug, as its enrolment (pipeline/router.py): the journal, the
             # deliveries table and /metrics keep each one, and these two info lines were 4 % of the CPU an
@@ -697,6 +808,20 @@ class Worker:
         if queued:  # the journey's last step (most transactional mail) queues nothing: no claim for it
             self.wake()
 
+    async def _sent_back(self, job: ClaimedJob) -> bool:
+        """Send a claimed step back to the queue, unprepared and its attempt not spent, when none of its sinks
+        would take it soon (jobs/backlog.py); steps queued before their jobs named their rule are never."""
+        rule = self.router.rules.get(job.rule) if job.rule is not None else None
+        if rule is None or job.step >= len(rule.spec.steps):
+            return False
+        turn = self._backlogs.turn(rule.spec.steps[job.step].send.vias)
+        if turn is None:
+            return False
+        via, seconds = turn
+        reason = f"sink {via} busy: its turn in about {seconds:.1f} s"
+        await self._steps(_Later(job, self.clock.now() + timedelta(seconds=seconds), reason))
+        return True
+
     async def _retry_later(
         self, job: ClaimedJob, error: str, after: float | None = None, about: list[tuple[str, str]] | None = None
     ) -> None:
@@ -704,8 +829,7 @@ class Worker:
         due = now + jobqueue.retry_delay(job.attempts, self.spec.retry_base, self.spec.retry_max, after)
 
         def work(conn: Connection) -> bool:
-            # A call is tried on arrival: it has been failing since it came.
-            failing_since = job.created_at or now
+            failing_since = _failing_since(job, now)
             if job.retried_too_long(failing_since, now, self.spec.retry_for, self.spec.max_attempts):
                 return jobqueue.finish(conn, job, self.id, now, "dead", error)
             return jobqueue.reschedule(conn, job, self.id, due, now, error, about)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from types import TracebackType
@@ -41,9 +42,11 @@ def _short(text: str) -> str:
 
 
 class SendLimiter:
-    """`async with limiter:` waits for a free slot and, when a rate is set, for a token."""
+    """`async with limiter:` waits for a free slot and, when a rate is set, for a token. It keeps how many wait, since
+    when, and the sink's pace, for the worker to see when steps for it would wait long (jobs/backlog.py)."""
 
     def __init__(self, concurrency: int, rate: str | None = None):
+        self.concurrency = concurrency
         self._slots = asyncio.Semaphore(concurrency)
         self._capacity, self._period = parse_rate(rate) if rate else (0, timedelta(seconds=1))
         self._refill = self._capacity / self._period.total_seconds() if self._capacity else 0.0
@@ -51,6 +54,19 @@ class SendLimiter:
         self._stamp = time.monotonic()
         self._lock = asyncio.Lock()
         self._shared: Callable[[int, timedelta], Awaitable[float]] | None = None
+        self._waiting: deque[float] = deque()  # when each caller still waiting came, oldest first
+        self._granted = 0.0  # when the last caller got through
+        #: Seconds between callers getting through while others wait (an average): how fast the sink takes what
+        #: waits for it, whatever holds it (its concurrency, its rate, the provider's speed). None until seen.
+        self.pace: float | None = None
+
+    def backed_up(self, now: float, longer_than: float) -> bool:
+        """Whether as many callers wait as the sink takes at once, the first for longer than `longer_than`."""
+        return len(self._waiting) >= self.concurrency and now - self._waiting[0] > longer_than
+
+    def clears_in(self, guess: float) -> float:
+        """Seconds before the callers waiting now are through, at the sink's pace (`guess` until it is known)."""
+        return len(self._waiting) * (self.pace or guess)
 
     def share(self, reserve: Callable[[int, timedelta], Awaitable[float]]) -> None:
         """Keep the rate together with other processes: `reserve(count, period)` takes a slot in a
@@ -58,6 +74,49 @@ class SendLimiter:
         self._shared = reserve
 
     async def __aenter__(self) -> None:
+        await self.enter()
+
+    async def enter(self, leave_after: float | None = None) -> bool:
+        """Wait for a slot and, with a rate, a token, as `async with` does; `leave()` gives the slot back. With
+        `leave_after`, False instead (no slot held) when after that many seconds the caller is still not among the
+        first `concurrency` in line: the sink, slow or hung until its timeout, would not take it soon, and the
+        caller holds something other sinks' mail needs (a worker slot)."""
+        came = time.monotonic()
+        self._waiting.append(came)
+        try:
+            if leave_after is None or not self._slots.locked():
+                await self._through()
+            elif not await self._through_unless_behind(came, leave_after):
+                return False
+        finally:
+            self._waiting.remove(came)
+        now = time.monotonic()
+        if came < self._granted:  # it waited behind the one before: the gap is the sink's pace
+            gap = now - self._granted
+            self.pace = gap if self.pace is None else 0.8 * self.pace + 0.2 * gap
+        self._granted = now
+        return True
+
+    def leave(self) -> None:
+        """Give back the slot `enter` took."""
+        self._slots.release()
+
+    async def _through_unless_behind(self, came: float, seconds: float) -> bool:
+        """`_through()`, checking every `seconds` where the caller stands in line: the wait goes on (in its place:
+        a task, not cancelled and started again at the back) while it is among the first `concurrency`."""
+        through = asyncio.ensure_future(self._through())
+        try:
+            while not (await asyncio.wait({through}, timeout=seconds))[0]:
+                if self._waiting.index(came) >= self.concurrency:
+                    await _abandon(through, self._slots)
+                    return False
+            through.result()
+            return True
+        except BaseException:
+            await _abandon(through, self._slots)
+            raise
+
+    async def _through(self) -> None:
         await self._slots.acquire()
         try:
             if self._capacity and self._shared is not None:
@@ -73,7 +132,7 @@ class SendLimiter:
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._slots.release()
+        self.leave()
 
     async def _take_token(self) -> None:
         async with self._lock:  # one waiter at a time keeps the order fair
@@ -85,3 +144,16 @@ class SendLimiter:
                     self._tokens -= 1
                     return
                 await asyncio.sleep((1 - self._tokens) / self._refill)
+
+
+async def _abandon(through: asyncio.Future[None], slots: asyncio.Semaphore) -> None:
+    """Stop waiting for a slot; one taken meanwhile is given back (a wait that failed gave its own back)."""
+    if through.done() and not through.cancelled() and through.exception() is None:
+        slots.release()
+        return
+    through.cancel()
+    try:
+        await through
+    except BaseException:  # cancelled, or failed on its own
+        return
+    slots.release()  # it got through as it was given up

@@ -388,7 +388,7 @@ def enrol(
         return None
     first = rule.spec.steps[0]
     due = moments.due_at(conn, first, rule.moment(0), event_id, contact_id, rule.timezone, base)
-    jobqueue.add_step(conn, enrolment_id, 0, due, base, rule.spec.priority)
+    jobqueue.add_step(conn, enrolment_id, 0, due, base, rule.spec.priority, rule.name)
     held = f"held out ({rule.spec.holdout:.0%} holdout): no message will be sent" if held_out else None
     journal.record(conn, base, rule.name, contact_id, "enrolled", reason=held, event_id=event_id)
     # At debug, as a send that went through (jobs/worker.py): the journal just recorded it.

@@ -6,9 +6,10 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-from collections.abc import Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,9 @@ E = ENROLMENTS.c
 OVER = ("sent", "suppressed", "held_out")
 #: Outcomes that spend one channel of a step for good: the next of `via: [sms, email]` is tried, if any.
 SPENT = ("address_invalid", "opted_out")
+
+#: deliveries.provider_id's length: a longer id (the ids of every browser a push went to, joined) is cut to fit.
+PROVIDER_ID_LENGTH: int = DELIVERIES.c.provider_id.type.length  # type: ignore[attr-defined]
 
 #: Threads that render messages: a slow template holds one of them, never the database thread or the event
 #: loop. A few, not one per step: the GIL runs one at a time anyway, and a slow render must not stop the rest.
@@ -104,6 +108,8 @@ class Send:
     internal: bool = False
     #: The A/B variant the step sends (its `send.variants`), None without variants.
     variant: str | None = None
+    #: When it was decided (time.monotonic()): one that waited long for its sink is checked again.
+    decided: float = field(default_factory=time.monotonic, compare=False)
 
 
 @dataclass(frozen=True)
@@ -238,6 +244,44 @@ class StepRunner:
             yield
         finally:
             conn.info.pop(_AHEAD, None)
+
+    def still_holds(self, conn: Connection, send: Send) -> bool:
+        """Whether a decision that waited for its sink (call_sink) still holds: the journey active and, for the
+        contact's own message, the channel usable (consent, address) and out of quiet hours, read again in one
+        statement. When it does not, the step goes back to be prepared at once, without spending an attempt, and
+        prepare() decides afresh: suppressed and journalled, another channel of `via:`, deferred, or nothing (the
+        journey ended). The slot it held under the pressure cap is given back: it would count against itself."""
+        now = self.clock.now()
+        row = conn.execute(_step(conn.dialect.name), {"enrolment_id": send.enrolment_id}).one()
+        why = self._changed(send, row, now)
+        if why is None:
+            return True
+        self.take_back(conn, send, now, f"checked again before its send: {why}")
+        return False
+
+    def take_back(self, conn: Connection, send: Send, until: datetime, why: str) -> None:
+        """A prepared step not sent after all goes back to the queue until `until`, its attempt not spent, to be
+        prepared again then; a capped step gives back the slot it held under the pressure cap (it would count
+        against itself)."""
+        if self._capped(send.rule) and not send.internal:
+            conn.execute(_UNHOLD, {"key": send.draft.idempotency_key})
+        jobqueue.defer(conn, send.job, self.worker_id, until, self.clock.now(), why)
+        number = send.job.step + 1
+        log.info("step taken back before its send", rule=send.rule.name, step=number, sink=send.sink.key, reason=why)
+
+    def _changed(self, send: Send, row: Any, now: datetime) -> str | None:
+        """What no longer holds of the decision to make `send`, from its enrolment's row as `_step` reads it."""
+        if row.status != "active":
+            return f"journey {row.status}"
+        fields = _read_with(row).contact
+        if send.internal or fields is None:
+            return None
+        contact = contacts.links_of(fields, fields)
+        why = self._unusable(send.rule, send.sink, contact)
+        if why is None and send.rule.spec.kind == "marketing":
+            quiet = quiet_until(self.policies, send.sink.channel, zone_of(contact, self.timezone), now)
+            why = quiet.reason if quiet else None
+        return why
 
     def _variant(self, conn: Connection, rule: CompiledRule, index: int, contact_id: int) -> str | None:
         """The contact's variant of this step: the one it was sent before, else its draw."""
@@ -572,7 +616,7 @@ class StepRunner:
         if again and jobqueue.finished_by(conn, send.job, self.worker_id):
             return False
         made = jobqueue.pending_made(conn)
-        self._record_outcome(conn, send, result, message)
+        self._record_outcome(conn, send, _storable(result), message)
         return jobqueue.pending_made(conn) != made
 
     @staticmethod
@@ -693,7 +737,8 @@ class StepRunner:
                 self.timezone,
                 now,
             )
-            jobqueue.add_next_step(conn, step.job, self.worker_id, following, due, now, step.rule.spec.priority)
+            priority, rule = step.rule.spec.priority, step.rule.name
+            jobqueue.add_next_step(conn, step.job, self.worker_id, following, due, now, priority, rule)
         else:
             row = {"enrolment_id": step.enrolment_id, "status": "completed", "by": None, "now": now}
             appends.append(conn, _END, row)
@@ -820,6 +865,8 @@ _KEPT_VARIANT = (
     .order_by(D.id.desc())
     .limit(1)
 )
+#: A capped step's hold on its slot under the pressure cap (prepare() writes it), given back.
+_UNHOLD = sa.delete(DELIVERIES).where(D.idempotency_key == sa.bindparam("key"), D.status == "sending")
 _END = (
     sa.update(ENROLMENTS)
     .where(E.id == sa.bindparam("enrolment_id"), E.status == "active")
@@ -840,6 +887,19 @@ def channel_keys(key: str, vias: list[str]) -> list[tuple[str, str]]:
     ]
 
 
+def _storable(result: DeliveryResult) -> DeliveryResult:
+    """The provider's answer as the database can hold it (`sql.storable`): its id cut to its column, as the record
+    shows by its last character. Refused, the record would fail after the send, and the send be made again."""
+    provider_id, error = result.provider_id, result.error
+    if provider_id is not None:
+        provider_id = sql.storable(provider_id, PROVIDER_ID_LENGTH)
+    if error is not None:
+        error = sql.storable(error)
+    if provider_id == result.provider_id and error == result.error:
+        return result
+    return replace(result, provider_id=provider_id, error=error)
+
+
 def _sent(send: Send) -> str | None:
     """What the journal says of a send of a variant or a translation: which one went out."""
     template = send.draft.template
@@ -856,8 +916,17 @@ def idempotency_key(rule: str, contact_id: int, occurrence: str, step: int) -> s
     return f"dcl-{digest[:40]}"
 
 
-async def call_sink(send: Send) -> tuple[DeliveryResult, Message | None]:
-    """Render the message, then send it; the message comes back with the result, to be kept as sent.
+async def call_sink(
+    send: Send,
+    still_holds: Callable[[Send], Awaitable[bool]] | None = None,
+    leave: Callable[[Send], Awaitable[None]] | None = None,
+    wait: float = 10.0,
+) -> tuple[DeliveryResult, Message | None] | None:
+    """Render the message, then send it; the message comes back with the result, to be kept as sent. None when
+    nothing was sent: the decision waited for the sink more than `wait` seconds (`worker.sink_wait`) and
+    `still_holds` said it no longer holds, or the step, still far back in the sink's line after `wait`, left it
+    (`leave(send)` sends it back to the queue for its turn: a worker slot is not held by a sink that will not take
+    it soon). In bench/e2e.py (3,000 orders, SMTP at 10 sends at once) steps waited 0.3 s at most for the sink.
 
     A template that fails or goes over its limits fails the step for good: the same template with the same
     data would fail again. Sinks must not raise for remote failures; one that does is retried, not allowed
@@ -867,9 +936,18 @@ async def call_sink(send: Send) -> tuple[DeliveryResult, Message | None]:
         message = await asyncio.get_running_loop().run_in_executor(_renderers(), send.draft.render)
     except TemplateProblem as exc:  # the worker logs the outcome, the journal keeps the reason
         return DeliveryResult.permanent(str(exc)), None
+    limiter = send.sink.limiter
+    if not await limiter.enter(None if leave is None else wait) and leave is not None:
+        await leave(send)  # it left the sink's line, holding no slot
+        return None
     try:
-        async with send.sink.limiter:
-            return await send.sink.send(message, send.context), message
+        # Checked once the slot is held: the send follows at once, nothing left to wait for.
+        waited = time.monotonic() - send.decided > wait
+        if waited and still_holds is not None and not await still_holds(send):
+            return None
+        return await send.sink.send(message, send.context), message
     except Exception as exc:
         log.exception("sink raised", sink=send.sink.key, rule=send.rule.name)
         return DeliveryResult.retry(f"{type(send.sink).__name__}.send raised {exc!r}"), message
+    finally:
+        limiter.leave()

@@ -95,15 +95,23 @@ class ClaimedJob:
 
 
 def add_step(
-    conn: Connection, enrolment_id: int, step: int, due_at: datetime, now: datetime, priority: int = 0
+    conn: Connection,
+    enrolment_id: int,
+    step: int,
+    due_at: datetime,
+    now: datetime,
+    priority: int = 0,
+    rule: str | None = None,
 ) -> None:
-    """Queue a step: written with the transaction's other queued rows (store/appends.py)."""
+    """Queue a step: written with the transaction's other queued rows (store/appends.py). Its job names its rule:
+    the worker knows the sinks a claimed step is for before it prepares it (jobs/backlog.py)."""
     appends.append(
         conn,
         _INSERT,
         {
             "kind": "step",
             "enrolment_id": enrolment_id,
+            "rule": rule,
             "step": step,
             "due_at": due_at,
             "first_due_at": due_at,
@@ -121,13 +129,20 @@ _INSERT = sa.insert(JOBS).inline()  # appended: no id read back (store/appends.p
 
 
 def add_next_step(
-    conn: Connection, finished: ClaimedJob, worker: str, step: int, due_at: datetime, now: datetime, priority: int = 0
+    conn: Connection,
+    finished: ClaimedJob,
+    worker: str,
+    step: int,
+    due_at: datetime,
+    now: datetime,
+    priority: int = 0,
+    rule: str | None = None,
 ) -> None:
     """Queue the step after `finished`, which this transaction closes with finish_queued: only if this worker
     still held it. Once its lease was taken over, the new holder moves the journey on (it finds the delivery
     recorded); a next step queued by both would be two jobs, each sending it."""
     row = {"job_id": finished.id, "worker": worker, "enrolment_id": finished.enrolment_id, "step": step}
-    appends.append(conn, _INSERT_NEXT, {**row, "due_at": due_at, "priority": priority, "now": now})
+    appends.append(conn, _INSERT_NEXT, {**row, "rule": rule, "due_at": due_at, "priority": priority, "now": now})
     notify(conn)
 
 
@@ -135,6 +150,7 @@ _INSERT_NEXT = sa.insert(JOBS).from_select(
     [
         "kind",
         "enrolment_id",
+        "rule",
         "step",
         "due_at",
         "first_due_at",
@@ -147,6 +163,7 @@ _INSERT_NEXT = sa.insert(JOBS).from_select(
     sa.select(
         sa.literal("step"),
         sa.bindparam("enrolment_id", type_=J.enrolment_id.type),
+        sa.bindparam("rule", type_=J.rule.type),
         sa.bindparam("step", type_=J.step.type),
         sa.bindparam("due_at", type_=J.due_at.type),
         sa.bindparam("due_at", type_=J.due_at.type),
@@ -487,7 +504,9 @@ def reschedule(
     error: str,
     about: list[tuple[str, str]] | None = None,
 ) -> bool:
-    """Put a job back until `due_at`; a call may say whom it is about (see `claim`)."""
+    """Put a job back until `due_at`; a call may say whom it is about (see `claim`). A job that had no
+    `first_due_at` (only steps are given one) keeps the due date it failed at there: its retries are counted
+    from it (`Worker._retry_later`)."""
     _made_pending(conn)
     values = {"job_id": job.id, "worker": worker, "due": due_at, "error": error, "now": now}
     statement = _RESCHEDULE if about is None else _RESCHEDULE.values(about=json.dumps(about))
@@ -504,6 +523,7 @@ _RESCHEDULE = (
         locked_by=None,
         last_error=sa.bindparam("error"),
         updated_at=sa.bindparam("now"),
+        first_due_at=sa.func.coalesce(J.first_due_at, J.due_at),  # the due date before this statement's
     )
 )
 

@@ -43,3 +43,10 @@ def put_meta(conn: Connection, key: str, value: str) -> None:
     """Set one of the deployment's own values (a poll cursor, the triggers' fingerprint)."""
     statement = insert(conn.dialect.name, META).values(key=key, value=value)
     conn.execute(statement.on_conflict_do_update(index_elements=["key"], set_={"value": value}))
+
+
+def storable(text: str, length: int | None = None) -> str:
+    """`text` as both databases can hold it: a NUL (which PostgreSQL refuses in text) and a lone surrogate (which
+    has no UTF-8) written as escapes; longer than `length` characters, cut to fit, its last one an ellipsis."""
+    held = text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+    return held if length is None or len(held) <= length else held[: length - 1] + "\u2026"
