@@ -584,6 +584,17 @@ def clock() -> FakeClock:
     return FakeClock(datetime(2026, 6, 1, 12, tzinfo=UTC))
 
 
+def cart_left(devices: list[dict[str, Any]]) -> dict[str, Any]:
+    """Ada left her cart; she takes push on these devices."""
+    contact = {"email": "ada@example.com", "first_name": "Ada", "consent": {"push": "granted"}}
+    return {
+        "type": "track.cart_left",
+        "contact": contact | {"push_subscriptions": devices},
+        "properties": {"count": 2, "url": "https://shop.example.com/cart"},
+        "correlation": ["cart:1"],
+    }
+
+
 async def test_a_rule_pushes_to_every_browser_and_forgets_the_gone_one(
     aiohttp_client: Any, tmp_path: Path, db_url: str, service: PushService, clock: FakeClock
 ) -> None:
@@ -594,18 +605,7 @@ async def test_a_rule_pushes_to_every_browser_and_forgets_the_gone_one(
     client = await aiohttp_client(app)
     live, gone = service.browser("live"), service.browser("gone", Reply(410))
     devices = [live.subscription(), gone.subscription(), {"kind": "fcm", "address": "fcm-1", "keys": {}}]
-    event = {
-        "type": "track.cart_left",
-        "contact": {
-            "email": "ada@example.com",
-            "first_name": "Ada",
-            "consent": {"push": "granted"},
-            "push_subscriptions": devices,
-        },
-        "properties": {"count": 2, "url": "https://shop.example.com/cart"},
-        "correlation": ["cart:1"],
-    }
-    response = await client.post("/hooks/in/tok", data=json.dumps([event]).encode())
+    response = await client.post("/hooks/in/tok", data=json.dumps([cart_left(devices)]).encode())
     assert response.status == 200
     await app[GATEWAY_KEY].worker.drain()
 
@@ -639,17 +639,7 @@ async def test_a_push_to_three_browsers_is_recorded_and_made_once_whatever_the_l
         service.browser(name, Reply(headers={"Location": f"https://updates.push.services.mozilla.com/m/{name:x<150}"}))
         for name in names
     ]
-    event = {
-        "type": "track.cart_left",
-        "contact": {
-            "email": "ada@example.com",
-            "first_name": "Ada",
-            "consent": {"push": "granted"},
-            "push_subscriptions": [browser.subscription() for browser in browsers],
-        },
-        "properties": {"count": 2, "url": "https://shop.example.com/cart"},
-        "correlation": ["cart:1"],
-    }
+    event = cart_left([browser.subscription() for browser in browsers])
     assert (await client.post("/hooks/in/tok", data=json.dumps([event]).encode())).status == 200
     gateway = app[GATEWAY_KEY]
     await gateway.worker.drain()
