@@ -351,6 +351,8 @@ def measure(args: argparse.Namespace, orders: list[tuple[str, bytes, str]], floo
                 db_cpu = {pid: cpu - db_before.get(pid, 0.0) for pid, cpu in db.cpu().items()} if db else {}
                 usage = machine_usage(ticks_before, machine_ticks())
                 instructions = callgrind_total(server.pid, counts) if args.callgrind else None
+                if args.statements and not db:  # an e-mail arrives before its send is recorded: the log has both
+                    wait_recorded(url, len(catcher.arrivals))
                 statements = read_statements(server.pid, folder / "statements.json") if args.statements else None
                 if statements is not None and not db:
                     statements["replay"] = replay(folder / "replay.db", folder / "statements.pickle", args.cpu)
@@ -428,6 +430,13 @@ def measure(args: argparse.Namespace, orders: list[tuple[str, bytes, str]], floo
         print(f"   NOTE: {args.orders - len(arrivals)} e-mails had not arrived after the {args.timeout:g} s timeout")
     per_email = None if instructions is None else instructions / max(1, len(arrivals))
     return Measured(len(arrivals) / (last_mail - first_post), cpu_per_email, per_email)
+
+
+def wait_recorded(url: str, sends: int, timeout: float = 30.0) -> None:
+    """Until the server has recorded `sends` deliveries as sent (or `timeout` passed)."""
+    deadline = time.monotonic() + timeout
+    while count_sent(url) < sends and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def read_statements(pid: int, path: Path) -> dict[str, Any]:
