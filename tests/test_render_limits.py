@@ -7,6 +7,7 @@ import asyncio
 import gc
 import threading
 import time
+import tracemalloc
 from datetime import timedelta
 from decimal import Decimal
 
@@ -53,6 +54,11 @@ PATHOLOGICAL = {
     "wide str method": ("{{ 'x'.ljust(10**9) }}", "output limit"),
     "large output": ("{% for i in range(100000) %}{{ 'y' * 100 }}{% endfor %}", "output over the 65536 bytes limit"),
     "tojson on something not JSON": ("{{ range(3)|tojson }}", "TypeError"),
+    # Each value under the output limit, 36 MB of them kept: what a render builds adds up.
+    "values kept in a list": (
+        "{% set l = range(600)|map('string')|map('center', 60000)|list %}{{ l|length }}",
+        "the values this render built add up to over 32 times the 65536 bytes output limit",
+    ),
 }
 
 
@@ -63,6 +69,29 @@ def test_a_pathological_template_fails_fast_with_its_reason(source: str, reason:
     with pytest.raises(TemplateProblem, match=reason) as failure:
         render_message(env, "order-confirmation", {}, RenderLimits(cpu_time=0.3, output_bytes=65536))
     assert str(failure.value).startswith(f"{TEMPLATE}:")  # and the line, when the error has one
+
+
+def test_jinjas_lorem_ipsum_is_not_there() -> None:
+    """One call ran to its end whatever the budget (n=10**7: minutes of CPU and gigabytes); `declic check`
+    refuses a template that names it ("unknown name 'lipsum'")."""
+    env = make_environment(None)
+    env.loader = jinja2.DictLoader({TEMPLATE: "{{ lipsum(n=40000) }}"})
+    with pytest.raises(TemplateProblem, match="'lipsum' is undefined"):
+        render_message(env, "order-confirmation", {}, RenderLimits(cpu_time=0.3, output_bytes=65536))
+
+
+def test_a_render_holds_a_bounded_amount_of_text() -> None:
+    """600 values of 1 MB, each under the default 1 MB output limit, kept in a list: 572 MB before."""
+    env = make_environment(None)
+    env.loader = jinja2.DictLoader({TEMPLATE: "{% set l = range(600)|map('string')|map('center', 10**6)|list %}"})
+    tracemalloc.start()
+    try:
+        with pytest.raises(TemplateProblem, match="add up to over 32 times"):
+            render_message(env, "order-confirmation", {})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20, f"{peak // 2**20} MB"
 
 
 def test_garbage_collection_during_a_render_is_not_charged_to_the_template() -> None:
