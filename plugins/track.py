@@ -436,10 +436,13 @@ def push_subscription(value: Any) -> dict[str, Any]:
     try:
         parts = urlsplit(endpoint) if isinstance(endpoint, str) else None
         valid = parts is not None and parts.scheme == "https" and bool(parts.hostname)
+        # Push services listen on 443. A page's visitor chooses this URL, and the webpush sink POSTs to it: another
+        # port would let them aim Declic at whatever listens there on a public host (SMTP, Redis...).
+        valid = valid and parts is not None and parts.port in (None, 443)
     except ValueError:
         valid = False
     if not valid:
-        raise ValueError("endpoint must be an https URL")
+        raise ValueError("endpoint must be an https URL on the default port")
     if _b64url(value["keys"].get("p256dh"), 65)[0] != 4:
         raise ValueError("keys.p256dh is not an uncompressed P-256 public key")
     _b64url(value["keys"].get("auth"), 16)

@@ -172,6 +172,7 @@ REJECTIONS: list[tuple[str, bytes, str]] = [
     ("batch item over 32 KB", batch({**TRACK, "properties": {"x": BIG}}), "32768"),
     ("batch over 500 KB", batch(*[{**TRACK, "properties": {"x": "y" * 30000}}] * 18), "512000"),
     ("push over http", push({**SUBSCRIPTION, "endpoint": "http://push.example/x"}), "endpoint must be an https URL"),
+    ("push to another port", push({**SUBSCRIPTION, "endpoint": "https://push.example:6379/x"}), "on the default port"),
     ("push, short auth key", push({**SUBSCRIPTION, "keys": {**SUBSCRIPTION["keys"], "auth": "AAAA"}}), "expected 16"),
     ("push without keys", push({"endpoint": "https://p.example/1"}, "webpushSubscription"), "expected {endpoint"),
     ("consent not an object", consent("granted"), "traits.consent: expected an object"),
