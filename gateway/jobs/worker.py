@@ -730,7 +730,7 @@ class Worker:
         went = "the message went out" if result.outcome is Outcome.SENT else "nothing went out"
         reason = sql.storable(
             f"{send.sink.key} answered {result.outcome.value} ({went}) but the database refused its record, "
-            f"so a replay sends it again: {_reason(error)}",
+            f"so a replay sends it again: {type(error).__name__}: {error}",
             2000,
         )
         log.error("a send's record was refused, its job goes to the dead letter", job_id=send.job.id, reason=reason)
@@ -749,9 +749,7 @@ class Worker:
     async def _leave_line(self, send: Send) -> None:
         """A step far back in a slow or hung sink's line goes back to the queue for about its turn (jobs/backlog.py).
         Unable to, it stays claimed until its lease runs out, then it is prepared again."""
-        seconds = self._backlogs.take_turn(send.sink.key)
-        until = self.clock.now() + timedelta(seconds=seconds)
-        reason = f"sink {send.sink.key} busy: its turn in about {seconds:.1f} s"
+        until, reason = self._turn_at(send.sink.key, self._backlogs.take_turn(send.sink.key))
         try:
             await self._steps(_TakenBack(send, until, reason))
         except Exception as exc:
@@ -817,10 +815,12 @@ class Worker:
         turn = self._backlogs.turn(rule.spec.steps[job.step].send.vias)
         if turn is None:
             return False
-        via, seconds = turn
-        reason = f"sink {via} busy: its turn in about {seconds:.1f} s"
-        await self._steps(_Later(job, self.clock.now() + timedelta(seconds=seconds), reason))
+        await self._steps(_Later(job, *self._turn_at(*turn)))
         return True
+
+    def _turn_at(self, via: str, seconds: float) -> tuple[datetime, str]:
+        """When a step sent back for a busy sink is due again, and what its job says meanwhile."""
+        return self.clock.now() + timedelta(seconds=seconds), f"sink {via} busy: its turn in about {seconds:.1f} s"
 
     async def _retry_later(
         self, job: ClaimedJob, error: str, after: float | None = None, about: list[tuple[str, str]] | None = None

@@ -148,10 +148,7 @@ class SendLimiter:
 
 async def _abandon(through: asyncio.Future[None], slots: asyncio.Semaphore) -> None:
     """Stop waiting for a slot; one taken meanwhile is given back (a wait that failed gave its own back)."""
-    if through.done() and not through.cancelled() and through.exception() is None:
-        slots.release()
-        return
-    through.cancel()
+    through.cancel()  # nothing, when it is done
     try:
         await through
     except BaseException:  # cancelled, or failed on its own

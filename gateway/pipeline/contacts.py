@@ -181,8 +181,7 @@ def _create(
         "created_at": now,
         "updated_at": now,
     }
-    arrived = raw.received_at if raw else now
-    changes, moved, rulings = _merge(row, ref, source, now, event, False, double_opt_in, arrived)
+    changes, moved, rulings = _merge(row, ref, source, now, event, False, double_opt_in, raw)
     row.update(changes)
     contact_id = row["id"] = _insert(conn, row, keys)
     _write_links(conn, contact_id, ref, rulings, now, event, raw)
@@ -217,8 +216,7 @@ def _update(
     row = {column.name: found[column.name] for column in CONTACTS.c}
     if row["email_status"] == "erased":
         return links_of(row, found), frozenset()  # an erasure is final: later events bring nobody back
-    arrived = raw.received_at if raw else now
-    changes, moved, rulings = _merge(row, ref, source, now, event, existing, double_opt_in, arrived)
+    changes, moved, rulings = _merge(row, ref, source, now, event, existing, double_opt_in, raw)
     if changes:
         row.update(changes, updated_at=now)
         conn.execute(_UPDATE_CONTACT, {"contact_id": contact_id, **{f: row[f] for f in _WRITABLE}})
@@ -233,13 +231,12 @@ def _merge(
     now: datetime,
     event: Event | None,
     existing: bool,
-    double_opt_in: frozenset[str] = frozenset(),
-    arrived: datetime | None = None,
+    double_opt_in: frozenset[str],
+    raw: RawCall | None,
 ) -> tuple[dict[str, Any], frozenset[str], list[Ruling]]:
     """What the event changes in the stored row: the new column values, what moved (fields, and
-    `attributes.NAME`), and a ruling on each consent statement for the ledger. `arrived`: when the call
-    that states it reached Declic (default `now`)."""
-    arrived = arrived or now
+    `attributes.NAME`), and a ruling on each consent statement for the ledger."""
+    arrived = raw.received_at if raw else now  # when the statements reached Declic
     changes: dict[str, Any] = _given_fields(ref)
     if ref.phone and ref.phone != row["phone"]:
         changes["phone_status"] = "ok"  # a new number gets a fresh start
