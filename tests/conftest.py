@@ -366,6 +366,23 @@ def locked(db_url: str, postgresql: str, **params: Any) -> Iterator[None]:
         engine.dispose()
 
 
+def refuse(d: Deployment, table: str, when: str = "true") -> None:
+    """From now on the database refuses new rows of `table` for which `when` holds, as it refuses a value it cannot
+    hold (a string too long for its column, a NUL on PostgreSQL): an error of the data's, not the database away."""
+    if d.gateway.db.is_sqlite:
+        statements = [
+            f"CREATE TRIGGER refuse BEFORE INSERT ON {table} WHEN {when} BEGIN SELECT RAISE(ABORT, 'no'); END"
+        ]
+    else:
+        statements = [
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'no'; END $$",
+            f"CREATE TRIGGER refuse BEFORE INSERT ON {table} FOR EACH ROW WHEN ({when}) EXECUTE FUNCTION refuse()",
+        ]
+    with d.gateway.db.engine.begin() as conn:
+        for statement in statements:
+            conn.exec_driver_sql(statement)
+
+
 def locked_inbox(db_url: str) -> contextlib.AbstractContextManager[None]:
     """The inbox locked: no webhook can be stored."""
     return locked(db_url, "LOCK TABLE inbox IN ACCESS EXCLUSIVE MODE")

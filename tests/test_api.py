@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from conftest import Deployment, Factory, fixture_bytes, fixture_json
+from conftest import Deployment, Factory, fixture_bytes, fixture_json, refuse
 from declic_gateway.cli import logs
 from declic_gateway.testing import SmtpCatcher
 
@@ -193,6 +193,23 @@ async def test_a_dead_lettered_step_replayed_through_the_api_is_sent(deploy: Fac
     assert (await get(d, "/dead-letter"))["jobs"] == []
     [delivery] = (await get(d, "/deliveries", contact_id=delivery["contact_id"]))["deliveries"]
     assert delivery["status"] == "sent" and delivery["sent_at"].endswith("Z")
+
+
+async def test_a_dead_step_whose_message_went_out_is_left_by_a_replay_of_everything(
+    deploy: Factory, smtp: SmtpCatcher
+) -> None:
+    """Its e-mail went out though the database refused the record: a replay would send it again, so it is left."""
+    d = await deploy(extra=TOKENS)
+    refuse(d, "deliveries", "NEW.status = 'sent'")
+    await d.post_shopify("orders/create", fixture_bytes("shopify/order.json"))
+    await d.advance(seconds=1)
+    [job] = (await get(d, "/dead-letter"))["jobs"]
+    assert "(the message went out)" in job["last_error"]
+    assert await post(d, "/dead-letter/replay", {"all": True}) == {"queued": []}
+    assert await post(d, "/dead-letter/replay", {"ids": [job["id"]]}) == {"queued": []}
+    await d.advance(hours=1)
+    assert len(smtp.to(CAMILLE)) == 1
+    assert [j["id"] for j in (await get(d, "/dead-letter"))["jobs"]] == [job["id"]]
 
 
 async def test_a_failed_call_is_listed_and_replayed(deploy: Factory) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Deployment, Factory, fixture_bytes
+from conftest import Deployment, Factory, fixture_bytes, refuse
 from declic_gateway.cli import logs
 from declic_gateway.http.dashboard.sessions import COOKIE
 from declic_gateway.testing import SmtpCatcher
@@ -173,6 +173,29 @@ async def test_an_admin_replays_a_dead_step_and_it_is_sent(deploy: Factory, smtp
     assert again.headers["Location"] == "/admin/failures?replayed=none"
     await d.advance(seconds=1)
     assert len(smtp.to(CAMILLE)) == 1
+
+
+async def test_a_dead_step_whose_message_went_out_is_not_sent_again_by_its_replay_button(
+    deploy: Factory, smtp: SmtpCatcher
+) -> None:
+    """The e-mail went out but the database refused its record: nothing but the job knows it was sent. Replay from
+    the dashboard would send it again; it queues nothing and says how to send it all the same."""
+    d = await deploy(extra=ADMIN)
+    refuse(d, "deliveries", "NEW.status = 'sent'")
+    await d.post_shopify("orders/create", fixture_bytes("shopify/order.json"))
+    await d.advance(seconds=1)
+    assert len(smtp.to(CAMILLE)) == 1
+    job_id = d.scalar("SELECT id FROM jobs WHERE kind = 'step' AND status = 'dead'")
+    v = Visitor(d)
+    await login(v, ADMIN_TOKEN)
+    page = await (await v.get("/admin/failures")).text()
+    response = await v.post(f"/admin/failures/jobs/{job_id}/replay", {"csrf": csrf_of(page)})
+    assert (response.status, response.headers["Location"]) == (303, "/admin/failures?replayed=went_out")
+    told = await (await v.get("/admin/failures?replayed=went_out")).text()
+    assert "Not replayed: its message went out" in told and "declic replay --resend ID" in told
+    await d.advance(hours=1)
+    assert len(smtp.to(CAMILLE)) == 1
+    assert d.scalar("SELECT status FROM jobs WHERE id = :id", id=job_id) == "dead"
 
 
 async def test_logging_out_ends_the_session(deploy: Factory) -> None:

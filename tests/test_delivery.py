@@ -14,7 +14,18 @@ from urllib.parse import urlsplit
 import pytest
 from click.testing import CliRunner
 
-from conftest import BASE_CONFIG, DEFAULT_RULES, SECRET, TEMPLATES, Deployment, Factory, fixture_bytes, locked, until
+from conftest import (
+    BASE_CONFIG,
+    DEFAULT_RULES,
+    SECRET,
+    TEMPLATES,
+    Deployment,
+    Factory,
+    fixture_bytes,
+    locked,
+    refuse,
+    until,
+)
 from declic_gateway.cli.main import cli
 from declic_gateway.config import WorkerSpec
 from declic_gateway.errors import TransactionConflict
@@ -412,23 +423,6 @@ async def test_a_record_tried_again_after_its_commit_went_through_unanswered_wri
     ]
 
 
-def refuse(d: Deployment, table: str, when: str = "true") -> None:
-    """From now on the database refuses new rows of `table` for which `when` holds, as it refuses a value it cannot
-    hold (a string too long for its column, a NUL on PostgreSQL): an error of the data's, not the database away."""
-    if d.gateway.db.is_sqlite:
-        statements = [
-            f"CREATE TRIGGER refuse BEFORE INSERT ON {table} WHEN {when} BEGIN SELECT RAISE(ABORT, 'no'); END"
-        ]
-    else:
-        statements = [
-            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'no'; END $$",
-            f"CREATE TRIGGER refuse BEFORE INSERT ON {table} FOR EACH ROW WHEN ({when}) EXECUTE FUNCTION refuse()",
-        ]
-    with d.gateway.db.engine.begin() as conn:
-        for statement in statements:
-            conn.exec_driver_sql(statement)
-
-
 async def test_a_send_whose_record_is_refused_is_recorded_without_its_copy_and_never_sent_again(
     deploy: Factory, smtp: SmtpCatcher
 ) -> None:
@@ -457,9 +451,16 @@ async def test_a_send_no_record_of_which_is_taken_goes_to_the_dead_letter_saying
     await d.advance(seconds=1)
     await d.advance(hours=2)
     assert len(smtp.to(CAMILLE)) == 1
-    [(status, error)] = d.rows("SELECT status, last_error FROM jobs WHERE kind = 'step'")
+    [(job_id, status, error)] = d.rows("SELECT id, status, last_error FROM jobs WHERE kind = 'step'")
     assert status == "dead"
-    assert error.startswith("email answered sent (the message went out) but the database refused its record, so a")
+    assert error.startswith("email answered sent (the message went out) but the database refused its record, so only")
+    # A replay leaves it (it would send the e-mail again), and says how to send it all the same.
+    replayed = declic("replay", "--config", str(d.path), "--all")
+    left = f"left {job_id}: the message went out (its record was refused); --resend sends it again"
+    assert replayed == f"queued 0 jobs again\n{left}\n"
+    assert d.rows("SELECT status FROM jobs WHERE kind = 'step'") == [("dead",)]
+    assert declic("replay", "--config", str(d.path), "--resend", str(job_id)) == "queued 1 job again\n"
+    assert d.rows("SELECT status, attempts, failing_since FROM jobs WHERE kind = 'step'") == [("pending", 0, None)]
 
 
 @pytest.mark.parametrize("db_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
@@ -485,6 +486,30 @@ async def test_a_step_due_days_after_it_was_scheduled_that_meets_a_lock_is_tried
     assert d.rows("SELECT status, attempts FROM jobs WHERE kind = 'step'") == [("pending", 1)]
     await d.advance(hours=2)
     assert len(smtp.to(CAMILLE)) == 1
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
+async def test_a_step_the_pressure_cap_deferred_past_retry_for_is_retried_not_dead_at_its_second_failure(
+    deploy: Factory, smtp: SmtpCatcher, db_url: str
+) -> None:
+    """`retry_for` (3 days) counts from a job's first failure. For a step that failed before its send (here its
+    preparation, which meets a lock on its contact) it was counted from when the step was first due: deferred 5 days
+    by the pressure cap, it went to the dead letter at its second failure, a minute after its first, never sent."""
+    rules = "".join(
+        f"  - name: {name}\n    when: order.placed\n    send: {{via: email, template: order-confirmation}}\n"
+        for name in ("thanks", "win-back")
+    )
+    d = await deploy(rules, max_attempts=50, policies="  pressure: {max: 1, per: 5d, max_delay: 30d}\n")
+    await d.post_shopify("orders/create", ORDER)
+    await d.advance(seconds=1)
+    assert len(smtp.to(CAMILLE)) == 1  # the other waits five days for the cap
+    contact = d.scalar("SELECT contact_id FROM enrolments LIMIT 1")
+    with locked(db_url, "SELECT id FROM contacts WHERE id = :id FOR UPDATE", id=contact):
+        await d.advance(days=5, seconds=1)  # due: its preparation waits for the lock, 1 s, and fails
+        await d.advance(minutes=1)  # and again
+        assert d.rows("SELECT status, attempts FROM jobs WHERE kind = 'step' AND status != 'done'") == [("pending", 2)]
+    await d.advance(hours=1)
+    assert len(smtp.to(CAMILLE)) == 2
 
 
 SINK_WAIT = "  sink_wait: 1s\n"

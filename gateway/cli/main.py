@@ -303,8 +303,9 @@ def db_upgrade(config_path: str) -> None:
 @CONFIG_OPTION
 @click.option("--failed", is_flag=True, help="Work on inbox calls that failed to normalise.")
 @click.option("--all", "replay_all", is_flag=True, help="Replay every listed item.")
+@click.option("--resend", is_flag=True, help="Also queue jobs whose message went out unrecorded: sent again.")
 @click.argument("ids", nargs=-1, type=int)
-def replay(config_path: str, failed: bool, replay_all: bool, ids: tuple[int, ...]) -> None:
+def replay(config_path: str, failed: bool, replay_all: bool, resend: bool, ids: tuple[int, ...]) -> None:
     """List dead-lettered jobs (or --failed calls); with IDS or --all, queue them again."""
     settings, _, _ = _load(config_path)
     database = Database(settings.database_url)
@@ -317,8 +318,11 @@ def replay(config_path: str, failed: bool, replay_all: bool, ids: tuple[int, ...
         if failed:
             count = len(database.transaction(inbound.replay_failed, chosen, now))
         else:
-            count = database.transaction(jobqueue.requeue, chosen, now)
+            count = len(database.transaction(jobqueue.requeue, chosen, now, resend))
         click.echo(f"queued {count} {'call' if failed else 'job'}{'s' * (count != 1)} again")
+        if not failed and not resend and (left := database.transaction(jobqueue.went_out, chosen)):
+            listed = " ".join(map(str, left))
+            click.echo(f"left {listed}: the message went out (its record was refused); --resend sends it again")
     finally:
         database.close()
 

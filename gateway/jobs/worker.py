@@ -83,17 +83,6 @@ def _reason(error: BaseException) -> str:
     return sql.storable(f"{type(error).__name__}: {error}", 2000)
 
 
-def _failing_since(job: ClaimedJob, now: datetime) -> datetime:
-    """When a job that failed began to fail, at the earliest. A call is tried as it arrives. Any other job was
-    waiting until it was first due (`created_at` is when a step or trigger was scheduled, maybe months ahead), and
-    at its first attempt it fails now (a step the pressure cap deferred for days was waiting, not failing)."""
-    if job.kind == "inbox":
-        return job.created_at or now
-    if job.attempts <= 1:
-        return now
-    return job.first_due_at or job.due_at
-
-
 def make_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
@@ -726,11 +715,12 @@ class Worker:
 
     async def _dead_unrecorded(self, send: Send, result: DeliveryResult, error: Exception) -> None:
         """Close the job of a step whose sink answered but whose record no database would take: in the dead letter,
-        visible, its reason saying that a replay would send it again (nothing else knows it went out)."""
-        went = "the message went out" if result.outcome is Outcome.SENT else "nothing went out"
+        visible, its reason saying what went out. Nothing else knows it did: a replay leaves it unless told to resend
+        (`jobqueue.requeue`)."""
+        went = jobqueue.WENT_OUT if result.outcome is Outcome.SENT else "(nothing went out)"
         reason = sql.storable(
-            f"{send.sink.key} answered {result.outcome.value} ({went}) but the database refused its record, "
-            f"so a replay sends it again: {type(error).__name__}: {error}",
+            f"{send.sink.key} answered {result.outcome.value} {went} but the database refused its record, "
+            f"so only a replay told to resend sends it again: {type(error).__name__}: {error}",
             2000,
         )
         log.error("a send's record was refused, its job goes to the dead letter", job_id=send.job.id, reason=reason)
@@ -829,8 +819,7 @@ class Worker:
         due = now + jobqueue.retry_delay(job.attempts, self.spec.retry_base, self.spec.retry_max, after)
 
         def work(conn: Connection) -> bool:
-            failing_since = _failing_since(job, now)
-            if job.retried_too_long(failing_since, now, self.spec.retry_for, self.spec.max_attempts):
+            if job.retried_too_long(now, self.spec.retry_for, self.spec.max_attempts):
                 return jobqueue.finish(conn, job, self.id, now, "dead", error)
             return jobqueue.reschedule(conn, job, self.id, due, now, error, about)
 

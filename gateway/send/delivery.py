@@ -681,7 +681,7 @@ class StepRunner:
             contacts.forget_addresses(conn, send.contact_id, send.sink.channel, addresses, now)
             self._fall_back(conn, step, following, now)
         elif result.outcome is Outcome.RETRY and not job.retried_too_long(
-            self._failing_since(conn, step, now), now, self.worker_spec.retry_for, self.worker_spec.max_attempts
+            now, self.worker_spec.retry_for, self.worker_spec.max_attempts
         ):
             self._record(conn, step, "retrying", result.error, now)
             delay = jobqueue.retry_delay(
@@ -713,13 +713,9 @@ class StepRunner:
         if following is None:
             self._advance(conn, step, now)
             return
-        jobqueue.defer(conn, step.job, self.worker_id, now, now, f"{step.sink.key} failed; trying {following}")
-
-    def _failing_since(self, conn: Connection, step: Step, now: datetime) -> datetime:
-        """When the step's first attempt failed: its delivery row is written then (not when it was due:
-        quiet hours or the pressure cap may have deferred it for days, and waiting is not failing)."""
-        first: datetime | None = conn.execute(_DELIVERY_SINCE, {"key": step.key}).scalar_one_or_none()
-        return first or now
+        jobqueue.defer(
+            conn, step.job, self.worker_id, now, now, f"{step.sink.key} failed; trying {following}", afresh=True
+        )
 
     def _advance(self, conn: Connection, step: Step, now: datetime) -> None:
         """The step is over: its job done, the next step queued or the journey completed (all written with the
@@ -857,7 +853,6 @@ def _read_with(row: Any) -> _Read:
 _DELIVERY_STATUSES = sa.select(D.idempotency_key, D.status).where(
     D.idempotency_key.in_(sa.bindparam("keys", expanding=True))
 )
-_DELIVERY_SINCE = sa.select(D.created_at).where(D.idempotency_key == sa.bindparam("key"))
 _KEPT_VARIANT = (
     sa.select(D.variant)
     .where(D.contact_id == sa.bindparam("contact_id"), D.rule == sa.bindparam("rule"), D.step == sa.bindparam("step"))

@@ -88,10 +88,12 @@ class ClaimedJob:
     occurrence: str | None = None
     first_due_at: datetime | None = None
     created_at: datetime | None = None
+    failing_since: datetime | None = None
 
-    def retried_too_long(self, failing_since: datetime, now: datetime, retry_for: timedelta, max_attempts: int) -> bool:
-        """Whether a failing job has had its attempts, or its time since it first failed."""
-        return self.attempts >= max_attempts or now - failing_since >= retry_for
+    def retried_too_long(self, now: datetime, retry_for: timedelta, max_attempts: int) -> bool:
+        """Whether a job failing now has had its attempts, or its time since it first failed (now, at its first
+        failure: a step deferred for days by quiet hours or the pressure cap was waiting, not failing)."""
+        return self.attempts >= max_attempts or now - (self.failing_since or now) >= retry_for
 
 
 def add_step(
@@ -335,6 +337,7 @@ def _claim_statement(
             J.occurrence,
             J.first_due_at,
             J.created_at,
+            J.failing_since,
             J.priority,
         )
     )
@@ -504,16 +507,16 @@ def reschedule(
     error: str,
     about: list[tuple[str, str]] | None = None,
 ) -> bool:
-    """Put a job back until `due_at`; a call may say whom it is about (see `claim`). A job that had no
-    `first_due_at` (only steps are given one) keeps the due date it failed at there: its retries are counted
-    from it (`Worker._retry_later`)."""
+    """Put a job that failed back until `due_at`; a call may say whom it is about (see `claim`). Its first failure
+    is kept (`failing_since`, for `retry_for`); a job that had no `first_due_at` (only steps are given one) keeps
+    the due date it failed at there."""
     _made_pending(conn)
     values = {"job_id": job.id, "worker": worker, "due": due_at, "error": error, "now": now}
     statement = _RESCHEDULE if about is None else _RESCHEDULE.values(about=json.dumps(about))
     return conn.execute(statement, values).rowcount == 1
 
 
-_RESCHEDULE = (
+_PUT_BACK = (
     sa.update(JOBS)
     .where(_HELD)
     .values(
@@ -525,6 +528,9 @@ _RESCHEDULE = (
         updated_at=sa.bindparam("now"),
         first_due_at=sa.func.coalesce(J.first_due_at, J.due_at),  # the due date before this statement's
     )
+)
+_RESCHEDULE = _PUT_BACK.values(
+    failing_since=sa.func.coalesce(J.failing_since, sa.bindparam("now", type_=J.due_at.type))
 )
 
 
@@ -539,14 +545,18 @@ def cancel_pending(conn: Connection, enrolment_ids: list[int], now: datetime) ->
     return [(row.enrolment_id, row.step) for row in rows]
 
 
-def defer(conn: Connection, job: ClaimedJob, worker: str, until: datetime, now: datetime, reason: str) -> bool:
-    """Put a step back until `until` without spending an attempt: waiting is not failing."""
+def defer(
+    conn: Connection, job: ClaimedJob, worker: str, until: datetime, now: datetime, reason: str, afresh: bool = False
+) -> bool:
+    """Put a step back until `until` without spending an attempt: waiting is not failing. `afresh`: its failures
+    so far no longer count (it falls back to another channel)."""
     _made_pending(conn)
     values = {"job_id": job.id, "worker": worker, "due": until, "error": reason, "now": now}
-    return conn.execute(_DEFER, values).rowcount == 1
+    return conn.execute(_DEFER_AFRESH if afresh else _DEFER, values).rowcount == 1
 
 
-_DEFER = _RESCHEDULE.values(attempts=J.attempts - 1)
+_DEFER = _PUT_BACK.values(attempts=J.attempts - 1)
+_DEFER_AFRESH = _DEFER.values(failing_since=None)
 
 
 def retry_delay(
@@ -559,18 +569,31 @@ def retry_delay(
     return timedelta(seconds=max(delay, min(retry_after or 0.0, MAX_RETRY_AFTER)))
 
 
-def requeue(conn: Connection, job_ids: list[int] | None, now: datetime) -> int:
-    """Put dead-lettered jobs back in the queue with a fresh attempt budget."""
+#: In a dead job's error, a message that went out though the database refused its record (`Worker.record_send`):
+#: nothing else knows it was sent, so a replay would send it again.
+WENT_OUT = "(the message went out)"
+
+
+def requeue(conn: Connection, job_ids: list[int] | None, now: datetime, resend: bool = False) -> list[int]:
+    """Put dead-lettered jobs back in the queue with a fresh attempt budget; the ids queued. A job whose message
+    went out is left where it is unless `resend` says to send it again."""
     where = status_is("dead")
     if job_ids is not None:
         where = sa.and_(where, J.id.in_(job_ids))
-    result = conn.execute(
-        sa.update(JOBS)
-        .where(where)
-        .values(status="pending", attempts=0, due_at=now, locked_by=None, locked_until=None, updated_at=now)
-    )
+    if not resend:
+        where = sa.and_(where, sa.not_(sa.func.coalesce(J.last_error, "").contains(WENT_OUT, autoescape=True)))
+    values = dict(status="pending", attempts=0, due_at=now, locked_by=None, locked_until=None, updated_at=now)
+    queued = conn.execute(sa.update(JOBS).where(where).values(**values, failing_since=None).returning(J.id))
     notify(conn)
-    return result.rowcount
+    return sorted(queued.scalars())
+
+
+def went_out(conn: Connection, job_ids: list[int] | None) -> list[int]:
+    """The dead jobs among `job_ids` (all with None) that `requeue` leaves unless told to resend."""
+    where = sa.and_(status_is("dead"), J.last_error.contains(WENT_OUT, autoescape=True))
+    if job_ids is not None:
+        where = sa.and_(where, J.id.in_(job_ids))
+    return list(conn.execute(sa.select(J.id).where(where).order_by(J.id)).scalars())
 
 
 def add_inbox_jobs(conn: Connection, inbox_ids: list[int], now: datetime) -> None:

@@ -77,6 +77,8 @@ class Job(SQLModel, table=True):
     about: str | None = Field(default=None, sa_column=Column(Text))
     #: When a step was first due, before quiet hours or pressure deferred it (for `max_delay`).
     first_due_at: datetime | None = None
+    #: When the job first failed (`retry_for` counts from it); NULL until then, and again once replayed.
+    failing_since: datetime | None = None
     due_at: datetime
     status: str = Field(default="pending", max_length=20)  # pending|running|done|cancelled|dead
     attempts: int = 0

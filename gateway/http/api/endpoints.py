@@ -207,13 +207,7 @@ async def list_dead_jobs(call: Call) -> m.DeadJobList:
 async def replay_dead_jobs(call: Call) -> m.Replayed:
     now = call.gateway.clock.now()
 
-    def replay(conn: Connection, ids: list[int] | None) -> list[int]:
-        found = queries.dead_job_ids(conn, ids)
-        if found:
-            jobqueue.requeue(conn, found, now)
-        return found
-
-    queued = await call.gateway.db.run(replay, None if call.body.all else call.body.ids)
+    queued = await call.gateway.db.run(jobqueue.requeue, None if call.body.all else call.body.ids, now)
     call.gateway.worker.wake()
     return m.Replayed(queued=queued)
 

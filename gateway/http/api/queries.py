@@ -69,13 +69,6 @@ def dead_jobs(conn: Connection, after: int, limit: int) -> list[dict[str, Any]]:
     return [row._asdict() for row in conn.execute(query.order_by(J.id).limit(limit))]
 
 
-def dead_job_ids(conn: Connection, ids: list[int] | None) -> list[int]:
-    query = sa.select(J.id).where(J.status == "dead")
-    if ids is not None:
-        query = query.where(J.id.in_(ids))
-    return list(conn.execute(query.order_by(J.id)).scalars())
-
-
 def failed_calls(conn: Connection, after: int, limit: int) -> list[dict[str, Any]]:
     columns = [INBOX.c.id, INBOX.c.source, INBOX.c.received_at, INBOX.c.error]
     query = sa.select(*columns).where(INBOX.c.status == "failed", INBOX.c.id > after)

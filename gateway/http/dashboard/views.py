@@ -253,9 +253,10 @@ async def replay_job(request: web.Request) -> web.StreamResponse:
     """Queue a dead-lettered job again with a fresh attempt budget, as `declic replay ID` does."""
     gateway = request.app[DASHBOARD].gateway
     job_id = _path_id(request)
-    count = await gateway.db.run(jobqueue.requeue, [job_id], gateway.clock.now())
+    queued = await gateway.db.run(jobqueue.requeue, [job_id], gateway.clock.now())
     gateway.worker.wake()
-    raise web.HTTPSeeOther(f"/admin/failures?replayed={'job' if count else 'none'}")
+    went_out = [] if queued else await gateway.db.run(jobqueue.went_out, [job_id])
+    raise web.HTTPSeeOther(f"/admin/failures?replayed={'job' if queued else 'went_out' if went_out else 'none'}")
 
 
 @needs("admin")
