@@ -263,7 +263,7 @@ class WebPushSink(Sink):
     async def _push(self, device: dict[str, Any], payload: bytes, headers: dict[str, str]) -> DeliveryResult:
         endpoint = device["address"]
         try:
-            audience = _origin(endpoint)
+            audience = self._audience(endpoint)
             keys = device.get("keys") or {}
             body = encrypt(payload, b64url_decode(keys.get("p256dh", "")), b64url_decode(keys.get("auth", "")))
         except ValueError as exc:
@@ -280,6 +280,18 @@ class WebPushSink(Sink):
             return DeliveryResult.permanent(f"endpoint refused: {exc}")
         except (aiohttp.ClientError, TimeoutError) as exc:
             return DeliveryResult.retry(f"{type(exc).__name__}: {exc}".rstrip(": "))
+
+    def _audience(self, endpoint: str) -> str:
+        """The push service's origin, as VAPID names it; ValueError for an endpoint that is no push service's."""
+        url = URL(endpoint)
+        if url.scheme not in ("http", "https") or not url.raw_host:
+            raise ValueError("the endpoint is not an http(s) URL")
+        # Push services listen on https:443, the only endpoints track.py takes. One stored before it checked could
+        # aim Declic at whatever listens on another port of a public host (SMTP, Redis...). A host that `allow`
+        # names (a push service of one's own, a test's stand-in) may listen anywhere.
+        if (url.scheme, url.port) != ("https", 443) and not self._client.allowance.lists(url.raw_host):
+            raise ValueError("the endpoint is not https on port 443")
+        return str(url.origin())
 
     def _authorization(self, audience: str) -> str:
         now = int(time.time())  # push services check `exp` against real time, never a simulated clock
@@ -316,13 +328,6 @@ class WebPushSink(Sink):
 
 def subscriptions(contact: dict[str, Any]) -> list[dict[str, Any]]:
     return [device for device in contact.get("push_subscriptions") or () if device.get("kind") == KIND]
-
-
-def _origin(endpoint: str) -> str:
-    url = URL(endpoint)
-    if url.scheme not in ("http", "https") or not url.host:
-        raise ValueError("the endpoint is not an http(s) URL")
-    return str(url.origin())
 
 
 @click.command("webpush-keys")

@@ -25,6 +25,7 @@ from declic_gateway.errors import ConfigError
 from declic_gateway.http.app import create_app, load
 from declic_gateway.http.running import GATEWAY_KEY
 from declic_gateway.kit.events import ConsentStatement
+from declic_gateway.pipeline import contacts
 from declic_gateway.pipeline.consent import PENDING_REASON, rule_on
 from declic_gateway.plugins import collect, get_plugin_manager
 from declic_gateway.store.inbox import NewCall
@@ -545,6 +546,30 @@ async def test_double_opt_in_grants_consent_only_once_the_link_is_followed(
     await d.advance(hours=1, seconds=1)
     assert [m["Subject"] for m in smtp.messages] == ["Please confirm", "Your cart, Camille"]
     assert d.scalar("SELECT count(*) FROM deliveries WHERE rule = 'declic-double-opt-in'") == 1  # asked once
+
+
+async def test_the_confirmation_link_of_an_erased_contact_is_gone_and_brings_nobody_back(
+    double_opt_in: Deployment, smtp: SmtpCatcher
+) -> None:
+    """Camille asked to be erased before confirming: her link no longer confirms anything (410: for good), stores
+    nothing about the click, and leaves no failed call behind."""
+    d = double_opt_in
+    await mailchimp(d, "subscribe", "2026-03-14 07:59:00")
+    await d.advance(seconds=1)
+    path = urlsplit(smtp.messages[0].get_content().strip().removeprefix("Confirm: ")).path
+    [(contact_id,)] = d.rows("SELECT id FROM contacts")
+    await d.gateway.db.run(contacts.erase, contact_id, d.clock.now())
+    ledger = d.scalar("SELECT count(*) FROM consents")
+
+    page = await d.client.get(path)
+    confirmed = await d.client.post(path, headers={"User-Agent": "Firefox/140"})
+    await d.advance(seconds=1)
+
+    assert d.rows("SELECT source, status FROM inbox WHERE source = '~confirm' OR status = 'failed'") == []
+    assert d.rows("SELECT id, email, email_status FROM contacts") == [(contact_id, None, "erased")]
+    assert (d.scalar("SELECT count(*) FROM identities"), d.scalar("SELECT count(*) FROM consents")) == (0, ledger)
+    assert confirmed.status == 410 and "no longer valid" in await confirmed.text()
+    assert page.status == 410 and "no longer valid" in await page.text()
 
 
 async def test_a_confirmed_grant_does_not_follow_the_contact_to_a_new_address(

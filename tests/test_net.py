@@ -144,6 +144,21 @@ def test_embedded_ipv4_addresses_are_judged_by_the_ipv4_address() -> None:
     assert wrong == []
 
 
+# (host, allow, whether the config names that host itself)
+LISTED = [
+    ("127.0.0.1", ["127.0.0.1/32"], True),
+    ("[::1]", ["::1/128"], True),
+    ("Push.Internal", ["push.internal"], True),
+    ("localhost", ["127.0.0.1/32"], False),  # a name: where it leads is known only when it is resolved
+    ("8.8.8.8", [], False),  # public, so reached, but named by nobody
+    ("10.0.0.1", ["::/0"], False),
+]
+
+
+def test_a_host_is_listed_by_its_name_or_a_network_holding_its_address() -> None:
+    assert [(host, allow) for host, allow, listed in LISTED if Allowance(allow).lists(host) != listed] == []
+
+
 def test_every_outbound_http_session_is_the_guarded_one() -> None:
     """A plugin that opened its own aiohttp session would skip the address checks and the no-redirect rule."""
     root = Path(__file__).resolve().parent.parent

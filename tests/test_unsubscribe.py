@@ -11,6 +11,7 @@ import pytest
 from conftest import Deployment, Factory, fixture_bytes, locked_inbox
 from declic_gateway.cli import logs
 from declic_gateway.insight.kpis import rule_kpis
+from declic_gateway.pipeline import contacts
 from declic_gateway.testing import SmtpCatcher
 
 CUSTOMER = fixture_bytes("shopify/customer.json")  # customers/create with email consent: welcome (marketing)
@@ -97,3 +98,26 @@ async def test_an_unsubscribe_is_logged_by_contact_id_never_by_address(
     (contact_id, email) = d.rows("SELECT id, email FROM contacts")[0]
     assert (line["contact_id"], line["channel"]) == (contact_id, "email")
     assert email not in json.dumps(lines)
+
+
+async def test_an_erased_contacts_link_says_unsubscribed_and_keeps_nothing(deploy: Factory, smtp: SmtpCatcher) -> None:
+    """An erased person may still click an old link: they see the usual page (nothing of them is kept to write
+    to), and nothing is stored about them, nor fails in the lists operators watch: the stored call named a
+    contact that no longer exists, and failed."""
+    d, path = await welcome_link(deploy, smtp)
+    [(contact_id,)] = d.rows("SELECT id FROM contacts")
+    await d.gateway.db.run(contacts.erase, contact_id, d.clock.now())
+    ledger = d.scalar("SELECT count(*) FROM consents")
+
+    page = await d.client.get(path)
+    response = await d.client.post(
+        path, data={"List-Unsubscribe": "One-Click"}, headers={"User-Agent": "Gmail one-click"}
+    )
+    await d.advance(seconds=1)
+
+    assert d.rows("SELECT source, status FROM inbox ORDER BY id") == [("shop", "erased")]
+    assert d.scalar("SELECT count(*) FROM jobs WHERE status = 'dead'") == 0
+    assert d.rows("SELECT id, email, email_status FROM contacts") == [(contact_id, None, "erased")]
+    assert (d.scalar("SELECT count(*) FROM identities"), d.scalar("SELECT count(*) FROM consents")) == (0, ledger)
+    assert response.status == 200 and "You are unsubscribed" in await response.text()
+    assert page.status == 200 and "You are unsubscribed" in await page.text()

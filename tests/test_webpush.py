@@ -407,19 +407,32 @@ async def test_connection_refused_is_retried(make_sink: Callable[..., WebPushSin
     assert result.outcome is Outcome.RETRY and "ClientConnectorError" in (result.error or "")
 
 
-async def test_private_addresses_are_refused_unless_allowed(
-    service: PushService, make_sink: Callable[..., WebPushSink]
-) -> None:
-    browser = service.browser("a")
+async def test_private_addresses_are_refused_unless_allowed(make_sink: Callable[..., WebPushSink]) -> None:
+    browser = Browser("https://127.0.0.1/push/a")
     result = await make_sink(allow=[]).send(MESSAGE, context(browser.subscription()))
     assert result.outcome is Outcome.PERMANENT and "not a public address" in (result.error or "")
-    assert result.invalid_addresses == () and service.received == []
+    assert result.invalid_addresses == ()
+
+
+async def test_an_endpoint_on_another_port_is_dropped_without_a_call(
+    service: PushService, make_sink: Callable[..., WebPushSink]
+) -> None:
+    """track.py takes only https endpoints on port 443; one stored before it checked is never called, even where
+    something listens: a name that `allow` does not list itself (here, one resolving to an allowed address)."""
+    assert service.server is not None
+    browser = Browser(f"http://localhost:{service.server.port}/elsewhere")
+    sink = make_sink(allow=["127.0.0.1/32", "::1/128"])
+    result = await sink.send(MESSAGE, context(browser.subscription()))
+    assert result.outcome is Outcome.ADDRESS_INVALID and "not https on port 443" in (result.error or "")
+    assert result.invalid_addresses == (browser.endpoint,) and service.received == []
 
 
 UNUSABLE = [
     ("no keys", {"kind": "webpush", "address": "https://push.example/x"}),
     ("short auth", {"kind": "webpush", "address": "https://push.example/x", "keys": {"p256dh": "AAAA", "auth": "AA"}}),
     ("not a URL", {"kind": "webpush", "address": "mailto:someone@example.com", "keys": {}}),
+    ("another port", Browser("https://push.example:6379/x").subscription()),
+    ("http", Browser("http://push.example/x").subscription()),
 ]
 
 

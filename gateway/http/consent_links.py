@@ -5,7 +5,8 @@ A GET shows a button (link scanners follow links and must change nothing); the P
 in the inbox like any webhook (200 only after the commit) and becomes an event whose consent
 statement carries the request's IP and user agent as evidence: the ledger, `exit_on` and the
 rules see it through the same path as a provider's. Their sources are internal: they read
-back what these endpoints stored and are never served under /hooks.
+back what these endpoints stored and are never served under /hooks. A link of a contact since
+erased stores nothing: unsubscribing says it is done, confirming that the link is gone.
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ import html
 import json
 from dataclasses import dataclass
 
+import sqlalchemy as sa
 import structlog
 from aiohttp import web
+from sqlalchemy.engine import Connection
 
 from ..errors import MalformedPayload, StorageUnavailable
 from ..kit.events import ConsentState, ConsentStatement, ContactRef, Event
 from ..kit.sources import RawCall, Source
 from ..pipeline.consent import CONFIRM_SOURCE
 from ..send import links
+from ..store import IDENTITIES
 from ..store.inbox import NewCall
 from .running import GATEWAY_KEY, RETRY_AFTER_SECONDS, RunningGateway
 
@@ -41,8 +45,10 @@ class LinkAction:
     button: str
     done: str
     logged: str  # the log line once stored
+    gone: tuple[int, str]  # the answer for a contact since erased: nothing is stored, nobody brought back
 
 
+UNSUBSCRIBED = "You are unsubscribed. You will not receive these messages any more."
 UNSUBSCRIBE = LinkAction(
     "~unsubscribe",
     links.UNSUBSCRIBE,
@@ -51,8 +57,9 @@ UNSUBSCRIBE = LinkAction(
     "unsubscribe link",
     "Stop receiving {channel} from us?",
     '<button name="List-Unsubscribe" value="One-Click">Unsubscribe</button>',
-    "You are unsubscribed. You will not receive these messages any more.",
+    UNSUBSCRIBED,
     "unsubscribed",
+    (200, UNSUBSCRIBED),  # true: nothing of them is kept to write to
 )
 CONFIRM = LinkAction(
     CONFIRM_SOURCE,
@@ -64,6 +71,7 @@ CONFIRM = LinkAction(
     '<button name="confirm" value="yes">Confirm</button>',
     "Thank you: your subscription is confirmed.",
     "subscription confirmed",
+    (410, "This link is no longer valid."),  # an erasure is final: there is nobody left to confirm
 )
 
 
@@ -139,6 +147,13 @@ async def _handle(request: web.Request, action: LinkAction) -> web.Response:
     if found is None:
         return _page(404, "<p>This link is not valid.</p>")
     contact_id, channel = found.contact_id, found.channel
+    try:
+        named = await gateway.db.run(_still_named, contact_id)
+    except StorageUnavailable:
+        return _unavailable()
+    if not named:  # erased: the stored call would fail (no such contact) and keep the request's evidence
+        log.info("consent link of an erased contact: nothing stored", link=action.via, contact_id=contact_id)
+        return _page(action.gone[0], f"<p>{html.escape(action.gone[1])}</p>")
     if request.method != "POST":
         question = html.escape(action.question.format(channel=channel))
         return _page(200, f'<form method="post"><p>{question}</p>{action.button}</form>')
@@ -163,6 +178,15 @@ async def _handle(request: web.Request, action: LinkAction) -> web.Response:
 
 
 ROUTES = (("/u/{token}", handle_unsubscribe), ("/c/{token}", handle_confirm))
+
+_DECLIC_ID = sa.select(IDENTITIES.c.contact_id).where(
+    IDENTITIES.c.kind == "declic", IDENTITIES.c.value == sa.bindparam("value")
+)
+
+
+def _still_named(conn: Connection, contact_id: int) -> bool:
+    """Whether Declic's own id still names someone, as processing the call will ask: an erasure deletes it."""
+    return conn.execute(_DECLIC_ID, {"value": str(contact_id)}).first() is not None
 
 
 def _unavailable() -> web.Response:

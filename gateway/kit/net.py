@@ -44,6 +44,13 @@ class Allowance:
         target = embedded or address
         return target.is_global and not target.is_multicast
 
+    def lists(self, host: str) -> bool:
+        """Whether the config names this host itself: its name, or for an IP literal a network holding it."""
+        if host.lower() in self.hosts:
+            return True
+        literal = _ip_literal(host)
+        return literal is not None and any(literal in network for network in self.networks)
+
 
 def _is_network(entry: str) -> bool:
     try:
