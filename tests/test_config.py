@@ -402,6 +402,16 @@ HOSTILE = [
         "20:34: rules[0].send.template: String should have at most 100 characters",
     ),
     (
+        "101-character source name (PostgreSQL stores 100: every call to it answered 503, forever)",
+        edit("sources:\n  shop:", "sources:\n  " + "s" * 101 + ":"),
+        "7:5: sources." + "s" * 101 + ": String should have at most 100 characters",
+    ),
+    (
+        "101-character rule name",
+        edit("  - name: welcome", "  - name: " + "w" * 101),
+        "18:11: rules[0].name: String should have at most 100 characters",
+    ),
+    (
         "sink rate of nothing per 0s",
         edit("    plugin: smtp\n", "    plugin: smtp\n    rate: 5/0s\n"),
         "12:11: sinks.email.rate: invalid rate '5/0s': COUNT from 1 to 1000000, DURATION from 1ms to 7d",

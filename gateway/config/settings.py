@@ -47,7 +47,10 @@ from . import templates as template_checks
 
 DATABASE_URL_ENV = "DECLIC_DATABASE_URL"
 
-Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")]
+#: A source's, sink's or rule's name: the tables keep at most 100 characters of it (PostgreSQL refuses more, and
+#: every call to a longer-named source would fail, answered 503 again and again).
+MAX_NAME = 100
+Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=MAX_NAME)]
 
 #: Keys of the target design that this version does not run yet.
 #: Rejecting them beats accepting a key that would silently do nothing.
@@ -227,7 +230,7 @@ _DATE_PATH = r"contact\.(attributes\.)?[A-Za-z_][A-Za-z0-9_]*|event\.properties(
 
 
 class RuleSpec(_Strict):
-    name: Name = Field(description="Unique name: lower case, digits, - and _.")
+    name: Name = Field(description=f"Unique name: lower case, digits, - and _; at most {MAX_NAME} characters.")
     when: str | None = Field(None, description="Trigger: the event type that enrols a contact.")
     on_date: str | None = Field(
         None,
