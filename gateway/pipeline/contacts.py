@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection
 
 from ..errors import MalformedPayload
@@ -416,12 +417,18 @@ def forget_addresses(
 _LOOKUP = sa.select(I.kind, I.value, I.contact_id).where(
     I.kind.in_(sa.bindparam("kinds", expanding=True)), I.value.in_(sa.bindparam("values", expanding=True))
 )
-#: On PostgreSQL, the pairs: one probe of the primary key each, whatever the table's statistics. For the two
-#: INs, PostgreSQL counts a probe per kind and value crossed (3 x 30 for ten calls) and scans the table instead
-#: while it is small: 1.2 ms per batch of calls with 12,000 identities, up to 5 ms before the table's first
-#: ANALYZE (a new deployment's first minute); the pairs take 0.2 ms (docs/performance.md, session 11).
-_LOOKUP_PAIRS = sa.select(I.kind, I.value, I.contact_id).where(
-    sa.tuple_(I.kind, I.value).in_(sa.bindparam("pairs", expanding=True))
+#: On PostgreSQL, the pairs as two arrays joined to the table. `(kind, value) IN ((...), ...)` became a filter of
+#: one OR per pair that PostgreSQL ran on every row while the table was small, say under 10,000 identities (a new
+#: deployment's first days): 10-30 ms per batch of calls, 40 % of the database's CPU in `bench/e2e.py`, and a
+#: statement of its own for each number of pairs. Joined, the pairs are probed by the primary key or hashed, one
+#: statement whatever their number (docs/performance.md, session 24).
+_WANTED = (
+    sa.func.unnest(sa.bindparam("kinds", type_=ARRAY(sa.Text)), sa.bindparam("values", type_=ARRAY(sa.Text)))
+    .table_valued("kind", "value")
+    .render_derived(name="wanted")
+)
+_LOOKUP_PAIRS = sa.select(I.kind, I.value, I.contact_id).join(
+    _WANTED, sa.and_(I.kind == _WANTED.c.kind, I.value == _WANTED.c.value)
 )
 
 
@@ -430,7 +437,8 @@ def _lookup(conn: Connection, keys: Iterable[tuple[str, str]]) -> dict[tuple[str
     if not wanted:
         return {}
     if conn.dialect.name == "postgresql":
-        rows = conn.execute(_LOOKUP_PAIRS, {"pairs": sorted(wanted)})
+        pairs = sorted(wanted)
+        rows = conn.execute(_LOOKUP_PAIRS, {"kinds": [k for k, _ in pairs], "values": [v for _, v in pairs]})
     else:
         kinds, values = sorted({k for k, _ in wanted}), sorted({v for _, v in wanted})
         rows = conn.execute(_LOOKUP, {"kinds": kinds, "values": values})
