@@ -19,11 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from selectolax.lexbor import LexborHTMLParser
 
-from conftest import BASE_CONFIG, SECRET, TEMPLATES, Deployment, fixture_bytes, locked_inbox
+from conftest import BASE_CONFIG, SECRET, TEMPLATES, Deployment, fixture_bytes, locked, locked_inbox
 from declic_gateway.http.app import create_app, load
 from declic_gateway.http.running import GATEWAY_KEY
 from declic_gateway.insight.kpis import rule_kpis
 from declic_gateway.send import links
+from declic_gateway.send.tracking import PIXEL_GIF
 from declic_gateway.testing import FakeClock, SmtpCatcher, write_deployment
 
 CUSTOMER = fixture_bytes("shopify/customer.json")  # customers/create, e-mail consent granted: welcome
@@ -470,3 +471,46 @@ async def test_erasing_a_contact_erases_every_fetch_of_their_pixel_and_links(sta
     [(contact_id,)] = d.rows("SELECT id FROM contacts")
     await d.gateway.db.run(contacts.erase, contact_id, d.clock.now())
     assert d.rows("SELECT status, body FROM inbox WHERE source = '~open'") == [("erased", b"")] * 2
+
+
+async def test_an_erased_contacts_old_mail_still_shows_and_links_and_keeps_nothing(
+    start: Any, smtp: SmtpCatcher
+) -> None:
+    """An erased person may open an old message and click its links: the image shows and the link goes where it
+    went, and nothing is stored about them, nor fails in the lists operators watch: the stored fetch named a
+    contact that no longer exists, failed, and kept their address and user agent."""
+    from declic_gateway.pipeline import contacts
+
+    d, mail = await welcome(start, smtp)
+    click = next(h for h in hrefs(mail) if "/t/c/" in h)
+    [pixel] = pixels(mail)
+    [(contact_id,)] = d.rows("SELECT id FROM contacts")
+    await d.gateway.db.run(contacts.erase, contact_id, d.clock.now())
+    d.clock.advance(timedelta(days=3))
+
+    image = await fetch(d.client, pixel, **{"X-Forwarded-For": "203.0.113.9"})
+    redirect = await fetch(d.client, click, **{"X-Forwarded-For": "203.0.113.9"})
+    await d.advance(seconds=1)
+
+    assert (image.status, image.content_type, await image.read()) == (200, "image/gif", PIXEL_GIF)
+    assert (redirect.status, redirect.headers["Location"]) == (302, f"{SHOP}/new?utm_source=declic&ref=welcome")
+    assert d.rows("SELECT source, status FROM inbox ORDER BY id") == [("shop", "erased")]
+    assert d.scalar("SELECT count(*) FROM jobs WHERE status = 'dead'") == 0
+    assert d.rows("SELECT id, email, email_status FROM contacts") == [(contact_id, None, "erased")]
+    assert d.scalar("SELECT count(*) FROM identities") == 0
+    assert events(d, "email.opened") == events(d, "email.clicked") == []
+
+
+async def test_the_person_gets_through_while_identities_are_locked(start: Any, smtp: SmtpCatcher, db_url: str) -> None:
+    """Whether the contact was erased is read before storing a fetch: that read failing loses the fetch, as a
+    failed commit does, and nothing else."""
+    d, mail = await welcome(start, smtp)
+    click = next(h for h in hrefs(mail) if "/t/c/" in h)
+    [pixel] = pixels(mail)
+    await d.gateway.link_secret()
+    with locked(db_url, "LOCK TABLE identities IN ACCESS EXCLUSIVE MODE"):
+        image = await fetch(d.client, pixel)
+        redirect = await fetch(d.client, click)
+    assert (image.status, image.content_type) == (200, "image/gif")
+    assert (redirect.status, redirect.headers["Location"]) == (302, f"{SHOP}/new?utm_source=declic&ref=welcome")
+    assert d.scalar("SELECT count(*) FROM inbox WHERE source IN ('~open', '~click')") == 0

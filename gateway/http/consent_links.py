@@ -15,17 +15,15 @@ import html
 import json
 from dataclasses import dataclass
 
-import sqlalchemy as sa
 import structlog
 from aiohttp import web
-from sqlalchemy.engine import Connection
 
 from ..errors import MalformedPayload, StorageUnavailable
 from ..kit.events import ConsentState, ConsentStatement, ContactRef, Event
 from ..kit.sources import RawCall, Source
+from ..pipeline import contacts
 from ..pipeline.consent import CONFIRM_SOURCE
 from ..send import links
-from ..store import IDENTITIES
 from ..store.inbox import NewCall
 from .running import GATEWAY_KEY, RETRY_AFTER_SECONDS, RunningGateway
 
@@ -148,7 +146,7 @@ async def _handle(request: web.Request, action: LinkAction) -> web.Response:
         return _page(404, "<p>This link is not valid.</p>")
     contact_id, channel = found.contact_id, found.channel
     try:
-        named = await gateway.db.run(_still_named, contact_id)
+        named = await gateway.db.run(contacts.still_named, contact_id)
     except StorageUnavailable:
         return _unavailable()
     if not named:  # erased: the stored call would fail (no such contact) and keep the request's evidence
@@ -178,15 +176,6 @@ async def _handle(request: web.Request, action: LinkAction) -> web.Response:
 
 
 ROUTES = (("/u/{token}", handle_unsubscribe), ("/c/{token}", handle_confirm))
-
-_DECLIC_ID = sa.select(IDENTITIES.c.contact_id).where(
-    IDENTITIES.c.kind == "declic", IDENTITIES.c.value == sa.bindparam("value")
-)
-
-
-def _still_named(conn: Connection, contact_id: int) -> bool:
-    """Whether Declic's own id still names someone, as processing the call will ask: an erasure deletes it."""
-    return conn.execute(_DECLIC_ID, {"value": str(contact_id)}).first() is not None
 
 
 def _unavailable() -> web.Response:

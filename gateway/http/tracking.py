@@ -9,7 +9,8 @@ The person comes first: the pixel is served and the click redirected even when t
 be stored (storage down), since a broken image or link would not bring the event back; the pixel
 is served even before the link key could be read (a click cannot be: its URL is sealed). A click
 goes only to the URL sealed in its token, the one the rendered message carried: nothing in the
-request can choose where it goes (no open redirect). An unknown or forged token gets a 404.
+request can choose where it goes (no open redirect). An unknown or forged token gets a 404. A fetch
+naming a contact since erased (an old message opened) is served or redirected, and stores nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..errors import MalformedPayload, StorageUnavailable
 from ..kit.events import ContactRef, Event
 from ..kit.machines import machine_reasons
 from ..kit.sources import RawCall, Source
+from ..pipeline import contacts
 from ..pipeline.feedback import CLICK_SOURCE, OPEN_SOURCE, fetch_key
 from ..send import links
 from ..send.tracking import PIXEL_GIF, followed
@@ -149,7 +151,17 @@ async def _tracked(request: web.Request, purpose: str) -> links.Tracked | web.Re
 async def _store(request: web.Request, source: str, tracked: links.Tracked) -> None:
     """Keep the fetch durably; if it cannot be kept, say so in the log and let the person through."""
     gateway: RunningGateway = request.app[GATEWAY_KEY]
-    now = gateway.clock.now()
+    try:
+        # Urgent, as the commit: the person waits for the image or the redirect.
+        if await gateway.db.run(contacts.still_named, tracked.contact_id, urgent=True):
+            await gateway.committer.submit(_call(request, source, tracked, gateway.clock.now()))
+        else:  # erased: the stored fetch would fail (no such contact) and keep the address and user agent
+            log.debug("open or click of an erased contact: nothing stored", source=source)
+    except StorageUnavailable as exc:
+        log.error("open or click not stored", source=source, error=str(exc))
+
+
+def _call(request: web.Request, source: str, tracked: links.Tracked, now: datetime) -> NewCall:
     fetch = {
         "contact": tracked.contact_id,
         "delivery": tracked.delivery,
@@ -164,10 +176,7 @@ async def _store(request: web.Request, source: str, tracked: links.Tracked) -> N
     body = json.dumps({k: v for k, v in fetch.items() if v is not None}, sort_keys=True).encode()
     # The same request twice at the same instant is one fetch (a retry); any other fetch is its own call.
     key = fetch_key(tracked.contact_id, hashlib.sha256(body + now.isoformat().encode()).hexdigest())
-    try:
-        await gateway.committer.submit(NewCall(source, key, now, {}, body))
-    except StorageUnavailable as exc:
-        log.error("open or click not stored", source=source, error=str(exc))
+    return NewCall(source, key, now, {}, body)
 
 
 def _client(forwarded_for: str | None) -> str | None:

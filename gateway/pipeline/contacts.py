@@ -46,6 +46,15 @@ class UnknownContact(MalformedPayload):
     """A call names a contact by Declic's own id, and no such contact exists."""
 
 
+def still_named(conn: Connection, contact_id: int) -> bool:
+    """Whether Declic's own id still names someone (an erasure deletes it): a link or a tracked fetch of an erased
+    contact would store a call that fails as `UnknownContact`, keeping the request's address and browser."""
+    return conn.execute(_DECLIC_ID, {"value": str(contact_id)}).first() is not None
+
+
+_DECLIC_ID = sa.select(I.contact_id).where(I.kind == _OWN, I.value == sa.bindparam("value"))
+
+
 _FIELDS = ("email", "phone", "first_name", "last_name", "locale", "timezone")
 
 
