@@ -81,6 +81,26 @@ def test_a_queued_row_the_database_refuses_fails_its_transaction_as_any_statemen
     assert journalled(db) == [("c", "enrolled")]
 
 
+def test_queued_rows_with_a_value_too_long_for_its_column_fail_their_transaction_not_cut(db: Database) -> None:
+    """On PostgreSQL an INSERT's queued rows go out as one array per column (appends._arrays): a value longer than
+    its column must still be refused as a row of its own is, never cut to fit by a cast (a rule's name, an
+    identity's value). SQLite keeps the text whole."""
+    rules = [f"r{n}" for n in range(appends.ARRAYS_FROM)]
+    rules[1] = "r" * 101
+
+    def work(conn: sa.Connection) -> None:
+        for rule in rules:
+            journal.record(conn, NOW, rule, 1, "enrolled")
+
+    if db.engine.dialect.name == "postgresql":
+        with pytest.raises(sa.exc.DataError):
+            db.transaction(work)
+        assert journalled(db) == []
+    else:
+        db.transaction(work)
+        assert journalled(db) == [(rule, "enrolled") for rule in rules]
+
+
 AT = datetime(2026, 6, 1, 12, 30, 15, 123456, tzinfo=UTC)
 #: Rows for the appended statements, by the table's name: each is written twice, with two ids.
 ROWS = {
@@ -158,17 +178,19 @@ def test_rows_written_from_the_queue_are_stored_as_sqlalchemy_stores_them(db: Da
 
     def queued(conn: sa.Connection) -> None:
         for name in tables:
-            statement, row = rows(name, 1)
-            appends.append(conn, statement, row)
+            for n in range(1, 2 * appends.ARRAYS_FROM, 2):  # enough rows to go out as arrays on PostgreSQL
+                appends.append(conn, *rows(name, n))
 
     db.transaction(queued)
     with db.engine.begin() as conn:
         for name in tables:
-            conn.execute(*rows(name, 2))
+            for n in range(2, 2 * appends.ARRAYS_FROM + 1, 2):
+                conn.execute(*rows(name, n))
     with db.engine.connect() as conn:
         for name, table in tables.items():
-            queued_row, executed_row = stored(conn, table, keys[name], [rows(name, n)[1][keys[name]] for n in (1, 2)])
-            assert queued_row == executed_row, name
+            numbers = range(1, 2 * appends.ARRAYS_FROM + 1)
+            written = stored(conn, table, keys[name], [rows(name, n)[1][keys[name]] for n in numbers])
+            assert written[0::2] == written[1::2], name
     dialect = db.engine.dialect.name
     planned = {statement: plan for (_, name, _), (statement, plan) in appends._PLANS.items() if name == dialect}
     assert all(planned.get(rows(name, 1)[0]) for name in tables)  # the queue's own way was taken for each
@@ -179,18 +201,18 @@ def test_rows_written_from_the_queue_are_stored_as_sqlalchemy_stores_them(db: Da
         )
 
     with db.engine.begin() as conn:
-        for enrolment in (11, 12):
+        for enrolment in (111, 112):
             conn.execute(jobqueue._INSERT, {**ROWS["jobs"][1], "enrolment_id": enrolment, "status": "running"})
         conn.execute(sa.update(JOBS).values(locked_by="w", locked_until=AT, about="[]"))
-        found = conn.execute(sa.select(JOBS.c.enrolment_id, JOBS.c.id).where(JOBS.c.enrolment_id.in_([11, 12])))
+        found = conn.execute(sa.select(JOBS.c.enrolment_id, JOBS.c.id).where(JOBS.c.enrolment_id.in_([111, 112])))
         ids = {row.enrolment_id: row.id for row in found}
-    db.transaction(finish, ids[11])
+    db.transaction(finish, ids[111])
     with db.engine.begin() as conn:
         conn.execute(
-            jobqueue._FINISH, [{"job_id": ids[12], "worker": "w", "new_status": "done", "error": "é", "now": AT}]
+            jobqueue._FINISH, [{"job_id": ids[112], "worker": "w", "new_status": "done", "error": "é", "now": AT}]
         )
     with db.engine.connect() as conn:
-        queued_job, executed_job = stored(conn, JOBS, "enrolment_id", [11, 12])
+        queued_job, executed_job = stored(conn, JOBS, "enrolment_id", [111, 112])
     assert queued_job == executed_job
     assert "done" in queued_job and None in queued_job  # status, and locked_until set to NULL by the statement
 
