@@ -768,7 +768,7 @@ async def test_end_to_end_a_bad_token_is_retried_dead_lettered_then_replayed(
     assert status == "dead" and "401 NO_AUTH: An OAuth token is required" in error and "sources.eb.token" in error
     assert d.rows("SELECT status FROM inbox") == [("received",)]  # the call is kept
     with d.gateway.db.engine.begin() as conn:  # the token fixed, `declic replay` requeues the dead letter
-        assert requeue(conn, None, d.clock.now()) == 1
+        assert len(requeue(conn, None, d.clock.now())) == 1
     await d.advance(seconds=0)
     assert d.rows("SELECT type FROM events") == [("ticket.ordered",), ("ticket.ordered",)]
     assert len(api.requests) == 4
