@@ -109,8 +109,8 @@ def _executemany(conn: Connection, statement: sa.Executable, rows: list[dict[str
         conn.execute(statement, rows)
         return
     if plan.arrays is not None and len(rows) >= ARRAYS_FROM:
-        bound = [plan.parameters(row) for row in rows]
-        conn.exec_driver_sql(plan.arrays, {name: [values[name] for values in bound] for name in plan.names})  # type: ignore[call-overload]
+        columns = zip(*(plan.values(row) for row in rows), strict=True)
+        conn.exec_driver_sql(plan.arrays, dict(zip(plan.names, map(list, columns), strict=True)))
         return
     conn.exec_driver_sql(plan.sql, [plan.parameters(row) for row in rows])
 
@@ -126,14 +126,18 @@ class _Plan:
         self.names = [name for name, _, _ in binds]
 
     def parameters(self, row: dict[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
+        """`values(row)` in the statement's order (qmark: SQLite) or by name (pyformat: psycopg)."""
+        values = self.values(row)
+        return tuple(values) if self.positional else dict(zip(self.names, values, strict=True))
+
+    def values(self, row: dict[str, Any]) -> list[Any]:
         """The row's values (or the statement's own, for parameters the row does not name), each through its
-        type's bind processor, in the statement's order (qmark: SQLite) or by name (pyformat: psycopg)."""
-        values = [
+        type's bind processor, in the statement's order."""
+        return [
             (value if process is None else process(value))
             for name, default, process in self.binds
             for value in (row.get(name, default),)
         ]
-        return tuple(values) if self.positional else dict(zip(self.names, values, strict=True))
 
 
 #: Plans by (statement id, dialect, row keys): see `_memo`.

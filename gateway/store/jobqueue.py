@@ -577,23 +577,26 @@ WENT_OUT = "(the message went out)"
 def requeue(conn: Connection, job_ids: list[int] | None, now: datetime, resend: bool = False) -> list[int]:
     """Put dead-lettered jobs back in the queue with a fresh attempt budget; the ids queued. A job whose message
     went out is left where it is unless `resend` says to send it again."""
-    where = status_is("dead")
-    if job_ids is not None:
-        where = sa.and_(where, J.id.in_(job_ids))
-    if not resend:
-        where = sa.and_(where, sa.not_(sa.func.coalesce(J.last_error, "").contains(WENT_OUT, autoescape=True)))
-    values = dict(status="pending", attempts=0, due_at=now, locked_by=None, locked_until=None, updated_at=now)
-    queued = conn.execute(sa.update(JOBS).where(where).values(**values, failing_since=None).returning(J.id))
+    where = _dead(job_ids) if resend else sa.and_(_dead(job_ids), sa.not_(_WENT_OUT))
+    fresh = {"status": "pending", "attempts": 0, "due_at": now, "locked_by": None, "locked_until": None}
+    queued = conn.execute(
+        sa.update(JOBS).where(where).values(**fresh, failing_since=None, updated_at=now).returning(J.id)
+    )
     notify(conn)
     return sorted(queued.scalars())
 
 
 def went_out(conn: Connection, job_ids: list[int] | None) -> list[int]:
     """The dead jobs among `job_ids` (all with None) that `requeue` leaves unless told to resend."""
-    where = sa.and_(status_is("dead"), J.last_error.contains(WENT_OUT, autoescape=True))
-    if job_ids is not None:
-        where = sa.and_(where, J.id.in_(job_ids))
-    return list(conn.execute(sa.select(J.id).where(where).order_by(J.id)).scalars())
+    return list(conn.execute(sa.select(J.id).where(_dead(job_ids), _WENT_OUT).order_by(J.id)).scalars())
+
+
+def _dead(job_ids: list[int] | None) -> sa.ColumnElement[bool]:
+    """The dead-lettered jobs among `job_ids` (all with None)."""
+    return status_is("dead") if job_ids is None else sa.and_(status_is("dead"), J.id.in_(job_ids))
+
+
+_WENT_OUT = sa.func.coalesce(J.last_error, "").contains(WENT_OUT, autoescape=True)
 
 
 def add_inbox_jobs(conn: Connection, inbox_ids: list[int], now: datetime) -> None:
